@@ -1,0 +1,222 @@
+// victor: the one CLI. It parses options and prints; the library holds the logic.
+#include <CLI/CLI.hpp>
+#include <filesystem>
+#include <iostream>
+#include <thread>
+
+#include "victor/data.h"
+#include "victor/error.h"
+#include "victor/generate.h"
+#include "victor/npy.h"
+#include "victor/progress.h"
+#include "victor/safetensors.h"
+#include "victor/tokenizer.h"
+
+namespace fs = std::filesystem;
+using namespace victor;
+
+namespace {
+
+int default_threads() { return std::max(1u, std::thread::hardware_concurrency()); }
+
+void set_threads(int n) {
+  at::set_num_threads(n);
+  at::set_num_interop_threads(1);
+}
+
+std::vector<std::string> read_lines(const std::string& path) {
+  std::vector<std::string> out;
+  std::istringstream in(read_file(path));
+  std::string l;
+  while (std::getline(in, l))
+    if (!l.empty()) out.push_back(l);
+  return out;
+}
+
+// --- victor init ---
+struct InitArgs {
+  std::string preset = "tiny", out, corpus, mask = "causal";
+  int registers = 0, summary_layers = -1, vocab = 512;
+  uint64_t seed = 0;
+};
+
+void add_victor_options(CLI::App* c, int& registers, int& summary_layers, std::string& mask) {
+  c->add_option("--registers", registers, "Victor: number of register tokens m per image (0 = none)")
+      ->check(CLI::Range(0, 4096));
+  c->add_option("--summary-layers", summary_layers,
+                "Victor: k, visual tokens are dropped after layer k (-1 = never)")
+      ->check(CLI::Range(-1, 1024));
+  c->add_option("--register-mask", mask, "Victor: causal | registers_only")
+      ->check(CLI::IsMember({"causal", "registers_only"}));
+}
+
+void run_init(const InitArgs& a) {
+  ModelConfig cfg = preset_config(a.preset);
+  std::vector<std::string> corpus = a.corpus.empty() ? gridvqa_corpus() : read_lines(a.corpus);
+  int n = train_tokenizer(corpus, a.out, a.vocab);
+  cfg.text.vocab_size = ((n + 2 + 63) / 64) * 64;  // padded like llava-1.5's 32064
+  cfg.image_token_index = n;
+  cfg.pad_token_id = n + 1;
+  cfg.victor.num_registers = a.registers;
+  cfg.victor.summary_layers = a.summary_layers;
+  cfg.victor.register_mask = register_mask_from_string(a.mask);
+  Vlm model = Vlm::random(cfg, a.seed);
+  model.save(a.out);
+  std::cout << "wrote " << a.preset << " model to " << a.out << ": "
+            << model.parameter_count() / 1e6 << " M parameters, vocabulary " << cfg.text.vocab_size
+            << " (SentencePiece " << n << " + <image>, <pad>), "
+            << cfg.visual_tokens_per_image() << " visual tokens per image";
+  if (cfg.victor_enabled())
+    std::cout << ", Victor m=" << cfg.victor.num_registers << " k=" << cfg.drop_layer() << " ("
+              << to_string(cfg.victor.register_mask) << ")";
+  std::cout << "\n";
+}
+
+// --- victor generate ---
+struct GenerateArgs {
+  std::string model, prompt, dump_logits, mask = "causal", register_init = "random";
+  std::vector<std::string> images, calibration;
+  SamplingOptions sampling;
+  int threads = default_threads();
+  int registers = -1, summary_layers = -2;
+  bool stats = false;
+};
+
+// Applies --registers / --summary-layers / --register-mask to a loaded model.
+void apply_victor_overrides(Vlm& model, int registers, int summary_layers, const std::string& mask,
+                            bool mask_given, const std::string& init,
+                            const std::vector<std::string>& calibration, uint64_t seed) {
+  VictorConfig v = model.config().victor;
+  bool changed = false;
+  if (summary_layers != -2) v.summary_layers = summary_layers, changed = true;
+  if (mask_given) v.register_mask = register_mask_from_string(mask), changed = true;
+  if (registers >= 0 && registers != v.num_registers) {
+    v.num_registers = registers;
+    model.set_victor(v, seed);  // fresh registers (std 0.02)
+    if (init == "mean" && registers > 0) {
+      if (calibration.empty())
+        throw Error("--register-init mean needs --calibration-images");
+      std::vector<torch::Tensor> px;
+      for (auto& p : calibration)
+        px.push_back(preprocess_image(load_image(p), model.config().preprocess));
+      model.init_registers_mean(torch::stack(px, 0), seed);
+    }
+    return;
+  }
+  if (changed) {
+    auto regs = model.weights().registers;
+    model.set_victor(v, seed);
+    if (regs.defined() && v.num_registers > 0) model.weights().registers = regs;
+  }
+}
+
+void run_generate(const GenerateArgs& a, bool mask_given) {
+  set_threads(a.threads);
+  if (a.prompt.find_first_not_of(" \t\r\n") == std::string::npos)
+    throw Error("--prompt: empty prompt");
+  std::vector<Image> images;
+  for (auto& p : a.images) images.push_back(load_image(p));
+  Vlm model = Vlm::load(a.model);
+  apply_victor_overrides(model, a.registers, a.summary_layers, a.mask, mask_given, a.register_init,
+                         a.calibration, a.sampling.seed);
+  Tokenizer tok(a.model);
+  SamplingOptions opt = a.sampling;
+  opt.keep_logits = !a.dump_logits.empty();
+  auto res = generate(model, tok, {Request{a.prompt, images}}, opt);
+  std::cout << res.texts[0] << "\n";
+  if (!a.dump_logits.empty()) {
+    save_npy(a.dump_logits, res.step_logits.select(1, 0));
+    std::cerr << "logits of " << res.step_logits.size(0) << " steps written to " << a.dump_logits
+              << "\n";
+  }
+  if (a.stats) std::cerr << format_stats(res.stats);
+}
+
+// --- victor data gridvqa ---
+void run_gridvqa(const GridVqaOptions& o) {
+  Progress bar("gridvqa", o.train_images + o.test_images);
+  auto s = build_gridvqa(o, [&](int done, int) { bar.update(done); });
+  bar.finish();
+  std::cout << "wrote GridVQA to " << o.out_dir << ": " << s.train_images << " train images ("
+            << s.train_questions << " questions), " << s.test_images << " test images ("
+            << s.test_questions << " questions)\n";
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"victor: efficient vision-language models with Visual Compact Token Registers"};
+  app.require_subcommand(1);
+  app.set_help_all_flag("--help-all", "Show help for every subcommand");
+
+  InitArgs init;
+  auto* c_init = app.add_subcommand("init", "Write a randomly initialised checkpoint (HF LLaVA layout)");
+  c_init->add_option("--preset", init.preset, "Model shape: tiny | small | clip-l-1b")
+      ->check(CLI::IsMember({"tiny", "small", "clip-l-1b"}));
+  c_init->add_option("--out", init.out, "Output folder")->required();
+  c_init->add_option("--corpus", init.corpus, "Text file to train the tokenizer on (default: GridVQA's vocabulary)")
+      ->check(CLI::ExistingFile);
+  c_init->add_option("--vocab-size", init.vocab, "SentencePiece vocabulary size (upper bound)")
+      ->check(CLI::Range(300, 64000));
+  c_init->add_option("--seed", init.seed, "Random seed for the weights");
+  add_victor_options(c_init, init.registers, init.summary_layers, init.mask);
+
+  GenerateArgs gen;
+  auto* c_gen = app.add_subcommand("generate", "Answer a question about an image");
+  c_gen->add_option("--model", gen.model, "Model folder (config.json, *.safetensors, tokenizer.model)")
+      ->required();
+  c_gen->add_option("--image", gen.images, "Image file(s): PNG, JPEG or BMP (repeat for several)");
+  c_gen->add_option("--prompt", gen.prompt, "The question; <image> marks where images go")->required();
+  c_gen->add_option("--max-new-tokens", gen.sampling.max_new_tokens, "Tokens to generate at most")
+      ->check(CLI::Range(1, 8192));
+  c_gen->add_option("--temperature", gen.sampling.temperature, "0 = greedy")->check(CLI::Range(0.0, 100.0));
+  c_gen->add_option("--top-k", gen.sampling.top_k, "Sample among the k most likely tokens (0 = off)")
+      ->check(CLI::Range(0, 1000000));
+  c_gen->add_option("--top-p", gen.sampling.top_p, "Nucleus sampling mass (1 = off)")
+      ->check(CLI::Range(0.0, 1.0));
+  c_gen->add_option("--seed", gen.sampling.seed, "Sampling seed");
+  c_gen->add_option("--threads", gen.threads, "CPU threads")->check(CLI::Range(1, 1024));
+  c_gen->add_flag("--stats", gen.stats, "Print token counts, timings, KV-cache bytes and FLOPs");
+  c_gen->add_option("--dump-logits", gen.dump_logits, "Save every step's logits as .npy [steps, vocab]");
+  add_victor_options(c_gen, gen.registers, gen.summary_layers, gen.mask);
+  c_gen->add_option("--register-init", gen.register_init,
+                    "New registers: random (std 0.02) | mean (of calibration images' visual tokens)")
+      ->check(CLI::IsMember({"random", "mean"}));
+  c_gen->add_option("--calibration-images", gen.calibration, "Images for --register-init mean")
+      ->check(CLI::ExistingFile);
+
+  auto* c_data = app.add_subcommand("data", "Build datasets");
+  c_data->require_subcommand(1);
+  GridVqaOptions gq;
+  auto* c_grid = c_data->add_subcommand("gridvqa", "GridVQA: questions about grids of Fashion-MNIST items");
+  c_grid->add_option("--out", gq.out_dir, "Output folder")->capture_default_str();
+  c_grid->add_option("--source", gq.source_dir, "Fashion-MNIST folder (IDX .gz files)")->capture_default_str();
+  c_grid->add_option("--grid", gq.grid, "Grid size G (G x G cells)")->check(CLI::Range(1, 8))->capture_default_str();
+  c_grid->add_option("--train-images", gq.train_images, "Training images")->check(CLI::Range(0, 1000000))->capture_default_str();
+  c_grid->add_option("--test-images", gq.test_images, "Test images")->check(CLI::Range(0, 1000000))->capture_default_str();
+  c_grid->add_option("--questions", gq.questions_per_image, "Questions per image")->check(CLI::Range(1, 16))->capture_default_str();
+  c_grid->add_option("--empty-rate", gq.empty_rate, "Probability that a cell is empty")->check(CLI::Range(0.0, 0.99))->capture_default_str();
+  c_grid->add_option("--seed", gq.seed, "Seed")->capture_default_str();
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+  try {
+    if (c_init->parsed()) run_init(init);
+    else if (c_gen->parsed()) run_generate(gen, c_gen->count("--register-mask") > 0);
+    else if (c_grid->parsed()) run_gridvqa(gq);
+  } catch (const victor::Error& e) {
+    std::cerr << "victor: error: " << e.what() << "\n";
+    return 1;
+  } catch (const c10::Error& e) {
+    std::string msg = e.what_without_backtrace();
+    std::cerr << "victor: error: " << msg.substr(0, msg.find('\n')) << "\n";
+    return 1;
+  } catch (const std::exception& e) {
+    std::cerr << "victor: error: " << e.what() << "\n";
+    return 1;
+  }
+  return 0;
+}

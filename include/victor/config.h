@@ -1,0 +1,95 @@
+// Model settings as plain data: read from and written to a checkpoint's config.json (the
+// Hugging Face LLaVA layout plus Victor's keys), validated once on load.
+#pragma once
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+namespace victor {
+
+struct VisionConfig {
+  int hidden_size = 1024;
+  int intermediate_size = 4096;
+  int num_hidden_layers = 24;
+  int num_attention_heads = 16;
+  int image_size = 336;
+  int patch_size = 14;
+  int num_channels = 3;
+  double layer_norm_eps = 1e-5;
+  std::string hidden_act = "quick_gelu";
+  int num_patches() const { return (image_size / patch_size) * (image_size / patch_size); }
+};
+
+struct TextConfig {
+  int vocab_size = 32064;
+  int hidden_size = 4096;
+  int intermediate_size = 11008;
+  int num_hidden_layers = 32;
+  int num_attention_heads = 32;
+  int num_key_value_heads = 32;
+  int max_position_embeddings = 4096;
+  double rms_norm_eps = 1e-5;
+  double rope_theta = 10000.0;
+  bool tie_word_embeddings = false;
+  std::string hidden_act = "silu";
+  int bos_token_id = 1;
+  int eos_token_id = 2;
+  int head_dim() const { return hidden_size / num_attention_heads; }
+};
+
+enum class RegisterMask { Causal, RegistersOnly };
+
+// Victor: m registers after each image's visual tokens; visual rows leave after layer k.
+struct VictorConfig {
+  int num_registers = 0;   // m
+  int summary_layers = -1; // k; -1 means "never drop" (k = L)
+  RegisterMask register_mask = RegisterMask::Causal;
+};
+
+// LLaVA-1.5 image preprocessing (preprocessor_config.json in Hugging Face folders).
+struct PreprocessConfig {
+  int shortest_edge = 336;
+  int crop_size = 336;
+  std::vector<double> image_mean{0.48145466, 0.4578275, 0.40821073};
+  std::vector<double> image_std{0.26862954, 0.26130258, 0.27577711};
+  bool pad_to_square = true;  // LLaVA-1.5's image_aspect_ratio = "pad"
+};
+
+struct ModelConfig {
+  VisionConfig vision;
+  TextConfig text;
+  PreprocessConfig preprocess;
+  VictorConfig victor;
+  int image_token_index = 32000;
+  int pad_token_id = 32001;
+  std::string projector_hidden_act = "gelu";
+  int vision_feature_layer = -2;
+  std::string vision_feature_select_strategy = "default";
+
+  int num_layers() const { return text.num_hidden_layers; }
+  // k, resolved: the first layer that no longer sees visual tokens (L when nothing is dropped).
+  int drop_layer() const;
+  bool victor_enabled() const { return victor.num_registers > 0 || drop_layer() < num_layers(); }
+  // Visual tokens one image contributes to the language model.
+  int visual_tokens_per_image() const;
+  // Vision layers that must run to produce the selected features.
+  int vision_layers_needed() const;
+
+  void validate() const;  // throws Error naming the key
+};
+
+ModelConfig config_from_json(const nlohmann::json& j, const std::string& source);
+nlohmann::json config_to_json(const ModelConfig& c);
+nlohmann::json preprocess_to_json(const ModelConfig& c);
+void apply_preprocess_json(ModelConfig& c, const nlohmann::json& j, const std::string& source);
+// Loads config.json (and preprocessor_config.json when present) from a model folder.
+ModelConfig load_config(const std::string& dir);
+void save_config(const ModelConfig& c, const std::string& dir);
+
+std::string to_string(RegisterMask m);
+RegisterMask register_mask_from_string(const std::string& s);
+
+// Ready-made shapes: "tiny" (tests), "small" (GridVQA), "clip-l-1b" (the paper's shape class).
+ModelConfig preset_config(const std::string& name);
+
+}  // namespace victor

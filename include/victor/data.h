@@ -1,0 +1,90 @@
+// Data: Fashion-MNIST (IDX) reader, the GridVQA builder, LLaVA's JSON / JSONL formats.
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "victor/image.h"
+#include "victor/tokenizer.h"
+
+namespace victor {
+
+// --- Fashion-MNIST ---
+struct IdxImages {
+  int count = 0, rows = 0, cols = 0;
+  std::vector<uint8_t> pixels;  // count * rows * cols
+};
+std::string read_gzip(const std::string& path);  // plain files pass through
+IdxImages read_idx_images(const std::string& path);
+std::vector<uint8_t> read_idx_labels(const std::string& path);
+
+extern const std::vector<std::string> kFashionClasses;  // "t-shirt", "trouser", ...
+extern const std::vector<std::string> kFashionPlurals;  // "t-shirts", "trousers", ...
+
+// --- GridVQA ---
+struct GridVqaOptions {
+  std::string source_dir = "/usr/share/datasets/fashion-mnist";
+  std::string out_dir = "data/gridvqa";
+  int grid = 4;
+  int train_images = 2000;
+  int test_images = 300;
+  int questions_per_image = 4;  // train: one multi-turn conversation; test: one line each
+  double empty_rate = 0.3;
+  uint64_t seed = 0;
+};
+
+struct Grid {
+  int size = 0;
+  std::vector<int> labels;  // row-major, -1 = empty
+  std::vector<int> items;   // index into the split's images, -1 = empty
+};
+
+struct QA {
+  std::string family, question, answer;
+};
+
+// Small deterministic generator (same numbers on every platform).
+class Rng {
+ public:
+  explicit Rng(uint64_t seed) : s_(seed * 0x9E3779B97F4A7C15ull + 0x632BE59BD9B4E019ull) {}
+  uint64_t next();
+  int uniform(int n);  // [0, n)
+  double unit();       // [0, 1)
+ private:
+  uint64_t s_;
+};
+
+Grid random_grid(int size, double empty_rate, const std::vector<uint8_t>& labels, Rng& rng);
+Image render_grid(const Grid& g, const IdxImages& items);
+// One question of `family` about the grid ("identify", "count", "exist", "locate"); empty
+// answer when the family has no valid question (locate with no unique item).
+QA ask(const Grid& g, const std::string& family, Rng& rng);
+std::vector<QA> ask_balanced(const Grid& g, int n, Rng& rng);
+// Recomputes the answer from the grid: the invariant the tests check.
+std::string answer_from_grid(const Grid& g, const QA& qa);
+
+struct GridVqaSummary {
+  int train_images = 0, test_images = 0, train_questions = 0, test_questions = 0;
+};
+GridVqaSummary build_gridvqa(const GridVqaOptions& opt,
+                             const std::function<void(int, int)>& progress = {});
+// Every sentence GridVQA can produce, for training a tokenizer.
+std::vector<std::string> gridvqa_corpus();
+
+// --- LLaVA formats ---
+struct Conversation {
+  std::string id;
+  std::string image;  // empty = text only
+  std::vector<Turn> turns;
+};
+std::vector<Conversation> load_llava_json(const std::string& path);
+
+struct EvalQuestion {
+  nlohmann::json question_id;
+  std::string image, text, answer, family;
+};
+std::vector<EvalQuestion> load_questions_jsonl(const std::string& path);
+
+}  // namespace victor

@@ -1,0 +1,16 @@
+// The one exception type victor throws. Messages name the file, tensor, field or sample.
+#pragma once
+#include <stdexcept>
+#include <string>
+
+namespace victor {
+
+struct Error : std::runtime_error {
+  explicit Error(const std::string& what) : std::runtime_error(what) {}
+};
+
+// Writes `bytes` to `path` atomically: a temporary file in the same folder, then rename.
+void write_file_atomic(const std::string& path, const std::string& bytes);
+std::string read_file(const std::string& path);
+
+}  // namespace victor

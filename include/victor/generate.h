@@ -1,0 +1,76 @@
+// Prefill + decode with a per-layer KV cache, sampling, and the figures --stats prints.
+#pragma once
+#include <torch/torch.h>
+
+#include <string>
+#include <vector>
+
+#include "victor/image.h"
+#include "victor/model.h"
+#include "victor/tokenizer.h"
+
+namespace victor {
+
+struct SamplingOptions {
+  int max_new_tokens = 64;
+  double temperature = 0.0;  // 0 = greedy
+  int top_k = 0;             // 0 = off
+  double top_p = 1.0;        // 1 = off
+  uint64_t seed = 0;
+  bool keep_logits = false;  // every step's logits (for --dump-logits)
+};
+
+struct Request {
+  std::string prompt;          // the user's question; "<image>" is prepended when missing
+  std::vector<Image> images;   // one per <image>
+};
+
+struct GenerationStats {
+  int64_t batch = 0;
+  int64_t prompt_tokens = 0;      // text tokens of the prompt (row 0)
+  int64_t visual_tokens = 0;      // visual tokens (row 0)
+  int64_t register_tokens = 0;    // registers (row 0)
+  int64_t generated_tokens = 0;   // summed over rows
+  int summary_layers = 0;         // k
+  int layers = 0;                 // L
+  int64_t tokens_before_drop = 0; // rows seen by layers < k (row 0, prefill)
+  int64_t tokens_after_drop = 0;  // rows seen by layers >= k
+  double vision_seconds = 0;
+  double ttft_seconds = 0;        // preprocessing + vision + prefill + first token
+  double decode_seconds = 0;
+  double decode_tokens_per_second = 0;
+  int64_t kv_bytes = 0;           // after prefill + decode, whole batch
+  int64_t kv_bytes_plain = 0;     // the same requests without Victor (no registers, no drop)
+  double prefill_gflops = 0;
+  double prefill_gflops_plain = 0;
+};
+
+struct GenerationResult {
+  std::vector<std::vector<int64_t>> tokens;
+  std::vector<std::string> texts;
+  GenerationStats stats;
+  torch::Tensor step_logits;  // [steps, B, V] when keep_logits
+};
+
+// Builds the LLaVA-1.5 prompt ids for a request (BOS + "USER: <image>\n... ASSISTANT:").
+std::vector<int64_t> prompt_ids(const Tokenizer& tok, const std::string& prompt, size_t n_images);
+
+// Runs a batch of requests to completion (left-padded batch, one prefill, batched decode).
+GenerationResult generate(const Vlm& model, const Tokenizer& tok, const std::vector<Request>& reqs,
+                          const SamplingOptions& opt);
+// The same on pre-built inputs (ids + pixels), no tokenizer needed (bench, tests).
+GenerationResult generate_ids(const Vlm& model, const std::vector<PromptInput>& inputs,
+                              int64_t eos_id, const SamplingOptions& opt);
+
+// Picks the next token per row from logits [B,V].
+torch::Tensor sample_next(const torch::Tensor& logits, const SamplingOptions& opt,
+                          at::Generator& gen);
+
+// Analytic figures for one request with `text` text tokens and `images` images.
+int64_t kv_bytes_formula(const ModelConfig& c, int64_t text, int64_t images, int64_t generated,
+                         bool with_victor);
+double prefill_flops(const ModelConfig& c, int64_t text, int64_t images, bool with_victor);
+
+std::string format_stats(const GenerationStats& s);
+
+}  // namespace victor

@@ -1,0 +1,181 @@
+// The VLM: CLIP-style vision tower, LLaVA projector, LLaMA decoder and Victor's registers.
+// Weights, activations and the KV cache are separate objects; one tensor list drives loading,
+// saving, counting and freezing.
+#pragma once
+#include <torch/torch.h>
+
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "victor/config.h"
+
+namespace victor {
+
+// Which part of the model a tensor belongs to (what --train selects).
+enum class Part { Vision, Projector, Registers, Llm };
+const char* part_name(Part p);
+
+struct ParamRef {
+  std::string name;  // canonical (classic Hub) name
+  std::vector<int64_t> shape;
+  Part part;
+  torch::Tensor* tensor;
+  bool optional = false;  // may be absent from a checkpoint (post_layernorm, tied lm_head)
+};
+
+struct LinearW {
+  torch::Tensor weight, bias;
+};
+struct NormW {
+  torch::Tensor weight, bias;
+};
+
+struct VisionLayerW {
+  LinearW q, k, v, out, fc1, fc2;
+  NormW ln1, ln2;
+};
+struct VisionW {
+  torch::Tensor class_embedding, patch_embedding, position_embedding;
+  NormW pre_ln, post_ln;
+  std::vector<VisionLayerW> layers;
+};
+struct LlamaLayerW {
+  torch::Tensor q, k, v, o, gate, up, down, input_norm, post_norm;
+};
+struct LlamaW {
+  torch::Tensor embed_tokens, norm, lm_head;
+  std::vector<LlamaLayerW> layers;
+};
+struct VlmWeights {
+  VisionW vision;
+  LinearW proj1, proj2;
+  LlamaW llm;
+  torch::Tensor registers;  // [m, d_text]
+};
+
+enum class TokenKind : int64_t { Text = 0, Visual = 1, Register = 2, Pad = 3 };
+
+// Per-token bookkeeping that travels with the hidden states, through the drop and into the cache.
+struct TokenMeta {
+  torch::Tensor order;  // [B,T] int64: causal order (index in the full padded sequence)
+  torch::Tensor pos;    // [B,T] int64: RoPE position (kept through the drop)
+  torch::Tensor kind;   // [B,T] int64 TokenKind
+  torch::Tensor group;  // [B,T] int64: image index in the row for visual/registers, else -1
+  TokenMeta gather(const torch::Tensor& index) const;  // index [B,T']
+  TokenMeta cat(const TokenMeta& other) const;         // along T
+  TokenMeta narrow(int64_t start, int64_t len) const;
+  int64_t rows() const { return order.size(0); }
+  int64_t length() const { return order.size(1); }
+};
+
+// One layer's keys and values, with their own length: layers < k hold visual rows (causal),
+// layers >= k never do.
+struct LayerCache {
+  torch::Tensor k, v;  // [B,Hkv,capacity,hd]
+  TokenMeta meta;      // [B,capacity]
+  int64_t len = 0;
+  torch::Tensor keys() const { return k.narrow(2, 0, len); }
+  torch::Tensor values() const { return v.narrow(2, 0, len); }
+  TokenMeta key_meta() const { return meta.narrow(0, len); }
+  void append(const torch::Tensor& k_new, const torch::Tensor& v_new, const TokenMeta& m);
+  void keep_only(const torch::Tensor& keep);  // keep [B,len] bool; compacts rows
+  int64_t bytes() const;                      // bytes of the len used rows (K and V)
+};
+
+struct KvCache {
+  std::vector<LayerCache> layers;
+  int64_t next_order = 0;
+  torch::Tensor next_pos;  // [B] int64
+  int64_t bytes() const;
+  void reserve(int64_t extra);  // grow capacity so `extra` more tokens append without copies
+};
+
+// A batch ready for the decoder: embeddings plus metadata (and training targets).
+struct SequenceBatch {
+  torch::Tensor embeds;  // [B,T,d]
+  TokenMeta meta;
+  torch::Tensor targets;  // [B,T] int64 next-token targets, -100 where not trained (optional)
+};
+
+// What forward() reports besides the hidden states.
+struct ForwardTrace {
+  std::vector<int64_t> tokens_per_layer;  // rows (incl. padding) each decoder layer processed
+  // Called per layer with attention probabilities [B,H,T,S] and the query/key metadata (tests).
+  std::function<void(int, const torch::Tensor&, const TokenMeta&, const TokenMeta&)> probe;
+};
+
+struct ForwardOutput {
+  torch::Tensor hidden;  // [B,T',d] after the final norm
+  TokenMeta meta;
+  torch::Tensor targets;  // gathered alongside (undefined if the batch had none)
+};
+
+// A request's input before embedding: token ids where each image_token_index stands for one
+// image, and the images' pixels.
+struct PromptInput {
+  std::vector<int64_t> ids;
+  std::vector<int64_t> targets;  // optional, same length as ids: target for the NEXT token, -100
+  torch::Tensor pixels;          // [n_images,3,S,S] or undefined
+};
+
+class Vlm {
+ public:
+  explicit Vlm(const ModelConfig& config);  // allocates uninitialised weights
+  static Vlm random(const ModelConfig& config, uint64_t seed);
+  static Vlm load(const std::string& dir);  // config.json + safetensors
+
+  const ModelConfig& config() const { return config_; }
+  ModelConfig& mutable_config() { return config_; }
+  VlmWeights& weights() { return w_; }
+  const std::vector<ParamRef>& params() const { return params_; }
+  int64_t parameter_count(int part_mask = -1) const;
+
+  // Writes config.json, preprocessor_config.json and model.safetensors (atomic).
+  void save(const std::string& dir, size_t max_shard_bytes = 0) const;
+  // Changes m (registers re-initialised, std 0.02) and k / mask; validates.
+  void set_victor(const VictorConfig& v, uint64_t seed);
+  // Registers from the mean of the projected visual tokens of `pixels` [n,3,S,S] plus noise.
+  void init_registers_mean(const torch::Tensor& pixels, uint64_t seed);
+  void set_trainable(const std::vector<Part>& parts);
+
+  // Vision tower + projector: [n,3,S,S] -> [n,N,d_text].
+  torch::Tensor encode_images(const torch::Tensor& pixels) const;
+  torch::Tensor vision_features(const torch::Tensor& pixels) const;  // [n,N,d_vision]
+
+  // Expands each image placeholder into N visual rows + m registers and pads the batch
+  // (left for generation, right for training). image_embeds: [n_total,N,d] in order.
+  SequenceBatch assemble(const std::vector<PromptInput>& rows, const torch::Tensor& image_embeds,
+                         bool pad_left) const;
+  SequenceBatch assemble(const std::vector<PromptInput>& rows, bool pad_left) const;
+
+  // The decoder with Victor's drop. With a cache, fills it (prefill) or extends it (decode).
+  ForwardOutput forward(const SequenceBatch& batch, KvCache* cache = nullptr,
+                        ForwardTrace* trace = nullptr) const;
+  torch::Tensor logits(const torch::Tensor& hidden) const;  // [...,d] -> [...,V]
+  torch::Tensor embed_tokens(const torch::Tensor& ids) const;
+
+  KvCache make_cache(int64_t batch) const;
+  // One decode step: ids [B] -> logits [B,V].
+  torch::Tensor decode_step(const torch::Tensor& ids, KvCache& cache) const;
+
+ private:
+  void declare_params();
+  torch::Tensor decoder_layer(int l, const torch::Tensor& x, const TokenMeta& meta,
+                              LayerCache* cache, ForwardTrace* trace) const;
+  ModelConfig config_;
+  VlmWeights w_;
+  std::vector<ParamRef> params_;
+};
+
+// Canonical name for a tensor name in either Hugging Face scheme (classic or newer).
+std::string canonical_tensor_name(const std::string& name);
+
+// Keeps rows where keep[b,t]; pads shorter rows on the right. Returns gather index [B,T'] into
+// a sequence of length T+1 whose last row is padding.
+torch::Tensor compaction_index(const torch::Tensor& keep);
+
+// Attention permissions for queries (qm) over keys (km) -> [B,Tq,S] bool.
+torch::Tensor attention_allowed(const TokenMeta& qm, const TokenMeta& km, RegisterMask mode);
+
+}  // namespace victor

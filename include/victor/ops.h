@@ -1,0 +1,22 @@
+// The small numeric building blocks, each tested against a reference computation.
+#pragma once
+#include <torch/torch.h>
+
+namespace victor {
+
+// y = x W^T (+ b). One-row inputs without autograd go through mv: at::linear streams
+// weights at a fraction of the bandwidth for decode-shaped products.
+torch::Tensor dense(const torch::Tensor& x, const torch::Tensor& w,
+                    const torch::Tensor& b = torch::Tensor());
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double eps);
+torch::Tensor layer_norm(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& b,
+                         double eps);
+torch::Tensor activation(const torch::Tensor& x, const std::string& name);
+// Hugging Face rotate-half RoPE. x [B,H,T,hd], pos [B,T] int64.
+torch::Tensor apply_rope(const torch::Tensor& x, const torch::Tensor& pos, double theta);
+// Grouped-query attention. q [B,H,T,hd], k/v [B,Hkv,S,hd], allowed [B,T,S] bool.
+// Returns [B,H,T,hd]; probs (optional out) [B,H,T,S].
+torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                        const torch::Tensor& allowed, torch::Tensor* probs = nullptr);
+
+}  // namespace victor

@@ -1,0 +1,71 @@
+// SentencePiece tokenizer (our own reader of tokenizer.model: unigram and BPE models, byte
+// fallback) plus the added tokens Hugging Face folders declare, and the LLaVA-1.5 template.
+// Own code rather than libsentencepiece: that library bundles a protobuf that clashes with
+// LibTorch's in one process.
+#pragma once
+#include <map>
+#include <memory>
+#include <unordered_map>
+#include <string>
+#include <vector>
+
+namespace victor {
+
+class Tokenizer {
+ public:
+  explicit Tokenizer(const std::string& dir);  // tokenizer.model + added tokens
+  ~Tokenizer();
+
+  // Encodes text; added tokens ("<image>") found in it become their ids. No BOS.
+  std::vector<int64_t> encode(const std::string& text) const;
+  std::string decode(const std::vector<int64_t>& ids) const;  // skips special tokens
+  int64_t bos_id() const { return bos_; }
+  int64_t eos_id() const { return eos_; }
+  int64_t token_id(const std::string& added_token) const;  // throws if unknown
+  int sp_size() const;
+  int64_t vocab_size() const;  // including added tokens
+
+ private:
+  struct Piece {
+    std::string text;
+    float score = 0;
+    int type = 1;  // 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte
+  };
+  std::vector<int64_t> encode_piece_text(const std::string& text) const;
+  std::vector<int64_t> encode_unigram(const std::string& norm) const;
+  std::vector<int64_t> encode_bpe(const std::string& norm) const;
+  void push_unknown(const std::string& chunk, std::vector<int64_t>& out) const;
+  std::vector<Piece> pieces_;
+  std::unordered_map<std::string, int64_t> index_;
+  std::map<std::string, int64_t> added_;
+  int model_type_ = 1;  // 1 unigram, 2 BPE
+  bool add_dummy_prefix_ = true, remove_extra_whitespaces_ = true, escape_whitespaces_ = true;
+  bool byte_fallback_ = false;
+  size_t max_piece_bytes_ = 1;
+  float min_score_ = 0;
+  int64_t byte_ids_[256];
+  int64_t bos_ = 1, eos_ = 2, unk_ = 0;
+};
+
+// Trains a SentencePiece model (spm_train, unigram, identity normalization) on `corpus_lines`
+// and writes tokenizer.model, added_tokens.json
+// and tokenizer_config.json into dir. Returns the SentencePiece vocabulary size.
+int train_tokenizer(const std::vector<std::string>& corpus_lines, const std::string& dir,
+                    int vocab_size);
+
+struct Turn {
+  std::string human, assistant;
+};
+
+// A tokenized conversation: ids and, per id, whether it is an assistant token (trained on).
+struct EncodedChat {
+  std::vector<int64_t> ids;
+  std::vector<uint8_t> is_target;
+};
+
+// LLaVA-1.5: "USER: <image>\nQ ASSISTANT: A</s>USER: Q2 ASSISTANT: A2</s>".
+// With an empty last assistant turn the result ends at "ASSISTANT:" (a generation prompt).
+EncodedChat encode_chat(const Tokenizer& tok, const std::vector<Turn>& turns);
+std::string chat_prompt_text(const std::vector<Turn>& turns);
+
+}  // namespace victor

@@ -1,0 +1,311 @@
+// Fashion-MNIST IDX reader and the GridVQA builder.
+#include <zlib.h>
+
+#include <algorithm>
+#include <filesystem>
+
+#include "victor/data.h"
+#include "victor/error.h"
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+namespace victor {
+
+const std::vector<std::string> kFashionClasses = {"t-shirt", "trouser", "pullover", "dress",
+                                                  "coat",    "sandal",  "shirt",    "sneaker",
+                                                  "bag",     "ankle boot"};
+const std::vector<std::string> kFashionPlurals = {"t-shirts", "trousers", "pullovers", "dresses",
+                                                  "coats",    "sandals",  "shirts",    "sneakers",
+                                                  "bags",     "ankle boots"};
+
+uint64_t Rng::next() {  // splitmix64
+  uint64_t z = (s_ += 0x9E3779B97F4A7C15ull);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+int Rng::uniform(int n) { return n <= 0 ? 0 : int(next() % uint64_t(n)); }
+double Rng::unit() { return double(next() >> 11) * (1.0 / 9007199254740992.0); }
+
+std::string read_gzip(const std::string& path) {
+  if (!fs::exists(path)) throw Error(path + ": file not found");
+  gzFile f = gzopen(path.c_str(), "rb");
+  if (!f) throw Error(path + ": cannot open");
+  std::string out;
+  char buf[1 << 16];
+  int n;
+  while ((n = gzread(f, buf, sizeof buf)) > 0) out.append(buf, size_t(n));
+  int err = 0;
+  const char* msg = gzerror(f, &err);
+  bool bad = n < 0 || (err != Z_OK && err != Z_STREAM_END);
+  std::string why = bad ? std::string(msg) : "";
+  gzclose(f);
+  if (bad) throw Error(path + ": corrupt or truncated gzip data (" + why + ")");
+  return out;
+}
+
+namespace {
+uint32_t be32(const std::string& b, size_t at) {
+  return (uint32_t(uint8_t(b[at])) << 24) | (uint32_t(uint8_t(b[at + 1])) << 16) |
+         (uint32_t(uint8_t(b[at + 2])) << 8) | uint32_t(uint8_t(b[at + 3]));
+}
+}  // namespace
+
+IdxImages read_idx_images(const std::string& path) {
+  std::string b = read_gzip(path);
+  if (b.size() < 16) throw Error(path + ": truncated IDX header");
+  if (be32(b, 0) != 0x00000803) throw Error(path + ": bad IDX magic number (expected 2051, images)");
+  IdxImages out;
+  out.count = int(be32(b, 4));
+  out.rows = int(be32(b, 8));
+  out.cols = int(be32(b, 12));
+  if (out.rows != 28 || out.cols != 28)
+    throw Error(path + ": expected 28x28 images, got " + std::to_string(out.rows) + "x" +
+                std::to_string(out.cols));
+  size_t need = 16 + size_t(out.count) * out.rows * out.cols;
+  if (b.size() != need)
+    throw Error(path + ": truncated or oversized IDX data (" + std::to_string(b.size()) +
+                " bytes, header says " + std::to_string(need) + ")");
+  out.pixels.assign(b.begin() + 16, b.end());
+  return out;
+}
+
+std::vector<uint8_t> read_idx_labels(const std::string& path) {
+  std::string b = read_gzip(path);
+  if (b.size() < 8) throw Error(path + ": truncated IDX header");
+  if (be32(b, 0) != 0x00000801) throw Error(path + ": bad IDX magic number (expected 2049, labels)");
+  size_t count = be32(b, 4);
+  if (b.size() != 8 + count)
+    throw Error(path + ": truncated or oversized IDX labels (" + std::to_string(b.size()) +
+                " bytes, header says " + std::to_string(8 + count) + ")");
+  std::vector<uint8_t> out(b.begin() + 8, b.end());
+  for (auto l : out)
+    if (l > 9) throw Error(path + ": label " + std::to_string(l) + " out of range 0-9");
+  return out;
+}
+
+Grid random_grid(int size, double empty_rate, const std::vector<uint8_t>& labels, Rng& rng) {
+  Grid g;
+  g.size = size;
+  for (int i = 0; i < size * size; ++i) {
+    if (rng.unit() < empty_rate) {
+      g.labels.push_back(-1);
+      g.items.push_back(-1);
+    } else {
+      int item = rng.uniform(int(labels.size()));
+      g.items.push_back(item);
+      g.labels.push_back(labels[item]);
+    }
+  }
+  return g;
+}
+
+Image render_grid(const Grid& g, const IdxImages& items) {
+  Image img;
+  img.width = img.height = g.size * 28;
+  img.rgb.assign(size_t(img.width) * img.height * 3, 0);
+  for (int cell = 0; cell < g.size * g.size; ++cell) {
+    if (g.items[cell] < 0) continue;
+    const uint8_t* src = items.pixels.data() + size_t(g.items[cell]) * 784;
+    int oy = (cell / g.size) * 28, ox = (cell % g.size) * 28;
+    for (int y = 0; y < 28; ++y)
+      for (int x = 0; x < 28; ++x)
+        for (int c = 0; c < 3; ++c)
+          img.rgb[(size_t(oy + y) * img.width + ox + x) * 3 + c] = src[y * 28 + x];
+  }
+  return img;
+}
+
+namespace {
+
+int count_of(const Grid& g, int cls) {
+  return int(std::count(g.labels.begin(), g.labels.end(), cls));
+}
+
+std::string cell_name(const Grid& g, int cell) {
+  return "row " + std::to_string(cell / g.size + 1) + ", column " + std::to_string(cell % g.size + 1);
+}
+
+int find_class(const std::string& text, const std::vector<std::string>& names) {
+  // Longest match first ("t-shirt" inside "t-shirts", "shirt" inside "t-shirt").
+  int best = -1;
+  size_t best_len = 0;
+  for (int c = 0; c < 10; ++c) {
+    size_t p = text.find(" " + names[c]);
+    if (p != std::string::npos && names[c].size() > best_len) {
+      best = c;
+      best_len = names[c].size();
+    }
+  }
+  return best;
+}
+
+}  // namespace
+
+QA ask(const Grid& g, const std::string& family, Rng& rng) {
+  QA q;
+  q.family = family;
+  if (family == "identify") {
+    int cell = rng.uniform(g.size * g.size);
+    q.question = "What is in " + cell_name(g, cell) + "?";
+    q.answer = g.labels[cell] < 0 ? "nothing" : kFashionClasses[g.labels[cell]];
+  } else if (family == "count") {
+    // Mostly classes that are present, so counts above zero are common.
+    std::vector<int> present;
+    for (int c = 0; c < 10; ++c)
+      if (count_of(g, c) > 0) present.push_back(c);
+    int cls = (!present.empty() && rng.unit() < 0.8) ? present[rng.uniform(int(present.size()))]
+                                                     : rng.uniform(10);
+    q.question = "How many " + kFashionPlurals[cls] + " are there?";
+    q.answer = std::to_string(count_of(g, cls));
+  } else if (family == "exist") {
+    std::vector<int> present, absent;
+    for (int c = 0; c < 10; ++c) (count_of(g, c) > 0 ? present : absent).push_back(c);
+    bool yes = absent.empty() || (!present.empty() && rng.unit() < 0.5);
+    int cls = yes ? present[rng.uniform(int(present.size()))] : absent[rng.uniform(int(absent.size()))];
+    std::string art = (kFashionClasses[cls][0] == 'a') ? "an " : "a ";
+    if (cls == 1) art = "a ";
+    q.question = "Is there " + art + kFashionClasses[cls] + "?";
+    q.answer = yes ? "yes" : "no";
+  } else if (family == "locate") {
+    std::vector<int> unique;
+    for (int c = 0; c < 10; ++c)
+      if (count_of(g, c) == 1) unique.push_back(c);
+    if (unique.empty()) return q;
+    int cls = unique[rng.uniform(int(unique.size()))];
+    int cell = int(std::find(g.labels.begin(), g.labels.end(), cls) - g.labels.begin());
+    q.question = "Where is the " + kFashionClasses[cls] + "?";
+    q.answer = cell_name(g, cell);
+  } else {
+    throw Error("unknown question family '" + family + "'");
+  }
+  return q;
+}
+
+std::vector<QA> ask_balanced(const Grid& g, int n, Rng& rng) {
+  static const std::vector<std::string> families = {"identify", "count", "exist", "locate"};
+  std::vector<QA> out;
+  int start = rng.uniform(4);
+  for (int i = 0; int(out.size()) < n && i < 4 * n; ++i) {
+    QA q = ask(g, families[(start + i) % 4], rng);
+    if (q.answer.empty()) continue;
+    bool dup = false;
+    for (auto& o : out) dup |= o.question == q.question;
+    if (!dup) out.push_back(q);
+  }
+  return out;
+}
+
+std::string answer_from_grid(const Grid& g, const QA& qa) {
+  const std::string& q = qa.question;
+  if (qa.family == "identify") {
+    int r = 0, c = 0;
+    if (std::sscanf(q.c_str(), "What is in row %d, column %d?", &r, &c) != 2) return "";
+    int lab = g.labels[(r - 1) * g.size + (c - 1)];
+    return lab < 0 ? "nothing" : kFashionClasses[lab];
+  }
+  if (qa.family == "count") return std::to_string(count_of(g, find_class(q, kFashionPlurals)));
+  if (qa.family == "exist") return count_of(g, find_class(q, kFashionClasses)) > 0 ? "yes" : "no";
+  if (qa.family == "locate") {
+    int cls = find_class(q, kFashionClasses);
+    if (count_of(g, cls) != 1) return "";
+    int cell = int(std::find(g.labels.begin(), g.labels.end(), cls) - g.labels.begin());
+    return cell_name(g, cell);
+  }
+  return "";
+}
+
+GridVqaSummary build_gridvqa(const GridVqaOptions& opt, const std::function<void(int, int)>& progress) {
+  if (opt.grid < 1 || opt.grid > 8) throw Error("gridvqa: --grid must be between 1 and 8");
+  if (opt.train_images < 0 || opt.test_images < 0) throw Error("gridvqa: image counts must be >= 0");
+  if (opt.questions_per_image < 1) throw Error("gridvqa: --questions must be >= 1");
+  if (opt.empty_rate < 0 || opt.empty_rate >= 1) throw Error("gridvqa: --empty-rate must be in [0, 1)");
+  auto src = [&](const std::string& f) { return (fs::path(opt.source_dir) / f).string(); };
+  IdxImages train_items = read_idx_images(src("train-images-idx3-ubyte.gz"));
+  auto train_labels = read_idx_labels(src("train-labels-idx1-ubyte.gz"));
+  IdxImages test_items = read_idx_images(src("t10k-images-idx3-ubyte.gz"));
+  auto test_labels = read_idx_labels(src("t10k-labels-idx1-ubyte.gz"));
+  if (int(train_labels.size()) != train_items.count || int(test_labels.size()) != test_items.count)
+    throw Error(opt.source_dir + ": image and label counts differ");
+
+  fs::create_directories(fs::path(opt.out_dir) / "images");
+  Rng rng(opt.seed);
+  GridVqaSummary sum;
+  json train = json::array();
+  const int total = opt.train_images + opt.test_images;
+  char name[64];
+  for (int i = 0; i < opt.train_images; ++i) {
+    Grid g = random_grid(opt.grid, opt.empty_rate, train_labels, rng);
+    std::snprintf(name, sizeof name, "images/train_%06d.png", i);
+    save_png(render_grid(g, train_items), (fs::path(opt.out_dir) / name).string());
+    auto qas = ask_balanced(g, opt.questions_per_image, rng);
+    json conv = json::array();
+    for (size_t t = 0; t < qas.size(); ++t) {
+      conv.push_back({{"from", "human"}, {"value", (t == 0 ? "<image>\n" : "") + qas[t].question}});
+      conv.push_back({{"from", "gpt"}, {"value", qas[t].answer}});
+    }
+    char id[32];
+    std::snprintf(id, sizeof id, "train_%06d", i);
+    train.push_back({{"id", id}, {"image", name}, {"conversations", conv}});
+    sum.train_questions += int(qas.size());
+    ++sum.train_images;
+    if (progress) progress(i + 1, total);
+  }
+  std::string test;
+  int qid = 0;
+  std::map<std::string, int> family_counts;
+  for (int i = 0; i < opt.test_images; ++i) {
+    Grid g = random_grid(opt.grid, opt.empty_rate, test_labels, rng);
+    std::snprintf(name, sizeof name, "images/test_%06d.png", i);
+    save_png(render_grid(g, test_items), (fs::path(opt.out_dir) / name).string());
+    for (auto& qa : ask_balanced(g, opt.questions_per_image, rng)) {
+      json line = {{"question_id", qid++}, {"image", name}, {"text", qa.question},
+                   {"answer", qa.answer}, {"family", qa.family}};
+      test += line.dump() + "\n";
+      family_counts[qa.family]++;
+      ++sum.test_questions;
+    }
+    ++sum.test_images;
+    if (progress) progress(opt.train_images + i + 1, total);
+  }
+  write_file_atomic((fs::path(opt.out_dir) / "train.json").string(), train.dump(1) + "\n");
+  write_file_atomic((fs::path(opt.out_dir) / "test.jsonl").string(), test);
+  json meta = {{"dataset", "GridVQA"},
+               {"seed", opt.seed},
+               {"grid", opt.grid},
+               {"empty_rate", opt.empty_rate},
+               {"questions_per_image", opt.questions_per_image},
+               {"train_images", sum.train_images},
+               {"test_images", sum.test_images},
+               {"train_questions", sum.train_questions},
+               {"test_questions", sum.test_questions},
+               {"test_questions_per_family", family_counts},
+               {"classes", kFashionClasses},
+               {"source_files",
+                {src("train-images-idx3-ubyte.gz"), src("train-labels-idx1-ubyte.gz"),
+                 src("t10k-images-idx3-ubyte.gz"), src("t10k-labels-idx1-ubyte.gz")}},
+               {"source_split", {{"train", "train"}, {"test", "t10k"}}}};
+  write_file_atomic((fs::path(opt.out_dir) / "meta.json").string(), meta.dump(2) + "\n");
+  return sum;
+}
+
+std::vector<std::string> gridvqa_corpus() {
+  std::vector<std::string> lines;
+  for (int r = 1; r <= 8; ++r)
+    for (int c = 1; c <= 8; ++c) {
+      lines.push_back("USER: What is in row " + std::to_string(r) + ", column " + std::to_string(c) +
+                      "? ASSISTANT: nothing");
+      lines.push_back("row " + std::to_string(r) + ", column " + std::to_string(c));
+    }
+  for (int k = 0; k < 10; ++k) {
+    lines.push_back("How many " + kFashionPlurals[k] + " are there? " + std::to_string(k));
+    lines.push_back("Is there a " + kFashionClasses[k] + "? yes no");
+    lines.push_back("Where is the " + kFashionClasses[k] + "? " + kFashionClasses[k]);
+  }
+  lines.push_back("USER: ASSISTANT: Describe the image. What is this? A chat between a curious human "
+                  "and an artificial intelligence assistant.");
+  return lines;
+}
+
+}  // namespace victor

@@ -1,0 +1,91 @@
+// LLaVA's training JSON and evaluation JSONL.
+#include <fstream>
+
+#include "victor/data.h"
+#include "victor/error.h"
+
+using json = nlohmann::json;
+
+namespace victor {
+
+std::vector<Conversation> load_llava_json(const std::string& path) {
+  json j;
+  try {
+    j = json::parse(read_file(path));
+  } catch (const json::exception& e) {
+    throw Error(path + ": malformed JSON: " + e.what());
+  }
+  if (!j.is_array()) throw Error(path + ": expected a JSON list of samples");
+  std::vector<Conversation> out;
+  for (size_t i = 0; i < j.size(); ++i) {
+    const json& s = j[i];
+    std::string id = s.contains("id") ? (s["id"].is_string() ? s["id"].get<std::string>() : s["id"].dump())
+                                      : "#" + std::to_string(i);
+    auto fail = [&](const std::string& why) { throw Error(path + ": sample '" + id + "': " + why); };
+    if (!s.is_object()) fail("not an object");
+    Conversation c;
+    c.id = id;
+    if (s.contains("image") && !s["image"].is_null()) {
+      if (!s["image"].is_string()) fail("'image' must be a string");
+      c.image = s["image"].get<std::string>();
+    }
+    if (!s.contains("conversations") || !s["conversations"].is_array())
+      fail("missing list 'conversations'");
+    const json& conv = s["conversations"];
+    if (conv.size() < 2 || conv.size() % 2 != 0) fail("conversations must be human/gpt pairs");
+    for (size_t t = 0; t < conv.size(); t += 2) {
+      const json& h = conv[t];
+      const json& a = conv[t + 1];
+      if (!h.is_object() || !a.is_object() || !h.contains("from") || !a.contains("from") ||
+          !h.contains("value") || !a.contains("value") || !h["value"].is_string() ||
+          !a["value"].is_string())
+        fail("turn " + std::to_string(t / 2) + ": needs 'from' and string 'value'");
+      if (h["from"] != "human" || a["from"] != "gpt")
+        fail("turn " + std::to_string(t / 2) + ": expected from 'human' then 'gpt'");
+      c.turns.push_back({h["value"].get<std::string>(), a["value"].get<std::string>()});
+    }
+    size_t placeholders = 0;
+    for (auto& t : c.turns)
+      for (size_t p = t.human.find("<image>"); p != std::string::npos; p = t.human.find("<image>", p + 1))
+        ++placeholders;
+    if (!c.image.empty() && placeholders == 0) fail("has an image but no <image> in its conversation");
+    if (c.image.empty() && placeholders > 0) fail("has <image> in its conversation but no 'image'");
+    if (placeholders > 1) fail("more than one <image> for a single image");
+    out.push_back(std::move(c));
+  }
+  return out;
+}
+
+std::vector<EvalQuestion> load_questions_jsonl(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) throw Error(path + ": cannot open questions file");
+  std::vector<EvalQuestion> out;
+  std::string line;
+  int n = 0;
+  while (std::getline(in, line)) {
+    ++n;
+    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+    json j;
+    try {
+      j = json::parse(line);
+    } catch (const json::exception& e) {
+      throw Error(path + ":" + std::to_string(n) + ": malformed JSON: " + e.what());
+    }
+    auto fail = [&](const std::string& why) {
+      throw Error(path + ":" + std::to_string(n) + ": " + why);
+    };
+    if (!j.is_object()) fail("expected an object");
+    if (!j.contains("question_id")) fail("missing 'question_id'");
+    if (!j.contains("text") || !j["text"].is_string()) fail("missing string 'text'");
+    EvalQuestion q;
+    q.question_id = j["question_id"];
+    q.text = j["text"].get<std::string>();
+    if (j.contains("image") && j["image"].is_string()) q.image = j["image"].get<std::string>();
+    if (j.contains("answer") && j["answer"].is_string()) q.answer = j["answer"].get<std::string>();
+    if (j.contains("family") && j["family"].is_string()) q.family = j["family"].get<std::string>();
+    out.push_back(std::move(q));
+  }
+  return out;
+}
+
+}  // namespace victor

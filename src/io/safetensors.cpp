@@ -1,0 +1,334 @@
+#include "victor/safetensors.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <random>
+#include <sstream>
+
+#include "victor/error.h"
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+namespace victor {
+
+std::string read_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw Error(path + ": cannot open file");
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+void write_file_atomic(const std::string& path, const std::string& bytes) {
+  fs::path target(path);
+  if (target.has_parent_path()) fs::create_directories(target.parent_path());
+  std::random_device rd;
+  std::string tmp = path + ".tmp" + std::to_string(rd() % 1000000);
+  {
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    if (!out) throw Error(path + ": cannot write (temporary " + tmp + ")");
+    out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+    out.flush();
+    if (!out) {
+      std::remove(tmp.c_str());
+      throw Error(path + ": write failed (disk full?)");
+    }
+  }
+  std::error_code ec;
+  fs::rename(tmp, target, ec);
+  if (ec) {
+    std::remove(tmp.c_str());
+    throw Error(path + ": cannot rename temporary file: " + ec.message());
+  }
+}
+
+namespace {
+
+size_t dtype_size(const std::string& dtype) {
+  if (dtype == "F32" || dtype == "I32") return 4;
+  if (dtype == "F16" || dtype == "BF16" || dtype == "I16") return 2;
+  if (dtype == "F64" || dtype == "I64") return 8;
+  if (dtype == "U8" || dtype == "I8" || dtype == "BOOL") return 1;
+  return 0;
+}
+
+torch::ScalarType scalar_type(const std::string& dtype) {
+  if (dtype == "F32") return torch::kFloat32;
+  if (dtype == "F16") return torch::kFloat16;
+  if (dtype == "BF16") return torch::kBFloat16;
+  if (dtype == "F64") return torch::kFloat64;
+  if (dtype == "I64") return torch::kInt64;
+  if (dtype == "I32") return torch::kInt32;
+  if (dtype == "I16") return torch::kInt16;
+  if (dtype == "I8") return torch::kInt8;
+  if (dtype == "U8") return torch::kUInt8;
+  return torch::kBool;
+}
+
+}  // namespace
+
+struct SafetensorsFile::Mapping {
+  void* addr = nullptr;
+  size_t size = 0;
+  ~Mapping() {
+    if (addr && addr != MAP_FAILED) munmap(addr, size);
+  }
+};
+
+SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
+  int fd = ::open(path.c_str(), O_RDONLY);
+  if (fd < 0) throw Error(path + ": cannot open safetensors file: " + std::strerror(errno));
+  struct stat st {};
+  if (fstat(fd, &st) != 0) {
+    ::close(fd);
+    throw Error(path + ": cannot stat");
+  }
+  map_ = std::make_shared<Mapping>();
+  map_->size = static_cast<size_t>(st.st_size);
+  if (map_->size < 8) {
+    ::close(fd);
+    throw Error(path + ": truncated safetensors file (" + std::to_string(map_->size) +
+                " bytes, no header)");
+  }
+  // Private writable mapping: weights are used in place (no copy) and training may update them;
+  // written pages are copied by the kernel, the file never changes.
+  map_->addr = mmap(nullptr, map_->size, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
+  ::close(fd);
+  if (map_->addr == MAP_FAILED) throw Error(path + ": mmap failed: " + std::strerror(errno));
+
+  const auto* bytes = static_cast<const uint8_t*>(map_->addr);
+  uint64_t header_len = 0;
+  for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | bytes[i];
+  if (header_len > map_->size - 8)
+    throw Error(path + ": corrupt or truncated safetensors file (header length " +
+                std::to_string(header_len) + " exceeds file size " +
+                std::to_string(map_->size) + ")");
+  data_offset_ = 8 + header_len;
+  json header;
+  try {
+    header = json::parse(reinterpret_cast<const char*>(bytes + 8),
+                         reinterpret_cast<const char*>(bytes + 8 + header_len));
+  } catch (const std::exception& e) {
+    throw Error(path + ": corrupt safetensors header (not JSON): " + e.what());
+  }
+  if (!header.is_object()) throw Error(path + ": corrupt safetensors header (not an object)");
+  size_t data_size = map_->size - data_offset_;
+  for (auto& [name, v] : header.items()) {
+    if (name == "__metadata__") {
+      if (v.is_object())
+        for (auto& [mk, mv] : v.items())
+          if (mv.is_string()) metadata_[mk] = mv.get<std::string>();
+      continue;
+    }
+    TensorInfo info;
+    try {
+      info.dtype = v.at("dtype").get<std::string>();
+      info.shape = v.at("shape").get<std::vector<int64_t>>();
+      auto off = v.at("data_offsets").get<std::vector<size_t>>();
+      if (off.size() != 2) throw Error("data_offsets must have 2 entries");
+      info.begin = off[0];
+      info.end = off[1];
+    } catch (const std::exception& e) {
+      throw Error(path + ": tensor '" + name + "': malformed header entry: " + e.what());
+    }
+    size_t es = dtype_size(info.dtype);
+    if (es == 0) throw Error(path + ": tensor '" + name + "': unsupported dtype " + info.dtype);
+    size_t numel = 1;
+    for (auto d : info.shape) {
+      if (d < 0) throw Error(path + ": tensor '" + name + "': negative dimension");
+      numel *= static_cast<size_t>(d);
+    }
+    if (info.end < info.begin || info.end - info.begin != numel * es)
+      throw Error(path + ": tensor '" + name + "': byte range does not match shape and dtype");
+    if (info.end > data_size)
+      throw Error(path + ": tensor '" + name + "': data lies beyond the end of the file " +
+                  "(truncated file?)");
+    infos_[name] = info;
+  }
+}
+
+SafetensorsFile::~SafetensorsFile() = default;
+
+torch::Tensor SafetensorsFile::load(const std::string& name) const {
+  auto it = infos_.find(name);
+  if (it == infos_.end()) throw Error(path_ + ": no tensor named '" + name + "'");
+  const TensorInfo& info = it->second;
+  auto* base = static_cast<uint8_t*>(map_->addr) + data_offset_ + info.begin;
+  auto type = scalar_type(info.dtype);
+  size_t es = dtype_size(info.dtype);
+  bool aligned = reinterpret_cast<uintptr_t>(base) % es == 0;
+  torch::Tensor raw;
+  if (aligned) {
+    auto keep = map_;  // the tensor keeps the mapping alive
+    raw = torch::from_blob(base, info.shape, [keep](void*) {}, torch::TensorOptions(type));
+  } else {
+    raw = torch::empty(info.shape, torch::TensorOptions(type));
+    std::memcpy(raw.data_ptr(), base, info.end - info.begin);
+  }
+  if (type == torch::kFloat32) return raw;
+  return raw.to(torch::kFloat32);
+}
+
+TensorStore::TensorStore(const std::string& dir) {
+  if (!fs::is_directory(dir)) throw Error(dir + ": model folder not found");
+  std::vector<std::string> paths;
+  fs::path index = fs::path(dir) / "model.safetensors.index.json";
+  fs::path single = fs::path(dir) / "model.safetensors";
+  std::map<std::string, std::string> declared;  // tensor -> shard file (from the index)
+  if (fs::exists(index)) {
+    json j;
+    try {
+      j = json::parse(read_file(index.string()));
+    } catch (const json::exception& e) {
+      throw Error(index.string() + ": malformed JSON: " + e.what());
+    }
+    if (!j.contains("weight_map") || !j["weight_map"].is_object())
+      throw Error(index.string() + ": missing object 'weight_map'");
+    std::set<std::string> shards;
+    for (auto& [t, f] : j["weight_map"].items()) {
+      declared[t] = f.get<std::string>();
+      shards.insert(f.get<std::string>());
+    }
+    for (auto& s : shards) {
+      if (!fs::exists(fs::path(dir) / s))
+        throw Error(index.string() + ": shard '" + s + "' listed but missing");
+      paths.push_back((fs::path(dir) / s).string());
+    }
+  } else if (fs::exists(single)) {
+    paths.push_back(single.string());
+  } else {
+    for (auto& e : fs::directory_iterator(dir))
+      if (e.path().extension() == ".safetensors") paths.push_back(e.path().string());
+    std::sort(paths.begin(), paths.end());
+    if (paths.empty()) throw Error(dir + ": no *.safetensors files in model folder");
+  }
+  for (auto& p : paths) {
+    files_.push_back(std::make_unique<SafetensorsFile>(p));
+    for (auto& [name, info] : files_.back()->tensors()) {
+      (void)info;
+      where_[name] = files_.size() - 1;
+    }
+  }
+  for (auto& [t, f] : declared)
+    if (!where_.count(t))
+      throw Error(index.string() + ": tensor '" + t + "' listed in shard '" + f +
+                  "' but not found there");
+}
+
+std::vector<std::string> TensorStore::names() const {
+  std::vector<std::string> out;
+  for (auto& [n, i] : where_) {
+    (void)i;
+    out.push_back(n);
+  }
+  return out;
+}
+
+torch::Tensor TensorStore::load(const std::string& name) const {
+  auto it = where_.find(name);
+  if (it == where_.end()) throw Error("no tensor named '" + name + "' in checkpoint");
+  return files_[it->second]->load(name);
+}
+
+const TensorInfo& TensorStore::info(const std::string& name) const {
+  auto it = where_.find(name);
+  if (it == where_.end()) throw Error("no tensor named '" + name + "' in checkpoint");
+  return files_[it->second]->tensors().at(name);
+}
+
+std::string TensorStore::file_of(const std::string& name) const {
+  auto it = where_.find(name);
+  return it == where_.end() ? std::string() : files_[it->second]->path();
+}
+
+namespace {
+
+std::string serialize(const std::vector<std::pair<std::string, torch::Tensor>>& tensors,
+                      SaveDtype dtype, const std::map<std::string, std::string>& metadata) {
+  torch::ScalarType st = dtype == SaveDtype::F32   ? torch::kFloat32
+                         : dtype == SaveDtype::F16 ? torch::kFloat16
+                                                   : torch::kBFloat16;
+  const char* name = dtype == SaveDtype::F32 ? "F32" : dtype == SaveDtype::F16 ? "F16" : "BF16";
+  std::vector<torch::Tensor> data;
+  json header = json::object();
+  size_t offset = 0;
+  for (auto& [n, t] : tensors) {
+    if (!t.defined()) throw Error("cannot save undefined tensor '" + n + "'");
+    auto c = t.detach().to(torch::kCPU, st).contiguous();
+    size_t nbytes = c.numel() * c.element_size();
+    header[n] = {{"dtype", name}, {"shape", c.sizes().vec()}, {"data_offsets", {offset, offset + nbytes}}};
+    offset += nbytes;
+    data.push_back(c);
+  }
+  if (!metadata.empty()) header["__metadata__"] = metadata;
+  std::string h = header.dump();
+  while ((8 + h.size()) % 8 != 0) h.push_back(' ');
+  std::string out;
+  out.reserve(8 + h.size() + offset);
+  uint64_t len = h.size();
+  for (int i = 0; i < 8; ++i) out.push_back(static_cast<char>((len >> (8 * i)) & 0xff));
+  out += h;
+  for (auto& c : data)
+    out.append(static_cast<const char*>(c.data_ptr()), c.numel() * c.element_size());
+  return out;
+}
+
+}  // namespace
+
+void save_safetensors(const std::string& path,
+                      const std::vector<std::pair<std::string, torch::Tensor>>& tensors,
+                      SaveDtype dtype, const std::map<std::string, std::string>& metadata) {
+  write_file_atomic(path, serialize(tensors, dtype, metadata));
+}
+
+void save_checkpoint_tensors(const std::string& dir,
+                             const std::vector<std::pair<std::string, torch::Tensor>>& tensors,
+                             size_t max_shard_bytes, SaveDtype dtype) {
+  fs::create_directories(dir);
+  size_t elt = dtype == SaveDtype::F32 ? 4 : 2;
+  size_t total = 0;
+  for (auto& [n, t] : tensors) total += t.numel() * elt;
+  std::map<std::string, std::string> meta{{"format", "pt"}};
+  if (max_shard_bytes == 0 || total <= max_shard_bytes) {
+    save_safetensors((fs::path(dir) / "model.safetensors").string(), tensors, dtype, meta);
+    std::error_code ec;
+    fs::remove(fs::path(dir) / "model.safetensors.index.json", ec);
+    return;
+  }
+  std::vector<std::vector<std::pair<std::string, torch::Tensor>>> shards(1);
+  size_t cur = 0;
+  for (auto& nt : tensors) {
+    size_t b = nt.second.numel() * elt;
+    if (cur > 0 && cur + b > max_shard_bytes) {
+      shards.emplace_back();
+      cur = 0;
+    }
+    shards.back().push_back(nt);
+    cur += b;
+  }
+  json weight_map = json::object();
+  char buf[64];
+  for (size_t i = 0; i < shards.size(); ++i) {
+    std::snprintf(buf, sizeof buf, "model-%05zu-of-%05zu.safetensors", i + 1, shards.size());
+    save_safetensors((fs::path(dir) / buf).string(), shards[i], dtype, meta);
+    for (auto& [n, t] : shards[i]) {
+      (void)t;
+      weight_map[n] = buf;
+    }
+  }
+  json index = {{"metadata", {{"total_size", total}}}, {"weight_map", weight_map}};
+  write_file_atomic((fs::path(dir) / "model.safetensors.index.json").string(), index.dump(2));
+  std::error_code ec;
+  fs::remove(fs::path(dir) / "model.safetensors", ec);
+}
+
+}  // namespace victor

@@ -1,0 +1,433 @@
+#include "victor/tokenizer.h"
+
+#include <cstring>
+
+#include <cstdlib>
+#include <filesystem>
+#include <limits>
+#include <nlohmann/json.hpp>
+
+#include "victor/error.h"
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+namespace victor {
+
+namespace {
+
+const std::string kSpace = "\xe2\x96\x81";  // U+2581, SentencePiece's visible space
+
+// Minimal protobuf wire-format reader: enough for sentencepiece_model.proto.
+struct Wire {
+  const uint8_t* p;
+  const uint8_t* end;
+  std::string src;
+  uint64_t varint() {
+    uint64_t v = 0;
+    for (int shift = 0; shift < 64; shift += 7) {
+      if (p >= end) throw Error(src + ": truncated SentencePiece model");
+      uint8_t b = *p++;
+      v |= uint64_t(b & 0x7f) << shift;
+      if (!(b & 0x80)) return v;
+    }
+    throw Error(src + ": corrupt SentencePiece model (bad varint)");
+  }
+  // Reads the next field; returns false at the end. `sub` is set for length-delimited fields.
+  bool field(int& number, int& wire, uint64_t& value, Wire& sub) {
+    if (p >= end) return false;
+    uint64_t key = varint();
+    number = int(key >> 3);
+    wire = int(key & 7);
+    switch (wire) {
+      case 0: value = varint(); break;
+      case 1:
+        if (end - p < 8) throw Error(src + ": truncated SentencePiece model");
+        std::memcpy(&value, p, 8);
+        p += 8;
+        break;
+      case 2: {
+        uint64_t n = varint();
+        if (uint64_t(end - p) < n) throw Error(src + ": truncated SentencePiece model");
+        sub = Wire{p, p + n, src};
+        p += n;
+        break;
+      }
+      case 5: {
+        if (end - p < 4) throw Error(src + ": truncated SentencePiece model");
+        uint32_t v;
+        std::memcpy(&v, p, 4);
+        value = v;
+        p += 4;
+        break;
+      }
+      default: throw Error(src + ": corrupt SentencePiece model (wire type " + std::to_string(wire) + ")");
+    }
+    return true;
+  }
+};
+
+size_t utf8_len(unsigned char c) {
+  if (c < 0x80) return 1;
+  if ((c >> 5) == 6) return 2;
+  if ((c >> 4) == 14) return 3;
+  if ((c >> 3) == 30) return 4;
+  return 1;
+}
+
+}  // namespace
+
+Tokenizer::Tokenizer(const std::string& dir) {
+  fs::path model = fs::path(dir) / "tokenizer.model";
+  if (!fs::exists(model)) throw Error(model.string() + ": missing (SentencePiece model required)");
+  std::string bytes = read_file(model.string());
+  Wire w{reinterpret_cast<const uint8_t*>(bytes.data()),
+         reinterpret_cast<const uint8_t*>(bytes.data()) + bytes.size(), model.string()};
+  int num, wire;
+  uint64_t val;
+  Wire sub{nullptr, nullptr, model.string()};
+  bool seen_trainer = false;
+  while (w.field(num, wire, val, sub)) {
+    if (num == 1 && wire == 2) {  // SentencePiece
+      Piece piece;
+      int n2, w2;
+      uint64_t v2;
+      Wire s2{nullptr, nullptr, model.string()};
+      while (sub.field(n2, w2, v2, s2)) {
+        if (n2 == 1 && w2 == 2) piece.text.assign(reinterpret_cast<const char*>(s2.p), s2.end - s2.p);
+        else if (n2 == 2 && w2 == 5) std::memcpy(&piece.score, &v2, 4);
+        else if (n2 == 3 && w2 == 0) piece.type = int(v2);
+      }
+      pieces_.push_back(std::move(piece));
+    } else if (num == 2 && wire == 2) {  // TrainerSpec
+      seen_trainer = true;
+      int n2, w2;
+      uint64_t v2;
+      Wire s2{nullptr, nullptr, model.string()};
+      while (sub.field(n2, w2, v2, s2)) {
+        if (n2 == 3 && w2 == 0) model_type_ = int(v2);
+        else if (n2 == 35 && w2 == 0) byte_fallback_ = v2 != 0;
+        else if (n2 == 41 && w2 == 0) bos_ = int64_t(int32_t(v2));
+        else if (n2 == 42 && w2 == 0) eos_ = int64_t(int32_t(v2));
+        else if (n2 == 40 && w2 == 0) unk_ = int64_t(int32_t(v2));
+      }
+    } else if (num == 3 && wire == 2) {  // NormalizerSpec
+      int n2, w2;
+      uint64_t v2;
+      Wire s2{nullptr, nullptr, model.string()};
+      while (sub.field(n2, w2, v2, s2)) {
+        if (n2 == 3 && w2 == 0) add_dummy_prefix_ = v2 != 0;
+        else if (n2 == 4 && w2 == 0) remove_extra_whitespaces_ = v2 != 0;
+        else if (n2 == 5 && w2 == 0) escape_whitespaces_ = v2 != 0;
+      }
+    }
+  }
+  if (pieces_.empty() || !seen_trainer)
+    throw Error(model.string() + ": not a SentencePiece model (no pieces)");
+  if (model_type_ != 1 && model_type_ != 2)
+    throw Error(model.string() + ": SentencePiece model type " + std::to_string(model_type_) +
+                " is not supported (unigram or BPE)");
+  std::fill(std::begin(byte_ids_), std::end(byte_ids_), -1);
+  min_score_ = std::numeric_limits<float>::max();
+  for (size_t i = 0; i < pieces_.size(); ++i) {
+    const Piece& p = pieces_[i];
+    if (p.type == 6 && p.text.size() == 6 && p.text.compare(0, 3, "<0x") == 0)
+      byte_ids_[std::stoi(p.text.substr(3, 2), nullptr, 16)] = int64_t(i);
+    if (p.type == 1 || p.type == 4) {
+      index_.emplace(p.text, int64_t(i));
+      max_piece_bytes_ = std::max(max_piece_bytes_, p.text.size());
+      min_score_ = std::min(min_score_, p.score);
+    }
+  }
+  auto parse = [](const fs::path& p) {
+    try {
+      return json::parse(read_file(p.string()));
+    } catch (const json::exception& e) {
+      throw Error(p.string() + ": malformed JSON: " + e.what());
+    }
+  };
+  fs::path added = fs::path(dir) / "added_tokens.json";
+  if (fs::exists(added)) {
+    json j = parse(added);
+    if (!j.is_object()) throw Error(added.string() + ": must be an object {token: id}");
+    for (auto& [k, v] : j.items()) added_[k] = v.get<int64_t>();
+  }
+  fs::path cfg = fs::path(dir) / "tokenizer_config.json";
+  if (fs::exists(cfg)) {
+    json j = parse(cfg);
+    if (j.contains("added_tokens_decoder") && j["added_tokens_decoder"].is_object())
+      for (auto& [id, v] : j["added_tokens_decoder"].items()) {
+        int64_t i = std::stoll(id);
+        if (i >= int64_t(pieces_.size()) && v.contains("content"))
+          added_[v["content"].get<std::string>()] = i;
+      }
+  }
+}
+
+Tokenizer::~Tokenizer() = default;
+
+int Tokenizer::sp_size() const { return int(pieces_.size()); }
+
+int64_t Tokenizer::vocab_size() const {
+  int64_t n = int64_t(pieces_.size());
+  for (auto& [k, v] : added_) n = std::max(n, v + 1);
+  return n;
+}
+
+int64_t Tokenizer::token_id(const std::string& t) const {
+  auto it = added_.find(t);
+  if (it != added_.end()) return it->second;
+  for (size_t i = 0; i < pieces_.size(); ++i)
+    if (pieces_[i].text == t) return int64_t(i);
+  throw Error("tokenizer: unknown token '" + t + "'");
+}
+
+void Tokenizer::push_unknown(const std::string& chunk, std::vector<int64_t>& out) const {
+  if (byte_fallback_) {
+    for (unsigned char c : chunk)
+      out.push_back(byte_ids_[c] >= 0 ? byte_ids_[c] : unk_);
+  } else if (out.empty() || out.back() != unk_) {
+    out.push_back(unk_);  // SentencePiece merges consecutive unknowns
+  }
+}
+
+std::vector<int64_t> Tokenizer::encode_unigram(const std::string& s) const {
+  // Viterbi over character boundaries: the segmentation with the highest total piece score.
+  const size_t n = s.size();
+  const float unk_score = min_score_ - 10.0f;
+  std::vector<float> best(n + 1, -std::numeric_limits<float>::infinity());
+  std::vector<size_t> from(n + 1, 0);
+  std::vector<int64_t> piece(n + 1, -1);
+  best[0] = 0;
+  for (size_t i = 0; i < n; i = i + 0) {
+    size_t clen = std::min(utf8_len(static_cast<unsigned char>(s[i])), n - i);
+    if (best[i] > -std::numeric_limits<float>::infinity()) {
+      bool any = false;
+      size_t j = i;
+      while (j < n && j - i < max_piece_bytes_) {
+        j += std::min(utf8_len(static_cast<unsigned char>(s[j])), n - j);
+        auto it = index_.find(s.substr(i, j - i));
+        if (it == index_.end()) continue;
+        const Piece& p = pieces_[it->second];
+        float sc = best[i] + (p.type == 4 ? 0.0f : p.score);
+        if (j - i == clen) any = true;
+        if (sc > best[j]) {
+          best[j] = sc;
+          from[j] = i;
+          piece[j] = it->second;
+        }
+      }
+      if (!any && best[i] + unk_score > best[i + clen]) {
+        best[i + clen] = best[i] + unk_score;
+        from[i + clen] = i;
+        piece[i + clen] = -1;
+      }
+    }
+    i += clen;
+  }
+  std::vector<std::pair<size_t, int64_t>> rev;
+  for (size_t j = n; j > 0; j = from[j]) rev.emplace_back(j, piece[j]);
+  std::vector<int64_t> out;
+  for (auto it = rev.rbegin(); it != rev.rend(); ++it) {
+    if (it->second >= 0) out.push_back(it->second);
+    else push_unknown(s.substr(from[it->first], it->first - from[it->first]), out);
+  }
+  return out;
+}
+
+std::vector<int64_t> Tokenizer::encode_bpe(const std::string& s) const {
+  // Characters, then repeatedly merge the adjacent pair whose union is the best-scored piece.
+  std::vector<std::string> sym;
+  for (size_t i = 0; i < s.size();) {
+    size_t l = std::min(utf8_len(static_cast<unsigned char>(s[i])), s.size() - i);
+    sym.push_back(s.substr(i, l));
+    i += l;
+  }
+  while (sym.size() > 1) {
+    float best = -std::numeric_limits<float>::infinity();
+    size_t at = sym.size();
+    for (size_t i = 0; i + 1 < sym.size(); ++i) {
+      auto it = index_.find(sym[i] + sym[i + 1]);
+      if (it != index_.end() && pieces_[it->second].score > best) {
+        best = pieces_[it->second].score;
+        at = i;
+      }
+    }
+    if (at == sym.size()) break;
+    sym[at] += sym[at + 1];
+    sym.erase(sym.begin() + at + 1);
+  }
+  std::vector<int64_t> out;
+  for (auto& t : sym) {
+    auto it = index_.find(t);
+    if (it != index_.end()) out.push_back(it->second);
+    else push_unknown(t, out);
+  }
+  return out;
+}
+
+std::vector<int64_t> Tokenizer::encode_piece_text(const std::string& text) const {
+  std::string t = text;
+  if (remove_extra_whitespaces_) {
+    std::string r;
+    bool space = false;
+    for (char c : t) {
+      if (c == ' ') {
+        space = !r.empty();
+        continue;
+      }
+      if (space) r.push_back(' ');
+      space = false;
+      r.push_back(c);
+    }
+    t = r;
+  }
+  if (t.empty()) return {};
+  if (add_dummy_prefix_) t = " " + t;
+  if (escape_whitespaces_) {
+    std::string r;
+    for (char c : t) r += c == ' ' ? kSpace : std::string(1, c);
+    t = r;
+  }
+  return model_type_ == 2 ? encode_bpe(t) : encode_unigram(t);
+}
+
+std::vector<int64_t> Tokenizer::encode(const std::string& text) const {
+  std::vector<int64_t> out;
+  size_t start = 0, i = 0;
+  auto flush = [&](size_t end) {
+    if (end <= start) return;
+    auto ids = encode_piece_text(text.substr(start, end - start));
+    out.insert(out.end(), ids.begin(), ids.end());
+  };
+  while (i < text.size()) {
+    const std::pair<const std::string, int64_t>* hit = nullptr;
+    for (auto& kv : added_)
+      if (!kv.first.empty() && text.compare(i, kv.first.size(), kv.first) == 0 &&
+          (!hit || kv.first.size() > hit->first.size()))
+        hit = &kv;
+    if (hit) {
+      flush(i);
+      out.push_back(hit->second);
+      i += hit->first.size();
+      start = i;
+    } else {
+      ++i;
+    }
+  }
+  flush(text.size());
+  return out;
+}
+
+std::string Tokenizer::decode(const std::vector<int64_t>& ids) const {
+  std::string raw;
+  for (auto id : ids) {
+    if (id < 0 || id >= int64_t(pieces_.size())) continue;  // added tokens are special
+    const Piece& p = pieces_[id];
+    if (p.type == 3 || p.type == 5) continue;  // control, unused
+    if (p.type == 6 && p.text.size() == 6) {
+      raw.push_back(static_cast<char>(std::stoi(p.text.substr(3, 2), nullptr, 16)));
+      continue;
+    }
+    raw += p.type == 2 ? " \xe2\x81\x87 " : p.text;
+  }
+  std::string out;
+  for (size_t i = 0; i < raw.size();) {
+    if (raw.compare(i, kSpace.size(), kSpace) == 0) {
+      out.push_back(' ');
+      i += kSpace.size();
+    } else {
+      out.push_back(raw[i++]);
+    }
+  }
+  if (add_dummy_prefix_ && !out.empty() && out[0] == ' ') out.erase(0, 1);
+  return out;
+}
+
+namespace {
+std::string shell_quote(const std::string& s) {
+  std::string r = "'";
+  for (char c : s) r += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return r + "'";
+}
+}  // namespace
+
+int train_tokenizer(const std::vector<std::string>& corpus_lines, const std::string& dir,
+                    int vocab_size) {
+  if (corpus_lines.empty()) throw Error("tokenizer training: empty corpus");
+  fs::create_directories(dir);
+  std::string corpus_path = (fs::path(dir) / ".tokenizer_corpus.txt").string();
+  std::string text;
+  for (auto& l : corpus_lines) text += l + "\n";
+  write_file_atomic(corpus_path, text);
+  std::string prefix = (fs::path(dir) / ".tokenizer_tmp").string();
+  std::string log = (fs::path(dir) / ".tokenizer_train.log").string();
+  std::string cmd = "spm_train --input=" + shell_quote(corpus_path) +
+                    " --model_prefix=" + shell_quote(prefix) +
+                    " --vocab_size=" + std::to_string(vocab_size) +
+                    " --model_type=unigram --hard_vocab_limit=false --byte_fallback=true"
+                    " --split_digits=true --character_coverage=1.0 --num_threads=1"
+                    " --normalization_rule_name=identity --remove_extra_whitespaces=false"
+                    " --unk_id=0 --bos_id=1 --eos_id=2 --pad_id=-1"
+                    " --max_sentence_length=100000 --shuffle_input_sentence=false > " +
+                    shell_quote(log) + " 2>&1";
+  int rc = std::system(cmd.c_str());
+  fs::remove(corpus_path);
+  if (rc != 0) {
+    std::string tail;
+    try {
+      tail = read_file(log);
+      if (tail.size() > 400) tail = tail.substr(tail.size() - 400);
+    } catch (const Error&) {
+    }
+    throw Error("tokenizer training failed (spm_train from Debian's sentencepiece package; exit " +
+                std::to_string(rc) + "): " + tail);
+  }
+  fs::remove(log);
+  fs::rename(prefix + ".model", fs::path(dir) / "tokenizer.model");
+  fs::remove(prefix + ".vocab");
+  int n = Tokenizer(dir).sp_size();
+  json added = {{"<image>", n}, {"<pad>", n + 1}};
+  write_file_atomic((fs::path(dir) / "added_tokens.json").string(), added.dump(2) + "\n");
+  json cfg = {{"tokenizer_class", "LlamaTokenizer"},
+              {"bos_token", "<s>"},
+              {"eos_token", "</s>"},
+              {"unk_token", "<unk>"},
+              {"pad_token", "<pad>"},
+              {"add_bos_token", true},
+              {"add_eos_token", false},
+              {"legacy", true},
+              {"added_tokens_decoder",
+               {{std::to_string(n), {{"content", "<image>"}, {"special", true}}},
+                {std::to_string(n + 1), {{"content", "<pad>"}, {"special", true}}}}}};
+  write_file_atomic((fs::path(dir) / "tokenizer_config.json").string(), cfg.dump(2) + "\n");
+  return n;
+}
+
+std::string chat_prompt_text(const std::vector<Turn>& turns) {
+  std::string s;
+  for (auto& t : turns) {
+    s += "USER: " + t.human + " ASSISTANT:";
+    if (!t.assistant.empty()) s += " " + t.assistant + "</s>";
+  }
+  return s;
+}
+
+EncodedChat encode_chat(const Tokenizer& tok, const std::vector<Turn>& turns) {
+  EncodedChat out;
+  out.ids.push_back(tok.bos_id());
+  out.is_target.push_back(0);
+  for (auto& t : turns) {
+    auto prompt = tok.encode("USER: " + t.human + " ASSISTANT:");
+    out.ids.insert(out.ids.end(), prompt.begin(), prompt.end());
+    out.is_target.insert(out.is_target.end(), prompt.size(), 0);
+    if (t.assistant.empty()) continue;
+    auto answer = tok.encode(t.assistant);  // SentencePiece's dummy prefix is the space
+    answer.push_back(tok.eos_id());
+    out.ids.insert(out.ids.end(), answer.begin(), answer.end());
+    out.is_target.insert(out.is_target.end(), answer.size(), 1);
+  }
+  return out;
+}
+
+}  // namespace victor

@@ -1,0 +1,74 @@
+#include "victor/ops.h"
+
+#include <cmath>
+
+#include "victor/error.h"
+
+namespace victor {
+
+torch::Tensor dense(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& b) {
+  const bool grad = torch::GradMode::is_enabled() && (x.requires_grad() || w.requires_grad());
+  if (!grad && x.numel() == x.size(-1)) {
+    // One row: matrix-vector product streams the weights at full bandwidth.
+    auto y = at::mv(w, x.reshape({-1}));
+    if (b.defined()) y.add_(b);
+    auto shape = x.sizes().vec();
+    shape.back() = w.size(0);
+    return y.reshape(shape);
+  }
+  auto x2 = x.reshape({-1, x.size(-1)});
+  auto y = b.defined() ? at::addmm(b, x2, w.t()) : at::mm(x2, w.t());
+  auto shape = x.sizes().vec();
+  shape.back() = w.size(0);
+  return y.reshape(shape);
+}
+
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double eps) {
+  auto var = x.pow(2).mean(-1, /*keepdim=*/true);
+  return x * torch::rsqrt(var + eps) * w;
+}
+
+torch::Tensor layer_norm(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& b,
+                         double eps) {
+  return torch::layer_norm(x, {x.size(-1)}, w, b, eps);
+}
+
+torch::Tensor activation(const torch::Tensor& x, const std::string& name) {
+  if (name == "gelu") return torch::gelu(x);
+  if (name == "gelu_pytorch_tanh") return torch::gelu(x, "tanh");
+  if (name == "quick_gelu") return x * torch::sigmoid(1.702 * x);
+  if (name == "silu") return torch::silu(x);
+  if (name == "relu") return torch::relu(x);
+  throw Error("unknown activation '" + name + "'");
+}
+
+torch::Tensor apply_rope(const torch::Tensor& x, const torch::Tensor& pos, double theta) {
+  const int64_t hd = x.size(-1);
+  auto idx = torch::arange(0, hd, 2, torch::kFloat32) / float(hd);
+  auto inv_freq = 1.0 / torch::pow(torch::tensor(float(theta)), idx);     // [hd/2]
+  auto freqs = pos.to(torch::kFloat32).unsqueeze(-1) * inv_freq;           // [B,T,hd/2]
+  auto emb = torch::cat({freqs, freqs}, -1).unsqueeze(1);                  // [B,1,T,hd]
+  auto cos = emb.cos(), sin = emb.sin();
+  auto x1 = x.narrow(-1, 0, hd / 2), x2 = x.narrow(-1, hd / 2, hd / 2);
+  auto rotated = torch::cat({-x2, x1}, -1);
+  return x * cos + rotated * sin;
+}
+
+torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                        const torch::Tensor& allowed, torch::Tensor* probs) {
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), hd = q.size(3);
+  const int64_t Hkv = k.size(1), S = k.size(2), G = H / Hkv;
+  // Query head h uses key/value head h / G (Hugging Face's repeat_kv), without copying K/V.
+  auto qg = q.reshape({B, Hkv, G, T, hd});
+  auto scores = torch::matmul(qg, k.unsqueeze(2).transpose(-1, -2)) * (1.0 / std::sqrt(double(hd)));
+  // A finite floor: disallowed keys get exactly zero probability, and a row with no allowed key
+  // (padding) stays finite instead of NaN.
+  auto mask = allowed.view({B, 1, 1, T, S}).logical_not();
+  scores = scores.masked_fill(mask, -1e30);
+  auto p = torch::softmax(scores, -1);
+  if (probs) *probs = p.reshape({B, H, T, S});
+  auto out = torch::matmul(p, v.unsqueeze(2));  // [B,Hkv,G,T,hd]
+  return out.reshape({B, H, T, hd});
+}
+
+}  // namespace victor

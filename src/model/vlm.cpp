@@ -1,0 +1,415 @@
+// The assembly: tensor list, loading/saving, Victor's registers, the sequence layout and the
+// decoder loop with the drop after layer k.
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <filesystem>
+#include <iostream>
+
+#include "internal.h"
+#include "victor/error.h"
+#include "victor/ops.h"
+#include "victor/safetensors.h"
+
+namespace fs = std::filesystem;
+
+namespace victor {
+
+const char* part_name(Part p) {
+  switch (p) {
+    case Part::Vision: return "vision";
+    case Part::Projector: return "projector";
+    case Part::Registers: return "registers";
+    case Part::Llm: return "llm";
+  }
+  return "?";
+}
+
+std::string canonical_tensor_name(const std::string& n) {
+  auto starts = [&](const char* p) { return n.rfind(p, 0) == 0; };
+  if (n == "lm_head.weight") return "language_model.lm_head.weight";
+  if (starts("model.language_model.")) return "language_model.model." + n.substr(21);
+  if (starts("model.vision_tower.")) return n.substr(6);
+  if (starts("model.multi_modal_projector.")) return n.substr(6);
+  if (starts("model.victor.")) return n.substr(6);
+  return n;
+}
+
+Vlm::Vlm(const ModelConfig& config) : config_(config) {
+  config_.validate();
+  declare_params();
+}
+
+void Vlm::declare_params() {
+  params_.clear();
+  const auto& v = config_.vision;
+  const auto& t = config_.text;
+  const int64_t D = v.hidden_size, I = v.intermediate_size, P = v.patch_size;
+  const int64_t d = t.hidden_size, H = t.num_attention_heads, Hkv = t.num_key_value_heads;
+  const int64_t hd = t.head_dim(), F = t.intermediate_size, V = t.vocab_size;
+  auto add = [&](const std::string& name, std::vector<int64_t> shape, Part part, torch::Tensor& ref,
+                 bool optional = false) {
+    params_.push_back({name, std::move(shape), part, &ref, optional});
+  };
+  auto& vw = w_.vision;
+  vw.layers.resize(v.num_hidden_layers);
+  const std::string vp = "vision_tower.vision_model.";
+  add(vp + "embeddings.class_embedding", {D}, Part::Vision, vw.class_embedding);
+  add(vp + "embeddings.patch_embedding.weight", {D, 3, P, P}, Part::Vision, vw.patch_embedding);
+  add(vp + "embeddings.position_embedding.weight", {v.num_patches() + 1, D}, Part::Vision,
+      vw.position_embedding);
+  add(vp + "pre_layrnorm.weight", {D}, Part::Vision, vw.pre_ln.weight);
+  add(vp + "pre_layrnorm.bias", {D}, Part::Vision, vw.pre_ln.bias);
+  for (int i = 0; i < v.num_hidden_layers; ++i) {
+    auto& L = vw.layers[i];
+    std::string p = vp + "encoder.layers." + std::to_string(i) + ".";
+    auto lin = [&](const std::string& n, LinearW& w, int64_t out, int64_t in) {
+      add(p + n + ".weight", {out, in}, Part::Vision, w.weight);
+      add(p + n + ".bias", {out}, Part::Vision, w.bias);
+    };
+    lin("self_attn.q_proj", L.q, D, D);
+    lin("self_attn.k_proj", L.k, D, D);
+    lin("self_attn.v_proj", L.v, D, D);
+    lin("self_attn.out_proj", L.out, D, D);
+    add(p + "layer_norm1.weight", {D}, Part::Vision, L.ln1.weight);
+    add(p + "layer_norm1.bias", {D}, Part::Vision, L.ln1.bias);
+    lin("mlp.fc1", L.fc1, I, D);
+    lin("mlp.fc2", L.fc2, D, I);
+    add(p + "layer_norm2.weight", {D}, Part::Vision, L.ln2.weight);
+    add(p + "layer_norm2.bias", {D}, Part::Vision, L.ln2.bias);
+  }
+  // Unused by LLaVA's features (taken before it) but present in every CLIP checkpoint.
+  add(vp + "post_layernorm.weight", {D}, Part::Vision, vw.post_ln.weight, true);
+  add(vp + "post_layernorm.bias", {D}, Part::Vision, vw.post_ln.bias, true);
+
+  add("multi_modal_projector.linear_1.weight", {d, D}, Part::Projector, w_.proj1.weight);
+  add("multi_modal_projector.linear_1.bias", {d}, Part::Projector, w_.proj1.bias);
+  add("multi_modal_projector.linear_2.weight", {d, d}, Part::Projector, w_.proj2.weight);
+  add("multi_modal_projector.linear_2.bias", {d}, Part::Projector, w_.proj2.bias);
+
+  auto& lw = w_.llm;
+  lw.layers.resize(t.num_hidden_layers);
+  const std::string lp = "language_model.model.";
+  add(lp + "embed_tokens.weight", {V, d}, Part::Llm, lw.embed_tokens);
+  for (int i = 0; i < t.num_hidden_layers; ++i) {
+    auto& L = lw.layers[i];
+    std::string p = lp + "layers." + std::to_string(i) + ".";
+    add(p + "self_attn.q_proj.weight", {H * hd, d}, Part::Llm, L.q);
+    add(p + "self_attn.k_proj.weight", {Hkv * hd, d}, Part::Llm, L.k);
+    add(p + "self_attn.v_proj.weight", {Hkv * hd, d}, Part::Llm, L.v);
+    add(p + "self_attn.o_proj.weight", {d, H * hd}, Part::Llm, L.o);
+    add(p + "mlp.gate_proj.weight", {F, d}, Part::Llm, L.gate);
+    add(p + "mlp.up_proj.weight", {F, d}, Part::Llm, L.up);
+    add(p + "mlp.down_proj.weight", {d, F}, Part::Llm, L.down);
+    add(p + "input_layernorm.weight", {d}, Part::Llm, L.input_norm);
+    add(p + "post_attention_layernorm.weight", {d}, Part::Llm, L.post_norm);
+  }
+  add(lp + "norm.weight", {d}, Part::Llm, lw.norm);
+  if (!t.tie_word_embeddings) add("language_model.lm_head.weight", {V, d}, Part::Llm, lw.lm_head);
+  if (config_.victor.num_registers > 0)
+    add("victor.registers", {config_.victor.num_registers, d}, Part::Registers, w_.registers);
+}
+
+namespace {
+
+bool is_norm_weight(const std::string& n) {
+  return n.find("norm") != std::string::npos || n.find("layrnorm") != std::string::npos ||
+         n.find("layer_norm") != std::string::npos;
+}
+
+void init_param(const ParamRef& p, at::Generator& gen) {
+  const std::string& n = p.name;
+  auto t = torch::empty(p.shape, torch::kFloat32);
+  if (n.size() >= 5 && n.compare(n.size() - 5, 5, ".bias") == 0) t.zero_();
+  else if (is_norm_weight(n)) t.fill_(1.0);
+  else t.normal_(0.0, 0.02, gen);
+  *p.tensor = t;
+}
+
+}  // namespace
+
+Vlm Vlm::random(const ModelConfig& config, uint64_t seed) {
+  Vlm m(config);
+  auto gen = at::detail::createCPUGenerator(seed);
+  for (auto& p : m.params_) init_param(p, gen);
+  if (config.text.tie_word_embeddings) m.w_.llm.lm_head = m.w_.llm.embed_tokens;
+  return m;
+}
+
+Vlm Vlm::load(const std::string& dir) {
+  ModelConfig config = load_config(dir);
+  Vlm m(config);
+  TensorStore store(dir);
+  std::map<std::string, std::string> by_canonical;
+  for (auto& n : store.names()) by_canonical[canonical_tensor_name(n)] = n;
+  std::set<std::string> used;
+  for (auto& p : m.params_) {
+    auto it = by_canonical.find(p.name);
+    if (it == by_canonical.end()) {
+      if (p.optional) {
+        *p.tensor = p.name.find(".bias") != std::string::npos ? torch::zeros(p.shape)
+                                                               : torch::ones(p.shape);
+        continue;
+      }
+      throw Error(dir + ": missing tensor '" + p.name + "'" +
+                  (p.part == Part::Registers ? " (config.json declares num_registers = " +
+                                                   std::to_string(config.victor.num_registers) + ")"
+                                             : ""));
+    }
+    const auto& info = store.info(it->second);
+    if (info.shape != p.shape) {
+      auto fmt = [](const std::vector<int64_t>& s) {
+        std::string r = "[";
+        for (size_t i = 0; i < s.size(); ++i) r += (i ? "," : "") + std::to_string(s[i]);
+        return r + "]";
+      };
+      throw Error(store.file_of(it->second) + ": tensor '" + it->second + "' has shape " +
+                  fmt(info.shape) + " but config.json implies " + fmt(p.shape));
+    }
+    *p.tensor = store.load(it->second);
+    used.insert(it->second);
+  }
+  if (config.text.tie_word_embeddings) m.w_.llm.lm_head = m.w_.llm.embed_tokens;
+  int ignored = 0;
+  for (auto& n : store.names())
+    if (!used.count(n) && n.find("position_ids") == std::string::npos &&
+        n.find("rotary_emb.inv_freq") == std::string::npos)
+      ++ignored;
+  if (ignored > 0)
+    std::cerr << "victor: warning: " << dir << ": " << ignored
+              << " tensor(s) in the checkpoint are not used by the model\n";
+  return m;
+}
+
+int64_t Vlm::parameter_count(int part_mask) const {
+  int64_t n = 0;
+  for (auto& p : params_)
+    if (part_mask < 0 || (part_mask & (1 << int(p.part)))) n += p.tensor->numel();
+  return n;
+}
+
+void Vlm::save(const std::string& dir, size_t max_shard_bytes) const {
+  fs::create_directories(dir);
+  std::vector<std::pair<std::string, torch::Tensor>> tensors;
+  for (auto& p : params_) tensors.emplace_back(p.name, *p.tensor);
+  save_checkpoint_tensors(dir, tensors, max_shard_bytes);
+  save_config(config_, dir);
+}
+
+void Vlm::set_victor(const VictorConfig& v, uint64_t seed) {
+  ModelConfig c = config_;
+  c.victor = v;
+  c.validate();
+  config_ = c;
+  auto gen = at::detail::createCPUGenerator(seed);
+  w_.registers = v.num_registers > 0
+                     ? torch::empty({v.num_registers, config_.text.hidden_size}).normal_(0, 0.02, gen)
+                     : torch::Tensor();
+  declare_params();
+}
+
+void Vlm::init_registers_mean(const torch::Tensor& pixels, uint64_t seed) {
+  const int m = config_.victor.num_registers;
+  if (m == 0) throw Error("init_registers_mean: the model has no registers (num_registers = 0)");
+  torch::NoGradGuard ng;
+  auto mean = encode_images(pixels).mean(std::vector<int64_t>{0, 1});  // [d]
+  auto gen = at::detail::createCPUGenerator(seed);
+  auto noise = torch::empty({m, config_.text.hidden_size}).normal_(0, 0.02, gen);
+  w_.registers = (mean.unsqueeze(0) + noise).contiguous();
+}
+
+void Vlm::set_trainable(const std::vector<Part>& parts) {
+  for (auto& p : params_) {
+    bool on = std::find(parts.begin(), parts.end(), p.part) != parts.end();
+    p.tensor->requires_grad_(on);
+  }
+}
+
+torch::Tensor Vlm::vision_features(const torch::Tensor& pixels) const {
+  const auto& v = config_.vision;
+  if (pixels.dim() != 4 || pixels.size(1) != 3 || pixels.size(2) != v.image_size ||
+      pixels.size(3) != v.image_size)
+    throw Error("vision tower: expected pixels [n,3," + std::to_string(v.image_size) + "," +
+                std::to_string(v.image_size) + "]");
+  auto h = vision_forward(w_.vision, v, pixels, config_.vision_layers_needed());
+  if (config_.vision_feature_select_strategy == "default") h = h.narrow(1, 1, h.size(1) - 1);
+  return h;
+}
+
+torch::Tensor Vlm::encode_images(const torch::Tensor& pixels) const {
+  auto f = vision_features(pixels);
+  auto h = activation(dense(f, w_.proj1.weight, w_.proj1.bias), config_.projector_hidden_act);
+  return dense(h, w_.proj2.weight, w_.proj2.bias);  // [n,N,d_text]
+}
+
+torch::Tensor Vlm::embed_tokens(const torch::Tensor& ids) const {
+  const int64_t V = config_.text.vocab_size;
+  if (ids.numel() > 0 && (ids.min().item<int64_t>() < 0 || ids.max().item<int64_t>() >= V))
+    throw Error("token id out of range for vocab_size " + std::to_string(V));
+  auto flat = torch::index_select(w_.llm.embed_tokens, 0, ids.reshape({-1}));
+  auto shape = ids.sizes().vec();
+  shape.push_back(config_.text.hidden_size);
+  return flat.view(shape);
+}
+
+torch::Tensor Vlm::logits(const torch::Tensor& hidden) const { return dense(hidden, w_.llm.lm_head); }
+
+SequenceBatch Vlm::assemble(const std::vector<PromptInput>& rows, bool pad_left) const {
+  std::vector<torch::Tensor> px;
+  for (auto& r : rows)
+    if (r.pixels.defined() && r.pixels.size(0) > 0) px.push_back(r.pixels);
+  torch::Tensor embeds = px.empty() ? torch::Tensor() : encode_images(torch::cat(px, 0));
+  return assemble(rows, embeds, pad_left);
+}
+
+SequenceBatch Vlm::assemble(const std::vector<PromptInput>& rows, const torch::Tensor& image_embeds,
+                            bool pad_left) const {
+  const int64_t B = rows.size(), d = config_.text.hidden_size;
+  const int64_t image_id = config_.image_token_index;
+  const int64_t m = config_.victor.num_registers;
+  const int64_t n_images = image_embeds.defined() ? image_embeds.size(0) : 0;
+  const int64_t N = n_images ? image_embeds.size(1) : 0;
+  struct Row {
+    std::vector<torch::Tensor> pieces;
+    std::vector<int64_t> kind, group, target;
+  };
+  std::vector<Row> built(B);
+  int64_t image_cursor = 0, T = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    const auto& r = rows[b];
+    if (!r.targets.empty() && r.targets.size() != r.ids.size())
+      throw Error("assemble: row " + std::to_string(b) + ": targets and ids differ in length");
+    Row& out = built[b];
+    int64_t group = 0;
+    size_t i = 0;
+    while (i < r.ids.size()) {
+      if (r.ids[i] == image_id) {
+        if (image_cursor >= n_images)
+          throw Error("prompt has more <image> tokens than images (row " + std::to_string(b) + ")");
+        out.pieces.push_back(image_embeds[image_cursor++]);
+        out.kind.insert(out.kind.end(), N, int64_t(TokenKind::Visual));
+        out.group.insert(out.group.end(), N, group);
+        out.target.insert(out.target.end(), N, -100);
+        if (m > 0) {
+          out.pieces.push_back(w_.registers);
+          out.kind.insert(out.kind.end(), m, int64_t(TokenKind::Register));
+          out.group.insert(out.group.end(), m, group);
+          out.target.insert(out.target.end(), m, -100);
+        }
+        ++group;
+        ++i;
+        continue;
+      }
+      size_t j = i;
+      while (j < r.ids.size() && r.ids[j] != image_id) ++j;
+      std::vector<int64_t> seg(r.ids.begin() + i, r.ids.begin() + j);
+      out.pieces.push_back(embed_tokens(torch::tensor(seg, torch::kInt64)));
+      out.kind.insert(out.kind.end(), seg.size(), int64_t(TokenKind::Text));
+      out.group.insert(out.group.end(), seg.size(), -1);
+      for (size_t t = i; t < j; ++t) out.target.push_back(r.targets.empty() ? -100 : r.targets[t]);
+      i = j;
+    }
+    T = std::max<int64_t>(T, out.kind.size());
+  }
+  if (image_cursor != n_images)
+    throw Error("got " + std::to_string(n_images) + " images but only " +
+                std::to_string(image_cursor) + " <image> tokens in the prompts");
+  std::vector<torch::Tensor> embeds;
+  auto kind = torch::full({B, T}, int64_t(TokenKind::Pad));
+  auto group = torch::full({B, T}, int64_t(-1));
+  auto target = torch::full({B, T}, int64_t(-100));
+  for (int64_t b = 0; b < B; ++b) {
+    Row& r = built[b];
+    const int64_t len = r.kind.size(), padn = T - len, off = pad_left ? padn : 0;
+    std::vector<torch::Tensor> parts;
+    auto zeros = torch::zeros({padn, d});
+    if (pad_left && padn) parts.push_back(zeros);
+    for (auto& p : r.pieces) parts.push_back(p);
+    if (!pad_left && padn) parts.push_back(zeros);
+    embeds.push_back(torch::cat(parts, 0));
+    if (len) {
+      kind[b].narrow(0, off, len).copy_(torch::tensor(r.kind));
+      group[b].narrow(0, off, len).copy_(torch::tensor(r.group));
+      target[b].narrow(0, off, len).copy_(torch::tensor(r.target));
+    }
+  }
+  SequenceBatch out;
+  out.embeds = torch::stack(embeds, 0);
+  auto valid = kind.ne(int64_t(TokenKind::Pad)).to(torch::kInt64);
+  out.meta.order = torch::arange(T, torch::kInt64).expand({B, T}).contiguous();
+  out.meta.pos = (valid.cumsum(1) - 1).clamp_min(0);
+  out.meta.kind = kind;
+  out.meta.group = group;
+  bool any_target = false;
+  for (auto& r : rows) any_target |= !r.targets.empty();
+  if (any_target) out.targets = target;
+  return out;
+}
+
+KvCache Vlm::make_cache(int64_t batch) const {
+  KvCache c;
+  c.layers.resize(config_.num_layers());
+  c.next_pos = torch::zeros({batch}, torch::kInt64);
+  return c;
+}
+
+ForwardOutput Vlm::forward(const SequenceBatch& batch, KvCache* cache, ForwardTrace* trace) const {
+  const int L = config_.num_layers(), k = config_.drop_layer();
+  const auto mode = config_.victor.register_mask;
+  torch::Tensor x = batch.embeds, targets = batch.targets;
+  TokenMeta meta = batch.meta;
+  const bool prefill = cache && cache->layers[0].len == 0;
+  if (prefill) {
+    // Decoding continues from the full length: positions and order past the last prompt token.
+    cache->next_order = meta.order.max().item<int64_t>() + 1;
+    cache->next_pos = std::get<0>(meta.pos.max(1)) + 1;
+  }
+  for (int l = 0; l < L; ++l) {
+    if (l == k) {
+      // Victor's drop: the visual rows (and padding) leave the hidden states, the metadata and
+      // the targets; survivors keep their positions.
+      auto keep = meta.kind.eq(int64_t(TokenKind::Text)) | meta.kind.eq(int64_t(TokenKind::Register));
+      if (!keep.all().item<bool>()) {
+        const int64_t B = x.size(0), d = x.size(2);
+        auto idx = compaction_index(keep);
+        auto x_ext = torch::cat({x, torch::zeros({B, 1, d}, x.options())}, 1);
+        x = x_ext.gather(1, idx.unsqueeze(-1).expand({B, idx.size(1), d}));
+        TokenMeta pad{torch::zeros({B, 1}, torch::kInt64), torch::zeros({B, 1}, torch::kInt64),
+                      torch::full({B, 1}, int64_t(TokenKind::Pad)), torch::full({B, 1}, int64_t(-1))};
+        meta = meta.cat(pad).gather(idx);
+        if (targets.defined())
+          targets = torch::cat({targets, torch::full({B, 1}, int64_t(-100))}, 1).gather(1, idx);
+      }
+    }
+    x = llama_layer(w_.llm.layers[l], config_.text, mode, l, x, meta,
+                    cache ? &cache->layers[l] : nullptr, trace);
+    if (trace) trace->tokens_per_layer.push_back(x.size(1));
+  }
+  if (prefill && mode == RegisterMask::RegistersOnly) {
+    // Text can never attend to visual keys again: free them in every layer.
+    for (int l = 0; l < std::min(k, L); ++l) {
+      auto& lc = cache->layers[l];
+      lc.keep_only(lc.key_meta().kind.ne(int64_t(TokenKind::Visual)));
+    }
+  }
+  ForwardOutput out;
+  out.hidden = rms_norm(x, w_.llm.norm, config_.text.rms_norm_eps);
+  out.meta = meta;
+  out.targets = targets;
+  return out;
+}
+
+torch::Tensor Vlm::decode_step(const torch::Tensor& ids, KvCache& cache) const {
+  const int64_t B = ids.size(0);
+  SequenceBatch b;
+  b.embeds = embed_tokens(ids.view({B, 1}));
+  b.meta.order = torch::full({B, 1}, cache.next_order);
+  b.meta.pos = cache.next_pos.view({B, 1}).clone();
+  b.meta.kind = torch::full({B, 1}, int64_t(TokenKind::Text));
+  b.meta.group = torch::full({B, 1}, int64_t(-1));
+  auto out = forward(b, &cache);
+  cache.next_order += 1;
+  cache.next_pos = cache.next_pos + 1;
+  return logits(out.hidden.select(1, 0));
+}
+
+}  // namespace victor

@@ -1,0 +1,228 @@
+#include "victor/generate.h"
+
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <chrono>
+#include <cstdio>
+#include <sstream>
+
+#include "victor/error.h"
+
+namespace victor {
+
+namespace {
+using Clock = std::chrono::steady_clock;
+double seconds_since(Clock::time_point t) {
+  return std::chrono::duration<double>(Clock::now() - t).count();
+}
+int64_t count_kind(const TokenMeta& m, int64_t row, TokenKind k) {
+  return m.kind[row].eq(int64_t(k)).sum().item<int64_t>();
+}
+}  // namespace
+
+std::vector<int64_t> prompt_ids(const Tokenizer& tok, const std::string& prompt, size_t n_images) {
+  if (prompt.find_first_not_of(" \t\r\n") == std::string::npos)
+    throw Error("prompt: empty prompt");
+  size_t found = 0;
+  for (size_t p = prompt.find("<image>"); p != std::string::npos; p = prompt.find("<image>", p + 1))
+    ++found;
+  std::string text = prompt;
+  if (found == 0)
+    for (size_t i = 0; i < n_images; ++i) text = "<image>\n" + text;
+  else if (found != n_images)
+    throw Error("prompt: has " + std::to_string(found) + " <image> placeholders but " +
+                std::to_string(n_images) + " images were given");
+  return encode_chat(tok, {{text, ""}}).ids;
+}
+
+torch::Tensor sample_next(const torch::Tensor& logits_in, const SamplingOptions& opt,
+                          at::Generator& gen) {
+  if (opt.temperature <= 0) return logits_in.argmax(-1);
+  auto logits = logits_in / opt.temperature;
+  const int64_t V = logits.size(-1);
+  if (opt.top_k > 0 && opt.top_k < V) {
+    auto kth = std::get<0>(logits.topk(opt.top_k, -1)).select(-1, opt.top_k - 1).unsqueeze(-1);
+    logits = logits.masked_fill(logits.lt(kth), -INFINITY);
+  }
+  if (opt.top_p < 1.0) {
+    auto sorted = logits.sort(-1, /*descending=*/true);
+    auto vals = std::get<0>(sorted), idx = std::get<1>(sorted);
+    auto cum = torch::softmax(vals, -1).cumsum(-1);
+    // Drop a token once the mass before it already reaches top_p (the first always stays).
+    auto remove = (cum - torch::softmax(vals, -1)).gt(opt.top_p);
+    vals = vals.masked_fill(remove, -INFINITY);
+    logits = torch::full_like(logits, -INFINITY).scatter(-1, idx, vals);
+  }
+  auto probs = torch::softmax(logits, -1);
+  return torch::multinomial(probs, 1, false, gen).squeeze(-1);
+}
+
+int64_t kv_bytes_formula(const ModelConfig& c, int64_t text, int64_t images, int64_t generated,
+                         bool with_victor) {
+  const int64_t per_row = 2 * int64_t(c.text.num_key_value_heads) * c.text.head_dim() * 4;
+  const int64_t N = c.visual_tokens_per_image(), L = c.num_layers();
+  if (!with_victor) return per_row * L * (text + generated + images * N);
+  const int64_t k = c.drop_layer(), m = c.victor.num_registers;
+  const int64_t base = text + generated + images * m;
+  const int64_t early = c.victor.register_mask == RegisterMask::Causal ? base + images * N : base;
+  return per_row * (std::min(k, L) * early + (L - std::min(k, L)) * base);
+}
+
+double prefill_flops(const ModelConfig& c, int64_t text, int64_t images, bool with_victor) {
+  const auto& t = c.text;
+  const double d = t.hidden_size, H = t.num_attention_heads, Hkv = t.num_key_value_heads;
+  const double hd = t.head_dim(), F = t.intermediate_size;
+  auto layer = [&](double T) {
+    return 2 * T * (d * H * hd + 2 * d * Hkv * hd + H * hd * d + 3 * d * F) + 2 * T * T * H * hd;
+  };
+  const auto& v = c.vision;
+  const double Tv = v.num_patches() + 1, D = v.hidden_size, I = v.intermediate_size;
+  double vision = images * (c.vision_layers_needed() * (2 * Tv * (4 * D * D + 2 * D * I) + 4 * Tv * Tv * D) +
+                            2.0 * c.visual_tokens_per_image() * (D * d + d * d));
+  const int64_t N = c.visual_tokens_per_image(), L = c.num_layers();
+  if (!with_victor) return vision + L * layer(double(text + images * N));
+  const int64_t k = std::min(c.drop_layer(), c.num_layers()), m = c.victor.num_registers;
+  return vision + k * layer(double(text + images * (N + m))) +
+         (L - k) * layer(double(text + images * m));
+}
+
+GenerationResult generate_ids(const Vlm& model, const std::vector<PromptInput>& inputs,
+                              int64_t eos_id, const SamplingOptions& opt) {
+  if (inputs.empty()) throw Error("generate: no requests");
+  if (opt.max_new_tokens < 1) throw Error("generate: max_new_tokens must be >= 1");
+  torch::NoGradGuard no_grad;
+  const auto& cfg = model.config();
+  const int64_t B = inputs.size();
+  GenerationResult res;
+  res.tokens.resize(B);
+  GenerationStats& st = res.stats;
+  st.batch = B;
+  st.layers = cfg.num_layers();
+  st.summary_layers = cfg.drop_layer();
+  auto t0 = Clock::now();
+
+  std::vector<torch::Tensor> px;
+  for (auto& r : inputs)
+    if (r.pixels.defined() && r.pixels.size(0) > 0) px.push_back(r.pixels);
+  torch::Tensor image_embeds;
+  if (!px.empty()) image_embeds = model.encode_images(torch::cat(px, 0));
+  st.vision_seconds = seconds_since(t0);
+  SequenceBatch batch = model.assemble(inputs, image_embeds, /*pad_left=*/true);
+  const int64_t max_pos = cfg.text.max_position_embeddings;
+  if (batch.embeds.size(1) + opt.max_new_tokens > max_pos)
+    throw Error("request too long: " + std::to_string(batch.embeds.size(1)) + " prompt rows + " +
+                std::to_string(opt.max_new_tokens) + " new tokens exceed max_position_embeddings " +
+                std::to_string(max_pos));
+
+  st.prompt_tokens = count_kind(batch.meta, 0, TokenKind::Text);
+  st.visual_tokens = count_kind(batch.meta, 0, TokenKind::Visual);
+  st.register_tokens = count_kind(batch.meta, 0, TokenKind::Register);
+  st.tokens_before_drop = st.prompt_tokens + st.visual_tokens + st.register_tokens;
+  st.tokens_after_drop =
+      st.summary_layers < st.layers ? st.prompt_tokens + st.register_tokens : st.tokens_before_drop;
+
+  KvCache cache = model.make_cache(B);
+  ForwardOutput out = model.forward(batch, &cache);
+  auto valid = out.meta.kind.ne(int64_t(TokenKind::Pad)).to(torch::kInt64);
+  auto last = (valid * torch::arange(valid.size(1), torch::kInt64)).argmax(1);
+  auto h_last = out.hidden.index({torch::arange(B), last});  // [B,d]
+  auto logits = model.logits(h_last);
+  cache.reserve(opt.max_new_tokens);
+
+  auto gen = at::detail::createCPUGenerator(opt.seed);
+  std::vector<torch::Tensor> kept_logits;
+  std::vector<bool> done(B, false);
+  int64_t fed = 0;
+  torch::Tensor next;
+  auto td = Clock::now();
+  for (int step = 0; step < opt.max_new_tokens; ++step) {
+    if (step > 0) {
+      logits = model.decode_step(next, cache);
+      ++fed;
+    }
+    if (opt.keep_logits) kept_logits.push_back(logits.clone());
+    next = sample_next(logits, opt, gen);
+    if (step == 0) {
+      st.ttft_seconds = seconds_since(t0);
+      td = Clock::now();
+    }
+    auto acc = next.accessor<int64_t, 1>();
+    bool all_done = true;
+    for (int64_t b = 0; b < B; ++b) {
+      if (!done[b]) {
+        if (acc[b] == eos_id) done[b] = true;
+        else res.tokens[b].push_back(acc[b]);
+      }
+      all_done = all_done && done[b];
+    }
+    if (all_done) break;
+  }
+  st.decode_seconds = seconds_since(td);
+  for (auto& t : res.tokens) st.generated_tokens += t.size();
+  st.decode_tokens_per_second = fed > 0 && st.decode_seconds > 0 ? fed * B / st.decode_seconds : 0;
+  st.kv_bytes = cache.bytes();
+  for (int64_t b = 0; b < B; ++b) {
+    int64_t text = count_kind(batch.meta, b, TokenKind::Text);
+    int64_t images = inputs[b].pixels.defined() ? inputs[b].pixels.size(0) : 0;
+    st.kv_bytes_plain += kv_bytes_formula(cfg, text, images, fed, false);
+    if (b == 0) {
+      st.prefill_gflops = prefill_flops(cfg, text, images, true) / 1e9;
+      st.prefill_gflops_plain = prefill_flops(cfg, text, images, false) / 1e9;
+    }
+  }
+  if (opt.keep_logits) res.step_logits = torch::stack(kept_logits, 0);
+  return res;
+}
+
+GenerationResult generate(const Vlm& model, const Tokenizer& tok, const std::vector<Request>& reqs,
+                          const SamplingOptions& opt) {
+  const auto& cfg = model.config();
+  std::vector<PromptInput> inputs;
+  for (auto& r : reqs) {
+    PromptInput in;
+    in.ids = prompt_ids(tok, r.prompt, r.images.size());
+    std::vector<torch::Tensor> px;
+    for (auto& img : r.images) px.push_back(preprocess_image(img, cfg.preprocess));
+    if (!px.empty()) in.pixels = torch::stack(px, 0);
+    inputs.push_back(std::move(in));
+  }
+  GenerationResult res = generate_ids(model, inputs, tok.eos_id(), opt);
+  for (auto& t : res.tokens) res.texts.push_back(tok.decode(t));
+  return res;
+}
+
+std::string format_stats(const GenerationStats& s) {
+  char buf[2048];
+  auto mib = [](int64_t b) { return double(b) / (1024.0 * 1024.0); };
+  std::ostringstream o;
+  std::snprintf(buf, sizeof buf,
+                "tokens: %lld prompt text, %lld visual, %lld registers, %lld generated (batch %lld)\n",
+                (long long)s.prompt_tokens, (long long)s.visual_tokens, (long long)s.register_tokens,
+                (long long)s.generated_tokens, (long long)s.batch);
+  o << buf;
+  if (s.summary_layers < s.layers)
+    std::snprintf(buf, sizeof buf,
+                  "victor: layers 0-%d see %lld tokens; layers %d-%d see %lld (visual tokens dropped "
+                  "after layer %d)\n",
+                  s.summary_layers - 1, (long long)s.tokens_before_drop, s.summary_layers,
+                  s.layers - 1, (long long)s.tokens_after_drop, s.summary_layers);
+  else
+    std::snprintf(buf, sizeof buf, "victor: off; all %d layers see %lld tokens\n", s.layers,
+                  (long long)s.tokens_before_drop);
+  o << buf;
+  std::snprintf(buf, sizeof buf,
+                "time to first token: %.3f s (vision %.3f s); decode: %.2f tokens/s\n",
+                s.ttft_seconds, s.vision_seconds, s.decode_tokens_per_second);
+  o << buf;
+  std::snprintf(buf, sizeof buf, "kv cache: %.3f MiB (without Victor %.3f MiB, %.2fx)\n",
+                mib(s.kv_bytes), mib(s.kv_bytes_plain),
+                s.kv_bytes > 0 ? double(s.kv_bytes_plain) / s.kv_bytes : 0.0);
+  o << buf;
+  std::snprintf(buf, sizeof buf, "prefill: %.3f GFLOPs (without Victor %.3f GFLOPs, %.2fx)\n",
+                s.prefill_gflops, s.prefill_gflops_plain,
+                s.prefill_gflops > 0 ? s.prefill_gflops_plain / s.prefill_gflops : 0.0);
+  o << buf;
+  return o.str();
+}
+
+}  // namespace victor
