@@ -1,1 +1,51 @@
-#!/bin/sh
+#!/usr/bin/env bash
+# End-to-end CLI checks: the happy path, and bad input that must fail with one clear line.
+set -u
+VICTOR="$1"
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+fail=0
+
+expect_error() {  # expect_error "what" "pattern" cmd...
+  local what="$1" pattern="$2"
+  shift 2
+  local out rc
+  out=$("$@" 2>&1 >/dev/null)
+  rc=$?
+  if [ $rc -eq 0 ]; then echo "FAIL ($what): exit 0"; fail=1; return; fi
+  if [ $rc -ge 128 ]; then echo "FAIL ($what): crashed (exit $rc)"; fail=1; return; fi
+  if echo "$out" | grep -qiE 'terminate called|Exception raised from|frame #'; then
+    echo "FAIL ($what): stack trace: $out"; fail=1; return; fi
+  if [ "$(echo "$out" | grep -c .)" -gt 3 ]; then echo "FAIL ($what): not a short reason: $out"; fail=1; return; fi
+  if ! echo "$out" | grep -qiE "$pattern"; then echo "FAIL ($what): '$out' lacks '$pattern'"; fail=1; return; fi
+  echo "ok ($what): $out"
+}
+
+"$VICTOR" init --preset tiny --out "$work/m" >/dev/null || { echo "FAIL: init"; exit 1; }
+"$VICTOR" init --preset tiny --registers 8 --summary-layers 2 --out "$work/v" >/dev/null || { echo "FAIL: init victor"; exit 1; }
+"$VICTOR" data gridvqa --out "$work/g" --train-images 2 --test-images 1 >/dev/null || { echo "FAIL: gridvqa"; exit 1; }
+img="$work/g/images/test_000000.png"
+
+out=$("$VICTOR" generate --model "$work/m" --image "$img" --prompt "What is in row 1, column 1?" --max-new-tokens 4 --stats --dump-logits "$work/l.npy" 2>&1)
+echo "$out" | grep -q "time to first token" || { echo "FAIL: --stats missing: $out"; fail=1; }
+[ -s "$work/l.npy" ] || { echo "FAIL: --dump-logits wrote nothing"; fail=1; }
+out=$("$VICTOR" generate --model "$work/v" --image "$img" --prompt "How many bags are there?" --max-new-tokens 4 --stats 2>&1)
+echo "$out" | grep -q "visual tokens dropped after layer 2" || { echo "FAIL: victor stats: $out"; fail=1; }
+echo "$out" | grep -q "8 registers" || { echo "FAIL: registers not shown: $out"; fail=1; }
+# Victor on a plain checkpoint, registers from the mean of calibration images.
+"$VICTOR" generate --model "$work/m" --image "$img" --prompt "Is there a bag?" --registers 4 --summary-layers 1 \
+  --register-init mean --calibration-images "$img" --max-new-tokens 2 >/dev/null 2>&1 || { echo "FAIL: mean init"; fail=1; }
+
+echo "not an image" > "$work/bad.png"
+expect_error "missing model" "not found" "$VICTOR" generate --model "$work/nope" --image "$img" --prompt "hi"
+expect_error "not an image" "bad.png.*not a readable image" "$VICTOR" generate --model "$work/m" --image "$work/bad.png" --prompt "hi"
+expect_error "empty prompt" "empty prompt" "$VICTOR" generate --model "$work/m" --image "$img" --prompt "  "
+expect_error "top-p range" "top-p" "$VICTOR" generate --model "$work/m" --image "$img" --prompt "hi" --top-p 1.5
+expect_error "max tokens range" "max-new-tokens" "$VICTOR" generate --model "$work/m" --image "$img" --prompt "hi" --max-new-tokens 0
+expect_error "summary layers" "summary_layers" "$VICTOR" generate --model "$work/m" --image "$img" --prompt "hi" --summary-layers 99
+expect_error "too many images" "2 images" "$VICTOR" generate --model "$work/m" --image "$img" --image "$img" --prompt "<image> hi"
+expect_error "unknown preset" "preset" "$VICTOR" init --preset huge --out "$work/x"
+cp -r "$work/m" "$work/trunc"
+head -c 2000 "$work/m/model.safetensors" > "$work/trunc/model.safetensors"
+expect_error "truncated checkpoint" "model.safetensors" "$VICTOR" generate --model "$work/trunc" --image "$img" --prompt "hi"
+exit $fail

@@ -1,1 +1,295 @@
-#include <gtest/gtest.h>
+// Checkpoint I/O, config, images, tokenizer, npy.
+#include <cstdlib>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "helpers.h"
+#include "victor/data.h"
+#include "victor/error.h"
+#include "victor/image.h"
+#include "victor/npy.h"
+#include "victor/safetensors.h"
+#include "victor/tokenizer.h"
+
+using namespace victor;
+using namespace victor::test;
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+namespace {
+template <typename F>
+std::string error_of(F&& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
+}
+void write_bytes(const std::string& p, const std::string& b) {
+  std::ofstream(p, std::ios::binary) << b;
+}
+}  // namespace
+
+TEST(Safetensors, RoundTripAndDtypeConversion) {
+  auto dir = temp_dir("st");
+  torch::manual_seed(0);
+  auto a = torch::randn({3, 4}), b = torch::arange(6, torch::kFloat32).view({2, 3});
+  for (auto dt : {SaveDtype::F32, SaveDtype::F16, SaveDtype::BF16}) {
+    std::string p = dir + "/t.safetensors";
+    save_safetensors(p, {{"a", a}, {"b", b}}, dt);
+    SafetensorsFile f(p);
+    EXPECT_EQ(f.tensors().at("a").dtype, dt == SaveDtype::F32 ? "F32" : dt == SaveDtype::F16 ? "F16" : "BF16");
+    auto la = f.load("a");
+    EXPECT_EQ(la.scalar_type(), torch::kFloat32);
+    double tol = dt == SaveDtype::F32 ? 0 : dt == SaveDtype::F16 ? 2e-3 : 2e-2;
+    EXPECT_TRUE(torch::allclose(la, a, tol, tol)) << int(dt);
+    EXPECT_TRUE(torch::equal(f.load("b"), b));  // small integers are exact in every dtype
+  }
+  // Reference bytes: the header is JSON, 8-byte aligned, little-endian length first.
+  std::string raw = read_file(dir + "/t.safetensors");
+  uint64_t hl = 0;
+  for (int i = 7; i >= 0; --i) hl = (hl << 8) | uint8_t(raw[i]);
+  EXPECT_EQ((8 + hl) % 8, 0u);
+  EXPECT_TRUE(json::parse(raw.substr(8, hl)).contains("a"));
+}
+
+TEST(Safetensors, ShardedCheckpointLoads) {
+  auto dir = temp_dir("shard");
+  std::vector<std::pair<std::string, torch::Tensor>> ts;
+  for (int i = 0; i < 5; ++i) ts.emplace_back("w" + std::to_string(i), torch::full({100}, float(i)));
+  save_checkpoint_tensors(dir, ts, 800);  // 400 bytes each -> several shards
+  EXPECT_TRUE(fs::exists(dir + "/model.safetensors.index.json"));
+  EXPECT_FALSE(fs::exists(dir + "/model.safetensors"));
+  auto idx = json::parse(read_file(dir + "/model.safetensors.index.json"));
+  std::set<std::string> shards;
+  for (auto& [k, v] : idx["weight_map"].items()) shards.insert(v.get<std::string>());
+  EXPECT_GE(shards.size(), 2u);
+  TensorStore store(dir);
+  for (int i = 0; i < 5; ++i) EXPECT_TRUE(torch::equal(store.load("w" + std::to_string(i)), ts[i].second));
+  // A shard listed in the index but missing is named.
+  fs::remove(fs::path(dir) / *shards.begin());
+  EXPECT_NE(error_of([&] { TensorStore s(dir); }).find(*shards.begin()), std::string::npos);
+}
+
+TEST(Safetensors, CorruptAndTruncatedFilesAreNamed) {
+  auto dir = temp_dir("corrupt");
+  std::string p = dir + "/m.safetensors";
+  save_safetensors(p, {{"weight_x", torch::ones({64})}});
+  std::string good = read_file(p);
+  write_bytes(p, good.substr(0, good.size() - 10));  // truncated data
+  auto e = error_of([&] { SafetensorsFile f(p); });
+  EXPECT_NE(e.find(p), std::string::npos);
+  EXPECT_NE(e.find("weight_x"), std::string::npos);
+  write_bytes(p, good.substr(0, 5));  // no header
+  EXPECT_NE(error_of([&] { SafetensorsFile f(p); }).find("truncated"), std::string::npos);
+  std::string bad = good;
+  bad[8] = '#';  // header no longer JSON
+  write_bytes(p, bad);
+  EXPECT_NE(error_of([&] { SafetensorsFile f(p); }).find("not JSON"), std::string::npos);
+  std::string huge = good;
+  huge[6] = 1;  // header length beyond the file
+  write_bytes(p, huge);
+  EXPECT_NE(error_of([&] { SafetensorsFile f(p); }).find("exceeds file size"), std::string::npos);
+}
+
+TEST(Checkpoint, MissingTensorAndShapeMismatchAreNamed) {
+  auto dir = temp_dir("ckpt");
+  Vlm m = Vlm::random(tiny_config(), 1);
+  m.save(dir);
+  {  // drop one tensor
+    SafetensorsFile f(dir + "/model.safetensors");
+    std::vector<std::pair<std::string, torch::Tensor>> ts;
+    for (auto& [n, i] : f.tensors())
+      if (n != "language_model.model.layers.1.mlp.up_proj.weight") ts.emplace_back(n, f.load(n).clone());
+    save_safetensors(dir + "/model.safetensors", ts);
+  }
+  auto e = error_of([&] { Vlm::load(dir); });
+  EXPECT_NE(e.find("language_model.model.layers.1.mlp.up_proj.weight"), std::string::npos) << e;
+  EXPECT_NE(e.find(dir), std::string::npos);
+
+  m.save(dir);
+  auto cfg = json::parse(read_file(dir + "/config.json"));
+  cfg["text_config"]["intermediate_size"] = 96;
+  write_bytes(dir + "/config.json", cfg.dump());
+  e = error_of([&] { Vlm::load(dir); });
+  EXPECT_NE(e.find("model.safetensors"), std::string::npos) << e;
+  EXPECT_NE(e.find("gate_proj"), std::string::npos) << e;
+  EXPECT_NE(e.find("config.json"), std::string::npos) << e;
+}
+
+TEST(Checkpoint, SaveLoadRoundTripAndNewerNamingScheme) {
+  auto dir = temp_dir("rt");
+  auto cfg = tiny_config(3, 2);
+  Vlm m = Vlm::random(cfg, 7);
+  m.save(dir);
+  Vlm l = Vlm::load(dir);
+  auto px = random_pixels(1, cfg.vision.image_size, 1);
+  std::vector<PromptInput> rows{prompt(cfg, {5, 6}, {7, 8, 9}, px)};
+  EXPECT_TRUE(torch::equal(last_logits(m, rows), last_logits(l, rows)));
+  // Newer transformers: model.language_model.*, model.vision_tower.*, lm_head.weight.
+  SafetensorsFile f(dir + "/model.safetensors");
+  std::vector<std::pair<std::string, torch::Tensor>> ts;
+  for (auto& [n, i] : f.tensors()) {
+    std::string r = n;
+    if (r.rfind("language_model.model.", 0) == 0) r = "model.language_model." + r.substr(21);
+    else if (r == "language_model.lm_head.weight") r = "lm_head.weight";
+    else if (r.rfind("vision_tower.", 0) == 0 || r.rfind("multi_modal_projector.", 0) == 0) r = "model." + r;
+    ts.emplace_back(r, f.load(n).clone());
+  }
+  auto dir2 = temp_dir("rt2");
+  save_checkpoint_tensors(dir2, ts, 200000);  // sharded too
+  fs::copy(dir + "/config.json", dir2 + "/config.json");
+  Vlm l2 = Vlm::load(dir2);
+  EXPECT_TRUE(torch::equal(last_logits(m, rows), last_logits(l2, rows)));
+}
+
+TEST(Config, DefaultsValidationAndErrors) {
+  // A llava-1.5-7b-hf style config leaves most keys to the Hugging Face class defaults.
+  json j = {{"image_token_index", 32000},
+            {"vision_config", {{"hidden_size", 1024}, {"image_size", 336}, {"intermediate_size", 4096},
+                               {"num_attention_heads", 16}, {"num_hidden_layers", 24}, {"patch_size", 14}}},
+            {"text_config", {{"model_type", "llama"}, {"vocab_size", 32064}}}};
+  ModelConfig c = config_from_json(j, "config.json");
+  c.validate();
+  EXPECT_EQ(c.text.hidden_size, 4096);
+  EXPECT_EQ(c.text.num_key_value_heads, 32);
+  EXPECT_DOUBLE_EQ(c.text.rms_norm_eps, 1e-6);
+  EXPECT_EQ(c.visual_tokens_per_image(), 576);
+  EXPECT_EQ(c.vision_layers_needed(), 23);
+  EXPECT_EQ(c.vision.hidden_act, "quick_gelu");
+  EXPECT_FALSE(c.victor_enabled());
+  j["text_config"]["num_key_value_heads"] = 5;
+  auto e = error_of([&] { config_from_json(j, "config.json").validate(); });
+  EXPECT_NE(e.find("num_key_value_heads"), std::string::npos);
+  j["text_config"]["num_key_value_heads"] = 8;
+  j["summary_layers"] = 40;
+  EXPECT_NE(error_of([&] { config_from_json(j, "config.json").validate(); }).find("summary_layers"),
+            std::string::npos);
+  j["summary_layers"] = 3;
+  j["register_mask"] = "sideways";
+  EXPECT_NE(error_of([&] { config_from_json(j, "config.json"); }).find("register_mask"), std::string::npos);
+  auto dir = temp_dir("cfg");
+  write_bytes(dir + "/config.json", "{ not json");
+  EXPECT_NE(error_of([&] { load_config(dir); }).find("malformed JSON"), std::string::npos);
+  EXPECT_NE(error_of([&] { load_config(dir + "/nope"); }).find("not found"), std::string::npos);
+}
+
+TEST(Image, PreprocessSolidColourIsExactlyNormalized) {
+  Image img;
+  img.width = img.height = 16;
+  img.rgb.assign(16 * 16 * 3, 0);
+  for (size_t i = 0; i < img.rgb.size(); i += 3) img.rgb[i] = 200, img.rgb[i + 1] = 100, img.rgb[i + 2] = 50;
+  PreprocessConfig p;
+  p.shortest_edge = p.crop_size = 8;
+  auto x = preprocess_image(img, p);
+  ASSERT_EQ(x.sizes(), (std::vector<int64_t>{3, 8, 8}));
+  const double v[3] = {200, 100, 50};
+  for (int c = 0; c < 3; ++c)
+    EXPECT_TRUE(torch::allclose(x[c], torch::full({8, 8}, float((v[c] / 255 - p.image_mean[c]) / p.image_std[c])), 1e-5, 1e-5));
+}
+
+TEST(Image, PadToSquareUsesMeanColourCentred) {
+  Image img;  // 4 wide, 2 high, white
+  img.width = 4;
+  img.height = 2;
+  img.rgb.assign(4 * 2 * 3, 255);
+  PreprocessConfig p;
+  p.shortest_edge = p.crop_size = 4;  // no resize needed
+  auto x = preprocess_image(img, p);
+  const int fill[3] = {122, 116, 104};  // int(CLIP mean * 255)
+  for (int c = 0; c < 3; ++c) {
+    float f = float((fill[c] / 255.0 - p.image_mean[c]) / p.image_std[c]);
+    float w = float((1.0 - p.image_mean[c]) / p.image_std[c]);
+    for (int xcol = 0; xcol < 4; ++xcol) {
+      EXPECT_NEAR(x[c][0][xcol].item<float>(), f, 1e-5);
+      EXPECT_NEAR(x[c][1][xcol].item<float>(), w, 1e-5);
+      EXPECT_NEAR(x[c][2][xcol].item<float>(), w, 1e-5);
+      EXPECT_NEAR(x[c][3][xcol].item<float>(), f, 1e-5);
+    }
+  }
+}
+
+TEST(Image, BicubicDownscaleMatchesPilFormula) {
+  // Row [0,0,255,255] to 2 pixels: antialiased Keys cubic (a=-0.5) worked by hand gives
+  // 255*0.15625/1.890625 = 21.07 -> 21, and 255 - 21.07 -> 234.
+  Image img;
+  img.width = 4;
+  img.height = 1;
+  img.rgb = {0, 0, 0, 0, 0, 0, 255, 255, 255, 255, 255, 255};
+  auto r = resize_bicubic(img, 2, 1);
+  EXPECT_EQ(r[0][0][0].item<float>(), 21.0f);
+  EXPECT_EQ(r[0][1][0].item<float>(), 234.0f);
+}
+
+TEST(Image, NotAnImageIsAClearError) {
+  auto e = error_of([] { decode_image("this is text, not pixels", "notes.txt"); });
+  EXPECT_NE(e.find("notes.txt"), std::string::npos);
+  EXPECT_NE(e.find("not a readable image"), std::string::npos);
+  Image img;
+  img.width = 3;
+  img.height = 2;
+  img.rgb = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18};
+  Image back = decode_image(encode_png(img), "mem");
+  EXPECT_EQ(back.rgb, img.rgb);
+}
+
+namespace {
+std::vector<int64_t> spm_encode(const std::string& model, const std::string& text) {
+  auto dir = temp_dir("spm");
+  write_bytes(dir + "/in.txt", text + "\n");
+  std::string cmd = "spm_encode --model=" + model + " --output_format=id < " + dir + "/in.txt > " + dir + "/out.txt";
+  EXPECT_EQ(std::system(cmd.c_str()), 0);
+  std::istringstream in(read_file(dir + "/out.txt"));
+  std::vector<int64_t> ids;
+  int64_t v;
+  while (in >> v) ids.push_back(v);
+  return ids;
+}
+}  // namespace
+
+TEST(Tokenizer, MatchesSentencePieceReferenceForUnigramAndBpe) {
+  const std::vector<std::string> texts = {"What is in row 2, column 3?", "How many ankle boots are there?",
+                                          "Is there a dress? yes", "zebra quokka 42 ünïcode"};
+  auto dir = temp_dir("tok");
+  int n = train_tokenizer(gridvqa_corpus(), dir, 400);
+  Tokenizer tok(dir);
+  EXPECT_EQ(tok.sp_size(), n);
+  EXPECT_EQ(tok.token_id("<image>"), n);
+  for (auto& t : texts) {
+    EXPECT_EQ(tok.encode(t), spm_encode(dir + "/tokenizer.model", t)) << t;
+    EXPECT_EQ(tok.decode(tok.encode(t)), t);
+  }
+  // A llama-style BPE model trained by spm_train directly.
+  auto bdir = temp_dir("tokbpe");
+  std::string corpus;
+  for (auto& l : gridvqa_corpus()) corpus += l + "\n";
+  write_bytes(bdir + "/c.txt", corpus);
+  std::string cmd = "spm_train --input=" + bdir + "/c.txt --model_prefix=" + bdir +
+                    "/tokenizer --vocab_size=400 --model_type=bpe --byte_fallback=true "
+                    "--normalization_rule_name=identity --remove_extra_whitespaces=false "
+                    "--minloglevel=2 > " + bdir + "/log.txt 2>&1";
+  ASSERT_EQ(std::system(cmd.c_str()), 0);
+  Tokenizer bpe(bdir);
+  for (auto& t : texts) EXPECT_EQ(bpe.encode(t), spm_encode(bdir + "/tokenizer.model", t)) << t;
+  // Added tokens split the text.
+  auto ids = tok.encode("<image>\nWhat");
+  EXPECT_EQ(ids[0], n);
+}
+
+TEST(Tokenizer, CorruptModelIsAClearError) {
+  auto dir = temp_dir("badtok");
+  write_bytes(dir + "/tokenizer.model", "\x0a\xff\xff\xff");
+  auto e = error_of([&] { Tokenizer t(dir); });
+  EXPECT_NE(e.find("tokenizer.model"), std::string::npos) << e;
+}
+
+TEST(Npy, RoundTrip) {
+  auto dir = temp_dir("npy");
+  auto t = torch::randn({3, 5});
+  save_npy(dir + "/a.npy", t);
+  EXPECT_TRUE(torch::equal(load_npy(dir + "/a.npy"), t));
+  std::string raw = read_file(dir + "/a.npy");
+  EXPECT_EQ(raw.substr(1, 5), "NUMPY");
+  EXPECT_NE(raw.find("'shape': (3, 5)"), std::string::npos);
+}

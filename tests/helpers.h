@@ -1,0 +1,60 @@
+// Tiny models built in-process for the tests.
+#pragma once
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <filesystem>
+#include <string>
+
+#include "victor/config.h"
+#include "victor/model.h"
+
+namespace victor::test {
+
+inline ModelConfig tiny_config(int registers = 0, int summary_layers = -1,
+                               RegisterMask mask = RegisterMask::Causal) {
+  ModelConfig c = preset_config("tiny");
+  c.text.vocab_size = 64;
+  c.image_token_index = 60;
+  c.pad_token_id = 61;
+  c.victor.num_registers = registers;
+  c.victor.summary_layers = summary_layers;
+  c.victor.register_mask = mask;
+  return c;
+}
+
+inline torch::Tensor random_pixels(int n, int size, uint64_t seed) {
+  torch::manual_seed(seed);
+  return torch::randn({n, 3, size, size});
+}
+
+// A prompt: BOS, some text, <image>, more text.
+inline PromptInput prompt(const ModelConfig& c, std::vector<int64_t> before, std::vector<int64_t> after,
+                          const torch::Tensor& pixels) {
+  PromptInput p;
+  p.ids = {1};
+  p.ids.insert(p.ids.end(), before.begin(), before.end());
+  for (int64_t i = 0; i < (pixels.defined() ? pixels.size(0) : 0); ++i) p.ids.push_back(c.image_token_index);
+  p.ids.insert(p.ids.end(), after.begin(), after.end());
+  p.pixels = pixels;
+  return p;
+}
+
+inline std::string temp_dir(const std::string& name) {
+  auto p = std::filesystem::temp_directory_path() /
+           ("victor_test_" + name + "_" + std::to_string(::getpid()));
+  std::filesystem::remove_all(p);
+  std::filesystem::create_directories(p);
+  return p.string();
+}
+
+// Logits at the last valid position of each row of a full (cache-free) forward.
+inline torch::Tensor last_logits(const Vlm& m, const std::vector<PromptInput>& rows, bool pad_left = true) {
+  torch::NoGradGuard ng;
+  auto out = m.forward(m.assemble(rows, pad_left));
+  auto valid = out.meta.kind.ne(int64_t(TokenKind::Pad)).to(torch::kInt64);
+  auto last = (valid * torch::arange(valid.size(1))).argmax(1);
+  return m.logits(out.hidden.index({torch::arange(int64_t(rows.size())), last}));
+}
+
+}  // namespace victor::test
