@@ -11,6 +11,7 @@
 #include "victor/progress.h"
 #include "victor/safetensors.h"
 #include "victor/tokenizer.h"
+#include "victor/train.h"
 
 namespace fs = std::filesystem;
 using namespace victor;
@@ -142,6 +143,18 @@ void run_gridvqa(const GridVqaOptions& o) {
             << s.test_questions << " questions)\n";
 }
 
+// --- victor train ---
+void run_train(TrainOptions o, const std::string& parts, int threads) {
+  set_threads(threads);
+  o.parts = parse_parts(parts);
+  TrainReport r = train(o);
+  std::cout << "trained " << r.steps << " steps (" << r.samples << " samples, " << r.tokens
+            << " tokens) in " << r.seconds << " s: " << r.mean_step_seconds << " s/step, "
+            << r.tokens_per_second << " tokens/s, final loss " << r.final_loss;
+  if (r.skipped) std::cout << ", " << r.skipped << " bad samples skipped";
+  std::cout << "\nmodel and trainer state in " << o.out << "\n";
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -198,6 +211,34 @@ int main(int argc, char** argv) {
   c_grid->add_option("--empty-rate", gq.empty_rate, "Probability that a cell is empty")->check(CLI::Range(0.0, 0.99))->capture_default_str();
   c_grid->add_option("--seed", gq.seed, "Seed")->capture_default_str();
 
+  TrainOptions tr;
+  std::string train_parts = "pretrain";
+  int train_threads = default_threads();
+  auto* c_train = app.add_subcommand("train", "Train on LLaVA-format data (loss on assistant tokens)");
+  c_train->add_option("--model", tr.model_dir, "Starting checkpoint folder")->required();
+  c_train->add_option("--data", tr.data, "LLaVA JSON: [{id, image, conversations}]")->required()->check(CLI::ExistingFile);
+  c_train->add_option("--image-folder", tr.image_folder, "Folder the samples' image paths are relative to (default: the JSON's folder)");
+  c_train->add_option("--out", tr.out, "Output folder (model, trainer state, metrics.jsonl)")->required();
+  c_train->add_option("--train", train_parts, "What to train: vision,projector,registers,llm or pretrain (projector+registers) | finetune (+llm) | all")->capture_default_str();
+  c_train->add_option("--lr", tr.lr, "Peak learning rate")->check(CLI::PositiveNumber)->capture_default_str();
+  c_train->add_option("--min-lr-ratio", tr.min_lr_ratio, "Cosine floor as a fraction of --lr")->check(CLI::Range(0.0, 1.0));
+  c_train->add_option("--weight-decay", tr.weight_decay, "AdamW decoupled weight decay")->check(CLI::Range(0.0, 1.0));
+  c_train->add_option("--warmup-steps", tr.warmup_steps, "Linear warm-up steps (default 3% of the run)")->check(CLI::Range(-1, 10000000));
+  c_train->add_option("--batch-size", tr.batch_size, "Samples per micro-batch")->check(CLI::Range(1, 4096))->capture_default_str();
+  c_train->add_option("--grad-accum", tr.grad_accum, "Micro-batches per optimizer step")->check(CLI::Range(1, 4096))->capture_default_str();
+  c_train->add_option("--epochs", tr.epochs, "Epochs (ignored with --max-steps)")->check(CLI::Range(1, 100000))->capture_default_str();
+  c_train->add_option("--max-steps", tr.max_steps, "Optimizer steps (0 = from --epochs)")->check(CLI::Range(0, 100000000));
+  c_train->add_option("--stop-after", tr.stop_after, "Stop after N steps of this session (resume later)")->check(CLI::Range(0, 100000000));
+  c_train->add_option("--save-every", tr.save_every, "Checkpoint every N steps (0 = at the end)")->check(CLI::Range(0, 100000000));
+  c_train->add_option("--clip", tr.clip, "Gradient norm clipping (0 = off)")->check(CLI::Range(0.0, 1e6))->capture_default_str();
+  c_train->add_option("--seed", tr.seed, "Seed (data order)");
+  c_train->add_option("--threads", train_threads, "CPU threads")->check(CLI::Range(1, 1024));
+  c_train->add_option("--max-samples", tr.max_samples, "Use only the first N samples")->check(CLI::Range(0, 100000000));
+  c_train->add_option("--log", tr.log, "Metrics JSON lines (default OUT/metrics.jsonl)");
+  c_train->add_flag("--resume", tr.resume, "Continue exactly where the checkpoint in --out stopped");
+  c_train->add_flag("--skip-bad", tr.skip_bad, "Skip (and count) bad samples instead of stopping");
+  add_victor_options(c_train, tr.registers, tr.summary_layers, tr.register_mask);
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -207,6 +248,7 @@ int main(int argc, char** argv) {
     if (c_init->parsed()) run_init(init);
     else if (c_gen->parsed()) run_generate(gen, c_gen->count("--register-mask") > 0);
     else if (c_grid->parsed()) run_gridvqa(gq);
+    else if (c_train->parsed()) run_train(tr, train_parts, train_threads);
   } catch (const victor::Error& e) {
     std::cerr << "victor: error: " << e.what() << "\n";
     return 1;

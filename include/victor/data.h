@@ -48,7 +48,7 @@ struct QA {
 // Small deterministic generator (same numbers on every platform).
 class Rng {
  public:
-  explicit Rng(uint64_t seed) : s_(seed * 0x9E3779B97F4A7C15ull + 0x632BE59BD9B4E019ull) {}
+  explicit Rng(uint64_t seed) : s_(seed) { s_ = next() ^ 0x632BE59BD9B4E019ull; }
   uint64_t next();
   int uniform(int n);  // [0, n)
   double unit();       // [0, 1)
@@ -79,7 +79,10 @@ struct Conversation {
   std::string image;  // empty = text only
   std::vector<Turn> turns;
 };
-std::vector<Conversation> load_llava_json(const std::string& path);
+// Malformed samples throw an Error naming the sample id, or when `bad` is given are skipped and
+// listed there ("id: reason").
+std::vector<Conversation> load_llava_json(const std::string& path,
+                                          std::vector<std::string>* bad = nullptr);
 
 struct EvalQuestion {
   nlohmann::json question_id;

@@ -142,6 +142,7 @@ class Vlm {
   // Vision tower + projector: [n,3,S,S] -> [n,N,d_text].
   torch::Tensor encode_images(const torch::Tensor& pixels) const;
   torch::Tensor vision_features(const torch::Tensor& pixels) const;  // [n,N,d_vision]
+  torch::Tensor project(const torch::Tensor& features) const;        // projector only
 
   // Expands each image placeholder into N visual rows + m registers and pads the batch
   // (left for generation, right for training). image_embeds: [n_total,N,d] in order.

@@ -165,7 +165,6 @@ QA ask(const Grid& g, const std::string& family, Rng& rng) {
     bool yes = absent.empty() || (!present.empty() && rng.unit() < 0.5);
     int cls = yes ? present[rng.uniform(int(present.size()))] : absent[rng.uniform(int(absent.size()))];
     std::string art = (kFashionClasses[cls][0] == 'a') ? "an " : "a ";
-    if (cls == 1) art = "a ";
     q.question = "Is there " + art + kFashionClasses[cls] + "?";
     q.answer = yes ? "yes" : "no";
   } else if (family == "locate") {
@@ -233,12 +232,18 @@ GridVqaSummary build_gridvqa(const GridVqaOptions& opt, const std::function<void
   Rng rng(opt.seed);
   GridVqaSummary sum;
   json train = json::array();
+  std::string grids;  // grids.jsonl: each image's cells (labels and source items), for audits
+  auto grid_line = [&](const std::string& image, const char* split, const Grid& g) {
+    grids += json({{"image", image}, {"split", split}, {"grid", g.size}, {"labels", g.labels},
+                   {"items", g.items}}).dump() + "\n";
+  };
   const int total = opt.train_images + opt.test_images;
   char name[64];
   for (int i = 0; i < opt.train_images; ++i) {
     Grid g = random_grid(opt.grid, opt.empty_rate, train_labels, rng);
     std::snprintf(name, sizeof name, "images/train_%06d.png", i);
     save_png(render_grid(g, train_items), (fs::path(opt.out_dir) / name).string());
+    grid_line(name, "train", g);
     auto qas = ask_balanced(g, opt.questions_per_image, rng);
     json conv = json::array();
     for (size_t t = 0; t < qas.size(); ++t) {
@@ -259,6 +264,7 @@ GridVqaSummary build_gridvqa(const GridVqaOptions& opt, const std::function<void
     Grid g = random_grid(opt.grid, opt.empty_rate, test_labels, rng);
     std::snprintf(name, sizeof name, "images/test_%06d.png", i);
     save_png(render_grid(g, test_items), (fs::path(opt.out_dir) / name).string());
+    grid_line(name, "t10k", g);
     for (auto& qa : ask_balanced(g, opt.questions_per_image, rng)) {
       json line = {{"question_id", qid++}, {"image", name}, {"text", qa.question},
                    {"answer", qa.answer}, {"family", qa.family}};
@@ -271,6 +277,7 @@ GridVqaSummary build_gridvqa(const GridVqaOptions& opt, const std::function<void
   }
   write_file_atomic((fs::path(opt.out_dir) / "train.json").string(), train.dump(1) + "\n");
   write_file_atomic((fs::path(opt.out_dir) / "test.jsonl").string(), test);
+  write_file_atomic((fs::path(opt.out_dir) / "grids.jsonl").string(), grids);
   json meta = {{"dataset", "GridVQA"},
                {"seed", opt.seed},
                {"grid", opt.grid},

@@ -8,7 +8,7 @@ using json = nlohmann::json;
 
 namespace victor {
 
-std::vector<Conversation> load_llava_json(const std::string& path) {
+std::vector<Conversation> load_llava_json(const std::string& path, std::vector<std::string>* bad) {
   json j;
   try {
     j = json::parse(read_file(path));
@@ -22,6 +22,7 @@ std::vector<Conversation> load_llava_json(const std::string& path) {
     std::string id = s.contains("id") ? (s["id"].is_string() ? s["id"].get<std::string>() : s["id"].dump())
                                       : "#" + std::to_string(i);
     auto fail = [&](const std::string& why) { throw Error(path + ": sample '" + id + "': " + why); };
+    try {
     if (!s.is_object()) fail("not an object");
     Conversation c;
     c.id = id;
@@ -52,6 +53,10 @@ std::vector<Conversation> load_llava_json(const std::string& path) {
     if (c.image.empty() && placeholders > 0) fail("has <image> in its conversation but no 'image'");
     if (placeholders > 1) fail("more than one <image> for a single image");
     out.push_back(std::move(c));
+    } catch (const Error& e) {
+      if (!bad) throw;
+      bad->push_back(e.what());
+    }
   }
   return out;
 }

@@ -236,7 +236,10 @@ torch::Tensor Vlm::vision_features(const torch::Tensor& pixels) const {
 }
 
 torch::Tensor Vlm::encode_images(const torch::Tensor& pixels) const {
-  auto f = vision_features(pixels);
+  return project(vision_features(pixels));
+}
+
+torch::Tensor Vlm::project(const torch::Tensor& f) const {
   auto h = activation(dense(f, w_.proj1.weight, w_.proj1.bias), config_.projector_hidden_act);
   return dense(h, w_.proj2.weight, w_.proj2.bias);  // [n,N,d_text]
 }

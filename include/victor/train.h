@@ -1,0 +1,65 @@
+// Training in the LLaVA way: LLaVA JSON in, loss on assistant tokens, AdamW with warm-up and
+// cosine decay, gradient accumulation and clipping, atomic checkpoints with exact resume.
+#pragma once
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "victor/data.h"
+#include "victor/model.h"
+#include "victor/tokenizer.h"
+
+namespace victor {
+
+struct TrainOptions {
+  std::string model_dir;     // starting checkpoint (HF layout, with tokenizer)
+  std::string data;          // LLaVA JSON
+  std::string image_folder;  // default: the JSON's folder
+  std::string out;           // output folder: model + trainer state + metrics.jsonl
+  std::vector<Part> parts{Part::Projector, Part::Registers};  // what is trained
+  double lr = 1e-3, min_lr_ratio = 0.0, weight_decay = 0.0, beta1 = 0.9, beta2 = 0.999, eps = 1e-8;
+  double clip = 1.0;
+  int batch_size = 8, grad_accum = 1, epochs = 1, max_steps = 0, warmup_steps = -1;
+  int stop_after = 0;  // stop after this many steps in this session (0 = run to the end)
+  int save_every = 0;  // steps between checkpoints (0 = only at the end)
+  uint64_t seed = 0;
+  bool resume = false, skip_bad = false, progress = true;
+  std::string log;  // metrics JSON lines (default out/metrics.jsonl)
+  // Victor settings applied to the starting model (-2/-1 = keep the checkpoint's).
+  int registers = -1, summary_layers = -2;
+  std::string register_mask;
+  int max_samples = 0;  // use only the first N samples (0 = all)
+};
+
+// Parses "vision,projector,registers,llm" or the presets "pretrain" and "finetune".
+std::vector<Part> parse_parts(const std::string& spec);
+
+// One prepared sample: token ids with next-token targets, and its image (pixels cached).
+struct TrainSample {
+  std::string id;
+  PromptInput input;
+  int64_t target_tokens = 0;
+};
+
+// Tokenizes conversations (chat template, targets on assistant tokens only) and loads images.
+// Bad samples throw an Error naming the sample, or with skip_bad are skipped and reported in
+// `skipped` ("id: reason").
+std::vector<TrainSample> prepare_samples(const std::vector<Conversation>& convs, const Tokenizer& tok,
+                                         const ModelConfig& cfg, const std::string& image_folder,
+                                         bool skip_bad, std::vector<std::string>* skipped);
+
+struct TrainReport {
+  int steps = 0, samples = 0, skipped = 0;
+  double seconds = 0, final_loss = 0, mean_step_seconds = 0, tokens_per_second = 0;
+  int64_t tokens = 0;
+};
+
+double lr_at(const TrainOptions& o, int step, int total_steps);
+int total_steps(const TrainOptions& o, size_t n_samples);
+
+TrainReport train(const TrainOptions& opt);
+// The same, on a model and samples in memory (tests, repro); writes checkpoints only if out set.
+TrainReport train_model(Vlm& model, const std::vector<TrainSample>& samples, const TrainOptions& opt,
+                        const std::string& tokenizer_dir);
+
+}  // namespace victor

@@ -1,0 +1,346 @@
+#include "victor/train.h"
+
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <nlohmann/json.hpp>
+
+#include "victor/error.h"
+#include "victor/progress.h"
+#include "victor/safetensors.h"
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+namespace victor {
+
+std::vector<Part> parse_parts(const std::string& spec) {
+  if (spec == "pretrain") return {Part::Projector, Part::Registers};
+  if (spec == "finetune") return {Part::Projector, Part::Registers, Part::Llm};
+  if (spec == "all") return {Part::Vision, Part::Projector, Part::Registers, Part::Llm};
+  std::vector<Part> out;
+  std::stringstream ss(spec);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    if (item == "vision") out.push_back(Part::Vision);
+    else if (item == "projector") out.push_back(Part::Projector);
+    else if (item == "registers") out.push_back(Part::Registers);
+    else if (item == "llm") out.push_back(Part::Llm);
+    else
+      throw Error("--train: unknown part '" + item +
+                  "' (vision, projector, registers, llm, or pretrain / finetune / all)");
+  }
+  if (out.empty()) throw Error("--train: nothing to train");
+  return out;
+}
+
+std::vector<TrainSample> prepare_samples(const std::vector<Conversation>& convs, const Tokenizer& tok,
+                                         const ModelConfig& cfg, const std::string& image_folder,
+                                         bool skip_bad, std::vector<std::string>* skipped) {
+  std::vector<TrainSample> out;
+  Progress bar("loading", int64_t(convs.size()), isatty(2) && convs.size() > 200);
+  const int64_t image_rows = cfg.visual_tokens_per_image() + cfg.victor.num_registers;
+  for (size_t i = 0; i < convs.size(); ++i) {
+    const Conversation& c = convs[i];
+    try {
+      TrainSample s;
+      s.id = c.id;
+      EncodedChat chat = encode_chat(tok, c.turns);
+      s.input.ids = chat.ids;
+      s.input.targets.assign(chat.ids.size(), -100);
+      for (size_t j = 0; j + 1 < chat.ids.size(); ++j)
+        if (chat.is_target[j + 1]) s.input.targets[j] = chat.ids[j + 1];
+      for (auto t : s.input.targets) s.target_tokens += t != -100;
+      if (s.target_tokens == 0) throw Error("sample '" + c.id + "': no assistant tokens to train on");
+      int64_t images = 0;
+      for (auto id : chat.ids) images += id == cfg.image_token_index;
+      if (images > 0 && c.image.empty()) throw Error("sample '" + c.id + "': <image> but no image");
+      int64_t length = int64_t(chat.ids.size()) + images * (image_rows - 1);
+      if (length > cfg.text.max_position_embeddings)
+        throw Error("sample '" + c.id + "': " + std::to_string(length) +
+                    " tokens exceed the context (max_position_embeddings " +
+                    std::to_string(cfg.text.max_position_embeddings) + ")");
+      if (images > 0) {
+        fs::path p = fs::path(image_folder) / c.image;
+        if (!fs::exists(p)) throw Error("sample '" + c.id + "': image not found: " + p.string());
+        Image img;
+        try {
+          img = load_image(p.string());
+        } catch (const Error& e) {
+          throw Error("sample '" + c.id + "': " + e.what());
+        }
+        s.input.pixels = preprocess_image(img, cfg.preprocess).unsqueeze(0);
+      }
+      out.push_back(std::move(s));
+    } catch (const Error& e) {
+      if (!skip_bad) throw;
+      if (skipped) skipped->push_back(e.what());
+    }
+    bar.update(int64_t(i + 1));
+  }
+  return out;
+}
+
+int total_steps(const TrainOptions& o, size_t n) {
+  if (o.max_steps > 0) return o.max_steps;
+  const size_t per_step = size_t(o.batch_size) * o.grad_accum;
+  return int(std::max<size_t>(1, (n * o.epochs + per_step - 1) / per_step));
+}
+
+double lr_at(const TrainOptions& o, int step, int total) {
+  int warm = o.warmup_steps >= 0 ? o.warmup_steps : std::max(1, total * 3 / 100);
+  if (step < warm) return o.lr * double(step + 1) / double(warm);
+  double progress = double(step - warm) / double(std::max(1, total - warm));
+  double floor = o.lr * o.min_lr_ratio;
+  return floor + 0.5 * (o.lr - floor) * (1.0 + std::cos(M_PI * std::min(1.0, progress)));
+}
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// Sample order for an epoch: a seeded permutation, recomputable on resume.
+std::vector<size_t> epoch_order(size_t n, uint64_t seed, int epoch) {
+  std::vector<size_t> idx(n);
+  for (size_t i = 0; i < n; ++i) idx[i] = i;
+  Rng rng(seed * 1000003ull + uint64_t(epoch));
+  for (size_t i = n; i > 1; --i) std::swap(idx[i - 1], idx[size_t(rng.uniform(int(i)))]);
+  return idx;
+}
+
+struct AdamState {
+  std::vector<torch::Tensor> m, v;
+};
+
+void copy_tokenizer(const std::string& from, const std::string& to) {
+  for (const char* f : {"tokenizer.model", "added_tokens.json", "tokenizer_config.json",
+                        "special_tokens_map.json"}) {
+    fs::path src = fs::path(from) / f;
+    if (fs::exists(src) && fs::absolute(src) != fs::absolute(fs::path(to) / f))
+      write_file_atomic((fs::path(to) / f).string(), read_file(src.string()));
+  }
+}
+
+// Model files, then the full trainer state under a step-tagged name, then trainer_state.json
+// (atomic) pointing at it: a crash at any point leaves a consistent resumable state.
+void save_checkpoint(const Vlm& model, const std::vector<ParamRef*>& trainable, const AdamState& adam,
+                     const TrainOptions& o, int step, int total, const std::string& tok_dir) {
+  fs::create_directories(o.out);
+  model.save(o.out);
+  copy_tokenizer(tok_dir, o.out);
+  std::vector<std::pair<std::string, torch::Tensor>> state;
+  for (auto& p : model.params()) state.emplace_back("param." + p.name, *p.tensor);
+  for (size_t i = 0; i < trainable.size(); ++i) {
+    state.emplace_back("exp_avg." + trainable[i]->name, adam.m[i]);
+    state.emplace_back("exp_avg_sq." + trainable[i]->name, adam.v[i]);
+  }
+  std::string name = "trainer_state-" + std::to_string(step) + ".safetensors";
+  save_safetensors((fs::path(o.out) / name).string(), state);
+  json parts = json::array();
+  for (auto p : o.parts) parts.push_back(part_name(p));
+  json j = {{"step", step},        {"total_steps", total},       {"seed", o.seed},
+            {"state_file", name},  {"batch_size", o.batch_size}, {"grad_accum", o.grad_accum},
+            {"lr", o.lr},          {"parts", parts},             {"data", o.data}};
+  std::string prev;
+  fs::path sj = fs::path(o.out) / "trainer_state.json";
+  if (fs::exists(sj)) {
+    try {
+      prev = json::parse(read_file(sj.string())).value("state_file", "");
+    } catch (...) {
+    }
+  }
+  write_file_atomic(sj.string(), j.dump(2) + "\n");
+  if (!prev.empty() && prev != name) fs::remove(fs::path(o.out) / prev);
+}
+
+}  // namespace
+
+TrainReport train_model(Vlm& model, const std::vector<TrainSample>& samples, const TrainOptions& o,
+                        const std::string& tok_dir) {
+  if (samples.empty()) throw Error("train: no usable samples");
+  if (o.batch_size < 1 || o.grad_accum < 1) throw Error("train: batch size and accumulation must be >= 1");
+  const auto& cfg = model.config();
+  model.set_trainable(o.parts);
+  std::vector<ParamRef*> trainable;
+  for (auto& p : const_cast<std::vector<ParamRef>&>(model.params()))
+    if (p.tensor->requires_grad()) trainable.push_back(&p);
+  if (trainable.empty()) throw Error("train: the selected parts have no parameters (no registers?)");
+  const bool vision_trained =
+      std::find(o.parts.begin(), o.parts.end(), Part::Vision) != o.parts.end();
+
+  AdamState adam;
+  for (auto* p : trainable) {
+    adam.m.push_back(torch::zeros_like(*p->tensor).detach());
+    adam.v.push_back(torch::zeros_like(*p->tensor).detach());
+  }
+  const int total = total_steps(o, samples.size());
+  int step = 0;
+  fs::path sj = fs::path(o.out) / "trainer_state.json";
+  if (o.resume) {
+    if (!fs::exists(sj)) throw Error(sj.string() + ": nothing to resume from");
+    json j = json::parse(read_file(sj.string()));
+    step = j.at("step").get<int>();
+    if (j.at("total_steps").get<int>() != total)
+      throw Error(sj.string() + ": total_steps " + std::to_string(j.at("total_steps").get<int>()) +
+                  " differs from this run's " + std::to_string(total) + " (same options needed)");
+    SafetensorsFile st((fs::path(o.out) / j.at("state_file").get<std::string>()).string());
+    torch::NoGradGuard ng;
+    for (auto& p : model.params()) p.tensor->copy_(st.load("param." + p.name));
+    for (size_t i = 0; i < trainable.size(); ++i) {
+      adam.m[i].copy_(st.load("exp_avg." + trainable[i]->name));
+      adam.v[i].copy_(st.load("exp_avg_sq." + trainable[i]->name));
+    }
+  }
+
+  std::ofstream log;
+  std::string log_path = !o.log.empty() ? o.log : o.out.empty() ? "" : (fs::path(o.out) / "metrics.jsonl").string();
+  if (!log_path.empty()) {
+    if (fs::path(log_path).has_parent_path()) fs::create_directories(fs::path(log_path).parent_path());
+    log.open(log_path, o.resume ? std::ios::app : std::ios::trunc);
+  }
+  const size_t per_step = size_t(o.batch_size) * o.grad_accum;
+  const int end = o.stop_after > 0 ? std::min(total, step + o.stop_after) : total;
+  Progress bar("train", total, o.progress && isatty(2));
+  TrainReport rep;
+  double loss_ema = 0, step_time_sum = 0;
+  auto t_start = Clock::now();
+  std::vector<size_t> order;
+  int order_epoch = -1;
+  for (; step < end; ++step) {
+    auto t0 = Clock::now();
+    double loss_sum = 0;
+    int64_t tokens = 0, rows_seen = 0;
+    for (int a = 0; a < o.grad_accum; ++a) {
+      std::vector<PromptInput> rows;
+      for (int b = 0; b < o.batch_size; ++b) {
+        size_t global = size_t(step) * per_step + size_t(a) * o.batch_size + size_t(b);
+        int epoch = int(global / samples.size());
+        if (epoch != order_epoch) {
+          order = epoch_order(samples.size(), o.seed, epoch);
+          order_epoch = epoch;
+        }
+        rows.push_back(samples[order[global % samples.size()]].input);
+      }
+      std::vector<torch::Tensor> px;
+      for (auto& r : rows)
+        if (r.pixels.defined()) px.push_back(r.pixels);
+      torch::Tensor embeds;
+      if (!px.empty()) {
+        auto pixels = torch::cat(px, 0);
+        if (vision_trained) {
+          embeds = model.encode_images(pixels);
+        } else {
+          torch::Tensor feats;
+          {
+            torch::NoGradGuard ng;
+            feats = model.vision_features(pixels);
+          }
+          embeds = model.project(feats);
+        }
+      }
+      SequenceBatch batch = model.assemble(rows, embeds, /*pad_left=*/false);
+      ForwardOutput out = model.forward(batch);
+      auto sel = out.targets.ne(-100);
+      auto logits = model.logits(out.hidden.index({sel}));
+      auto loss = torch::nn::functional::cross_entropy(logits, out.targets.index({sel}));
+      (loss / double(o.grad_accum)).backward();
+      loss_sum += loss.item<double>();
+      tokens += batch.meta.kind.ne(int64_t(TokenKind::Pad)).sum().item<int64_t>();
+      rows_seen += int64_t(rows.size());
+    }
+    // Clip, then AdamW with decoupled weight decay.
+    std::vector<torch::Tensor> grads;
+    for (auto* p : trainable) {
+      auto& g = p->tensor->mutable_grad();
+      if (!g.defined()) g = torch::zeros_like(*p->tensor);
+      grads.push_back(g);
+    }
+    double norm = 0;
+    for (auto& g : grads) norm += g.pow(2).sum().item<double>();
+    norm = std::sqrt(norm);
+    if (!std::isfinite(norm)) throw Error("train: gradient is not finite at step " + std::to_string(step));
+    const double scale = o.clip > 0 && norm > o.clip ? o.clip / (norm + 1e-6) : 1.0;
+    const double lr = lr_at(o, step, total);
+    {
+      torch::NoGradGuard ng;
+      const double bc1 = 1 - std::pow(o.beta1, step + 1), bc2 = 1 - std::pow(o.beta2, step + 1);
+      for (size_t i = 0; i < trainable.size(); ++i) {
+        auto& p = *trainable[i]->tensor;
+        auto g = grads[i] * scale;
+        adam.m[i].mul_(o.beta1).add_(g, 1 - o.beta1);
+        adam.v[i].mul_(o.beta2).addcmul_(g, g, 1 - o.beta2);
+        auto denom = (adam.v[i] / bc2).sqrt_().add_(o.eps);
+        if (o.weight_decay > 0 && p.dim() >= 2) p.mul_(1 - lr * o.weight_decay);
+        p.addcdiv_(adam.m[i], denom, -lr / bc1);
+        grads[i].zero_();
+      }
+    }
+    double dt = std::chrono::duration<double>(Clock::now() - t0).count();
+    double loss_mean = loss_sum / o.grad_accum;
+    loss_ema = rep.steps == 0 ? loss_mean : 0.95 * loss_ema + 0.05 * loss_mean;
+    rep.steps++;
+    rep.samples += int(rows_seen);
+    rep.tokens += tokens;
+    rep.final_loss = loss_mean;
+    step_time_sum += dt;
+    if (log.is_open()) {
+      json j = {{"step", step + 1}, {"loss", loss_mean}, {"lr", lr}, {"grad_norm", norm},
+                {"tokens", tokens}, {"samples", rows_seen}, {"step_seconds", dt},
+                {"tokens_per_second", tokens / dt}, {"epoch", double(size_t(step + 1) * per_step) / samples.size()}};
+      log << j.dump() << "\n";
+      log.flush();
+    }
+    char extra[128];
+    std::snprintf(extra, sizeof extra, "loss %.4f  %.0f tok/s", loss_ema, tokens / dt);
+    bar.update(step + 1, extra);
+    if (!o.out.empty() && o.save_every > 0 && (step + 1) % o.save_every == 0 && step + 1 < end)
+      save_checkpoint(model, trainable, adam, o, step + 1, total, tok_dir);
+  }
+  bar.finish();
+  if (!o.out.empty()) save_checkpoint(model, trainable, adam, o, step, total, tok_dir);
+  model.set_trainable({});
+  rep.seconds = std::chrono::duration<double>(Clock::now() - t_start).count();
+  rep.mean_step_seconds = rep.steps ? step_time_sum / rep.steps : 0;
+  rep.tokens_per_second = step_time_sum > 0 ? rep.tokens / step_time_sum : 0;
+  (void)cfg;
+  return rep;
+}
+
+TrainReport train(const TrainOptions& o) {
+  if (o.out.empty()) throw Error("train: --out is required");
+  std::vector<std::string> bad;
+  auto convs = load_llava_json(o.data, o.skip_bad ? &bad : nullptr);
+  if (o.max_samples > 0 && int(convs.size()) > o.max_samples) convs.resize(size_t(o.max_samples));
+  // Resume continues from the output folder's own checkpoint.
+  std::string start = o.resume ? o.out : o.model_dir;
+  Vlm model = Vlm::load(start);
+  if (!o.resume && (o.registers >= 0 || o.summary_layers != -2 || !o.register_mask.empty())) {
+    VictorConfig v = model.config().victor;
+    if (o.registers >= 0) v.num_registers = o.registers;
+    if (o.summary_layers != -2) v.summary_layers = o.summary_layers;
+    if (!o.register_mask.empty()) v.register_mask = register_mask_from_string(o.register_mask);
+    auto regs = model.weights().registers;
+    model.set_victor(v, o.seed);
+    if (regs.defined() && regs.size(0) == v.num_registers) model.weights().registers = regs;
+  }
+  Tokenizer tok(start);
+  std::string folder = o.image_folder.empty() ? fs::path(o.data).parent_path().string() : o.image_folder;
+  auto samples = prepare_samples(convs, tok, model.config(), folder, o.skip_bad, &bad);
+  if (!bad.empty()) {
+    std::cerr << "victor: skipped " << bad.size() << " bad sample(s); first: " << bad.front() << "\n";
+    fs::create_directories(o.out);
+    std::ofstream sk(fs::path(o.out) / "skipped.jsonl", std::ios::app);
+    for (auto& b : bad) sk << json({{"skipped", b}}).dump() << "\n";
+  }
+  TrainReport r = train_model(model, samples, o, start);
+  r.skipped = int(bad.size());
+  if (!bad.empty() && !o.out.empty()) {
+    std::ofstream log(fs::path(o.out) / "metrics.jsonl", std::ios::app);
+    log << json({{"skipped_samples", bad.size()}}).dump() << "\n";
+  }
+  return r;
+}
+
+}  // namespace victor

@@ -1,0 +1,109 @@
+// GridVQA and the Fashion-MNIST reader.
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <zlib.h>
+
+#include "helpers.h"
+#include "victor/data.h"
+#include "victor/error.h"
+
+using namespace victor;
+using namespace victor::test;
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+namespace {
+const std::string kSource = "/usr/share/datasets/fashion-mnist";
+
+GridVqaOptions small_options(const std::string& out, uint64_t seed) {
+  GridVqaOptions o;
+  o.out_dir = out;
+  o.train_images = 12;
+  o.test_images = 6;
+  o.seed = seed;
+  return o;
+}
+
+Grid grid_from(const json& j) {
+  Grid g;
+  g.size = j["grid"].get<int>();
+  g.labels = j["labels"].get<std::vector<int>>();
+  g.items = j["items"].get<std::vector<int>>();
+  return g;
+}
+}  // namespace
+
+TEST(FashionMnist, ReaderValidatesHeaderAndSize) {
+  auto imgs = read_idx_images(kSource + "/t10k-images-idx3-ubyte.gz");
+  auto labels = read_idx_labels(kSource + "/t10k-labels-idx1-ubyte.gz");
+  EXPECT_EQ(imgs.count, 10000);
+  EXPECT_EQ(labels.size(), 10000u);
+  auto dir = temp_dir("idx");
+  // Truncated: a gzip of the first 1000 bytes.
+  std::string raw = read_gzip(kSource + "/t10k-images-idx3-ubyte.gz");
+  gzFile f = gzopen((dir + "/trunc.gz").c_str(), "wb");
+  gzwrite(f, raw.data(), 1000);
+  gzclose(f);
+  try {
+    read_idx_images(dir + "/trunc.gz");
+    FAIL() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("trunc.gz"), std::string::npos);
+    EXPECT_NE(std::string(e.what()).find("truncated"), std::string::npos);
+  }
+  EXPECT_THROW(read_idx_labels(kSource + "/t10k-images-idx3-ubyte.gz"), Error);  // wrong magic
+}
+
+TEST(GridVqa, AnswersAgreeWithGridForEveryFamily) {
+  auto labels = read_idx_labels(kSource + "/t10k-labels-idx1-ubyte.gz");
+  Rng rng(5);
+  std::map<std::string, int> families;
+  for (int i = 0; i < 300; ++i) {
+    Grid g = random_grid(4, 0.3, labels, rng);
+    for (auto& qa : ask_balanced(g, 4, rng)) {
+      EXPECT_EQ(answer_from_grid(g, qa), qa.answer) << qa.question;
+      families[qa.family]++;
+    }
+  }
+  EXPECT_EQ(families.size(), 4u);
+  for (auto& [f, n] : families) EXPECT_GT(n, 200) << f;  // balanced
+}
+
+TEST(GridVqa, SplitsAreDisjointAndFilesDeterministic) {
+  auto a = temp_dir("gq_a"), b = temp_dir("gq_b");
+  build_gridvqa(small_options(a, 3));
+  build_gridvqa(small_options(b, 3));
+  for (auto f : {"train.json", "test.jsonl", "meta.json", "grids.jsonl", "images/test_000002.png"})
+    EXPECT_EQ(read_file(a + "/" + f), read_file(b + "/" + f)) << f;
+  // Every cell's pixels come from its own split's items, and every test answer matches its grid.
+  auto train_items = read_idx_images(kSource + "/train-images-idx3-ubyte.gz");
+  auto test_items = read_idx_images(kSource + "/t10k-images-idx3-ubyte.gz");
+  std::map<std::string, Grid> grids;
+  std::istringstream in(read_file(a + "/grids.jsonl"));
+  std::string line;
+  while (std::getline(in, line)) {
+    json j = json::parse(line);
+    Grid g = grid_from(j);
+    bool test_split = j["split"] == "t10k";
+    EXPECT_EQ(test_split, j["image"].get<std::string>().find("test_") != std::string::npos);
+    Image img = load_image(a + "/" + j["image"].get<std::string>());
+    Image ref = render_grid(g, test_split ? test_items : train_items);
+    EXPECT_EQ(img.rgb, ref.rgb);
+    grids[j["image"]] = g;
+  }
+  int checked = 0;
+  for (auto& q : load_questions_jsonl(a + "/test.jsonl")) {
+    QA qa{q.family, q.text, q.answer};
+    EXPECT_EQ(answer_from_grid(grids.at(q.image), qa), q.answer);
+    ++checked;
+  }
+  EXPECT_EQ(checked, 24);
+  auto convs = load_llava_json(a + "/train.json");
+  EXPECT_EQ(convs.size(), 12u);
+  EXPECT_EQ(convs[0].turns.size(), 4u);  // multi-turn
+  EXPECT_EQ(convs[0].turns[0].human.rfind("<image>\n", 0), 0u);
+  // A different seed gives different data.
+  auto c = temp_dir("gq_c");
+  build_gridvqa(small_options(c, 4));
+  EXPECT_NE(read_file(a + "/test.jsonl"), read_file(c + "/test.jsonl"));
+}

@@ -1,0 +1,175 @@
+// Training: overfitting, exact resume, labels, bad data.
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "helpers.h"
+#include "victor/error.h"
+#include "victor/train.h"
+
+using namespace victor;
+using namespace victor::test;
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+namespace {
+std::vector<TrainSample> toy_samples(const ModelConfig& c) {
+  std::vector<TrainSample> out;
+  for (int i = 0; i < 3; ++i) {
+    TrainSample s;
+    s.id = "s" + std::to_string(i);
+    s.input = prompt(c, {5, 6}, {7, int64_t(20 + i), int64_t(30 + i), 2}, random_pixels(1, 28, 40 + i));
+    s.input.targets.assign(s.input.ids.size(), -100);
+    size_t n = s.input.ids.size();
+    s.input.targets[n - 4] = 20 + i;  // predict the answer after the prompt
+    s.input.targets[n - 3] = 30 + i;
+    s.input.targets[n - 2] = 2;
+    s.input.ids[n - 3] = 20 + i;
+    s.input.ids[n - 2] = 30 + i;
+    s.target_tokens = 3;
+    out.push_back(s);
+  }
+  return out;
+}
+
+float mean_loss(Vlm& m, const std::vector<TrainSample>& samples) {
+  torch::NoGradGuard ng;
+  std::vector<PromptInput> rows;
+  for (auto& s : samples) rows.push_back(s.input);
+  auto out = m.forward(m.assemble(rows, false));
+  auto sel = out.targets.ne(-100);
+  return torch::nn::functional::cross_entropy(m.logits(out.hidden.index({sel})), out.targets.index({sel}))
+      .item<float>();
+}
+}  // namespace
+
+TEST(Train, TinyModelOverfitsAFewSamples) {
+  for (int k : {-1, 2}) {  // plain and Victor
+    auto cfg = tiny_config(k < 0 ? 0 : 4, k);
+    Vlm m = Vlm::random(cfg, 50);
+    auto samples = toy_samples(cfg);
+    float before = mean_loss(m, samples);
+    TrainOptions o;
+    o.parts = parse_parts("all");
+    o.lr = 1e-2;
+    o.batch_size = 3;
+    o.max_steps = 80;
+    o.progress = false;
+    train_model(m, samples, o, "");
+    float after = mean_loss(m, samples);
+    EXPECT_GT(before, 3.0f);
+    EXPECT_LT(after, 0.05f) << "k=" << k;
+  }
+}
+
+TEST(Train, StopAndResumeEqualsUninterruptedRun) {
+  auto cfg = tiny_config(2, 2);
+  auto samples = toy_samples(cfg);
+  TrainOptions o;
+  o.parts = parse_parts("finetune");
+  o.lr = 5e-3;
+  o.batch_size = 2;  // crosses epochs: data order must be recomputed on resume
+  o.max_steps = 6;
+  o.progress = false;
+  o.seed = 9;
+  Vlm straight = Vlm::random(cfg, 51);
+  o.out = temp_dir("straight");
+  train_model(straight, samples, o, "");
+
+  Vlm first = Vlm::random(cfg, 51);
+  o.out = temp_dir("resume");
+  o.stop_after = 3;
+  train_model(first, samples, o, "");
+  auto state = json::parse(read_file(o.out + "/trainer_state.json"));
+  EXPECT_EQ(state["step"], 3);
+  Vlm second = Vlm::load(o.out);
+  o.resume = true;
+  o.stop_after = 0;
+  train_model(second, samples, o, "");
+  for (size_t i = 0; i < straight.params().size(); ++i)
+    EXPECT_TRUE(torch::allclose(*straight.params()[i].tensor, *second.params()[i].tensor, 1e-6, 1e-7))
+        << straight.params()[i].name;
+  // The checkpoint is a loadable model folder.
+  EXPECT_TRUE(torch::equal(*Vlm::load(o.out).params()[0].tensor, *second.params()[0].tensor));
+}
+
+TEST(Train, LabelsCoverExactlyTheAssistantTokens) {
+  auto dir = temp_dir("labels");
+  train_tokenizer(gridvqa_corpus(), dir, 400);
+  Tokenizer tok(dir);
+  std::vector<Turn> turns{{"<image>\nHow many bags are there?", "2"}, {"Where is the dress?", "row 1, column 4"}};
+  EncodedChat chat = encode_chat(tok, turns);
+  std::vector<int64_t> targets;
+  std::string prompt_text;
+  for (size_t i = 0; i < chat.ids.size(); ++i)
+    if (chat.is_target[i]) targets.push_back(chat.ids[i]);
+  EXPECT_EQ(tok.decode(targets), "2 row 1, column 4");  // decode drops the two </s>
+  EXPECT_EQ(std::count(targets.begin(), targets.end(), tok.eos_id()), 2);
+  auto a1 = tok.encode("2"), a2 = tok.encode("row 1, column 4");
+  EXPECT_EQ(targets.size(), a1.size() + a2.size() + 2);
+  // Prepared samples shift targets by one: position j predicts token j+1.
+  ModelConfig cfg = preset_config("tiny");
+  cfg.text.vocab_size = 448;
+  cfg.image_token_index = tok.token_id("<image>");
+  Conversation c{"x", "", {{"How many bags are there?", "2"}}};
+  auto samples = prepare_samples({c}, tok, cfg, dir, false, nullptr);
+  const auto& in = samples[0].input;
+  int n = 0;
+  for (size_t j = 0; j + 1 < in.ids.size(); ++j)
+    if (in.targets[j] != -100) {
+      EXPECT_EQ(in.targets[j], in.ids[j + 1]);
+      ++n;
+    }
+  EXPECT_EQ(n, int(a1.size()) + 1);
+}
+
+TEST(Train, BadDataIsNamedOrSkipped) {
+  auto dir = temp_dir("baddata");
+  train_tokenizer(gridvqa_corpus(), dir, 400);
+  Tokenizer tok(dir);
+  ModelConfig cfg = preset_config("tiny");
+  cfg.text.vocab_size = 448;
+  cfg.image_token_index = tok.token_id("<image>");
+  cfg.text.max_position_embeddings = 60;
+  auto write = [&](const std::string& text) { std::ofstream(dir + "/d.json") << text; };
+  auto error_of = [&](const std::function<void()>& f) -> std::string {
+    try {
+      f();
+    } catch (const Error& e) {
+      return e.what();
+    }
+    return "";
+  };
+  write("[{\"id\": \"a\", \"conversations\": [");
+  EXPECT_NE(error_of([&] { load_llava_json(dir + "/d.json"); }).find("malformed JSON"), std::string::npos);
+  write(R"([{"id": "noimg", "image": "x.png", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}])");
+  EXPECT_NE(error_of([&] { load_llava_json(dir + "/d.json"); }).find("noimg"), std::string::npos);
+  std::vector<std::string> bad;
+  EXPECT_TRUE(load_llava_json(dir + "/d.json", &bad).empty());
+  EXPECT_EQ(bad.size(), 1u);
+  std::string long_q(400, 'x');
+  write(R"([{"id": "missing", "image": "nope.png", "conversations": [{"from": "human", "value": "<image>\nhi"}, {"from": "gpt", "value": "yo"}]},
+            {"id": "long", "conversations": [{"from": "human", "value": ")" + long_q + R"("}, {"from": "gpt", "value": "yo"}]},
+            {"id": "fine", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}])");
+  auto convs = load_llava_json(dir + "/d.json");
+  auto e = error_of([&] { prepare_samples(convs, tok, cfg, dir, false, nullptr); });
+  EXPECT_NE(e.find("missing"), std::string::npos);
+  EXPECT_NE(e.find("image not found"), std::string::npos);
+  std::vector<std::string> skipped;
+  auto ok = prepare_samples(convs, tok, cfg, dir, true, &skipped);
+  EXPECT_EQ(ok.size(), 1u);
+  ASSERT_EQ(skipped.size(), 2u);
+  EXPECT_NE(skipped[1].find("long"), std::string::npos);
+  EXPECT_NE(skipped[1].find("exceed the context"), std::string::npos);
+}
+
+TEST(Train, WarmupThenCosineSchedule) {
+  TrainOptions o;
+  o.lr = 1.0;
+  o.warmup_steps = 10;
+  EXPECT_NEAR(lr_at(o, 0, 110), 0.1, 1e-12);
+  EXPECT_NEAR(lr_at(o, 9, 110), 1.0, 1e-12);
+  EXPECT_NEAR(lr_at(o, 60, 110), 0.5, 1e-12);  // half way through the cosine
+  EXPECT_NEAR(lr_at(o, 110, 110), 0.0, 1e-12);
+  EXPECT_THROW(parse_parts("vision,brain"), Error);
+  EXPECT_EQ(parse_parts("pretrain").size(), 2u);
+}
