@@ -6,6 +6,7 @@
 
 #include "victor/data.h"
 #include "victor/error.h"
+#include "victor/eval.h"
 #include "victor/generate.h"
 #include "victor/npy.h"
 #include "victor/progress.h"
@@ -155,6 +156,38 @@ void run_train(TrainOptions o, const std::string& parts, int threads) {
   std::cout << "\nmodel and trainer state in " << o.out << "\n";
 }
 
+// --- victor eval ---
+struct EvalArgs {
+  std::string model, questions, answers_file, train_data;
+  EvalOptions opt;
+  int threads = default_threads();
+  int registers = -1, summary_layers = -2;
+  std::string mask = "causal";
+};
+
+void run_eval(EvalArgs a, bool mask_given) {
+  set_threads(a.threads);
+  auto qs = load_questions_jsonl(a.questions);
+  if (a.opt.image_folder.empty()) a.opt.image_folder = fs::path(a.questions).parent_path().string();
+  if (!a.model.empty()) {
+    Vlm model = Vlm::load(a.model);
+    apply_victor_overrides(model, a.registers, a.summary_layers, a.mask, mask_given, "random", {}, 0);
+    Tokenizer tok(a.model);
+    a.opt.model_id = fs::path(a.model).filename().string();
+    auto r = evaluate(model, tok, qs, a.opt);
+    std::cout << format_report(r);
+    if (!a.opt.answers_out.empty()) std::cout << "answers written to " << a.opt.answers_out << "\n";
+  } else if (!a.answers_file.empty()) {
+    std::cout << format_report(score_files(a.questions, a.answers_file));
+  } else {
+    throw Error("eval: give --model (answer and score) or --answers (score an answers file)");
+  }
+  if (!a.train_data.empty()) {
+    auto prior = answer_prior(load_llava_json(a.train_data), qs);
+    std::cout << "answer-prior baseline: " << format_report(prior);
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -239,6 +272,20 @@ int main(int argc, char** argv) {
   c_train->add_flag("--skip-bad", tr.skip_bad, "Skip (and count) bad samples instead of stopping");
   add_victor_options(c_train, tr.registers, tr.summary_layers, tr.register_mask);
 
+  EvalArgs ev;
+  auto* c_eval = app.add_subcommand("eval", "Answer question JSONL and score against references");
+  c_eval->add_option("--model", ev.model, "Model folder (omit to only score --answers)");
+  c_eval->add_option("--questions", ev.questions, "Questions JSONL: question_id, image, text[, answer, family]")->required()->check(CLI::ExistingFile);
+  c_eval->add_option("--answers-out", ev.opt.answers_out, "Write answers JSONL here");
+  c_eval->add_option("--answers", ev.answers_file, "Score this answers JSONL instead of running a model")->check(CLI::ExistingFile);
+  c_eval->add_option("--image-folder", ev.opt.image_folder, "Folder of the questions' images (default: the JSONL's folder)");
+  c_eval->add_option("--batch-size", ev.opt.batch_size, "Questions per batch")->check(CLI::Range(1, 1024))->capture_default_str();
+  c_eval->add_option("--max-new-tokens", ev.opt.max_new_tokens, "Answer length limit")->check(CLI::Range(1, 4096))->capture_default_str();
+  c_eval->add_option("--limit", ev.opt.limit, "Only the first N questions")->check(CLI::Range(0, 100000000));
+  c_eval->add_option("--train-data", ev.train_data, "LLaVA JSON to compute the answer-prior baseline from")->check(CLI::ExistingFile);
+  c_eval->add_option("--threads", ev.threads, "CPU threads")->check(CLI::Range(1, 1024));
+  add_victor_options(c_eval, ev.registers, ev.summary_layers, ev.mask);
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -248,6 +295,7 @@ int main(int argc, char** argv) {
     if (c_init->parsed()) run_init(init);
     else if (c_gen->parsed()) run_generate(gen, c_gen->count("--register-mask") > 0);
     else if (c_grid->parsed()) run_gridvqa(gq);
+    else if (c_eval->parsed()) run_eval(ev, c_eval->count("--register-mask") > 0);
     else if (c_train->parsed()) run_train(tr, train_parts, train_threads);
   } catch (const victor::Error& e) {
     std::cerr << "victor: error: " << e.what() << "\n";

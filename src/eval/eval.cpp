@@ -1,0 +1,175 @@
+#include "victor/eval.h"
+
+#include <cctype>
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "victor/error.h"
+#include "victor/generate.h"
+#include "victor/progress.h"
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+namespace victor {
+
+std::string normalize_answer(const std::string& in) {
+  static const std::map<std::string, std::string> numbers = {
+      {"none", "0"},  {"zero", "0"},  {"one", "1"},    {"two", "2"},   {"three", "3"},
+      {"four", "4"},  {"five", "5"},  {"six", "6"},    {"seven", "7"}, {"eight", "8"},
+      {"nine", "9"},  {"ten", "10"},  {"eleven", "11"}, {"twelve", "12"}, {"thirteen", "13"},
+      {"fourteen", "14"}, {"fifteen", "15"}, {"sixteen", "16"}};
+  std::string s;
+  for (char c : in) {
+    unsigned char u = static_cast<unsigned char>(c);
+    if (std::isalnum(u) || c == ' ' || c == '-' || (u & 0x80)) s.push_back(char(std::tolower(u)));
+    else if (c == '\n' || c == '\t') s.push_back(' ');
+    else if (c != '\'') s.push_back(' ');  // punctuation splits words; apostrophes join them
+  }
+  std::istringstream words(s);
+  std::string w, out;
+  while (words >> w) {
+    if (w == "a" || w == "an" || w == "the") continue;
+    auto it = numbers.find(w);
+    if (it != numbers.end()) w = it->second;
+    if (!out.empty()) out.push_back(' ');
+    out += w;
+  }
+  return out;
+}
+
+EvalReport score_answers(const std::vector<AnswerRecord>& answers) {
+  EvalReport r;
+  for (auto& a : answers) {
+    ++r.answered;
+    if (a.reference.empty()) continue;
+    bool ok = normalize_answer(a.text) == normalize_answer(a.reference);
+    r.overall.total++;
+    r.overall.correct += ok;
+    auto& f = r.per_family[a.family.empty() ? "all" : a.family];
+    f.total++;
+    f.correct += ok;
+  }
+  return r;
+}
+
+EvalReport score_files(const std::string& questions_jsonl, const std::string& answers_jsonl) {
+  auto qs = load_questions_jsonl(questions_jsonl);
+  std::map<std::string, const EvalQuestion*> by_id;
+  for (auto& q : qs) by_id[q.question_id.dump()] = &q;
+  std::ifstream in(answers_jsonl);
+  if (!in) throw Error(answers_jsonl + ": cannot open answers file");
+  std::vector<AnswerRecord> answers;
+  std::string line;
+  int n = 0;
+  while (std::getline(in, line)) {
+    ++n;
+    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+    json j;
+    try {
+      j = json::parse(line);
+    } catch (const json::exception& e) {
+      throw Error(answers_jsonl + ":" + std::to_string(n) + ": malformed JSON: " + e.what());
+    }
+    if (!j.contains("question_id") || !j.contains("text") || !j["text"].is_string())
+      throw Error(answers_jsonl + ":" + std::to_string(n) + ": needs 'question_id' and string 'text'");
+    auto it = by_id.find(j["question_id"].dump());
+    if (it == by_id.end())
+      throw Error(answers_jsonl + ":" + std::to_string(n) + ": question_id " + j["question_id"].dump() +
+                  " is not in " + questions_jsonl);
+    answers.push_back({j["question_id"], j["text"].get<std::string>(), it->second->answer, it->second->family});
+  }
+  return score_answers(answers);
+}
+
+EvalReport evaluate(const Vlm& model, const Tokenizer& tok, const std::vector<EvalQuestion>& all,
+                    const EvalOptions& opt, std::vector<AnswerRecord>* answers_out) {
+  std::vector<EvalQuestion> qs = all;
+  if (opt.limit > 0 && int(qs.size()) > opt.limit) qs.resize(size_t(opt.limit));
+  if (opt.batch_size < 1) throw Error("eval: --batch-size must be >= 1");
+  auto t0 = std::chrono::steady_clock::now();
+  Progress bar("eval", int64_t(qs.size()), opt.progress && isatty(2));
+  std::vector<AnswerRecord> answers;
+  std::string lines;
+  SamplingOptions so;
+  so.max_new_tokens = opt.max_new_tokens;
+  for (size_t start = 0; start < qs.size(); start += size_t(opt.batch_size)) {
+    size_t end = std::min(qs.size(), start + size_t(opt.batch_size));
+    std::vector<Request> reqs;
+    for (size_t i = start; i < end; ++i) {
+      Request r;
+      r.prompt = qs[i].text;
+      if (!qs[i].image.empty()) r.images.push_back(load_image((fs::path(opt.image_folder) / qs[i].image).string()));
+      reqs.push_back(std::move(r));
+    }
+    auto res = generate(model, tok, reqs, so);
+    for (size_t i = start; i < end; ++i) {
+      const std::string& text = res.texts[i - start];
+      answers.push_back({qs[i].question_id, text, qs[i].answer, qs[i].family});
+      json j = {{"question_id", qs[i].question_id}, {"prompt", qs[i].text}, {"text", text},
+                {"model_id", opt.model_id}, {"metadata", json::object()}};
+      if (!qs[i].family.empty()) j["family"] = qs[i].family;
+      lines += j.dump(-1, ' ', false, json::error_handler_t::replace) + "\n";
+    }
+    double el = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    char extra[64];
+    std::snprintf(extra, sizeof extra, "%.1f q/s", double(end) / el);
+    bar.update(int64_t(end), extra);
+  }
+  bar.finish();
+  if (!opt.answers_out.empty()) write_file_atomic(opt.answers_out, lines);
+  EvalReport r = score_answers(answers);
+  r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  r.questions_per_second = r.seconds > 0 ? r.answered / r.seconds : 0;
+  if (answers_out) *answers_out = std::move(answers);
+  return r;
+}
+
+EvalReport answer_prior(const std::vector<Conversation>& train, const std::vector<EvalQuestion>& qs) {
+  std::map<std::string, std::map<std::string, int>> by_question;
+  std::map<std::string, int> overall;
+  for (auto& c : train)
+    for (auto& t : c.turns) {
+      std::string q = t.human;
+      auto p = q.find("<image>");
+      if (p != std::string::npos) q.erase(p, 7);
+      while (!q.empty() && (q[0] == '\n' || q[0] == ' ')) q.erase(0, 1);
+      by_question[q][normalize_answer(t.assistant)]++;
+      overall[normalize_answer(t.assistant)]++;
+    }
+  auto best = [](const std::map<std::string, int>& m) {
+    std::string b;
+    int n = -1;
+    for (auto& [a, c] : m)
+      if (c > n) b = a, n = c;
+    return b;
+  };
+  std::vector<AnswerRecord> answers;
+  for (auto& q : qs) {
+    auto it = by_question.find(q.text);
+    answers.push_back({q.question_id, it != by_question.end() ? best(it->second) : best(overall), q.answer, q.family});
+  }
+  return score_answers(answers);
+}
+
+std::string format_report(const EvalReport& r) {
+  std::ostringstream o;
+  char buf[256];
+  std::snprintf(buf, sizeof buf, "accuracy %.2f%% (%d/%d)", 100 * r.overall.accuracy(), r.overall.correct,
+                r.overall.total);
+  o << buf;
+  if (r.questions_per_second > 0) {
+    std::snprintf(buf, sizeof buf, ", %.2f questions/s", r.questions_per_second);
+    o << buf;
+  }
+  o << "\n";
+  for (auto& [f, s] : r.per_family) {
+    std::snprintf(buf, sizeof buf, "  %-10s %6.2f%% (%d/%d)\n", f.c_str(), 100 * s.accuracy(), s.correct, s.total);
+    o << buf;
+  }
+  return o.str();
+}
+
+}  // namespace victor

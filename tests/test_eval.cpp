@@ -1,0 +1,58 @@
+// Answer normalization and scoring.
+#include <fstream>
+
+#include "helpers.h"
+#include "victor/error.h"
+#include "victor/eval.h"
+
+using namespace victor;
+using namespace victor::test;
+
+TEST(Eval, NormalizationCases) {
+  EXPECT_EQ(normalize_answer("Two."), "2");
+  EXPECT_EQ(normalize_answer("  The Sneaker!"), "sneaker");
+  EXPECT_EQ(normalize_answer("an ankle boot"), "ankle boot");
+  EXPECT_EQ(normalize_answer("Row 1,  column 4"), "row 1 column 4");
+  EXPECT_EQ(normalize_answer("YES"), "yes");
+  EXPECT_EQ(normalize_answer("t-shirt"), "t-shirt");
+  EXPECT_EQ(normalize_answer("zero"), "0");
+  EXPECT_NE(normalize_answer("shirt"), normalize_answer("t-shirt"));
+}
+
+TEST(Eval, AccuracyOnHandMadeAnswersFile) {
+  auto dir = temp_dir("eval");
+  std::ofstream(dir + "/q.jsonl") << R"({"question_id": 1, "text": "How many?", "answer": "2", "family": "count"}
+{"question_id": 2, "text": "What?", "answer": "sneaker", "family": "identify"}
+{"question_id": 3, "text": "Is there?", "answer": "yes", "family": "exist"}
+{"question_id": "four", "text": "Where?", "answer": "row 1, column 2", "family": "locate"}
+)";
+  std::ofstream(dir + "/a.jsonl") << R"({"question_id": 1, "text": "two"}
+{"question_id": 2, "text": "A sneaker."}
+{"question_id": 3, "text": "no"}
+{"question_id": "four", "text": "Row 1, column 2"}
+)";
+  EvalReport r = score_files(dir + "/q.jsonl", dir + "/a.jsonl");
+  EXPECT_EQ(r.overall.total, 4);
+  EXPECT_EQ(r.overall.correct, 3);
+  EXPECT_DOUBLE_EQ(r.per_family["exist"].accuracy(), 0.0);
+  EXPECT_DOUBLE_EQ(r.per_family["count"].accuracy(), 1.0);
+  std::ofstream(dir + "/b.jsonl") << R"({"question_id": 9, "text": "two"})" << "\n";
+  try {
+    score_files(dir + "/q.jsonl", dir + "/b.jsonl");
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("question_id 9"), std::string::npos);
+  }
+}
+
+TEST(Eval, AnswerPriorPicksMostFrequentTrainingAnswer) {
+  std::vector<Conversation> train{{"a", "", {{"<image>\nIs there a bag?", "yes"}, {"How many bags are there?", "1"}}},
+                                  {"b", "", {{"<image>\nIs there a bag?", "yes"}}},
+                                  {"c", "", {{"<image>\nIs there a bag?", "no"}}}};
+  std::vector<EvalQuestion> qs(2);
+  qs[0].question_id = 1, qs[0].text = "Is there a bag?", qs[0].answer = "yes", qs[0].family = "exist";
+  qs[1].question_id = 2, qs[1].text = "How many bags are there?", qs[1].answer = "2", qs[1].family = "count";
+  EvalReport r = answer_prior(train, qs);
+  EXPECT_EQ(r.overall.correct, 1);
+  EXPECT_EQ(r.per_family["exist"].correct, 1);
+}
