@@ -4,12 +4,14 @@
 #include <iostream>
 #include <thread>
 
+#include "victor/bench.h"
 #include "victor/data.h"
 #include "victor/error.h"
 #include "victor/eval.h"
 #include "victor/generate.h"
 #include "victor/npy.h"
 #include "victor/progress.h"
+#include "victor/repro.h"
 #include "victor/safetensors.h"
 #include "victor/tokenizer.h"
 #include "victor/train.h"
@@ -188,6 +190,42 @@ void run_eval(EvalArgs a, bool mask_given) {
   }
 }
 
+// --- victor bench ---
+struct BenchArgs {
+  std::string model, preset, json_out, mask = "causal";
+  std::vector<int> sweep_registers, sweep_layers;
+  BenchOptions opt;
+  bool json = false;
+  int threads = default_threads();
+  uint64_t seed = 0;
+};
+
+void run_bench_cli(BenchArgs a) {
+  set_threads(a.threads);
+  if (a.model.empty() == a.preset.empty()) throw Error("bench: give exactly one of --model or --preset");
+  ModelConfig cfg;
+  std::unique_ptr<Vlm> model;
+  if (!a.model.empty()) {
+    model = std::make_unique<Vlm>(Vlm::load(a.model));
+  } else {
+    cfg = preset_config(a.preset);
+    std::cerr << "bench: random " << a.preset << " weights ("
+              << Vlm(cfg).parameter_count() / 1e9 << " B parameters)\n";
+    model = std::make_unique<Vlm>(Vlm::random(cfg, a.seed));
+  }
+  a.opt.seed = a.seed;
+  auto configs = bench_configs(model->config(), a.sweep_registers, a.sweep_layers,
+                               register_mask_from_string(a.mask));
+  if (configs.size() < 2 && a.sweep_registers.empty())
+    configs = bench_configs(model->config(), {8}, {std::min(2, model->config().num_layers())},
+                            register_mask_from_string(a.mask));
+  auto results = run_bench(*model, configs, a.opt);
+  auto j = bench_json(results, model->config(), a.opt);
+  if (!a.json_out.empty()) write_file_atomic(a.json_out, j.dump(2) + "\n");
+  if (a.json) std::cout << j.dump(2) << "\n";
+  else std::cout << bench_table(results);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -286,6 +324,45 @@ int main(int argc, char** argv) {
   c_eval->add_option("--threads", ev.threads, "CPU threads")->check(CLI::Range(1, 1024));
   add_victor_options(c_eval, ev.registers, ev.summary_layers, ev.mask);
 
+  BenchArgs bn;
+  auto* c_bench = app.add_subcommand("bench", "Measure plain vs Victor (vision, TTFT, decode, requests/s, KV, memory)");
+  c_bench->add_option("--model", bn.model, "Checkpoint folder (its own m and k are one configuration)");
+  c_bench->add_option("--preset", bn.preset, "Random weights of a preset shape: tiny | small | clip-l-1b")
+      ->check(CLI::IsMember({"tiny", "small", "clip-l-1b"}));
+  c_bench->add_option("--sweep-registers", bn.sweep_registers, "Register counts m to sweep (with --sweep-layers)")->delimiter(',');
+  c_bench->add_option("--sweep-layers", bn.sweep_layers, "Summary layers k to sweep")->delimiter(',');
+  c_bench->add_option("--register-mask", bn.mask, "Mask for swept configurations")->check(CLI::IsMember({"causal", "registers_only"}));
+  c_bench->add_option("--batch", bn.opt.batches, "Batch sizes for requests/s")->delimiter(',')->check(CLI::Range(1, 1024));
+  c_bench->add_option("--gen", bn.opt.gen_tokens, "Generated tokens per request")->delimiter(',')->check(CLI::Range(1, 8192));
+  c_bench->add_option("--prompt-tokens", bn.opt.prompt_tokens, "Text tokens per prompt (one image each)")->check(CLI::Range(2, 100000))->capture_default_str();
+  c_bench->add_option("--repeats", bn.opt.repeats, "Repeats per configuration (medians)")->check(CLI::Range(1, 1000))->capture_default_str();
+  c_bench->add_option("--threads", bn.threads, "CPU threads")->check(CLI::Range(1, 1024));
+  c_bench->add_option("--seed", bn.seed, "Seed for random weights and inputs");
+  c_bench->add_flag("--json", bn.json, "Print JSON instead of the table");
+  c_bench->add_option("--json-out", bn.json_out, "Also write the JSON to this file");
+
+  ReproOptions rp;
+  bool rp_quick = false;
+  int rp_threads = default_threads();
+  auto* c_repro = app.add_subcommand("repro", "GridVQA -> train plain + Victor -> eval -> bench -> report");
+  c_repro->add_flag("--quick", rp_quick, "About 5 minutes on 2 cores (smaller data, fewer steps)");
+  c_repro->add_option("--out", rp.out, "Output folder (default runs/repro, or runs/repro-quick)");
+  c_repro->add_option("--preset", rp.preset, "Model shape trained from scratch")->check(CLI::IsMember({"tiny", "small"}));
+  c_repro->add_option("--registers", rp.registers, "Victor register counts to train (comma list)")->delimiter(',')->check(CLI::Range(0, 1024));
+  c_repro->add_option("--summary-layers", rp.summary_layers, "Victor k")->check(CLI::Range(0, 64));
+  c_repro->add_option("--register-mask", rp.register_mask, "causal | registers_only")->check(CLI::IsMember({"causal", "registers_only"}));
+  c_repro->add_option("--train-images", rp.train_images, "GridVQA training images")->check(CLI::Range(1, 1000000));
+  c_repro->add_option("--test-images", rp.test_images, "GridVQA test images")->check(CLI::Range(1, 100000));
+  c_repro->add_option("--steps", rp.steps, "Training steps per model (identical budgets)")->check(CLI::Range(1, 10000000));
+  c_repro->add_option("--batch-size", rp.batch_size, "Conversations per step")->check(CLI::Range(1, 1024));
+  c_repro->add_option("--lr", rp.lr, "Peak learning rate")->check(CLI::PositiveNumber);
+  c_repro->add_option("--bench-repeats", rp.bench_repeats, "Benchmark repeats")->check(CLI::Range(1, 100));
+  c_repro->add_option("--bench-batch", rp.bench_batch, "Large batch for throughput (paper: 16)")->check(CLI::Range(1, 256));
+  c_repro->add_option("--bench-gen", rp.bench_gen, "Generated tokens (paper: 2,128)")->delimiter(',')->check(CLI::Range(1, 4096));
+  c_repro->add_option("--eval-limit", rp.eval_limit, "Evaluate only the first N test questions")->check(CLI::Range(0, 10000000));
+  c_repro->add_option("--seed", rp.seed, "Seed");
+  c_repro->add_option("--threads", rp_threads, "CPU threads")->check(CLI::Range(1, 1024));
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -296,7 +373,25 @@ int main(int argc, char** argv) {
     else if (c_gen->parsed()) run_generate(gen, c_gen->count("--register-mask") > 0);
     else if (c_grid->parsed()) run_gridvqa(gq);
     else if (c_eval->parsed()) run_eval(ev, c_eval->count("--register-mask") > 0);
-    else if (c_train->parsed()) run_train(tr, train_parts, train_threads);
+    else if (c_bench->parsed()) run_bench_cli(bn);
+    else if (c_repro->parsed()) {
+      set_threads(rp_threads);
+      ReproOptions o = rp;
+      if (rp_quick) {
+        ReproOptions q = ReproOptions::quick();
+        // Explicit options still win over the quick defaults.
+        auto given = [&](const char* n) { return c_repro->count(n) > 0; };
+        if (!given("--out")) o.out = q.out;
+        if (!given("--train-images")) o.train_images = q.train_images;
+        if (!given("--test-images")) o.test_images = q.test_images;
+        if (!given("--steps")) o.steps = q.steps;
+        if (!given("--bench-repeats")) o.bench_repeats = q.bench_repeats;
+        if (!given("--bench-gen")) o.bench_gen = q.bench_gen;
+      }
+      o.progress = isatty(2);
+      std::string report = run_repro(o);
+      std::cout << "report: " << report << "\n";
+    } else if (c_train->parsed()) run_train(tr, train_parts, train_threads);
   } catch (const victor::Error& e) {
     std::cerr << "victor: error: " << e.what() << "\n";
     return 1;

@@ -122,6 +122,11 @@ struct PromptInput {
 class Vlm {
  public:
   explicit Vlm(const ModelConfig& config);  // allocates uninitialised weights
+  // Copies share the weight storage (tensor handles); the tensor list is rebuilt to point at
+  // the new object's members.
+  Vlm(const Vlm& other);
+  Vlm(Vlm&& other) noexcept;
+  Vlm& operator=(const Vlm&) = delete;
   static Vlm random(const ModelConfig& config, uint64_t seed);
   static Vlm load(const std::string& dir);  // config.json + safetensors
 

@@ -39,6 +39,9 @@ Vlm::Vlm(const ModelConfig& config) : config_(config) {
   declare_params();
 }
 
+Vlm::Vlm(const Vlm& o) : config_(o.config_), w_(o.w_) { declare_params(); }
+Vlm::Vlm(Vlm&& o) noexcept : config_(std::move(o.config_)), w_(std::move(o.w_)) { declare_params(); }
+
 void Vlm::declare_params() {
   params_.clear();
   const auto& v = config_.vision;

@@ -1,0 +1,53 @@
+// The benchmark harness: configurations measured alternately (ABAB...) in one run, medians over
+// repeats, every figure also as a ratio to the plain model.
+#pragma once
+#include <map>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "victor/model.h"
+
+namespace victor {
+
+struct BenchConfig {
+  std::string name;
+  VictorConfig victor;  // summary_layers -1 = plain
+  bool keep_registers = false;  // use the checkpoint's trained registers
+};
+
+struct BenchOptions {
+  std::vector<int> batches{1, 16};
+  std::vector<int> gen_tokens{2, 128};
+  int prompt_tokens = 64;  // text tokens around the image
+  int repeats = 3;
+  uint64_t seed = 0;
+  bool progress = true;
+};
+
+struct BenchResult {
+  std::string name;
+  int registers = 0, summary_layers = 0;
+  std::string mask;
+  double vision_seconds = 0, ttft_seconds = 0, decode_tokens_per_second = 0;
+  std::map<std::string, double> requests_per_second;  // "b16_g128" -> requests/s
+  int64_t kv_bytes = 0, kv_bytes_formula = 0, peak_rss_bytes = 0;
+  double prefill_gflops = 0;
+};
+
+// The standard set: plain, the checkpoint's own Victor settings (if any), plus sweeps.
+std::vector<BenchConfig> bench_configs(const ModelConfig& cfg, const std::vector<int>& sweep_registers,
+                                       const std::vector<int>& sweep_layers, RegisterMask mask);
+
+std::vector<BenchResult> run_bench(const Vlm& model, const std::vector<BenchConfig>& configs,
+                                   const BenchOptions& opt);
+
+std::string bench_table(const std::vector<BenchResult>& results);
+nlohmann::json bench_json(const std::vector<BenchResult>& results, const ModelConfig& cfg,
+                          const BenchOptions& opt);
+
+// Peak resident memory (VmHWM), resettable per measurement on Linux.
+void reset_peak_rss();
+int64_t peak_rss_bytes();
+
+}  // namespace victor

@@ -1,0 +1,29 @@
+// `victor repro`: GridVQA -> train plain and Victor models with identical budgets -> evaluate ->
+// benchmark -> a Markdown report with the paper's table and plots.
+#pragma once
+#include <string>
+#include <vector>
+
+namespace victor {
+
+struct ReproOptions {
+  std::string out = "runs/repro";
+  std::string preset = "small";
+  std::vector<int> registers{8};
+  int summary_layers = 1;
+  std::string register_mask = "causal";
+  int train_images = 2000, test_images = 300, questions = 4;
+  int steps = 900, batch_size = 8;
+  double lr = 1e-3;
+  int bench_repeats = 3, bench_batch = 16;
+  std::vector<int> bench_gen{2, 128};
+  int eval_limit = 0;
+  uint64_t seed = 0;
+  bool progress = true;
+  static ReproOptions quick();
+};
+
+// Runs everything and returns the report's path.
+std::string run_repro(const ReproOptions& o);
+
+}  // namespace victor

@@ -1,0 +1,241 @@
+#include "victor/bench.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <sstream>
+
+#include "victor/error.h"
+#include "victor/generate.h"
+#include "victor/progress.h"
+
+using json = nlohmann::json;
+
+namespace victor {
+
+void reset_peak_rss() {
+  std::ofstream f("/proc/self/clear_refs");
+  if (f) f << "5";  // resets VmHWM to the current RSS
+}
+
+int64_t peak_rss_bytes() {
+  std::ifstream f("/proc/self/status");
+  std::string line;
+  while (std::getline(f, line))
+    if (line.rfind("VmHWM:", 0) == 0) return std::stoll(line.substr(6)) * 1024;
+  return 0;
+}
+
+std::vector<BenchConfig> bench_configs(const ModelConfig& cfg, const std::vector<int>& sweep_registers,
+                                       const std::vector<int>& sweep_layers, RegisterMask mask) {
+  std::vector<BenchConfig> out;
+  out.push_back({"plain", VictorConfig{0, -1, RegisterMask::Causal}, false});
+  if (cfg.victor_enabled()) {
+    VictorConfig v = cfg.victor;
+    out.push_back({"victor m=" + std::to_string(v.num_registers) + " k=" + std::to_string(cfg.drop_layer()),
+                   v, true});
+  }
+  for (int k : sweep_layers)
+    for (int m : sweep_registers) {
+      if (k < 0 || k > cfg.num_layers()) throw Error("bench: summary layers " + std::to_string(k) + " out of range");
+      VictorConfig v{m, k, mask};
+      std::string name = "victor m=" + std::to_string(m) + " k=" + std::to_string(k);
+      bool dup = false;
+      for (auto& c : out) dup |= c.name == name;
+      if (!dup) out.push_back({name, v, false});
+    }
+  return out;
+}
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+
+double median(std::vector<double> v) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  size_t n = v.size();
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+// A prompt of `text` tokens with one image after the first eight (random ids below the specials).
+PromptInput synthetic_prompt(const ModelConfig& c, int text, uint64_t seed, const torch::Tensor& pixels) {
+  PromptInput p;
+  uint64_t s = seed * 6364136223846793005ull + 1442695040888963407ull;
+  const int64_t hi = std::min<int64_t>(c.image_token_index, c.text.vocab_size) - 3;
+  p.ids.push_back(c.text.bos_token_id);
+  for (int i = 1; i < text; ++i) {
+    if (i == std::min(8, text - 1)) p.ids.push_back(c.image_token_index);
+    s = s * 6364136223846793005ull + 1442695040888963407ull;
+    p.ids.push_back(3 + int64_t((s >> 33) % uint64_t(std::max<int64_t>(1, hi))));
+  }
+  p.pixels = pixels;
+  return p;
+}
+
+}  // namespace
+
+std::vector<BenchResult> run_bench(const Vlm& base, const std::vector<BenchConfig>& configs,
+                                   const BenchOptions& opt) {
+  if (opt.repeats < 1) throw Error("bench: --repeats must be >= 1");
+  torch::NoGradGuard ng;
+  const auto& bc = base.config();
+  std::vector<Vlm> models;
+  for (auto& c : configs) {
+    Vlm m(base);
+    bool same_m = c.victor.num_registers == bc.victor.num_registers;
+    auto regs = m.weights().registers;
+    m.set_victor(c.victor, opt.seed + 17);
+    if (c.keep_registers && same_m && regs.defined()) m.weights().registers = regs;
+    models.push_back(std::move(m));
+  }
+  torch::manual_seed(opt.seed);
+  const int S = bc.vision.image_size;
+  auto pixels = torch::randn({1, 3, S, S});
+  const int max_gen = *std::max_element(opt.gen_tokens.begin(), opt.gen_tokens.end());
+  struct Samples {
+    std::vector<double> vision, ttft, decode;
+    std::map<std::string, std::vector<double>> rps;
+    int64_t kv = 0, peak = 0;
+    double gflops = 0;
+  };
+  std::vector<Samples> samples(configs.size());
+  const int64_t total = int64_t(opt.repeats) * int64_t(configs.size());
+  Progress bar("bench", total, opt.progress && isatty(2));
+  int64_t done = 0;
+  // Warm-up: one short pass per configuration (allocator, thread pool).
+  for (auto& m : models) generate_ids(m, {synthetic_prompt(bc, opt.prompt_tokens, 1, pixels)}, -1, SamplingOptions{2});
+  for (int r = 0; r < opt.repeats; ++r) {
+    for (size_t ci = 0; ci < configs.size(); ++ci) {  // ABAB...: configurations interleaved
+      const Vlm& m = models[ci];
+      Samples& s = samples[ci];
+      reset_peak_rss();
+      auto t0 = Clock::now();
+      m.encode_images(pixels);
+      s.vision.push_back(since(t0));
+      SamplingOptions so;
+      so.max_new_tokens = max_gen;
+      auto one = generate_ids(m, {synthetic_prompt(bc, opt.prompt_tokens, 2, pixels)}, -1, so);
+      s.ttft.push_back(one.stats.ttft_seconds);
+      s.decode.push_back(one.stats.decode_tokens_per_second);
+      s.kv = one.stats.kv_bytes;
+      s.gflops = one.stats.prefill_gflops;
+      for (int b : opt.batches)
+        for (int g : opt.gen_tokens) {
+          std::vector<PromptInput> rows;
+          for (int i = 0; i < b; ++i) rows.push_back(synthetic_prompt(bc, opt.prompt_tokens, 100 + i, pixels));
+          SamplingOptions sg;
+          sg.max_new_tokens = g;
+          auto t1 = Clock::now();
+          generate_ids(m, rows, -1, sg);
+          s.rps["b" + std::to_string(b) + "_g" + std::to_string(g)].push_back(b / since(t1));
+        }
+      s.peak = std::max(s.peak, peak_rss_bytes());
+      bar.update(++done);
+    }
+  }
+  bar.finish();
+  std::vector<BenchResult> out;
+  for (size_t ci = 0; ci < configs.size(); ++ci) {
+    const auto& mc = models[ci].config();
+    BenchResult r;
+    r.name = configs[ci].name;
+    r.registers = mc.victor.num_registers;
+    r.summary_layers = mc.drop_layer();
+    r.mask = to_string(mc.victor.register_mask);
+    r.vision_seconds = median(samples[ci].vision);
+    r.ttft_seconds = median(samples[ci].ttft);
+    r.decode_tokens_per_second = median(samples[ci].decode);
+    for (auto& [k, v] : samples[ci].rps) r.requests_per_second[k] = median(v);
+    r.kv_bytes = samples[ci].kv;
+    r.kv_bytes_formula = kv_bytes_formula(mc, opt.prompt_tokens, 1, max_gen - 1, mc.victor_enabled());
+    r.peak_rss_bytes = samples[ci].peak;
+    r.prefill_gflops = samples[ci].gflops;
+    out.push_back(r);
+  }
+  return out;
+}
+
+std::string bench_table(const std::vector<BenchResult>& rs) {
+  if (rs.empty()) return "";
+  const BenchResult& p = rs.front();
+  std::ostringstream o;
+  char buf[512];
+  std::snprintf(buf, sizeof buf, "%-18s %10s %10s %12s %10s %10s", "config", "vision ms", "TTFT ms",
+                "decode tok/s", "KV KiB", "peak MiB");
+  o << buf;
+  for (auto& [k, v] : p.requests_per_second) {
+    (void)v;
+    std::snprintf(buf, sizeof buf, " %14s", (k + " req/s").c_str());
+    o << buf;
+  }
+  o << "\n";
+  auto ratio = [](double a, double b) { return b > 0 ? a / b : 0.0; };
+  for (auto& r : rs) {
+    std::snprintf(buf, sizeof buf, "%-18s %10.1f %10.1f %12.1f %10.1f %10.1f", r.name.c_str(),
+                  1e3 * r.vision_seconds, 1e3 * r.ttft_seconds, r.decode_tokens_per_second,
+                  r.kv_bytes / 1024.0, r.peak_rss_bytes / 1048576.0);
+    o << buf;
+    for (auto& [k, v] : r.requests_per_second) {
+      std::snprintf(buf, sizeof buf, " %14.2f", v);
+      o << buf;
+    }
+    o << "\n";
+    if (&r == &p) continue;
+    std::snprintf(buf, sizeof buf, "%-18s %10s %9.2fx %11.2fx %9.2fx %9.2fx", "  vs plain", "",
+                  ratio(p.ttft_seconds, r.ttft_seconds), ratio(r.decode_tokens_per_second, p.decode_tokens_per_second),
+                  ratio(p.kv_bytes, r.kv_bytes), ratio(p.peak_rss_bytes, r.peak_rss_bytes));
+    o << buf;
+    for (auto& [k, v] : r.requests_per_second) {
+      std::snprintf(buf, sizeof buf, " %13.2fx", ratio(v, p.requests_per_second.at(k)));
+      o << buf;
+    }
+    o << "\n";
+  }
+  o << "(ratios: TTFT, KV and peak memory as plain/config — higher is better; throughput as config/plain)\n";
+  return o.str();
+}
+
+json bench_json(const std::vector<BenchResult>& rs, const ModelConfig& cfg, const BenchOptions& opt) {
+  json out = {{"visual_tokens_per_image", cfg.visual_tokens_per_image()},
+              {"layers", cfg.num_layers()},
+              {"prompt_tokens", opt.prompt_tokens},
+              {"batches", opt.batches},
+              {"gen_tokens", opt.gen_tokens},
+              {"repeats", opt.repeats},
+              {"threads", at::get_num_threads()},
+              {"configs", json::array()}};
+  const BenchResult& p = rs.front();
+  auto ratio = [](double a, double b) { return b > 0 ? a / b : 0.0; };
+  for (auto& r : rs) {
+    json rps = json::object(), rps_ratio = json::object();
+    for (auto& [k, v] : r.requests_per_second) {
+      rps[k] = v;
+      rps_ratio[k] = ratio(v, p.requests_per_second.at(k));
+    }
+    out["configs"].push_back({{"name", r.name},
+                              {"registers", r.registers},
+                              {"summary_layers", r.summary_layers},
+                              {"register_mask", r.mask},
+                              {"vision_seconds", r.vision_seconds},
+                              {"ttft_seconds", r.ttft_seconds},
+                              {"decode_tokens_per_second", r.decode_tokens_per_second},
+                              {"requests_per_second", rps},
+                              {"kv_bytes", r.kv_bytes},
+                              {"kv_bytes_formula", r.kv_bytes_formula},
+                              {"peak_rss_bytes", r.peak_rss_bytes},
+                              {"prefill_gflops", r.prefill_gflops},
+                              {"ratio_to_plain",
+                               {{"vision_speedup", ratio(p.vision_seconds, r.vision_seconds)},
+                                {"ttft_speedup", ratio(p.ttft_seconds, r.ttft_seconds)},
+                                {"decode_speedup", ratio(r.decode_tokens_per_second, p.decode_tokens_per_second)},
+                                {"kv_reduction", ratio(p.kv_bytes, r.kv_bytes)},
+                                {"peak_memory_reduction", ratio(p.peak_rss_bytes, r.peak_rss_bytes)},
+                                {"requests_per_second", rps_ratio}}}});
+  }
+  return out;
+}
+
+}  // namespace victor

@@ -1,0 +1,260 @@
+#include "victor/repro.h"
+
+#include <chrono>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "victor/bench.h"
+#include "victor/data.h"
+#include "victor/error.h"
+#include "victor/eval.h"
+#include "victor/train.h"
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+namespace victor {
+
+ReproOptions ReproOptions::quick() {
+  ReproOptions o;
+  o.out = "runs/repro-quick";
+  o.train_images = 400;
+  o.test_images = 50;
+  o.steps = 70;
+  o.bench_repeats = 1;
+  o.bench_gen = {2, 32};
+  return o;
+}
+
+namespace {
+
+struct Trained {
+  std::string name, dir;
+  int registers = 0, summary_layers = 0;
+  double train_seconds = 0, step_seconds = 0, final_loss = 0;
+  EvalReport eval;
+};
+
+void say(const std::string& s) { std::cerr << "repro: " << s << std::endl; }
+
+std::string pct(double x) {
+  char b[32];
+  std::snprintf(b, sizeof b, "%.1f%%", 100 * x);
+  return b;
+}
+std::string num(double x, const char* fmt = "%.2f") {
+  char b[32];
+  std::snprintf(b, sizeof b, fmt, x);
+  return b;
+}
+
+// Plots with gnuplot (Debian's gnuplot-nox) when present; returns false when it is not.
+bool plot(const std::string& dir, const std::string& name, const std::string& title, const std::string& ylabel,
+          const std::vector<std::pair<double, double>>& points, double baseline, const std::string& baseline_label) {
+  if (std::system("command -v gnuplot > /dev/null 2>&1") != 0) return false;
+  std::string data = (fs::path(dir) / (name + ".dat")).string();
+  std::ofstream(data) << [&] {
+    std::ostringstream o;
+    for (auto& [x, y] : points) o << x << " " << y << "\n";
+    return o.str();
+  }();
+  std::string png = (fs::path(dir) / (name + ".png")).string();
+  std::string script = (fs::path(dir) / (name + ".gp")).string();
+  std::ofstream(script) << "set terminal png size 640,400\nset output '" << png + ".tmp"
+                        << "'\nset title '" << title << "'\nset xlabel 'registers m'\nset ylabel '" << ylabel
+                        << "'\nset grid\nset key bottom right\nset logscale x 2\nset xrange [0.5:*]\n"
+                        << "plot '" << data << "' using 1:2 with linespoints lw 2 pt 7 title 'Victor', "
+                        << baseline << " with lines dt 2 lw 2 title '" << baseline_label << "'\n";
+  bool ok = std::system(("gnuplot '" + script + "' > /dev/null 2>&1").c_str()) == 0;
+  if (ok) fs::rename(png + ".tmp", png);
+  fs::remove(data);
+  fs::remove(script);
+  return ok;
+}
+
+}  // namespace
+
+std::string run_repro(const ReproOptions& o) {
+  auto t_all = std::chrono::steady_clock::now();
+  fs::create_directories(o.out);
+  const std::string data = (fs::path(o.out) / "gridvqa").string();
+  // 1. Data.
+  GridVqaOptions g;
+  g.out_dir = data;
+  g.train_images = o.train_images;
+  g.test_images = o.test_images;
+  g.questions_per_image = o.questions;
+  g.seed = o.seed;
+  say("building GridVQA (" + std::to_string(o.train_images) + " train / " + std::to_string(o.test_images) +
+      " test images) in " + data);
+  build_gridvqa(g);
+  auto convs = load_llava_json((fs::path(data) / "train.json").string());
+  auto questions = load_questions_jsonl((fs::path(data) / "test.jsonl").string());
+  if (o.eval_limit > 0 && int(questions.size()) > o.eval_limit) questions.resize(size_t(o.eval_limit));
+
+  // 2. One initial model; every run starts from the same weights.
+  const std::string init_dir = (fs::path(o.out) / "models" / "init").string();
+  {
+    ModelConfig cfg = preset_config(o.preset);
+    int n = train_tokenizer(gridvqa_corpus(), init_dir, 512);
+    cfg.text.vocab_size = ((n + 2 + 63) / 64) * 64;
+    cfg.image_token_index = n;
+    cfg.pad_token_id = n + 1;
+    Vlm::random(cfg, o.seed).save(init_dir);
+  }
+  Tokenizer tok(init_dir);
+
+  // 3. Train plain and Victor models with identical budgets.
+  std::vector<Trained> runs;
+  runs.push_back({"plain", "", 0, -1});
+  for (int m : o.registers) runs.push_back({"victor-m" + std::to_string(m), "", m, o.summary_layers});
+  for (auto& r : runs) {
+    r.dir = (fs::path(o.out) / "models" / r.name).string();
+    Vlm model = Vlm::load(init_dir);
+    if (r.name != "plain") {
+      VictorConfig v{r.registers, r.summary_layers, register_mask_from_string(o.register_mask)};
+      model.set_victor(v, o.seed + 1);
+    }
+    r.summary_layers = model.config().drop_layer();
+    auto samples = prepare_samples(convs, tok, model.config(), data, false, nullptr);
+    TrainOptions t;
+    t.parts = parse_parts("all");
+    t.lr = o.lr;
+    t.batch_size = o.batch_size;
+    t.max_steps = o.steps;
+    t.seed = o.seed;
+    t.out = r.dir;
+    t.progress = o.progress;
+    say("training " + r.name + " (" + std::to_string(o.steps) + " steps of " + std::to_string(o.batch_size) + ")");
+    auto rep = train_model(model, samples, t, init_dir);
+    r.train_seconds = rep.seconds;
+    r.step_seconds = rep.mean_step_seconds;
+    r.final_loss = rep.final_loss;
+    say(r.name + ": " + num(rep.seconds, "%.1f") + " s, final loss " + num(rep.final_loss, "%.4f"));
+    // 4. Evaluate.
+    EvalOptions e;
+    e.image_folder = data;
+    e.answers_out = (fs::path(o.out) / ("answers-" + r.name + ".jsonl")).string();
+    e.progress = o.progress;
+    e.model_id = r.name;
+    r.eval = evaluate(model, tok, questions, e);
+    say(r.name + ": " + format_report(r.eval).substr(0, format_report(r.eval).find('\n')));
+  }
+  EvalReport prior = answer_prior(convs, questions);
+
+  // 5. Benchmark: the same weights under each configuration, measured alternately.
+  Vlm bench_model = Vlm::load(runs.back().dir);
+  std::vector<BenchConfig> configs{{"plain", VictorConfig{0, -1, RegisterMask::Causal}, false}};
+  for (size_t i = 1; i < runs.size(); ++i)
+    configs.push_back({runs[i].name, VictorConfig{runs[i].registers, runs[i].summary_layers,
+                                                  register_mask_from_string(o.register_mask)}, false});
+  BenchOptions b;
+  b.batches = {1, o.bench_batch};
+  b.gen_tokens = o.bench_gen;
+  b.repeats = o.bench_repeats;
+  b.progress = o.progress;
+  say("benchmarking " + std::to_string(configs.size()) + " configurations (" + std::to_string(o.bench_repeats) +
+      " repeats, alternating)");
+  auto bench = run_bench(bench_model, configs, b);
+  write_file_atomic((fs::path(o.out) / "bench.json").string(),
+                    bench_json(bench, bench_model.config(), b).dump(2) + "\n");
+
+  // 6. Report.
+  const Trained& plain = runs.front();
+  const BenchResult& bp = bench.front();
+  std::string key_short = "b" + std::to_string(o.bench_batch) + "_g" + std::to_string(o.bench_gen.front());
+  std::string key_long = "b" + std::to_string(o.bench_batch) + "_g" + std::to_string(o.bench_gen.back());
+  std::ostringstream md;
+  md << "# Victor on GridVQA: reproduction report\n\n";
+  md << "Preset `" << o.preset << "` trained from scratch (" << o.steps << " steps of " << o.batch_size
+     << " conversations, lr " << o.lr << ", every part trained), " << bench_model.config().visual_tokens_per_image()
+     << " visual tokens per image, " << bench_model.config().num_layers() << " decoder layers, Victor k = "
+     << o.summary_layers << " (" << o.register_mask << " mask). GridVQA: " << o.train_images << " train images ("
+     << convs.size() << " conversations), " << questions.size() << " test questions from "
+     << o.test_images << " test images (Fashion-MNIST test split only). Threads: " << at::get_num_threads()
+     << ".\n\n";
+  md << "| model | m | accuracy | relative drop | training time | time reduction | throughput " << key_short
+     << " | ratio | throughput " << key_long << " | ratio | KV bytes ratio |\n";
+  md << "|---|---|---|---|---|---|---|---|---|---|---|\n";
+  for (size_t i = 0; i < runs.size(); ++i) {
+    const Trained& r = runs[i];
+    const BenchResult& br = bench[i];
+    double drop = plain.eval.overall.accuracy() > 0
+                      ? 1.0 - r.eval.overall.accuracy() / plain.eval.overall.accuracy() : 0.0;
+    md << "| " << r.name << " | " << r.registers << " | " << pct(r.eval.overall.accuracy()) << " | "
+       << (i ? (plain.eval.overall.accuracy() > 0 ? pct(drop) : std::string("n/a")) : "-") << " | " << num(r.train_seconds, "%.0f") << " s | "
+       << (i ? pct(1.0 - r.train_seconds / plain.train_seconds) : "-") << " | "
+       << num(br.requests_per_second.at(key_short)) << " req/s | "
+       << (i ? num(br.requests_per_second.at(key_short) / bp.requests_per_second.at(key_short)) + "x" : "-")
+       << " | " << num(br.requests_per_second.at(key_long)) << " req/s | "
+       << (i ? num(br.requests_per_second.at(key_long) / bp.requests_per_second.at(key_long)) + "x" : "-") << " | "
+       << (i ? num(double(bp.kv_bytes) / br.kv_bytes) + "x" : "-") << " |\n";
+  }
+  md << "\nAnswer-prior baseline (most frequent training answer per question): **"
+     << pct(prior.overall.accuracy()) << "**.\n\n";
+  md << "## Accuracy per question family\n\n| model |";
+  for (auto& [f, s] : plain.eval.per_family) md << " " << f << " |";
+  md << "\n|---|";
+  for (size_t i = 0; i < plain.eval.per_family.size(); ++i) md << "---|";
+  md << "\n";
+  auto family_row = [&](const std::string& name, const EvalReport& e) {
+    md << "| " << name << " |";
+    for (auto& [f, s] : plain.eval.per_family) {
+      auto it = e.per_family.find(f);
+      md << " " << (it == e.per_family.end() ? "-" : pct(it->second.accuracy())) << " |";
+    }
+    md << "\n";
+  };
+  for (auto& r : runs) family_row(r.name, r.eval);
+  family_row("answer prior", prior);
+  md << "\n## Paper targets (8 registers)\n\n";
+  for (size_t i = 1; i < runs.size(); ++i) {
+    if (runs[i].registers != 8) continue;
+    double drop = plain.eval.overall.accuracy() > 0
+                      ? 1.0 - runs[i].eval.overall.accuracy() / plain.eval.overall.accuracy() : 1.0;
+    double saved = 1.0 - runs[i].train_seconds / plain.train_seconds;
+    double thr = bench[i].requests_per_second.at(key_short) / bp.requests_per_second.at(key_short);
+    md << "- relative accuracy drop < 4%: measured " << pct(drop) << " — " << (drop < 0.04 ? "met" : "missed") << "\n";
+    md << "- training time at least 43% lower: measured " << pct(saved) << " — " << (saved >= 0.43 ? "met" : "missed") << "\n";
+    md << "- throughput at least 3.3x (" << key_short << "): measured " << num(thr) << "x — "
+       << (thr >= 3.3 ? "met" : "missed") << "\n";
+  }
+  md << "\n## Benchmark (same weights, configurations alternated, medians of " << o.bench_repeats << ")\n\n```\n"
+     << bench_table(bench) << "```\n\n";
+  md << "## Training\n\n| model | mean step | final loss |\n|---|---|---|\n";
+  for (auto& r : runs)
+    md << "| " << r.name << " | " << num(r.step_seconds, "%.3f") << " s | " << num(r.final_loss, "%.4f") << " |\n";
+  std::vector<std::pair<double, double>> acc_pts, thr_pts;
+  for (size_t i = 1; i < runs.size(); ++i) {
+    acc_pts.emplace_back(runs[i].registers, 100 * runs[i].eval.overall.accuracy());
+    thr_pts.emplace_back(runs[i].registers, bench[i].requests_per_second.at(key_short));
+  }
+  bool p1 = plot(o.out, "accuracy_vs_registers", "GridVQA accuracy", "accuracy (%)", acc_pts,
+                 100 * plain.eval.overall.accuracy(), "plain");
+  bool p2 = plot(o.out, "throughput_vs_registers", "Throughput (" + key_short + ")", "requests/s", thr_pts,
+                 bp.requests_per_second.at(key_short), "plain");
+  md << "\n## Plots\n\n";
+  if (p1) md << "![accuracy](accuracy_vs_registers.png)\n";
+  if (p2) md << "![throughput](throughput_vs_registers.png)\n";
+  if (!p1 || !p2) md << "(gnuplot not found: plots skipped)\n";
+  double total = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_all).count();
+  md << "\nFiles: `gridvqa/` (data), `models/` (checkpoints, metrics.jsonl), `answers-*.jsonl`, `bench.json`. "
+     << "Whole run: " << num(total / 60, "%.1f") << " min.\n";
+  std::string report = (fs::path(o.out) / "report.md").string();
+  write_file_atomic(report, md.str());
+  json summary = json::array();
+  for (size_t i = 0; i < runs.size(); ++i)
+    summary.push_back({{"name", runs[i].name}, {"registers", runs[i].registers},
+                       {"summary_layers", runs[i].summary_layers}, {"accuracy", runs[i].eval.overall.accuracy()},
+                       {"train_seconds", runs[i].train_seconds},
+                       {"throughput_ratio", bench[i].requests_per_second.at(key_short) / bp.requests_per_second.at(key_short)}});
+  write_file_atomic((fs::path(o.out) / "summary.json").string(),
+                    json({{"runs", summary}, {"answer_prior", prior.overall.accuracy()}}).dump(2) + "\n");
+  return report;
+}
+
+}  // namespace victor
