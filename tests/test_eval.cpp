@@ -56,3 +56,41 @@ TEST(Eval, AnswerPriorPicksMostFrequentTrainingAnswer) {
   EXPECT_EQ(r.overall.correct, 1);
   EXPECT_EQ(r.per_family["exist"].correct, 1);
 }
+
+#include "victor/bench.h"
+#include "victor/generate.h"
+
+TEST(Bench, JsonHasEveryFieldAndKvBytesMatchFormula) {
+  auto cfg = tiny_config(8, 2);
+  Vlm m = Vlm::random(cfg, 60);
+  BenchOptions o;
+  o.batches = {1, 2};
+  o.gen_tokens = {2, 5};
+  o.prompt_tokens = 20;
+  o.repeats = 1;
+  o.progress = false;
+  auto configs = bench_configs(cfg, {4}, {1}, RegisterMask::RegistersOnly);
+  ASSERT_EQ(configs.size(), 3u);  // plain, the checkpoint's own, the sweep
+  auto results = run_bench(m, configs, o);
+  auto j = bench_json(results, cfg, o);
+  ASSERT_EQ(j["configs"].size(), 3u);
+  for (auto& c : j["configs"]) {
+    for (auto key : {"name", "registers", "summary_layers", "register_mask", "vision_seconds", "ttft_seconds",
+                     "decode_tokens_per_second", "requests_per_second", "kv_bytes", "kv_bytes_formula",
+                     "peak_rss_bytes", "prefill_gflops", "ratio_to_plain"})
+      EXPECT_TRUE(c.contains(key)) << key;
+    for (auto key : {"b1_g2", "b1_g5", "b2_g2", "b2_g5"}) {
+      EXPECT_GT(c["requests_per_second"][key].get<double>(), 0) << key;
+      EXPECT_TRUE(c["ratio_to_plain"]["requests_per_second"].contains(key));
+    }
+    EXPECT_GT(c["ttft_seconds"].get<double>(), 0);
+    EXPECT_GT(c["peak_rss_bytes"].get<int64_t>(), 0);
+    EXPECT_EQ(c["kv_bytes"].get<int64_t>(), c["kv_bytes_formula"].get<int64_t>()) << c["name"];
+  }
+  // Hand formula for the checkpoint's own config (m=8, k=2, causal): 20 text + 4 fed tokens,
+  // 16 visual tokens; per row 2 * Hkv 2 * hd 16 * 4 bytes.
+  const int64_t row = 2 * 2 * 16 * 4, T = 20 + 4;
+  EXPECT_EQ(j["configs"][1]["kv_bytes"].get<int64_t>(), row * (2 * (T + 8 + 16) + 2 * (T + 8)));
+  EXPECT_EQ(j["configs"][0]["kv_bytes"].get<int64_t>(), row * 4 * (T + 16));
+  EXPECT_EQ(j["configs"][2]["kv_bytes"].get<int64_t>(), row * 4 * (T + 4));  // registers_only
+}
