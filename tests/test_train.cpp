@@ -173,3 +173,33 @@ TEST(Train, WarmupThenCosineSchedule) {
   EXPECT_THROW(parse_parts("vision,brain"), Error);
   EXPECT_EQ(parse_parts("pretrain").size(), 2u);
 }
+
+TEST(Train, VisionPretrainingLearnsCellClasses) {
+  auto dir = temp_dir("vpre");
+  GridVqaOptions g;
+  g.out_dir = dir;
+  g.train_images = 16;
+  g.test_images = 4;
+  build_gridvqa(g);
+  auto cfg = tiny_config();
+  Vlm m = Vlm::random(cfg, 70);
+  auto train = load_grid_images(dir, "train", cfg);
+  auto test = load_grid_images(dir, "t10k", cfg);
+  ASSERT_EQ(train.size(), 16u);
+  ASSERT_EQ(test.size(), 4u);
+  auto before = m.weights().vision.layers[0].fc1.weight.clone();
+  auto proj_before = m.weights().proj1.weight.clone();
+  VisionPretrainOptions o;
+  o.steps = 1;
+  o.batch_size = 16;
+  o.progress = false;
+  auto first = pretrain_vision(m, train, test, o);
+  o.steps = 60;
+  o.lr = 3e-3;
+  auto r = pretrain_vision(m, train, test, o);
+  EXPECT_LT(r.final_loss, 0.5 * first.final_loss);
+  EXPECT_FALSE(torch::equal(before, m.weights().vision.layers[0].fc1.weight));
+  EXPECT_TRUE(torch::equal(proj_before, m.weights().proj1.weight));  // only the vision tower changes
+  EXPECT_GE(r.test_cell_accuracy, 0.0);
+  EXPECT_LE(r.test_cell_accuracy, 1.0);
+}

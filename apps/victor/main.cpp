@@ -226,6 +226,28 @@ void run_bench_cli(BenchArgs a) {
   else std::cout << bench_table(results);
 }
 
+// --- victor train-vision ---
+struct VisionArgs {
+  std::string model, data, out;
+  VisionPretrainOptions opt;
+  int threads = default_threads(), limit = 0;
+};
+
+void run_train_vision(const VisionArgs& a) {
+  set_threads(a.threads);
+  Vlm model = Vlm::load(a.model);
+  auto train = load_grid_images(a.data, "train", model.config(), a.limit);
+  auto test = load_grid_images(a.data, "t10k", model.config());
+  auto r = pretrain_vision(model, train, test, a.opt);
+  model.save(a.out);
+  for (const char* f : {"tokenizer.model", "added_tokens.json", "tokenizer_config.json"})
+    if (fs::exists(fs::path(a.model) / f) && fs::absolute(a.model) != fs::absolute(a.out))
+      write_file_atomic((fs::path(a.out) / f).string(), read_file((fs::path(a.model) / f).string()));
+  std::cout << "vision tower pretrained: " << r.steps << " steps in " << r.seconds << " s, final loss "
+            << r.final_loss << ", test cell accuracy " << 100 * r.test_cell_accuracy << "%\nmodel written to "
+            << a.out << "\n";
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -354,6 +376,7 @@ int main(int argc, char** argv) {
   c_repro->add_option("--train-images", rp.train_images, "GridVQA training images")->check(CLI::Range(1, 1000000));
   c_repro->add_option("--test-images", rp.test_images, "GridVQA test images")->check(CLI::Range(1, 100000));
   c_repro->add_option("--steps", rp.steps, "Training steps per model (identical budgets)")->check(CLI::Range(1, 10000000));
+  c_repro->add_option("--vision-steps", rp.vision_steps, "Stage 0 steps: vision tower on cell classes (0 = skip)")->check(CLI::Range(0, 10000000));
   c_repro->add_option("--batch-size", rp.batch_size, "Conversations per step")->check(CLI::Range(1, 1024));
   c_repro->add_option("--lr", rp.lr, "Peak learning rate")->check(CLI::PositiveNumber);
   c_repro->add_option("--bench-repeats", rp.bench_repeats, "Benchmark repeats")->check(CLI::Range(1, 100));
@@ -362,6 +385,18 @@ int main(int argc, char** argv) {
   c_repro->add_option("--eval-limit", rp.eval_limit, "Evaluate only the first N test questions")->check(CLI::Range(0, 10000000));
   c_repro->add_option("--seed", rp.seed, "Seed");
   c_repro->add_option("--threads", rp_threads, "CPU threads")->check(CLI::Range(1, 1024));
+
+  VisionArgs va;
+  auto* c_tv = app.add_subcommand("train-vision", "Pretrain the vision tower on GridVQA's cell classes (recipe stage 0)");
+  c_tv->add_option("--model", va.model, "Starting checkpoint")->required();
+  c_tv->add_option("--data", va.data, "GridVQA folder (grids.jsonl, images/)")->required()->check(CLI::ExistingDirectory);
+  c_tv->add_option("--out", va.out, "Output model folder")->required();
+  c_tv->add_option("--steps", va.opt.steps, "Steps")->check(CLI::Range(1, 10000000))->capture_default_str();
+  c_tv->add_option("--batch-size", va.opt.batch_size, "Images per step")->check(CLI::Range(1, 4096))->capture_default_str();
+  c_tv->add_option("--lr", va.opt.lr, "Peak learning rate")->check(CLI::PositiveNumber)->capture_default_str();
+  c_tv->add_option("--limit", va.limit, "Use only the first N training grids")->check(CLI::Range(0, 10000000));
+  c_tv->add_option("--seed", va.opt.seed, "Seed");
+  c_tv->add_option("--threads", va.threads, "CPU threads")->check(CLI::Range(1, 1024));
 
   try {
     app.parse(argc, argv);
@@ -385,6 +420,7 @@ int main(int argc, char** argv) {
         if (!given("--train-images")) o.train_images = q.train_images;
         if (!given("--test-images")) o.test_images = q.test_images;
         if (!given("--steps")) o.steps = q.steps;
+        if (!given("--vision-steps")) o.vision_steps = q.vision_steps;
         if (!given("--bench-repeats")) o.bench_repeats = q.bench_repeats;
         if (!given("--bench-gen")) o.bench_gen = q.bench_gen;
       }
@@ -392,6 +428,7 @@ int main(int argc, char** argv) {
       std::string report = run_repro(o);
       std::cout << "report: " << report << "\n";
     } else if (c_train->parsed()) run_train(tr, train_parts, train_threads);
+    else if (c_tv->parsed()) run_train_vision(va);
   } catch (const victor::Error& e) {
     std::cerr << "victor: error: " << e.what() << "\n";
     return 1;

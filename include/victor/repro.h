@@ -13,6 +13,7 @@ struct ReproOptions {
   int summary_layers = 1;
   std::string register_mask = "causal";
   int train_images = 2000, test_images = 300, questions = 4;
+  int vision_steps = 200, vision_batch = 32;  // stage 0, shared by every model
   int steps = 900, batch_size = 8;
   double lr = 1e-3;
   int bench_repeats = 3, bench_batch = 16;

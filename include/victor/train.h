@@ -63,3 +63,32 @@ TrainReport train_model(Vlm& model, const std::vector<TrainSample>& samples, con
                         const std::string& tokenizer_dir);
 
 }  // namespace victor
+
+namespace victor {
+
+// Stage 0 of the GridVQA recipe: pretrain the vision tower to classify every grid cell
+// (10 classes + empty) from the mean of its patch features, as LLaVA starts from a pretrained
+// CLIP. The linear head is discarded; only the vision tower changes.
+struct GridImage {
+  std::string image;
+  int grid = 0;
+  std::vector<int> labels;  // row-major, -1 = empty
+  torch::Tensor pixels;     // [3,S,S]
+};
+std::vector<GridImage> load_grid_images(const std::string& gridvqa_dir, const std::string& split,
+                                        const ModelConfig& cfg, int limit = 0);
+
+struct VisionPretrainOptions {
+  int steps = 200, batch_size = 32;
+  double lr = 1e-3;
+  uint64_t seed = 0;
+  bool progress = true;
+};
+struct VisionPretrainReport {
+  int steps = 0;
+  double seconds = 0, final_loss = 0, test_cell_accuracy = 0;
+};
+VisionPretrainReport pretrain_vision(Vlm& model, const std::vector<GridImage>& train,
+                                     const std::vector<GridImage>& test, const VisionPretrainOptions& o);
+
+}  // namespace victor

@@ -1,0 +1,131 @@
+// Vision-tower pretraining on GridVQA's cell classes (the recipe's stage 0).
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "victor/error.h"
+#include "victor/progress.h"
+#include "victor/train.h"
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+namespace victor {
+
+std::vector<GridImage> load_grid_images(const std::string& dir, const std::string& split,
+                                        const ModelConfig& cfg, int limit) {
+  fs::path p = fs::path(dir) / "grids.jsonl";
+  std::ifstream in(p);
+  if (!in) throw Error(p.string() + ": cannot open (build the data with `victor data gridvqa`)");
+  std::vector<GridImage> out;
+  std::string line;
+  int n = 0;
+  while (std::getline(in, line)) {
+    ++n;
+    if (line.empty()) continue;
+    json j;
+    try {
+      j = json::parse(line);
+    } catch (const json::exception& e) {
+      throw Error(p.string() + ":" + std::to_string(n) + ": malformed JSON: " + e.what());
+    }
+    if (j.value("split", "") != split) continue;
+    GridImage g;
+    g.image = j.at("image").get<std::string>();
+    g.grid = j.at("grid").get<int>();
+    g.labels = j.at("labels").get<std::vector<int>>();
+    g.pixels = preprocess_image(load_image((fs::path(dir) / g.image).string()), cfg.preprocess);
+    out.push_back(std::move(g));
+    if (limit > 0 && int(out.size()) >= limit) break;
+  }
+  return out;
+}
+
+namespace {
+
+// Mean of each cell's patch features: [n,N,D] -> [n,G*G,D].
+torch::Tensor cell_features(const torch::Tensor& feats, int grid, int patches_per_side) {
+  const int64_t n = feats.size(0), D = feats.size(2), c = patches_per_side / grid;
+  auto x = feats.view({n, grid, c, grid, c, D});
+  return x.mean(std::vector<int64_t>{2, 4}).reshape({n, grid * grid, D});
+}
+
+}  // namespace
+
+VisionPretrainReport pretrain_vision(Vlm& model, const std::vector<GridImage>& train,
+                                     const std::vector<GridImage>& test, const VisionPretrainOptions& o) {
+  if (train.empty()) throw Error("vision pretraining: no training grids");
+  const auto& cfg = model.config();
+  if (cfg.vision_feature_select_strategy != "default")
+    throw Error("vision pretraining: needs vision_feature_select_strategy 'default'");
+  const int side = cfg.vision.image_size / cfg.vision.patch_size, grid = train.front().grid;
+  if (side % grid != 0)
+    throw Error("vision pretraining: " + std::to_string(side) + " patches per side do not split into a " +
+                std::to_string(grid) + "x" + std::to_string(grid) + " grid");
+  auto t0 = std::chrono::steady_clock::now();
+  model.set_trainable({Part::Vision});
+  torch::manual_seed(o.seed);
+  auto head_w = (torch::randn({11, cfg.vision.hidden_size}) * 0.02).requires_grad_(true);
+  auto head_b = torch::zeros({11}).requires_grad_(true);
+  std::vector<torch::Tensor> params{head_w, head_b};
+  for (auto& p : model.params())
+    if (p.part == Part::Vision) params.push_back(*p.tensor);
+  torch::optim::AdamW opt(params, torch::optim::AdamWOptions(o.lr).weight_decay(0.0));
+  auto batch_of = [&](const std::vector<GridImage>& set, size_t start, size_t count) {
+    std::vector<torch::Tensor> px, lab;
+    for (size_t i = 0; i < count; ++i) {
+      const GridImage& g = set[(start + i) % set.size()];
+      px.push_back(g.pixels);
+      std::vector<int64_t> l(g.labels.begin(), g.labels.end());
+      lab.push_back(torch::tensor(l) + 1);  // 0 = empty
+    }
+    return std::make_pair(torch::stack(px), torch::stack(lab));
+  };
+  std::vector<size_t> order(train.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  Rng rng(o.seed + 99);
+  for (size_t i = order.size(); i > 1; --i) std::swap(order[i - 1], order[size_t(rng.uniform(int(i)))]);
+  std::vector<GridImage> shuffled;
+  for (auto i : order) shuffled.push_back(train[i]);
+  Progress bar("vision", o.steps, o.progress && isatty(2));
+  VisionPretrainReport rep;
+  for (int step = 0; step < o.steps; ++step) {
+    // Linear warm-up over 5% then cosine.
+    int warm = std::max(1, o.steps / 20);
+    double lr = step < warm ? o.lr * (step + 1) / warm
+                            : 0.5 * o.lr * (1 + std::cos(M_PI * double(step - warm) / std::max(1, o.steps - warm)));
+    for (auto& g : opt.param_groups()) static_cast<torch::optim::AdamWOptions&>(g.options()).lr(lr);
+    auto [px, lab] = batch_of(shuffled, size_t(step) * o.batch_size, size_t(o.batch_size));
+    auto cells = cell_features(model.vision_features(px), grid, side);  // [n,G*G,D]
+    auto logits = torch::matmul(cells, head_w.t()) + head_b;
+    auto loss = torch::nn::functional::cross_entropy(logits.reshape({-1, 11}), lab.reshape({-1}));
+    opt.zero_grad();
+    loss.backward();
+    torch::nn::utils::clip_grad_norm_(params, 1.0);
+    opt.step();
+    rep.final_loss = loss.item<double>();
+    char extra[64];
+    std::snprintf(extra, sizeof extra, "loss %.4f", rep.final_loss);
+    bar.update(step + 1, extra);
+    rep.steps++;
+  }
+  bar.finish();
+  model.set_trainable({});
+  if (!test.empty()) {
+    torch::NoGradGuard ng;
+    int64_t correct = 0, total = 0;
+    for (size_t s = 0; s < test.size(); s += 64) {
+      auto [px, lab] = batch_of(test, s, std::min<size_t>(64, test.size() - s));
+      auto cells = cell_features(model.vision_features(px), grid, side);
+      auto pred = (torch::matmul(cells, head_w.t()) + head_b).argmax(-1);
+      correct += pred.eq(lab).sum().item<int64_t>();
+      total += lab.numel();
+    }
+    rep.test_cell_accuracy = double(correct) / double(total);
+  }
+  rep.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return rep;
+}
+
+}  // namespace victor
