@@ -14,6 +14,12 @@ torch::Tensor layer_norm(const torch::Tensor& x, const torch::Tensor& w, const t
 torch::Tensor activation(const torch::Tensor& x, const std::string& name);
 // Hugging Face rotate-half RoPE. x [B,H,T,hd], pos [B,T] int64.
 torch::Tensor apply_rope(const torch::Tensor& x, const torch::Tensor& pos, double theta);
+// The cos/sin tables for positions pos ([B,1,T,hd] each), computed once and shared by layers.
+struct RopeTables {
+  torch::Tensor cos, sin;
+};
+RopeTables rope_tables(const torch::Tensor& pos, int64_t head_dim, double theta);
+torch::Tensor apply_rope(const torch::Tensor& x, const RopeTables& t);
 // Grouped-query attention. q [B,H,T,hd], k/v [B,Hkv,S,hd], allowed [B,T,S] bool.
 // Returns [B,H,T,hd]; probs (optional out) [B,H,T,S].
 torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,

@@ -131,8 +131,8 @@ void KvCache::reserve(int64_t extra) {
 }
 
 torch::Tensor llama_layer(const LlamaLayerW& w, const TextConfig& c, RegisterMask mode, int layer,
-                          const torch::Tensor& x_in, const TokenMeta& meta, LayerCache* cache,
-                          ForwardTrace* trace) {
+                          const torch::Tensor& x_in, const TokenMeta& meta, const RopeTables& rope,
+                          torch::Tensor& allowed, LayerCache* cache, ForwardTrace* trace) {
   const int64_t B = x_in.size(0), T = x_in.size(1);
   const int64_t H = c.num_attention_heads, Hkv = c.num_key_value_heads, hd = c.head_dim();
   auto x = x_in;
@@ -140,8 +140,8 @@ torch::Tensor llama_layer(const LlamaLayerW& w, const TextConfig& c, RegisterMas
   auto q = dense(h, w.q).view({B, T, H, hd}).transpose(1, 2);    // [B,H,T,hd]
   auto k = dense(h, w.k).view({B, T, Hkv, hd}).transpose(1, 2);  // [B,Hkv,T,hd]
   auto v = dense(h, w.v).view({B, T, Hkv, hd}).transpose(1, 2);
-  q = apply_rope(q, meta.pos, c.rope_theta);
-  k = apply_rope(k, meta.pos, c.rope_theta);
+  q = apply_rope(q, rope);
+  k = apply_rope(k, rope);
   torch::Tensor keys = k, values = v;
   TokenMeta key_meta = meta;
   if (cache) {
@@ -150,7 +150,7 @@ torch::Tensor llama_layer(const LlamaLayerW& w, const TextConfig& c, RegisterMas
     values = cache->values();
     key_meta = cache->key_meta();
   }
-  auto allowed = attention_allowed(meta, key_meta, mode);
+  if (!allowed.defined()) allowed = attention_allowed(meta, key_meta, mode);
   const bool probe = trace && trace->probe;
   torch::Tensor probs;
   auto a = attention(q, keys, values, allowed, probe ? &probs : nullptr);

@@ -42,16 +42,22 @@ torch::Tensor activation(const torch::Tensor& x, const std::string& name) {
   throw Error("unknown activation '" + name + "'");
 }
 
-torch::Tensor apply_rope(const torch::Tensor& x, const torch::Tensor& pos, double theta) {
-  const int64_t hd = x.size(-1);
+RopeTables rope_tables(const torch::Tensor& pos, int64_t hd, double theta) {
   auto idx = torch::arange(0, hd, 2, torch::kFloat32) / float(hd);
-  auto inv_freq = 1.0 / torch::pow(torch::tensor(float(theta)), idx);     // [hd/2]
-  auto freqs = pos.to(torch::kFloat32).unsqueeze(-1) * inv_freq;           // [B,T,hd/2]
-  auto emb = torch::cat({freqs, freqs}, -1).unsqueeze(1);                  // [B,1,T,hd]
-  auto cos = emb.cos(), sin = emb.sin();
+  auto inv_freq = 1.0 / torch::pow(torch::tensor(float(theta)), idx);  // [hd/2]
+  auto freqs = pos.to(torch::kFloat32).unsqueeze(-1) * inv_freq;        // [B,T,hd/2]
+  auto emb = torch::cat({freqs, freqs}, -1).unsqueeze(1);               // [B,1,T,hd]
+  return {emb.cos(), emb.sin()};
+}
+
+torch::Tensor apply_rope(const torch::Tensor& x, const RopeTables& t) {
+  const int64_t hd = x.size(-1);
   auto x1 = x.narrow(-1, 0, hd / 2), x2 = x.narrow(-1, hd / 2, hd / 2);
-  auto rotated = torch::cat({-x2, x1}, -1);
-  return x * cos + rotated * sin;
+  return x * t.cos + torch::cat({-x2, x1}, -1) * t.sin;  // rotate-half
+}
+
+torch::Tensor apply_rope(const torch::Tensor& x, const torch::Tensor& pos, double theta) {
+  return apply_rope(x, rope_tables(pos, x.size(-1), theta));
 }
 
 torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,

@@ -369,6 +369,8 @@ ForwardOutput Vlm::forward(const SequenceBatch& batch, KvCache* cache, ForwardTr
     cache->next_order = meta.order.max().item<int64_t>() + 1;
     cache->next_pos = std::get<0>(meta.pos.max(1)) + 1;
   }
+  RopeTables rope = rope_tables(meta.pos, config_.text.head_dim(), config_.text.rope_theta);
+  torch::Tensor allowed;  // computed by the first layer on each side of the drop
   for (int l = 0; l < L; ++l) {
     if (l == k) {
       // Victor's drop: the visual rows (and padding) leave the hidden states, the metadata and
@@ -384,9 +386,11 @@ ForwardOutput Vlm::forward(const SequenceBatch& batch, KvCache* cache, ForwardTr
         meta = meta.cat(pad).gather(idx);
         if (targets.defined())
           targets = torch::cat({targets, torch::full({B, 1}, int64_t(-100))}, 1).gather(1, idx);
+        rope = rope_tables(meta.pos, config_.text.head_dim(), config_.text.rope_theta);
       }
+      allowed = torch::Tensor();
     }
-    x = llama_layer(w_.llm.layers[l], config_.text, mode, l, x, meta,
+    x = llama_layer(w_.llm.layers[l], config_.text, mode, l, x, meta, rope, allowed,
                     cache ? &cache->layers[l] : nullptr, trace);
     if (trace) trace->tokens_per_layer.push_back(x.size(1));
   }
