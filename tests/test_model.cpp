@@ -1,5 +1,6 @@
 // The plain model: incremental decoding, batching, vision features.
 #include "helpers.h"
+#include "victor/error.h"
 #include "victor/generate.h"
 
 using namespace victor;
@@ -96,4 +97,21 @@ TEST(Model, SamplingIsSeededAndRespectsTopK) {
   tp.temperature = 1.0;
   tp.top_p = 0.5;
   for (int i = 0; i < 20; ++i) EXPECT_EQ(sample_next(logits, tp, gen).item<int64_t>(), 0);
+}
+
+TEST(Model, AveragePoolingBaselineReducesVisualTokens) {
+  auto cfg = tiny_config();
+  Vlm plain = Vlm::random(cfg, 16);
+  cfg.visual_pool = 2;
+  Vlm pooled = Vlm::random(cfg, 16);  // same weights
+  EXPECT_EQ(cfg.visual_tokens_per_image(), 4);
+  auto px = random_pixels(2, 28, 5);
+  auto full = plain.encode_images(px);   // [2,16,d], a 4x4 grid
+  auto got = pooled.encode_images(px);   // [2,4,d]
+  ASSERT_EQ(got.sizes(), (std::vector<int64_t>{2, 4, 64}));
+  // Token (0,1) of the pooled 2x2 grid is the mean of patches (0,2),(0,3),(1,2),(1,3).
+  auto ref = (full.select(1, 2) + full.select(1, 3) + full.select(1, 6) + full.select(1, 7)) / 4;
+  EXPECT_TRUE(torch::allclose(got.select(1, 1), ref, 1e-5, 1e-6));
+  cfg.visual_pool = 3;
+  EXPECT_THROW(cfg.validate(), Error);
 }

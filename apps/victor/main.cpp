@@ -40,7 +40,7 @@ std::vector<std::string> read_lines(const std::string& path) {
 // --- victor init ---
 struct InitArgs {
   std::string preset = "tiny", out, corpus, mask = "causal";
-  int registers = 0, summary_layers = -1, vocab = 512;
+  int registers = 0, summary_layers = -1, vocab = 512, pool = 1;
   uint64_t seed = 0;
 };
 
@@ -64,6 +64,7 @@ void run_init(const InitArgs& a) {
   cfg.victor.num_registers = a.registers;
   cfg.victor.summary_layers = a.summary_layers;
   cfg.victor.register_mask = register_mask_from_string(a.mask);
+  cfg.visual_pool = a.pool;
   Vlm model = Vlm::random(cfg, a.seed);
   model.save(a.out);
   std::cout << "wrote " << a.preset << " model to " << a.out << ": "
@@ -193,7 +194,7 @@ void run_eval(EvalArgs a, bool mask_given) {
 // --- victor bench ---
 struct BenchArgs {
   std::string model, preset, json_out, mask = "causal";
-  std::vector<int> sweep_registers, sweep_layers;
+  std::vector<int> sweep_registers, sweep_layers, pools;
   BenchOptions opt;
   bool json = false;
   int threads = default_threads();
@@ -214,11 +215,15 @@ void run_bench_cli(BenchArgs a) {
     model = std::make_unique<Vlm>(Vlm::random(cfg, a.seed));
   }
   a.opt.seed = a.seed;
+  if (a.sweep_registers.empty() != a.sweep_layers.empty())
+    throw Error("bench: --sweep-registers and --sweep-layers go together");
+  bool own = model->config().victor_enabled();
+  if (a.sweep_registers.empty() && !own) {  // a plain checkpoint: compare with Victor m=8, k=2
+    a.sweep_registers = {8};
+    a.sweep_layers = {std::min(2, model->config().num_layers())};
+  }
   auto configs = bench_configs(model->config(), a.sweep_registers, a.sweep_layers,
-                               register_mask_from_string(a.mask));
-  if (configs.size() < 2 && a.sweep_registers.empty())
-    configs = bench_configs(model->config(), {8}, {std::min(2, model->config().num_layers())},
-                            register_mask_from_string(a.mask));
+                               register_mask_from_string(a.mask), a.pools);
   auto results = run_bench(*model, configs, a.opt);
   auto j = bench_json(results, model->config(), a.opt);
   if (!a.json_out.empty()) write_file_atomic(a.json_out, j.dump(2) + "\n");
@@ -266,6 +271,7 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(300, 64000));
   c_init->add_option("--seed", init.seed, "Random seed for the weights");
   add_victor_options(c_init, init.registers, init.summary_layers, init.mask);
+  c_init->add_option("--visual-pool", init.pool, "Average-pooling baseline: pool the visual grid p x p (1 = off)")->check(CLI::Range(1, 64));
 
   GenerateArgs gen;
   auto* c_gen = app.add_subcommand("generate", "Answer a question about an image");
@@ -331,6 +337,7 @@ int main(int argc, char** argv) {
   c_train->add_flag("--resume", tr.resume, "Continue exactly where the checkpoint in --out stopped");
   c_train->add_flag("--skip-bad", tr.skip_bad, "Skip (and count) bad samples instead of stopping");
   add_victor_options(c_train, tr.registers, tr.summary_layers, tr.register_mask);
+  c_train->add_option("--visual-pool", tr.visual_pool, "Average-pooling baseline: pool the visual grid p x p (1 = off)")->check(CLI::Range(1, 64));
 
   EvalArgs ev;
   auto* c_eval = app.add_subcommand("eval", "Answer question JSONL and score against references");
@@ -353,6 +360,7 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"tiny", "small", "clip-l-1b"}));
   c_bench->add_option("--sweep-registers", bn.sweep_registers, "Register counts m to sweep (with --sweep-layers)")->delimiter(',');
   c_bench->add_option("--sweep-layers", bn.sweep_layers, "Summary layers k to sweep")->delimiter(',');
+  c_bench->add_option("--pool", bn.pools, "Average-pooling baselines to add (e.g. 2,4)")->delimiter(',')->check(CLI::Range(2, 64));
   c_bench->add_option("--register-mask", bn.mask, "Mask for swept configurations")->check(CLI::IsMember({"causal", "registers_only"}));
   c_bench->add_option("--batch", bn.opt.batches, "Batch sizes for requests/s")->delimiter(',')->check(CLI::Range(1, 1024));
   c_bench->add_option("--gen", bn.opt.gen_tokens, "Generated tokens per request")->delimiter(',')->check(CLI::Range(1, 8192));

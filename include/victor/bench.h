@@ -14,6 +14,7 @@ struct BenchConfig {
   std::string name;
   VictorConfig victor;  // summary_layers -1 = plain
   bool keep_registers = false;  // use the checkpoint's trained registers
+  int visual_pool = 1;          // average-pooling baseline (1 = off)
 };
 
 struct BenchOptions {
@@ -37,7 +38,8 @@ struct BenchResult {
 
 // The standard set: plain, the checkpoint's own Victor settings (if any), plus sweeps.
 std::vector<BenchConfig> bench_configs(const ModelConfig& cfg, const std::vector<int>& sweep_registers,
-                                       const std::vector<int>& sweep_layers, RegisterMask mask);
+                                       const std::vector<int>& sweep_layers, RegisterMask mask,
+                                       const std::vector<int>& pools = {});
 
 std::vector<BenchResult> run_bench(const Vlm& model, const std::vector<BenchConfig>& configs,
                                    const BenchOptions& opt);

@@ -65,6 +65,9 @@ struct ModelConfig {
   std::string projector_hidden_act = "gelu";
   int vision_feature_layer = -2;
   std::string vision_feature_select_strategy = "default";
+  // Baseline token reducer: average-pool the projected visual grid p x p before the LLM
+  // (1 = off; 2: 576 -> 144, 4: 576 -> 36).
+  int visual_pool = 1;
 
   int num_layers() const { return text.num_hidden_layers; }
   // k, resolved: the first layer that no longer sees visual tokens (L when nothing is dropped).

@@ -62,6 +62,8 @@ Image render_grid(const Grid& g, const IdxImages& items);
 // answer when the family has no valid question (locate with no unique item).
 QA ask(const Grid& g, const std::string& family, Rng& rng);
 std::vector<QA> ask_balanced(const Grid& g, int n, Rng& rng);
+// "row 1: sneaker, nothing, bag, coat. row 2: ..." (the pretraining caption).
+std::string describe_grid(const Grid& g);
 // Recomputes the answer from the grid: the invariant the tests check.
 std::string answer_from_grid(const Grid& g, const QA& qa);
 

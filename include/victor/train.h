@@ -28,6 +28,7 @@ struct TrainOptions {
   // Victor settings applied to the starting model (-2/-1 = keep the checkpoint's).
   int registers = -1, summary_layers = -2;
   std::string register_mask;
+  int visual_pool = 0;  // > 0: set the average-pooling baseline
   int max_samples = 0;  // use only the first N samples (0 = all)
 };
 

@@ -28,7 +28,8 @@ int64_t peak_rss_bytes() {
 }
 
 std::vector<BenchConfig> bench_configs(const ModelConfig& cfg, const std::vector<int>& sweep_registers,
-                                       const std::vector<int>& sweep_layers, RegisterMask mask) {
+                                       const std::vector<int>& sweep_layers, RegisterMask mask,
+                                       const std::vector<int>& pools) {
   std::vector<BenchConfig> out;
   out.push_back({"plain", VictorConfig{0, -1, RegisterMask::Causal}, false});
   if (cfg.victor_enabled()) {
@@ -45,6 +46,9 @@ std::vector<BenchConfig> bench_configs(const ModelConfig& cfg, const std::vector
       for (auto& c : out) dup |= c.name == name;
       if (!dup) out.push_back({name, v, false});
     }
+  for (int p : pools)
+    out.push_back({"pool " + std::to_string(p) + "x" + std::to_string(p), VictorConfig{0, -1, RegisterMask::Causal},
+                   false, p});
   return out;
 }
 
@@ -87,7 +91,8 @@ std::vector<BenchResult> run_bench(const Vlm& base, const std::vector<BenchConfi
     Vlm m(base);
     bool same_m = c.victor.num_registers == bc.victor.num_registers;
     auto regs = m.weights().registers;
-    m.set_victor(c.victor, opt.seed + 17);
+    m.mutable_config().visual_pool = c.visual_pool;
+    m.set_victor(c.victor, opt.seed + 17);  // validates
     if (c.keep_registers && same_m && regs.defined()) m.weights().registers = regs;
     models.push_back(std::move(m));
   }

@@ -182,6 +182,19 @@ QA ask(const Grid& g, const std::string& family, Rng& rng) {
   return q;
 }
 
+std::string describe_grid(const Grid& g) {
+  std::string s;
+  for (int r = 0; r < g.size; ++r) {
+    s += (r ? " row " : "row ") + std::to_string(r + 1) + ":";
+    for (int c = 0; c < g.size; ++c) {
+      int lab = g.labels[r * g.size + c];
+      s += (c ? ", " : " ") + (lab < 0 ? std::string("nothing") : kFashionClasses[lab]);
+    }
+    s += ".";
+  }
+  return s;
+}
+
 std::vector<QA> ask_balanced(const Grid& g, int n, Rng& rng) {
   static const std::vector<std::string> families = {"identify", "count", "exist", "locate"};
   std::vector<QA> out;
@@ -232,6 +245,7 @@ GridVqaSummary build_gridvqa(const GridVqaOptions& opt, const std::function<void
   Rng rng(opt.seed);
   GridVqaSummary sum;
   json train = json::array();
+  json pretrain = json::array();  // LLaVA stage-1 style: one dense description per image
   std::string grids;  // grids.jsonl: each image's cells (labels and source items), for audits
   auto grid_line = [&](const std::string& image, const char* split, const Grid& g) {
     grids += json({{"image", image}, {"split", split}, {"grid", g.size}, {"labels", g.labels},
@@ -253,6 +267,11 @@ GridVqaSummary build_gridvqa(const GridVqaOptions& opt, const std::function<void
     char id[32];
     std::snprintf(id, sizeof id, "train_%06d", i);
     train.push_back({{"id", id}, {"image", name}, {"conversations", conv}});
+    pretrain.push_back({{"id", std::string(id) + "_describe"},
+                        {"image", name},
+                        {"conversations",
+                         {{{"from", "human"}, {"value", "<image>\nList the items row by row."}},
+                          {{"from", "gpt"}, {"value", describe_grid(g)}}}}});
     sum.train_questions += int(qas.size());
     ++sum.train_images;
     if (progress) progress(i + 1, total);
@@ -277,6 +296,7 @@ GridVqaSummary build_gridvqa(const GridVqaOptions& opt, const std::function<void
   }
   write_file_atomic((fs::path(opt.out_dir) / "train.json").string(), train.dump(1) + "\n");
   write_file_atomic((fs::path(opt.out_dir) / "test.jsonl").string(), test);
+  write_file_atomic((fs::path(opt.out_dir) / "pretrain.json").string(), pretrain.dump(1) + "\n");
   write_file_atomic((fs::path(opt.out_dir) / "grids.jsonl").string(), grids);
   json meta = {{"dataset", "GridVQA"},
                {"seed", opt.seed},
@@ -288,6 +308,8 @@ GridVqaSummary build_gridvqa(const GridVqaOptions& opt, const std::function<void
                {"train_questions", sum.train_questions},
                {"test_questions", sum.test_questions},
                {"test_questions_per_family", family_counts},
+               {"files", {{"train", "train.json"}, {"test", "test.jsonl"}, {"pretrain", "pretrain.json"},
+                          {"grids", "grids.jsonl"}}},
                {"classes", kFashionClasses},
                {"source_files",
                 {src("train-images-idx3-ubyte.gz"), src("train-labels-idx1-ubyte.gz"),
@@ -310,6 +332,7 @@ std::vector<std::string> gridvqa_corpus() {
     lines.push_back("Is there a " + kFashionClasses[k] + "? yes no");
     lines.push_back("Where is the " + kFashionClasses[k] + "? " + kFashionClasses[k]);
   }
+  lines.push_back("List the items row by row. row 1: sneaker, nothing, bag, coat.");
   lines.push_back("USER: ASSISTANT: Describe the image. What is this? A chat between a curious human "
                   "and an artificial intelligence assistant.");
   return lines;

@@ -24,6 +24,7 @@ int ModelConfig::drop_layer() const {
 }
 
 int ModelConfig::visual_tokens_per_image() const {
+  if (visual_pool > 1) return vision.num_patches() / (visual_pool * visual_pool);
   return vision.num_patches() + (vision_feature_select_strategy == "full" ? 1 : 0);
 }
 
@@ -88,6 +89,11 @@ void ModelConfig::validate() const {
   require(vision_feature_select_strategy == "default" || vision_feature_select_strategy == "full",
           "vision_feature_select_strategy", "must be 'default' or 'full'");
   require(victor.num_registers >= 0, "num_registers", "must be >= 0");
+  const int side = v.image_size / v.patch_size;
+  require(visual_pool >= 1 && side % visual_pool == 0, "visual_pool",
+          "must be >= 1 and divide the " + std::to_string(side) + " patches per side");
+  require(visual_pool == 1 || vision_feature_select_strategy == "default", "visual_pool",
+          "needs vision_feature_select_strategy 'default' (no class token)");
   require(victor.summary_layers >= -1 && victor.summary_layers <= t.num_hidden_layers,
           "summary_layers", "must be between 0 and text_config.num_hidden_layers (" +
                                 std::to_string(t.num_hidden_layers) + ")");
@@ -167,6 +173,7 @@ ModelConfig config_from_json(const json& j, const std::string& src) {
   }
   c.preprocess.crop_size = c.vision.image_size;
   c.preprocess.shortest_edge = c.vision.image_size;
+  get_opt(j, "visual_pool", c.visual_pool, src);
   get_opt(j, "num_registers", c.victor.num_registers, src);
   get_opt(j, "summary_layers", c.victor.summary_layers, src);
   if (j.contains("register_mask"))
@@ -212,6 +219,7 @@ json config_to_json(const ModelConfig& c) {
                       {"hidden_act", t.hidden_act},
                       {"bos_token_id", t.bos_token_id},
                       {"eos_token_id", t.eos_token_id}};
+  if (c.visual_pool > 1) j["visual_pool"] = c.visual_pool;
   if (c.victor_enabled() || c.victor.summary_layers >= 0) {
     j["num_registers"] = c.victor.num_registers;
     j["summary_layers"] = c.drop_layer();

@@ -244,7 +244,14 @@ torch::Tensor Vlm::encode_images(const torch::Tensor& pixels) const {
 
 torch::Tensor Vlm::project(const torch::Tensor& f) const {
   auto h = activation(dense(f, w_.proj1.weight, w_.proj1.bias), config_.projector_hidden_act);
-  return dense(h, w_.proj2.weight, w_.proj2.bias);  // [n,N,d_text]
+  auto out = dense(h, w_.proj2.weight, w_.proj2.bias);  // [n,N,d_text]
+  const int p = config_.visual_pool;
+  if (p <= 1) return out;
+  // Average-pooling baseline: p x p neighbourhoods of the patch grid become one token.
+  const int64_t n = out.size(0), d = out.size(2), side = config_.vision.image_size / config_.vision.patch_size;
+  auto grid = out.view({n, side, side, d}).permute({0, 3, 1, 2});
+  auto pooled = torch::avg_pool2d(grid, {p, p}, {p, p});  // [n,d,side/p,side/p]
+  return pooled.flatten(2).transpose(1, 2).contiguous();
 }
 
 torch::Tensor Vlm::embed_tokens(const torch::Tensor& ids) const {

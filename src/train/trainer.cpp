@@ -325,6 +325,10 @@ TrainReport train(const TrainOptions& o) {
     model.set_victor(v, o.seed);
     if (regs.defined() && regs.size(0) == v.num_registers) model.weights().registers = regs;
   }
+  if (!o.resume && o.visual_pool > 0) {
+    model.mutable_config().visual_pool = o.visual_pool;
+    model.set_victor(model.config().victor, o.seed);  // validates (fresh registers if any)
+  }
   Tokenizer tok(start);
   std::string folder = o.image_folder.empty() ? fs::path(o.data).parent_path().string() : o.image_folder;
   auto samples = prepare_samples(convs, tok, model.config(), folder, o.skip_bad, &bad);
