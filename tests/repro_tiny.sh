@@ -4,11 +4,11 @@ set -eu
 VICTOR="$1"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-"$VICTOR" repro --preset tiny --out "$work/r" --train-images 24 --test-images 4 --steps 12 --vision-steps 3 \
+"$VICTOR" repro --preset tiny --out "$work/r" --train-images 24 --test-images 4 --steps 12 --vision-steps 3 --pretrain-steps 4 --pool 2 \
   --registers 4,8 --summary-layers 1 --bench-repeats 1 --bench-batch 4 --bench-gen 2,8 > "$work/out.txt"
 grep -q "report: $work/r/report.md" "$work/out.txt"
 r="$work/r/report.md"
-for pattern in "Stage 0, shared" "| plain | 0 |" "| victor-m4 | 4 |" "| victor-m8 | 8 |" "Answer-prior baseline" \
+for pattern in "Stage 0, shared" "| plain | 0 |" "| victor-m4 | 4 |" "| victor-m8 | 8 |" "| pool-2x2 | 0 |" "Answer-prior baseline" \
                "relative accuracy drop < 4%" "training time at least 43% lower" "throughput at least 3.3x" \
                "b4_g2 req/s" "## Accuracy per question family"; do
   grep -qF "$pattern" "$r" || { echo "report lacks: $pattern"; cat "$r"; exit 1; }

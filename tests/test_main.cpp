@@ -1,8 +1,11 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <cstdlib>
+
 int main(int argc, char** argv) {
   ::testing::InitGoogleTest(&argc, argv);
-  at::set_num_threads(2);
+  const char* env = std::getenv("OMP_NUM_THREADS");
+  at::set_num_threads(env && std::atoi(env) > 0 ? std::atoi(env) : 2);
   return RUN_ALL_TESTS();
 }

@@ -21,7 +21,14 @@ using namespace victor;
 
 namespace {
 
-int default_threads() { return std::max(1u, std::thread::hardware_concurrency()); }
+// All cores, unless OMP_NUM_THREADS says otherwise (CI runs tests side by side).
+int default_threads() {
+  if (const char* env = std::getenv("OMP_NUM_THREADS")) {
+    int n = std::atoi(env);
+    if (n > 0) return n;
+  }
+  return int(std::max(1u, std::thread::hardware_concurrency()));
+}
 
 void set_threads(int n) {
   at::set_num_threads(n);
@@ -249,7 +256,8 @@ void run_train_vision(const VisionArgs& a) {
     if (fs::exists(fs::path(a.model) / f) && fs::absolute(a.model) != fs::absolute(a.out))
       write_file_atomic((fs::path(a.out) / f).string(), read_file((fs::path(a.model) / f).string()));
   std::cout << "vision tower pretrained: " << r.steps << " steps in " << r.seconds << " s, final loss "
-            << r.final_loss << ", test cell accuracy " << 100 * r.test_cell_accuracy << "%\nmodel written to "
+            << r.final_loss << ", test cell accuracy " << 100 * r.test_cell_accuracy << "%, position accuracy "
+            << 100 * r.test_position_accuracy << "%\nmodel written to "
             << a.out << "\n";
 }
 
@@ -383,7 +391,9 @@ int main(int argc, char** argv) {
   c_repro->add_option("--register-mask", rp.register_mask, "causal | registers_only")->check(CLI::IsMember({"causal", "registers_only"}));
   c_repro->add_option("--train-images", rp.train_images, "GridVQA training images")->check(CLI::Range(1, 1000000));
   c_repro->add_option("--test-images", rp.test_images, "GridVQA test images")->check(CLI::Range(1, 100000));
-  c_repro->add_option("--steps", rp.steps, "Training steps per model (identical budgets)")->check(CLI::Range(1, 10000000));
+  c_repro->add_option("--steps", rp.steps, "Stage 2 steps per model: questions (identical budgets)")->check(CLI::Range(1, 10000000));
+  c_repro->add_option("--pretrain-steps", rp.pretrain_steps, "Stage 1 steps: row-by-row descriptions (0 = skip)")->check(CLI::Range(0, 10000000));
+  c_repro->add_option("--pool", rp.pools, "Average-pooling baselines to train (e.g. 4; 1 = none)")->delimiter(',')->check(CLI::Range(1, 64));
   c_repro->add_option("--vision-steps", rp.vision_steps, "Stage 0 steps: vision tower on cell classes (0 = skip)")->check(CLI::Range(0, 10000000));
   c_repro->add_option("--batch-size", rp.batch_size, "Conversations per step")->check(CLI::Range(1, 1024));
   c_repro->add_option("--lr", rp.lr, "Peak learning rate")->check(CLI::PositiveNumber);
@@ -429,6 +439,7 @@ int main(int argc, char** argv) {
         if (!given("--test-images")) o.test_images = q.test_images;
         if (!given("--steps")) o.steps = q.steps;
         if (!given("--vision-steps")) o.vision_steps = q.vision_steps;
+        if (!given("--pretrain-steps")) o.pretrain_steps = q.pretrain_steps;
         if (!given("--bench-repeats")) o.bench_repeats = q.bench_repeats;
         if (!given("--bench-gen")) o.bench_gen = q.bench_gen;
       }

@@ -13,8 +13,10 @@ struct ReproOptions {
   int summary_layers = 1;
   std::string register_mask = "causal";
   int train_images = 2000, test_images = 300, questions = 4;
-  int vision_steps = 200, vision_batch = 32;  // stage 0, shared by every model
-  int steps = 900, batch_size = 8;
+  int vision_steps = 150, vision_batch = 32;  // stage 0, shared by every model
+  int pretrain_steps = 150;                   // stage 1: row-by-row descriptions
+  int steps = 300, batch_size = 8;            // stage 2: the questions
+  std::vector<int> pools{4};                  // average-pooling baselines trained alongside
   double lr = 1e-3;
   int bench_repeats = 3, bench_batch = 16;
   std::vector<int> bench_gen{2, 128};

@@ -68,8 +68,9 @@ TrainReport train_model(Vlm& model, const std::vector<TrainSample>& samples, con
 namespace victor {
 
 // Stage 0 of the GridVQA recipe: pretrain the vision tower to classify every grid cell
-// (10 classes + empty) from the mean of its patch features, as LLaVA starts from a pretrained
-// CLIP. The linear head is discarded; only the vision tower changes.
+// (10 classes + empty) and to name its place in the grid, from the mean of its patch features,
+// as LLaVA starts from a pretrained CLIP. The linear heads are discarded; only the vision tower
+// changes.
 struct GridImage {
   std::string image;
   int grid = 0;
@@ -87,7 +88,7 @@ struct VisionPretrainOptions {
 };
 struct VisionPretrainReport {
   int steps = 0;
-  double seconds = 0, final_loss = 0, test_cell_accuracy = 0;
+  double seconds = 0, final_loss = 0, test_cell_accuracy = 0, test_position_accuracy = 0;
 };
 VisionPretrainReport pretrain_vision(Vlm& model, const std::vector<GridImage>& train,
                                      const std::vector<GridImage>& test, const VisionPretrainOptions& o);

@@ -24,7 +24,8 @@ ReproOptions ReproOptions::quick() {
   o.out = "runs/repro-quick";
   o.train_images = 400;
   o.test_images = 50;
-  o.steps = 70;
+  o.steps = 50;
+  o.pretrain_steps = 30;
   o.vision_steps = 40;
   o.bench_repeats = 1;
   o.bench_gen = {2, 32};
@@ -35,7 +36,7 @@ namespace {
 
 struct Trained {
   std::string name, dir;
-  int registers = 0, summary_layers = 0;
+  int registers = 0, summary_layers = 0, pool = 1;
   double train_seconds = 0, step_seconds = 0, final_loss = 0;
   EvalReport eval;
 };
@@ -94,6 +95,7 @@ std::string run_repro(const ReproOptions& o) {
       " test images) in " + data);
   build_gridvqa(g);
   auto convs = load_llava_json((fs::path(data) / "train.json").string());
+  auto describe = load_llava_json((fs::path(data) / "pretrain.json").string());
   auto questions = load_questions_jsonl((fs::path(data) / "test.jsonl").string());
   if (o.eval_limit > 0 && int(questions.size()) > o.eval_limit) questions.resize(size_t(o.eval_limit));
 
@@ -130,27 +132,43 @@ std::string run_repro(const ReproOptions& o) {
   std::vector<Trained> runs;
   runs.push_back({"plain", "", 0, -1});
   for (int m : o.registers) runs.push_back({"victor-m" + std::to_string(m), "", m, o.summary_layers});
+  for (int p : o.pools)
+    if (p > 1) runs.push_back({"pool-" + std::to_string(p) + "x" + std::to_string(p), "", 0, -1, p});
   for (auto& r : runs) {
     r.dir = (fs::path(o.out) / "models" / r.name).string();
     Vlm model = Vlm::load(init_dir);
-    if (r.name != "plain") {
-      VictorConfig v{r.registers, r.summary_layers, register_mask_from_string(o.register_mask)};
-      model.set_victor(v, o.seed + 1);
-    }
+    model.mutable_config().visual_pool = r.pool;
+    VictorConfig v{r.registers, r.name.rfind("victor", 0) == 0 ? r.summary_layers : -1,
+                   register_mask_from_string(o.register_mask)};
+    model.set_victor(v, o.seed + 1);  // also validates the pooling
     r.summary_layers = model.config().drop_layer();
-    auto samples = prepare_samples(convs, tok, model.config(), data, false, nullptr);
     TrainOptions t;
     t.parts = parse_parts("all");
     t.lr = o.lr;
     t.batch_size = o.batch_size;
-    t.max_steps = o.steps;
     t.seed = o.seed;
-    t.out = r.dir;
     t.progress = o.progress;
-    say("training " + r.name + " (" + std::to_string(o.steps) + " steps of " + std::to_string(o.batch_size) + ")");
+    double seconds = 0, step_time = 0;
+    int steps = 0;
+    if (o.pretrain_steps > 0) {  // stage 1: descriptions, no checkpoint
+      auto s1 = prepare_samples(describe, tok, model.config(), data, false, nullptr);
+      t.max_steps = o.pretrain_steps;
+      say("training " + r.name + ", stage 1: " + std::to_string(o.pretrain_steps) + " steps of descriptions");
+      auto rep1 = train_model(model, s1, t, init_dir);
+      seconds += rep1.seconds;
+      step_time += rep1.mean_step_seconds * rep1.steps;
+      steps += rep1.steps;
+    }
+    auto samples = prepare_samples(convs, tok, model.config(), data, false, nullptr);
+    t.max_steps = o.steps;
+    t.out = r.dir;
+    say("training " + r.name + ", stage 2: " + std::to_string(o.steps) + " steps of questions");
     auto rep = train_model(model, samples, t, init_dir);
-    r.train_seconds = rep.seconds;
-    r.step_seconds = rep.mean_step_seconds;
+    seconds += rep.seconds;
+    step_time += rep.mean_step_seconds * rep.steps;
+    steps += rep.steps;
+    r.train_seconds = seconds;
+    r.step_seconds = steps ? step_time / steps : 0;
     r.final_loss = rep.final_loss;
     say(r.name + ": " + num(rep.seconds, "%.1f") + " s, final loss " + num(rep.final_loss, "%.4f"));
     // 4. Evaluate.
@@ -165,11 +183,13 @@ std::string run_repro(const ReproOptions& o) {
   EvalReport prior = answer_prior(convs, questions);
 
   // 5. Benchmark: the same weights under each configuration, measured alternately.
-  Vlm bench_model = Vlm::load(runs.back().dir);
+  Vlm bench_model = Vlm::load(runs.front().dir);
   std::vector<BenchConfig> configs{{"plain", VictorConfig{0, -1, RegisterMask::Causal}, false}};
   for (size_t i = 1; i < runs.size(); ++i)
-    configs.push_back({runs[i].name, VictorConfig{runs[i].registers, runs[i].summary_layers,
-                                                  register_mask_from_string(o.register_mask)}, false});
+    configs.push_back({runs[i].name,
+                       VictorConfig{runs[i].registers, runs[i].pool > 1 ? -1 : runs[i].summary_layers,
+                                    register_mask_from_string(o.register_mask)},
+                       false, runs[i].pool});
   BenchOptions b;
   b.batches = {1, o.bench_batch};
   b.gen_tokens = o.bench_gen;
@@ -198,8 +218,9 @@ std::string run_repro(const ReproOptions& o) {
   if (o.vision_steps > 0)
     md << "Stage 0, shared by every model: the vision tower pretrained to classify grid cells (" << vrep.steps
        << " steps of " << o.vision_batch << " images, " << num(vrep.seconds, "%.0f") << " s, test-split cell accuracy "
-       << pct(vrep.test_cell_accuracy) << "), like LLaVA starting from a pretrained CLIP. Training times below are "
-       << "stage 1 (the LLaVA-style training, all parts trained), which differs between the models.\n\n";
+       << pct(vrep.test_cell_accuracy) << ", place accuracy " << pct(vrep.test_position_accuracy)
+       << "), like LLaVA starting from a pretrained CLIP. Training times below are stages 1 + 2 (the LLaVA-style "
+       << "training, all parts trained), which differ between the models.\n\n";
   md << "| model | m | accuracy | relative drop | training time | time reduction | throughput " << key_short
      << " | ratio | throughput " << key_long << " | ratio | KV bytes ratio |\n";
   md << "|---|---|---|---|---|---|---|---|---|---|---|\n";
@@ -253,6 +274,7 @@ std::string run_repro(const ReproOptions& o) {
     md << "| " << r.name << " | " << num(r.step_seconds, "%.3f") << " s | " << num(r.final_loss, "%.4f") << " |\n";
   std::vector<std::pair<double, double>> acc_pts, thr_pts;
   for (size_t i = 1; i < runs.size(); ++i) {
+    if (runs[i].pool > 1) continue;
     acc_pts.emplace_back(runs[i].registers, 100 * runs[i].eval.overall.accuracy());
     thr_pts.emplace_back(runs[i].registers, bench[i].requests_per_second.at(key_short));
   }

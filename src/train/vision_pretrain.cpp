@@ -68,7 +68,13 @@ VisionPretrainReport pretrain_vision(Vlm& model, const std::vector<GridImage>& t
   torch::manual_seed(o.seed);
   auto head_w = (torch::randn({11, cfg.vision.hidden_size}) * 0.02).requires_grad_(true);
   auto head_b = torch::zeros({11}).requires_grad_(true);
-  std::vector<torch::Tensor> params{head_w, head_b};
+  // A second head names each cell's place in the grid, so the visual tokens carry where they are
+  // (the language model must find "row 2, column 3" by content, not only by RoPE distance).
+  const int cells = grid * grid;
+  auto where_w = (torch::randn({cells, cfg.vision.hidden_size}) * 0.02).requires_grad_(true);
+  auto where_b = torch::zeros({cells}).requires_grad_(true);
+  auto where_target = torch::arange(cells, torch::kInt64);
+  std::vector<torch::Tensor> params{head_w, head_b, where_w, where_b};
   for (auto& p : model.params())
     if (p.part == Part::Vision) params.push_back(*p.tensor);
   torch::optim::AdamW opt(params, torch::optim::AdamWOptions(o.lr).weight_decay(0.0));
@@ -97,9 +103,12 @@ VisionPretrainReport pretrain_vision(Vlm& model, const std::vector<GridImage>& t
                             : 0.5 * o.lr * (1 + std::cos(M_PI * double(step - warm) / std::max(1, o.steps - warm)));
     for (auto& g : opt.param_groups()) static_cast<torch::optim::AdamWOptions&>(g.options()).lr(lr);
     auto [px, lab] = batch_of(shuffled, size_t(step) * o.batch_size, size_t(o.batch_size));
-    auto cells = cell_features(model.vision_features(px), grid, side);  // [n,G*G,D]
-    auto logits = torch::matmul(cells, head_w.t()) + head_b;
-    auto loss = torch::nn::functional::cross_entropy(logits.reshape({-1, 11}), lab.reshape({-1}));
+    auto cells_f = cell_features(model.vision_features(px), grid, side);  // [n,G*G,D]
+    auto logits = torch::matmul(cells_f, head_w.t()) + head_b;
+    auto where = torch::matmul(cells_f, where_w.t()) + where_b;  // [n,G*G,G*G]
+    auto loss = torch::nn::functional::cross_entropy(logits.reshape({-1, 11}), lab.reshape({-1})) +
+                torch::nn::functional::cross_entropy(where.reshape({-1, cells}),
+                                                     where_target.repeat({px.size(0)}));
     opt.zero_grad();
     loss.backward();
     torch::nn::utils::clip_grad_norm_(params, 1.0);
@@ -114,15 +123,18 @@ VisionPretrainReport pretrain_vision(Vlm& model, const std::vector<GridImage>& t
   model.set_trainable({});
   if (!test.empty()) {
     torch::NoGradGuard ng;
-    int64_t correct = 0, total = 0;
+    int64_t correct = 0, total = 0, where_ok = 0;
     for (size_t s = 0; s < test.size(); s += 64) {
       auto [px, lab] = batch_of(test, s, std::min<size_t>(64, test.size() - s));
       auto cells = cell_features(model.vision_features(px), grid, side);
       auto pred = (torch::matmul(cells, head_w.t()) + head_b).argmax(-1);
       correct += pred.eq(lab).sum().item<int64_t>();
+      auto wpred = (torch::matmul(cells, where_w.t()) + where_b).argmax(-1);
+      where_ok += wpred.eq(where_target.unsqueeze(0)).sum().item<int64_t>();
       total += lab.numel();
     }
     rep.test_cell_accuracy = double(correct) / double(total);
+    rep.test_position_accuracy = double(where_ok) / double(total);
   }
   rep.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return rep;
