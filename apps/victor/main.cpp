@@ -395,6 +395,7 @@ int main(int argc, char** argv) {
   c_repro->add_option("--pretrain-steps", rp.pretrain_steps, "Stage 1 steps: row-by-row descriptions (0 = skip)")->check(CLI::Range(0, 10000000));
   c_repro->add_option("--pool", rp.pools, "Average-pooling baselines to train (e.g. 4; 1 = none)")->delimiter(',')->check(CLI::Range(1, 64));
   c_repro->add_option("--vision-steps", rp.vision_steps, "Stage 0 steps: vision tower on cell classes (0 = skip)")->check(CLI::Range(0, 10000000));
+  c_repro->add_option("--train", rp.train_parts, "Parts trained in stages 1-2 (finetune = projector + registers + llm, vision frozen)");
   c_repro->add_option("--batch-size", rp.batch_size, "Conversations per step")->check(CLI::Range(1, 1024));
   c_repro->add_option("--lr", rp.lr, "Peak learning rate")->check(CLI::PositiveNumber);
   c_repro->add_option("--bench-repeats", rp.bench_repeats, "Benchmark repeats")->check(CLI::Range(1, 100));
@@ -439,7 +440,6 @@ int main(int argc, char** argv) {
         if (!given("--test-images")) o.test_images = q.test_images;
         if (!given("--steps")) o.steps = q.steps;
         if (!given("--vision-steps")) o.vision_steps = q.vision_steps;
-        if (!given("--pretrain-steps")) o.pretrain_steps = q.pretrain_steps;
         if (!given("--bench-repeats")) o.bench_repeats = q.bench_repeats;
         if (!given("--bench-gen")) o.bench_gen = q.bench_gen;
       }

@@ -14,8 +14,9 @@ struct ReproOptions {
   std::string register_mask = "causal";
   int train_images = 2000, test_images = 300, questions = 4;
   int vision_steps = 150, vision_batch = 32;  // stage 0, shared by every model
-  int pretrain_steps = 150;                   // stage 1: row-by-row descriptions
-  int steps = 300, batch_size = 8;            // stage 2: the questions
+  int pretrain_steps = 0;                     // stage 1: row-by-row descriptions (optional)
+  int steps = 450, batch_size = 8;            // stage 2: the questions
+  std::string train_parts = "finetune";       // LLaVA: the vision tower stays frozen
   std::vector<int> pools{4};                  // average-pooling baselines trained alongside
   double lr = 1e-3;
   int bench_repeats = 3, bench_batch = 16;
