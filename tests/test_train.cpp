@@ -194,10 +194,14 @@ TEST(Train, VisionPretrainingLearnsCellClasses) {
   o.batch_size = 16;
   o.progress = false;
   auto first = pretrain_vision(m, train, test, o);
-  o.steps = 60;
+  o.steps = 150;
   o.lr = 3e-3;
   auto r = pretrain_vision(m, train, test, o);
+  std::printf("first %.4f (%.4f + %.4f) final %.4f (%.4f + %.4f)\n", first.final_loss, first.final_class_loss,
+              first.final_place_loss, r.final_loss, r.final_class_loss, r.final_place_loss);
   EXPECT_LT(r.final_loss, 0.5 * first.final_loss);
+  EXPECT_LT(r.final_class_loss, 0.5 * first.final_class_loss);  // both heads learn
+  EXPECT_LT(r.final_place_loss, 0.6 * first.final_place_loss);
   EXPECT_FALSE(torch::equal(before, m.weights().vision.layers[0].fc1.weight));
   EXPECT_TRUE(torch::equal(proj_before, m.weights().proj1.weight));  // only the vision tower changes
   EXPECT_GE(r.test_cell_accuracy, 0.0);

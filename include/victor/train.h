@@ -89,6 +89,7 @@ struct VisionPretrainOptions {
 struct VisionPretrainReport {
   int steps = 0;
   double seconds = 0, final_loss = 0, test_cell_accuracy = 0, test_position_accuracy = 0;
+  double final_class_loss = 0, final_place_loss = 0;  // the two parts of final_loss
 };
 VisionPretrainReport pretrain_vision(Vlm& model, const std::vector<GridImage>& train,
                                      const std::vector<GridImage>& test, const VisionPretrainOptions& o);

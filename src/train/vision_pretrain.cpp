@@ -106,16 +106,20 @@ VisionPretrainReport pretrain_vision(Vlm& model, const std::vector<GridImage>& t
     auto cells_f = cell_features(model.vision_features(px), grid, side);  // [n,G*G,D]
     auto logits = torch::matmul(cells_f, head_w.t()) + head_b;
     auto where = torch::matmul(cells_f, where_w.t()) + where_b;  // [n,G*G,G*G]
-    auto loss = torch::nn::functional::cross_entropy(logits.reshape({-1, 11}), lab.reshape({-1})) +
-                torch::nn::functional::cross_entropy(where.reshape({-1, cells}),
-                                                     where_target.repeat({px.size(0)}));
+    auto class_loss = torch::nn::functional::cross_entropy(logits.reshape({-1, 11}), lab.reshape({-1}));
+    auto place_loss = torch::nn::functional::cross_entropy(where.reshape({-1, cells}),
+                                                           where_target.repeat({px.size(0)}));
+    auto loss = class_loss + place_loss;
     opt.zero_grad();
     loss.backward();
     torch::nn::utils::clip_grad_norm_(params, 1.0);
     opt.step();
     rep.final_loss = loss.item<double>();
+    rep.final_class_loss = class_loss.item<double>();
+    rep.final_place_loss = place_loss.item<double>();
     char extra[64];
-    std::snprintf(extra, sizeof extra, "loss %.4f", rep.final_loss);
+    std::snprintf(extra, sizeof extra, "loss %.4f (class %.4f, place %.4f)", rep.final_loss,
+                  rep.final_class_loss, rep.final_place_loss);
     bar.update(step + 1, extra);
     rep.steps++;
   }
