@@ -252,7 +252,7 @@ TEST(Tokenizer, MatchesSentencePieceReferenceForUnigramAndBpe) {
   const std::vector<std::string> texts = {"What is in row 2, column 3?", "How many ankle boots are there?",
                                           "Is there a dress? yes", "zebra quokka 42 ünïcode"};
   auto dir = temp_dir("tok");
-  int n = train_tokenizer(gridvqa_corpus(), dir, 400);
+  int n = train_tokenizer(gridvqa_corpus(), dir, 400, "unigram");
   Tokenizer tok(dir);
   EXPECT_EQ(tok.sp_size(), n);
   EXPECT_EQ(tok.token_id("<image>"), n);
@@ -272,6 +272,12 @@ TEST(Tokenizer, MatchesSentencePieceReferenceForUnigramAndBpe) {
   ASSERT_EQ(std::system(cmd.c_str()), 0);
   Tokenizer bpe(bdir);
   for (auto& t : texts) EXPECT_EQ(bpe.encode(t), spm_encode(bdir + "/tokenizer.model", t)) << t;
+  // The default (BPE) tokenizer victor trains keeps the vocabulary's words whole.
+  auto ddir = temp_dir("tokdefault");
+  train_tokenizer(gridvqa_corpus(), ddir, 512);
+  Tokenizer def(ddir);
+  for (auto& t : texts) EXPECT_EQ(def.encode(t), spm_encode(ddir + "/tokenizer.model", t)) << t;
+  EXPECT_EQ(def.encode("What is in row 2, column 3?").size(), 11u);  // What is in row _ 2 , column _ 3 ?
   // Added tokens split the text.
   auto ids = tok.encode("<image>\nWhat");
   EXPECT_EQ(ids[0], n);

@@ -46,7 +46,7 @@ std::vector<std::string> read_lines(const std::string& path) {
 
 // --- victor init ---
 struct InitArgs {
-  std::string preset = "tiny", out, corpus, mask = "causal";
+  std::string preset = "tiny", out, corpus, mask = "causal", tokenizer_type = "bpe";
   int registers = 0, summary_layers = -1, vocab = 512, pool = 1;
   uint64_t seed = 0;
 };
@@ -64,7 +64,7 @@ void add_victor_options(CLI::App* c, int& registers, int& summary_layers, std::s
 void run_init(const InitArgs& a) {
   ModelConfig cfg = preset_config(a.preset);
   std::vector<std::string> corpus = a.corpus.empty() ? gridvqa_corpus() : read_lines(a.corpus);
-  int n = train_tokenizer(corpus, a.out, a.vocab);
+  int n = train_tokenizer(corpus, a.out, a.vocab, a.tokenizer_type);
   cfg.text.vocab_size = ((n + 2 + 63) / 64) * 64;  // padded like llava-1.5's 32064
   cfg.image_token_index = n;
   cfg.pad_token_id = n + 1;
@@ -277,6 +277,8 @@ int main(int argc, char** argv) {
       ->check(CLI::ExistingFile);
   c_init->add_option("--vocab-size", init.vocab, "SentencePiece vocabulary size (upper bound)")
       ->check(CLI::Range(300, 64000));
+  c_init->add_option("--tokenizer-type", init.tokenizer_type, "SentencePiece model type: bpe (as Llama's) | unigram")
+      ->check(CLI::IsMember({"bpe", "unigram"}));
   c_init->add_option("--seed", init.seed, "Random seed for the weights");
   add_victor_options(c_init, init.registers, init.summary_layers, init.mask);
   c_init->add_option("--visual-pool", init.pool, "Average-pooling baseline: pool the visual grid p x p (1 = off)")->check(CLI::Range(1, 64));

@@ -47,11 +47,13 @@ class Tokenizer {
   int64_t bos_ = 1, eos_ = 2, unk_ = 0;
 };
 
-// Trains a SentencePiece model (spm_train, unigram, identity normalization) on `corpus_lines`
-// and writes tokenizer.model, added_tokens.json
-// and tokenizer_config.json into dir. Returns the SentencePiece vocabulary size.
+// Trains a SentencePiece model (spm_train; `model_type` "bpe", as Llama's, or "unigram"; byte
+// fallback, identity normalization) on `corpus_lines` and writes tokenizer.model,
+// added_tokens.json and tokenizer_config.json into dir. Returns the SentencePiece vocabulary size.
+// BPE keeps GridVQA's words whole ("▁column"), where unigram on so small a corpus splits them
+// into letters and makes every question twice as long.
 int train_tokenizer(const std::vector<std::string>& corpus_lines, const std::string& dir,
-                    int vocab_size);
+                    int vocab_size, const std::string& model_type = "bpe");
 
 struct Turn {
   std::string human, assistant;

@@ -353,8 +353,10 @@ std::string shell_quote(const std::string& s) {
 }  // namespace
 
 int train_tokenizer(const std::vector<std::string>& corpus_lines, const std::string& dir,
-                    int vocab_size) {
+                    int vocab_size, const std::string& model_type) {
   if (corpus_lines.empty()) throw Error("tokenizer training: empty corpus");
+  if (model_type != "bpe" && model_type != "unigram")
+    throw Error("tokenizer training: model type '" + model_type + "' is not bpe or unigram");
   fs::create_directories(dir);
   std::string corpus_path = (fs::path(dir) / ".tokenizer_corpus.txt").string();
   std::string text;
@@ -365,7 +367,7 @@ int train_tokenizer(const std::vector<std::string>& corpus_lines, const std::str
   std::string cmd = "spm_train --input=" + shell_quote(corpus_path) +
                     " --model_prefix=" + shell_quote(prefix) +
                     " --vocab_size=" + std::to_string(vocab_size) +
-                    " --model_type=unigram --hard_vocab_limit=false --byte_fallback=true"
+                    " --model_type=" + model_type + " --hard_vocab_limit=false --byte_fallback=true"
                     " --split_digits=true --character_coverage=1.0 --num_threads=1"
                     " --normalization_rule_name=identity --remove_extra_whitespaces=false"
                     " --unk_id=0 --bos_id=1 --eos_id=2 --pad_id=-1"
