@@ -9,7 +9,7 @@ namespace victor {
 struct ReproOptions {
   std::string out = "runs/repro";
   std::string preset = "small";
-  std::vector<int> registers{8};
+  std::vector<int> registers{2, 8, 32};
   int summary_layers = 1;
   std::string register_mask = "causal";
   int train_images = 2000, test_images = 300, questions = 4;
