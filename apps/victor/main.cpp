@@ -217,9 +217,9 @@ void run_bench_cli(BenchArgs a) {
     model = std::make_unique<Vlm>(Vlm::load(a.model));
   } else {
     cfg = preset_config(a.preset);
-    std::cerr << "bench: random " << a.preset << " weights ("
-              << Vlm(cfg).parameter_count() / 1e9 << " B parameters)\n";
     model = std::make_unique<Vlm>(Vlm::random(cfg, a.seed));
+    std::cerr << "bench: random " << a.preset << " weights (" << model->parameter_count() / 1e9
+              << " B parameters)\n";
   }
   a.opt.seed = a.seed;
   if (a.sweep_registers.empty() != a.sweep_layers.empty())
