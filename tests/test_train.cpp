@@ -197,8 +197,6 @@ TEST(Train, VisionPretrainingLearnsCellClasses) {
   o.steps = 150;
   o.lr = 3e-3;
   auto r = pretrain_vision(m, train, test, o);
-  std::printf("first %.4f (%.4f + %.4f) final %.4f (%.4f + %.4f)\n", first.final_loss, first.final_class_loss,
-              first.final_place_loss, r.final_loss, r.final_class_loss, r.final_place_loss);
   EXPECT_LT(r.final_loss, 0.5 * first.final_loss);
   EXPECT_LT(r.final_class_loss, 0.5 * first.final_class_loss);  // both heads learn
   EXPECT_LT(r.final_place_loss, 0.6 * first.final_place_loss);

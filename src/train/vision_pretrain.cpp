@@ -114,9 +114,9 @@ VisionPretrainReport pretrain_vision(Vlm& model, const std::vector<GridImage>& t
     loss.backward();
     torch::nn::utils::clip_grad_norm_(params, 1.0);
     opt.step();
-    rep.final_loss = loss.item<double>();
     rep.final_class_loss = class_loss.item<double>();
     rep.final_place_loss = place_loss.item<double>();
+    rep.final_loss = rep.final_class_loss + rep.final_place_loss;
     char extra[64];
     std::snprintf(extra, sizeof extra, "loss %.4f (class %.4f, place %.4f)", rep.final_loss,
                   rep.final_class_loss, rep.final_place_loss);
