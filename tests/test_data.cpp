@@ -20,6 +20,7 @@ GridVqaOptions small_options(const std::string& out, uint64_t seed) {
   o.out_dir = out;
   o.train_images = 12;
   o.test_images = 6;
+  o.text_grids = 40;
   o.seed = seed;
   return o;
 }
@@ -73,7 +74,7 @@ TEST(GridVqa, SplitsAreDisjointAndFilesDeterministic) {
   auto a = temp_dir("gq_a"), b = temp_dir("gq_b");
   build_gridvqa(small_options(a, 3));
   build_gridvqa(small_options(b, 3));
-  for (auto f : {"train.json", "test.jsonl", "meta.json", "grids.jsonl", "images/test_000002.png"})
+  for (auto f : {"train.json", "test.jsonl", "meta.json", "grids.jsonl", "text.json", "images/test_000002.png"})
     EXPECT_EQ(read_file(a + "/" + f), read_file(b + "/" + f)) << f;
   // Every cell's pixels come from its own split's items, and every test answer matches its grid.
   auto train_items = read_idx_images(kSource + "/train-images-idx3-ubyte.gz");
@@ -106,4 +107,54 @@ TEST(GridVqa, SplitsAreDisjointAndFilesDeterministic) {
   auto c = temp_dir("gq_c");
   build_gridvqa(small_options(c, 4));
   EXPECT_NE(read_file(a + "/test.jsonl"), read_file(c + "/test.jsonl"));
+}
+
+// text.json, the language model's corpus: every answer agrees with the grid its description
+// writes out, there is no image, and the image files do not depend on it.
+TEST(GridVqa, TextCorpusAnswersAgreeWithItsDescriptions) {
+  auto a = temp_dir("gq_text"), b = temp_dir("gq_notext");
+  build_gridvqa(small_options(a, 7));
+  GridVqaOptions none = small_options(b, 7);
+  none.text_grids = 0;
+  build_gridvqa(none);
+  for (auto f : {"train.json", "test.jsonl", "grids.jsonl"})
+    EXPECT_EQ(read_file(a + "/" + f), read_file(b + "/" + f)) << f;
+  auto convs = load_llava_json(a + "/text.json");
+  ASSERT_EQ(convs.size(), 40u);
+  auto index_of = [](const std::string& name) {
+    if (name == "nothing") return -1;
+    for (int c = 0; c < 10; ++c)
+      if (kFashionClasses[size_t(c)] == name) return c;
+    throw Error("unknown item '" + name + "'");
+  };
+  std::map<std::string, int> families;
+  for (auto& c : convs) {
+    EXPECT_TRUE(c.image.empty()) << c.id;
+    const std::string& first = c.turns[0].human;
+    EXPECT_EQ(first.find("<image>"), std::string::npos);
+    // Parse "row 1: a, b, c, d. row 2: ..." back into a grid.
+    std::string desc = first.substr(0, first.find('\n'));
+    Grid g;
+    g.size = 4;
+    std::istringstream rows(desc);
+    std::string row;
+    while (std::getline(rows, row, '.')) {
+      if (row.find(':') == std::string::npos) continue;
+      std::istringstream cells(row.substr(row.find(':') + 1));
+      std::string cell;
+      while (std::getline(cells, cell, ',')) g.labels.push_back(index_of(cell.substr(1)));
+    }
+    ASSERT_EQ(g.labels.size(), 16u) << desc;
+    g.items.assign(16, 0);
+    for (size_t t = 0; t < c.turns.size(); ++t) {
+      std::string q = t ? c.turns[t].human : first.substr(first.find('\n') + 1);
+      std::string family = q.rfind("What is", 0) == 0   ? "identify"
+                           : q.rfind("How many", 0) == 0 ? "count"
+                           : q.rfind("Is there", 0) == 0 ? "exist"
+                                                         : "locate";
+      EXPECT_EQ(answer_from_grid(g, QA{family, q, c.turns[t].assistant}), c.turns[t].assistant) << c.id << ": " << q;
+      families[family]++;
+    }
+  }
+  EXPECT_EQ(families.size(), 4u);
 }

@@ -151,7 +151,7 @@ void run_gridvqa(const GridVqaOptions& o) {
   bar.finish();
   std::cout << "wrote GridVQA to " << o.out_dir << ": " << s.train_images << " train images ("
             << s.train_questions << " questions), " << s.test_images << " test images ("
-            << s.test_questions << " questions)\n";
+            << s.test_questions << " questions), " << s.text_grids << " grids as text (text.json)\n";
 }
 
 // --- victor train ---
@@ -319,6 +319,7 @@ int main(int argc, char** argv) {
   c_grid->add_option("--questions", gq.questions_per_image, "Questions per image")->check(CLI::Range(1, 16))->capture_default_str();
   c_grid->add_option("--empty-rate", gq.empty_rate, "Probability that a cell is empty")->check(CLI::Range(0.0, 0.99))->capture_default_str();
   c_grid->add_option("--seed", gq.seed, "Seed")->capture_default_str();
+  c_grid->add_option("--text-grids", gq.text_grids, "Grids written as text (text.json, the language model's pretraining corpus)")->check(CLI::Range(0, 10000000))->capture_default_str();
 
   TrainOptions tr;
   std::string train_parts = "pretrain";
@@ -397,6 +398,8 @@ int main(int argc, char** argv) {
   c_repro->add_option("--pretrain-steps", rp.pretrain_steps, "Stage 1 steps: row-by-row descriptions (0 = skip)")->check(CLI::Range(0, 10000000));
   c_repro->add_option("--pool", rp.pools, "Average-pooling baselines to train (e.g. 4; 1 = none)")->delimiter(',')->check(CLI::Range(1, 64));
   c_repro->add_option("--vision-steps", rp.vision_steps, "Stage 0 steps: vision tower on cell classes (0 = skip)")->check(CLI::Range(0, 10000000));
+  c_repro->add_option("--text-steps", rp.text_steps, "Stage L steps: the language model on grids written as text, shared (0 = skip)")->check(CLI::Range(0, 10000000));
+  c_repro->add_option("--text-lr", rp.text_lr, "Stage L peak learning rate")->check(CLI::PositiveNumber);
   c_repro->add_option("--train", rp.train_parts, "Parts trained in stages 1-2 (finetune = projector + registers + llm, vision frozen)");
   c_repro->add_option("--batch-size", rp.batch_size, "Conversations per step")->check(CLI::Range(1, 1024));
   c_repro->add_option("--lr", rp.lr, "Peak learning rate")->check(CLI::PositiveNumber);
@@ -442,6 +445,7 @@ int main(int argc, char** argv) {
         if (!given("--test-images")) o.test_images = q.test_images;
         if (!given("--steps")) o.steps = q.steps;
         if (!given("--vision-steps")) o.vision_steps = q.vision_steps;
+        if (!given("--text-steps")) o.text_steps = q.text_steps;
         if (!given("--bench-repeats")) o.bench_repeats = q.bench_repeats;
         if (!given("--bench-gen")) o.bench_gen = q.bench_gen;
       }

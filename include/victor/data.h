@@ -33,6 +33,10 @@ struct GridVqaOptions {
   int questions_per_image = 4;  // train: one multi-turn conversation; test: one line each
   double empty_rate = 0.3;
   uint64_t seed = 0;
+  // text.json: the same questions about grids written out as text (no image), the language
+  // model's own pretraining corpus, as LLaVA starts from a pretrained Vicuna. Labels only, so
+  // cheap; drawn from the train split with its own random stream (the other files do not change).
+  int text_grids = 20000;
 };
 
 struct Grid {
@@ -68,7 +72,7 @@ std::string describe_grid(const Grid& g);
 std::string answer_from_grid(const Grid& g, const QA& qa);
 
 struct GridVqaSummary {
-  int train_images = 0, test_images = 0, train_questions = 0, test_questions = 0;
+  int train_images = 0, test_images = 0, train_questions = 0, test_questions = 0, text_grids = 0;
 };
 GridVqaSummary build_gridvqa(const GridVqaOptions& opt,
                              const std::function<void(int, int)>& progress = {});

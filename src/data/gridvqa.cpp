@@ -294,6 +294,23 @@ GridVqaSummary build_gridvqa(const GridVqaOptions& opt, const std::function<void
     ++sum.test_images;
     if (progress) progress(opt.train_images + i + 1, total);
   }
+  // The text corpus: its own stream, so the images and questions above do not depend on it.
+  json text = json::array();
+  Rng text_rng(opt.seed ^ 0x7465787467726964ull);
+  for (int i = 0; i < opt.text_grids; ++i) {
+    Grid g = random_grid(opt.grid, opt.empty_rate, train_labels, text_rng);
+    auto qas = ask_balanced(g, opt.questions_per_image, text_rng);
+    json conv = json::array();
+    for (size_t t = 0; t < qas.size(); ++t) {
+      conv.push_back({{"from", "human"}, {"value", (t == 0 ? describe_grid(g) + "\n" : "") + qas[t].question}});
+      conv.push_back({{"from", "gpt"}, {"value", qas[t].answer}});
+    }
+    char id[32];
+    std::snprintf(id, sizeof id, "text_%06d", i);
+    text.push_back({{"id", id}, {"conversations", conv}});
+    ++sum.text_grids;
+  }
+  write_file_atomic((fs::path(opt.out_dir) / "text.json").string(), text.dump() + "\n");
   write_file_atomic((fs::path(opt.out_dir) / "train.json").string(), train.dump(1) + "\n");
   write_file_atomic((fs::path(opt.out_dir) / "test.jsonl").string(), test);
   write_file_atomic((fs::path(opt.out_dir) / "pretrain.json").string(), pretrain.dump(1) + "\n");
@@ -308,8 +325,9 @@ GridVqaSummary build_gridvqa(const GridVqaOptions& opt, const std::function<void
                {"train_questions", sum.train_questions},
                {"test_questions", sum.test_questions},
                {"test_questions_per_family", family_counts},
+               {"text_grids", sum.text_grids},
                {"files", {{"train", "train.json"}, {"test", "test.jsonl"}, {"pretrain", "pretrain.json"},
-                          {"grids", "grids.jsonl"}}},
+                          {"grids", "grids.jsonl"}, {"text", "text.json"}}},
                {"classes", kFashionClasses},
                {"source_files",
                 {src("train-images-idx3-ubyte.gz"), src("train-labels-idx1-ubyte.gz"),
