@@ -92,6 +92,34 @@ TEST(Train, StopAndResumeEqualsUninterruptedRun) {
   EXPECT_TRUE(torch::equal(*Vlm::load(o.out).params()[0].tensor, *second.params()[0].tensor));
 }
 
+TEST(Train, FrozenVisionFeatureCacheEqualsRecomputing) {
+  auto cfg = tiny_config(2, 2);
+  auto samples = toy_samples(cfg);
+  TrainOptions o;
+  o.parts = parse_parts("finetune");  // vision frozen: its features are cached
+  o.lr = 5e-3;
+  o.batch_size = 2;  // 6 steps over 3 samples: later epochs hit the cache
+  o.max_steps = 6;
+  o.progress = false;
+  Vlm cached = Vlm::random(cfg, 52), fresh = Vlm::random(cfg, 52);
+  auto hit = train_model(cached, samples, o, "");
+  o.feature_cache_mb = 0;
+  auto miss = train_model(fresh, samples, o, "");
+  EXPECT_EQ(hit.feature_cache_hits, 12 - 3);  // every image after its first use
+  EXPECT_EQ(miss.feature_cache_hits, 0);
+  for (size_t i = 0; i < cached.params().size(); ++i)
+    // Equal up to float rounding (features computed for 1 or 2 images at a time); a wrong image's
+    // features would move parameters by about lr = 5e-3.
+    EXPECT_TRUE(torch::allclose(*cached.params()[i].tensor, *fresh.params()[i].tensor, 1e-5, 1e-5))
+        << cached.params()[i].name << " max diff "
+        << (*cached.params()[i].tensor - *fresh.params()[i].tensor).abs().max().item<float>();
+  // Training the vision tower never uses the cache.
+  o.parts = parse_parts("all");
+  o.feature_cache_mb = 4096;
+  Vlm all = Vlm::random(cfg, 52);
+  EXPECT_EQ(train_model(all, samples, o, "").feature_cache_hits, 0);
+}
+
 TEST(Train, LabelsCoverExactlyTheAssistantTokens) {
   auto dir = temp_dir("labels");
   train_tokenizer(gridvqa_corpus(), dir, 400);

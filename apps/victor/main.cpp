@@ -163,6 +163,7 @@ void run_train(TrainOptions o, const std::string& parts, int threads) {
             << " tokens) in " << r.seconds << " s: " << r.mean_step_seconds << " s/step, "
             << r.tokens_per_second << " tokens/s, final loss " << r.final_loss;
   if (r.skipped) std::cout << ", " << r.skipped << " bad samples skipped";
+  if (r.feature_cache_hits) std::cout << ", " << r.feature_cache_hits << " images' vision features from the cache";
   std::cout << "\nmodel and trainer state in " << o.out << "\n";
 }
 
@@ -344,6 +345,9 @@ int main(int argc, char** argv) {
   c_train->add_option("--seed", tr.seed, "Seed (data order)");
   c_train->add_option("--threads", train_threads, "CPU threads")->check(CLI::Range(1, 1024));
   c_train->add_option("--max-samples", tr.max_samples, "Use only the first N samples")->check(CLI::Range(0, 100000000));
+  c_train->add_option("--feature-cache-mb", tr.feature_cache_mb,
+                      "Vision tower frozen: keep each image's features in memory up to this many MiB (0 = recompute every step)")
+      ->check(CLI::Range(0, 1 << 20));
   c_train->add_option("--log", tr.log, "Metrics JSON lines (default OUT/metrics.jsonl)");
   c_train->add_flag("--resume", tr.resume, "Continue exactly where the checkpoint in --out stopped");
   c_train->add_flag("--skip-bad", tr.skip_bad, "Skip (and count) bad samples instead of stopping");

@@ -30,6 +30,7 @@ struct TrainOptions {
   std::string register_mask;
   int visual_pool = 0;  // > 0: set the average-pooling baseline
   int max_samples = 0;  // use only the first N samples (0 = all)
+  int feature_cache_mb = 4096;  // frozen vision tower: keep each image's features (0 = recompute)
 };
 
 // Parses "vision,projector,registers,llm" or the presets "pretrain" and "finetune".
@@ -53,6 +54,7 @@ struct TrainReport {
   int steps = 0, samples = 0, skipped = 0;
   double seconds = 0, final_loss = 0, mean_step_seconds = 0, tokens_per_second = 0;
   int64_t tokens = 0;
+  int64_t feature_cache_hits = 0;  // images whose frozen vision features came from the cache
 };
 
 double lr_at(const TrainOptions& o, int step, int total_steps);

@@ -110,6 +110,48 @@ std::vector<size_t> epoch_order(size_t n, uint64_t seed, int epoch) {
   return idx;
 }
 
+// With the vision tower frozen its features are a fixed function of each sample's image, so
+// they are computed once and kept (as LLaVA's pretraining precomputes CLIP features); only the
+// projector and what follows run every step. Bounded by `cap_mb`; past it, features are computed.
+class FeatureCache {
+ public:
+  FeatureCache(size_t n, int cap_mb) : slots_(n), cap_(size_t(std::max(cap_mb, 0)) << 20) {}
+
+  // Features [n,N,d] of the images `pixels` (one [1,3,S,S] each) of samples `ids`.
+  torch::Tensor get(const Vlm& model, const std::vector<torch::Tensor>& pixels, const std::vector<size_t>& ids) {
+    torch::NoGradGuard ng;
+    std::vector<torch::Tensor> out(pixels.size()), missing_px;
+    std::vector<size_t> missing;
+    for (size_t i = 0; i < pixels.size(); ++i) {
+      if (ids[i] < slots_.size() && slots_[ids[i]].defined()) {
+        out[i] = slots_[ids[i]];
+        ++hits_;
+      } else {
+        missing.push_back(i);
+        missing_px.push_back(pixels[i]);
+      }
+    }
+    if (!missing.empty()) {
+      auto f = model.vision_features(torch::cat(missing_px, 0));
+      for (size_t j = 0; j < missing.size(); ++j) {
+        out[missing[j]] = f[int64_t(j)].unsqueeze(0).clone();
+        size_t bytes = size_t(out[missing[j]].numel()) * out[missing[j]].element_size();
+        if (ids[missing[j]] < slots_.size() && used_ + bytes <= cap_) {
+          slots_[ids[missing[j]]] = out[missing[j]];
+          used_ += bytes;
+        }
+      }
+    }
+    return torch::cat(out, 0);
+  }
+  int64_t hits() const { return hits_; }
+
+ private:
+  std::vector<torch::Tensor> slots_;
+  size_t cap_, used_ = 0;
+  int64_t hits_ = 0;
+};
+
 struct AdamState {
   std::vector<torch::Tensor> m, v;
 };
@@ -169,6 +211,7 @@ TrainReport train_model(Vlm& model, const std::vector<TrainSample>& samples, con
   if (trainable.empty()) throw Error("train: the selected parts have no parameters (no registers?)");
   const bool vision_trained =
       std::find(o.parts.begin(), o.parts.end(), Part::Vision) != o.parts.end();
+  FeatureCache features(vision_trained ? 0 : samples.size(), o.feature_cache_mb);
 
   AdamState adam;
   for (auto* p : trainable) {
@@ -214,6 +257,7 @@ TrainReport train_model(Vlm& model, const std::vector<TrainSample>& samples, con
     int64_t tokens = 0, rows_seen = 0;
     for (int a = 0; a < o.grad_accum; ++a) {
       std::vector<PromptInput> rows;
+      std::vector<size_t> ids;
       for (int b = 0; b < o.batch_size; ++b) {
         size_t global = size_t(step) * per_step + size_t(a) * o.batch_size + size_t(b);
         int epoch = int(global / samples.size());
@@ -221,23 +265,22 @@ TrainReport train_model(Vlm& model, const std::vector<TrainSample>& samples, con
           order = epoch_order(samples.size(), o.seed, epoch);
           order_epoch = epoch;
         }
-        rows.push_back(samples[order[global % samples.size()]].input);
+        ids.push_back(order[global % samples.size()]);
+        rows.push_back(samples[ids.back()].input);
       }
       std::vector<torch::Tensor> px;
-      for (auto& r : rows)
-        if (r.pixels.defined()) px.push_back(r.pixels);
+      std::vector<size_t> px_ids;
+      for (size_t r = 0; r < rows.size(); ++r)
+        if (rows[r].pixels.defined()) {
+          px.push_back(rows[r].pixels);
+          px_ids.push_back(ids[r]);
+        }
       torch::Tensor embeds;
       if (!px.empty()) {
-        auto pixels = torch::cat(px, 0);
         if (vision_trained) {
-          embeds = model.encode_images(pixels);
+          embeds = model.encode_images(torch::cat(px, 0));
         } else {
-          torch::Tensor feats;
-          {
-            torch::NoGradGuard ng;
-            feats = model.vision_features(pixels);
-          }
-          embeds = model.project(feats);
+          embeds = model.project(features.get(model, px, px_ids));
         }
       }
       SequenceBatch batch = model.assemble(rows, embeds, /*pad_left=*/false);
@@ -304,6 +347,7 @@ TrainReport train_model(Vlm& model, const std::vector<TrainSample>& samples, con
   rep.seconds = std::chrono::duration<double>(Clock::now() - t_start).count();
   rep.mean_step_seconds = rep.steps ? step_time_sum / rep.steps : 0;
   rep.tokens_per_second = step_time_sum > 0 ? rep.tokens / step_time_sum : 0;
+  rep.feature_cache_hits = features.hits();
   (void)cfg;
   return rep;
 }
