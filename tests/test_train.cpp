@@ -113,6 +113,14 @@ TEST(Train, FrozenVisionFeatureCacheEqualsRecomputing) {
     EXPECT_TRUE(torch::allclose(*cached.params()[i].tensor, *fresh.params()[i].tensor, 1e-5, 1e-5))
         << cached.params()[i].name << " max diff "
         << (*cached.params()[i].tensor - *fresh.params()[i].tensor).abs().max().item<float>();
+  // Samples of one image share its pixel tensor, and so its cached features.
+  auto shared = samples;
+  shared[1].input.pixels = shared[0].input.pixels;
+  o.max_steps = 1;
+  o.batch_size = 3;
+  Vlm one = Vlm::random(cfg, 52);
+  o.feature_cache_mb = 4096;
+  EXPECT_EQ(train_model(one, shared, o, "").feature_cache_hits, 1);
   // Training the vision tower never uses the cache.
   o.parts = parse_parts("all");
   o.feature_cache_mb = 4096;

@@ -6,6 +6,7 @@
 #include <fstream>
 #include <iostream>
 #include <nlohmann/json.hpp>
+#include <unordered_map>
 
 #include "victor/error.h"
 #include "victor/progress.h"
@@ -40,6 +41,7 @@ std::vector<TrainSample> prepare_samples(const std::vector<Conversation>& convs,
                                          const ModelConfig& cfg, const std::string& image_folder,
                                          bool skip_bad, std::vector<std::string>* skipped) {
   std::vector<TrainSample> out;
+  std::unordered_map<std::string, torch::Tensor> loaded;  // image path -> pixels
   Progress bar("loading", int64_t(convs.size()), isatty(2) && convs.size() > 200);
   const int64_t image_rows = cfg.visual_tokens_per_image() + cfg.victor.num_registers;
   for (size_t i = 0; i < convs.size(); ++i) {
@@ -64,14 +66,20 @@ std::vector<TrainSample> prepare_samples(const std::vector<Conversation>& convs,
                     std::to_string(cfg.text.max_position_embeddings) + ")");
       if (images > 0) {
         fs::path p = fs::path(image_folder) / c.image;
-        if (!fs::exists(p)) throw Error("sample '" + c.id + "': image not found: " + p.string());
-        Image img;
-        try {
-          img = load_image(p.string());
-        } catch (const Error& e) {
-          throw Error("sample '" + c.id + "': " + e.what());
+        auto seen = loaded.find(p.string());
+        if (seen != loaded.end()) {
+          s.input.pixels = seen->second;  // one tensor per image, shared by its samples
+        } else {
+          if (!fs::exists(p)) throw Error("sample '" + c.id + "': image not found: " + p.string());
+          Image img;
+          try {
+            img = load_image(p.string());
+          } catch (const Error& e) {
+            throw Error("sample '" + c.id + "': " + e.what());
+          }
+          s.input.pixels = preprocess_image(img, cfg.preprocess).unsqueeze(0);
+          loaded.emplace(p.string(), s.input.pixels);
         }
-        s.input.pixels = preprocess_image(img, cfg.preprocess).unsqueeze(0);
       }
       out.push_back(std::move(s));
     } catch (const Error& e) {
@@ -110,44 +118,54 @@ std::vector<size_t> epoch_order(size_t n, uint64_t seed, int epoch) {
   return idx;
 }
 
-// With the vision tower frozen its features are a fixed function of each sample's image, so
-// they are computed once and kept (as LLaVA's pretraining precomputes CLIP features); only the
-// projector and what follows run every step. Bounded by `cap_mb`; past it, features are computed.
+// With the vision tower frozen its features are a fixed function of each image, so they are
+// computed once and kept (as LLaVA's pretraining precomputes CLIP features); only the projector
+// and what follows run every step. Keyed by the pixel tensor, which samples of one image share.
+// Bounded by `cap_mb`; past it, features are computed every time.
 class FeatureCache {
  public:
-  FeatureCache(size_t n, int cap_mb) : slots_(n), cap_(size_t(std::max(cap_mb, 0)) << 20) {}
+  explicit FeatureCache(int cap_mb) : cap_(size_t(std::max(cap_mb, 0)) << 20) {}
 
-  // Features [n,N,d] of the images `pixels` (one [1,3,S,S] each) of samples `ids`.
-  torch::Tensor get(const Vlm& model, const std::vector<torch::Tensor>& pixels, const std::vector<size_t>& ids) {
+  // Features [n,N,d] of the images `pixels` (one [1,3,S,S] each).
+  torch::Tensor get(const Vlm& model, const std::vector<torch::Tensor>& pixels) {
     torch::NoGradGuard ng;
     std::vector<torch::Tensor> out(pixels.size()), missing_px;
-    std::vector<size_t> missing;
+    std::vector<int64_t> row_of(pixels.size(), -1);  // row in missing_px, for images not cached
+    std::unordered_map<const void*, int64_t> batch_rows;
     for (size_t i = 0; i < pixels.size(); ++i) {
-      if (ids[i] < slots_.size() && slots_[ids[i]].defined()) {
-        out[i] = slots_[ids[i]];
+      const void* key = pixels[i].data_ptr();
+      auto it = slots_.find(key);
+      if (it != slots_.end()) {
+        out[i] = it->second;
         ++hits_;
-      } else {
-        missing.push_back(i);
-        missing_px.push_back(pixels[i]);
+        continue;
       }
+      auto [b, fresh] = batch_rows.emplace(key, int64_t(missing_px.size()));
+      if (fresh)
+        missing_px.push_back(pixels[i]);
+      else
+        ++hits_;  // the same image twice in this batch: computed once
+      row_of[i] = b->second;
     }
-    if (!missing.empty()) {
+    if (!missing_px.empty()) {
       auto f = model.vision_features(torch::cat(missing_px, 0));
-      for (size_t j = 0; j < missing.size(); ++j) {
-        out[missing[j]] = f[int64_t(j)].unsqueeze(0).clone();
-        size_t bytes = size_t(out[missing[j]].numel()) * out[missing[j]].element_size();
-        if (ids[missing[j]] < slots_.size() && used_ + bytes <= cap_) {
-          slots_[ids[missing[j]]] = out[missing[j]];
+      for (auto& [key, row] : batch_rows) {
+        auto feat = f[row].unsqueeze(0).clone();
+        size_t bytes = size_t(feat.numel()) * feat.element_size();
+        if (used_ + bytes <= cap_) {
+          slots_.emplace(key, feat);
           used_ += bytes;
         }
       }
+      for (size_t i = 0; i < pixels.size(); ++i)
+        if (row_of[i] >= 0) out[i] = f[row_of[i]].unsqueeze(0);
     }
     return torch::cat(out, 0);
   }
   int64_t hits() const { return hits_; }
 
  private:
-  std::vector<torch::Tensor> slots_;
+  std::unordered_map<const void*, torch::Tensor> slots_;
   size_t cap_, used_ = 0;
   int64_t hits_ = 0;
 };
@@ -211,7 +229,7 @@ TrainReport train_model(Vlm& model, const std::vector<TrainSample>& samples, con
   if (trainable.empty()) throw Error("train: the selected parts have no parameters (no registers?)");
   const bool vision_trained =
       std::find(o.parts.begin(), o.parts.end(), Part::Vision) != o.parts.end();
-  FeatureCache features(vision_trained ? 0 : samples.size(), o.feature_cache_mb);
+  FeatureCache features(vision_trained ? 0 : o.feature_cache_mb);
 
   AdamState adam;
   for (auto* p : trainable) {
@@ -257,7 +275,6 @@ TrainReport train_model(Vlm& model, const std::vector<TrainSample>& samples, con
     int64_t tokens = 0, rows_seen = 0;
     for (int a = 0; a < o.grad_accum; ++a) {
       std::vector<PromptInput> rows;
-      std::vector<size_t> ids;
       for (int b = 0; b < o.batch_size; ++b) {
         size_t global = size_t(step) * per_step + size_t(a) * o.batch_size + size_t(b);
         int epoch = int(global / samples.size());
@@ -265,22 +282,17 @@ TrainReport train_model(Vlm& model, const std::vector<TrainSample>& samples, con
           order = epoch_order(samples.size(), o.seed, epoch);
           order_epoch = epoch;
         }
-        ids.push_back(order[global % samples.size()]);
-        rows.push_back(samples[ids.back()].input);
+        rows.push_back(samples[order[global % samples.size()]].input);
       }
       std::vector<torch::Tensor> px;
-      std::vector<size_t> px_ids;
-      for (size_t r = 0; r < rows.size(); ++r)
-        if (rows[r].pixels.defined()) {
-          px.push_back(rows[r].pixels);
-          px_ids.push_back(ids[r]);
-        }
+      for (auto& r : rows)
+        if (r.pixels.defined()) px.push_back(r.pixels);
       torch::Tensor embeds;
       if (!px.empty()) {
         if (vision_trained) {
           embeds = model.encode_images(torch::cat(px, 0));
         } else {
-          embeds = model.project(features.get(model, px, px_ids));
+          embeds = model.project(features.get(model, px));
         }
       }
       SequenceBatch batch = model.assemble(rows, embeds, /*pad_left=*/false);
