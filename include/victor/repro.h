@@ -14,7 +14,7 @@ struct ReproOptions {
   std::string register_mask = "causal";
   int train_images = 2000, test_images = 300, questions = 4;
   int vision_steps = 150, vision_batch = 32;  // stage 0, shared by every model
-  int text_steps = 3000, text_batch = 8;      // stage L, shared: the language model on text.json
+  int text_steps = 0, text_batch = 8;         // stage L, shared: the language model on text.json
   double text_lr = 3e-4;
   int pretrain_steps = 0;                     // stage 1: row-by-row descriptions (optional)
   int steps = 450, batch_size = 8;            // stage 2: the questions

@@ -229,7 +229,8 @@ std::string run_repro(const ReproOptions& o) {
   std::ostringstream md;
   md << "# Victor on GridVQA: reproduction report\n\n";
   md << "Preset `" << o.preset << "` trained from random weights (" << o.steps << " steps of " << o.batch_size
-     << " conversations, lr " << o.lr << ", every part trained), " << bench_model.config().visual_tokens_per_image()
+     << " conversations, lr " << o.lr << ", trained: `" << o.train_parts
+     << "`; with the vision tower frozen its features are computed once per image), " << bench_model.config().visual_tokens_per_image()
      << " visual tokens per image, " << bench_model.config().num_layers() << " decoder layers, Victor k = "
      << o.summary_layers << " (" << o.register_mask << " mask). GridVQA: " << o.train_images << " train images ("
      << convs.size() << " conversations), " << questions.size() << " test questions from "
