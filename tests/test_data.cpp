@@ -1,6 +1,7 @@
 // GridVQA and the Fashion-MNIST reader.
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <set>
 #include <zlib.h>
 
 #include "helpers.h"
@@ -107,6 +108,36 @@ TEST(GridVqa, SplitsAreDisjointAndFilesDeterministic) {
   auto c = temp_dir("gq_c");
   build_gridvqa(small_options(c, 4));
   EXPECT_NE(read_file(a + "/test.jsonl"), read_file(c + "/test.jsonl"));
+}
+
+// --families restricts every file's questions to those families; bad lists are refused by name.
+TEST(GridVqa, FamiliesOptionAsksOnlyThoseFamilies) {
+  auto a = temp_dir("gq_fam");
+  GridVqaOptions o = small_options(a, 5);
+  o.grid = 2;
+  o.families = {"identify", "locate"};
+  build_gridvqa(o);
+  std::set<std::string> seen;
+  for (auto& q : load_questions_jsonl(a + "/test.jsonl")) seen.insert(q.family);
+  EXPECT_EQ(seen, (std::set<std::string>{"identify", "locate"}));
+  for (auto& c : load_llava_json(a + "/train.json"))
+    for (auto& t : c.turns) {
+      auto h = t.human.substr(t.human.rfind('\n') + 1);
+      EXPECT_TRUE(h.rfind("What is in", 0) == 0 || h.rfind("Where is", 0) == 0) << h;
+    }
+  EXPECT_EQ(json::parse(read_file(a + "/meta.json"))["families"], json({"identify", "locate"}));
+  auto message = [&](std::vector<std::string> families) {
+    o.families = families;
+    try {
+      build_gridvqa(o);
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  EXPECT_NE(message({"identify", "colour"}).find("unknown question family 'colour'"), std::string::npos);
+  EXPECT_NE(message({"count", "count"}).find("'count' given twice"), std::string::npos);
+  EXPECT_NE(message({}).find("--families is empty"), std::string::npos);
 }
 
 // text.json, the language model's corpus: every answer agrees with the grid its description

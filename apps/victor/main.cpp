@@ -319,6 +319,10 @@ int main(int argc, char** argv) {
   c_grid->add_option("--test-images", gq.test_images, "Test images")->check(CLI::Range(0, 1000000))->capture_default_str();
   c_grid->add_option("--questions", gq.questions_per_image, "Questions per image")->check(CLI::Range(1, 16))->capture_default_str();
   c_grid->add_option("--empty-rate", gq.empty_rate, "Probability that a cell is empty")->check(CLI::Range(0.0, 0.99))->capture_default_str();
+  c_grid->add_option("--families", gq.families,
+                     "Question families asked, comma-separated (identify,count,exist,locate; one family for a curriculum)")
+      ->delimiter(',')
+      ->capture_default_str();
   c_grid->add_option("--seed", gq.seed, "Seed")->capture_default_str();
   c_grid->add_option("--text-grids", gq.text_grids, "Grids written as text (text.json, the language model's pretraining corpus)")->check(CLI::Range(0, 10000000))->capture_default_str();
 

@@ -33,6 +33,8 @@ struct GridVqaOptions {
   int questions_per_image = 4;  // train: one multi-turn conversation; test: one line each
   double empty_rate = 0.3;
   uint64_t seed = 0;
+  // Question families asked, in turn from a random start (a curriculum can ask one family).
+  std::vector<std::string> families{"identify", "count", "exist", "locate"};
   // text.json: the same questions about grids written out as text (no image), the language
   // model's own pretraining corpus, as LLaVA starts from a pretrained Vicuna. Labels only, so
   // cheap; drawn from the train split with its own random stream (the other files do not change).
@@ -65,7 +67,9 @@ Image render_grid(const Grid& g, const IdxImages& items);
 // One question of `family` about the grid ("identify", "count", "exist", "locate"); empty
 // answer when the family has no valid question (locate with no unique item).
 QA ask(const Grid& g, const std::string& family, Rng& rng);
-std::vector<QA> ask_balanced(const Grid& g, int n, Rng& rng);
+// Up to n distinct questions, the families taken in turn from a random start.
+std::vector<QA> ask_balanced(const Grid& g, int n, Rng& rng,
+                             const std::vector<std::string>& families = {"identify", "count", "exist", "locate"});
 // "row 1: sneaker, nothing, bag, coat. row 2: ..." (the pretraining caption).
 std::string describe_grid(const Grid& g);
 // Recomputes the answer from the grid: the invariant the tests check.

@@ -195,12 +195,13 @@ std::string describe_grid(const Grid& g) {
   return s;
 }
 
-std::vector<QA> ask_balanced(const Grid& g, int n, Rng& rng) {
-  static const std::vector<std::string> families = {"identify", "count", "exist", "locate"};
+std::vector<QA> ask_balanced(const Grid& g, int n, Rng& rng, const std::vector<std::string>& families) {
+  if (families.empty()) throw Error("GridVQA: no question families to ask");
+  const int f = int(families.size());
   std::vector<QA> out;
-  int start = rng.uniform(4);
+  int start = rng.uniform(f);
   for (int i = 0; int(out.size()) < n && i < 4 * n; ++i) {
-    QA q = ask(g, families[(start + i) % 4], rng);
+    QA q = ask(g, families[(start + i) % f], rng);
     if (q.answer.empty()) continue;
     bool dup = false;
     for (auto& o : out) dup |= o.question == q.question;
@@ -233,6 +234,14 @@ GridVqaSummary build_gridvqa(const GridVqaOptions& opt, const std::function<void
   if (opt.train_images < 0 || opt.test_images < 0) throw Error("gridvqa: image counts must be >= 0");
   if (opt.questions_per_image < 1) throw Error("gridvqa: --questions must be >= 1");
   if (opt.empty_rate < 0 || opt.empty_rate >= 1) throw Error("gridvqa: --empty-rate must be in [0, 1)");
+  if (opt.families.empty()) throw Error("gridvqa: --families is empty");
+  for (size_t i = 0; i < opt.families.size(); ++i) {
+    const auto& f = opt.families[i];
+    if (f != "identify" && f != "count" && f != "exist" && f != "locate")
+      throw Error("gridvqa: unknown question family '" + f + "' in --families (identify, count, exist, locate)");
+    if (std::find(opt.families.begin(), opt.families.begin() + i, f) != opt.families.begin() + i)
+      throw Error("gridvqa: question family '" + f + "' given twice in --families");
+  }
   auto src = [&](const std::string& f) { return (fs::path(opt.source_dir) / f).string(); };
   IdxImages train_items = read_idx_images(src("train-images-idx3-ubyte.gz"));
   auto train_labels = read_idx_labels(src("train-labels-idx1-ubyte.gz"));
@@ -258,7 +267,7 @@ GridVqaSummary build_gridvqa(const GridVqaOptions& opt, const std::function<void
     std::snprintf(name, sizeof name, "images/train_%06d.png", i);
     save_png(render_grid(g, train_items), (fs::path(opt.out_dir) / name).string());
     grid_line(name, "train", g);
-    auto qas = ask_balanced(g, opt.questions_per_image, rng);
+    auto qas = ask_balanced(g, opt.questions_per_image, rng, opt.families);
     json conv = json::array();
     for (size_t t = 0; t < qas.size(); ++t) {
       conv.push_back({{"from", "human"}, {"value", (t == 0 ? "<image>\n" : "") + qas[t].question}});
@@ -284,7 +293,7 @@ GridVqaSummary build_gridvqa(const GridVqaOptions& opt, const std::function<void
     std::snprintf(name, sizeof name, "images/test_%06d.png", i);
     save_png(render_grid(g, test_items), (fs::path(opt.out_dir) / name).string());
     grid_line(name, "t10k", g);
-    for (auto& qa : ask_balanced(g, opt.questions_per_image, rng)) {
+    for (auto& qa : ask_balanced(g, opt.questions_per_image, rng, opt.families)) {
       json line = {{"question_id", qid++}, {"image", name}, {"text", qa.question},
                    {"answer", qa.answer}, {"family", qa.family}};
       test += line.dump() + "\n";
@@ -299,7 +308,7 @@ GridVqaSummary build_gridvqa(const GridVqaOptions& opt, const std::function<void
   Rng text_rng(opt.seed ^ 0x7465787467726964ull);
   for (int i = 0; i < opt.text_grids; ++i) {
     Grid g = random_grid(opt.grid, opt.empty_rate, train_labels, text_rng);
-    auto qas = ask_balanced(g, opt.questions_per_image, text_rng);
+    auto qas = ask_balanced(g, opt.questions_per_image, text_rng, opt.families);
     json conv = json::array();
     for (size_t t = 0; t < qas.size(); ++t) {
       conv.push_back({{"from", "human"}, {"value", (t == 0 ? describe_grid(g) + "\n" : "") + qas[t].question}});
@@ -320,6 +329,7 @@ GridVqaSummary build_gridvqa(const GridVqaOptions& opt, const std::function<void
                {"grid", opt.grid},
                {"empty_rate", opt.empty_rate},
                {"questions_per_image", opt.questions_per_image},
+               {"families", opt.families},
                {"train_images", sum.train_images},
                {"test_images", sum.test_images},
                {"train_questions", sum.train_questions},
