@@ -123,7 +123,6 @@ TEST(Train, FrozenVisionFeatureCacheEqualsRecomputing) {
   EXPECT_EQ(train_model(one, shared, o, "").feature_cache_hits, 1);
   // Training the vision tower never uses the cache.
   o.parts = parse_parts("all");
-  o.feature_cache_mb = 4096;
   Vlm all = Vlm::random(cfg, 52);
   EXPECT_EQ(train_model(all, samples, o, "").feature_cache_hits, 0);
 }

@@ -21,6 +21,7 @@ IdxImages read_idx_images(const std::string& path);
 std::vector<uint8_t> read_idx_labels(const std::string& path);
 
 extern const std::vector<std::string> kFashionClasses;  // "t-shirt", "trouser", ...
+extern const std::vector<std::string> kQuestionFamilies;  // "identify", "count", "exist", "locate"
 extern const std::vector<std::string> kFashionPlurals;  // "t-shirts", "trousers", ...
 
 // --- GridVQA ---
@@ -34,7 +35,7 @@ struct GridVqaOptions {
   double empty_rate = 0.3;
   uint64_t seed = 0;
   // Question families asked, in turn from a random start (a curriculum can ask one family).
-  std::vector<std::string> families{"identify", "count", "exist", "locate"};
+  std::vector<std::string> families = kQuestionFamilies;
   // text.json: the same questions about grids written out as text (no image), the language
   // model's own pretraining corpus, as LLaVA starts from a pretrained Vicuna. Labels only, so
   // cheap; drawn from the train split with its own random stream (the other files do not change).
@@ -69,7 +70,7 @@ Image render_grid(const Grid& g, const IdxImages& items);
 QA ask(const Grid& g, const std::string& family, Rng& rng);
 // Up to n distinct questions, the families taken in turn from a random start.
 std::vector<QA> ask_balanced(const Grid& g, int n, Rng& rng,
-                             const std::vector<std::string>& families = {"identify", "count", "exist", "locate"});
+                             const std::vector<std::string>& families = kQuestionFamilies);
 // "row 1: sneaker, nothing, bag, coat. row 2: ..." (the pretraining caption).
 std::string describe_grid(const Grid& g);
 // Recomputes the answer from the grid: the invariant the tests check.

@@ -1,5 +1,6 @@
 #include "victor/repro.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <filesystem>
@@ -226,11 +227,14 @@ std::string run_repro(const ReproOptions& o) {
   const BenchResult& bp = bench.front();
   std::string key_short = "b" + std::to_string(o.bench_batch) + "_g" + std::to_string(o.bench_gen.front());
   std::string key_long = "b" + std::to_string(o.bench_batch) + "_g" + std::to_string(o.bench_gen.back());
+  const auto parts = parse_parts(o.train_parts);
+  const bool vision_frozen = std::find(parts.begin(), parts.end(), Part::Vision) == parts.end();
   std::ostringstream md;
   md << "# Victor on GridVQA: reproduction report\n\n";
   md << "Preset `" << o.preset << "` trained from random weights (" << o.steps << " steps of " << o.batch_size
-     << " conversations, lr " << o.lr << ", trained: `" << o.train_parts
-     << "`; with the vision tower frozen its features are computed once per image), " << bench_model.config().visual_tokens_per_image()
+     << " conversations, lr " << o.lr << ", trained: `" << o.train_parts << "`"
+     << (vision_frozen ? "; the frozen vision tower's features computed once per image" : "") << "), "
+     << bench_model.config().visual_tokens_per_image()
      << " visual tokens per image, " << bench_model.config().num_layers() << " decoder layers, Victor k = "
      << o.summary_layers << " (" << o.register_mask << " mask). GridVQA: " << o.train_images << " train images ("
      << convs.size() << " conversations), " << questions.size() << " test questions from "

@@ -12,6 +12,7 @@ using json = nlohmann::json;
 
 namespace victor {
 
+const std::vector<std::string> kQuestionFamilies = {"identify", "count", "exist", "locate"};
 const std::vector<std::string> kFashionClasses = {"t-shirt", "trouser", "pullover", "dress",
                                                   "coat",    "sandal",  "shirt",    "sneaker",
                                                   "bag",     "ankle boot"};
@@ -237,7 +238,7 @@ GridVqaSummary build_gridvqa(const GridVqaOptions& opt, const std::function<void
   if (opt.families.empty()) throw Error("gridvqa: --families is empty");
   for (size_t i = 0; i < opt.families.size(); ++i) {
     const auto& f = opt.families[i];
-    if (f != "identify" && f != "count" && f != "exist" && f != "locate")
+    if (std::find(kQuestionFamilies.begin(), kQuestionFamilies.end(), f) == kQuestionFamilies.end())
       throw Error("gridvqa: unknown question family '" + f + "' in --families (identify, count, exist, locate)");
     if (std::find(opt.families.begin(), opt.families.begin() + i, f) != opt.families.begin() + i)
       throw Error("gridvqa: question family '" + f + "' given twice in --families");

@@ -130,8 +130,7 @@ class FeatureCache {
   torch::Tensor get(const Vlm& model, const std::vector<torch::Tensor>& pixels) {
     torch::NoGradGuard ng;
     std::vector<torch::Tensor> out(pixels.size()), missing_px;
-    std::vector<int64_t> row_of(pixels.size(), -1);  // row in missing_px, for images not cached
-    std::unordered_map<const void*, int64_t> batch_rows;
+    std::unordered_map<const void*, int64_t> batch_rows;  // image -> its row in missing_px
     for (size_t i = 0; i < pixels.size(); ++i) {
       const void* key = pixels[i].data_ptr();
       auto it = slots_.find(key);
@@ -145,7 +144,6 @@ class FeatureCache {
         missing_px.push_back(pixels[i]);
       else
         ++hits_;  // the same image twice in this batch: computed once
-      row_of[i] = b->second;
     }
     if (!missing_px.empty()) {
       auto f = model.vision_features(torch::cat(missing_px, 0));
@@ -158,7 +156,7 @@ class FeatureCache {
         }
       }
       for (size_t i = 0; i < pixels.size(); ++i)
-        if (row_of[i] >= 0) out[i] = f[row_of[i]].unsqueeze(0);
+        if (!out[i].defined()) out[i] = f[batch_rows.at(pixels[i].data_ptr())].unsqueeze(0);
     }
     return torch::cat(out, 0);
   }
