@@ -45,6 +45,9 @@ expect_error "max tokens range" "max-new-tokens" "$VICTOR" generate --model "$wo
 expect_error "summary layers" "summary_layers" "$VICTOR" generate --model "$work/m" --image "$img" --prompt "hi" --summary-layers 99
 expect_error "too many images" "2 images" "$VICTOR" generate --model "$work/m" --image "$img" --image "$img" --prompt "<image> hi"
 expect_error "unknown preset" "preset" "$VICTOR" init --preset huge --out "$work/x"
+expect_error "bad curriculum stage" "2:identify:8.*GRID:FAMILIES:POOL:STEPS" "$VICTOR" repro --out "$work/rc" --curriculum 2:identify:8
+expect_error "curriculum pool" "POOL 3 does not divide" "$VICTOR" repro --preset tiny --out "$work/rc" --curriculum 2:all:3:10
+[ ! -e "$work/rc" ] || { echo "FAIL: a refused repro left $work/rc"; fail=1; }
 cp -r "$work/m" "$work/trunc"
 head -c 2000 "$work/m/model.safetensors" > "$work/trunc/model.safetensors"
 expect_error "truncated checkpoint" "model.safetensors" "$VICTOR" generate --model "$work/trunc" --image "$img" --prompt "hi"

@@ -7,6 +7,7 @@
 #include "helpers.h"
 #include "victor/data.h"
 #include "victor/error.h"
+#include "victor/repro.h"
 
 using namespace victor;
 using namespace victor::test;
@@ -188,4 +189,34 @@ TEST(GridVqa, TextCorpusAnswersAgreeWithItsDescriptions) {
     }
   }
   EXPECT_EQ(families.size(), 4u);
+}
+
+TEST(Repro, CurriculumSpecParsesAndRefusesBadStagesByName) {
+  auto c = parse_curriculum("2:identify:8:2500,4:count+exist:4:100,4:all:1:7");
+  ASSERT_EQ(c.size(), 3u);
+  EXPECT_EQ(c[0].grid, 2);
+  EXPECT_EQ(c[0].families, std::vector<std::string>{"identify"});
+  EXPECT_EQ(c[0].pool, 8);
+  EXPECT_EQ(c[0].steps, 2500);
+  EXPECT_EQ(c[1].families, (std::vector<std::string>{"count", "exist"}));
+  EXPECT_TRUE(c[2].families.empty());  // all
+  EXPECT_EQ(format_curriculum(c), "2:identify:8:2500,4:count+exist:4:100,4:all:1:7");
+  EXPECT_TRUE(parse_curriculum("none").empty());
+  EXPECT_TRUE(parse_curriculum("").empty());
+  auto error = [](const std::string& spec) {
+    try {
+      parse_curriculum(spec);
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  EXPECT_NE(error("2:identify:8").find("GRID:FAMILIES:POOL:STEPS"), std::string::npos);
+  EXPECT_NE(error("2:identify:8:2500,2:colour:8:10").find("unknown question family 'colour'"), std::string::npos);
+  EXPECT_NE(error("2:identify:8:2500,2:colour:8:10").find("'2:colour:8:10'"), std::string::npos);
+  EXPECT_NE(error("9:all:8:10").find("GRID"), std::string::npos);
+  EXPECT_NE(error("2:all:8:ten").find("STEPS"), std::string::npos);
+  EXPECT_NE(error("2:all:8x:10").find("POOL"), std::string::npos);
+  EXPECT_NE(error("2:all:0:10").find("POOL"), std::string::npos);
+  EXPECT_NE(error("2:count+count:8:10").find("given twice"), std::string::npos);
 }

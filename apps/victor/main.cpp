@@ -408,6 +408,13 @@ int main(int argc, char** argv) {
   c_repro->add_option("--vision-steps", rp.vision_steps, "Stage 0 steps: vision tower on cell classes (0 = skip)")->check(CLI::Range(0, 10000000));
   c_repro->add_option("--text-steps", rp.text_steps, "Stage L steps: the language model on grids written as text, shared (0 = skip)")->check(CLI::Range(0, 10000000));
   c_repro->add_option("--text-lr", rp.text_lr, "Stage L peak learning rate")->check(CLI::PositiveNumber);
+  std::string rp_curriculum = format_curriculum(rp.curriculum);
+  c_repro->add_option("--curriculum", rp_curriculum,
+                      "Stage C, shared: GRID:FAMILIES:POOL:STEPS stages, comma-separated (FAMILIES = all or e.g. "
+                      "count+exist; POOL pools the visual tokens); none = skip")
+      ->capture_default_str();
+  c_repro->add_option("--curriculum-images", rp.curriculum_images, "Stage C training images per stage")->check(CLI::Range(1, 1000000))->capture_default_str();
+  c_repro->add_option("--curriculum-lr", rp.curriculum_lr, "Stage C peak learning rate")->check(CLI::PositiveNumber)->capture_default_str();
   c_repro->add_option("--train", rp.train_parts, "Parts trained in stages 1-2 (finetune = projector + registers + llm, vision frozen)");
   c_repro->add_option("--batch-size", rp.batch_size, "Conversations per step")->check(CLI::Range(1, 1024));
   c_repro->add_option("--lr", rp.lr, "Peak learning rate")->check(CLI::PositiveNumber);
@@ -444,6 +451,7 @@ int main(int argc, char** argv) {
     else if (c_repro->parsed()) {
       set_threads(rp_threads);
       ReproOptions o = rp;
+      o.curriculum = parse_curriculum(rp_curriculum);
       if (rp_quick) {
         ReproOptions q = ReproOptions::quick();
         // Explicit options still win over the quick defaults.
@@ -454,6 +462,8 @@ int main(int argc, char** argv) {
         if (!given("--steps")) o.steps = q.steps;
         if (!given("--vision-steps")) o.vision_steps = q.vision_steps;
         if (!given("--text-steps")) o.text_steps = q.text_steps;
+        if (!given("--curriculum")) o.curriculum = q.curriculum;
+        if (!given("--curriculum-images")) o.curriculum_images = q.curriculum_images;
         if (!given("--bench-repeats")) o.bench_repeats = q.bench_repeats;
         if (!given("--bench-gen")) o.bench_gen = q.bench_gen;
       }

@@ -6,6 +6,23 @@
 
 namespace victor {
 
+// One shared curriculum stage (stage C): projector + language model trained on GridVQA with
+// `grid` x `grid` images, only `families` asked, the visual tokens average-pooled by `pool`.
+// Few visual tokens make the question-keyed lookup learnable (one in N tokens carries the
+// answer, so its gradient signal is ~1/N); later stages carry it to more cells and tokens.
+struct CurriculumStage {
+  int grid = 4;
+  std::vector<std::string> families;  // empty = all
+  int pool = 1;
+  int steps = 0;
+};
+
+// Parses "GRID:FAMILIES:POOL:STEPS[,...]", FAMILIES = "all" or names joined by '+', e.g.
+// "2:identify:8:2500,4:identify:4:2500". "" or "none" = no curriculum. Throws Error naming the
+// bad field.
+std::vector<CurriculumStage> parse_curriculum(const std::string& spec);
+std::string format_curriculum(const std::vector<CurriculumStage>& stages);
+
 struct ReproOptions {
   std::string out = "runs/repro";
   std::string preset = "small";
@@ -16,6 +33,10 @@ struct ReproOptions {
   int vision_steps = 150, vision_batch = 32;  // stage 0, shared by every model
   int text_steps = 0, text_batch = 8;         // stage L, shared: the language model on text.json
   double text_lr = 3e-4;
+  // Stage C (shared, after 0 and L): the curriculum; projector + language model.
+  std::vector<CurriculumStage> curriculum;
+  int curriculum_images = 8000, curriculum_batch = 8;
+  double curriculum_lr = 3e-4;
   int pretrain_steps = 0;                     // stage 1: row-by-row descriptions (optional)
   int steps = 450, batch_size = 8;            // stage 2: the questions
   std::string train_parts = "finetune";       // LLaVA: the vision tower stays frozen
