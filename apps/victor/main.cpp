@@ -464,6 +464,7 @@ int main(int argc, char** argv) {
         if (!given("--text-steps")) o.text_steps = q.text_steps;
         if (!given("--curriculum")) o.curriculum = q.curriculum;
         if (!given("--curriculum-images")) o.curriculum_images = q.curriculum_images;
+        if (!given("--lr")) o.lr = q.lr;
         if (!given("--bench-repeats")) o.bench_repeats = q.bench_repeats;
         if (!given("--bench-gen")) o.bench_gen = q.bench_gen;
       }

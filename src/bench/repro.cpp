@@ -30,6 +30,9 @@ ReproOptions ReproOptions::quick() {
   o.bench_repeats = 1;
   o.bench_gen = {2, 32};
   o.registers = {8};
+  o.curriculum = {{2, {"identify"}, 8, 150}};
+  o.curriculum_images = 600;
+  o.lr = 1e-3;
   return o;
 }
 
