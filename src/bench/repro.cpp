@@ -255,6 +255,7 @@ std::string run_repro(const ReproOptions& o) {
     t.max_steps = c.steps;
     t.seed = o.seed + 101 + i;
     t.progress = o.progress;
+    t.log = (fs::path(cg.out_dir) / "metrics.jsonl").string();  // progress readable without a terminal
     say("stage " + tag + ": " + std::to_string(c.steps) + " steps, " + format_curriculum({c}) + " (" +
         std::to_string(model.config().visual_tokens_per_image()) + " visual tokens), lr " + num(o.curriculum_lr, "%g"));
     CurriculumResult r{c, train_model(model, samples, t, init_dir), {}, {}, model.config().visual_tokens_per_image()};
