@@ -240,3 +240,56 @@ TEST(Train, VisionPretrainingLearnsCellClasses) {
   EXPECT_GE(r.test_cell_accuracy, 0.0);
   EXPECT_LE(r.test_cell_accuracy, 1.0);
 }
+
+TEST(Train, PatchCellsMapEveryPatchToItsGridCell) {
+  auto idx = patch_cells(4, 16);
+  ASSERT_EQ(idx.numel(), 256);
+  EXPECT_EQ(idx[0].item<int64_t>(), 0);
+  EXPECT_EQ(idx[3].item<int64_t>(), 0);
+  EXPECT_EQ(idx[4].item<int64_t>(), 1);
+  EXPECT_EQ(idx[5 * 16 + 13].item<int64_t>(), 1 * 4 + 3);  // patch row 5 is cell row 1, column 13 is cell column 3
+  EXPECT_EQ(idx[255].item<int64_t>(), 15);
+  EXPECT_EQ(torch::bincount(idx).min().item<int64_t>(), 16);  // 16 patches per cell, none left out
+  EXPECT_THROW(patch_cells(3, 16), Error);
+}
+
+TEST(Train, PerPatchVisionTargetsTeachEverySingleToken) {
+  // Per-patch targets: each single visual token must name its cell's class; the training grids
+  // double as the test set so the measure is of what was taught, not of generalisation.
+  auto dir = temp_dir("vpatch");
+  GridVqaOptions g;
+  g.out_dir = dir;
+  g.train_images = 8;
+  g.test_images = 1;
+  build_gridvqa(g);
+  auto cfg = tiny_config();
+  cfg.vision.image_size = 56;  // 8x8 patches: 2x2 per cell (tiny's 28 px has one patch per cell)
+  cfg.preprocess.crop_size = cfg.preprocess.shortest_edge = 56;
+  auto train = load_grid_images(dir, "train", cfg);
+  VisionPretrainOptions o;
+  o.batch_size = 8;
+  o.progress = false;
+  o.lr = 3e-3;
+  o.steps = 100;
+  o.per_patch = true;
+  Vlm patch_model = Vlm::random(cfg, 71);
+  auto r = pretrain_vision(patch_model, train, train, o);
+  o.per_patch = false;
+  Vlm cell_model = Vlm::random(cfg, 71);
+  auto c = pretrain_vision(cell_model, train, train, o);
+  EXPECT_GT(r.test_patch_accuracy, 0.5);  // 11 classes: chance is far lower
+  EXPECT_GT(r.test_patch_accuracy, c.test_patch_accuracy + 0.02);  // cell targets teach single patches less
+
+  // With one patch per cell (tiny's own 28 px) the two targets are the same computation.
+  auto cfg1 = tiny_config();
+  auto train1 = load_grid_images(dir, "train", cfg1);
+  o.steps = 5;
+  Vlm a = Vlm::random(cfg1, 72), b = Vlm::random(cfg1, 72);
+  o.per_patch = true;
+  auto ra = pretrain_vision(a, train1, train1, o);
+  o.per_patch = false;
+  auto rb = pretrain_vision(b, train1, train1, o);
+  EXPECT_NEAR(ra.final_loss, rb.final_loss, 1e-5);
+  EXPECT_TRUE(torch::allclose(a.weights().vision.layers[0].fc1.weight, b.weights().vision.layers[0].fc1.weight,
+                              1e-5, 1e-6));
+}

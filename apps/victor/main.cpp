@@ -406,6 +406,9 @@ int main(int argc, char** argv) {
   c_repro->add_option("--pretrain-steps", rp.pretrain_steps, "Stage 1 steps: row-by-row descriptions (0 = skip)")->check(CLI::Range(0, 10000000));
   c_repro->add_option("--pool", rp.pools, "Average-pooling baselines to train (e.g. 4; 1 = none)")->delimiter(',')->check(CLI::Range(1, 64));
   c_repro->add_option("--vision-steps", rp.vision_steps, "Stage 0 steps: vision tower on cell classes (0 = skip)")->check(CLI::Range(0, 10000000));
+  c_repro->add_option("--vision-targets", rp.vision_targets,
+                      "Stage 0 targets: cell (each cell's mean patch names its class and place) or patch (every patch does)")
+      ->check(CLI::IsMember({"cell", "patch"}));
   c_repro->add_option("--text-steps", rp.text_steps, "Stage L steps: the language model on grids written as text, shared (0 = skip)")->check(CLI::Range(0, 10000000));
   c_repro->add_option("--text-lr", rp.text_lr, "Stage L peak learning rate")->check(CLI::PositiveNumber);
   std::string rp_curriculum = format_curriculum(rp.curriculum);

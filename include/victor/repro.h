@@ -31,6 +31,7 @@ struct ReproOptions {
   std::string register_mask = "causal";
   int train_images = 2000, test_images = 300, questions = 4;
   int vision_steps = 150, vision_batch = 32;  // stage 0, shared by every model
+  std::string vision_targets = "cell";       // stage 0: "cell" (cell-mean features) or "patch"
   int text_steps = 0, text_batch = 8;         // stage L, shared: the language model on text.json
   double text_lr = 3e-4;
   // Stage C (shared, after 0 and L): the curriculum; projector + language model.

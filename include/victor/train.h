@@ -87,12 +87,17 @@ struct VisionPretrainOptions {
   double lr = 1e-3;
   uint64_t seed = 0;
   bool progress = true;
+  // false: the mean of each cell's patches is classified; true: every patch is (each carries its cell).
+  bool per_patch = false;
 };
 struct VisionPretrainReport {
   int steps = 0;
   double seconds = 0, final_loss = 0, test_cell_accuracy = 0, test_position_accuracy = 0;
   double final_class_loss = 0, final_place_loss = 0;  // the two parts of final_loss
+  double test_patch_accuracy = 0;  // the class head on single patches (what full resolution sees)
 };
+// Each patch's cell in raster order: [side*side] int64 values in [0, grid*grid).
+torch::Tensor patch_cells(int grid, int patches_per_side);
 VisionPretrainReport pretrain_vision(Vlm& model, const std::vector<GridImage>& train,
                                      const std::vector<GridImage>& test, const VisionPretrainOptions& o);
 

@@ -197,6 +197,7 @@ std::string run_repro(const ReproOptions& o) {
     vo.batch_size = o.vision_batch;
     vo.seed = o.seed;
     vo.progress = o.progress;
+    vo.per_patch = o.vision_targets == "patch";
     say("stage 0: pretraining the vision tower on cell classes (" + std::to_string(o.vision_steps) + " steps of " +
         std::to_string(o.vision_batch) + " images)");
     vrep = pretrain_vision(model, grids_train, grids_test, vo);

@@ -53,6 +53,17 @@ torch::Tensor cell_features(const torch::Tensor& feats, int grid, int patches_pe
 
 }  // namespace
 
+torch::Tensor patch_cells(int grid, int patches_per_side) {
+  if (grid <= 0 || patches_per_side <= 0 || patches_per_side % grid != 0)
+    throw Error(std::to_string(patches_per_side) + " patches per side do not split into a " + std::to_string(grid) +
+                "x" + std::to_string(grid) + " grid");
+  const int c = patches_per_side / grid;
+  std::vector<int64_t> idx(size_t(patches_per_side) * patches_per_side);
+  for (int y = 0; y < patches_per_side; ++y)
+    for (int x = 0; x < patches_per_side; ++x) idx[size_t(y) * patches_per_side + x] = (y / c) * grid + x / c;
+  return torch::tensor(idx);
+}
+
 VisionPretrainReport pretrain_vision(Vlm& model, const std::vector<GridImage>& train,
                                      const std::vector<GridImage>& test, const VisionPretrainOptions& o) {
   if (train.empty()) throw Error("vision pretraining: no training grids");
@@ -74,6 +85,7 @@ VisionPretrainReport pretrain_vision(Vlm& model, const std::vector<GridImage>& t
   auto where_w = (torch::randn({cells, cfg.vision.hidden_size}) * 0.02).requires_grad_(true);
   auto where_b = torch::zeros({cells}).requires_grad_(true);
   auto where_target = torch::arange(cells, torch::kInt64);
+  auto patch_of = patch_cells(grid, side);
   std::vector<torch::Tensor> params{head_w, head_b, where_w, where_b};
   for (auto& p : model.params())
     if (p.part == Part::Vision) params.push_back(*p.tensor);
@@ -103,12 +115,17 @@ VisionPretrainReport pretrain_vision(Vlm& model, const std::vector<GridImage>& t
                             : 0.5 * o.lr * (1 + std::cos(M_PI * double(step - warm) / std::max(1, o.steps - warm)));
     for (auto& g : opt.param_groups()) static_cast<torch::optim::AdamWOptions&>(g.options()).lr(lr);
     auto [px, lab] = batch_of(shuffled, size_t(step) * o.batch_size, size_t(o.batch_size));
-    auto cells_f = cell_features(model.vision_features(px), grid, side);  // [n,G*G,D]
-    auto logits = torch::matmul(cells_f, head_w.t()) + head_b;
-    auto where = torch::matmul(cells_f, where_w.t()) + where_b;  // [n,G*G,G*G]
-    auto class_loss = torch::nn::functional::cross_entropy(logits.reshape({-1, 11}), lab.reshape({-1}));
+    auto feats = model.vision_features(px);  // [n,N,D]
+    // Per cell: the mean of its patches. Per patch: every patch names its own cell's class and
+    // place, so any visual token of a cell carries what the cell holds (what full resolution needs).
+    auto units = o.per_patch ? feats : cell_features(feats, grid, side);
+    auto unit_labels = o.per_patch ? lab.index_select(1, patch_of) : lab;          // [n,U]
+    auto unit_places = o.per_patch ? patch_of : where_target;                      // [U]
+    auto logits = torch::matmul(units, head_w.t()) + head_b;
+    auto where = torch::matmul(units, where_w.t()) + where_b;  // [n,U,G*G]
+    auto class_loss = torch::nn::functional::cross_entropy(logits.reshape({-1, 11}), unit_labels.reshape({-1}));
     auto place_loss = torch::nn::functional::cross_entropy(where.reshape({-1, cells}),
-                                                           where_target.repeat({px.size(0)}));
+                                                           unit_places.repeat({px.size(0)}));
     auto loss = class_loss + place_loss;
     opt.zero_grad();
     loss.backward();
@@ -127,10 +144,14 @@ VisionPretrainReport pretrain_vision(Vlm& model, const std::vector<GridImage>& t
   model.set_trainable({});
   if (!test.empty()) {
     torch::NoGradGuard ng;
-    int64_t correct = 0, total = 0, where_ok = 0;
+    int64_t correct = 0, total = 0, where_ok = 0, patch_ok = 0, patches = 0;
     for (size_t s = 0; s < test.size(); s += 64) {
       auto [px, lab] = batch_of(test, s, std::min<size_t>(64, test.size() - s));
-      auto cells = cell_features(model.vision_features(px), grid, side);
+      auto feats = model.vision_features(px);
+      auto patch_pred = (torch::matmul(feats, head_w.t()) + head_b).argmax(-1);  // [n,N]
+      patch_ok += patch_pred.eq(lab.index_select(1, patch_of)).sum().item<int64_t>();
+      patches += patch_pred.numel();
+      auto cells = cell_features(feats, grid, side);
       auto pred = (torch::matmul(cells, head_w.t()) + head_b).argmax(-1);
       correct += pred.eq(lab).sum().item<int64_t>();
       auto wpred = (torch::matmul(cells, where_w.t()) + where_b).argmax(-1);
@@ -139,6 +160,7 @@ VisionPretrainReport pretrain_vision(Vlm& model, const std::vector<GridImage>& t
     }
     rep.test_cell_accuracy = double(correct) / double(total);
     rep.test_position_accuracy = double(where_ok) / double(total);
+    rep.test_patch_accuracy = double(patch_ok) / double(patches);
   }
   rep.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return rep;
