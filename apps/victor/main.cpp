@@ -357,6 +357,8 @@ int main(int argc, char** argv) {
   c_train->add_flag("--skip-bad", tr.skip_bad, "Skip (and count) bad samples instead of stopping");
   add_victor_options(c_train, tr.registers, tr.summary_layers, tr.register_mask);
   c_train->add_option("--visual-pool", tr.visual_pool, "Average-pooling baseline: pool the visual grid p x p (1 = off)")->check(CLI::Range(1, 64));
+  c_train->add_flag("--shuffle-visual", tr.shuffle_visual,
+                    "Augment: each image's visual tokens in a random order every step (lookups by content, not position)");
 
   EvalArgs ev;
   auto* c_eval = app.add_subcommand("eval", "Answer question JSONL and score against references");

@@ -29,9 +29,17 @@ struct TrainOptions {
   int registers = -1, summary_layers = -2;
   std::string register_mask;
   int visual_pool = 0;  // > 0: set the average-pooling baseline
+  // Augmentation: each image's visual tokens in a fresh random order every step, so a lookup must
+  // go by what a token says (its cell's place, from stage 0), not by its sequence position; such a
+  // lookup survives a change of pooling or resolution. Seeded by (seed, step): resume stays exact.
+  bool shuffle_visual = false;
   int max_samples = 0;  // use only the first N samples (0 = all)
   int feature_cache_mb = 4096;  // frozen vision tower: keep each image's features (0 = recompute)
 };
+
+// Each row of x [n,N,d] with its N tokens in a random order (Fisher-Yates, seeded): the
+// --shuffle-visual augmentation.
+torch::Tensor shuffle_tokens(const torch::Tensor& x, uint64_t seed);
 
 // Parses "vision,projector,registers,llm" or the presets "pretrain" and "finetune".
 std::vector<Part> parse_parts(const std::string& spec);

@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 #include <unordered_map>
 
+#include "victor/data.h"
 #include "victor/error.h"
 #include "victor/progress.h"
 #include "victor/safetensors.h"
@@ -103,6 +104,19 @@ double lr_at(const TrainOptions& o, int step, int total) {
   double progress = double(step - warm) / double(std::max(1, total - warm));
   double floor = o.lr * o.min_lr_ratio;
   return floor + 0.5 * (o.lr - floor) * (1.0 + std::cos(M_PI * std::min(1.0, progress)));
+}
+
+torch::Tensor shuffle_tokens(const torch::Tensor& x, uint64_t seed) {
+  Rng rng(seed);
+  const int64_t n = x.size(0), N = x.size(1);
+  std::vector<int64_t> idx(size_t(n * N));
+  for (int64_t i = 0; i < n; ++i) {
+    int64_t* row = idx.data() + i * N;
+    for (int64_t t = 0; t < N; ++t) row[t] = t;
+    for (int64_t t = N - 1; t > 0; --t) std::swap(row[t], row[rng.uniform(int(t + 1))]);
+  }
+  auto perm = torch::tensor(idx).view({n, N, 1}).expand({n, N, x.size(2)});
+  return x.gather(1, perm);
 }
 
 namespace {
@@ -292,6 +306,7 @@ TrainReport train_model(Vlm& model, const std::vector<TrainSample>& samples, con
         } else {
           embeds = model.project(features.get(model, px));
         }
+        if (o.shuffle_visual) embeds = shuffle_tokens(embeds, o.seed * 1000003ull + uint64_t(step) * 64 + uint64_t(a));
       }
       SequenceBatch batch = model.assemble(rows, embeds, /*pad_left=*/false);
       ForwardOutput out = model.forward(batch);
