@@ -410,7 +410,8 @@ int main(int argc, char** argv) {
   c_repro->add_option("--vision-steps", rp.vision_steps, "Stage 0 steps: vision tower on cell classes (0 = skip)")->check(CLI::Range(0, 10000000));
   c_repro->add_option("--vision-targets", rp.vision_targets,
                       "Stage 0 targets: cell (each cell's mean patch names its class and place) or patch (every patch does)")
-      ->check(CLI::IsMember({"cell", "patch"}));
+      ->check(CLI::IsMember({"cell", "patch"}))
+      ->capture_default_str();
   c_repro->add_option("--text-steps", rp.text_steps, "Stage L steps: the language model on grids written as text, shared (0 = skip)")->check(CLI::Range(0, 10000000));
   c_repro->add_option("--text-lr", rp.text_lr, "Stage L peak learning rate")->check(CLI::PositiveNumber);
   std::string rp_curriculum = format_curriculum(rp.curriculum);
@@ -420,6 +421,9 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   c_repro->add_option("--curriculum-images", rp.curriculum_images, "Stage C training images per stage")->check(CLI::Range(1, 1000000))->capture_default_str();
   c_repro->add_option("--curriculum-lr", rp.curriculum_lr, "Stage C peak learning rate")->check(CLI::PositiveNumber)->capture_default_str();
+  c_repro->add_option("--curriculum-shuffle", rp.curriculum_shuffle,
+                      "Stage C: each image's visual tokens in a random order every step (true/false)")
+      ->capture_default_str();
   c_repro->add_option("--train", rp.train_parts, "Parts trained in stages 1-2 (finetune = projector + registers + llm, vision frozen)");
   c_repro->add_option("--batch-size", rp.batch_size, "Conversations per step")->check(CLI::Range(1, 1024));
   c_repro->add_option("--lr", rp.lr, "Peak learning rate")->check(CLI::PositiveNumber);

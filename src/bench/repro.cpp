@@ -202,7 +202,8 @@ std::string run_repro(const ReproOptions& o) {
         std::to_string(o.vision_batch) + " images)");
     vrep = pretrain_vision(model, grids_train, grids_test, vo);
     model.save(init_dir);
-    say("stage 0: " + num(vrep.seconds, "%.1f") + " s, test cell accuracy " + pct(vrep.test_cell_accuracy));
+    say("stage 0: " + num(vrep.seconds, "%.1f") + " s, test cell accuracy " + pct(vrep.test_cell_accuracy) +
+        ", single patch " + pct(vrep.test_patch_accuracy) + ", place " + pct(vrep.test_position_accuracy));
   }
   // Stage L (shared): the language model learns to answer from grids written as text, as LLaVA
   // starts from a pretrained Vicuna. Only the language model is trained here.
@@ -252,13 +253,15 @@ std::string run_repro(const ReproOptions& o) {
     TrainOptions t;
     t.parts = {Part::Projector, Part::Llm};
     t.lr = o.curriculum_lr;
+    t.shuffle_visual = o.curriculum_shuffle;
     t.batch_size = o.curriculum_batch;
     t.max_steps = c.steps;
     t.seed = o.seed + 101 + i;
     t.progress = o.progress;
     t.log = (fs::path(cg.out_dir) / "metrics.jsonl").string();  // progress readable without a terminal
     say("stage " + tag + ": " + std::to_string(c.steps) + " steps, " + format_curriculum({c}) + " (" +
-        std::to_string(model.config().visual_tokens_per_image()) + " visual tokens), lr " + num(o.curriculum_lr, "%g"));
+        std::to_string(model.config().visual_tokens_per_image()) + " visual tokens" +
+        (o.curriculum_shuffle ? ", shuffled" : "") + "), lr " + num(o.curriculum_lr, "%g"));
     CurriculumResult r{c, train_model(model, samples, t, init_dir), {}, {}, model.config().visual_tokens_per_image()};
     EvalOptions e;
     e.image_folder = cg.out_dir;
@@ -373,8 +376,10 @@ std::string run_repro(const ReproOptions& o) {
      << ".\n\n";
   if (o.vision_steps > 0)
     md << "Stage 0, shared by every model: the vision tower pretrained to classify grid cells (" << vrep.steps
-       << " steps of " << o.vision_batch << " images, " << num(vrep.seconds, "%.0f") << " s, test-split cell accuracy "
-       << pct(vrep.test_cell_accuracy) << ", place accuracy " << pct(vrep.test_position_accuracy)
+       << " steps of " << o.vision_batch << " images, targets on "
+       << (o.vision_targets == "patch" ? "every patch" : "each cell's mean patch") << ", " << num(vrep.seconds, "%.0f")
+       << " s, test-split cell accuracy " << pct(vrep.test_cell_accuracy) << ", single-patch accuracy "
+       << pct(vrep.test_patch_accuracy) << ", place accuracy " << pct(vrep.test_position_accuracy)
        << "), like LLaVA starting from a pretrained CLIP. Training times below are stages 1 + 2 (the LLaVA-style "
        << "training), which differ between the models.\n\n";
   if (o.text_steps > 0)
@@ -384,8 +389,8 @@ std::string run_repro(const ReproOptions& o) {
        << "), like LLaVA starting from a pretrained Vicuna; not counted in the training times.\n\n";
   if (!cur.empty()) {
     md << "Stage C, shared by every model: a curriculum (projector + language model, lr " << num(o.curriculum_lr, "%g")
-       << ", " << o.curriculum_batch << " conversations per step, " << o.curriculum_images
-       << " images per stage). Few visual tokens first: the answer to a question about one cell sits in one of N "
+       << ", " << o.curriculum_batch << " conversations per step, " << o.curriculum_images << " images per stage"
+       << (o.curriculum_shuffle ? ", each image's visual tokens in a fresh random order every step" : "") << "). Few visual tokens first: the answer to a question about one cell sits in one of N "
           "visual tokens, so the lookup's learning signal is ~1/N; learned on small grids it carries over to larger "
           "ones. Not counted in the training times. Each stage's own test set:\n\n"
        << "| stage | grid | families | pool | visual tokens | steps | time | accuracy | answer prior |\n"
