@@ -39,7 +39,8 @@ struct ReproOptions {
   // token per cell, then on 4x4 at full resolution (a lookup learned on pooled tokens does not
   // carry over to 256 tokens by itself, but relearns there in a few hundred steps).
   std::vector<CurriculumStage> curriculum{
-      {2, {"identify"}, 8, 1000}, {2, {"identify"}, 8, 1500}, {4, {"identify"}, 4, 2500}, {4, {"identify"}, 1, 300}};
+      {2, {"identify"}, 8, 1000}, {2, {"identify"}, 8, 1500}, {2, {"identify"}, 8, 1500},
+      {4, {"identify"}, 4, 2500}, {4, {"identify"}, 1, 300}};
   int curriculum_images = 8000, curriculum_batch = 8;
   double curriculum_lr = 3e-4;
   bool curriculum_shuffle = false;  // stage C: --shuffle-visual (lookups by content, not position)
