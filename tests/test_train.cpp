@@ -31,6 +31,16 @@ std::vector<TrainSample> toy_samples(const ModelConfig& c) {
   return out;
 }
 
+// A small GridVQA folder (default 4x4 grids) in a fresh temporary directory.
+std::string small_gridvqa(const std::string& name, int train_images, int test_images) {
+  GridVqaOptions g;
+  g.out_dir = temp_dir(name);
+  g.train_images = train_images;
+  g.test_images = test_images;
+  build_gridvqa(g);
+  return g.out_dir;
+}
+
 float mean_loss(Vlm& m, const std::vector<TrainSample>& samples) {
   torch::NoGradGuard ng;
   std::vector<PromptInput> rows;
@@ -107,12 +117,13 @@ TEST(Train, ShuffledVisualTokensArePermutedPerImageAndResumeExactly) {
 
   auto cfg = tiny_config();
   auto samples = toy_samples(cfg);
-  TrainOptions o;
-  o.parts = parse_parts("finetune");
-  o.lr = 5e-3;
-  o.batch_size = 2;
-  o.max_steps = 4;
-  o.progress = false;
+  TrainOptions base;
+  base.parts = parse_parts("finetune");
+  base.lr = 5e-3;
+  base.batch_size = 2;
+  base.max_steps = 4;
+  base.progress = false;
+  TrainOptions o = base;
   o.shuffle_visual = true;
   Vlm straight = Vlm::random(cfg, 53), plain = Vlm::random(cfg, 53);
   train_model(straight, samples, o, "");
@@ -129,13 +140,7 @@ TEST(Train, ShuffledVisualTokensArePermutedPerImageAndResumeExactly) {
   for (size_t i = 0; i < straight.params().size(); ++i)
     EXPECT_TRUE(torch::allclose(*straight.params()[i].tensor, *second.params()[i].tensor, 1e-5, 1e-5))
         << straight.params()[i].name << " max diff " << (*straight.params()[i].tensor - *second.params()[i].tensor).abs().max().item<float>();
-  o = TrainOptions{};
-  o.parts = parse_parts("finetune");
-  o.lr = 5e-3;
-  o.batch_size = 2;
-  o.max_steps = 4;
-  o.progress = false;
-  train_model(plain, samples, o, "");  // the flag is not ignored: the order changes what is learned
+  train_model(plain, samples, base, "");  // the flag is not ignored: the order changes what is learned
   EXPECT_FALSE(torch::allclose(*plain.params().back().tensor, *straight.params().back().tensor, 1e-6, 1e-7));
 }
 
@@ -257,12 +262,7 @@ TEST(Train, WarmupThenCosineSchedule) {
 }
 
 TEST(Train, VisionPretrainingLearnsCellClasses) {
-  auto dir = temp_dir("vpre");
-  GridVqaOptions g;
-  g.out_dir = dir;
-  g.train_images = 16;
-  g.test_images = 4;
-  build_gridvqa(g);
+  auto dir = small_gridvqa("vpre", 16, 4);
   auto cfg = tiny_config();
   Vlm m = Vlm::random(cfg, 70);
   auto train = load_grid_images(dir, "train", cfg);
@@ -303,12 +303,7 @@ TEST(Train, PatchCellsMapEveryPatchToItsGridCell) {
 TEST(Train, PerPatchVisionTargetsTeachEverySingleToken) {
   // Per-patch targets: each single visual token must name its cell's class; the training grids
   // double as the test set so the measure is of what was taught, not of generalisation.
-  auto dir = temp_dir("vpatch");
-  GridVqaOptions g;
-  g.out_dir = dir;
-  g.train_images = 8;
-  g.test_images = 1;
-  build_gridvqa(g);
+  auto dir = small_gridvqa("vpatch", 8, 1);
   auto cfg = tiny_config();
   cfg.vision.image_size = 56;  // 8x8 patches: 2x2 per cell (tiny's 28 px has one patch per cell)
   cfg.preprocess.crop_size = cfg.preprocess.shortest_edge = 56;
