@@ -211,7 +211,27 @@ TEST(Repro, CurriculumSpecParsesAndRefusesBadStagesByName) {
     }
     return std::string("no error");
   };
+  EXPECT_EQ(c[0].repeats, 1);
+  EXPECT_LT(c[0].target, 0);  // no bar: the one schedule runs to its end
+  auto r = parse_curriculum("2:identify:8:1000x6@70,4:identify:4:500@65%,4:all:1:300x3");
+  ASSERT_EQ(r.size(), 3u);
+  EXPECT_EQ(r[0].steps, 1000);
+  EXPECT_EQ(r[0].repeats, 6);
+  EXPECT_DOUBLE_EQ(r[0].target, 0.70);
+  EXPECT_EQ(r[1].steps, 500);
+  EXPECT_EQ(r[1].repeats, 1);
+  EXPECT_DOUBLE_EQ(r[1].target, 0.65);
+  EXPECT_EQ(r[2].repeats, 3);
+  EXPECT_LT(r[2].target, 0);
+  EXPECT_EQ(format_curriculum(r), "2:identify:8:1000x6@70,4:identify:4:500@65,4:all:1:300x3");
+  EXPECT_EQ(format_curriculum(parse_curriculum(format_curriculum(ReproOptions{}.curriculum))),
+            format_curriculum(ReproOptions{}.curriculum));  // the default survives --help's round trip
   EXPECT_NE(error("2:identify:8").find("GRID:FAMILIES:POOL:STEPS"), std::string::npos);
+  EXPECT_NE(error("2:identify:8:100x0").find("REPEATS"), std::string::npos);
+  EXPECT_NE(error("2:identify:8:100x").find("REPEATS"), std::string::npos);
+  EXPECT_NE(error("2:identify:8:100@101").find("TARGET"), std::string::npos);
+  EXPECT_NE(error("2:identify:8:100@high").find("TARGET"), std::string::npos);
+  EXPECT_NE(error("2:identify:8:x3").find("STEPS"), std::string::npos);
   EXPECT_NE(error("2:identify:8:2500,2:colour:8:10").find("unknown question family 'colour'"), std::string::npos);
   EXPECT_NE(error("2:identify:8:2500,2:colour:8:10").find("'2:colour:8:10'"), std::string::npos);
   EXPECT_NE(error("9:all:8:10").find("GRID"), std::string::npos);

@@ -10,16 +10,23 @@ namespace victor {
 // `grid` x `grid` images, only `families` asked, the visual tokens average-pooled by `pool`.
 // Few visual tokens make the question-keyed lookup learnable (one in N tokens carries the
 // answer, so its gradient signal is ~1/N); later stages carry it to more cells and tokens.
+// A stage runs up to `repeats` schedules of `steps` (each a fresh warm-up and cosine decay, a warm
+// restart, with its own data order) and stops early once its held-out accuracy reaches `target`:
+// where a from-scratch model leaves the lookup's plateau moves with rounding (docs/benchmarks.md,
+// item 10), so a fixed step count breaks it on one machine and not on another.
 struct CurriculumStage {
   int grid = 4;
   std::vector<std::string> families;  // empty = all
   int pool = 1;
   int steps = 0;
+  int repeats = 1;      // at most this many schedules of `steps`
+  double target = -1;   // stop once the stage's test accuracy >= target (fraction; < 0 = run all)
 };
 
-// Parses "GRID:FAMILIES:POOL:STEPS[,...]", FAMILIES = "all" or names joined by '+', e.g.
-// "2:identify:8:2500,4:identify:4:2500". "" or "none" = no curriculum. Throws Error naming the
-// bad field.
+// Parses "GRID:FAMILIES:POOL:STEPS[xREPEATS][@TARGET%][,...]", FAMILIES = "all" or names joined
+// by '+', e.g. "2:identify:8:1000x6@70,4:identify:4:2500": up to six 1,000-step schedules on 2x2
+// until 70% of the stage's test questions are right, then one of 2,500 on 4x4. "" or "none" = no
+// curriculum. Throws Error naming the bad field.
 std::vector<CurriculumStage> parse_curriculum(const std::string& spec);
 std::string format_curriculum(const std::vector<CurriculumStage>& stages);
 
@@ -35,12 +42,12 @@ struct ReproOptions {
   int text_steps = 0, text_batch = 8;         // stage L, shared: the language model on text.json
   double text_lr = 3e-4;
   // Stage C (shared, after 0 and L): the curriculum; projector + language model.
-  // Measured (docs/benchmarks.md, item 10): identify on 2x2 in two schedules, then on 4x4 at one
-  // token per cell, then on 4x4 at full resolution (a lookup learned on pooled tokens does not
-  // carry over to 256 tokens by itself, but relearns there in a few hundred steps).
+  // Measured (docs/benchmarks.md, items 10-11): identify on 2x2 in warm-restarted schedules until
+  // 70% (one chain broke in two, another not in three), then on 4x4 at one token per cell, then on
+  // 4x4 at full resolution (a lookup learned on pooled tokens does not carry over to 256 tokens by
+  // itself, but relearns there in a few hundred steps). Each stage stops at its bar.
   std::vector<CurriculumStage> curriculum{
-      {2, {"identify"}, 8, 1000}, {2, {"identify"}, 8, 1500}, {2, {"identify"}, 8, 1500},
-      {4, {"identify"}, 4, 2500}, {4, {"identify"}, 1, 300}};
+      {2, {"identify"}, 8, 1000, 6, 0.70}, {4, {"identify"}, 4, 1250, 3, 0.65}, {4, {"identify"}, 1, 300, 2, 0.60}};
   int curriculum_images = 8000, curriculum_batch = 8;
   double curriculum_lr = 3e-4;
   bool curriculum_shuffle = false;  // stage C: --shuffle-visual (lookups by content, not position)

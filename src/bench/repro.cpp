@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -46,7 +47,8 @@ std::vector<CurriculumStage> parse_curriculum(const std::string& spec) {
     std::stringstream ss(item);
     for (std::string x; std::getline(ss, x, ':');) f.push_back(x);
     const std::string where = "--curriculum stage '" + item + "'";
-    if (f.size() != 4) throw Error(where + ": expected GRID:FAMILIES:POOL:STEPS, e.g. 2:identify:8:2500");
+    if (f.size() != 4)
+      throw Error(where + ": expected GRID:FAMILIES:POOL:STEPS[xREPEATS][@TARGET], e.g. 2:identify:8:1000x6@70");
     auto integer = [&](const std::string& v, const char* name, int lo, int hi) {
       size_t used = 0;
       int x = 0;
@@ -74,7 +76,19 @@ std::vector<CurriculumStage> parse_curriculum(const std::string& spec) {
       if (c.families.empty()) throw Error(where + ": FAMILIES is empty");
     }
     c.pool = integer(f[2], "POOL", 1, 64);
-    c.steps = integer(f[3], "STEPS", 1, 10000000);
+    std::string steps = f[3], repeats, target;
+    if (auto at = steps.find('@'); at != std::string::npos) {
+      target = steps.substr(at + 1);
+      steps.resize(at);
+      if (!target.empty() && target.back() == '%') target.pop_back();
+    }
+    if (auto x = steps.find('x'); x != std::string::npos) {
+      repeats = steps.substr(x + 1);
+      steps.resize(x);
+    }
+    c.steps = integer(steps, "STEPS", 1, 10000000);
+    if (f[3].find('x') != std::string::npos) c.repeats = integer(repeats, "REPEATS (after x)", 1, 1000);
+    if (f[3].find('@') != std::string::npos) c.target = integer(target, "TARGET (after @, percent)", 0, 100) / 100.0;
     out.push_back(c);
   }
   return out;
@@ -88,6 +102,8 @@ std::string format_curriculum(const std::vector<CurriculumStage>& stages) {
     for (const auto& f : c.families) fams += (fams.empty() ? "" : "+") + f;
     s += std::to_string(c.grid) + ":" + (fams.empty() ? "all" : fams) + ":" + std::to_string(c.pool) + ":" +
          std::to_string(c.steps);
+    if (c.repeats != 1) s += "x" + std::to_string(c.repeats);
+    if (c.target >= 0) s += "@" + std::to_string(int(std::lround(c.target * 100)));
   }
   return s.empty() ? "none" : s;
 }
@@ -96,8 +112,10 @@ namespace {
 
 struct CurriculumResult {
   CurriculumStage stage;
-  TrainReport train;
-  EvalReport eval, prior;
+  double seconds = 0;                  // training, every schedule
+  int steps = 0, schedules = 0;
+  std::vector<double> accuracies;      // after each schedule
+  EvalReport eval, prior;              // after the last one
   int visual_tokens = 0;
 };
 
@@ -250,28 +268,41 @@ std::string run_repro(const ReproOptions& o) {
     model.mutable_config().visual_pool = c.pool;
     model.set_victor(VictorConfig{0, -1, RegisterMask::Causal}, o.seed + 1);  // validates the pooling
     auto samples = prepare_samples(cconvs, tok, model.config(), cg.out_dir, false, nullptr);
-    TrainOptions t;
-    t.parts = {Part::Projector, Part::Llm};
-    t.lr = o.curriculum_lr;
-    t.shuffle_visual = o.curriculum_shuffle;
-    t.batch_size = o.curriculum_batch;
-    t.max_steps = c.steps;
-    t.seed = o.seed + 101 + i;
-    t.progress = o.progress;
-    t.log = (fs::path(cg.out_dir) / "metrics.jsonl").string();  // progress readable without a terminal
-    say("stage " + tag + ": " + std::to_string(c.steps) + " steps, " + format_curriculum({c}) + " (" +
-        std::to_string(model.config().visual_tokens_per_image()) + " visual tokens" +
-        (o.curriculum_shuffle ? ", shuffled" : "") + "), lr " + num(o.curriculum_lr, "%g"));
-    CurriculumResult r{c, train_model(model, samples, t, init_dir), {}, {}, model.config().visual_tokens_per_image()};
+    CurriculumResult r;
+    r.stage = c;
+    r.visual_tokens = model.config().visual_tokens_per_image();
+    r.prior = answer_prior(cconvs, cquestions);
     EvalOptions e;
     e.image_folder = cg.out_dir;
     e.progress = o.progress;
-    r.eval = evaluate(model, tok, cquestions, e);
-    r.prior = answer_prior(cconvs, cquestions);
+    for (int rep = 0; rep < c.repeats; ++rep) {
+      TrainOptions t;
+      t.parts = {Part::Projector, Part::Llm};
+      t.lr = o.curriculum_lr;
+      t.shuffle_visual = o.curriculum_shuffle;
+      t.batch_size = o.curriculum_batch;
+      t.max_steps = c.steps;
+      t.seed = o.seed + 101 + i + 7919 * uint64_t(rep);  // each schedule its own data order
+      t.progress = o.progress;
+      // progress readable without a terminal, one file per schedule
+      t.log = (fs::path(cg.out_dir) / (rep ? "metrics-" + std::to_string(rep + 1) + ".jsonl" : "metrics.jsonl")).string();
+      say("stage " + tag + (c.repeats > 1 ? ", schedule " + std::to_string(rep + 1) + " of at most " + std::to_string(c.repeats) : "") +
+          ": " + std::to_string(c.steps) + " steps, " + format_curriculum({c}) + " (" +
+          std::to_string(r.visual_tokens) + " visual tokens" + (o.curriculum_shuffle ? ", shuffled" : "") + "), lr " +
+          num(o.curriculum_lr, "%g"));
+      TrainReport tr = train_model(model, samples, t, init_dir);
+      r.seconds += tr.seconds;
+      r.steps += tr.steps;
+      r.schedules++;
+      r.eval = evaluate(model, tok, cquestions, e);
+      r.accuracies.push_back(r.eval.overall.accuracy());
+      say("stage " + tag + ": " + num(r.seconds, "%.1f") + " s, " + std::to_string(r.steps) + " steps, accuracy " +
+          pct(r.eval.overall.accuracy()) + " (answer prior " + pct(r.prior.overall.accuracy()) +
+          (c.target >= 0 ? ", bar " + pct(c.target) : "") + ")");
+      if (c.target >= 0 && r.eval.overall.accuracy() >= c.target) break;
+    }
     model.mutable_config().visual_pool = 1;
     model.save(init_dir);
-    say("stage " + tag + ": " + num(r.train.seconds, "%.1f") + " s, accuracy " + pct(r.eval.overall.accuracy()) +
-        " (answer prior " + pct(r.prior.overall.accuracy()) + ")");
     cur.push_back(std::move(r));
   }
 
@@ -393,15 +424,22 @@ std::string run_repro(const ReproOptions& o) {
        << (o.curriculum_shuffle ? ", each image's visual tokens in a fresh random order every step" : "") << "). Few visual tokens first: the answer to a question about one cell sits in one of N "
           "visual tokens, so the lookup's learning signal is ~1/N; learned on small grids it carries over to larger "
           "ones. Not counted in the training times. Each stage's own test set:\n\n"
+       << "A stage with a bar repeats its schedule (a warm restart, a new data order) until its test accuracy "
+          "reaches the bar or its schedules run out; the accuracy column lists each schedule's result.\n\n"
        << "| stage | grid | families | pool | visual tokens | steps | time | accuracy | answer prior |\n"
        << "|---|---|---|---|---|---|---|---|---|\n";
     for (size_t i = 0; i < cur.size(); ++i) {
       const auto& c = cur[i].stage;
-      std::string fams;
+      std::string fams, steps = std::to_string(cur[i].steps), accs;
       for (const auto& f : c.families) fams += (fams.empty() ? "" : ", ") + f;
+      if (c.repeats > 1 || c.target >= 0) {
+        steps += " (" + std::to_string(cur[i].schedules) + " x " + std::to_string(c.steps) + " of at most " +
+                 std::to_string(c.repeats) + (c.target >= 0 ? ", bar " + pct(c.target) : "") + ")";
+      }
+      for (double a : cur[i].accuracies) accs += (accs.empty() ? "" : " -> ") + pct(a);
       md << "| C" << i + 1 << " | " << c.grid << "x" << c.grid << " | " << (fams.empty() ? "all" : fams) << " | "
-         << c.pool << " | " << cur[i].visual_tokens << " | " << c.steps << " | " << num(cur[i].train.seconds, "%.0f") << " s | "
-         << pct(cur[i].eval.overall.accuracy()) << " | " << pct(cur[i].prior.overall.accuracy()) << " |\n";
+         << c.pool << " | " << cur[i].visual_tokens << " | " << steps << " | " << num(cur[i].seconds, "%.0f") << " s | "
+         << accs << " | " << pct(cur[i].prior.overall.accuracy()) << " |\n";
     }
     md << "\n";
   }
