@@ -43,16 +43,15 @@ struct ReproOptions {
   double text_lr = 3e-4;
   // Stage C (shared, after 0 and L): the curriculum; projector + language model.
   // Measured (docs/benchmarks.md, items 10-11): identify on 2x2 in warm-restarted schedules until
-  // 70%, then on 4x4 at one token per cell, then on
-  // 4x4 at full resolution (a lookup learned on pooled tokens does not carry over to 256 tokens by
-  // itself, but relearns there in a few hundred steps). Each stage stops at its bar.
+  // 70%, then on 4x4 at one token per cell, then on 4x4 at full resolution (a lookup learned on
+  // pooled tokens does not carry over to 256 tokens by itself, but relearns there in a few hundred
+  // steps). Each stage stops at its bar; the caps keep the whole run within about an hour.
   std::vector<CurriculumStage> curriculum{
-      {2, {"identify"}, 8, 1000, 6, 0.70}, {4, {"identify"}, 4, 1250, 3, 0.65}, {4, {"identify"}, 1, 300, 2, 0.60}};
+      {2, {"identify"}, 8, 1000, 4, 0.70}, {4, {"identify"}, 4, 1250, 2, 0.65}, {4, {"identify"}, 1, 300, 2, 0.60}};
   int curriculum_images = 8000, curriculum_batch = 8;
   double curriculum_lr = 3e-4;
-  // Stage C: --shuffle-visual. Without it, 2x2 identify settles in 3 of 4 measured chains on a
-  // row-only lookup (rows are contiguous in the token sequence, a positional shortcut) and grinds;
-  // with it both coordinates are looked up by content and 2 of 2 chains broke (item 11).
+  // Stage C: --shuffle-visual. Measured on 2x2 identify (item 11): 2 of 3 shuffled chains broke
+  // within 2,000 steps, 1 of 4 ordered ones; the stuck ones learned the row and not the column.
   bool curriculum_shuffle = true;
   int pretrain_steps = 0;                     // stage 1: row-by-row descriptions (optional)
   int steps = 450, batch_size = 8;            // stage 2: the questions
