@@ -240,3 +240,28 @@ TEST(Repro, CurriculumSpecParsesAndRefusesBadStagesByName) {
   EXPECT_NE(error("2:all:0:10").find("POOL"), std::string::npos);
   EXPECT_NE(error("2:count+count:8:10").find("given twice"), std::string::npos);
 }
+
+TEST(LlavaData, SplitTurnsMakesEveryTurnASampleWithItsImage) {
+  std::vector<Conversation> convs{
+      {"a", "images/a.png", {{"<image>\nWhat is in row 1, column 2?", "bag"}, {"How many bags are there?", "1"},
+                             {"Is there a dress?", "no"}}},
+      {"b", "images/b.png", {{"Where is the bag?\n<image>", "row 2, column 1"}}},
+      {"t", "", {{"Hello", "hi"}, {"Again", "hi again"}}}};
+  auto s = split_turns(convs);
+  ASSERT_EQ(s.size(), 6u);
+  EXPECT_EQ(s[0].id, "a#0");
+  EXPECT_EQ(s[2].id, "a#2");
+  for (int i = 0; i < 3; ++i) {
+    ASSERT_EQ(s[i].turns.size(), 1u);
+    EXPECT_EQ(s[i].image, "images/a.png");
+    EXPECT_EQ(s[i].turns[0].human.rfind("<image>\n", 0), 0u) << s[i].turns[0].human;
+    EXPECT_EQ(s[i].turns[0].human.find("<image>", 1), std::string::npos);  // exactly one placeholder
+    EXPECT_EQ(s[i].turns[0].human.substr(8), convs[0].turns[i].human.substr(i == 0 ? 8 : 0));
+    EXPECT_EQ(s[i].turns[0].assistant, convs[0].turns[i].assistant);
+  }
+  EXPECT_EQ(s[3].id, "b");  // already one turn: unchanged, placeholder where it was
+  EXPECT_EQ(s[3].turns[0].human, "Where is the bag?\n<image>");
+  EXPECT_EQ(s[4].id, "t#0");  // text only: no placeholder added
+  EXPECT_EQ(s[5].turns[0].human, "Again");
+  EXPECT_EQ(s[5].turns[0].assistant, "hi again");
+}

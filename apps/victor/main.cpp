@@ -348,6 +348,8 @@ int main(int argc, char** argv) {
   c_train->add_option("--clip", tr.clip, "Gradient norm clipping (0 = off)")->check(CLI::Range(0.0, 1e6))->capture_default_str();
   c_train->add_option("--seed", tr.seed, "Seed (data order)");
   c_train->add_option("--threads", train_threads, "CPU threads")->check(CLI::Range(1, 1024));
+  c_train->add_flag("--single-turn", tr.single_turn,
+                    "Train every turn of a multi-turn conversation as its own sample (the image with one question)");
   c_train->add_option("--max-samples", tr.max_samples, "Use only the first N samples")->check(CLI::Range(0, 100000000));
   c_train->add_option("--feature-cache-mb", tr.feature_cache_mb,
                       "Vision tower frozen: keep each image's features in memory up to this many MiB (0 = recompute every step)")
@@ -424,6 +426,9 @@ int main(int argc, char** argv) {
   c_repro->add_option("--curriculum-lr", rp.curriculum_lr, "Stage C peak learning rate")->check(CLI::PositiveNumber)->capture_default_str();
   c_repro->add_option("--curriculum-shuffle", rp.curriculum_shuffle,
                       "Stage C: each image's visual tokens in a random order every step (true/false)")
+      ->capture_default_str();
+  c_repro->add_option("--curriculum-single-turn", rp.curriculum_single_turn,
+                      "Stage C: pooled stages train one question per sample, the same answers per step (true/false)")
       ->capture_default_str();
   c_repro->add_option("--train", rp.train_parts, "Parts trained in stages 1-2 (finetune = projector + registers + llm, vision frozen)");
   c_repro->add_option("--batch-size", rp.batch_size, "Conversations per step")->check(CLI::Range(1, 1024));

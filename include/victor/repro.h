@@ -53,6 +53,12 @@ struct ReproOptions {
   // Stage C: --shuffle-visual. Measured on 2x2 identify (item 11): 2 of 3 shuffled chains broke
   // within 2,000 steps, 1 of 4 ordered ones; the stuck ones learned the row and not the column.
   bool curriculum_shuffle = true;
+  // Stage C: the pooled stages (where the lookup is learned) train one question per sample, with
+  // curriculum_batch * questions samples per step (the same answers per step): in a conversation
+  // about one image, a row-only lookup answers the row's second question by elimination, and
+  // 2x2 identify stalls there (item 12). Full-resolution stages keep the conversations: one
+  // image per question would cost 3x more per answer at 256 visual tokens.
+  bool curriculum_single_turn = true;
   int pretrain_steps = 0;                     // stage 1: row-by-row descriptions (optional)
   int steps = 450, batch_size = 8;            // stage 2: the questions
   std::string train_parts = "finetune";       // LLaVA: the vision tower stays frozen

@@ -33,6 +33,7 @@ struct TrainOptions {
   // go by what a token says (its cell's place, from stage 0), not by its sequence position; such a
   // lookup survives a change of pooling or resolution. Seeded by (seed, step): resume stays exact.
   bool shuffle_visual = false;
+  bool single_turn = false;  // every turn its own sample (split_turns): no answers to lean on
   int max_samples = 0;  // use only the first N samples (0 = all)
   int feature_cache_mb = 4096;  // frozen vision tower: keep each image's features (0 = recompute)
 };

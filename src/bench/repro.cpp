@@ -115,6 +115,7 @@ struct CurriculumResult {
   double seconds = 0;                  // training, every schedule
   int steps = 0, schedules = 0;
   std::vector<double> accuracies;      // after each schedule
+  bool single_turn = false;            // one question per sample
   EvalReport eval, prior;              // after the last one
   int visual_tokens = 0;
 };
@@ -263,12 +264,14 @@ std::string run_repro(const ReproOptions& o) {
         std::to_string(cg.train_images) + " images) in " + cg.out_dir);
     build_gridvqa(cg);
     auto cconvs = load_llava_json((fs::path(cg.out_dir) / "train.json").string());
+    const bool single = o.curriculum_single_turn && c.pool > 1;
     auto cquestions = load_questions_jsonl((fs::path(cg.out_dir) / "test.jsonl").string());
     Vlm model = Vlm::load(init_dir);
     model.mutable_config().visual_pool = c.pool;
     model.set_victor(VictorConfig{0, -1, RegisterMask::Causal}, o.seed + 1);  // validates the pooling
-    auto samples = prepare_samples(cconvs, tok, model.config(), cg.out_dir, false, nullptr);
+    auto samples = prepare_samples(single ? split_turns(cconvs) : cconvs, tok, model.config(), cg.out_dir, false, nullptr);
     CurriculumResult r;
+    r.single_turn = single;
     r.stage = c;
     r.visual_tokens = model.config().visual_tokens_per_image();
     r.prior = answer_prior(cconvs, cquestions);
@@ -280,7 +283,7 @@ std::string run_repro(const ReproOptions& o) {
       t.parts = {Part::Projector, Part::Llm};
       t.lr = o.curriculum_lr;
       t.shuffle_visual = o.curriculum_shuffle;
-      t.batch_size = o.curriculum_batch;
+      t.batch_size = single ? o.curriculum_batch * o.questions : o.curriculum_batch;
       t.max_steps = c.steps;
       t.seed = o.seed + 101 + i + 7919 * uint64_t(rep);  // each schedule its own data order
       t.progress = o.progress;
@@ -288,7 +291,8 @@ std::string run_repro(const ReproOptions& o) {
       t.log = (fs::path(cg.out_dir) / (rep ? "metrics-" + std::to_string(rep + 1) + ".jsonl" : "metrics.jsonl")).string();
       say("stage " + tag + (c.repeats > 1 ? ", schedule " + std::to_string(rep + 1) + " of at most " + std::to_string(c.repeats) : "") +
           ": " + std::to_string(c.steps) + " steps, " + format_curriculum({c}) + " (" +
-          std::to_string(r.visual_tokens) + " visual tokens" + (o.curriculum_shuffle ? ", shuffled" : "") + "), lr " +
+          std::to_string(r.visual_tokens) + " visual tokens" + (o.curriculum_shuffle ? ", shuffled" : "") +
+          (single ? ", one question per sample" : "") + "), lr " +
           num(o.curriculum_lr, "%g"));
       TrainReport tr = train_model(model, samples, t, init_dir);
       r.seconds += tr.seconds;
@@ -421,7 +425,10 @@ std::string run_repro(const ReproOptions& o) {
   if (!cur.empty()) {
     md << "Stage C, shared by every model: a curriculum (projector + language model, lr " << num(o.curriculum_lr, "%g")
        << ", " << o.curriculum_batch << " conversations per step, " << o.curriculum_images << " images per stage"
-       << (o.curriculum_shuffle ? ", each image's visual tokens in a fresh random order every step" : "") << "). Few visual tokens first: the answer to a question about one cell sits in one of N "
+       << (o.curriculum_shuffle ? ", each image's visual tokens in a fresh random order every step" : "")
+       << (o.curriculum_single_turn ? "; stages with pooled tokens train one question per sample, " +
+                                          std::to_string(o.curriculum_batch * o.questions) + " per step" : "")
+       << "). Few visual tokens first: the answer to a question about one cell sits in one of N "
           "visual tokens, so the lookup's learning signal is ~1/N; learned on small grids it carries over to larger "
           "ones. Not counted in the training times. Each stage's own test set:\n\n"
        << "A stage with a bar repeats its schedule (a warm restart, a new data order) until its test accuracy "

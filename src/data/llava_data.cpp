@@ -61,6 +61,31 @@ std::vector<Conversation> load_llava_json(const std::string& path, std::vector<s
   return out;
 }
 
+std::vector<Conversation> split_turns(const std::vector<Conversation>& convs) {
+  std::vector<Conversation> out;
+  out.reserve(convs.size());
+  for (const Conversation& c : convs) {
+    if (c.turns.size() <= 1) {
+      out.push_back(c);
+      continue;
+    }
+    for (size_t t = 0; t < c.turns.size(); ++t) {
+      Conversation one{c.id + "#" + std::to_string(t), c.image, {c.turns[t]}};
+      if (!c.image.empty()) {
+        std::string& h = one.turns[0].human;
+        for (const std::string tag : {"<image>\n", "\n<image>", "<image>"})
+          if (auto p = h.find(tag); p != std::string::npos) {
+            h.erase(p, tag.size());
+            break;
+          }
+        h = "<image>\n" + h;
+      }
+      out.push_back(std::move(one));
+    }
+  }
+  return out;
+}
+
 std::vector<EvalQuestion> load_questions_jsonl(const std::string& path) {
   std::ifstream in(path);
   if (!in) throw Error(path + ": cannot open questions file");

@@ -381,6 +381,7 @@ TrainReport train(const TrainOptions& o) {
   if (o.out.empty()) throw Error("train: --out is required");
   std::vector<std::string> bad;
   auto convs = load_llava_json(o.data, o.skip_bad ? &bad : nullptr);
+  if (o.single_turn) convs = split_turns(convs);
   if (o.max_samples > 0 && int(convs.size()) > o.max_samples) convs.resize(size_t(o.max_samples));
   // Resume continues from the output folder's own checkpoint.
   std::string start = o.resume ? o.out : o.model_dir;
