@@ -115,7 +115,6 @@ struct CurriculumResult {
   double seconds = 0;                  // training, every schedule
   int steps = 0, schedules = 0;
   std::vector<double> accuracies;      // after each schedule
-  bool single_turn = false;            // one question per sample
   EvalReport eval, prior;              // after the last one
   int visual_tokens = 0;
 };
@@ -271,7 +270,6 @@ std::string run_repro(const ReproOptions& o) {
     model.set_victor(VictorConfig{0, -1, RegisterMask::Causal}, o.seed + 1);  // validates the pooling
     auto samples = prepare_samples(single ? split_turns(cconvs) : cconvs, tok, model.config(), cg.out_dir, false, nullptr);
     CurriculumResult r;
-    r.single_turn = single;
     r.stage = c;
     r.visual_tokens = model.config().visual_tokens_per_image();
     r.prior = answer_prior(cconvs, cquestions);
