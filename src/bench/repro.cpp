@@ -422,10 +422,11 @@ std::string run_repro(const ReproOptions& o) {
        << "), like LLaVA starting from a pretrained Vicuna; not counted in the training times.\n\n";
   if (!cur.empty()) {
     md << "Stage C, shared by every model: a curriculum (projector + language model, lr " << num(o.curriculum_lr, "%g")
-       << ", " << o.curriculum_batch << " conversations per step, " << o.curriculum_images << " images per stage"
+       << ", " << o.curriculum_batch << " conversations per step"
+       << (o.curriculum_single_turn ? " (stages with pooled tokens: one question per sample, " +
+                                          std::to_string(o.curriculum_batch * o.questions) + " samples per step)" : "")
+       << ", " << o.curriculum_images << " images per stage"
        << (o.curriculum_shuffle ? ", each image's visual tokens in a fresh random order every step" : "")
-       << (o.curriculum_single_turn ? "; stages with pooled tokens train one question per sample, " +
-                                          std::to_string(o.curriculum_batch * o.questions) + " per step" : "")
        << "). Few visual tokens first: the answer to a question about one cell sits in one of N "
           "visual tokens, so the lookup's learning signal is ~1/N; learned on small grids it carries over to larger "
           "ones. Not counted in the training times. Each stage's own test set:\n\n"

@@ -306,7 +306,8 @@ TrainReport train_model(Vlm& model, const std::vector<TrainSample>& samples, con
         } else {
           embeds = model.project(features.get(model, px));
         }
-        if (o.shuffle_visual) embeds = shuffle_tokens(embeds, o.seed * 1000003ull + uint64_t(step) * 64 + uint64_t(a));
+        if (o.shuffle_visual)  // a distinct permutation for every micro-batch of the run
+          embeds = shuffle_tokens(embeds, o.seed * 1000003ull + uint64_t(step) * uint64_t(o.grad_accum) + uint64_t(a));
       }
       SequenceBatch batch = model.assemble(rows, embeds, /*pad_left=*/false);
       ForwardOutput out = model.forward(batch);
