@@ -5,23 +5,29 @@ VICTOR="$1"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 "$VICTOR" repro --preset tiny --out "$work/r" --train-images 24 --test-images 4 --steps 12 --vision-steps 3 --pretrain-steps 4 --pool 2 \
-  --registers 4,8 --summary-layers 1 --bench-repeats 1 --bench-batch 4 --bench-gen 2,8 \
+  --registers 4,8 --summary-layers 1,2 --bench-repeats 1 --bench-batch 4 --bench-gen 2,8 \
   --curriculum 2:identify:2:3x2@100,4:count+exist:1:3x3@0 --curriculum-images 16 > "$work/out.txt"
 grep -q "report: $work/r/report.md" "$work/out.txt"
 r="$work/r/report.md"
-for pattern in "Stage 0, shared" "Stage C, shared" "| C1 | 2x2 | identify | 2 | 4 | 6 (2 x 3 of at most 2, bar 100.0%) |" "| C2 | 4x4 | count, exist | 1 | 16 | 3 (1 x 3 of at most 3, bar 0.0%) |" "| plain | 0 |" "| victor-m4 | 4 |" "| victor-m8 | 8 |" "| pool-2x2 | 0 |" "Answer-prior baseline" \
+for pattern in "Stage 0, shared" "Stage C, shared" "| C1 | 2x2 | identify | 2 | 4 | 6 (2 x 3 of at most 2, bar 100.0%) |" "| C2 | 4x4 | count, exist | 1 | 16 | 3 (1 x 3 of at most 3, bar 0.0%) |" "| plain | 0 |" "| victor-m4-k1 | 4 | 1 |" "| victor-m8-k1 | 8 | 1 |" "| victor-m8-k2 | 8 | 2 |" "victor-m8-k2 (k = 2):" "| pool-2x2 | 0 |" "Answer-prior baseline" \
                "relative accuracy drop < 4%" "training time at least 43% lower" "throughput at least 3.3x" \
                "b4_g2 req/s" "## Accuracy per question family"; do
   grep -qF "$pattern" "$r" || { echo "report lacks: $pattern"; cat "$r"; exit 1; }
 done
-for f in bench.json summary.json answers-plain.jsonl answers-victor-m8.jsonl models/victor-m8/model.safetensors \
-         models/victor-m8/trainer_state.json gridvqa/test.jsonl curriculum-1/train.json curriculum-1/metrics-2.jsonl curriculum-2/meta.json; do
+for f in bench.json summary.json answers-plain.jsonl answers-victor-m8-k2.jsonl models/victor-m8-k2/model.safetensors \
+         models/victor-m8-k1/trainer_state.json gridvqa/test.jsonl curriculum-1/train.json curriculum-1/metrics-2.jsonl curriculum-2/meta.json; do
   [ -s "$work/r/$f" ] || { echo "missing $f"; exit 1; }
 done
 if command -v gnuplot >/dev/null; then
   [ -s "$work/r/accuracy_vs_registers.png" ] && [ -s "$work/r/throughput_vs_registers.png" ] || { echo "plots missing"; exit 1; }
 fi
 # The trained Victor checkpoint generates.
-"$VICTOR" generate --model "$work/r/models/victor-m8" --image "$work/r/gridvqa/images/test_000000.png" \
-  --prompt "How many bags are there?" --max-new-tokens 4 --stats 2>&1 | grep -q "dropped after layer 1"
+"$VICTOR" generate --model "$work/r/models/victor-m8-k2" --image "$work/r/gridvqa/images/test_000000.png" \
+  --prompt "How many bags are there?" --max-new-tokens 4 --stats 2>&1 | grep -q "dropped after layer 2"
+# A k the preset does not have is refused before any work is done.
+if "$VICTOR" repro --preset tiny --out "$work/bad" --summary-layers 1,4 > "$work/bad.txt" 2>&1; then
+  echo "repro accepted k = 4 on a 4-layer preset"; exit 1
+fi
+grep -q "summary-layers 4" "$work/bad.txt" || { echo "k error unclear:"; cat "$work/bad.txt"; exit 1; }
+[ ! -e "$work/bad" ] || { echo "repro wrote $work/bad before refusing k"; exit 1; }
 echo "repro tiny: ok"

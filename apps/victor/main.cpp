@@ -402,7 +402,7 @@ int main(int argc, char** argv) {
   c_repro->add_option("--out", rp.out, "Output folder (default runs/repro, or runs/repro-quick)");
   c_repro->add_option("--preset", rp.preset, "Model shape trained from scratch")->check(CLI::IsMember({"tiny", "small"}));
   c_repro->add_option("--registers", rp.registers, "Victor register counts to train (comma list)")->delimiter(',')->check(CLI::Range(0, 1024));
-  c_repro->add_option("--summary-layers", rp.summary_layers, "Victor k")->check(CLI::Range(0, 64));
+  c_repro->add_option("--summary-layers", rp.summary_layers, "Victor k values to train (comma list; every m with every k)")->delimiter(',')->check(CLI::Range(0, 64));
   c_repro->add_option("--register-mask", rp.register_mask, "causal | registers_only")->check(CLI::IsMember({"causal", "registers_only"}));
   c_repro->add_option("--train-images", rp.train_images, "GridVQA training images")->check(CLI::Range(1, 1000000));
   c_repro->add_option("--test-images", rp.test_images, "GridVQA test images")->check(CLI::Range(1, 100000));

@@ -31,6 +31,7 @@ ReproOptions ReproOptions::quick() {
   o.bench_repeats = 1;
   o.bench_gen = {2, 32};
   o.registers = {8};
+  o.summary_layers = {2};
   o.curriculum = {{2, {"identify"}, 8, 150}};
   o.curriculum_images = 600;
   o.lr = 1e-3;
@@ -133,6 +134,11 @@ std::string pct(double x) {
   std::snprintf(b, sizeof b, "%.1f%%", 100 * x);
   return b;
 }
+std::string join(const std::vector<int>& xs, const std::string& sep) {
+  std::string s;
+  for (int x : xs) s += (s.empty() ? "" : sep) + std::to_string(x);
+  return s;
+}
 std::string num(double x, const char* fmt = "%.2f") {
   char b[32];
   std::snprintf(b, sizeof b, fmt, x);
@@ -140,22 +146,30 @@ std::string num(double x, const char* fmt = "%.2f") {
 }
 
 // Plots with gnuplot (Debian's gnuplot-nox) when present; returns false when it is not.
+// One line per series (label, points), gnuplot's data blocks separated by two blank lines.
+using Series = std::pair<std::string, std::vector<std::pair<double, double>>>;
 bool plot(const std::string& dir, const std::string& name, const std::string& title, const std::string& ylabel,
-          const std::vector<std::pair<double, double>>& points, double baseline, const std::string& baseline_label) {
-  if (std::system("command -v gnuplot > /dev/null 2>&1") != 0) return false;
+          const std::vector<Series>& series, double baseline, const std::string& baseline_label) {
+  if (series.empty() || std::system("command -v gnuplot > /dev/null 2>&1") != 0) return false;
   std::string data = (fs::path(dir) / (name + ".dat")).string();
   std::ofstream(data) << [&] {
     std::ostringstream o;
-    for (auto& [x, y] : points) o << x << " " << y << "\n";
+    for (auto& [label, points] : series) {
+      for (auto& [x, y] : points) o << x << " " << y << "\n";
+      o << "\n\n";
+    }
     return o.str();
   }();
+  std::string lines;
+  for (size_t i = 0; i < series.size(); ++i)
+    lines += "'" + data + "' index " + std::to_string(i) + " using 1:2 with linespoints lw 2 pt 7 title '" +
+             series[i].first + "', ";
   std::string png = (fs::path(dir) / (name + ".png")).string();
   std::string script = (fs::path(dir) / (name + ".gp")).string();
   std::ofstream(script) << "set terminal png size 640,400\nset output '" << png + ".tmp"
                         << "'\nset title '" << title << "'\nset xlabel 'registers m'\nset ylabel '" << ylabel
                         << "'\nset grid\nset key bottom right\nset logscale x 2\nset xrange [0.5:*]\n"
-                        << "plot '" << data << "' using 1:2 with linespoints lw 2 pt 7 title 'Victor', "
-                        << baseline << " with lines dt 2 lw 2 title '" << baseline_label << "'\n";
+                        << "plot " << lines << baseline << " with lines dt 2 lw 2 title '" << baseline_label << "'\n";
   bool ok = std::system(("gnuplot '" + script + "' > /dev/null 2>&1").c_str()) == 0;
   if (ok) fs::rename(png + ".tmp", png);
   fs::remove(data);
@@ -167,8 +181,14 @@ bool plot(const std::string& dir, const std::string& name, const std::string& ti
 
 std::string run_repro(const ReproOptions& o) {
   auto t_all = std::chrono::steady_clock::now();
-  {  // refuse a curriculum the model cannot pool before any work is done
-    const VisionConfig v = preset_config(o.preset).vision;
+  {  // refuse a curriculum the model cannot pool, or a k it does not have, before any work is done
+    const ModelConfig preset = preset_config(o.preset);
+    for (int k : o.summary_layers)
+      if (k < 1 || k >= preset.num_layers())
+        throw Error("--summary-layers " + std::to_string(k) + ": Victor k must be between 1 and " +
+                    std::to_string(preset.num_layers() - 1) + " (the preset has " +
+                    std::to_string(preset.num_layers()) + " decoder layers)");
+    const VisionConfig v = preset.vision;
     const int side = v.image_size / v.patch_size;
     for (const auto& c : o.curriculum)
       if (side % c.pool != 0)
@@ -319,7 +339,9 @@ std::string run_repro(const ReproOptions& o) {
     runs.push_back(t);
   };
   add_run("plain", 0, -1, 1);
-  for (int m : o.registers) add_run("victor-m" + std::to_string(m), m, o.summary_layers, 1);
+  for (int k : o.summary_layers)  // the name carries k only when the run compares several
+    for (int m : o.registers)
+      add_run("victor-m" + std::to_string(m) + (o.summary_layers.size() > 1 ? "-k" + std::to_string(k) : ""), m, k, 1);
   for (int p : o.pools)
     if (p > 1) add_run("pool-" + std::to_string(p) + "x" + std::to_string(p), 0, -1, p);
   for (auto& r : runs) {
@@ -403,7 +425,7 @@ std::string run_repro(const ReproOptions& o) {
      << (vision_frozen ? "; the frozen vision tower's features computed once per image" : "") << "), "
      << bench_model.config().visual_tokens_per_image()
      << " visual tokens per image, " << bench_model.config().num_layers() << " decoder layers, Victor k = "
-     << o.summary_layers << " (" << o.register_mask << " mask). GridVQA: " << o.train_images << " train images ("
+     << join(o.summary_layers, ", ") << " (" << o.register_mask << " mask). GridVQA: " << o.train_images << " train images ("
      << convs.size() << " conversations), " << questions.size() << " test questions from "
      << o.test_images << " test images (Fashion-MNIST test split only). Threads: " << at::get_num_threads()
      << ".\n\n";
@@ -449,15 +471,17 @@ std::string run_repro(const ReproOptions& o) {
     }
     md << "\n";
   }
-  md << "| model | m | accuracy | relative drop | training time | time reduction | throughput " << key_short
+  md << "| model | m | k | accuracy | relative drop | training time | time reduction | throughput " << key_short
      << " | ratio | throughput " << key_long << " | ratio | KV bytes ratio |\n";
-  md << "|---|---|---|---|---|---|---|---|---|---|---|\n";
+  md << "|---|---|---|---|---|---|---|---|---|---|---|---|\n";
   for (size_t i = 0; i < runs.size(); ++i) {
     const Trained& r = runs[i];
     const BenchResult& br = bench[i];
     double drop = plain.eval.overall.accuracy() > 0
                       ? 1.0 - r.eval.overall.accuracy() / plain.eval.overall.accuracy() : 0.0;
-    md << "| " << r.name << " | " << r.registers << " | " << pct(r.eval.overall.accuracy()) << " | "
+    md << "| " << r.name << " | " << r.registers << " | "
+       << (r.name.rfind("victor", 0) == 0 ? std::to_string(r.summary_layers) : "-") << " | "
+       << pct(r.eval.overall.accuracy()) << " | "
        << (i ? (plain.eval.overall.accuracy() > 0 ? pct(drop) : std::string("n/a")) : "-") << " | " << num(r.train_seconds, "%.0f") << " s | "
        << (i ? pct(1.0 - r.train_seconds / plain.train_seconds) : "-") << " | "
        << num(br.requests_per_second.at(key_short)) << " req/s | "
@@ -500,24 +524,29 @@ std::string run_repro(const ReproOptions& o) {
                       ? 1.0 - runs[i].eval.overall.accuracy() / plain.eval.overall.accuracy() : 1.0;
     double saved = 1.0 - runs[i].train_seconds / plain.train_seconds;
     double thr = bench[i].requests_per_second.at(key_short) / bp.requests_per_second.at(key_short);
+    if (o.summary_layers.size() > 1) md << runs[i].name << " (k = " << runs[i].summary_layers << "):\n\n";
     md << "- relative accuracy drop < 4%: measured " << pct(drop) << " — "
        << (plain_at_prior ? "not meaningful (the plain model is at the answer prior)"
                           : drop < 0.04 ? "met" : "missed")
        << "\n";
     md << "- training time at least 43% lower: measured " << pct(saved) << " — " << (saved >= 0.43 ? "met" : "missed") << "\n";
     md << "- throughput at least 3.3x (" << key_short << "): measured " << num(thr) << "x — "
-       << (thr >= 3.3 ? "met" : "missed") << "\n";
+       << (thr >= 3.3 ? "met" : "missed") << "\n" << (o.summary_layers.size() > 1 ? "\n" : "");
   }
   md << "\n## Benchmark (same weights, configurations alternated, medians of " << o.bench_repeats << ")\n\n```\n"
      << bench_table(bench) << "```\n\n";
   md << "## Training\n\n| model | mean step | final loss |\n|---|---|---|\n";
   for (auto& r : runs)
     md << "| " << r.name << " | " << num(r.step_seconds, "%.3f") << " s | " << num(r.final_loss, "%.4f") << " |\n";
-  std::vector<std::pair<double, double>> acc_pts, thr_pts;
-  for (size_t i = 1; i < runs.size(); ++i) {
-    if (runs[i].pool > 1) continue;
-    acc_pts.emplace_back(runs[i].registers, 100 * runs[i].eval.overall.accuracy());
-    thr_pts.emplace_back(runs[i].registers, bench[i].requests_per_second.at(key_short));
+  std::vector<Series> acc_pts, thr_pts;  // one line per k
+  for (int k : o.summary_layers) {
+    acc_pts.push_back({"Victor k = " + std::to_string(k), {}});
+    thr_pts.push_back({"Victor k = " + std::to_string(k), {}});
+    for (size_t i = 1; i < runs.size(); ++i) {
+      if (runs[i].pool > 1 || runs[i].summary_layers != k) continue;
+      acc_pts.back().second.emplace_back(runs[i].registers, 100 * runs[i].eval.overall.accuracy());
+      thr_pts.back().second.emplace_back(runs[i].registers, bench[i].requests_per_second.at(key_short));
+    }
   }
   bool p1 = plot(o.out, "accuracy_vs_registers", "GridVQA accuracy", "accuracy (%)", acc_pts,
                  100 * plain.eval.overall.accuracy(), "plain");
