@@ -2,6 +2,7 @@
 // (the decode step Victor shortens), the LLaMA MLP, the vision tower.
 #include <benchmark/benchmark.h>
 
+#include "victor/blas.h"
 #include "victor/config.h"
 #include "victor/model.h"
 #include "victor/ops.h"
@@ -58,7 +59,9 @@ BENCHMARK(BM_VisionTowerSmall)->Arg(1)->Arg(16)->Unit(benchmark::kMillisecond);
 }  // namespace
 
 int main(int argc, char** argv) {
+  victor::ensure_fast_blas(argv);  // measure the kernels users get
   at::set_num_threads(2);
+  benchmark::AddCustomContext("blas_core", victor::blas_core_name());
   benchmark::Initialize(&argc, argv);
   benchmark::RunSpecifiedBenchmarks();
   return 0;

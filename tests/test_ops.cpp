@@ -1,7 +1,9 @@
 // Layer-level checks against straightforward reference computations.
 #include <cmath>
+#include <cstdlib>
 
 #include "helpers.h"
+#include "victor/blas.h"
 #include "victor/ops.h"
 
 using namespace victor;
@@ -102,4 +104,16 @@ TEST(Ops, AttentionPermissions) {
   EXPECT_FALSE(ro[4][1].item<bool>());   // text does not see visual tokens
   EXPECT_TRUE(ro[4][3].item<bool>());    // text sees the register
   EXPECT_TRUE(ro[2][1].item<bool>());    // visual sees earlier visual of the same image
+}
+
+TEST(Blas, OpenBlasRunsKernelsForThisCpuNotTheGenericFallback) {
+  // test_main calls ensure_fast_blas, as every victor binary does; on a CPU with AVX2 + FMA the
+  // kernels must not be OpenBLAS's SSE3 fallback (about 5x slower GEMM, docs/benchmarks.md).
+  const std::string core = victor::blas_core_name();
+  if (core.empty()) GTEST_SKIP() << "the BLAS is not OpenBLAS";
+  if (std::getenv("OPENBLAS_CORETYPE") && !std::getenv("VICTOR_BLAS_REEXEC"))
+    GTEST_SKIP() << "OPENBLAS_CORETYPE set by the user: " << std::getenv("OPENBLAS_CORETYPE");
+  __builtin_cpu_init();
+  if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))) GTEST_SKIP() << "no AVX2 + FMA";
+  for (const char* generic : {"Prescott", "Core2", "Katmai", "Unknown"}) EXPECT_NE(core, generic);
 }

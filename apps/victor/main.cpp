@@ -5,6 +5,7 @@
 #include <thread>
 
 #include "victor/bench.h"
+#include "victor/blas.h"
 #include "victor/data.h"
 #include "victor/error.h"
 #include "victor/eval.h"
@@ -243,28 +244,37 @@ void run_bench_cli(BenchArgs a) {
 struct VisionArgs {
   std::string model, data, out;
   VisionPretrainOptions opt;
+  std::string targets = "cell";
   int threads = default_threads(), limit = 0;
 };
 
 void run_train_vision(const VisionArgs& a) {
   set_threads(a.threads);
+  VisionPretrainOptions opt = a.opt;
+  opt.per_patch = a.targets == "patch";
+  opt.progress = isatty(2);
   Vlm model = Vlm::load(a.model);
   auto train = load_grid_images(a.data, "train", model.config(), a.limit);
   auto test = load_grid_images(a.data, "t10k", model.config());
-  auto r = pretrain_vision(model, train, test, a.opt);
+  auto r = pretrain_vision(model, train, test, opt);
   model.save(a.out);
   for (const char* f : {"tokenizer.model", "added_tokens.json", "tokenizer_config.json"})
     if (fs::exists(fs::path(a.model) / f) && fs::absolute(a.model) != fs::absolute(a.out))
       write_file_atomic((fs::path(a.out) / f).string(), read_file((fs::path(a.model) / f).string()));
   std::cout << "vision tower pretrained: " << r.steps << " steps in " << r.seconds << " s, final loss "
             << r.final_loss << ", test cell accuracy " << 100 * r.test_cell_accuracy << "%, position accuracy "
-            << 100 * r.test_position_accuracy << "%\nmodel written to "
+            << 100 * r.test_position_accuracy << "%, single patch " << 100 * r.test_patch_accuracy << "%";
+  if (opt.counts)
+    std::cout << ", class counts exact " << 100 * r.test_count_patch_accuracy << "% from one patch, "
+              << 100 * r.test_count_mean_accuracy << "% from the mean";
+  std::cout << "\nmodel written to "
             << a.out << "\n";
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
+  victor::ensure_fast_blas(argv);
   CLI::App app{"victor: efficient vision-language models with Visual Compact Token Registers"};
   app.require_subcommand(1);
   app.set_help_all_flag("--help-all", "Show help for every subcommand");
@@ -414,6 +424,9 @@ int main(int argc, char** argv) {
                       "Stage 0 targets: cell (each cell's mean patch names its class and place) or patch (every patch does)")
       ->check(CLI::IsMember({"cell", "patch"}))
       ->capture_default_str();
+  c_repro->add_option("--vision-counts", rp.vision_counts,
+                      "Stage 0 also teaches how many cells hold each class, the image's summary (true/false)")
+      ->capture_default_str();
   c_repro->add_option("--text-steps", rp.text_steps, "Stage L steps: the language model on grids written as text, shared (0 = skip)")->check(CLI::Range(0, 10000000));
   c_repro->add_option("--text-lr", rp.text_lr, "Stage L peak learning rate")->check(CLI::PositiveNumber);
   std::string rp_curriculum = format_curriculum(rp.curriculum);
@@ -448,6 +461,10 @@ int main(int argc, char** argv) {
   c_tv->add_option("--steps", va.opt.steps, "Steps")->check(CLI::Range(1, 10000000))->capture_default_str();
   c_tv->add_option("--batch-size", va.opt.batch_size, "Images per step")->check(CLI::Range(1, 4096))->capture_default_str();
   c_tv->add_option("--lr", va.opt.lr, "Peak learning rate")->check(CLI::PositiveNumber)->capture_default_str();
+  c_tv->add_option("--targets", va.targets, "cell (each cell's mean patch names its class and place) or patch (every patch does)")
+      ->check(CLI::IsMember({"cell", "patch"}))
+      ->capture_default_str();
+  c_tv->add_option("--counts", va.opt.counts, "Also teach how many cells hold each class (true/false)")->capture_default_str();
   c_tv->add_option("--limit", va.limit, "Use only the first N training grids")->check(CLI::Range(0, 10000000));
   c_tv->add_option("--seed", va.opt.seed, "Seed");
   c_tv->add_option("--threads", va.threads, "CPU threads")->check(CLI::Range(1, 1024));

@@ -6,6 +6,7 @@
 #include <fstream>
 #include <sstream>
 
+#include "victor/blas.h"
 #include "victor/error.h"
 #include "victor/generate.h"
 #include "victor/progress.h"
@@ -211,6 +212,7 @@ json bench_json(const std::vector<BenchResult>& rs, const ModelConfig& cfg, cons
               {"gen_tokens", opt.gen_tokens},
               {"repeats", opt.repeats},
               {"threads", at::get_num_threads()},
+              {"blas_core", blas_core_name()},
               {"configs", json::array()}};
   const BenchResult& p = rs.front();
   auto ratio = [](double a, double b) { return b > 0 ? a / b : 0.0; };

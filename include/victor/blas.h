@@ -1,0 +1,19 @@
+// The BLAS under LibTorch: make sure it runs its fast kernels on this CPU.
+#pragma once
+#include <string>
+
+namespace victor {
+
+// The kernel set OpenBLAS chose at load time ("SkylakeX", "Haswell", ...), or "" when the BLAS is
+// not OpenBLAS.
+std::string blas_core_name();
+
+// Debian 12's OpenBLAS 0.3.21 does not recognize newer CPUs (Intel family 6 model 207, Emerald
+// Rapids, among them) and falls back to its Prescott (SSE3) kernels: a 640-row LLaMA MLP ran 4.9x
+// slower on one such machine (docs/benchmarks.md). OpenBLAS reads OPENBLAS_CORETYPE only when it is
+// loaded, so when it fell back on a CPU with AVX-512 (or AVX2 + FMA) this sets the variable and
+// re-executes the program, argv unchanged. A user's own OPENBLAS_CORETYPE is respected; returns
+// (does nothing) when there is nothing to fix or the re-exec fails.
+void ensure_fast_blas(char** argv);
+
+}  // namespace victor

@@ -1,0 +1,47 @@
+#include "victor/blas.h"
+
+#include <dlfcn.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
+#include <iostream>
+
+namespace victor {
+
+std::string blas_core_name() {
+  using CoreName = char* (*)();
+  auto fn = reinterpret_cast<CoreName>(dlsym(RTLD_DEFAULT, "openblas_get_corename"));
+  if (!fn) return "";
+  const char* name = fn();
+  return name ? name : "";
+}
+
+namespace {
+
+// The kernels this CPU can run, or nullptr when OpenBLAS's own choice stands.
+const char* better_core(const std::string& chosen) {
+  // OpenBLAS's fallbacks for a CPU it does not know: nothing newer than SSE3.
+  if (chosen != "Prescott" && chosen != "Core2" && chosen != "Katmai" && chosen != "Unknown") return nullptr;
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))
+    return "SkylakeX";
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return "Haswell";
+  return nullptr;
+}
+
+}  // namespace
+
+void ensure_fast_blas(char** argv) {
+  if (std::getenv("OPENBLAS_CORETYPE") || std::getenv("VICTOR_BLAS_REEXEC")) return;
+  const char* core = better_core(blas_core_name());
+  if (!core) return;
+  setenv("OPENBLAS_CORETYPE", core, 1);
+  setenv("VICTOR_BLAS_REEXEC", "1", 1);  // never loop, whatever OpenBLAS does with the variable
+  execv("/proc/self/exe", argv);
+  std::cerr << "victor: warning: OpenBLAS chose slow generic kernels and re-running with OPENBLAS_CORETYPE=" << core
+            << " failed (" << std::strerror(errno) << "); set it yourself for about 5x faster matrix products\n";
+}
+
+}  // namespace victor
