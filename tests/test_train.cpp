@@ -335,3 +335,45 @@ TEST(Train, PerPatchVisionTargetsTeachEverySingleToken) {
   EXPECT_TRUE(torch::allclose(a.weights().vision.layers[0].fc1.weight, b.weights().vision.layers[0].fc1.weight,
                               1e-5, 1e-6));
 }
+
+TEST(Train, VisionCountTargetsTeachWhatTheImageHolds) {
+  // class_counts against a hand count: image 0 holds one 0 and two 3s, image 1 one 3 and one 9.
+  auto counts = class_counts(torch::tensor({-1, 3, 3, 0, 9, -1, 3, -1}).view({2, 4}));
+  ASSERT_EQ(counts.sizes(), (std::vector<int64_t>{2, 10}));
+  EXPECT_TRUE(torch::equal(counts[0], torch::tensor({1, 0, 0, 2, 0, 0, 0, 0, 0, 0}, torch::kInt64)));
+  EXPECT_TRUE(torch::equal(counts[1], torch::tensor({0, 0, 0, 1, 0, 0, 0, 0, 0, 1}, torch::kInt64)));
+
+  // The count head learns the training grids' counts (measured on those grids: what was taught)
+  // far better than always answering each class's most common count.
+  auto dir = small_gridvqa("vcount", 16, 1);
+  auto cfg = tiny_config();
+  auto train = load_grid_images(dir, "train", cfg);
+  std::vector<torch::Tensor> labs;
+  for (auto& g : train) labs.push_back(torch::tensor(std::vector<int64_t>(g.labels.begin(), g.labels.end())));
+  auto truth = class_counts(torch::stack(labs));  // [16,10]
+  int64_t majority = 0;
+  for (int c = 0; c < 10; ++c) majority += torch::bincount(truth.select(1, c)).max().item<int64_t>();
+  const double baseline = double(majority) / double(truth.numel());
+
+  VisionPretrainOptions o;
+  o.batch_size = 16;
+  o.progress = false;
+  o.lr = 3e-3;
+  o.counts = true;
+  o.steps = 1;
+  Vlm m = Vlm::random(cfg, 73);
+  auto first = pretrain_vision(m, train, train, o);
+  EXPECT_GT(first.final_count_loss, 1.0);  // about ln(17) at the start
+  o.steps = 200;
+  auto r = pretrain_vision(m, train, train, o);
+  EXPECT_LT(r.final_count_loss, 0.5 * first.final_count_loss);
+  EXPECT_GT(r.test_count_mean_accuracy, baseline + 0.1) << "majority baseline " << baseline;
+
+  o.counts = false;  // off: no count loss, no count accuracy
+  Vlm off = Vlm::random(cfg, 73);
+  o.steps = 2;
+  auto r0 = pretrain_vision(off, train, train, o);
+  EXPECT_EQ(r0.final_count_loss, 0.0);
+  EXPECT_EQ(r0.test_count_mean_accuracy, 0.0);
+  EXPECT_NEAR(r0.final_loss, r0.final_class_loss + r0.final_place_loss, 1e-9);
+}

@@ -42,6 +42,8 @@ struct ReproOptions {
   int train_images = 2000, test_images = 300, questions = 4;
   int vision_steps = 150, vision_batch = 32;  // stage 0, shared by every model
   std::string vision_targets = "patch";      // stage 0: "patch" (every patch names its cell) or "cell" (cell means)
+  // Stage 0 also teaches each class's count in the whole image (VisionPretrainOptions::counts).
+  bool vision_counts = false;
   int text_steps = 0, text_batch = 8;         // stage L, shared: the language model on text.json
   double text_lr = 3e-4;
   // Stage C (shared, after 0 and L): the curriculum; projector + language model.

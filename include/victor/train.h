@@ -98,13 +98,27 @@ struct VisionPretrainOptions {
   bool progress = true;
   // false: the mean of each cell's patches is classified; true: every patch is (each carries its cell).
   bool per_patch = false;
+  // Also teach the image's contents as a whole: for each of the 10 classes, how many cells hold it
+  // (0..G*G, one softmax per class), from every patch (per_patch) or from the mean of all patches.
+  // CLIP's features carry what an image holds, not only what each patch shows; a language model
+  // reads "is there a dress?" or "how many bags?" off such a summary with any attention pattern,
+  // where per-cell features alone need a lookup keyed by the class in every cell, then a comparison
+  // (docs/benchmarks.md, items 6, 8 and 15).
+  bool counts = false;
 };
 struct VisionPretrainReport {
   int steps = 0;
   double seconds = 0, final_loss = 0, test_cell_accuracy = 0, test_position_accuracy = 0;
   double final_class_loss = 0, final_place_loss = 0;  // the two parts of final_loss
   double test_patch_accuracy = 0;  // the class head on single patches (what full resolution sees)
+  double final_count_loss = 0;     // with counts: the count head's part of final_loss
+  // With counts: the share of (test image, class) pairs whose count the head gets exactly right,
+  // from a single patch and from the mean of all patches.
+  double test_count_patch_accuracy = 0, test_count_mean_accuracy = 0;
 };
+
+// Per image, how many cells hold each of the 10 classes: labels [n,G*G] (-1 = empty) -> [n,10].
+torch::Tensor class_counts(const torch::Tensor& labels);
 // Each patch's cell in raster order: [side*side] int64 values in [0, grid*grid).
 torch::Tensor patch_cells(int grid, int patches_per_side);
 VisionPretrainReport pretrain_vision(Vlm& model, const std::vector<GridImage>& train,

@@ -11,6 +11,7 @@
 #include <sstream>
 
 #include "victor/bench.h"
+#include "victor/blas.h"
 #include "victor/data.h"
 #include "victor/error.h"
 #include "victor/eval.h"
@@ -236,12 +237,16 @@ std::string run_repro(const ReproOptions& o) {
     vo.seed = o.seed;
     vo.progress = o.progress;
     vo.per_patch = o.vision_targets == "patch";
+    vo.counts = o.vision_counts;
     say("stage 0: pretraining the vision tower on cell classes (" + std::to_string(o.vision_steps) + " steps of " +
         std::to_string(o.vision_batch) + " images)");
     vrep = pretrain_vision(model, grids_train, grids_test, vo);
     model.save(init_dir);
     say("stage 0: " + num(vrep.seconds, "%.1f") + " s, test cell accuracy " + pct(vrep.test_cell_accuracy) +
-        ", single patch " + pct(vrep.test_patch_accuracy) + ", place " + pct(vrep.test_position_accuracy));
+        ", single patch " + pct(vrep.test_patch_accuracy) + ", place " + pct(vrep.test_position_accuracy) +
+        (o.vision_counts ? ", class counts " + pct(vrep.test_count_patch_accuracy) + " from one patch, " +
+                               pct(vrep.test_count_mean_accuracy) + " from the mean"
+                         : ""));
   }
   // Stage L (shared): the language model learns to answer from grids written as text, as LLaVA
   // starts from a pretrained Vicuna. Only the language model is trained here.
@@ -428,13 +433,17 @@ std::string run_repro(const ReproOptions& o) {
      << join(o.summary_layers, ", ") << " (" << o.register_mask << " mask). GridVQA: " << o.train_images << " train images ("
      << convs.size() << " conversations), " << questions.size() << " test questions from "
      << o.test_images << " test images (Fashion-MNIST test split only). Threads: " << at::get_num_threads()
-     << ".\n\n";
+     << ", BLAS kernels: " << (blas_core_name().empty() ? std::string("not OpenBLAS") : blas_core_name()) << ".\n\n";
   if (o.vision_steps > 0)
     md << "Stage 0, shared by every model: the vision tower pretrained to classify grid cells (" << vrep.steps
        << " steps of " << o.vision_batch << " images, targets on "
        << (o.vision_targets == "patch" ? "every patch" : "each cell's mean patch") << ", " << num(vrep.seconds, "%.0f")
        << " s, test-split cell accuracy " << pct(vrep.test_cell_accuracy) << ", single-patch accuracy "
        << pct(vrep.test_patch_accuracy) << ", place accuracy " << pct(vrep.test_position_accuracy)
+       << (o.vision_counts ? "; every patch also names how many cells hold each class: exact for " +
+                                 pct(vrep.test_count_patch_accuracy) + " of (image, class) pairs from one patch, " +
+                                 pct(vrep.test_count_mean_accuracy) + " from the patches' mean"
+                           : "")
        << "), like LLaVA starting from a pretrained CLIP. Training times below are stages 1 + 2 (the LLaVA-style "
        << "training), which differ between the models.\n\n";
   if (o.text_steps > 0)

@@ -53,6 +53,12 @@ torch::Tensor cell_features(const torch::Tensor& feats, int grid, int patches_pe
 
 }  // namespace
 
+torch::Tensor class_counts(const torch::Tensor& labels) {
+  // labels [n,G*G]: -1 empty, else a class in [0, 10)
+  auto shifted = (labels.to(torch::kInt64) + 1).clamp(0, 10);
+  return torch::one_hot(shifted, 11).sum(1).slice(1, 1, 11);  // [n,10]
+}
+
 torch::Tensor patch_cells(int grid, int patches_per_side) {
   if (grid <= 0 || patches_per_side <= 0 || patches_per_side % grid != 0)
     throw Error(std::to_string(patches_per_side) + " patches per side do not split into a " + std::to_string(grid) +
@@ -86,7 +92,16 @@ VisionPretrainReport pretrain_vision(Vlm& model, const std::vector<GridImage>& t
   auto where_b = torch::zeros({cells}).requires_grad_(true);
   auto where_target = torch::arange(cells, torch::kInt64);
   auto patch_of = patch_cells(grid, side);
+  // Optional third head: for each class, how many cells hold it (0..cells), the image's summary.
+  const int64_t classes = 10, bins = cells + 1;
+  auto count_w = (torch::randn({classes * bins, cfg.vision.hidden_size}) * 0.02).requires_grad_(true);
+  auto count_b = torch::zeros({classes * bins}).requires_grad_(true);
   std::vector<torch::Tensor> params{head_w, head_b, where_w, where_b};
+  if (o.counts) params.insert(params.end(), {count_w, count_b});
+  // [n,U,D] -> count logits [n,U,10,bins]
+  auto count_logits = [&](const torch::Tensor& units) {
+    return (torch::matmul(units, count_w.t()) + count_b).view({units.size(0), units.size(1), classes, bins});
+  };
   for (auto& p : model.params())
     if (p.part == Part::Vision) params.push_back(*p.tensor);
   torch::optim::AdamW opt(params, torch::optim::AdamWOptions(o.lr).weight_decay(0.0));
@@ -127,16 +142,30 @@ VisionPretrainReport pretrain_vision(Vlm& model, const std::vector<GridImage>& t
     auto place_loss = torch::nn::functional::cross_entropy(where.reshape({-1, cells}),
                                                            unit_places.repeat({px.size(0)}));
     auto loss = class_loss + place_loss;
+    if (o.counts) {
+      // every patch (or the image mean) names every class's count: lab holds classes + 1, 0 = empty
+      auto target = class_counts(lab - 1);                                        // [n,10]
+      auto units_c = o.per_patch ? feats : feats.mean(1, /*keepdim=*/true);        // [n,U,D]
+      auto cl = count_logits(units_c);                                            // [n,U,10,bins]
+      auto tgt = target.unsqueeze(1).expand({-1, cl.size(1), -1});
+      auto count_loss = torch::nn::functional::cross_entropy(cl.reshape({-1, bins}), tgt.reshape({-1}));
+      rep.final_count_loss = count_loss.item<double>();
+      loss = loss + count_loss;
+    }
     opt.zero_grad();
     loss.backward();
     torch::nn::utils::clip_grad_norm_(params, 1.0);
     opt.step();
     rep.final_class_loss = class_loss.item<double>();
     rep.final_place_loss = place_loss.item<double>();
-    rep.final_loss = rep.final_class_loss + rep.final_place_loss;
-    char extra[64];
-    std::snprintf(extra, sizeof extra, "loss %.4f (class %.4f, place %.4f)", rep.final_loss,
-                  rep.final_class_loss, rep.final_place_loss);
+    rep.final_loss = rep.final_class_loss + rep.final_place_loss + rep.final_count_loss;
+    char extra[96];
+    if (o.counts)
+      std::snprintf(extra, sizeof extra, "loss %.4f (class %.4f, place %.4f, count %.4f)", rep.final_loss,
+                    rep.final_class_loss, rep.final_place_loss, rep.final_count_loss);
+    else
+      std::snprintf(extra, sizeof extra, "loss %.4f (class %.4f, place %.4f)", rep.final_loss, rep.final_class_loss,
+                    rep.final_place_loss);
     bar.update(step + 1, extra);
     rep.steps++;
   }
@@ -145,6 +174,7 @@ VisionPretrainReport pretrain_vision(Vlm& model, const std::vector<GridImage>& t
   if (!test.empty()) {
     torch::NoGradGuard ng;
     int64_t correct = 0, total = 0, where_ok = 0, patch_ok = 0, patches = 0;
+    int64_t count_patch_ok = 0, count_mean_ok = 0, count_pairs = 0, count_patch_pairs = 0;
     for (size_t s = 0; s < test.size(); s += 64) {
       auto [px, lab] = batch_of(test, s, std::min<size_t>(64, test.size() - s));
       auto feats = model.vision_features(px);
@@ -157,6 +187,19 @@ VisionPretrainReport pretrain_vision(Vlm& model, const std::vector<GridImage>& t
       auto wpred = (torch::matmul(cells, where_w.t()) + where_b).argmax(-1);
       where_ok += wpred.eq(where_target.unsqueeze(0)).sum().item<int64_t>();
       total += lab.numel();
+      if (o.counts) {
+        auto target = class_counts(lab - 1);                                       // [n,10]
+        auto per_patch = count_logits(feats).argmax(-1);                           // [n,N,10]
+        count_patch_ok += per_patch.eq(target.unsqueeze(1)).sum().item<int64_t>();
+        count_patch_pairs += per_patch.numel();
+        auto mean = count_logits(feats.mean(1, true)).argmax(-1).squeeze(1);       // [n,10]
+        count_mean_ok += mean.eq(target).sum().item<int64_t>();
+        count_pairs += target.numel();
+      }
+    }
+    if (count_pairs) {
+      rep.test_count_patch_accuracy = double(count_patch_ok) / double(count_patch_pairs);
+      rep.test_count_mean_accuracy = double(count_mean_ok) / double(count_pairs);
     }
     rep.test_cell_accuracy = double(correct) / double(total);
     rep.test_position_accuracy = double(where_ok) / double(total);
