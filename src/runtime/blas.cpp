@@ -39,7 +39,13 @@ void ensure_fast_blas(char** argv) {
   if (!core) return;
   setenv("OPENBLAS_CORETYPE", core, 1);
   setenv("VICTOR_BLAS_REEXEC", "1", 1);  // never loop, whatever OpenBLAS does with the variable
-  execv("/proc/self/exe", argv);
+  // The real path, not /proc/self/exe, so ps and top still show the program's own name.
+  char self[4096];
+  const ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
+  if (n > 0) {
+    self[n] = '\0';
+    execv(self, argv);
+  }
   std::cerr << "victor: warning: OpenBLAS chose slow generic kernels and re-running with OPENBLAS_CORETYPE=" << core
             << " failed (" << std::strerror(errno) << "); set it yourself for about 5x faster matrix products\n";
 }
