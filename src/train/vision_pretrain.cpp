@@ -94,8 +94,12 @@ VisionPretrainReport pretrain_vision(Vlm& model, const std::vector<GridImage>& t
   auto patch_of = patch_cells(grid, side);
   // Optional third head: for each class, how many cells hold it (0..cells), the image's summary.
   const int64_t classes = 10, bins = cells + 1;
-  auto count_w = (torch::randn({classes * bins, cfg.vision.hidden_size}) * 0.02).requires_grad_(true);
-  auto count_b = torch::zeros({classes * bins}).requires_grad_(true);
+  // Drawn only when used, so the random stream (and every result) without counts is unchanged.
+  torch::Tensor count_w, count_b;
+  if (o.counts) {
+    count_w = (torch::randn({classes * bins, cfg.vision.hidden_size}) * 0.02).requires_grad_(true);
+    count_b = torch::zeros({classes * bins}).requires_grad_(true);
+  }
   std::vector<torch::Tensor> params{head_w, head_b, where_w, where_b};
   if (o.counts) params.insert(params.end(), {count_w, count_b});
   // [n,U,D] -> count logits [n,U,10,bins]
