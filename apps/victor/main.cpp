@@ -494,6 +494,8 @@ int main(int argc, char** argv) {
         if (!given("--steps")) o.steps = q.steps;
         if (!given("--vision-steps")) o.vision_steps = q.vision_steps;
         if (!given("--text-steps")) o.text_steps = q.text_steps;
+        if (!given("--registers")) o.registers = q.registers;
+        if (!given("--summary-layers")) o.summary_layers = q.summary_layers;
         if (!given("--curriculum")) o.curriculum = q.curriculum;
         if (!given("--curriculum-images")) o.curriculum_images = q.curriculum_images;
         if (!given("--lr")) o.lr = q.lr;
