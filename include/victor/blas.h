@@ -8,6 +8,9 @@ namespace victor {
 // not OpenBLAS.
 std::string blas_core_name();
 
+// True for the kernel sets OpenBLAS falls back to on a CPU it does not know (nothing newer than SSE3).
+bool is_generic_blas_core(const std::string& core);
+
 // Debian 12's OpenBLAS 0.3.21 does not recognize newer CPUs (Intel family 6 model 207, Emerald
 // Rapids, among them) and falls back to its Prescott (SSE3) kernels: a 640-row LLaMA MLP ran 4.9x
 // slower on one such machine (docs/benchmarks.md). OpenBLAS reads OPENBLAS_CORETYPE only when it is

@@ -423,6 +423,7 @@ std::string run_repro(const ReproOptions& o) {
   std::string key_long = "b" + std::to_string(o.bench_batch) + "_g" + std::to_string(o.bench_gen.back());
   const auto parts = parse_parts(o.train_parts);
   const bool vision_frozen = std::find(parts.begin(), parts.end(), Part::Vision) == parts.end();
+  const std::string blas_kernels = blas_core_name().empty() ? "not OpenBLAS" : blas_core_name();
   std::ostringstream md;
   md << "# Victor on GridVQA: reproduction report\n\n";
   md << "Preset `" << o.preset << "` trained from random weights (" << o.steps << " steps of " << o.batch_size
@@ -433,7 +434,7 @@ std::string run_repro(const ReproOptions& o) {
      << join(o.summary_layers, ", ") << " (" << o.register_mask << " mask). GridVQA: " << o.train_images << " train images ("
      << convs.size() << " conversations), " << questions.size() << " test questions from "
      << o.test_images << " test images (Fashion-MNIST test split only). Threads: " << at::get_num_threads()
-     << ", BLAS kernels: " << (blas_core_name().empty() ? std::string("not OpenBLAS") : blas_core_name()) << ".\n\n";
+     << ", BLAS kernels: " << blas_kernels << ".\n\n";
   if (o.vision_steps > 0)
     md << "Stage 0, shared by every model: the vision tower pretrained to classify grid cells (" << vrep.steps
        << " steps of " << o.vision_batch << " images, targets on "

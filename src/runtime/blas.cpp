@@ -18,12 +18,15 @@ std::string blas_core_name() {
   return name ? name : "";
 }
 
+bool is_generic_blas_core(const std::string& core) {
+  return core == "Prescott" || core == "Core2" || core == "Katmai" || core == "Unknown";
+}
+
 namespace {
 
 // The kernels this CPU can run, or nullptr when OpenBLAS's own choice stands.
 const char* better_core(const std::string& chosen) {
-  // OpenBLAS's fallbacks for a CPU it does not know: nothing newer than SSE3.
-  if (chosen != "Prescott" && chosen != "Core2" && chosen != "Katmai" && chosen != "Unknown") return nullptr;
+  if (!is_generic_blas_core(chosen)) return nullptr;
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))
     return "SkylakeX";
