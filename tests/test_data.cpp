@@ -141,6 +141,28 @@ TEST(GridVqa, FamiliesOptionAsksOnlyThoseFamilies) {
   EXPECT_NE(message({}).find("--families is empty"), std::string::npos);
 }
 
+// Locate alone on 2x2 grids: many grids hold no unique item and have no locate question. They are
+// drawn again, so every sample in every file has a question (an empty conversation is not a sample).
+TEST(GridVqa, AFamilyThatCannotAskAboutAGridDrawsAnother) {
+  auto a = temp_dir("gq_locate");
+  GridVqaOptions o = small_options(a, 8);
+  o.grid = 2;
+  o.empty_rate = 0.6;  // most 2x2 grids then hold at most one item, or two of the same class
+  o.train_images = 40;
+  o.test_images = 20;
+  o.families = {"locate"};
+  build_gridvqa(o);
+  auto convs = load_llava_json(a + "/train.json");
+  ASSERT_EQ(convs.size(), 40u);
+  for (auto& c : convs) EXPECT_FALSE(c.turns.empty()) << c.id;
+  std::set<std::string> asked;
+  for (auto& q : load_questions_jsonl(a + "/test.jsonl")) asked.insert(q.image);
+  EXPECT_EQ(asked.size(), 20u);  // every test image has at least one question
+  auto text = json::parse(read_file(a + "/text.json"));
+  ASSERT_EQ(text.size(), 40u);
+  for (auto& t : text) EXPECT_FALSE(t["conversations"].empty()) << t["id"];
+}
+
 // text.json, the language model's corpus: every answer agrees with the grid its description
 // writes out, there is no image, and the image files do not depend on it.
 TEST(GridVqa, TextCorpusAnswersAgreeWithItsDescriptions) {

@@ -211,6 +211,23 @@ std::vector<QA> ask_balanced(const Grid& g, int n, Rng& rng, const std::vector<s
   return out;
 }
 
+// A grid and its questions. A grid that none of the families can ask about (locate alone on a grid
+// without a unique item) is drawn again, so no sample is written without a question; with identify
+// among the families that never happens and the random stream is unchanged.
+struct AskedGrid {
+  Grid grid;
+  std::vector<QA> qas;
+};
+
+AskedGrid draw_asked_grid(const GridVqaOptions& opt, const std::vector<uint8_t>& labels, Rng& rng) {
+  for (int attempt = 0; attempt < 1000; ++attempt) {
+    AskedGrid a{random_grid(opt.grid, opt.empty_rate, labels, rng), {}};
+    a.qas = ask_balanced(a.grid, opt.questions_per_image, rng, opt.families);
+    if (!a.qas.empty()) return a;
+  }
+  throw Error("gridvqa: 1000 grids in a row had no question for --families (try a lower --empty-rate)");
+}
+
 std::string answer_from_grid(const Grid& g, const QA& qa) {
   const std::string& q = qa.question;
   if (qa.family == "identify") {
@@ -264,11 +281,10 @@ GridVqaSummary build_gridvqa(const GridVqaOptions& opt, const std::function<void
   const int total = opt.train_images + opt.test_images;
   char name[64];
   for (int i = 0; i < opt.train_images; ++i) {
-    Grid g = random_grid(opt.grid, opt.empty_rate, train_labels, rng);
+    auto [g, qas] = draw_asked_grid(opt, train_labels, rng);
     std::snprintf(name, sizeof name, "images/train_%06d.png", i);
     save_png(render_grid(g, train_items), (fs::path(opt.out_dir) / name).string());
     grid_line(name, "train", g);
-    auto qas = ask_balanced(g, opt.questions_per_image, rng, opt.families);
     json conv = json::array();
     for (size_t t = 0; t < qas.size(); ++t) {
       conv.push_back({{"from", "human"}, {"value", (t == 0 ? "<image>\n" : "") + qas[t].question}});
@@ -290,11 +306,11 @@ GridVqaSummary build_gridvqa(const GridVqaOptions& opt, const std::function<void
   int qid = 0;
   std::map<std::string, int> family_counts;
   for (int i = 0; i < opt.test_images; ++i) {
-    Grid g = random_grid(opt.grid, opt.empty_rate, test_labels, rng);
+    auto [g, qas] = draw_asked_grid(opt, test_labels, rng);
     std::snprintf(name, sizeof name, "images/test_%06d.png", i);
     save_png(render_grid(g, test_items), (fs::path(opt.out_dir) / name).string());
     grid_line(name, "t10k", g);
-    for (auto& qa : ask_balanced(g, opt.questions_per_image, rng, opt.families)) {
+    for (auto& qa : qas) {
       json line = {{"question_id", qid++}, {"image", name}, {"text", qa.question},
                    {"answer", qa.answer}, {"family", qa.family}};
       test += line.dump() + "\n";
@@ -308,8 +324,7 @@ GridVqaSummary build_gridvqa(const GridVqaOptions& opt, const std::function<void
   json text = json::array();
   Rng text_rng(opt.seed ^ 0x7465787467726964ull);
   for (int i = 0; i < opt.text_grids; ++i) {
-    Grid g = random_grid(opt.grid, opt.empty_rate, train_labels, text_rng);
-    auto qas = ask_balanced(g, opt.questions_per_image, text_rng, opt.families);
+    auto [g, qas] = draw_asked_grid(opt, train_labels, text_rng);
     json conv = json::array();
     for (size_t t = 0; t < qas.size(); ++t) {
       conv.push_back({{"from", "human"}, {"value", (t == 0 ? describe_grid(g) + "\n" : "") + qas[t].question}});
