@@ -52,14 +52,8 @@ struct ReproOptions {
   // accuracy), then on 4x4 at one token per cell, then on 4x4 at full resolution (a lookup learned on
   // pooled tokens does not carry over to 256 tokens by itself, but relearns there in a few hundred
   // steps). Each stage stops at its bar; the caps keep the whole run within about an hour.
-  // The comparison count and exist need ("is the item a dress?") is learned on 1x1 grids, one
-  // item per image, from the identify model (item 17: 92% against a 75% prior), then every family
-  // on 2x2 (locate there: 71% against 24%) before 4x4.
-  std::vector<CurriculumStage> curriculum{{2, {"identify"}, 8, 1000, 4, 0.65},
-                                          {1, {"exist", "count"}, 16, 1000, 1, -1},
-                                          {2, {}, 8, 1000, 1, -1},
-                                          {4, {}, 4, 1250, 2, 0.60},
-                                          {4, {}, 1, 300, 2, 0.55}};
+  std::vector<CurriculumStage> curriculum{
+      {2, {"identify"}, 8, 1000, 4, 0.65}, {4, {"identify"}, 4, 1250, 2, 0.65}, {4, {"identify"}, 1, 300, 2, 0.60}};
   int curriculum_images = 8000, curriculum_batch = 8;
   double curriculum_lr = 3e-4;
   // Stage C: --shuffle-visual. Measured on 2x2 identify (item 11): 2 of 3 shuffled chains broke
