@@ -135,6 +135,17 @@ std::string pct(double x) {
   std::snprintf(b, sizeof b, "%.1f%%", 100 * x);
   return b;
 }
+// "count 61.0% (prior 52.0%), exist ..." for an evaluation over more than one family, else "".
+std::string per_family_line(const EvalReport& e, const EvalReport& prior) {
+  if (e.per_family.size() < 2) return "";
+  std::string s;
+  for (const auto& [f, score] : e.per_family) {
+    auto p = prior.per_family.find(f);
+    s += (s.empty() ? "" : ", ") + f + " " + pct(score.accuracy()) +
+         (p == prior.per_family.end() ? "" : " (prior " + pct(p->second.accuracy()) + ")");
+  }
+  return s;
+}
 std::string join(const std::vector<int>& xs, const std::string& sep) {
   std::string s;
   for (int x : xs) s += (s.empty() ? "" : sep) + std::to_string(x);
@@ -325,7 +336,8 @@ std::string run_repro(const ReproOptions& o) {
       r.accuracies.push_back(r.eval.overall.accuracy());
       say("stage " + tag + ": " + num(r.seconds, "%.1f") + " s, " + std::to_string(r.steps) + " steps, accuracy " +
           pct(r.eval.overall.accuracy()) + " (answer prior " + pct(r.prior.overall.accuracy()) +
-          (c.target >= 0 ? ", bar " + pct(c.target) : "") + ")");
+          (c.target >= 0 ? ", bar " + pct(c.target) : "") + ")" +
+          (r.eval.per_family.size() > 1 ? "; " + per_family_line(r.eval, r.prior) : ""));
       if (c.target >= 0 && r.eval.overall.accuracy() >= c.target) break;
     }
     model.mutable_config().visual_pool = 1;
@@ -480,6 +492,12 @@ std::string run_repro(const ReproOptions& o) {
          << accs << " | " << pct(cur[i].prior.overall.accuracy()) << " |\n";
     }
     md << "\n";
+    std::string families;
+    for (size_t i = 0; i < cur.size(); ++i)
+      if (cur[i].eval.per_family.size() > 1)
+        families += "- C" + std::to_string(i + 1) + " per family, after its last schedule: " +
+                    per_family_line(cur[i].eval, cur[i].prior) + "\n";
+    if (!families.empty()) md << families << "\n";
   }
   md << "| model | m | k | accuracy | relative drop | training time | time reduction | throughput " << key_short
      << " | ratio | throughput " << key_long << " | ratio | KV bytes ratio |\n";
