@@ -246,6 +246,17 @@ TEST(Repro, CurriculumSpecParsesAndRefusesBadStagesByName) {
   EXPECT_EQ(r[2].repeats, 3);
   EXPECT_LT(r[2].target, 0);
   EXPECT_EQ(format_curriculum(r), "2:identify:8:1000x6@70,4:identify:4:500@65,4:all:1:300x3");
+  EXPECT_LT(r[0].empty_rate, 0);  // no EMPTY field: GridVQA's default
+  auto e = parse_curriculum("4:count+exist:4:1250:75,4:all:1:300x2@55:30%");
+  ASSERT_EQ(e.size(), 2u);
+  EXPECT_DOUBLE_EQ(e[0].empty_rate, 0.75);
+  EXPECT_EQ(e[0].steps, 1250);
+  EXPECT_DOUBLE_EQ(e[1].empty_rate, 0.30);
+  EXPECT_DOUBLE_EQ(e[1].target, 0.55);
+  EXPECT_EQ(format_curriculum(e), "4:count+exist:4:1250:75,4:all:1:300x2@55:30");
+  EXPECT_NE(error("4:all:4:100:100").find("EMPTY"), std::string::npos);
+  EXPECT_NE(error("4:all:4:100:lots").find("EMPTY"), std::string::npos);
+  EXPECT_NE(error("4:all:4:100:50:1").find("GRID:FAMILIES:POOL:STEPS"), std::string::npos);
   EXPECT_EQ(format_curriculum(parse_curriculum(format_curriculum(ReproOptions{}.curriculum))),
             format_curriculum(ReproOptions{}.curriculum));  // the default survives --help's round trip
   EXPECT_NE(error("2:identify:8").find("GRID:FAMILIES:POOL:STEPS"), std::string::npos);

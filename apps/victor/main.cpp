@@ -431,9 +431,10 @@ int main(int argc, char** argv) {
   c_repro->add_option("--text-lr", rp.text_lr, "Stage L peak learning rate")->check(CLI::PositiveNumber);
   std::string rp_curriculum = format_curriculum(rp.curriculum);
   c_repro->add_option("--curriculum", rp_curriculum,
-                      "Stage C, shared: GRID:FAMILIES:POOL:STEPS[xREPEATS][@TARGET] stages, comma-separated (FAMILIES = "
+                      "Stage C, shared: GRID:FAMILIES:POOL:STEPS[xREPEATS][@TARGET][:EMPTY] stages, comma-separated (FAMILIES = "
                       "all or e.g. count+exist; POOL pools the visual tokens; xREPEATS@TARGET repeats the STEPS schedule "
-                      "up to REPEATS times until the stage's test accuracy reaches TARGET percent); none = skip")
+                      "up to REPEATS times until the stage's test accuracy reaches TARGET percent; EMPTY = percent of "
+                      "empty cells, default 30); none = skip")
       ->capture_default_str();
   c_repro->add_option("--curriculum-images", rp.curriculum_images, "Stage C training images per stage")->check(CLI::Range(1, 1000000))->capture_default_str();
   c_repro->add_option("--curriculum-lr", rp.curriculum_lr, "Stage C peak learning rate")->check(CLI::PositiveNumber)->capture_default_str();

@@ -21,11 +21,13 @@ struct CurriculumStage {
   int steps = 0;
   int repeats = 1;      // at most this many schedules of `steps`
   double target = -1;   // stop once the stage's test accuracy >= target (fraction; < 0 = run all)
+  double empty_rate = -1;  // the stage's share of empty cells (< 0 = the GridVQA default, 0.3)
 };
 
-// Parses "GRID:FAMILIES:POOL:STEPS[xREPEATS][@TARGET%][,...]", FAMILIES = "all" or names joined
-// by '+', e.g. "2:identify:8:1000x6@70,4:identify:4:2500": up to six 1,000-step schedules on 2x2
-// until 70% of the stage's test questions are right, then one of 2,500 on 4x4. "" or "none" = no
+// Parses "GRID:FAMILIES:POOL:STEPS[xREPEATS][@TARGET%][:EMPTY%][,...]", FAMILIES = "all" or names
+// joined by '+', e.g. "2:identify:8:1000x6@70,4:identify:4:2500": up to six 1,000-step schedules on
+// 2x2 until 70% of the stage's test questions are right, then one of 2,500 on 4x4;
+// "4:count+exist:4:1250:75" asks about 4x4 grids with 75% of the cells empty. "" or "none" = no
 // curriculum. Throws Error naming the bad field.
 std::vector<CurriculumStage> parse_curriculum(const std::string& spec);
 std::string format_curriculum(const std::vector<CurriculumStage>& stages);

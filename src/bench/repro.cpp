@@ -49,8 +49,8 @@ std::vector<CurriculumStage> parse_curriculum(const std::string& spec) {
     std::stringstream ss(item);
     for (std::string x; std::getline(ss, x, ':');) f.push_back(x);
     const std::string where = "--curriculum stage '" + item + "'";
-    if (f.size() != 4)
-      throw Error(where + ": expected GRID:FAMILIES:POOL:STEPS[xREPEATS][@TARGET], e.g. 2:identify:8:1000x6@70");
+    if (f.size() != 4 && f.size() != 5)
+      throw Error(where + ": expected GRID:FAMILIES:POOL:STEPS[xREPEATS][@TARGET][:EMPTY], e.g. 2:identify:8:1000x6@70");
     auto integer = [&](const std::string& v, const char* name, int lo, int hi) {
       size_t used = 0;
       int x = 0;
@@ -91,6 +91,11 @@ std::vector<CurriculumStage> parse_curriculum(const std::string& spec) {
     c.steps = integer(steps, "STEPS", 1, 10000000);
     if (f[3].find('x') != std::string::npos) c.repeats = integer(repeats, "REPEATS (after x)", 1, 1000);
     if (f[3].find('@') != std::string::npos) c.target = integer(target, "TARGET (after @, percent)", 0, 100) / 100.0;
+    if (f.size() == 5) {
+      std::string empty = f[4];
+      if (!empty.empty() && empty.back() == '%') empty.pop_back();
+      c.empty_rate = integer(empty, "EMPTY (percent of empty cells)", 0, 99) / 100.0;
+    }
     out.push_back(c);
   }
   return out;
@@ -106,6 +111,7 @@ std::string format_curriculum(const std::vector<CurriculumStage>& stages) {
          std::to_string(c.steps);
     if (c.repeats != 1) s += "x" + std::to_string(c.repeats);
     if (c.target >= 0) s += "@" + std::to_string(int(std::lround(c.target * 100)));
+    if (c.empty_rate >= 0) s += ":" + std::to_string(int(std::lround(c.empty_rate * 100)));
   }
   return s.empty() ? "none" : s;
 }
@@ -295,6 +301,7 @@ std::string run_repro(const ReproOptions& o) {
     cg.families = c.families.empty() ? kQuestionFamilies : c.families;
     cg.seed = o.seed + 101 + i;
     cg.text_grids = 0;
+    if (c.empty_rate >= 0) cg.empty_rate = c.empty_rate;
     say("stage " + tag + ": building " + std::to_string(c.grid) + "x" + std::to_string(c.grid) + " GridVQA (" +
         std::to_string(cg.train_images) + " images) in " + cg.out_dir);
     build_gridvqa(cg);
@@ -487,7 +494,8 @@ std::string run_repro(const ReproOptions& o) {
                  std::to_string(c.repeats) + (c.target >= 0 ? ", bar " + pct(c.target) : "") + ")";
       }
       for (double a : cur[i].accuracies) accs += (accs.empty() ? "" : " -> ") + pct(a);
-      md << "| C" << i + 1 << " | " << c.grid << "x" << c.grid << " | " << (fams.empty() ? "all" : fams) << " | "
+      md << "| C" << i + 1 << " | " << c.grid << "x" << c.grid
+         << (c.empty_rate >= 0 ? ", " + pct(c.empty_rate) + " empty" : "") << " | " << (fams.empty() ? "all" : fams) << " | "
          << c.pool << " | " << cur[i].visual_tokens << " | " << steps << " | " << num(cur[i].seconds, "%.0f") << " s | "
          << accs << " | " << pct(cur[i].prior.overall.accuracy()) << " |\n";
     }
