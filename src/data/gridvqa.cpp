@@ -214,6 +214,7 @@ std::vector<QA> ask_balanced(const Grid& g, int n, Rng& rng, const std::vector<s
 // A grid and its questions. A grid that none of the families can ask about (locate alone on a grid
 // without a unique item) is drawn again, so no sample is written without a question; with identify
 // among the families that never happens and the random stream is unchanged.
+namespace {
 struct AskedGrid {
   Grid grid;
   std::vector<QA> qas;
@@ -227,6 +228,7 @@ AskedGrid draw_asked_grid(const GridVqaOptions& opt, const std::vector<uint8_t>&
   }
   throw Error("gridvqa: 1000 grids in a row had no question for --families (try a lower --empty-rate)");
 }
+}  // namespace
 
 std::string answer_from_grid(const Grid& g, const QA& qa) {
   const std::string& q = qa.question;
