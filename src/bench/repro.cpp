@@ -64,6 +64,11 @@ std::vector<CurriculumStage> parse_curriculum(const std::string& spec) {
                     std::to_string(hi) + "], got '" + v + "'");
       return x;
     };
+    // "70" or "70%" -> 0.70
+    auto percent = [&](std::string v, const char* name, int hi) {
+      if (!v.empty() && v.back() == '%') v.pop_back();
+      return integer(v, name, 0, hi) / 100.0;
+    };
     CurriculumStage c;
     c.grid = integer(f[0], "GRID", 1, 8);
     if (f[1] != "all") {
@@ -82,7 +87,6 @@ std::vector<CurriculumStage> parse_curriculum(const std::string& spec) {
     if (auto at = steps.find('@'); at != std::string::npos) {
       target = steps.substr(at + 1);
       steps.resize(at);
-      if (!target.empty() && target.back() == '%') target.pop_back();
     }
     if (auto x = steps.find('x'); x != std::string::npos) {
       repeats = steps.substr(x + 1);
@@ -90,12 +94,8 @@ std::vector<CurriculumStage> parse_curriculum(const std::string& spec) {
     }
     c.steps = integer(steps, "STEPS", 1, 10000000);
     if (f[3].find('x') != std::string::npos) c.repeats = integer(repeats, "REPEATS (after x)", 1, 1000);
-    if (f[3].find('@') != std::string::npos) c.target = integer(target, "TARGET (after @, percent)", 0, 100) / 100.0;
-    if (f.size() == 5) {
-      std::string empty = f[4];
-      if (!empty.empty() && empty.back() == '%') empty.pop_back();
-      c.empty_rate = integer(empty, "EMPTY (percent of empty cells)", 0, 99) / 100.0;
-    }
+    if (f[3].find('@') != std::string::npos) c.target = percent(target, "TARGET (after @, percent)", 100);
+    if (f.size() == 5) c.empty_rate = percent(f[4], "EMPTY (percent of empty cells)", 99);
     out.push_back(c);
   }
   return out;
@@ -341,10 +341,11 @@ std::string run_repro(const ReproOptions& o) {
       r.schedules++;
       r.eval = evaluate(model, tok, cquestions, e);
       r.accuracies.push_back(r.eval.overall.accuracy());
+      const std::string by_family = per_family_line(r.eval, r.prior);
       say("stage " + tag + ": " + num(r.seconds, "%.1f") + " s, " + std::to_string(r.steps) + " steps, accuracy " +
           pct(r.eval.overall.accuracy()) + " (answer prior " + pct(r.prior.overall.accuracy()) +
           (c.target >= 0 ? ", bar " + pct(c.target) : "") + ")" +
-          (r.eval.per_family.size() > 1 ? "; " + per_family_line(r.eval, r.prior) : ""));
+          (by_family.empty() ? "" : "; " + by_family));
       if (c.target >= 0 && r.eval.overall.accuracy() >= c.target) break;
     }
     model.mutable_config().visual_pool = 1;
@@ -502,9 +503,8 @@ std::string run_repro(const ReproOptions& o) {
     md << "\n";
     std::string families;
     for (size_t i = 0; i < cur.size(); ++i)
-      if (cur[i].eval.per_family.size() > 1)
-        families += "- C" + std::to_string(i + 1) + " per family, after its last schedule: " +
-                    per_family_line(cur[i].eval, cur[i].prior) + "\n";
+      if (std::string line = per_family_line(cur[i].eval, cur[i].prior); !line.empty())
+        families += "- C" + std::to_string(i + 1) + " per family, after its last schedule: " + line + "\n";
     if (!families.empty()) md << families << "\n";
   }
   md << "| model | m | k | accuracy | relative drop | training time | time reduction | throughput " << key_short

@@ -212,8 +212,8 @@ std::vector<QA> ask_balanced(const Grid& g, int n, Rng& rng, const std::vector<s
 }
 
 // A grid and its questions. A grid that none of the families can ask about (locate alone on a grid
-// without a unique item) is drawn again, so no sample is written without a question; with identify
-// among the families that never happens and the random stream is unchanged.
+// without a unique item) is drawn again, so no sample is written without a question. Identify,
+// count and exist can always ask, so with any of them the random stream is unchanged.
 namespace {
 struct AskedGrid {
   Grid grid;
