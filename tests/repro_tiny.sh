@@ -6,10 +6,10 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 "$VICTOR" repro --preset tiny --out "$work/r" --train-images 24 --test-images 4 --steps 12 --vision-steps 3 --pretrain-steps 4 --pool 2 \
   --registers 4,8 --summary-layers 1,2 --bench-repeats 1 --bench-batch 4 --bench-gen 2,8 \
-  --curriculum 2:identify:2:3x2@100,4:count+exist:1:3x3@0:75 --curriculum-images 16 > "$work/out.txt"
+  --curriculum 2:identify:2:3x2@100,4:count+exist/50:1:3x3@0:75 --curriculum-images 16 > "$work/out.txt"
 grep -q "report: $work/r/report.md" "$work/out.txt"
 r="$work/r/report.md"
-for pattern in "Stage 0, shared" "Stage C, shared" "| C1 | 2x2 | identify | 2 | 4 | 6 (2 x 3 of at most 2, bar 100.0%) |" "| C2 | 4x4, 75.0% empty | count, exist | 1 | 16 | 3 (1 x 3 of at most 3, bar 0.0%) |" "- C2 per family, after its last schedule: count " "| plain | 0 |" "| victor-m4-k1 | 4 | 1 |" "| victor-m8-k1 | 8 | 1 |" "| victor-m8-k2 | 8 | 2 |" "victor-m8-k2 (k = 2):" "| pool-2x2 | 0 |" "Answer-prior baseline" \
+for pattern in "Stage 0, shared" "Stage C, shared" "| C1 | 2x2 | identify | 2 | 4 | 6 (2 x 3 of at most 2, bar 100.0%) |" "| C2 | 4x4, 75.0% empty | count, exist (50.0% empty) | 1 | 16 | 3 (1 x 3 of at most 3, bar 0.0%) |" "- C2 per family, after its last schedule: count " "| plain | 0 |" "| victor-m4-k1 | 4 | 1 |" "| victor-m8-k1 | 8 | 1 |" "| victor-m8-k2 | 8 | 2 |" "victor-m8-k2 (k = 2):" "| pool-2x2 | 0 |" "Answer-prior baseline" \
                "relative accuracy drop < 4%" "training time at least 43% lower" "throughput at least 3.3x" \
                "b4_g2 req/s" "## Accuracy per question family"; do
   grep -qF -- "$pattern" "$r" || { echo "report lacks: $pattern"; cat "$r"; exit 1; }
@@ -20,6 +20,12 @@ for f in bench.json summary.json answers-plain.jsonl answers-victor-m8-k2.jsonl 
 done
 # The stage's EMPTY field reaches its GridVQA.
 grep -q '"empty_rate": *0.75' "$work/r/curriculum-2/meta.json" || { echo "C2 was not built with 75% empty cells"; cat "$work/r/curriculum-2/meta.json"; exit 1; }
+# A family's own EMPTY gets its own set, trained with the stage's (count at 75%, exist at 50%).
+fams() { tr -d ' \n' < "$1" | grep -o '"families":\[[^]]*\]'; }
+[ "$(fams "$work/r/curriculum-2/meta.json")" = '"families":["count"]' ] || { echo "C2's first set is not count only"; exit 1; }
+[ "$(fams "$work/r/curriculum-2-empty50/meta.json")" = '"families":["exist"]' ] || { echo "C2's exist set is missing"; exit 1; }
+grep -q '"empty_rate": *0.5' "$work/r/curriculum-2-empty50/meta.json" || { echo "C2's exist set is not 50% empty"; exit 1; }
+grep -qE -- '- C2 per family, after its last schedule: count [0-9.]+% \(prior [0-9.]+%\), exist [0-9.]+% \(prior' "$r" || { echo "C2 does not report both sets' families"; exit 1; }
 if command -v gnuplot >/dev/null; then
   [ -s "$work/r/accuracy_vs_registers.png" ] && [ -s "$work/r/throughput_vs_registers.png" ] || { echo "plots missing"; exit 1; }
 fi

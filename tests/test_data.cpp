@@ -254,6 +254,19 @@ TEST(Repro, CurriculumSpecParsesAndRefusesBadStagesByName) {
   EXPECT_DOUBLE_EQ(e[1].empty_rate, 0.30);
   EXPECT_DOUBLE_EQ(e[1].target, 0.55);
   EXPECT_EQ(format_curriculum(e), "4:count+exist:4:1250:75,4:all:1:300x2@55:30");
+  // Per family: identify on the stage's grids, exist and locate on 75%-empty ones.
+  auto m = parse_curriculum("4:identify+exist/75+locate/75%:4:1250x2@60");
+  ASSERT_EQ(m.size(), 1u);
+  EXPECT_EQ(m[0].families, (std::vector<std::string>{"identify", "exist", "locate"}));
+  ASSERT_EQ(m[0].family_empty.size(), 3u);
+  EXPECT_LT(m[0].family_empty[0], 0);
+  EXPECT_DOUBLE_EQ(m[0].family_empty[1], 0.75);
+  EXPECT_DOUBLE_EQ(m[0].family_empty[2], 0.75);
+  EXPECT_EQ(format_curriculum(m), "4:identify+exist/75+locate/75:4:1250x2@60");
+  EXPECT_TRUE(e[0].family_empty.empty());  // no NAME/EMPTY: every family on the stage's grids
+  EXPECT_NE(error("4:identify+exist/100:4:10").find("a family's EMPTY"), std::string::npos);
+  EXPECT_NE(error("4:exist/:4:10").find("a family's EMPTY"), std::string::npos);
+  EXPECT_NE(error("4:dress/50:4:10").find("unknown question family 'dress'"), std::string::npos);
   EXPECT_NE(error("4:all:4:100:100").find("EMPTY"), std::string::npos);
   EXPECT_NE(error("4:all:4:100:lots").find("EMPTY"), std::string::npos);
   EXPECT_NE(error("4:all:4:100:50:1").find("GRID:FAMILIES:POOL:STEPS"), std::string::npos);

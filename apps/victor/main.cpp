@@ -434,7 +434,8 @@ int main(int argc, char** argv) {
                       "Stage C, shared: GRID:FAMILIES:POOL:STEPS[xREPEATS][@TARGET][:EMPTY] stages, comma-separated (FAMILIES = "
                       "all or e.g. count+exist; POOL pools the visual tokens; xREPEATS@TARGET repeats the STEPS schedule "
                       "up to REPEATS times until the stage's test accuracy reaches TARGET percent; EMPTY = percent of "
-                      "empty cells, default 30); none = skip")
+                      "empty cells, default 30; a family written NAME/EMPTY, e.g. identify+exist/75, is asked on its own "
+                      "grids with that share of empty cells, its own GridVQA set mixed into the stage's); none = skip")
       ->capture_default_str();
   c_repro->add_option("--curriculum-images", rp.curriculum_images, "Stage C training images per stage")->check(CLI::Range(1, 1000000))->capture_default_str();
   c_repro->add_option("--curriculum-lr", rp.curriculum_lr, "Stage C peak learning rate")->check(CLI::PositiveNumber)->capture_default_str();

@@ -22,13 +22,19 @@ struct CurriculumStage {
   int repeats = 1;      // at most this many schedules of `steps`
   double target = -1;   // stop once the stage's test accuracy >= target (fraction; < 0 = run all)
   double empty_rate = -1;  // the stage's share of empty cells (< 0 = the GridVQA default, 0.3)
+  // Per family (parallel to `families`, or empty): that family's own share of empty cells
+  // (< 0 = the stage's). Families with different shares are asked on different GridVQA sets,
+  // trained together in one stage (docs/benchmarks.md, item 20: exist learns on sparse grids,
+  // identify on dense ones).
+  std::vector<double> family_empty{};
 };
 
 // Parses "GRID:FAMILIES:POOL:STEPS[xREPEATS][@TARGET%][:EMPTY%][,...]", FAMILIES = "all" or names
-// joined by '+', e.g. "2:identify:8:1000x6@70,4:identify:4:2500": up to six 1,000-step schedules on
+// joined by '+', each optionally NAME/EMPTY%, e.g. "2:identify:8:1000x6@70,4:identify:4:2500": up to six 1,000-step schedules on
 // 2x2 until 70% of the stage's test questions are right, then one of 2,500 on 4x4;
-// "4:count+exist:4:1250:75" asks about 4x4 grids with 75% of the cells empty. "" or "none" = no
-// curriculum. Throws Error naming the bad field.
+// "4:count+exist:4:1250:75" asks about 4x4 grids with 75% of the cells empty;
+// "4:identify+exist/75:4:1250" asks identify on the default grids and exist on 75%-empty ones, mixed
+// in one stage. "" or "none" = no curriculum. Throws Error naming the bad field.
 std::vector<CurriculumStage> parse_curriculum(const std::string& spec);
 std::string format_curriculum(const std::vector<CurriculumStage>& stages);
 

@@ -73,14 +73,22 @@ std::vector<CurriculumStage> parse_curriculum(const std::string& spec) {
     c.grid = integer(f[0], "GRID", 1, 8);
     if (f[1] != "all") {
       std::stringstream fs_(f[1]);
+      std::vector<double> rates;
       for (std::string fam; std::getline(fs_, fam, '+');) {
+        double rate = -1;
+        if (auto slash = fam.find('/'); slash != std::string::npos) {  // NAME/EMPTY
+          rate = percent(fam.substr(slash + 1), "a family's EMPTY (after /, percent of empty cells)", 99);
+          fam.resize(slash);
+        }
         if (std::find(kQuestionFamilies.begin(), kQuestionFamilies.end(), fam) == kQuestionFamilies.end())
           throw Error(where + ": unknown question family '" + fam + "' (all, or identify, count, exist, locate joined by +)");
         if (std::find(c.families.begin(), c.families.end(), fam) != c.families.end())
           throw Error(where + ": question family '" + fam + "' given twice");
         c.families.push_back(fam);
+        rates.push_back(rate);
       }
       if (c.families.empty()) throw Error(where + ": FAMILIES is empty");
+      if (std::any_of(rates.begin(), rates.end(), [](double r) { return r >= 0; })) c.family_empty = rates;
     }
     c.pool = integer(f[2], "POOL", 1, 64);
     std::string steps = f[3], repeats, target;
@@ -106,7 +114,11 @@ std::string format_curriculum(const std::vector<CurriculumStage>& stages) {
   for (const auto& c : stages) {
     if (!s.empty()) s += ",";
     std::string fams;
-    for (const auto& f : c.families) fams += (fams.empty() ? "" : "+") + f;
+    for (size_t j = 0; j < c.families.size(); ++j) {
+      fams += (fams.empty() ? "" : "+") + c.families[j];
+      if (j < c.family_empty.size() && c.family_empty[j] >= 0)
+        fams += "/" + std::to_string(int(std::lround(c.family_empty[j] * 100)));
+    }
     s += std::to_string(c.grid) + ":" + (fams.empty() ? "all" : fams) + ":" + std::to_string(c.pool) + ":" +
          std::to_string(c.steps);
     if (c.repeats != 1) s += "x" + std::to_string(c.repeats);
@@ -155,6 +167,12 @@ std::string per_family_line(const EvalReport& e, const EvalReport& prior) {
 std::string join(const std::vector<int>& xs, const std::string& sep) {
   std::string s;
   for (int x : xs) s += (s.empty() ? "" : sep) + std::to_string(x);
+  return s;
+}
+
+std::string join_names(const std::vector<std::string>& xs, const std::string& sep) {
+  std::string s;
+  for (const auto& x : xs) s += (s.empty() ? "" : sep) + x;
   return s;
 }
 std::string num(double x, const char* fmt = "%.2f") {
@@ -292,32 +310,57 @@ std::string run_repro(const ReproOptions& o) {
   for (size_t i = 0; i < o.curriculum.size(); ++i) {
     const CurriculumStage& c = o.curriculum[i];
     const std::string tag = "C" + std::to_string(i + 1);
-    GridVqaOptions cg;
-    cg.out_dir = (fs::path(o.out) / ("curriculum-" + std::to_string(i + 1))).string();
-    cg.grid = c.grid;
-    cg.train_images = o.curriculum_images;
-    cg.test_images = std::max(1, o.test_images / 3);
-    cg.questions_per_image = o.questions;
-    cg.families = c.families.empty() ? kQuestionFamilies : c.families;
-    cg.seed = o.seed + 101 + i;
-    cg.text_grids = 0;
-    if (c.empty_rate >= 0) cg.empty_rate = c.empty_rate;
-    say("stage " + tag + ": building " + std::to_string(c.grid) + "x" + std::to_string(c.grid) + " GridVQA (" +
-        std::to_string(cg.train_images) + " images) in " + cg.out_dir);
-    build_gridvqa(cg);
-    auto cconvs = load_llava_json((fs::path(cg.out_dir) / "train.json").string());
+    // Families with their own share of empty cells are asked on their own GridVQA set (each with
+    // its own test set); the stage trains on its sets mixed.
+    std::vector<std::pair<double, std::vector<std::string>>> sets;  // empty rate (< 0 = default), families
+    const std::vector<std::string> fams = c.families.empty() ? kQuestionFamilies : c.families;
+    for (size_t j = 0; j < fams.size(); ++j) {
+      const double rate = j < c.family_empty.size() && c.family_empty[j] >= 0 ? c.family_empty[j] : c.empty_rate;
+      auto it = std::find_if(sets.begin(), sets.end(), [&](const auto& s) { return s.first == rate; });
+      if (it == sets.end()) it = sets.insert(sets.end(), {rate, {}});
+      it->second.push_back(fams[j]);
+    }
     const bool single = o.curriculum_single_turn && c.pool > 1;
-    auto cquestions = load_questions_jsonl((fs::path(cg.out_dir) / "test.jsonl").string());
     Vlm model = Vlm::load(init_dir);
     model.mutable_config().visual_pool = c.pool;
     model.set_victor(VictorConfig{0, -1, RegisterMask::Causal}, o.seed + 1);  // validates the pooling
-    auto samples = prepare_samples(single ? split_turns(cconvs) : cconvs, tok, model.config(), cg.out_dir, false, nullptr);
+    const std::string stage_dir = (fs::path(o.out) / ("curriculum-" + std::to_string(i + 1))).string();
+    std::vector<Conversation> cconvs;
+    std::vector<EvalQuestion> cquestions;
+    std::vector<TrainSample> samples;
+    for (size_t p = 0; p < sets.size(); ++p) {
+      GridVqaOptions cg;
+      cg.out_dir = p == 0 ? stage_dir : stage_dir + "-empty" + std::to_string(int(std::lround(sets[p].first * 100)));
+      cg.grid = c.grid;
+      cg.train_images = o.curriculum_images;
+      cg.test_images = std::max(1, o.test_images / 3);
+      cg.questions_per_image = o.questions;
+      cg.families = sets[p].second;
+      cg.seed = o.seed + 101 + i + 1009 * uint64_t(p);
+      cg.text_grids = 0;
+      if (sets[p].first >= 0) cg.empty_rate = sets[p].first;
+      say("stage " + tag + ": building " + std::to_string(c.grid) + "x" + std::to_string(c.grid) + " GridVQA (" +
+          std::to_string(cg.train_images) + " images" +
+          (sets.size() > 1 ? ", " + join_names(cg.families, "+") + " at " + pct(cg.empty_rate) + " empty" : "") +
+          ") in " + cg.out_dir);
+      build_gridvqa(cg);
+      auto convs = load_llava_json((fs::path(cg.out_dir) / "train.json").string());
+      auto part = prepare_samples(single ? split_turns(convs) : convs, tok, model.config(), cg.out_dir, false, nullptr);
+      samples.insert(samples.end(), std::make_move_iterator(part.begin()), std::make_move_iterator(part.end()));
+      for (auto& q : load_questions_jsonl((fs::path(cg.out_dir) / "test.jsonl").string())) {
+        q.image = (fs::path(cg.out_dir) / q.image).string();  // the sets' images live in different folders
+        if (p > 0)  // ids stay unique across the sets
+          q.question_id = "set" + std::to_string(p + 1) + "_" +
+                          (q.question_id.is_string() ? q.question_id.get<std::string>() : q.question_id.dump());
+        cquestions.push_back(std::move(q));
+      }
+      cconvs.insert(cconvs.end(), convs.begin(), convs.end());
+    }
     CurriculumResult r;
     r.stage = c;
     r.visual_tokens = model.config().visual_tokens_per_image();
     r.prior = answer_prior(cconvs, cquestions);
-    EvalOptions e;
-    e.image_folder = cg.out_dir;
+    EvalOptions e;  // the questions' image paths include their set's folder
     e.progress = o.progress;
     for (int rep = 0; rep < c.repeats; ++rep) {
       TrainOptions t;
@@ -329,7 +372,7 @@ std::string run_repro(const ReproOptions& o) {
       t.seed = o.seed + 101 + i + 7919 * uint64_t(rep);  // each schedule its own data order
       t.progress = o.progress;
       // progress readable without a terminal, one file per schedule
-      t.log = (fs::path(cg.out_dir) / (rep ? "metrics-" + std::to_string(rep + 1) + ".jsonl" : "metrics.jsonl")).string();
+      t.log = (fs::path(stage_dir) / (rep ? "metrics-" + std::to_string(rep + 1) + ".jsonl" : "metrics.jsonl")).string();
       say("stage " + tag + (c.repeats > 1 ? ", schedule " + std::to_string(rep + 1) + " of at most " + std::to_string(c.repeats) : "") +
           ": " + std::to_string(c.steps) + " steps, " + format_curriculum({c}) + " (" +
           std::to_string(r.visual_tokens) + " visual tokens" + (o.curriculum_shuffle ? ", shuffled" : "") +
@@ -489,7 +532,9 @@ std::string run_repro(const ReproOptions& o) {
     for (size_t i = 0; i < cur.size(); ++i) {
       const auto& c = cur[i].stage;
       std::string fams, steps = std::to_string(cur[i].steps), accs;
-      for (const auto& f : c.families) fams += (fams.empty() ? "" : ", ") + f;
+      for (size_t j = 0; j < c.families.size(); ++j)
+        fams += (fams.empty() ? "" : ", ") + c.families[j] +
+                (j < c.family_empty.size() && c.family_empty[j] >= 0 ? " (" + pct(c.family_empty[j]) + " empty)" : "");
       if (c.repeats > 1 || c.target >= 0) {
         steps += " (" + std::to_string(cur[i].schedules) + " x " + std::to_string(c.steps) + " of at most " +
                  std::to_string(c.repeats) + (c.target >= 0 ? ", bar " + pct(c.target) : "") + ")";
