@@ -27,6 +27,8 @@ struct CurriculumStage {
   // trained together in one stage (docs/benchmarks.md, item 20: exist learns on sparse grids,
   // identify on dense ones).
   std::vector<double> family_empty{};
+  // families[j]'s own share of empty cells, or < 0 when it has none.
+  double family_rate(size_t j) const { return j < family_empty.size() ? family_empty[j] : -1; }
 };
 
 // Parses "GRID:FAMILIES:POOL:STEPS[xREPEATS][@TARGET%][:EMPTY%][,...]", FAMILIES = "all" or names

@@ -116,8 +116,7 @@ std::string format_curriculum(const std::vector<CurriculumStage>& stages) {
     std::string fams;
     for (size_t j = 0; j < c.families.size(); ++j) {
       fams += (fams.empty() ? "" : "+") + c.families[j];
-      if (j < c.family_empty.size() && c.family_empty[j] >= 0)
-        fams += "/" + std::to_string(int(std::lround(c.family_empty[j] * 100)));
+      if (c.family_rate(j) >= 0) fams += "/" + std::to_string(int(std::lround(c.family_rate(j) * 100)));
     }
     s += std::to_string(c.grid) + ":" + (fams.empty() ? "all" : fams) + ":" + std::to_string(c.pool) + ":" +
          std::to_string(c.steps);
@@ -315,7 +314,7 @@ std::string run_repro(const ReproOptions& o) {
     std::vector<std::pair<double, std::vector<std::string>>> sets;  // empty rate (< 0 = default), families
     const std::vector<std::string> fams = c.families.empty() ? kQuestionFamilies : c.families;
     for (size_t j = 0; j < fams.size(); ++j) {
-      const double rate = j < c.family_empty.size() && c.family_empty[j] >= 0 ? c.family_empty[j] : c.empty_rate;
+      const double rate = c.family_rate(j) >= 0 ? c.family_rate(j) : c.empty_rate;
       auto it = std::find_if(sets.begin(), sets.end(), [&](const auto& s) { return s.first == rate; });
       if (it == sets.end()) it = sets.insert(sets.end(), {rate, {}});
       it->second.push_back(fams[j]);
@@ -534,7 +533,7 @@ std::string run_repro(const ReproOptions& o) {
       std::string fams, steps = std::to_string(cur[i].steps), accs;
       for (size_t j = 0; j < c.families.size(); ++j)
         fams += (fams.empty() ? "" : ", ") + c.families[j] +
-                (j < c.family_empty.size() && c.family_empty[j] >= 0 ? " (" + pct(c.family_empty[j]) + " empty)" : "");
+                (c.family_rate(j) >= 0 ? " (" + pct(c.family_rate(j)) + " empty)" : "");
       if (c.repeats > 1 || c.target >= 0) {
         steps += " (" + std::to_string(cur[i].schedules) + " x " + std::to_string(c.steps) + " of at most " +
                  std::to_string(c.repeats) + (c.target >= 0 ? ", bar " + pct(c.target) : "") + ")";
