@@ -109,6 +109,9 @@ std::vector<CurriculumStage> parse_curriculum(const std::string& spec) {
   return out;
 }
 
+// 0.75 -> "75", as --curriculum writes a percent (parse_curriculum's `percent` reads it back).
+static std::string whole_percent(double fraction) { return std::to_string(int(std::lround(fraction * 100))); }
+
 std::string format_curriculum(const std::vector<CurriculumStage>& stages) {
   std::string s;
   for (const auto& c : stages) {
@@ -116,13 +119,13 @@ std::string format_curriculum(const std::vector<CurriculumStage>& stages) {
     std::string fams;
     for (size_t j = 0; j < c.families.size(); ++j) {
       fams += (fams.empty() ? "" : "+") + c.families[j];
-      if (c.family_rate(j) >= 0) fams += "/" + std::to_string(int(std::lround(c.family_rate(j) * 100)));
+      if (c.family_rate(j) >= 0) fams += "/" + whole_percent(c.family_rate(j));
     }
     s += std::to_string(c.grid) + ":" + (fams.empty() ? "all" : fams) + ":" + std::to_string(c.pool) + ":" +
          std::to_string(c.steps);
     if (c.repeats != 1) s += "x" + std::to_string(c.repeats);
-    if (c.target >= 0) s += "@" + std::to_string(int(std::lround(c.target * 100)));
-    if (c.empty_rate >= 0) s += ":" + std::to_string(int(std::lround(c.empty_rate * 100)));
+    if (c.target >= 0) s += "@" + whole_percent(c.target);
+    if (c.empty_rate >= 0) s += ":" + whole_percent(c.empty_rate);
   }
   return s.empty() ? "none" : s;
 }
@@ -329,7 +332,7 @@ std::string run_repro(const ReproOptions& o) {
     std::vector<TrainSample> samples;
     for (size_t p = 0; p < sets.size(); ++p) {
       GridVqaOptions cg;
-      cg.out_dir = p == 0 ? stage_dir : stage_dir + "-empty" + std::to_string(int(std::lround(sets[p].first * 100)));
+      cg.out_dir = p == 0 ? stage_dir : stage_dir + "-empty" + whole_percent(sets[p].first);
       cg.grid = c.grid;
       cg.train_images = o.curriculum_images;
       cg.test_images = std::max(1, o.test_images / 3);
