@@ -4,7 +4,7 @@ set -eu
 VICTOR="$1"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-"$VICTOR" repro --preset tiny --out "$work/r" --train-images 24 --test-images 4 --steps 12 --vision-steps 3 --pretrain-steps 4 --pool 2 \
+"$VICTOR" repro --preset tiny --out "$work/r" --train-images 24 --test-images 4 --steps 12 --vision-steps 3 --vision-images 20 --pretrain-steps 4 --pool 2 \
   --registers 4,8 --summary-layers 1,2 --bench-repeats 1 --bench-batch 4 --bench-gen 2,8 \
   --curriculum 2:identify:2:3x2@100,4:count+exist/50:1:3x3@0:75 --curriculum-images 16 > "$work/out.txt"
 grep -q "report: $work/r/report.md" "$work/out.txt"
@@ -18,6 +18,9 @@ for f in bench.json summary.json answers-plain.jsonl answers-victor-m8-k2.jsonl 
          models/victor-m8-k1/trainer_state.json gridvqa/test.jsonl curriculum-1/train.json curriculum-1/metrics-2.jsonl curriculum-2/meta.json; do
   [ -s "$work/r/$f" ] || { echo "missing $f"; exit 1; }
 done
+# Stage 0 trains on its own set, the size asked for, and the report says so.
+grep -q '"train_images": *20' "$work/r/gridvqa-vision/meta.json" || { echo "stage 0's set is not 20 images"; cat "$work/r/gridvqa-vision/meta.json"; exit 1; }
+grep -qF "3 steps of 32 images from 20 of its own" "$r" || { echo "report does not name stage 0's set"; exit 1; }
 # The stage's EMPTY field reaches its GridVQA.
 grep -q '"empty_rate": *0.75' "$work/r/curriculum-2/meta.json" || { echo "C2 was not built with 75% empty cells"; cat "$work/r/curriculum-2/meta.json"; exit 1; }
 # A family's own EMPTY gets its own set, trained with the stage's (count at 75%, exist at 50%).

@@ -420,6 +420,10 @@ int main(int argc, char** argv) {
   c_repro->add_option("--pretrain-steps", rp.pretrain_steps, "Stage 1 steps: row-by-row descriptions (0 = skip)")->check(CLI::Range(0, 10000000));
   c_repro->add_option("--pool", rp.pools, "Average-pooling baselines to train (e.g. 4; 1 = none)")->delimiter(',')->check(CLI::Range(1, 64));
   c_repro->add_option("--vision-steps", rp.vision_steps, "Stage 0 steps: vision tower on cell classes (0 = skip)")->check(CLI::Range(0, 10000000));
+  c_repro->add_option("--vision-images", rp.vision_images,
+                      "Stage 0's own GridVQA training images (0 = the main training set)")
+      ->check(CLI::Range(0, 1000000))
+      ->capture_default_str();
   c_repro->add_option("--vision-targets", rp.vision_targets,
                       "Stage 0 targets: cell (each cell's mean patch names its class and place) or patch (every patch does)")
       ->check(CLI::IsMember({"cell", "patch"}))
@@ -495,6 +499,7 @@ int main(int argc, char** argv) {
         if (!given("--test-images")) o.test_images = q.test_images;
         if (!given("--steps")) o.steps = q.steps;
         if (!given("--vision-steps")) o.vision_steps = q.vision_steps;
+        if (!given("--vision-images")) o.vision_images = q.vision_images;
         if (!given("--text-steps")) o.text_steps = q.text_steps;
         if (!given("--registers")) o.registers = q.registers;
         if (!given("--summary-layers")) o.summary_layers = q.summary_layers;

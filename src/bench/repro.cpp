@@ -29,6 +29,7 @@ ReproOptions ReproOptions::quick() {
   o.test_images = 50;
   o.steps = 60;
   o.vision_steps = 40;
+  o.vision_images = 0;
   o.bench_repeats = 1;
   o.bench_gen = {2, 32};
   o.registers = {8};
@@ -265,9 +266,20 @@ std::string run_repro(const ReproOptions& o) {
   // Stage 0 (shared): the vision tower learns the items' classes, as LLaVA starts from CLIP.
   VisionPretrainReport vrep;
   if (o.vision_steps > 0) {
+    std::string vision_data = data;
+    if (o.vision_images > 0) {  // its own set: more items than the main training images
+      GridVqaOptions vg = g;
+      vision_data = vg.out_dir = (fs::path(o.out) / "gridvqa-vision").string();
+      vg.train_images = o.vision_images;
+      vg.questions_per_image = 1;
+      vg.seed = o.seed + 77;
+      vg.text_grids = 0;
+      say("stage 0: building its GridVQA set (" + std::to_string(o.vision_images) + " train images) in " + vision_data);
+      build_gridvqa(vg);
+    }
     Vlm model = Vlm::load(init_dir);
-    auto grids_train = load_grid_images(data, "train", model.config());
-    auto grids_test = load_grid_images(data, "t10k", model.config());
+    auto grids_train = load_grid_images(vision_data, "train", model.config());
+    auto grids_test = load_grid_images(vision_data, "t10k", model.config());
     VisionPretrainOptions vo;
     vo.steps = o.vision_steps;
     vo.batch_size = o.vision_batch;
@@ -502,7 +514,9 @@ std::string run_repro(const ReproOptions& o) {
      << ", BLAS kernels: " << blas_kernels << ".\n\n";
   if (o.vision_steps > 0)
     md << "Stage 0, shared by every model: the vision tower pretrained to classify grid cells (" << vrep.steps
-       << " steps of " << o.vision_batch << " images, targets on "
+       << " steps of " << o.vision_batch << " images from "
+       << (o.vision_images > 0 ? std::to_string(o.vision_images) + " of its own" : "the training set's")
+       << ", targets on "
        << (o.vision_targets == "patch" ? "every patch" : "each cell's mean patch") << ", " << num(vrep.seconds, "%.0f")
        << " s, test-split cell accuracy " << pct(vrep.test_cell_accuracy) << ", single-patch accuracy "
        << pct(vrep.test_patch_accuracy) << ", place accuracy " << pct(vrep.test_position_accuracy)
