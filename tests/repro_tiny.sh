@@ -6,7 +6,7 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 "$VICTOR" repro --preset tiny --out "$work/r" --train-images 24 --test-images 4 --steps 12 --vision-steps 3 --vision-images 20 --pretrain-steps 4 --pool 2 \
   --registers 4,8 --summary-layers 1,2 --bench-repeats 1 --bench-batch 4 --bench-gen 2,8 \
-  --curriculum 2:identify:2:3x2@100,4:count+exist/50:1:3x3@0:75 --curriculum-images 16 > "$work/out.txt"
+  --curriculum 2:identify:2:3x2@100,4:count+exist/50:1:3x3@0:75 --curriculum-images 16 --curriculum-summary-layers 2 > "$work/out.txt"
 grep -q "report: $work/r/report.md" "$work/out.txt"
 r="$work/r/report.md"
 for pattern in "Stage 0, shared" "Stage C, shared" "| C1 | 2x2 | identify | 2 | 4 | 6 (2 x 3 of at most 2, bar 100.0%) |" "| C2 | 4x4, 75.0% empty | count, exist (50.0% empty) | 1 | 16 | 3 (1 x 3 of at most 3, bar 0.0%) |" "- C2 per family, after its last schedule: count " "| plain | 0 |" "| victor-m4-k1 | 4 | 1 |" "| victor-m8-k1 | 8 | 1 |" "| victor-m8-k2 | 8 | 2 |" "victor-m8-k2 (k = 2):" "| pool-2x2 | 0 |" "Answer-prior baseline" \
@@ -21,6 +21,10 @@ done
 # Stage 0 trains on its own set, the size asked for, and the report says so.
 grep -q '"train_images": *20' "$work/r/gridvqa-vision/meta.json" || { echo "stage 0's set is not 20 images"; cat "$work/r/gridvqa-vision/meta.json"; exit 1; }
 grep -qF "3 steps of 32 images from 20 of its own" "$r" || { echo "report does not name stage 0's set"; exit 1; }
+# Stage C with the drop after layer 2 says so, and hands on a plain model (no drop in its config).
+grep -qF "the visual tokens dropped after layer 2 (no registers)" "$r" || { echo "report does not name stage C's drop"; exit 1; }
+if grep -q '"summary_layers"' "$work/r/models/init/config.json"; then echo "stage C saved its drop into the shared start"; exit 1; fi
+grep -q '"summary_layers": *-1\|"summary_layers"' "$work/r/models/plain/config.json" && { echo "plain model has a drop"; exit 1; }
 # The stage's EMPTY field reaches its GridVQA.
 grep -q '"empty_rate": *0.75' "$work/r/curriculum-2/meta.json" || { echo "C2 was not built with 75% empty cells"; cat "$work/r/curriculum-2/meta.json"; exit 1; }
 # A family's own EMPTY gets its own set, trained with the stage's (count at 75%, exist at 50%).
@@ -41,4 +45,9 @@ if "$VICTOR" repro --preset tiny --out "$work/bad" --summary-layers 1,4 > "$work
 fi
 grep -q "summary-layers 4" "$work/bad.txt" || { echo "k error unclear:"; cat "$work/bad.txt"; exit 1; }
 [ ! -e "$work/bad" ] || { echo "repro wrote $work/bad before refusing k"; exit 1; }
+if "$VICTOR" repro --preset tiny --out "$work/bad2" --curriculum-summary-layers 4 > "$work/bad2.txt" 2>&1; then
+  echo "repro accepted --curriculum-summary-layers 4 on a 4-layer preset"; exit 1
+fi
+grep -q "curriculum-summary-layers 4" "$work/bad2.txt" || { echo "stage C k error unclear:"; cat "$work/bad2.txt"; exit 1; }
+[ ! -e "$work/bad2" ] || { echo "repro wrote $work/bad2 before refusing"; exit 1; }
 echo "repro tiny: ok"

@@ -449,6 +449,11 @@ int main(int argc, char** argv) {
   c_repro->add_option("--curriculum-single-turn", rp.curriculum_single_turn,
                       "Stage C: pooled stages train one question per sample, the same answers per step (true/false)")
       ->capture_default_str();
+  c_repro->add_option("--curriculum-summary-layers", rp.curriculum_summary_layers,
+                      "Stage C: drop the visual tokens after this layer (no registers), so lookups are learned "
+                      "where Victor twins with k >= K still see them; -1 = every layer")
+      ->check(CLI::Range(-1, 1024))
+      ->capture_default_str();
   c_repro->add_option("--train", rp.train_parts, "Parts trained in stages 1-2 (finetune = projector + registers + llm, vision frozen)");
   c_repro->add_option("--batch-size", rp.batch_size, "Conversations per step")->check(CLI::Range(1, 1024));
   c_repro->add_option("--lr", rp.lr, "Peak learning rate")->check(CLI::PositiveNumber);

@@ -81,6 +81,10 @@ struct ReproOptions {
   // 2x2 identify stalls there (item 12). Full-resolution stages keep the conversations: one
   // image per question would cost 3x more per answer at 256 visual tokens.
   bool curriculum_single_turn = true;
+  // Stage C: the visual tokens leave after this layer (no registers), so the lookups are learned in
+  // the first K layers, where a Victor twin with k >= K still has the visual tokens; -1 = every layer.
+  // Item 21: the plain stage C of one default run put the lookup past layer 2 and the k = 2 twins lost it.
+  int curriculum_summary_layers = -1;
   int pretrain_steps = 0;                     // stage 1: row-by-row descriptions (optional)
   int steps = 450, batch_size = 8;            // stage 2: the questions
   std::string train_parts = "finetune";       // LLaVA: the vision tower stays frozen

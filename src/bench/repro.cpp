@@ -222,6 +222,10 @@ std::string run_repro(const ReproOptions& o) {
   auto t_all = std::chrono::steady_clock::now();
   {  // refuse a curriculum the model cannot pool, or a k it does not have, before any work is done
     const ModelConfig preset = preset_config(o.preset);
+    if (o.curriculum_summary_layers != -1 &&
+        (o.curriculum_summary_layers < 1 || o.curriculum_summary_layers >= preset.num_layers()))
+      throw Error("--curriculum-summary-layers " + std::to_string(o.curriculum_summary_layers) +
+                  ": must be -1 (every layer) or between 1 and " + std::to_string(preset.num_layers() - 1));
     for (int k : o.summary_layers)
       if (k < 1 || k >= preset.num_layers())
         throw Error("--summary-layers " + std::to_string(k) + ": Victor k must be between 1 and " +
@@ -337,7 +341,8 @@ std::string run_repro(const ReproOptions& o) {
     const bool single = o.curriculum_single_turn && c.pool > 1;
     Vlm model = Vlm::load(init_dir);
     model.mutable_config().visual_pool = c.pool;
-    model.set_victor(VictorConfig{0, -1, RegisterMask::Causal}, o.seed + 1);  // validates the pooling
+    // validates the pooling; with curriculum_summary_layers the visual tokens leave after that layer
+    model.set_victor(VictorConfig{0, o.curriculum_summary_layers, RegisterMask::Causal}, o.seed + 1);
     const std::string stage_dir = (fs::path(o.out) / ("curriculum-" + std::to_string(i + 1))).string();
     std::vector<Conversation> cconvs;
     std::vector<EvalQuestion> cquestions;
@@ -406,6 +411,7 @@ std::string run_repro(const ReproOptions& o) {
       if (c.target >= 0 && r.eval.overall.accuracy() >= c.target) break;
     }
     model.mutable_config().visual_pool = 1;
+    model.set_victor(VictorConfig{0, -1, RegisterMask::Causal}, o.seed + 1);  // the shared start is plain
     model.save(init_dir);
     cur.push_back(std::move(r));
   }
@@ -538,6 +544,10 @@ std::string run_repro(const ReproOptions& o) {
                                           std::to_string(o.curriculum_batch * o.questions) + " samples per step)" : "")
        << ", " << o.curriculum_images << " images per stage"
        << (o.curriculum_shuffle ? ", each image's visual tokens in a fresh random order every step" : "")
+       << (o.curriculum_summary_layers > 0
+               ? ", the visual tokens dropped after layer " + std::to_string(o.curriculum_summary_layers) +
+                     " (no registers), so the lookups are learned where every Victor twin still sees them"
+               : "")
        << "). Few visual tokens first: the answer to a question about one cell sits in one of N "
           "visual tokens, so the lookup's learning signal is ~1/N; learned on small grids it carries over to larger "
           "ones. Not counted in the training times. Each stage's own test set:\n\n"
