@@ -546,7 +546,8 @@ std::string run_repro(const ReproOptions& o) {
        << (o.curriculum_shuffle ? ", each image's visual tokens in a fresh random order every step" : "")
        << (o.curriculum_summary_layers > 0
                ? ", the visual tokens dropped after layer " + std::to_string(o.curriculum_summary_layers) +
-                     " (no registers), so the lookups are learned where every Victor twin still sees them"
+                     " (no registers), so the lookups are learned where Victor twins with k >= " +
+                     std::to_string(o.curriculum_summary_layers) + " still see them"
                : "")
        << "). Few visual tokens first: the answer to a question about one cell sits in one of N "
           "visual tokens, so the lookup's learning signal is ~1/N; learned on small grids it carries over to larger "
