@@ -222,12 +222,12 @@ std::string run_repro(const ReproOptions& o) {
   auto t_all = std::chrono::steady_clock::now();
   {  // refuse a curriculum the model cannot pool, or a k it does not have, before any work is done
     const ModelConfig preset = preset_config(o.preset);
-    if (o.curriculum_summary_layers != -1 &&
-        (o.curriculum_summary_layers < 1 || o.curriculum_summary_layers >= preset.num_layers()))
+    auto has_layer = [&](int k) { return k >= 1 && k < preset.num_layers(); };  // a k the preset can drop after
+    if (o.curriculum_summary_layers != -1 && !has_layer(o.curriculum_summary_layers))
       throw Error("--curriculum-summary-layers " + std::to_string(o.curriculum_summary_layers) +
                   ": must be -1 (every layer) or between 1 and " + std::to_string(preset.num_layers() - 1));
     for (int k : o.summary_layers)
-      if (k < 1 || k >= preset.num_layers())
+      if (!has_layer(k))
         throw Error("--summary-layers " + std::to_string(k) + ": Victor k must be between 1 and " +
                     std::to_string(preset.num_layers() - 1) + " (the preset has " +
                     std::to_string(preset.num_layers()) + " decoder layers)");
