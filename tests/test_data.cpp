@@ -311,3 +311,66 @@ TEST(LlavaData, SplitTurnsMakesEveryTurnASampleWithItsImage) {
   EXPECT_EQ(s[5].turns[0].human, "Again");
   EXPECT_EQ(s[5].turns[0].assistant, "hi again");
 }
+
+// Every answer's boxes are the cells it rests on, recomputed here from the grid and the question:
+// the asked cell (identify), every cell of the asked class (count, exist: none when absent), the
+// class's one cell (locate). train.json carries them on the gpt turns.
+TEST(GridVqa, BoxesAreTheCellsEachAnswerRestsOn) {
+  auto labels = read_idx_labels(kSource + "/t10k-labels-idx1-ubyte.gz");
+  Rng rng(9);
+  for (int i = 0; i < 200; ++i) {
+    Grid g = random_grid(4, 0.3, labels, rng);
+    for (auto& qa : ask_balanced(g, 4, rng)) {
+      std::vector<int> expect;
+      if (qa.family == "identify") {
+        int r = 0, c = 0;
+        ASSERT_EQ(std::sscanf(qa.question.c_str(), "What is in row %d, column %d?", &r, &c), 2);
+        expect = {(r - 1) * 4 + (c - 1)};
+      } else {
+        const auto& names = qa.family == "count" ? kFashionPlurals : kFashionClasses;
+        int cls = -1;
+        for (int k = 0; k < 10; ++k)  // the longest name the question holds ("t-shirt" in no other)
+          if (qa.question.find(" " + names[k] + (qa.family == "count" ? " " : "?")) != std::string::npos) cls = k;
+        ASSERT_GE(cls, 0) << qa.question;
+        for (int cell = 0; cell < 16; ++cell)
+          if (g.labels[cell] == cls) expect.push_back(cell);
+        if (qa.family == "count") EXPECT_EQ(std::to_string(expect.size()), qa.answer);
+        if (qa.family == "exist") EXPECT_EQ(expect.empty() ? "no" : "yes", qa.answer);
+        if (qa.family == "locate") {
+          ASSERT_EQ(expect.size(), 1u);
+          EXPECT_EQ("row " + std::to_string(expect[0] / 4 + 1) + ", column " + std::to_string(expect[0] % 4 + 1), qa.answer);
+        }
+      }
+      EXPECT_EQ(qa.cells, expect) << qa.question;
+    }
+  }
+  EXPECT_EQ(cell_box(4, 6), (std::array<double, 4>{0.5, 0.25, 0.75, 0.5}));  // row 2, column 3
+  auto dir = temp_dir("gq_boxes");
+  build_gridvqa(small_options(dir, 3));
+  int grounded = 0;
+  for (auto& c : load_llava_json(dir + "/train.json"))
+    for (auto& t : c.turns) {
+      EXPECT_TRUE(t.grounded);
+      grounded += !t.boxes.empty();
+    }
+  EXPECT_GT(grounded, 30);  // of 48 answers; exist "no" and count "0" have none
+}
+
+TEST(LlavaData, MalformedBoxesAreNamed) {
+  auto dir = temp_dir("boxes_bad");
+  auto error_of = [&](const std::string& boxes) -> std::string {
+    std::ofstream(dir + "/d.json") << R"([{"id": "b7", "image": "x.png", "conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a", "boxes": )" + boxes + "}]}]";
+    try {
+      load_llava_json(dir + "/d.json");
+    } catch (const Error& e) {
+      return e.what();
+    }
+    return "";
+  };
+  EXPECT_EQ(error_of("[[0.1, 0.2, 0.3, 0.4]]"), "");
+  for (const char* bad : {"3", "[[0.1, 0.2, 0.3]]", "[[0.1, 0.2, 0.3, 1.5]]", "[[0.5, 0.2, 0.3, 0.4]]", R"([["a", 0, 1, 1]])"}) {
+    auto e = error_of(bad);
+    EXPECT_NE(e.find("b7"), std::string::npos) << bad;
+    EXPECT_NE(e.find("'boxes'"), std::string::npos) << bad << ": " << e;
+  }
+}

@@ -165,6 +165,8 @@ void run_train(TrainOptions o, const std::string& parts, int threads) {
             << r.tokens_per_second << " tokens/s, final loss " << r.final_loss;
   if (r.skipped) std::cout << ", " << r.skipped << " bad samples skipped";
   if (r.feature_cache_hits) std::cout << ", " << r.feature_cache_hits << " images' vision features from the cache";
+  if (r.grounded_answers)
+    std::cout << ", grounded attention on the answers' regions " << r.final_ground_mass << " (KL " << r.final_ground_loss << ")";
   std::cout << "\nmodel and trainer state in " << o.out << "\n";
 }
 
@@ -371,6 +373,14 @@ int main(int argc, char** argv) {
   c_train->add_option("--visual-pool", tr.visual_pool, "Average-pooling baseline: pool the visual grid p x p (1 = off)")->check(CLI::Range(1, 64));
   c_train->add_flag("--shuffle-visual", tr.shuffle_visual,
                     "Augment: each image's visual tokens in a random order every step (lookups by content, not position)");
+  c_train->add_option("--ground-weight", tr.ground_weight,
+                      "Grounded attention: weight of the loss that teaches heads of --ground-layer to look at each answer's "
+                      "boxes (the gpt turn's \"boxes\", GridVQA writes them); 0 = off")
+      ->check(CLI::Range(0.0, 1e3))->capture_default_str();
+  c_train->add_option("--ground-layer", tr.ground_layer, "Grounded attention: the decoder layer (0-based; must see the visual tokens)")
+      ->check(CLI::Range(0, 1024))->capture_default_str();
+  c_train->add_option("--ground-heads", tr.ground_heads, "Grounded attention: how many heads (the first ones) are taught")
+      ->check(CLI::Range(1, 1024))->capture_default_str();
 
   EvalArgs ev;
   auto* c_eval = app.add_subcommand("eval", "Answer question JSONL and score against references");

@@ -50,6 +50,7 @@ struct Grid {
 
 struct QA {
   std::string family, question, answer;
+  std::vector<int> cells{};  // the cells the answer rests on (row-major): written as the turn's boxes
 };
 
 // Small deterministic generator (same numbers on every platform).
@@ -71,6 +72,9 @@ QA ask(const Grid& g, const std::string& family, Rng& rng);
 // Up to n distinct questions, the families taken in turn from a random start.
 std::vector<QA> ask_balanced(const Grid& g, int n, Rng& rng,
                              const std::vector<std::string>& families = kQuestionFamilies);
+// Cell `cell` of a size x size grid as a normalized box (x0, y0, x1, y1); doubles, so that
+// train.json writes 1/3 as 0.3333333333333333.
+std::array<double, 4> cell_box(int size, int cell);
 // "row 1: sneaker, nothing, bag, coat. row 2: ..." (the pretraining caption).
 std::string describe_grid(const Grid& g);
 // Recomputes the answer from the grid: the invariant the tests check.

@@ -1,5 +1,6 @@
 // Image decoding (PNG/JPEG/BMP) and LLaVA-1.5 preprocessing.
 #pragma once
+#include <array>
 #include <torch/torch.h>
 
 #include <cstdint>
@@ -27,5 +28,9 @@ Image pad_to_square(const Image& img, const uint8_t fill[3]);
 torch::Tensor resize_bicubic(const Image& img, int out_w, int out_h);
 // Full LLaVA-1.5 preprocessing: [3, crop, crop] float, normalized.
 torch::Tensor preprocess_image(const Image& img, const PreprocessConfig& p);
+// Where a box normalized to a width x height image lands in preprocess_image's output, normalized
+// to the crop (pad-to-square, resize, center crop), clipped to it; false when nothing of it is left.
+bool box_in_input(const std::array<float, 4>& box, int width, int height, const PreprocessConfig& p,
+                  std::array<float, 4>* out);
 
 }  // namespace victor

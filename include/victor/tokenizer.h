@@ -3,6 +3,7 @@
 // Own code rather than libsentencepiece: that library bundles a protobuf that clashes with
 // LibTorch's in one process.
 #pragma once
+#include <array>
 #include <map>
 #include <memory>
 #include <unordered_map>
@@ -55,8 +56,15 @@ class Tokenizer {
 int train_tokenizer(const std::vector<std::string>& corpus_lines, const std::string& dir,
                     int vocab_size, const std::string& model_type = "bpe");
 
+// A region of the image in coordinates normalized to its width and height: x0, y0, x1, y1.
+using Box = std::array<float, 4>;
+
 struct Turn {
   std::string human, assistant;
+  // Grounding (optional, training only): the image regions the answer rests on, from the gpt turn's
+  // "boxes" key. grounded with no boxes = the answer rests on nothing in the image ("0", "no").
+  bool grounded = false;
+  std::vector<Box> boxes{};
 };
 
 // A tokenized conversation: ids and, per id, whether it is an assistant token (trained on).

@@ -36,11 +36,33 @@ struct TrainOptions {
   bool single_turn = false;  // every turn its own sample (split_turns): no answers to lean on
   int max_samples = 0;  // use only the first N samples (0 = all)
   int feature_cache_mb = 4096;  // frozen vision tower: keep each image's features (0 = recompute)
+  // Grounded attention (GridVQA's "boxes", any data with them): the first `ground_heads` heads of
+  // decoder layer `ground_layer` (0-based), at the position that predicts each grounded answer,
+  // are trained toward the answer's regions: one share of attention on the row's first token (the
+  // sink, "nothing here") and one share on each box's visual tokens. Weighted by ground_weight
+  // (0 = off) and added to the loss. A lookup keyed by the question is a two-hop circuit a model
+  // trained from scratch finds only after a long plateau (docs/benchmarks.md); this says where to look.
+  double ground_weight = 0;
+  int ground_layer = 1, ground_heads = 1;
 };
 
 // Each row of x [n,N,d] with its N tokens in a random order (Fisher-Yates, seeded): the
 // --shuffle-visual augmentation.
-torch::Tensor shuffle_tokens(const torch::Tensor& x, uint64_t seed);
+// `order` (optional) receives [n,N] int64: for each new place, the token's original index.
+torch::Tensor shuffle_tokens(const torch::Tensor& x, uint64_t seed, torch::Tensor* order = nullptr);
+
+// Each visual token's centre (x, y), normalized to the model's input image, in the order the
+// projector emits them (row-major patches, average-pooled by config.visual_pool): [N,2].
+torch::Tensor visual_token_centres(const ModelConfig& cfg);
+// Per visual token, its share of the boxes: each box that holds at least one token centre gives
+// one unit, spread evenly over those tokens. centres [N,2] -> [N] (sums to the boxes that hold a token).
+torch::Tensor box_token_weights(const std::vector<Box>& boxes, const torch::Tensor& centres);
+
+// One assistant turn's grounding, its boxes in the model input's coordinates.
+struct TurnGrounding {
+  bool on = false;
+  std::vector<Box> boxes;
+};
 
 // Parses "vision,projector,registers,llm" or the presets "pretrain" and "finetune".
 std::vector<Part> parse_parts(const std::string& spec);
@@ -50,6 +72,7 @@ struct TrainSample {
   std::string id;
   PromptInput input;
   int64_t target_tokens = 0;
+  std::vector<TurnGrounding> grounding;  // one per assistant turn (empty: none grounded)
 };
 
 // Tokenizes conversations (chat template, targets on assistant tokens only) and loads images.
@@ -64,6 +87,9 @@ struct TrainReport {
   double seconds = 0, final_loss = 0, mean_step_seconds = 0, tokens_per_second = 0;
   int64_t tokens = 0;
   int64_t feature_cache_hits = 0;  // images whose frozen vision features came from the cache
+  int64_t grounded_answers = 0;    // answers the grounding loss saw
+  double final_ground_loss = 0;    // KL(target || attention) of the last step, mean over answers and heads
+  double final_ground_mass = 0;    // attention on the target's tokens (sink included), last step
 };
 
 double lr_at(const TrainOptions& o, int step, int total_steps);

@@ -124,6 +124,13 @@ int count_of(const Grid& g, int cls) {
   return int(std::count(g.labels.begin(), g.labels.end(), cls));
 }
 
+std::vector<int> cells_of(const Grid& g, int cls) {
+  std::vector<int> out;
+  for (int i = 0; i < int(g.labels.size()); ++i)
+    if (g.labels[i] == cls) out.push_back(i);
+  return out;
+}
+
 std::string cell_name(const Grid& g, int cell) {
   return "row " + std::to_string(cell / g.size + 1) + ", column " + std::to_string(cell % g.size + 1);
 }
@@ -144,6 +151,11 @@ int find_class(const std::string& text, const std::vector<std::string>& names) {
 
 }  // namespace
 
+std::array<double, 4> cell_box(int size, int cell) {
+  const double s = size, r = cell / size, c = cell % size;
+  return {c / s, r / s, (c + 1) / s, (r + 1) / s};
+}
+
 QA ask(const Grid& g, const std::string& family, Rng& rng) {
   QA q;
   q.family = family;
@@ -151,6 +163,7 @@ QA ask(const Grid& g, const std::string& family, Rng& rng) {
     int cell = rng.uniform(g.size * g.size);
     q.question = "What is in " + cell_name(g, cell) + "?";
     q.answer = g.labels[cell] < 0 ? "nothing" : kFashionClasses[g.labels[cell]];
+    q.cells = {cell};
   } else if (family == "count") {
     // Mostly classes that are present, so counts above zero are common.
     std::vector<int> present;
@@ -160,6 +173,7 @@ QA ask(const Grid& g, const std::string& family, Rng& rng) {
                                                      : rng.uniform(10);
     q.question = "How many " + kFashionPlurals[cls] + " are there?";
     q.answer = std::to_string(count_of(g, cls));
+    q.cells = cells_of(g, cls);
   } else if (family == "exist") {
     std::vector<int> present, absent;
     for (int c = 0; c < 10; ++c) (count_of(g, c) > 0 ? present : absent).push_back(c);
@@ -168,6 +182,7 @@ QA ask(const Grid& g, const std::string& family, Rng& rng) {
     std::string art = (kFashionClasses[cls][0] == 'a') ? "an " : "a ";
     q.question = "Is there " + art + kFashionClasses[cls] + "?";
     q.answer = yes ? "yes" : "no";
+    q.cells = cells_of(g, cls);
   } else if (family == "locate") {
     std::vector<int> unique;
     for (int c = 0; c < 10; ++c)
@@ -177,6 +192,7 @@ QA ask(const Grid& g, const std::string& family, Rng& rng) {
     int cell = int(std::find(g.labels.begin(), g.labels.end(), cls) - g.labels.begin());
     q.question = "Where is the " + kFashionClasses[cls] + "?";
     q.answer = cell_name(g, cell);
+    q.cells = {cell};
   } else {
     throw Error("unknown question family '" + family + "'");
   }
@@ -290,7 +306,9 @@ GridVqaSummary build_gridvqa(const GridVqaOptions& opt, const std::function<void
     json conv = json::array();
     for (size_t t = 0; t < qas.size(); ++t) {
       conv.push_back({{"from", "human"}, {"value", (t == 0 ? "<image>\n" : "") + qas[t].question}});
-      conv.push_back({{"from", "gpt"}, {"value", qas[t].answer}});
+      json boxes = json::array();
+      for (int cell : qas[t].cells) boxes.push_back(cell_box(g.size, cell));
+      conv.push_back({{"from", "gpt"}, {"value", qas[t].answer}, {"boxes", boxes}});
     }
     char id[32];
     std::snprintf(id, sizeof id, "train_%06d", i);

@@ -8,6 +8,30 @@ using json = nlohmann::json;
 
 namespace victor {
 
+namespace {
+
+// A gpt turn's "boxes": [[x0, y0, x1, y1], ...], normalized to the image, x0 < x1, y0 < y1.
+template <class Fail>
+std::vector<Box> parse_boxes(const json& j, size_t turn, const Fail& fail) {
+  const std::string where = "turn " + std::to_string(turn) + ": 'boxes' ";
+  if (!j.is_array()) fail(where + "must be a list of [x0, y0, x1, y1]");
+  std::vector<Box> out;
+  for (const json& b : j) {
+    if (!b.is_array() || b.size() != 4) fail(where + "must be a list of [x0, y0, x1, y1]");
+    Box box;
+    for (size_t i = 0; i < 4; ++i) {
+      if (!b[i].is_number()) fail(where + "holds a non-number: " + b.dump());
+      box[i] = b[i].get<float>();
+      if (box[i] < 0 || box[i] > 1) fail(where + "must be normalized to [0, 1]: " + b.dump());
+    }
+    if (box[0] >= box[2] || box[1] >= box[3]) fail(where + "needs x0 < x1 and y0 < y1: " + b.dump());
+    out.push_back(box);
+  }
+  return out;
+}
+
+}  // namespace
+
 std::vector<Conversation> load_llava_json(const std::string& path, std::vector<std::string>* bad) {
   json j;
   try {
@@ -43,7 +67,9 @@ std::vector<Conversation> load_llava_json(const std::string& path, std::vector<s
         fail("turn " + std::to_string(t / 2) + ": needs 'from' and string 'value'");
       if (h["from"] != "human" || a["from"] != "gpt")
         fail("turn " + std::to_string(t / 2) + ": expected from 'human' then 'gpt'");
-      c.turns.push_back({h["value"].get<std::string>(), a["value"].get<std::string>()});
+      Turn turn{h["value"].get<std::string>(), a["value"].get<std::string>()};
+      if (a.contains("boxes")) turn.boxes = parse_boxes(a["boxes"], t / 2, fail), turn.grounded = true;
+      c.turns.push_back(std::move(turn));
     }
     size_t placeholders = 0;
     for (auto& t : c.turns)
@@ -52,6 +78,8 @@ std::vector<Conversation> load_llava_json(const std::string& path, std::vector<s
     if (!c.image.empty() && placeholders == 0) fail("has an image but no <image> in its conversation");
     if (c.image.empty() && placeholders > 0) fail("has <image> in its conversation but no 'image'");
     if (placeholders > 1) fail("more than one <image> for a single image");
+    for (auto& t : c.turns)
+      if (t.grounded && c.image.empty()) fail("has 'boxes' but no image to ground them in");
     out.push_back(std::move(c));
     } catch (const Error& e) {
       if (!bad) throw;

@@ -159,4 +159,28 @@ torch::Tensor preprocess_image(const Image& input, const PreprocessConfig& p) {
   return x.permute({2, 0, 1}).contiguous();
 }
 
+bool box_in_input(const std::array<float, 4>& box, int width, int height, const PreprocessConfig& p,
+                  std::array<float, 4>* out) {
+  // The same geometry as preprocess_image, in pixels of each step.
+  double w = width, h = height, ox = 0, oy = 0;
+  if (p.pad_to_square && width != height) {
+    const int side = std::max(width, height);
+    ox = (side - width) / 2;
+    oy = (side - height) / 2;
+    w = h = side;
+  }
+  const double short_side = std::min(w, h), long_side = std::max(w, h);
+  const int new_long = int(double(p.shortest_edge) * long_side / short_side);
+  const int nw = w <= h ? p.shortest_edge : new_long, nh = w <= h ? new_long : p.shortest_edge;
+  const double sx = nw / w, sy = nh / h;
+  const int top = (nh - p.crop_size) / 2, left = (nw - p.crop_size) / 2;
+  auto fx = [&](float x) { return ((x * width + ox) * sx - left) / p.crop_size; };
+  auto fy = [&](float y) { return ((y * height + oy) * sy - top) / p.crop_size; };
+  std::array<float, 4> b{float(fx(box[0])), float(fy(box[1])), float(fx(box[2])), float(fy(box[3]))};
+  for (auto& v : b) v = std::min(1.0f, std::max(0.0f, v));
+  if (b[0] >= b[2] || b[1] >= b[3]) return false;
+  *out = b;
+  return true;
+}
+
 }  // namespace victor

@@ -42,7 +42,11 @@ std::vector<TrainSample> prepare_samples(const std::vector<Conversation>& convs,
                                          const ModelConfig& cfg, const std::string& image_folder,
                                          bool skip_bad, std::vector<std::string>* skipped) {
   std::vector<TrainSample> out;
-  std::unordered_map<std::string, torch::Tensor> loaded;  // image path -> pixels
+  struct Loaded {
+    torch::Tensor pixels;
+    int width = 0, height = 0;
+  };
+  std::unordered_map<std::string, Loaded> loaded;  // image path -> pixels
   Progress bar("loading", int64_t(convs.size()), isatty(2) && convs.size() > 200);
   const int64_t image_rows = cfg.visual_tokens_per_image() + cfg.victor.num_registers;
   for (size_t i = 0; i < convs.size(); ++i) {
@@ -69,7 +73,7 @@ std::vector<TrainSample> prepare_samples(const std::vector<Conversation>& convs,
         fs::path p = fs::path(image_folder) / c.image;
         auto seen = loaded.find(p.string());
         if (seen != loaded.end()) {
-          s.input.pixels = seen->second;  // one tensor per image, shared by its samples
+          s.input.pixels = seen->second.pixels;  // one tensor per image, shared by its samples
         } else {
           if (!fs::exists(p)) throw Error("sample '" + c.id + "': image not found: " + p.string());
           Image img;
@@ -79,8 +83,18 @@ std::vector<TrainSample> prepare_samples(const std::vector<Conversation>& convs,
             throw Error("sample '" + c.id + "': " + e.what());
           }
           s.input.pixels = preprocess_image(img, cfg.preprocess).unsqueeze(0);
-          loaded.emplace(p.string(), s.input.pixels);
+          seen = loaded.emplace(p.string(), Loaded{s.input.pixels, img.width, img.height}).first;
         }
+        if (std::any_of(c.turns.begin(), c.turns.end(), [](const Turn& t) { return t.grounded; }))
+          for (const Turn& t : c.turns) {
+            TurnGrounding g{t.grounded, {}};
+            for (const Box& b : t.boxes) {
+              Box in;
+              if (box_in_input(b, seen->second.width, seen->second.height, cfg.preprocess, &in))
+                g.boxes.push_back(in);
+            }
+            s.grounding.push_back(std::move(g));
+          }
       }
       out.push_back(std::move(s));
     } catch (const Error& e) {
@@ -106,7 +120,7 @@ double lr_at(const TrainOptions& o, int step, int total) {
   return floor + 0.5 * (o.lr - floor) * (1.0 + std::cos(M_PI * std::min(1.0, progress)));
 }
 
-torch::Tensor shuffle_tokens(const torch::Tensor& x, uint64_t seed) {
+torch::Tensor shuffle_tokens(const torch::Tensor& x, uint64_t seed, torch::Tensor* order) {
   Rng rng(seed);
   const int64_t n = x.size(0), N = x.size(1);
   std::vector<int64_t> idx(size_t(n * N));
@@ -115,8 +129,28 @@ torch::Tensor shuffle_tokens(const torch::Tensor& x, uint64_t seed) {
     for (int64_t t = 0; t < N; ++t) row[t] = t;
     for (int64_t t = N - 1; t > 0; --t) std::swap(row[t], row[rng.uniform(int(t + 1))]);
   }
-  auto perm = torch::tensor(idx).view({n, N, 1}).expand({n, N, x.size(2)});
-  return x.gather(1, perm);
+  auto perm = torch::tensor(idx).view({n, N});
+  if (order) *order = perm;
+  return x.gather(1, perm.unsqueeze(-1).expand({n, N, x.size(2)}));
+}
+
+torch::Tensor visual_token_centres(const ModelConfig& cfg) {
+  const int pool = std::max(1, cfg.visual_pool);
+  const int side = cfg.vision.image_size / cfg.vision.patch_size / pool;
+  auto at = (torch::arange(side, torch::kFloat32) + 0.5f) / float(side);
+  auto y = at.view({side, 1}).expand({side, side}), x = at.view({1, side}).expand({side, side});
+  return torch::stack({x.reshape({-1}), y.reshape({-1})}, 1);  // [side*side, 2]
+}
+
+torch::Tensor box_token_weights(const std::vector<Box>& boxes, const torch::Tensor& centres) {
+  auto w = torch::zeros({centres.size(0)});
+  auto x = centres.select(1, 0), y = centres.select(1, 1);
+  for (const Box& b : boxes) {
+    auto in = (x.ge(b[0]) & x.lt(b[2]) & y.ge(b[1]) & y.lt(b[3])).to(torch::kFloat32);
+    const float n = in.sum().item<float>();
+    if (n > 0) w += in / n;
+  }
+  return w;
 }
 
 namespace {
@@ -182,6 +216,62 @@ class FeatureCache {
   int64_t hits_ = 0;
 };
 
+// The grounding loss of one micro-batch (TrainOptions::ground_weight): cross-entropy of the
+// supervised heads' attention, at each grounded answer's predicting position, against its target.
+struct GroundingLoss {
+  torch::Tensor loss;  // undefined when no answer in the batch is grounded
+  int64_t answers = 0;
+  double kl = 0, mass = 0;  // KL(target || attention) and the attention on the target's tokens
+};
+
+GroundingLoss grounding_loss(const torch::Tensor& probs, const SequenceBatch& batch,
+                             const std::vector<const TrainSample*>& rows, const torch::Tensor& centres,
+                             const torch::Tensor& order, int heads) {
+  const int64_t B = probs.size(0), T = probs.size(2), S = probs.size(3);
+  auto targets = batch.targets.contiguous(), kind = batch.meta.kind.contiguous();
+  const int64_t* tg = targets.data_ptr<int64_t>();
+  const int64_t* kd = kind.data_ptr<int64_t>();
+  std::vector<int64_t> qb, qt;
+  std::vector<torch::Tensor> dist;
+  int64_t image = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    const TrainSample& s = *rows[size_t(b)];
+    const int64_t img = image;
+    if (s.input.pixels.defined()) image += s.input.pixels.size(0);
+    if (s.grounding.empty() || !s.input.pixels.defined()) continue;
+    std::vector<int64_t> visual;
+    for (int64_t t = 0; t < T; ++t)
+      if (kd[b * T + t] == int64_t(TokenKind::Visual)) visual.push_back(t);
+    if (int64_t(visual.size()) != centres.size(0))
+      throw Error("sample '" + s.id + "': grounding needs exactly one image (" + std::to_string(visual.size()) +
+                  " visual tokens, " + std::to_string(centres.size(0)) + " per image)");
+    auto centres_here = order.defined() ? centres.index_select(0, order[img]) : centres;
+    size_t turn = 0;
+    for (int64_t t = 0; t < T && turn < s.grounding.size(); ++t) {
+      // Each assistant answer is one run of targets: its first target's position predicts it.
+      if (tg[b * T + t] == -100 || (t > 0 && tg[b * T + t - 1] != -100)) continue;
+      const TurnGrounding& g = s.grounding[turn++];
+      if (!g.on) continue;
+      auto d = torch::zeros({S});
+      d[0] = 1;  // the sink: the row's first token
+      d.index_put_({torch::tensor(visual)}, box_token_weights(g.boxes, centres_here));
+      dist.push_back(d / d.sum());
+      qb.push_back(b);
+      qt.push_back(t);
+    }
+  }
+  GroundingLoss r;
+  if (dist.empty()) return r;
+  auto target = torch::stack(dist).unsqueeze(1);  // [Q,1,S]
+  auto p = probs.narrow(1, 0, heads).transpose(1, 2).index({torch::tensor(qb), torch::tensor(qt)});  // [Q,h,S]
+  r.loss = -(target * (p + 1e-9).log()).sum(-1).mean();
+  const double entropy = -(target * (target + 1e-12).log()).sum(-1).mean().item<double>();
+  r.kl = r.loss.item<double>() - entropy;
+  r.mass = (p.detach() * target.gt(0)).sum(-1).mean().item<double>();
+  r.answers = int64_t(dist.size());
+  return r;
+}
+
 struct AdamState {
   std::vector<torch::Tensor> m, v;
 };
@@ -242,6 +332,18 @@ TrainReport train_model(Vlm& model, const std::vector<TrainSample>& samples, con
   const bool vision_trained =
       std::find(o.parts.begin(), o.parts.end(), Part::Vision) != o.parts.end();
   FeatureCache features(vision_trained ? 0 : o.feature_cache_mb);
+  const bool grounding = o.ground_weight > 0;
+  torch::Tensor centres;
+  if (grounding) {
+    if (o.ground_layer < 0 || o.ground_layer >= std::min(cfg.num_layers(), cfg.drop_layer()))
+      throw Error("train: --ground-layer " + std::to_string(o.ground_layer) +
+                  " must be a layer that sees the visual tokens: 0 to " +
+                  std::to_string(std::min(cfg.num_layers(), cfg.drop_layer()) - 1) +
+                  (cfg.drop_layer() < cfg.num_layers() ? " (they leave after layer k = " + std::to_string(cfg.drop_layer()) + ")" : ""));
+    if (o.ground_heads < 1 || o.ground_heads > cfg.text.num_attention_heads)
+      throw Error("train: --ground-heads must be in [1, " + std::to_string(cfg.text.num_attention_heads) + "]");
+    centres = visual_token_centres(cfg);
+  }
 
   AdamState adam;
   for (auto* p : trainable) {
@@ -283,10 +385,11 @@ TrainReport train_model(Vlm& model, const std::vector<TrainSample>& samples, con
   int order_epoch = -1;
   for (; step < end; ++step) {
     auto t0 = Clock::now();
-    double loss_sum = 0;
-    int64_t tokens = 0, rows_seen = 0;
+    double loss_sum = 0, ground_kl = 0, ground_mass = 0;
+    int64_t tokens = 0, rows_seen = 0, grounded = 0;
     for (int a = 0; a < o.grad_accum; ++a) {
       std::vector<PromptInput> rows;
+      std::vector<const TrainSample*> sources;
       for (int b = 0; b < o.batch_size; ++b) {
         size_t global = size_t(step) * per_step + size_t(a) * o.batch_size + size_t(b);
         int epoch = int(global / samples.size());
@@ -294,12 +397,13 @@ TrainReport train_model(Vlm& model, const std::vector<TrainSample>& samples, con
           order = epoch_order(samples.size(), o.seed, epoch);
           order_epoch = epoch;
         }
-        rows.push_back(samples[order[global % samples.size()]].input);
+        sources.push_back(&samples[order[global % samples.size()]]);
+        rows.push_back(sources.back()->input);
       }
       std::vector<torch::Tensor> px;
       for (auto& r : rows)
         if (r.pixels.defined()) px.push_back(r.pixels);
-      torch::Tensor embeds;
+      torch::Tensor embeds, visual_order;
       if (!px.empty()) {
         if (vision_trained) {
           embeds = model.encode_images(torch::cat(px, 0));
@@ -307,15 +411,31 @@ TrainReport train_model(Vlm& model, const std::vector<TrainSample>& samples, con
           embeds = model.project(features.get(model, px));
         }
         if (o.shuffle_visual)  // a distinct permutation for every micro-batch of the run
-          embeds = shuffle_tokens(embeds, o.seed * 1000003ull + uint64_t(step) * uint64_t(o.grad_accum) + uint64_t(a));
+          embeds = shuffle_tokens(embeds, o.seed * 1000003ull + uint64_t(step) * uint64_t(o.grad_accum) + uint64_t(a),
+                                  &visual_order);
       }
       SequenceBatch batch = model.assemble(rows, embeds, /*pad_left=*/false);
-      ForwardOutput out = model.forward(batch);
+      ForwardTrace trace;
+      torch::Tensor probs;
+      if (grounding)
+        trace.probe = [&](int layer, const torch::Tensor& p, const TokenMeta&, const TokenMeta&) {
+          if (layer == o.ground_layer) probs = p;
+        };
+      ForwardOutput out = model.forward(batch, nullptr, grounding ? &trace : nullptr);
       auto sel = out.targets.ne(-100);
       auto logits = model.logits(out.hidden.index({sel}));
       auto loss = torch::nn::functional::cross_entropy(logits, out.targets.index({sel}));
-      (loss / double(o.grad_accum)).backward();
       loss_sum += loss.item<double>();
+      if (grounding) {
+        GroundingLoss g = grounding_loss(probs, batch, sources, centres, visual_order, o.ground_heads);
+        if (g.loss.defined()) {
+          loss = loss + o.ground_weight * g.loss;
+          ground_kl += g.kl * g.answers;
+          ground_mass += g.mass * g.answers;
+          grounded += g.answers;
+        }
+      }
+      (loss / double(o.grad_accum)).backward();
       tokens += batch.meta.kind.ne(int64_t(TokenKind::Pad)).sum().item<int64_t>();
       rows_seen += int64_t(rows.size());
     }
@@ -354,15 +474,28 @@ TrainReport train_model(Vlm& model, const std::vector<TrainSample>& samples, con
     rep.tokens += tokens;
     rep.final_loss = loss_mean;
     step_time_sum += dt;
+    if (grounded > 0) {
+      rep.grounded_answers += grounded;
+      rep.final_ground_loss = ground_kl / double(grounded);
+      rep.final_ground_mass = ground_mass / double(grounded);
+    }
     if (log.is_open()) {
       json j = {{"step", step + 1}, {"loss", loss_mean}, {"lr", lr}, {"grad_norm", norm},
                 {"tokens", tokens}, {"samples", rows_seen}, {"step_seconds", dt},
                 {"tokens_per_second", tokens / dt}, {"epoch", double(size_t(step + 1) * per_step) / samples.size()}};
+      if (grounded > 0) {
+        j["ground_kl"] = ground_kl / double(grounded);
+        j["ground_mass"] = ground_mass / double(grounded);
+      }
       log << j.dump() << "\n";
       log.flush();
     }
     char extra[128];
-    std::snprintf(extra, sizeof extra, "loss %.4f  %.0f tok/s", loss_ema, tokens / dt);
+    if (grounded > 0)
+      std::snprintf(extra, sizeof extra, "loss %.4f  ground %.2f  %.0f tok/s", loss_ema,
+                    ground_mass / double(grounded), tokens / dt);
+    else
+      std::snprintf(extra, sizeof extra, "loss %.4f  %.0f tok/s", loss_ema, tokens / dt);
     bar.update(step + 1, extra);
     if (!o.out.empty() && o.save_every > 0 && (step + 1) % o.save_every == 0 && step + 1 < end)
       save_checkpoint(model, trainable, adam, o, step + 1, total, tok_dir);
