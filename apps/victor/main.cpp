@@ -459,6 +459,17 @@ int main(int argc, char** argv) {
   c_repro->add_option("--curriculum-single-turn", rp.curriculum_single_turn,
                       "Stage C: pooled stages train one question per sample, the same answers per step (true/false)")
       ->capture_default_str();
+  c_repro->add_option("--ground-weight", rp.ground_weight,
+                      "Grounded attention in stages C and 2: weight of the loss that teaches heads of --ground-layer to "
+                      "look at the cells each answer rests on (0 = off); stage 2 grounds only models whose k > layer")
+      ->check(CLI::Range(0.0, 1e3))
+      ->capture_default_str();
+  c_repro->add_option("--ground-layer", rp.ground_layer, "Grounded attention: the decoder layer (0-based)")
+      ->check(CLI::Range(0, 1024))
+      ->capture_default_str();
+  c_repro->add_option("--ground-heads", rp.ground_heads, "Grounded attention: how many heads (the first ones)")
+      ->check(CLI::Range(1, 1024))
+      ->capture_default_str();
   c_repro->add_option("--curriculum-summary-layers", rp.curriculum_summary_layers,
                       "Stage C: drop the visual tokens after this layer (no registers), so lookups are learned "
                       "where Victor twins with k >= K still see them; -1 = every layer")

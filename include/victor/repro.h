@@ -85,6 +85,11 @@ struct ReproOptions {
   // the first K layers, where a Victor twin with k >= K still has the visual tokens; -1 = every layer.
   // Item 21: the plain stage C of one default run put the lookup past layer 2 and the k = 2 twins lost it.
   int curriculum_summary_layers = -1;
+  // Grounded attention (TrainOptions::ground_weight) in stage C and stage 2: the first ground_heads
+  // heads of decoder layer ground_layer learn to look at the cells each answer rests on (GridVQA's
+  // boxes). Stage 2 grounds a model only where that layer still sees the visual tokens (k > layer).
+  double ground_weight = 0;
+  int ground_layer = 1, ground_heads = 1;
   int pretrain_steps = 0;                     // stage 1: row-by-row descriptions (optional)
   int steps = 450, batch_size = 8;            // stage 2: the questions
   std::string train_parts = "finetune";       // LLaVA: the vision tower stays frozen

@@ -145,6 +145,7 @@ struct CurriculumResult {
 struct Trained {
   std::string name, dir;
   int registers = 0, summary_layers = 0, pool = 1;
+  bool grounded = false;  // stage 2 with grounded attention
   double train_seconds = 0, step_seconds = 0, final_loss = 0;
   EvalReport eval;
 };
@@ -226,6 +227,15 @@ std::string run_repro(const ReproOptions& o) {
     if (o.curriculum_summary_layers != -1 && !has_layer(o.curriculum_summary_layers))
       throw Error("--curriculum-summary-layers " + std::to_string(o.curriculum_summary_layers) +
                   ": must be -1 (every layer) or between 1 and " + std::to_string(preset.num_layers() - 1));
+    if (o.ground_weight > 0 && (o.ground_layer < 0 || o.ground_layer >= preset.num_layers() ||
+                                (o.curriculum_summary_layers > 0 && o.ground_layer >= o.curriculum_summary_layers)))
+      throw Error("--ground-layer " + std::to_string(o.ground_layer) + ": must be a layer that sees the visual tokens, 0 to " +
+                  std::to_string((o.curriculum_summary_layers > 0 ? o.curriculum_summary_layers : preset.num_layers()) - 1) +
+                  (o.curriculum_summary_layers > 0 ? " (stage C drops them after layer " +
+                                                         std::to_string(o.curriculum_summary_layers) + ")" : ""));
+    if (o.ground_weight > 0 && (o.ground_heads < 1 || o.ground_heads > preset.text.num_attention_heads))
+      throw Error("--ground-heads " + std::to_string(o.ground_heads) + ": must be between 1 and " +
+                  std::to_string(preset.text.num_attention_heads));
     for (int k : o.summary_layers)
       if (!has_layer(k))
         throw Error("--summary-layers " + std::to_string(k) + ": Victor k must be between 1 and " +
@@ -386,6 +396,9 @@ std::string run_repro(const ReproOptions& o) {
       t.parts = {Part::Projector, Part::Llm};
       t.lr = o.curriculum_lr;
       t.shuffle_visual = o.curriculum_shuffle;
+      t.ground_weight = o.ground_weight;
+      t.ground_layer = o.ground_layer;
+      t.ground_heads = o.ground_heads;
       t.batch_size = single ? o.curriculum_batch * o.questions : o.curriculum_batch;
       t.max_steps = c.steps;
       t.seed = o.seed + 101 + i + 7919 * uint64_t(rep);  // each schedule its own data order
@@ -444,6 +457,12 @@ std::string run_repro(const ReproOptions& o) {
     t.parts = parse_parts(o.train_parts);
     t.lr = o.lr;
     t.batch_size = o.batch_size;
+    r.grounded = o.ground_weight > 0 && o.ground_layer < std::min(r.summary_layers, model.config().num_layers());
+    if (r.grounded) {
+      t.ground_weight = o.ground_weight;
+      t.ground_layer = o.ground_layer;
+      t.ground_heads = o.ground_heads;
+    }
     t.seed = o.seed;
     t.progress = o.progress;
     double seconds = 0, step_time = 0;
@@ -579,6 +598,21 @@ std::string run_repro(const ReproOptions& o) {
         families += "- C" + std::to_string(i + 1) + " per family, after its last schedule: " + line + "\n";
     if (!families.empty()) md << families << "\n";
   }
+  if (o.ground_weight > 0) {
+    std::vector<std::string> grounded, not_grounded;
+    for (auto& r : runs) (r.grounded ? grounded : not_grounded).push_back(r.name);
+    md << "Grounded attention (weight " << num(o.ground_weight, "%g") << ", decoder layer " << o.ground_layer << ", "
+       << o.ground_heads << (o.ground_heads == 1 ? " head" : " heads")
+       << "): at the position that predicts each answer, the supervised heads are taught to put one share of their "
+          "attention on the row's first token and one on each cell the answer rests on (GridVQA's boxes: the asked cell, "
+          "every cell of the asked class, the located item's cell; none for \"0\" and \"no\"), added to the loss"
+       << (cur.empty() ? "" : " in every stage C step and") << " in stage 2 of "
+       << (grounded.empty() ? std::string("no model") : join_names(grounded, ", "))
+       << (not_grounded.empty() ? std::string("")
+                                : "; not in stage 2 of " + join_names(not_grounded, ", ") +
+                                      " (the visual tokens leave before that layer)")
+       << ". Evaluation sees no boxes.\n\n";
+  }
   md << "| model | m | k | accuracy | relative drop | training time | time reduction | throughput " << key_short
      << " | ratio | throughput " << key_long << " | ratio | KV bytes ratio |\n";
   md << "|---|---|---|---|---|---|---|---|---|---|---|---|\n";
@@ -673,6 +707,7 @@ std::string run_repro(const ReproOptions& o) {
   for (size_t i = 0; i < runs.size(); ++i)
     summary.push_back({{"name", runs[i].name}, {"registers", runs[i].registers},
                        {"summary_layers", runs[i].summary_layers}, {"accuracy", runs[i].eval.overall.accuracy()},
+                       {"grounded", runs[i].grounded},
                        {"train_seconds", runs[i].train_seconds},
                        {"throughput_ratio", bench[i].requests_per_second.at(key_short) / bp.requests_per_second.at(key_short)}});
   write_file_atomic((fs::path(o.out) / "summary.json").string(),
