@@ -37,8 +37,8 @@ struct TrainOptions {
   int max_samples = 0;  // use only the first N samples (0 = all)
   int feature_cache_mb = 4096;  // frozen vision tower: keep each image's features (0 = recompute)
   // Grounded attention (GridVQA's "boxes", any data with them): the first `ground_heads` heads of
-  // decoder layer `ground_layer` (0-based), at the position that predicts each grounded answer,
-  // are trained toward the answer's regions: one share of attention on the row's first token (the
+  // decoder layer `ground_layer` (0-based), at every position that predicts a grounded answer's
+  // tokens, are trained toward the answer's regions: one share of attention on the row's first token (the
   // sink, "nothing here") and one share on each box's visual tokens. Weighted by ground_weight
   // (0 = off) and added to the loss. A lookup keyed by the question is a two-hop circuit a model
   // trained from scratch finds only after a long plateau (docs/benchmarks.md); this says where to look.
@@ -87,7 +87,7 @@ struct TrainReport {
   double seconds = 0, final_loss = 0, mean_step_seconds = 0, tokens_per_second = 0;
   int64_t tokens = 0;
   int64_t feature_cache_hits = 0;  // images whose frozen vision features came from the cache
-  int64_t grounded_answers = 0;    // answers the grounding loss saw
+  int64_t grounded_answers = 0;    // answer positions the grounding loss taught
   double final_ground_loss = 0;    // KL(target || attention) of the last step, mean over answers and heads
   double final_ground_mass = 0;    // attention on the target's tokens (sink included), last step
 };

@@ -34,7 +34,7 @@ ReproOptions ReproOptions::quick() {
   o.bench_gen = {2, 32};
   o.registers = {8};
   o.summary_layers = {2};
-  o.curriculum = {{2, {"identify"}, 8, 150}};
+  o.curriculum = {{4, {"identify"}, 4, 150}};
   o.curriculum_images = 600;
   o.lr = 1e-3;
   return o;

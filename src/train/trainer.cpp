@@ -217,10 +217,10 @@ class FeatureCache {
 };
 
 // The grounding loss of one micro-batch (TrainOptions::ground_weight): cross-entropy of the
-// supervised heads' attention, at each grounded answer's predicting position, against its target.
+// supervised heads' attention, at each position that predicts a grounded answer's tokens, against its target.
 struct GroundingLoss {
   torch::Tensor loss;  // undefined when no answer in the batch is grounded
-  int64_t answers = 0;
+  int64_t answers = 0;       // positions taught (one per answer token, end of turn included)
   double kl = 0, mass = 0;  // KL(target || attention) and the attention on the target's tokens
 };
 
@@ -246,16 +246,25 @@ GroundingLoss grounding_loss(const torch::Tensor& probs, const SequenceBatch& ba
       throw Error("sample '" + s.id + "': grounding needs exactly one image (" + std::to_string(visual.size()) +
                   " visual tokens, " + std::to_string(centres.size(0)) + " per image)");
     auto centres_here = order.defined() ? centres.index_select(0, order[img]) : centres;
+    // Each assistant answer is one run of targets; every position in it predicts one of the
+    // answer's tokens ("row 2, column 3" names the place in its later tokens), so every one is taught.
     size_t turn = 0;
-    for (int64_t t = 0; t < T && turn < s.grounding.size(); ++t) {
-      // Each assistant answer is one run of targets: its first target's position predicts it.
-      if (tg[b * T + t] == -100 || (t > 0 && tg[b * T + t - 1] != -100)) continue;
-      const TurnGrounding& g = s.grounding[turn++];
-      if (!g.on) continue;
-      auto d = torch::zeros({S});
-      d[0] = 1;  // the sink: the row's first token
-      d.index_put_({torch::tensor(visual)}, box_token_weights(g.boxes, centres_here));
-      dist.push_back(d / d.sum());
+    torch::Tensor d;  // the current answer's target, undefined when it is not grounded
+    for (int64_t t = 0; t < T; ++t) {
+      if (tg[b * T + t] == -100) continue;
+      if (t == 0 || tg[b * T + t - 1] == -100) {  // a new answer
+        if (turn >= s.grounding.size()) break;
+        const TurnGrounding& g = s.grounding[turn++];
+        d = torch::Tensor();
+        if (g.on) {
+          d = torch::zeros({S});
+          d[0] = 1;  // the sink: the row's first token
+          d.index_put_({torch::tensor(visual)}, box_token_weights(g.boxes, centres_here));
+          d = d / d.sum();
+        }
+      }
+      if (!d.defined()) continue;
+      dist.push_back(d);
       qb.push_back(b);
       qt.push_back(t);
     }
