@@ -33,6 +33,14 @@ fams() { tr -d ' \n' < "$1" | grep -o '"families":\[[^]]*\]'; }
 [ "$(fams "$work/r/curriculum-2-empty50/meta.json")" = '"families":["exist"]' ] || { echo "C2's exist set is missing"; exit 1; }
 grep -q '"empty_rate": *0.5' "$work/r/curriculum-2-empty50/meta.json" || { echo "C2's exist set is not 50% empty"; exit 1; }
 grep -qE -- '- C2 per family, after its last schedule: count [0-9.]+% \(prior [0-9.]+%\), exist [0-9.]+% \(prior' "$r" || { echo "C2 does not report both sets' families"; exit 1; }
+# Grounded attention (on by default, layer 1): stage C and the stage 2 of every model whose visual tokens
+# reach layer 1 are grounded, the k = 1 twins are not, and the report and the logs say so.
+grep -qF "Grounded attention (weight 1, decoder layer 1, 1 head)" "$r" || { echo "report does not describe grounding"; exit 1; }
+grep -qF "not in stage 2 of victor-m4-k1, victor-m8-k1 (the visual tokens leave before that layer)" "$r" || { echo "report does not name the ungrounded twins"; exit 1; }
+for m in plain victor-m8-k2 pool-2x2; do grep -q '"ground_mass"' "$work/r/models/$m/metrics.jsonl" || { echo "$m was not grounded"; exit 1; }; done
+if grep -q '"ground_mass"' "$work/r/models/victor-m8-k1/metrics.jsonl"; then echo "victor-m8-k1 was grounded after its drop"; exit 1; fi
+grep -q '"ground_mass"' "$work/r/curriculum-1/metrics.jsonl" || { echo "stage C was not grounded"; exit 1; }
+grep -q '"boxes"' "$work/r/gridvqa/train.json" || { echo "GridVQA wrote no boxes"; exit 1; }
 if command -v gnuplot >/dev/null; then
   [ -s "$work/r/accuracy_vs_registers.png" ] && [ -s "$work/r/throughput_vs_registers.png" ] || { echo "plots missing"; exit 1; }
 fi
@@ -50,4 +58,9 @@ if "$VICTOR" repro --preset tiny --out "$work/bad2" --curriculum-summary-layers 
 fi
 grep -q "curriculum-summary-layers 4" "$work/bad2.txt" || { echo "stage C k error unclear:"; cat "$work/bad2.txt"; exit 1; }
 [ ! -e "$work/bad2" ] || { echo "repro wrote $work/bad2 before refusing"; exit 1; }
+if "$VICTOR" repro --preset tiny --out "$work/bad3" --curriculum-summary-layers 2 --ground-layer 2 > "$work/bad3.txt" 2>&1; then
+  echo "repro accepted grounding layer 2 with stage C's drop after layer 2"; exit 1
+fi
+grep -q "ground-layer 2" "$work/bad3.txt" || { echo "grounding layer error unclear:"; cat "$work/bad3.txt"; exit 1; }
+[ ! -e "$work/bad3" ] || { echo "repro wrote $work/bad3 before refusing"; exit 1; }
 echo "repro tiny: ok"
