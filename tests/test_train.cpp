@@ -41,6 +41,15 @@ std::string small_gridvqa(const std::string& name, int train_images, int test_im
   return g.out_dir;
 }
 
+// The tiny preset sized for a tokenizer trained on GridVQA's sentences (vocabulary 400).
+ModelConfig tiny_for(const Tokenizer& tok) {
+  ModelConfig cfg = preset_config("tiny");
+  cfg.text.vocab_size = 448;
+  cfg.image_token_index = tok.token_id("<image>");
+  cfg.pad_token_id = tok.token_id("<pad>");
+  return cfg;
+}
+
 float mean_loss(Vlm& m, const std::vector<TrainSample>& samples) {
   torch::NoGradGuard ng;
   std::vector<PromptInput> rows;
@@ -194,9 +203,7 @@ TEST(Train, LabelsCoverExactlyTheAssistantTokens) {
   auto a1 = tok.encode("2"), a2 = tok.encode("row 1, column 4");
   EXPECT_EQ(targets.size(), a1.size() + a2.size() + 2);
   // Prepared samples shift targets by one: position j predicts token j+1.
-  ModelConfig cfg = preset_config("tiny");
-  cfg.text.vocab_size = 448;
-  cfg.image_token_index = tok.token_id("<image>");
+  ModelConfig cfg = tiny_for(tok);
   Conversation c{"x", "", {{"How many bags are there?", "2"}}};
   auto samples = prepare_samples({c}, tok, cfg, dir, false, nullptr);
   const auto& in = samples[0].input;
@@ -213,9 +220,7 @@ TEST(Train, BadDataIsNamedOrSkipped) {
   auto dir = temp_dir("baddata");
   train_tokenizer(gridvqa_corpus(), dir, 400);
   Tokenizer tok(dir);
-  ModelConfig cfg = preset_config("tiny");
-  cfg.text.vocab_size = 448;
-  cfg.image_token_index = tok.token_id("<image>");
+  ModelConfig cfg = tiny_for(tok);
   cfg.text.max_position_embeddings = 60;
   auto write = [&](const std::string& text) { std::ofstream(dir + "/d.json") << text; };
   auto error_of = [&](const std::function<void()>& f) -> std::string {
@@ -424,10 +429,7 @@ TEST(Train, GroundedAttentionLooksAtTheAnswersBoxes) {
   auto dir = temp_dir("ground_model");
   train_tokenizer(gridvqa_corpus(), dir, 400);
   Tokenizer tok(dir);
-  ModelConfig cfg = preset_config("tiny");
-  cfg.text.vocab_size = 448;
-  cfg.image_token_index = tok.token_id("<image>");
-  cfg.pad_token_id = tok.token_id("<pad>");
+  ModelConfig cfg = tiny_for(tok);
   auto samples = prepare_samples(split_turns(load_llava_json(data + "/train.json")), tok, cfg, data, false, nullptr);
   ASSERT_EQ(samples[0].grounding.size(), 1u);
   auto run = [&](double weight, bool shuffle) {
