@@ -471,7 +471,9 @@ std::string run_repro(const ReproOptions& o) {
       auto s1 = prepare_samples(describe, tok, model.config(), data, false, nullptr);
       t.max_steps = o.pretrain_steps;
       say("training " + r.name + ", stage 1: " + std::to_string(o.pretrain_steps) + " steps of descriptions");
-      auto rep1 = train_model(model, s1, t, init_dir);
+      TrainOptions t1 = t;
+      t1.ground_weight = 0;  // descriptions rest on the whole image: no boxes
+      auto rep1 = train_model(model, s1, t1, init_dir);
       seconds += rep1.seconds;
       step_time += rep1.mean_step_seconds * rep1.steps;
       steps += rep1.steps;

@@ -351,6 +351,9 @@ TrainReport train_model(Vlm& model, const std::vector<TrainSample>& samples, con
                   (cfg.drop_layer() < cfg.num_layers() ? " (they leave after layer k = " + std::to_string(cfg.drop_layer()) + ")" : ""));
     if (o.ground_heads < 1 || o.ground_heads > cfg.text.num_attention_heads)
       throw Error("train: --ground-heads must be in [1, " + std::to_string(cfg.text.num_attention_heads) + "]");
+    if (std::none_of(samples.begin(), samples.end(), [](const TrainSample& s) { return !s.grounding.empty(); }))
+      throw Error("train: --ground-weight needs answers with \"boxes\" (none of the " + std::to_string(samples.size()) +
+                  " samples has any; GridVQA writes them)");
     centres = visual_token_centres(cfg);
   }
 
