@@ -570,9 +570,9 @@ std::string run_repro(const ReproOptions& o) {
                      " (no registers), so the lookups are learned where Victor twins with k >= " +
                      std::to_string(o.curriculum_summary_layers) + " still see them"
                : "")
-       << "). Few visual tokens first: the answer to a question about one cell sits in one of N "
-          "visual tokens, so the lookup's learning signal is ~1/N; learned on small grids it carries over to larger "
-          "ones. Not counted in the training times. Each stage's own test set:\n\n"
+       << "). Few visual tokens first (pooled, or small grids): the answer to a question about one cell sits in "
+          "one of N visual tokens, so without grounded attention the lookup's learning signal is ~1/N; a lookup learned "
+          "on few tokens carries over to more. Not counted in the training times. Each stage's own test set:\n\n"
        << "A stage with a bar repeats its schedule (a warm restart, a new data order) until its test accuracy "
           "reaches the bar or its schedules run out; the accuracy column lists each schedule's result.\n\n"
        << "| stage | grid | families | pool | visual tokens | steps | time | accuracy | answer prior |\n"
