@@ -51,6 +51,10 @@ struct TrainOptions {
 // `order` (optional) receives [n,N] int64: for each new place, the token's original index.
 torch::Tensor shuffle_tokens(const torch::Tensor& x, uint64_t seed, torch::Tensor* order = nullptr);
 
+// Throws an Error naming --ground-layer / --ground-heads unless `layer` still sees the visual tokens
+// (layer < cfg.drop_layer(): Victor drops them after layer k) and 1 <= heads <= the attention heads.
+void check_grounding(const ModelConfig& cfg, int layer, int heads);
+
 // Each visual token's centre (x, y), normalized to the model's input image, in the order the
 // projector emits them (row-major patches, average-pooled by config.visual_pool): [N,2].
 torch::Tensor visual_token_centres(const ModelConfig& cfg);

@@ -227,15 +227,15 @@ std::string run_repro(const ReproOptions& o) {
     if (o.curriculum_summary_layers != -1 && !has_layer(o.curriculum_summary_layers))
       throw Error("--curriculum-summary-layers " + std::to_string(o.curriculum_summary_layers) +
                   ": must be -1 (every layer) or between 1 and " + std::to_string(preset.num_layers() - 1));
-    if (o.ground_weight > 0 && (o.ground_layer < 0 || o.ground_layer >= preset.num_layers() ||
-                                (o.curriculum_summary_layers > 0 && o.ground_layer >= o.curriculum_summary_layers)))
-      throw Error("--ground-layer " + std::to_string(o.ground_layer) + ": must be a layer that sees the visual tokens, 0 to " +
-                  std::to_string((o.curriculum_summary_layers > 0 ? o.curriculum_summary_layers : preset.num_layers()) - 1) +
-                  (o.curriculum_summary_layers > 0 ? " (stage C drops them after layer " +
-                                                         std::to_string(o.curriculum_summary_layers) + ")" : ""));
-    if (o.ground_weight > 0 && (o.ground_heads < 1 || o.ground_heads > preset.text.num_attention_heads))
-      throw Error("--ground-heads " + std::to_string(o.ground_heads) + ": must be between 1 and " +
-                  std::to_string(preset.text.num_attention_heads));
+    if (o.ground_weight > 0) {  // as stage C will train: its drop, if any
+      ModelConfig stage_c = preset;
+      stage_c.victor.summary_layers = o.curriculum_summary_layers;
+      try {
+        check_grounding(stage_c, o.ground_layer, o.ground_heads);
+      } catch (const Error& e) {
+        throw Error(std::string(e.what()) + (o.curriculum_summary_layers > 0 ? " in stage C (--curriculum-summary-layers)" : ""));
+      }
+    }
     for (int k : o.summary_layers)
       if (!has_layer(k))
         throw Error("--summary-layers " + std::to_string(k) + ": Victor k must be between 1 and " +
@@ -457,7 +457,7 @@ std::string run_repro(const ReproOptions& o) {
     t.parts = parse_parts(o.train_parts);
     t.lr = o.lr;
     t.batch_size = o.batch_size;
-    r.grounded = o.ground_weight > 0 && o.ground_layer < std::min(r.summary_layers, model.config().num_layers());
+    r.grounded = o.ground_weight > 0 && o.ground_layer < model.config().drop_layer();
     if (r.grounded) {
       t.ground_weight = o.ground_weight;
       t.ground_layer = o.ground_layer;
@@ -605,7 +605,7 @@ std::string run_repro(const ReproOptions& o) {
     for (auto& r : runs) (r.grounded ? grounded : not_grounded).push_back(r.name);
     md << "Grounded attention (weight " << num(o.ground_weight, "%g") << ", decoder layer " << o.ground_layer << ", "
        << o.ground_heads << (o.ground_heads == 1 ? " head" : " heads")
-       << "): at the position that predicts each answer, the supervised heads are taught to put one share of their "
+       << "): at every position that predicts an answer token, the supervised heads are taught to put one share of their "
           "attention on the row's first token and one on each cell the answer rests on (GridVQA's boxes: the asked cell, "
           "every cell of the asked class, the located item's cell; none for \"0\" and \"no\"), added to the loss"
        << (cur.empty() ? "" : " in every stage C step and") << " in stage 2 of "

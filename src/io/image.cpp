@@ -133,6 +133,27 @@ torch::Tensor resize_bicubic(const Image& img, int out_w, int out_h) {
   return out;
 }
 
+namespace {
+
+// The resize and center crop of preprocess_image for a width x height image: the size after
+// resizing and the crop's corner. Shortest edge to `shortest_edge`, keeping the aspect ratio
+// (Hugging Face's rule). box_in_input maps boxes through the same numbers.
+struct ResizeCrop {
+  int width, height, top, left;
+};
+ResizeCrop resize_crop(int width, int height, const PreprocessConfig& p) {
+  const int short_side = std::min(width, height), long_side = std::max(width, height);
+  const int new_long = int(double(p.shortest_edge) * long_side / short_side);
+  ResizeCrop r;
+  r.width = width <= height ? p.shortest_edge : new_long;
+  r.height = width <= height ? new_long : p.shortest_edge;
+  r.top = (r.height - p.crop_size) / 2;
+  r.left = (r.width - p.crop_size) / 2;
+  return r;
+}
+
+}  // namespace
+
 torch::Tensor preprocess_image(const Image& input, const PreprocessConfig& p) {
   if (input.width <= 0 || input.height <= 0) throw Error("preprocess: empty image");
   Image img = input;
@@ -141,18 +162,12 @@ torch::Tensor preprocess_image(const Image& input, const PreprocessConfig& p) {
     for (int c = 0; c < 3; ++c) fill[c] = static_cast<uint8_t>(int(p.image_mean[c] * 255));
     img = pad_to_square(img, fill);
   }
-  // Shortest edge to `shortest_edge`, keeping the aspect ratio (Hugging Face's rule).
-  int short_side = std::min(img.width, img.height), long_side = std::max(img.width, img.height);
-  int new_short = p.shortest_edge;
-  int new_long = int(double(p.shortest_edge) * long_side / short_side);
-  int nw = img.width <= img.height ? new_short : new_long;
-  int nh = img.width <= img.height ? new_long : new_short;
-  torch::Tensor hwc = (nw == img.width && nh == img.height)
+  const ResizeCrop rc = resize_crop(img.width, img.height, p);
+  torch::Tensor hwc = (rc.width == img.width && rc.height == img.height)
                           ? torch::from_blob(img.rgb.data(), {img.height, img.width, 3}, torch::kUInt8)
                                 .to(torch::kFloat32)
-                          : resize_bicubic(img, nw, nh);
-  int top = (nh - p.crop_size) / 2, left = (nw - p.crop_size) / 2;
-  hwc = hwc.narrow(0, top, p.crop_size).narrow(1, left, p.crop_size);
+                          : resize_bicubic(img, rc.width, rc.height);
+  hwc = hwc.narrow(0, rc.top, p.crop_size).narrow(1, rc.left, p.crop_size);
   auto mean = torch::tensor(std::vector<float>(p.image_mean.begin(), p.image_mean.end()));
   auto std = torch::tensor(std::vector<float>(p.image_std.begin(), p.image_std.end()));
   auto x = (hwc * (1.0f / 255.0f) - mean) / std;  // [H,W,3]
@@ -161,21 +176,17 @@ torch::Tensor preprocess_image(const Image& input, const PreprocessConfig& p) {
 
 bool box_in_input(const std::array<float, 4>& box, int width, int height, const PreprocessConfig& p,
                   std::array<float, 4>* out) {
-  // The same geometry as preprocess_image, in pixels of each step.
-  double w = width, h = height, ox = 0, oy = 0;
+  // The same geometry as preprocess_image, in pixels of each step: pad (pad_to_square's offsets), resize, crop.
+  int w = width, h = height, ox = 0, oy = 0;
   if (p.pad_to_square && width != height) {
-    const int side = std::max(width, height);
-    ox = (side - width) / 2;
-    oy = (side - height) / 2;
-    w = h = side;
+    w = h = std::max(width, height);
+    ox = (w - width) / 2;
+    oy = (h - height) / 2;
   }
-  const double short_side = std::min(w, h), long_side = std::max(w, h);
-  const int new_long = int(double(p.shortest_edge) * long_side / short_side);
-  const int nw = w <= h ? p.shortest_edge : new_long, nh = w <= h ? new_long : p.shortest_edge;
-  const double sx = nw / w, sy = nh / h;
-  const int top = (nh - p.crop_size) / 2, left = (nw - p.crop_size) / 2;
-  auto fx = [&](float x) { return ((x * width + ox) * sx - left) / p.crop_size; };
-  auto fy = [&](float y) { return ((y * height + oy) * sy - top) / p.crop_size; };
+  const ResizeCrop rc = resize_crop(w, h, p);
+  const double sx = double(rc.width) / w, sy = double(rc.height) / h;
+  auto fx = [&](float x) { return ((x * width + ox) * sx - rc.left) / p.crop_size; };
+  auto fy = [&](float y) { return ((y * height + oy) * sy - rc.top) / p.crop_size; };
   std::array<float, 4> b{float(fx(box[0])), float(fy(box[1])), float(fx(box[2])), float(fy(box[3]))};
   for (auto& v : b) v = std::min(1.0f, std::max(0.0f, v));
   if (b[0] >= b[2] || b[1] >= b[3]) return false;

@@ -134,6 +134,17 @@ torch::Tensor shuffle_tokens(const torch::Tensor& x, uint64_t seed, torch::Tenso
   return x.gather(1, perm.unsqueeze(-1).expand({n, N, x.size(2)}));
 }
 
+void check_grounding(const ModelConfig& cfg, int layer, int heads) {
+  const int seeing = cfg.drop_layer();  // layers 0 .. seeing-1 see the visual tokens
+  if (layer < 0 || layer >= seeing)
+    throw Error("--ground-layer " + std::to_string(layer) + " must be a layer that sees the visual tokens: 0 to " +
+                std::to_string(seeing - 1) +
+                (seeing < cfg.num_layers() ? " (they leave after layer k = " + std::to_string(seeing) + ")" : ""));
+  if (heads < 1 || heads > cfg.text.num_attention_heads)
+    throw Error("--ground-heads " + std::to_string(heads) + " must be in [1, " +
+                std::to_string(cfg.text.num_attention_heads) + "]");
+}
+
 torch::Tensor visual_token_centres(const ModelConfig& cfg) {
   const int pool = std::max(1, cfg.visual_pool);
   const int side = cfg.vision.image_size / cfg.vision.patch_size / pool;
@@ -245,6 +256,7 @@ GroundingLoss grounding_loss(const torch::Tensor& probs, const SequenceBatch& ba
     if (int64_t(visual.size()) != centres.size(0))
       throw Error("sample '" + s.id + "': grounding needs exactly one image (" + std::to_string(visual.size()) +
                   " visual tokens, " + std::to_string(centres.size(0)) + " per image)");
+    const auto visual_index = torch::tensor(visual);
     auto centres_here = order.defined() ? centres.index_select(0, order[img]) : centres;
     // Each assistant answer is one run of targets; every position in it predicts one of the
     // answer's tokens ("row 2, column 3" names the place in its later tokens), so every one is taught.
@@ -259,7 +271,7 @@ GroundingLoss grounding_loss(const torch::Tensor& probs, const SequenceBatch& ba
         if (g.on) {
           d = torch::zeros({S});
           d[0] = 1;  // the sink: the row's first token
-          d.index_put_({torch::tensor(visual)}, box_token_weights(g.boxes, centres_here));
+          d.index_put_({visual_index}, box_token_weights(g.boxes, centres_here));
           d = d / d.sum();
         }
       }
@@ -344,13 +356,11 @@ TrainReport train_model(Vlm& model, const std::vector<TrainSample>& samples, con
   const bool grounding = o.ground_weight > 0;
   torch::Tensor centres;
   if (grounding) {
-    if (o.ground_layer < 0 || o.ground_layer >= std::min(cfg.num_layers(), cfg.drop_layer()))
-      throw Error("train: --ground-layer " + std::to_string(o.ground_layer) +
-                  " must be a layer that sees the visual tokens: 0 to " +
-                  std::to_string(std::min(cfg.num_layers(), cfg.drop_layer()) - 1) +
-                  (cfg.drop_layer() < cfg.num_layers() ? " (they leave after layer k = " + std::to_string(cfg.drop_layer()) + ")" : ""));
-    if (o.ground_heads < 1 || o.ground_heads > cfg.text.num_attention_heads)
-      throw Error("train: --ground-heads must be in [1, " + std::to_string(cfg.text.num_attention_heads) + "]");
+    try {
+      check_grounding(cfg, o.ground_layer, o.ground_heads);
+    } catch (const Error& e) {
+      throw Error(std::string("train: ") + e.what());
+    }
     if (std::none_of(samples.begin(), samples.end(), [](const TrainSample& s) { return !s.grounding.empty(); }))
       throw Error("train: --ground-weight needs answers with \"boxes\" (none of the " + std::to_string(samples.size()) +
                   " samples has any; GridVQA writes them)");
