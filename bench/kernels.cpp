@@ -4,6 +4,7 @@
 
 #include "victor/blas.h"
 #include "victor/config.h"
+#include "victor/kernels.h"
 #include "victor/model.h"
 #include "victor/ops.h"
 
@@ -55,6 +56,59 @@ void BM_VisionTowerSmall(benchmark::State& st) {
   for (auto _ : st) benchmark::DoNotOptimize(m.encode_images(px));
 }
 BENCHMARK(BM_VisionTowerSmall)->Arg(1)->Arg(16)->Unit(benchmark::kMillisecond);
+
+// The machine's limits, so every kernel's figure reads as a share of them.
+// Bandwidth: sum a 512 MiB float array (far beyond every cache), threads over halves.
+void BM_PeakReadBandwidth(benchmark::State& st) {
+  auto a = torch::ones({128 * 1024 * 1024});
+  for (auto _ : st) benchmark::DoNotOptimize(a.sum());
+  st.counters["GB/s"] = benchmark::Counter(double(a.numel()) * 4, benchmark::Counter::kIsIterationInvariantRate, benchmark::Counter::kIs1000);
+}
+BENCHMARK(BM_PeakReadBandwidth)->Unit(benchmark::kMillisecond)->UseRealTime();
+
+// FMA peak: LibTorch's best float GEMM on a cache-friendly shape is our practical ceiling.
+void BM_PeakGemmF32(benchmark::State& st) {
+  torch::NoGradGuard ng;
+  auto a = torch::randn({1024, 1024}), b = torch::randn({1024, 1024});
+  for (auto _ : st) benchmark::DoNotOptimize(at::mm(a, b));
+  st.counters["GFLOP/s"] = benchmark::Counter(2.0 * 1024 * 1024 * 1024, benchmark::Counter::kIsIterationInvariantRate, benchmark::Counter::kIs1000);
+}
+BENCHMARK(BM_PeakGemmF32)->Unit(benchmark::kMillisecond)->UseRealTime();
+
+// y = x W^T on a 1B-class MLP matrix (5632 x 2048) for each weight storage and row count:
+// 1-16 rows use victor's streaming kernels (GB/s of weights), more the bf16 GEMM (GFLOP/s).
+// Arg 0: storage (0 f32, 1 bf16, 2 int8), arg 1: rows.
+void BM_MatmulWeight(benchmark::State& st) {
+  torch::NoGradGuard ng;
+  const int64_t O = 5632, K = 2048, M = st.range(1);
+  auto w = torch::randn({O, K}) * 0.02;
+  torch::Tensor stored = w, scale;
+  if (st.range(0) == 1) stored = w.to(torch::kBFloat16);
+  if (st.range(0) == 2) {
+    auto q = quantize_int8(w);
+    stored = q.q;
+    scale = q.scale;
+  }
+  auto x = torch::randn({M, K});
+  for (auto _ : st) benchmark::DoNotOptimize(matmul_weight(x, stored, scale));
+  const double bytes = double(stored.numel()) * stored.element_size();
+  st.counters["GB/s"] = benchmark::Counter(bytes, benchmark::Counter::kIsIterationInvariantRate, benchmark::Counter::kIs1000);
+  st.counters["GFLOP/s"] = benchmark::Counter(2.0 * M * O * K, benchmark::Counter::kIsIterationInvariantRate, benchmark::Counter::kIs1000);
+  st.SetLabel(std::string(st.range(0) == 0 ? "f32" : st.range(0) == 1 ? "bf16" : "int8") + " " + kernels::isa_name(kernels::active_isa()));
+}
+BENCHMARK(BM_MatmulWeight)->ArgsProduct({{0, 1, 2}, {1, 4, 16, 64, 640}})->Unit(benchmark::kMillisecond)->UseRealTime();
+
+// LibTorch's own one-row products on the same matrix, for comparison with the kernels above.
+void BM_TorchMv(benchmark::State& st) {
+  torch::NoGradGuard ng;
+  auto w = torch::randn({5632, 2048}) * 0.02;
+  if (st.range(0) == 1) w = w.to(torch::kBFloat16);
+  auto x = torch::randn({2048}).to(w.scalar_type());
+  for (auto _ : st) benchmark::DoNotOptimize(at::mv(w, x));
+  st.counters["GB/s"] = benchmark::Counter(double(w.numel()) * w.element_size(), benchmark::Counter::kIsIterationInvariantRate, benchmark::Counter::kIs1000);
+  st.SetLabel(st.range(0) == 1 ? "bf16" : "f32");
+}
+BENCHMARK(BM_TorchMv)->Arg(0)->Arg(1)->Unit(benchmark::kMillisecond)->UseRealTime();
 
 }  // namespace
 

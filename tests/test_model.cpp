@@ -71,7 +71,7 @@ TEST(Model, TiedEmbeddingsShareTheHead) {
   auto cfg = tiny_config();
   cfg.text.tie_word_embeddings = true;
   Vlm m = Vlm::random(cfg, 14);
-  EXPECT_EQ(m.weights().llm.lm_head.data_ptr(), m.weights().llm.embed_tokens.data_ptr());
+  EXPECT_EQ(m.weights().llm.lm_head.weight.data_ptr(), m.weights().llm.embed_tokens.weight.data_ptr());
   for (auto& p : m.params()) EXPECT_NE(p.name, "language_model.lm_head.weight");
 }
 

@@ -142,7 +142,7 @@ TEST(Victor, GradientsReachRegistersAndEarlyLayersOnly) {
   auto loss = torch::nn::functional::cross_entropy(m.logits(out.hidden.index({sel})), out.targets.index({sel}));
   loss.backward();
   EXPECT_GT(m.weights().registers.grad().abs().sum().item<float>(), 0);
-  EXPECT_GT(m.weights().llm.layers[0].q.grad().abs().sum().item<float>(), 0);
+  EXPECT_GT(m.weights().llm.layers[0].q.weight.grad().abs().sum().item<float>(), 0);
   EXPECT_GT(m.weights().proj1.weight.grad().abs().sum().item<float>(), 0);
   // k = 0: the visual rows are dropped before any layer, so no gradient reaches the vision side.
   Vlm z = Vlm::random(tiny_config(2, 0), 27);

@@ -39,6 +39,11 @@ struct TextConfig {
 
 enum class RegisterMask { Causal, RegistersOnly };
 
+// How the weight matrices (every linear layer, the embedding and the LM head) are held in memory
+// and on disk. Norms, biases, position embeddings, the patch convolution and the registers stay
+// float32. Int8 is per-output-row symmetric with a float32 scale per row (`<name>_scale`).
+enum class WeightDType { F32, BF16, Int8 };
+
 // Victor: m registers after each image's visual tokens; visual rows leave after layer k.
 struct VictorConfig {
   int num_registers = 0;   // m
@@ -68,6 +73,9 @@ struct ModelConfig {
   // Baseline token reducer: average-pool the projected visual grid p x p before the LLM
   // (1 = off; 2: 576 -> 144, 4: 576 -> 36).
   int visual_pool = 1;
+  // Storage of the weight matrices: config.json's torch_dtype ("float32" / "bfloat16") and, for
+  // int8, a quantization_config with quant_method "victor_int8".
+  WeightDType weight_dtype = WeightDType::F32;
 
   int num_layers() const { return text.num_hidden_layers; }
   // k, resolved: the first layer that no longer sees visual tokens (L when nothing is dropped).
@@ -91,8 +99,12 @@ void save_config(const ModelConfig& c, const std::string& dir);
 
 std::string to_string(RegisterMask m);
 RegisterMask register_mask_from_string(const std::string& s);
+std::string to_string(WeightDType d);  // f32, bf16, int8
+// Accepts f32|bf16|int8 (and float32|bfloat16); the error names `what` (an option or key).
+WeightDType weight_dtype_from_string(const std::string& s, const std::string& what = "--dtype");
 
-// Ready-made shapes: "tiny" (tests), "small" (GridVQA), "clip-l-1b" (the paper's shape class).
+// Ready-made shapes: "tiny" (tests), "small" (GridVQA), "clip-l-1b" (CLIP ViT-L/14-336 + a
+// TinyLlama-1.1B-shaped LLaMA), "llava-7b" (the paper's own: CLIP ViT-L/14-336 + Vicuna-7B shape).
 ModelConfig preset_config(const std::string& name);
 
 }  // namespace victor

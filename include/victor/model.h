@@ -5,10 +5,12 @@
 #include <torch/torch.h>
 
 #include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "victor/config.h"
+#include "victor/ops.h"
 
 namespace victor {
 
@@ -22,11 +24,13 @@ struct ParamRef {
   Part part;
   torch::Tensor* tensor;
   bool optional = false;  // may be absent from a checkpoint (post_layernorm, tied lm_head)
+  // Weight matrices (stored in the model's WeightDType) point at their int8 scale slot; every
+  // other tensor (norms, biases, registers, ...) is float32 and has none.
+  torch::Tensor* scale = nullptr;
+  bool is_matrix() const { return scale != nullptr; }
 };
 
-struct LinearW {
-  torch::Tensor weight, bias;
-};
+
 struct NormW {
   torch::Tensor weight, bias;
 };
@@ -41,10 +45,12 @@ struct VisionW {
   std::vector<VisionLayerW> layers;
 };
 struct LlamaLayerW {
-  torch::Tensor q, k, v, o, gate, up, down, input_norm, post_norm;
+  LinearW q, k, v, o, gate, up, down;
+  torch::Tensor input_norm, post_norm;
 };
 struct LlamaW {
-  torch::Tensor embed_tokens, norm, lm_head;
+  LinearW embed_tokens, lm_head;  // lm_head shares embed_tokens' storage when tied
+  torch::Tensor norm;
   std::vector<LlamaLayerW> layers;
 };
 struct VlmWeights {
@@ -127,8 +133,13 @@ class Vlm {
   Vlm(const Vlm& other);
   Vlm(Vlm&& other) noexcept;
   Vlm& operator=(const Vlm&) = delete;
-  static Vlm random(const ModelConfig& config, uint64_t seed);
-  static Vlm load(const std::string& dir);  // config.json + safetensors
+  // Random weights (std 0.02), converted tensor by tensor to `dtype` (so a 7B model never
+  // needs its float32 size in memory).
+  static Vlm random(const ModelConfig& config, uint64_t seed,
+                    std::optional<WeightDType> dtype = std::nullopt);
+  // config.json + safetensors. `dtype` converts the weight matrices on load, tensor by tensor;
+  // without it they stay as the checkpoint stores them (float16 checkpoints load as float32).
+  static Vlm load(const std::string& dir, std::optional<WeightDType> dtype = std::nullopt);
 
   const ModelConfig& config() const { return config_; }
   ModelConfig& mutable_config() { return config_; }
@@ -136,8 +147,13 @@ class Vlm {
   const std::vector<ParamRef>& params() const { return params_; }
   int64_t parameter_count(int part_mask = -1) const;
 
-  // Writes config.json, preprocessor_config.json and model.safetensors (atomic).
+  // Writes config.json, preprocessor_config.json and model.safetensors (atomic), each tensor in
+  // its storage dtype (F32, BF16, or I8 plus its F32 `_scale`).
   void save(const std::string& dir, size_t max_shard_bytes = 0) const;
+  // Converts every weight matrix to `dtype` (quantizing or dequantizing as needed).
+  void set_weight_dtype(WeightDType dtype);
+  // Bytes of all parameters as stored (what the weights cost in memory).
+  int64_t weight_bytes() const;
   // Changes m (registers re-initialised, std 0.02) and k / mask; validates.
   void set_victor(const VictorConfig& v, uint64_t seed);
   // Registers from the mean of the projected visual tokens of `pixels` [n,3,S,S] plus noise.

@@ -4,6 +4,16 @@
 
 namespace victor {
 
+// A weight matrix [out,in] in its storage dtype (f32, bf16, or int8 with `scale` [out]) and an
+// optional float32 bias.
+struct LinearW {
+  torch::Tensor weight, bias, scale;
+};
+
+// y = x W^T (+ b) for any storage: float32 weights take the paths below (and autograd);
+// bf16/int8 weights run victor's kernels (kernels.h).
+torch::Tensor dense(const torch::Tensor& x, const LinearW& w);
+
 // y = x W^T (+ b). One-row inputs without autograd go through mv: at::linear streams
 // weights at a fraction of the bandwidth for decode-shaped products.
 torch::Tensor dense(const torch::Tensor& x, const torch::Tensor& w,

@@ -28,6 +28,8 @@ class SafetensorsFile {
   const std::map<std::string, TensorInfo>& tensors() const { return infos_; }
   bool contains(const std::string& name) const { return infos_.count(name) > 0; }
   torch::Tensor load(const std::string& name) const;  // float32
+  // In the stored dtype; memory-mapped without a copy when aligned.
+  torch::Tensor load_raw(const std::string& name) const;
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
 
  private:
@@ -46,7 +48,8 @@ class TensorStore {
   explicit TensorStore(const std::string& dir);
   std::vector<std::string> names() const;
   bool contains(const std::string& name) const { return where_.count(name) > 0; }
-  torch::Tensor load(const std::string& name) const;
+  torch::Tensor load(const std::string& name) const;      // float32
+  torch::Tensor load_raw(const std::string& name) const;  // stored dtype
   const TensorInfo& info(const std::string& name) const;
   std::string file_of(const std::string& name) const;
 
@@ -55,7 +58,8 @@ class TensorStore {
   std::map<std::string, size_t> where_;
 };
 
-enum class SaveDtype { F32, F16, BF16 };
+// F32/F16/BF16 cast every tensor; Native keeps each one's own dtype (F32, BF16, I8, ...).
+enum class SaveDtype { F32, F16, BF16, Native };
 
 // Writes tensors (any float dtype, any device) as one file, atomically.
 void save_safetensors(const std::string& path,

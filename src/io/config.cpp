@@ -19,6 +19,22 @@ RegisterMask register_mask_from_string(const std::string& s) {
   throw Error("register_mask: unknown value '" + s + "' (expected causal or registers_only)");
 }
 
+std::string to_string(WeightDType d) {
+  switch (d) {
+    case WeightDType::F32: return "f32";
+    case WeightDType::BF16: return "bf16";
+    case WeightDType::Int8: return "int8";
+  }
+  return "?";
+}
+
+WeightDType weight_dtype_from_string(const std::string& s, const std::string& what) {
+  if (s == "f32" || s == "float32") return WeightDType::F32;
+  if (s == "bf16" || s == "bfloat16") return WeightDType::BF16;
+  if (s == "int8") return WeightDType::Int8;
+  throw Error(what + ": unknown weight dtype '" + s + "' (expected f32, bf16 or int8)");
+}
+
 int ModelConfig::drop_layer() const {
   return victor.summary_layers < 0 ? num_layers() : std::min(victor.summary_layers, num_layers());
 }
@@ -174,6 +190,20 @@ ModelConfig config_from_json(const json& j, const std::string& src) {
   c.preprocess.crop_size = c.vision.image_size;
   c.preprocess.shortest_edge = c.vision.image_size;
   get_opt(j, "visual_pool", c.visual_pool, src);
+  // Checkpoints in float16 load as float32 unless --dtype says otherwise; bfloat16 stays bfloat16.
+  std::string torch_dtype;
+  get_opt(j, "torch_dtype", torch_dtype, src);
+  if (torch_dtype == "bfloat16") c.weight_dtype = WeightDType::BF16;
+  if (j.contains("quantization_config") && !j["quantization_config"].is_null()) {
+    const json& q = j["quantization_config"];
+    std::string method;
+    if (q.is_object()) get_opt(q, "quant_method", method, src + ": quantization_config");
+    if (method != "victor_int8")
+      throw Error(src + ": quantization_config.quant_method '" + method +
+                  "' is not supported (victor reads its own 'victor_int8'; quantize a float "
+                  "checkpoint with `victor quantize`)");
+    c.weight_dtype = WeightDType::Int8;
+  }
   get_opt(j, "num_registers", c.victor.num_registers, src);
   get_opt(j, "summary_layers", c.victor.summary_layers, src);
   if (j.contains("register_mask"))
@@ -192,7 +222,13 @@ json config_to_json(const ModelConfig& c) {
   j["vision_feature_select_strategy"] = c.vision_feature_select_strategy;
   j["image_aspect_ratio"] = c.preprocess.pad_to_square ? "pad" : "square";
   j["tie_word_embeddings"] = c.text.tie_word_embeddings;
-  j["torch_dtype"] = "float32";
+  j["torch_dtype"] = c.weight_dtype == WeightDType::BF16 ? "bfloat16" : "float32";
+  if (c.weight_dtype == WeightDType::Int8)
+    j["quantization_config"] = {{"quant_method", "victor_int8"},
+                                {"bits", 8},
+                                {"granularity", "per_output_row"},
+                                {"symmetric", true},
+                                {"scale_suffix", "_scale"}};
   const auto& v = c.vision;
   j["vision_config"] = {{"model_type", "clip_vision_model"},
                         {"hidden_size", v.hidden_size},
@@ -323,8 +359,18 @@ ModelConfig preset_config(const std::string& name) {
     c.text.num_attention_heads = 32;
     c.text.num_key_value_heads = 4;
     c.text.max_position_embeddings = 4096;
+  } else if (name == "llava-7b") {
+    // LLaVA-1.5-7B: CLIP ViT-L/14-336 and Vicuna-7B (LLaMA-2 7B shape, full multi-head attention).
+    c.vision = VisionConfig{1024, 4096, 24, 16, 336, 14, 3, 1e-5, "quick_gelu"};
+    c.text.vocab_size = 32064;
+    c.text.hidden_size = 4096;
+    c.text.intermediate_size = 11008;
+    c.text.num_hidden_layers = 32;
+    c.text.num_attention_heads = 32;
+    c.text.num_key_value_heads = 32;
+    c.text.max_position_embeddings = 4096;
   } else {
-    throw Error("unknown preset '" + name + "' (tiny, small, clip-l-1b)");
+    throw Error("unknown preset '" + name + "' (tiny, small, clip-l-1b, llava-7b)");
   }
   c.preprocess.crop_size = c.vision.image_size;
   c.preprocess.shortest_edge = c.vision.image_size;

@@ -159,6 +159,12 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
 SafetensorsFile::~SafetensorsFile() = default;
 
 torch::Tensor SafetensorsFile::load(const std::string& name) const {
+  auto raw = load_raw(name);
+  if (raw.scalar_type() == torch::kFloat32) return raw;
+  return raw.to(torch::kFloat32);
+}
+
+torch::Tensor SafetensorsFile::load_raw(const std::string& name) const {
   auto it = infos_.find(name);
   if (it == infos_.end()) throw Error(path_ + ": no tensor named '" + name + "'");
   const TensorInfo& info = it->second;
@@ -174,8 +180,7 @@ torch::Tensor SafetensorsFile::load(const std::string& name) const {
     raw = torch::empty(info.shape, torch::TensorOptions(type));
     std::memcpy(raw.data_ptr(), base, info.end - info.begin);
   }
-  if (type == torch::kFloat32) return raw;
-  return raw.to(torch::kFloat32);
+  return raw;
 }
 
 TensorStore::TensorStore(const std::string& dir) {
@@ -239,6 +244,12 @@ torch::Tensor TensorStore::load(const std::string& name) const {
   return files_[it->second]->load(name);
 }
 
+torch::Tensor TensorStore::load_raw(const std::string& name) const {
+  auto it = where_.find(name);
+  if (it == where_.end()) throw Error("no tensor named '" + name + "' in checkpoint");
+  return files_[it->second]->load_raw(name);
+}
+
 const TensorInfo& TensorStore::info(const std::string& name) const {
   auto it = where_.find(name);
   if (it == where_.end()) throw Error("no tensor named '" + name + "' in checkpoint");
@@ -252,17 +263,35 @@ std::string TensorStore::file_of(const std::string& name) const {
 
 namespace {
 
+torch::ScalarType stored_type(SaveDtype dtype, torch::ScalarType own) {
+  switch (dtype) {
+    case SaveDtype::F32: return torch::kFloat32;
+    case SaveDtype::F16: return torch::kFloat16;
+    case SaveDtype::BF16: return torch::kBFloat16;
+    case SaveDtype::Native: break;
+  }
+  if (own == torch::kBFloat16 || own == torch::kFloat16 || own == torch::kInt8) return own;
+  return torch::kFloat32;
+}
+
+const char* dtype_name(torch::ScalarType t) {
+  switch (t) {
+    case torch::kFloat16: return "F16";
+    case torch::kBFloat16: return "BF16";
+    case torch::kInt8: return "I8";
+    default: return "F32";
+  }
+}
+
 std::string serialize(const std::vector<std::pair<std::string, torch::Tensor>>& tensors,
                       SaveDtype dtype, const std::map<std::string, std::string>& metadata) {
-  torch::ScalarType st = dtype == SaveDtype::F32   ? torch::kFloat32
-                         : dtype == SaveDtype::F16 ? torch::kFloat16
-                                                   : torch::kBFloat16;
-  const char* name = dtype == SaveDtype::F32 ? "F32" : dtype == SaveDtype::F16 ? "F16" : "BF16";
   std::vector<torch::Tensor> data;
   json header = json::object();
   size_t offset = 0;
   for (auto& [n, t] : tensors) {
     if (!t.defined()) throw Error("cannot save undefined tensor '" + n + "'");
+    torch::ScalarType st = stored_type(dtype, t.scalar_type());
+    const char* name = dtype_name(st);
     auto c = t.detach().to(torch::kCPU, st).contiguous();
     size_t nbytes = c.numel() * c.element_size();
     header[n] = {{"dtype", name}, {"shape", c.sizes().vec()}, {"data_offsets", {offset, offset + nbytes}}};
@@ -294,9 +323,11 @@ void save_checkpoint_tensors(const std::string& dir,
                              const std::vector<std::pair<std::string, torch::Tensor>>& tensors,
                              size_t max_shard_bytes, SaveDtype dtype) {
   fs::create_directories(dir);
-  size_t elt = dtype == SaveDtype::F32 ? 4 : 2;
+  auto bytes_of = [&](const torch::Tensor& t) {
+    return size_t(t.numel()) * c10::elementSize(stored_type(dtype, t.scalar_type()));
+  };
   size_t total = 0;
-  for (auto& [n, t] : tensors) total += t.numel() * elt;
+  for (auto& [n, t] : tensors) total += bytes_of(t);
   std::map<std::string, std::string> meta{{"format", "pt"}};
   if (max_shard_bytes == 0 || total <= max_shard_bytes) {
     save_safetensors((fs::path(dir) / "model.safetensors").string(), tensors, dtype, meta);
@@ -307,7 +338,7 @@ void save_checkpoint_tensors(const std::string& dir,
   std::vector<std::vector<std::pair<std::string, torch::Tensor>>> shards(1);
   size_t cur = 0;
   for (auto& nt : tensors) {
-    size_t b = nt.second.numel() * elt;
+    size_t b = bytes_of(nt.second);
     if (cur > 0 && cur + b > max_shard_bytes) {
       shards.emplace_back();
       cur = 0;

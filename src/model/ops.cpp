@@ -3,6 +3,7 @@
 #include <cmath>
 
 #include "victor/error.h"
+#include "victor/kernels.h"
 
 namespace victor {
 
@@ -21,6 +22,13 @@ torch::Tensor dense(const torch::Tensor& x, const torch::Tensor& w, const torch:
   auto shape = x.sizes().vec();
   shape.back() = w.size(0);
   return y.reshape(shape);
+}
+
+torch::Tensor dense(const torch::Tensor& x, const LinearW& w) {
+  if (w.weight.scalar_type() == torch::kFloat32) return dense(x, w.weight, w.bias);
+  auto y = matmul_weight(x, w.weight, w.scale);
+  if (w.bias.defined()) y.add_(w.bias);
+  return y;
 }
 
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double eps) {

@@ -13,14 +13,14 @@ torch::Tensor vision_block(const VisionLayerW& w, const VisionConfig& c, torch::
   const int64_t H = c.num_attention_heads, hd = D / H;
   auto h = layer_norm(x, w.ln1.weight, w.ln1.bias, c.layer_norm_eps);
   auto split = [&](const torch::Tensor& t) { return t.view({n, T, H, hd}).transpose(1, 2); };
-  auto q = split(dense(h, w.q.weight, w.q.bias)) * (1.0 / std::sqrt(double(hd)));
-  auto k = split(dense(h, w.k.weight, w.k.bias));
-  auto v = split(dense(h, w.v.weight, w.v.bias));
+  auto q = split(dense(h, w.q)) * (1.0 / std::sqrt(double(hd)));
+  auto k = split(dense(h, w.k));
+  auto v = split(dense(h, w.v));
   auto p = torch::softmax(torch::matmul(q, k.transpose(-1, -2)), -1);  // [n,H,T,T]
   auto a = torch::matmul(p, v).transpose(1, 2).reshape({n, T, D});
-  x = x + dense(a, w.out.weight, w.out.bias);
+  x = x + dense(a, w.out);
   h = layer_norm(x, w.ln2.weight, w.ln2.bias, c.layer_norm_eps);
-  h = dense(activation(dense(h, w.fc1.weight, w.fc1.bias), c.hidden_act), w.fc2.weight, w.fc2.bias);
+  h = dense(activation(dense(h, w.fc1), c.hidden_act), w.fc2);
   return x + h;
 }
 

@@ -7,6 +7,7 @@
 
 #include "internal.h"
 #include "victor/error.h"
+#include "victor/kernels.h"
 #include "victor/ops.h"
 #include "victor/safetensors.h"
 
@@ -49,9 +50,15 @@ void Vlm::declare_params() {
   const int64_t D = v.hidden_size, I = v.intermediate_size, P = v.patch_size;
   const int64_t d = t.hidden_size, H = t.num_attention_heads, Hkv = t.num_key_value_heads;
   const int64_t hd = t.head_dim(), F = t.intermediate_size, V = t.vocab_size;
+  const bool int8 = config_.weight_dtype == WeightDType::Int8;
   auto add = [&](const std::string& name, std::vector<int64_t> shape, Part part, torch::Tensor& ref,
                  bool optional = false) {
     params_.push_back({name, std::move(shape), part, &ref, optional});
+  };
+  // A weight matrix, stored in the model's dtype; int8 adds its per-row scale right after it.
+  auto matrix = [&](const std::string& name, int64_t out, int64_t in, Part part, LinearW& w) {
+    params_.push_back({name, {out, in}, part, &w.weight, false, &w.scale});
+    if (int8) add(name + "_scale", {out}, part, w.scale);
   };
   auto& vw = w_.vision;
   vw.layers.resize(v.num_hidden_layers);
@@ -66,7 +73,7 @@ void Vlm::declare_params() {
     auto& L = vw.layers[i];
     std::string p = vp + "encoder.layers." + std::to_string(i) + ".";
     auto lin = [&](const std::string& n, LinearW& w, int64_t out, int64_t in) {
-      add(p + n + ".weight", {out, in}, Part::Vision, w.weight);
+      matrix(p + n + ".weight", out, in, Part::Vision, w);
       add(p + n + ".bias", {out}, Part::Vision, w.bias);
     };
     lin("self_attn.q_proj", L.q, D, D);
@@ -84,30 +91,30 @@ void Vlm::declare_params() {
   add(vp + "post_layernorm.weight", {D}, Part::Vision, vw.post_ln.weight, true);
   add(vp + "post_layernorm.bias", {D}, Part::Vision, vw.post_ln.bias, true);
 
-  add("multi_modal_projector.linear_1.weight", {d, D}, Part::Projector, w_.proj1.weight);
+  matrix("multi_modal_projector.linear_1.weight", d, D, Part::Projector, w_.proj1);
   add("multi_modal_projector.linear_1.bias", {d}, Part::Projector, w_.proj1.bias);
-  add("multi_modal_projector.linear_2.weight", {d, d}, Part::Projector, w_.proj2.weight);
+  matrix("multi_modal_projector.linear_2.weight", d, d, Part::Projector, w_.proj2);
   add("multi_modal_projector.linear_2.bias", {d}, Part::Projector, w_.proj2.bias);
 
   auto& lw = w_.llm;
   lw.layers.resize(t.num_hidden_layers);
   const std::string lp = "language_model.model.";
-  add(lp + "embed_tokens.weight", {V, d}, Part::Llm, lw.embed_tokens);
+  matrix(lp + "embed_tokens.weight", V, d, Part::Llm, lw.embed_tokens);
   for (int i = 0; i < t.num_hidden_layers; ++i) {
     auto& L = lw.layers[i];
     std::string p = lp + "layers." + std::to_string(i) + ".";
-    add(p + "self_attn.q_proj.weight", {H * hd, d}, Part::Llm, L.q);
-    add(p + "self_attn.k_proj.weight", {Hkv * hd, d}, Part::Llm, L.k);
-    add(p + "self_attn.v_proj.weight", {Hkv * hd, d}, Part::Llm, L.v);
-    add(p + "self_attn.o_proj.weight", {d, H * hd}, Part::Llm, L.o);
-    add(p + "mlp.gate_proj.weight", {F, d}, Part::Llm, L.gate);
-    add(p + "mlp.up_proj.weight", {F, d}, Part::Llm, L.up);
-    add(p + "mlp.down_proj.weight", {d, F}, Part::Llm, L.down);
+    matrix(p + "self_attn.q_proj.weight", H * hd, d, Part::Llm, L.q);
+    matrix(p + "self_attn.k_proj.weight", Hkv * hd, d, Part::Llm, L.k);
+    matrix(p + "self_attn.v_proj.weight", Hkv * hd, d, Part::Llm, L.v);
+    matrix(p + "self_attn.o_proj.weight", d, H * hd, Part::Llm, L.o);
+    matrix(p + "mlp.gate_proj.weight", F, d, Part::Llm, L.gate);
+    matrix(p + "mlp.up_proj.weight", F, d, Part::Llm, L.up);
+    matrix(p + "mlp.down_proj.weight", d, F, Part::Llm, L.down);
     add(p + "input_layernorm.weight", {d}, Part::Llm, L.input_norm);
     add(p + "post_attention_layernorm.weight", {d}, Part::Llm, L.post_norm);
   }
   add(lp + "norm.weight", {d}, Part::Llm, lw.norm);
-  if (!t.tie_word_embeddings) add("language_model.lm_head.weight", {V, d}, Part::Llm, lw.lm_head);
+  if (!t.tie_word_embeddings) matrix("language_model.lm_head.weight", V, d, Part::Llm, lw.lm_head);
   if (config_.victor.num_registers > 0)
     add("victor.registers", {config_.victor.num_registers, d}, Part::Registers, w_.registers);
 }
@@ -130,22 +137,91 @@ void init_param(const ParamRef& p, at::Generator& gen) {
 
 }  // namespace
 
-Vlm Vlm::random(const ModelConfig& config, uint64_t seed) {
-  Vlm m(config);
+namespace {
+
+// A weight matrix converted to `to`: quantized, dequantized or cast. `scale` is its int8 scale
+// slot (defined exactly when the result is int8).
+void convert_matrix(torch::Tensor& w, torch::Tensor& scale, WeightDType to) {
+  const bool is_int8 = w.scalar_type() == torch::kInt8;
+  switch (to) {
+    case WeightDType::F32:
+      w = is_int8 ? dequantize_int8(w, scale) : w.to(torch::kFloat32);
+      scale = torch::Tensor();
+      break;
+    case WeightDType::BF16:
+      w = (is_int8 ? dequantize_int8(w, scale, torch::kBFloat16) : w.to(torch::kBFloat16)).contiguous();
+      scale = torch::Tensor();
+      break;
+    case WeightDType::Int8:
+      if (!is_int8) {
+        auto q = quantize_int8(w);
+        w = q.q;
+        scale = q.scale;
+      }
+      break;
+  }
+}
+
+bool is_scale_of_matrix(const ParamRef& p) {
+  return !p.is_matrix() && p.name.size() > 6 && p.name.compare(p.name.size() - 6, 6, "_scale") == 0;
+}
+
+}  // namespace
+
+Vlm Vlm::random(const ModelConfig& config, uint64_t seed, std::optional<WeightDType> dtype) {
+  ModelConfig c = config;
+  const WeightDType to = dtype.value_or(config.weight_dtype);
+  c.weight_dtype = WeightDType::F32;
+  Vlm m(c);
   auto gen = at::detail::createCPUGenerator(seed);
-  for (auto& p : m.params_) init_param(p, gen);
-  if (config.text.tie_word_embeddings) m.w_.llm.lm_head = m.w_.llm.embed_tokens;
+  for (auto& p : m.params_) {
+    init_param(p, gen);
+    if (p.is_matrix() && to != WeightDType::F32) convert_matrix(*p.tensor, *p.scale, to);
+  }
+  if (c.text.tie_word_embeddings) m.w_.llm.lm_head = m.w_.llm.embed_tokens;
+  m.config_.weight_dtype = to;
+  m.declare_params();
   return m;
 }
 
-Vlm Vlm::load(const std::string& dir) {
+namespace {
+
+std::string shape_str(const std::vector<int64_t>& s) {
+  std::string r = "[";
+  for (size_t i = 0; i < s.size(); ++i) r += (i ? "," : "") + std::to_string(s[i]);
+  return r + "]";
+}
+
+// The int8 scale stored next to matrix `name`, checked: float, one finite non-negative entry per
+// row. Mismatched or corrupt scales would silently scale every output of the layer.
+torch::Tensor load_scale(const TensorStore& store, const std::string& name, int64_t rows) {
+  const std::string sname = name + "_scale";
+  if (!store.contains(sname))
+    throw Error(store.file_of(name) + ": tensor '" + name + "' is int8 but its scale '" + sname +
+                "' is missing");
+  const auto& info = store.info(sname);
+  if (info.shape != std::vector<int64_t>{rows})
+    throw Error(store.file_of(sname) + ": scale tensor '" + sname + "' has shape " +
+                shape_str(info.shape) + " but its matrix has " + std::to_string(rows) + " rows");
+  auto scale = store.load(sname).contiguous();
+  if (!torch::isfinite(scale).all().item<bool>() || scale.lt(0).any().item<bool>())
+    throw Error(store.file_of(sname) + ": scale tensor '" + sname +
+                "' is corrupt (negative, NaN or infinite entries)");
+  return scale;
+}
+
+}  // namespace
+
+Vlm Vlm::load(const std::string& dir, std::optional<WeightDType> dtype) {
   ModelConfig config = load_config(dir);
+  const WeightDType to = dtype.value_or(config.weight_dtype);
   Vlm m(config);
   TensorStore store(dir);
   std::map<std::string, std::string> by_canonical;
   for (auto& n : store.names()) by_canonical[canonical_tensor_name(n)] = n;
   std::set<std::string> used;
   for (auto& p : m.params_) {
+    if (is_scale_of_matrix(p)) continue;  // read with its matrix
     auto it = by_canonical.find(p.name);
     if (it == by_canonical.end()) {
       if (p.optional) {
@@ -159,19 +235,35 @@ Vlm Vlm::load(const std::string& dir) {
                                              : ""));
     }
     const auto& info = store.info(it->second);
-    if (info.shape != p.shape) {
-      auto fmt = [](const std::vector<int64_t>& s) {
-        std::string r = "[";
-        for (size_t i = 0; i < s.size(); ++i) r += (i ? "," : "") + std::to_string(s[i]);
-        return r + "]";
-      };
+    if (info.shape != p.shape)
       throw Error(store.file_of(it->second) + ": tensor '" + it->second + "' has shape " +
-                  fmt(info.shape) + " but config.json implies " + fmt(p.shape));
-    }
-    *p.tensor = store.load(it->second);
+                  shape_str(info.shape) + " but config.json implies " + shape_str(p.shape));
     used.insert(it->second);
+    if (!p.is_matrix()) {
+      *p.tensor = store.load(it->second);
+      continue;
+    }
+    const bool stored_int8 = info.dtype == "I8";
+    if (!stored_int8 && info.dtype != "F32" && info.dtype != "BF16" && info.dtype != "F16")
+      throw Error(store.file_of(it->second) + ": weight '" + it->second + "' has dtype " +
+                  info.dtype + " (expected F32, BF16, F16 or I8)");
+    if (!stored_int8 && store.contains(it->second + "_scale"))
+      throw Error(store.file_of(it->second) + ": weight '" + it->second + "' has a scale '" +
+                  it->second + "_scale' but is stored as " + info.dtype + ", not int8");
+    // Native dtype, memory-mapped in place when it is already the target.
+    torch::Tensor w = store.load_raw(it->second);
+    torch::Tensor scale;
+    if (stored_int8) {
+      scale = load_scale(store, it->second, p.shape[0]);
+      used.insert(it->second + "_scale");
+    }
+    convert_matrix(w, scale, to);
+    *p.tensor = w;
+    *p.scale = scale;
   }
   if (config.text.tie_word_embeddings) m.w_.llm.lm_head = m.w_.llm.embed_tokens;
+  m.config_.weight_dtype = to;
+  m.declare_params();
   int ignored = 0;
   for (auto& n : store.names())
     if (!used.count(n) && n.find("position_ids") == std::string::npos &&
@@ -181,6 +273,20 @@ Vlm Vlm::load(const std::string& dir) {
     std::cerr << "victor: warning: " << dir << ": " << ignored
               << " tensor(s) in the checkpoint are not used by the model\n";
   return m;
+}
+
+void Vlm::set_weight_dtype(WeightDType dtype) {
+  for (auto& p : params_)
+    if (p.is_matrix()) convert_matrix(*p.tensor, *p.scale, dtype);
+  if (config_.text.tie_word_embeddings) w_.llm.lm_head = w_.llm.embed_tokens;
+  config_.weight_dtype = dtype;
+  declare_params();
+}
+
+int64_t Vlm::weight_bytes() const {
+  int64_t n = 0;
+  for (auto& p : params_) n += p.tensor->numel() * int64_t(p.tensor->element_size());
+  return n;
 }
 
 int64_t Vlm::parameter_count(int part_mask) const {
@@ -194,7 +300,7 @@ void Vlm::save(const std::string& dir, size_t max_shard_bytes) const {
   fs::create_directories(dir);
   std::vector<std::pair<std::string, torch::Tensor>> tensors;
   for (auto& p : params_) tensors.emplace_back(p.name, *p.tensor);
-  save_checkpoint_tensors(dir, tensors, max_shard_bytes);
+  save_checkpoint_tensors(dir, tensors, max_shard_bytes, SaveDtype::Native);
   save_config(config_, dir);
 }
 
@@ -221,6 +327,10 @@ void Vlm::init_registers_mean(const torch::Tensor& pixels, uint64_t seed) {
 }
 
 void Vlm::set_trainable(const std::vector<Part>& parts) {
+  if (config_.weight_dtype != WeightDType::F32 && !parts.empty())
+    throw Error("training needs float32 weights, but this model holds " +
+                to_string(config_.weight_dtype) +
+                " weights (load it with --dtype f32; training keeps float32 master weights)");
   for (auto& p : params_) {
     bool on = std::find(parts.begin(), parts.end(), p.part) != parts.end();
     p.tensor->requires_grad_(on);
@@ -243,8 +353,8 @@ torch::Tensor Vlm::encode_images(const torch::Tensor& pixels) const {
 }
 
 torch::Tensor Vlm::project(const torch::Tensor& f) const {
-  auto h = activation(dense(f, w_.proj1.weight, w_.proj1.bias), config_.projector_hidden_act);
-  auto out = dense(h, w_.proj2.weight, w_.proj2.bias);  // [n,N,d_text]
+  auto h = activation(dense(f, w_.proj1), config_.projector_hidden_act);
+  auto out = dense(h, w_.proj2);  // [n,N,d_text]
   const int p = config_.visual_pool;
   if (p <= 1) return out;
   // Average-pooling baseline: p x p neighbourhoods of the patch grid become one token.
@@ -258,10 +368,14 @@ torch::Tensor Vlm::embed_tokens(const torch::Tensor& ids) const {
   const int64_t V = config_.text.vocab_size;
   if (ids.numel() > 0 && (ids.min().item<int64_t>() < 0 || ids.max().item<int64_t>() >= V))
     throw Error("token id out of range for vocab_size " + std::to_string(V));
-  auto flat = torch::index_select(w_.llm.embed_tokens, 0, ids.reshape({-1}));
-  auto shape = ids.sizes().vec();
-  shape.push_back(config_.text.hidden_size);
-  return flat.view(shape);
+  if (config_.weight_dtype == WeightDType::F32) {
+    // Float32 keeps the autograd path (training reaches the embedding).
+    auto flat = torch::index_select(w_.llm.embed_tokens.weight, 0, ids.reshape({-1}));
+    auto shape = ids.sizes().vec();
+    shape.push_back(config_.text.hidden_size);
+    return flat.view(shape);
+  }
+  return embedding_rows(w_.llm.embed_tokens.weight, w_.llm.embed_tokens.scale, ids);
 }
 
 torch::Tensor Vlm::logits(const torch::Tensor& hidden) const { return dense(hidden, w_.llm.lm_head); }

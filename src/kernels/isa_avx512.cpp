@@ -1,0 +1,143 @@
+// AVX-512 (F/BW/VL) kernels. Compiled with -mavx512f -mavx512bw -mavx512vl -mfma; reached only
+// through avx512_kernels() after a CPU check (kernels.cpp).
+#include <immintrin.h>
+
+#include "isa_kernels.h"
+
+namespace victor::kernels {
+namespace {
+
+// No standard headers here: their inline code would be compiled with this file's flags.
+inline int rows_left(int64_t M, int64_t m0) { return M - m0 < 4 ? int(M - m0) : 4; }
+
+// Loading 16 weights as floats, whole or the first n of them (masked).
+struct F32Load {
+  using T = float;
+  static __m512 full(const float* p) { return _mm512_loadu_ps(p); }
+  static __m512 part(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+};
+struct Bf16Load {
+  using T = uint16_t;
+  static __m512 widen(__m256i r) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(r), 16));
+  }
+  static __m512 full(const uint16_t* p) {
+    return widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  static __m512 part(const uint16_t* p, __mmask16 m) { return widen(_mm256_maskz_loadu_epi16(m, p)); }
+};
+struct Int8Load {
+  using T = int8_t;
+  static __m512 widen(__m128i r) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(r)); }
+  static __m512 full(const int8_t* p) {
+    return widen(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  static __m512 part(const int8_t* p, __mmask16 m) { return widen(_mm_maskz_loadu_epi8(m, p)); }
+};
+
+// RW weight rows against MX input rows: RW*MX accumulators stay in registers while the weight
+// rows stream once.
+template <int RW, int MX, class L>
+inline void tile(const float* x, int64_t K, const typename L::T* w, const float* scale, int64_t o,
+                 float* y, int64_t ldy) {
+  __m512 acc[RW][MX];
+  for (int r = 0; r < RW; ++r)
+    for (int m = 0; m < MX; ++m) acc[r][m] = _mm512_setzero_ps();
+  const typename L::T* rows[RW];
+  for (int r = 0; r < RW; ++r) rows[r] = w + (o + r) * K;
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    __m512 wv[RW];
+    for (int r = 0; r < RW; ++r) wv[r] = L::full(rows[r] + k);
+    for (int m = 0; m < MX; ++m) {
+      const __m512 xv = _mm512_loadu_ps(x + m * K + k);
+      for (int r = 0; r < RW; ++r) acc[r][m] = _mm512_fmadd_ps(wv[r], xv, acc[r][m]);
+    }
+  }
+  if (k < K) {
+    const __mmask16 mask = __mmask16((1u << (K - k)) - 1);
+    __m512 wv[RW];
+    for (int r = 0; r < RW; ++r) wv[r] = L::part(rows[r] + k, mask);
+    for (int m = 0; m < MX; ++m) {
+      const __m512 xv = _mm512_maskz_loadu_ps(mask, x + m * K + k);
+      for (int r = 0; r < RW; ++r) acc[r][m] = _mm512_fmadd_ps(wv[r], xv, acc[r][m]);
+    }
+  }
+  for (int r = 0; r < RW; ++r)
+    for (int m = 0; m < MX; ++m) {
+      const float s = _mm512_reduce_add_ps(acc[r][m]);
+      y[m * ldy + o + r] = scale ? s * scale[o + r] : s;
+    }
+}
+
+template <int RW, class L>
+inline void tile_rows(int mx, const float* x, int64_t K, const typename L::T* w,
+                      const float* scale, int64_t o, float* y, int64_t ldy) {
+  switch (mx) {
+    case 1: tile<RW, 1, L>(x, K, w, scale, o, y, ldy); break;
+    case 2: tile<RW, 2, L>(x, K, w, scale, o, y, ldy); break;
+    case 3: tile<RW, 3, L>(x, K, w, scale, o, y, ldy); break;
+    default: tile<RW, 4, L>(x, K, w, scale, o, y, ldy); break;
+  }
+}
+
+// Output rows in tiles of 4; for each tile, every group of up to 4 input rows reuses the tile's
+// weights from L1, so the weights leave memory once whatever M is.
+template <class L>
+void matmul(const float* x, int64_t M, int64_t K, const typename L::T* w, const float* scale,
+            int64_t o0, int64_t o1, float* y, int64_t ldy) {
+  int64_t o = o0;
+  for (; o + 4 <= o1; o += 4)
+    for (int64_t m0 = 0; m0 < M; m0 += 4)
+      tile_rows<4, L>(rows_left(M, m0), x + m0 * K, K, w, scale, o, y + m0 * ldy, ldy);
+  for (; o < o1; ++o)
+    for (int64_t m0 = 0; m0 < M; m0 += 4)
+      tile_rows<1, L>(rows_left(M, m0), x + m0 * K, K, w, scale, o, y + m0 * ldy, ldy);
+}
+
+void f32(const float* x, int64_t M, int64_t K, const float* w, int64_t o0, int64_t o1, float* y,
+         int64_t ldy) {
+  matmul<F32Load>(x, M, K, w, nullptr, o0, o1, y, ldy);
+}
+void bf16(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t o0, int64_t o1,
+          float* y, int64_t ldy) {
+  matmul<Bf16Load>(x, M, K, w, nullptr, o0, o1, y, ldy);
+}
+void int8(const float* x, int64_t M, int64_t K, const int8_t* w, const float* scale, int64_t o0,
+          int64_t o1, float* y, int64_t ldy) {
+  matmul<Int8Load>(x, M, K, w, scale, o0, o1, y, ldy);
+}
+
+// float -> bf16 with round-to-nearest-even (inputs here are finite).
+inline __m256i to_bf16(__m512 f) {
+  const __m512i u = _mm512_castps_si512(f);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb);
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+}
+
+void dequant(const int8_t* w, const float* scale, int64_t K, int64_t o0, int64_t o1,
+             uint16_t* out) {
+  for (int64_t o = o0; o < o1; ++o) {
+    const __m512 s = _mm512_set1_ps(scale[o]);
+    const int8_t* src = w + o * K;
+    uint16_t* dst = out + o * K;
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k),
+                          to_bf16(_mm512_mul_ps(Int8Load::full(src + k), s)));
+    if (k < K) {
+      const __mmask16 mask = __mmask16((1u << (K - k)) - 1);
+      _mm256_mask_storeu_epi16(dst + k, mask, to_bf16(_mm512_mul_ps(Int8Load::part(src + k, mask), s)));
+    }
+  }
+}
+
+}  // namespace
+
+const KernelSet& avx512_kernels() {
+  static const KernelSet set{f32, bf16, int8, dequant};
+  return set;
+}
+
+}  // namespace victor::kernels

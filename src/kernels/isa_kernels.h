@@ -1,0 +1,43 @@
+// Raw CPU kernels, one copy per instruction set (isa_avx512.cpp, isa_avx2.cpp, isa_scalar.cpp).
+// These translation units are compiled with their own -m flags and must not include torch or any
+// other header with inline code shared with the rest of the program (one definition rule): plain
+// pointers in, plain pointers out. Threading happens in the caller (kernels.cpp), over row ranges.
+#pragma once
+#include <cstdint>
+
+namespace victor::kernels {
+
+// Weight storage of a [O,K] matrix: bf16 bits, or int8 with one float scale per output row.
+struct KernelSet {
+  // y[m*ldy + o] = sum_k x[m*K + k] * W[o,k] for m < M, o in [o0,o1).
+  void (*matmul_f32)(const float* x, int64_t M, int64_t K, const float* w, int64_t o0, int64_t o1,
+                     float* y, int64_t ldy);
+  void (*matmul_bf16)(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t o0,
+                      int64_t o1, float* y, int64_t ldy);
+  void (*matmul_int8)(const float* x, int64_t M, int64_t K, const int8_t* w, const float* scale,
+                      int64_t o0, int64_t o1, float* y, int64_t ldy);
+  // Rows [o0,o1) of W dequantized to bf16 bits: out[o*K + k] = bf16(W[o,k] * scale[o]).
+  void (*dequant_int8_bf16)(const int8_t* w, const float* scale, int64_t K, int64_t o0, int64_t o1,
+                            uint16_t* out);
+};
+
+const KernelSet& scalar_kernels();
+const KernelSet& avx2_kernels();    // needs AVX2 + FMA + F16C
+const KernelSet& avx512_kernels();  // needs AVX-512 F/BW/VL
+
+// Round-to-nearest-even float -> bf16 bits (NaN kept quiet), shared by every kernel set.
+inline uint16_t float_to_bf16_bits(float f) {
+  uint32_t u;
+  __builtin_memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return uint16_t(u >> 16);
+}
+inline float bf16_bits_to_float(uint16_t b) {
+  uint32_t u = uint32_t(b) << 16;
+  float f;
+  __builtin_memcpy(&f, &u, 4);
+  return f;
+}
+
+}  // namespace victor::kernels

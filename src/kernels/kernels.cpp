@@ -1,0 +1,185 @@
+#include "victor/kernels.h"
+
+#include <atomic>
+#include <cstdlib>
+
+#include "isa_kernels.h"
+#include "victor/error.h"
+
+namespace victor {
+
+namespace kernels {
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::Scalar: return "scalar";
+    case Isa::Avx2: return "avx2";
+    case Isa::Avx512: return "avx512";
+  }
+  return "?";
+}
+
+std::vector<Isa> supported_isas() {
+  __builtin_cpu_init();
+  std::vector<Isa> out{Isa::Scalar};
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) out.push_back(Isa::Avx2);
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl"))
+    out.push_back(Isa::Avx512);
+  return out;
+}
+
+namespace {
+
+Isa initial_isa() {
+  const auto all = supported_isas();
+  // VICTOR_ISA=avx2|scalar caps the choice (for comparisons); never above what the CPU has.
+  if (const char* env = std::getenv("VICTOR_ISA")) {
+    for (Isa i : all)
+      if (std::string(env) == isa_name(i)) return i;
+  }
+  return all.back();
+}
+
+std::atomic<Isa>& current() {
+  static std::atomic<Isa> isa{initial_isa()};
+  return isa;
+}
+
+const KernelSet& active_set() {
+  switch (current().load(std::memory_order_relaxed)) {
+    case Isa::Avx512: return avx512_kernels();
+    case Isa::Avx2: return avx2_kernels();
+    case Isa::Scalar: break;
+  }
+  return scalar_kernels();
+}
+
+}  // namespace
+
+Isa active_isa() { return current().load(); }
+
+void use_isa(Isa isa) {
+  for (Isa i : supported_isas())
+    if (i == isa) {
+      current().store(isa);
+      return;
+    }
+  throw Error(std::string("kernels: this CPU does not support the ") + isa_name(isa) + " path");
+}
+
+}  // namespace kernels
+
+namespace {
+
+using kernels::active_set;
+
+void check_weight(const torch::Tensor& w, const torch::Tensor& scale, int64_t K) {
+  if (w.dim() != 2 || !w.is_contiguous())
+    throw Error("matmul_weight: weight must be a contiguous [out,in] matrix");
+  if (w.size(1) != K)
+    throw Error("matmul_weight: input has " + std::to_string(K) + " features, weight expects " +
+                std::to_string(w.size(1)));
+  if (w.scalar_type() == torch::kInt8 &&
+      (!scale.defined() || scale.scalar_type() != torch::kFloat32 || scale.numel() != w.size(0)))
+    throw Error("matmul_weight: an int8 weight needs a float32 scale with one entry per row");
+}
+
+// Threads over output rows; each thread streams its own share of the weights.
+template <class F>
+void over_rows(int64_t O, const F& f) {
+  const int64_t threads = std::max(1, at::get_num_threads());
+  const int64_t grain = std::max<int64_t>(16, (O + threads - 1) / threads);
+  at::parallel_for(0, O, grain, f);
+}
+
+torch::Tensor skinny(const torch::Tensor& x2, const torch::Tensor& w, const torch::Tensor& scale) {
+  const int64_t M = x2.size(0), K = x2.size(1), O = w.size(0);
+  auto y = torch::empty({M, O}, torch::kFloat32);
+  const float* xp = x2.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const auto& ks = active_set();
+  switch (w.scalar_type()) {
+    case torch::kFloat32: {
+      const float* wp = w.data_ptr<float>();
+      over_rows(O, [&](int64_t a, int64_t b) { ks.matmul_f32(xp, M, K, wp, a, b, yp, O); });
+      break;
+    }
+    case torch::kBFloat16: {
+      auto wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+      over_rows(O, [&](int64_t a, int64_t b) { ks.matmul_bf16(xp, M, K, wp, a, b, yp, O); });
+      break;
+    }
+    case torch::kInt8: {
+      const int8_t* wp = w.data_ptr<int8_t>();
+      const float* sp = scale.data_ptr<float>();
+      over_rows(O, [&](int64_t a, int64_t b) { ks.matmul_int8(xp, M, K, wp, sp, a, b, yp, O); });
+      break;
+    }
+    default: throw Error("matmul_weight: unsupported weight dtype");
+  }
+  return y;
+}
+
+torch::Tensor int8_to_bf16(const torch::Tensor& q, const torch::Tensor& scale) {
+  const int64_t O = q.size(0), K = q.size(1);
+  auto out = torch::empty({O, K}, torch::kBFloat16);
+  auto op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  const int8_t* qp = q.data_ptr<int8_t>();
+  const float* sp = scale.data_ptr<float>();
+  const auto& ks = active_set();
+  over_rows(O, [&](int64_t a, int64_t b) { ks.dequant_int8_bf16(qp, sp, K, a, b, op); });
+  return out;
+}
+
+}  // namespace
+
+Int8Matrix quantize_int8(const torch::Tensor& w_in) {
+  if (w_in.dim() != 2) throw Error("quantize_int8: expected a matrix");
+  auto w = w_in.detach().to(torch::kFloat32);
+  auto amax = w.abs().amax(1);  // [O]
+  auto scale = (amax / 127.0).clamp_min(1e-30);
+  auto q = torch::round(w / scale.unsqueeze(1)).clamp(-127, 127).to(torch::kInt8).contiguous();
+  // An all-zero row keeps scale 0 (exact), never a denormal that decodes to garbage.
+  scale = torch::where(amax.gt(0), scale, torch::zeros_like(scale)).contiguous();
+  return {q, scale};
+}
+
+torch::Tensor dequantize_int8(const torch::Tensor& q, const torch::Tensor& scale,
+                              torch::ScalarType out) {
+  auto f = q.to(torch::kFloat32) * scale.to(torch::kFloat32).unsqueeze(1);
+  return f.to(out);
+}
+
+torch::Tensor matmul_weight(const torch::Tensor& x, const torch::Tensor& w,
+                            const torch::Tensor& scale) {
+  const int64_t K = x.size(-1);
+  check_weight(w, scale, K);
+  auto x2 = x.reshape({-1, K});
+  const int64_t M = x2.size(0);
+  auto shape = x.sizes().vec();
+  shape.back() = w.size(0);
+  torch::Tensor y;
+  if (M <= kSkinnyRows) {
+    y = skinny(x2.to(torch::kFloat32).contiguous(), w, scale);
+  } else if (w.scalar_type() == torch::kFloat32) {
+    y = at::mm(x2, w.t());
+  } else {
+    // oneDNN's bf16 GEMM accumulates in float; its output is rounded to bf16 once.
+    auto wb = w.scalar_type() == torch::kInt8 ? int8_to_bf16(w, scale) : w;
+    y = at::mm(x2.to(torch::kBFloat16), wb.t()).to(torch::kFloat32);
+  }
+  return y.reshape(shape);
+}
+
+torch::Tensor embedding_rows(const torch::Tensor& table, const torch::Tensor& scale,
+                             const torch::Tensor& ids) {
+  auto flat = ids.reshape({-1});
+  auto rows = torch::index_select(table, 0, flat).to(torch::kFloat32);
+  if (table.scalar_type() == torch::kInt8) rows.mul_(torch::index_select(scale, 0, flat).unsqueeze(1));
+  auto shape = ids.sizes().vec();
+  shape.push_back(table.size(1));
+  return rows.view(shape);
+}
+
+}  // namespace victor
