@@ -1,11 +1,16 @@
 // Every weight kernel against a plain double-precision reference, on odd shapes, on every
 // instruction-set path this CPU supports (the AVX2 path is forced on AVX-512 machines too).
-#include <gtest/gtest.h>
-#include <torch/torch.h>
+#include <algorithm>
+#include <filesystem>
+#include <functional>
 
+#include "helpers.h"
+#include "victor/generate.h"
 #include "victor/kernels.h"
+#include "victor/safetensors.h"
 
 using namespace victor;
+using namespace victor::test;
 
 namespace {
 
@@ -73,7 +78,7 @@ TEST(Kernels, ThreadedRowSplitAndBatchShapesAgree) {
 TEST(Kernels, LongProductsUseBf16GemmWithinItsRounding) {
   // More rows than kSkinnyRows: activations and output are rounded to bf16 once (8 bits).
   torch::manual_seed(9);
-  auto x = torch::randn({kSkinnyRows + 7, 96});
+  auto x = torch::randn({skinny_rows_limit() + 7, 96});
   auto w = torch::randn({45, 96});
   auto wb = w.to(torch::kBFloat16);
   auto want = reference(x, wb.to(torch::kFloat32));
@@ -121,4 +126,177 @@ TEST(Kernels, WrongShapesAndMissingScalesAreRefused) {
   EXPECT_THROW(matmul_weight(x, torch::randn({4, 9})), std::runtime_error);
   EXPECT_THROW(matmul_weight(x, torch::zeros({4, 8}, torch::kInt8)), std::runtime_error);
   EXPECT_THROW(matmul_weight(x, torch::zeros({4, 8}, torch::kInt8), torch::ones({3})), std::runtime_error);
+}
+
+// ---- Whole-model checks for each weight storage ----
+
+namespace {
+
+// Raises the streaming-kernel limit for one test, so a full recompute and the decode steps run the
+// same float32-accumulating kernels and must agree as tightly as float32 does.
+struct SkinnyScope {
+  int64_t saved = skinny_rows_limit();
+  explicit SkinnyScope(int64_t rows) { set_skinny_rows_limit(rows); }
+  ~SkinnyScope() { set_skinny_rows_limit(saved); }
+};
+
+void expect_incremental_equals_full(const Vlm& m, const PromptInput& p, int steps, double tol) {
+  torch::NoGradGuard ng;
+  SamplingOptions opt;
+  opt.max_new_tokens = steps;
+  opt.keep_logits = true;
+  auto res = generate_ids(m, {p}, /*eos=*/-1, opt);
+  ASSERT_EQ(int(res.tokens[0].size()), steps);
+  PromptInput full = p;
+  for (int s = 0; s < steps; ++s) {
+    auto ref = last_logits(m, {full});
+    EXPECT_TRUE(torch::allclose(res.step_logits[s][0], ref[0], tol, tol))
+        << "step " << s << " max diff " << (res.step_logits[s][0] - ref[0]).abs().max().item<float>();
+    full.ids.push_back(res.tokens[0][s]);
+  }
+}
+
+}  // namespace
+
+TEST(Dtype, IncrementalDecodeEqualsFullRecomputeForEachStorage) {
+  SkinnyScope all_rows_streamed(1 << 20);
+  for (auto dt : {WeightDType::BF16, WeightDType::Int8})
+    for (int k : {-1, 2}) {  // plain, and Victor with its drop and shortened caches
+      SCOPED_TRACE(to_string(dt) + " k=" + std::to_string(k));
+      auto cfg = tiny_config(k < 0 ? 0 : 2, k);
+      Vlm m = Vlm::random(cfg, 31, dt);
+      ASSERT_EQ(m.config().weight_dtype, dt);
+      expect_incremental_equals_full(m, prompt(cfg, {5, 6, 7}, {8, 9}, random_pixels(1, 28, 1)), 6, 1e-4);
+    }
+}
+
+TEST(Dtype, LowPrecisionLogitsStayCloseToFloat32) {
+  // The same random checkpoint in three storages, default kernels (the prefill of 40+ rows runs
+  // the bf16 GEMM). Bounds: bf16 weights round to 8 bits, int8 to 7 bits per row.
+  auto cfg = tiny_config(2, 2);
+  Vlm f32 = Vlm::random(cfg, 32);
+  auto p = prompt(cfg, {5, 6, 7, 9, 10, 11, 12, 13}, {8, 9, 14, 15, 16}, random_pixels(2, 28, 2));
+  auto want = last_logits(f32, {p});
+  const double spread = (want.max() - want.min()).item<double>();
+  for (auto dt : {WeightDType::BF16, WeightDType::Int8}) {
+    Vlm low(f32);
+    low.set_weight_dtype(dt);
+    auto got = last_logits(low, {p});
+    const double err = (got - want).abs().max().item<double>() / spread;
+    std::cerr << to_string(dt) << " max logit error / logit spread: " << err << "\n";
+    EXPECT_LT(err, dt == WeightDType::BF16 ? 0.02 : 0.03) << to_string(dt);
+    EXPECT_GT(err, 0.0) << "the weights really were converted";
+  }
+  // Float32 weights are untouched by the conversion round trip f32 -> f32.
+  Vlm again(f32);
+  again.set_weight_dtype(WeightDType::F32);
+  EXPECT_TRUE(torch::equal(last_logits(again, {p}), want));
+}
+
+TEST(Dtype, QuantizedFolderRoundTripsAndLoadsDirectly) {
+  auto cfg = tiny_config(2, 2);
+  Vlm m = Vlm::random(cfg, 33);
+  const std::string dir = temp_dir("dtype_roundtrip");
+  for (auto dt : {WeightDType::BF16, WeightDType::Int8}) {
+    SCOPED_TRACE(to_string(dt));
+    Vlm q(m);
+    q.set_weight_dtype(dt);
+    q.save(dir, 150000);  // sharded too
+    Vlm back = Vlm::load(dir);  // the folder says what it holds
+    ASSERT_EQ(back.config().weight_dtype, dt);
+    ASSERT_EQ(back.params().size(), q.params().size());
+    for (size_t i = 0; i < q.params().size(); ++i) {
+      const auto& a = *q.params()[i].tensor;
+      const auto& b = *back.params()[i].tensor;
+      EXPECT_EQ(q.params()[i].name, back.params()[i].name);
+      EXPECT_EQ(a.scalar_type(), b.scalar_type()) << q.params()[i].name;
+      EXPECT_TRUE(torch::equal(a, b)) << q.params()[i].name;
+    }
+    EXPECT_LT(back.weight_bytes(), m.weight_bytes() * (dt == WeightDType::Int8 ? 0.4 : 0.6));
+    auto p = prompt(cfg, {5, 6}, {8}, random_pixels(1, 28, 3));
+    EXPECT_TRUE(torch::equal(last_logits(back, {p}), last_logits(q, {p})));
+    // Loading with another dtype converts on the way in (int8 -> f32 dequantizes exactly).
+    Vlm wide = Vlm::load(dir, WeightDType::F32);
+    EXPECT_EQ(wide.config().weight_dtype, WeightDType::F32);
+    EXPECT_EQ(wide.weights().llm.layers[0].q.weight.scalar_type(), torch::kFloat32);
+    EXPECT_FALSE(wide.weights().llm.layers[0].q.scale.defined());
+  }
+  std::filesystem::remove_all(dir);
+}
+
+TEST(Dtype, CorruptOrMismatchedScalesAreRefusedByName) {
+  auto cfg = tiny_config();
+  Vlm m = Vlm::random(cfg, 34, WeightDType::Int8);
+  const std::string name = "language_model.model.layers.1.mlp.up_proj.weight_scale";
+  auto write_with = [&](const std::function<void(std::vector<std::pair<std::string, torch::Tensor>>&)>& edit) {
+    const std::string dir = temp_dir("dtype_corrupt");
+    m.save(dir);
+    std::vector<std::pair<std::string, torch::Tensor>> ts;
+    for (auto& p : m.params()) ts.emplace_back(p.name, *p.tensor);
+    edit(ts);
+    save_safetensors(dir + "/model.safetensors", ts, SaveDtype::Native);
+    return dir;
+  };
+  auto message = [](const std::string& dir) {
+    try {
+      Vlm::load(dir);
+    } catch (const std::exception& e) {
+      return std::string(e.what());
+    }
+    return std::string("(loaded)");
+  };
+  auto find = [](std::vector<std::pair<std::string, torch::Tensor>>& ts, const std::string& n) -> torch::Tensor& {
+    for (auto& [k, t] : ts)
+      if (k == n) return t;
+    throw std::runtime_error("no " + n);
+  };
+  // A scale with the wrong number of rows.
+  auto d1 = write_with([&](auto& ts) { find(ts, name) = torch::ones({7}); });
+  EXPECT_NE(message(d1).find(name), std::string::npos) << message(d1);
+  EXPECT_NE(message(d1).find("rows"), std::string::npos);
+  // NaN or negative entries.
+  auto d2 = write_with([&](auto& ts) { find(ts, name)[3] = NAN; });
+  EXPECT_NE(message(d2).find("corrupt"), std::string::npos) << message(d2);
+  auto d3 = write_with([&](auto& ts) { find(ts, name)[0] = -1.f; });
+  EXPECT_NE(message(d3).find(name), std::string::npos) << message(d3);
+  // The scale is missing.
+  auto d4 = write_with([&](auto& ts) {
+    ts.erase(std::remove_if(ts.begin(), ts.end(), [&](auto& kv) { return kv.first == name; }), ts.end());
+  });
+  EXPECT_NE(message(d4).find("is missing"), std::string::npos) << message(d4);
+  // A scale next to a weight that is not int8.
+  auto d5 = write_with([&](auto& ts) {
+    auto& w = find(ts, "language_model.model.layers.1.mlp.up_proj.weight");
+    w = w.to(torch::kFloat32);
+  });
+  EXPECT_NE(message(d5).find("not int8"), std::string::npos) << message(d5);
+  for (auto& d : {d1, d2, d3, d4, d5}) std::filesystem::remove_all(d);
+}
+
+TEST(Dtype, LowPrecisionModelsRefuseTraining) {
+  Vlm m = Vlm::random(tiny_config(), 35, WeightDType::BF16);
+  EXPECT_THROW(m.set_trainable({Part::Projector}), std::runtime_error);
+}
+
+TEST(Dtype, Llava7bPresetHasThePapersShape) {
+  // Parameter count of LLaVA-1.5-7B as transformers builds it: CLIP ViT-L/14-336 (303.5 M with
+  // post_layernorm), projector 1024*4096+4096 + 4096*4096+4096, Vicuna-7B with a 32064-row
+  // embedding and untied head: 6,738,415,616 + 2*64*4096.
+  ModelConfig c = preset_config("llava-7b");
+  Vlm shape(c);  // allocates no tensors
+  int64_t n = 0;
+  for (auto& p : shape.params()) {
+    int64_t e = 1;
+    for (auto s : p.shape) e *= s;
+    n += e;
+  }
+  const int64_t vision = 303507456, projector = 1024 * 4096 + 4096 + 4096 * 4096 + 4096;
+  const int64_t llm = 6738415616LL + 2LL * 64 * 4096;
+  EXPECT_EQ(n, vision + projector + llm);
+  // KV: 2 (K,V) x 32 layers x 4096 x 4 bytes = 1 MiB per token in float32.
+  EXPECT_EQ(kv_bytes_formula(c, 64, 1, 0, false), (64 + 576) * 2LL * 32 * 4096 * 4);
+  // Victor m = 8, k = 3 under causal: 3 layers keep the 576 visual rows, 29 only the registers.
+  c.victor = VictorConfig{8, 3, RegisterMask::Causal};
+  EXPECT_EQ(kv_bytes_formula(c, 64, 1, 0, true),
+            2LL * 4096 * 4 * (3 * (64 + 8 + 576) + 29 * (64 + 8)));
 }

@@ -1,5 +1,8 @@
 // victor: the one CLI. It parses options and prints; the library holds the logic.
 #include <CLI/CLI.hpp>
+#include <malloc.h>
+
+#include <chrono>
 #include <filesystem>
 #include <iostream>
 #include <thread>
@@ -31,6 +34,35 @@ int default_threads() {
   return int(std::max(1u, std::thread::hardware_concurrency()));
 }
 
+// --dtype: "auto" keeps what the checkpoint stores.
+std::optional<WeightDType> parse_dtype(const std::string& s) {
+  if (s == "auto") return std::nullopt;
+  return weight_dtype_from_string(s);
+}
+
+void add_dtype_option(CLI::App* c, std::string& dtype, bool with_auto = true) {
+  c->add_option("--dtype", dtype,
+                with_auto ? "Weight storage: auto (as the checkpoint stores them) | f32 | bf16 | int8 "
+                            "(per-row symmetric)"
+                          : "Weight storage: f32 | bf16 | int8 (per-row symmetric)")
+      ->check(with_auto ? CLI::IsMember({"auto", "f32", "bf16", "int8"})
+                        : CLI::IsMember({"f32", "bf16", "int8"}))
+      ->capture_default_str();
+}
+
+// glibc returns every large LibTorch buffer to the kernel on free and maps it again on the next
+// allocation: each training step and prefill then pays page faults for all its activations
+// (measured in docs/benchmarks.md). Keeping freed memory in the heap avoids that. A user's own
+// MALLOC_* tunables win.
+void tune_allocator() {
+  if (std::getenv("MALLOC_MMAP_THRESHOLD_") || std::getenv("MALLOC_TRIM_THRESHOLD_") ||
+      std::getenv("MALLOC_TOP_PAD_") || std::getenv("VICTOR_DEFAULT_MALLOC"))
+    return;
+  mallopt(M_MMAP_THRESHOLD, 256 << 20);  // buffers up to 256 MiB come from the heap
+  mallopt(M_TRIM_THRESHOLD, 1 << 30);    // and stay there when freed (up to 1 GiB of slack)
+  mallopt(M_TOP_PAD, 64 << 20);
+}
+
 void set_threads(int n) {
   at::set_num_threads(n);
   at::set_num_interop_threads(1);
@@ -47,7 +79,7 @@ std::vector<std::string> read_lines(const std::string& path) {
 
 // --- victor init ---
 struct InitArgs {
-  std::string preset = "tiny", out, corpus, mask = "causal", tokenizer_type = "bpe";
+  std::string preset = "tiny", out, corpus, mask = "causal", tokenizer_type = "bpe", dtype = "f32";
   int registers = 0, summary_layers = -1, vocab = 512, pool = 1;
   uint64_t seed = 0;
 };
@@ -66,17 +98,23 @@ void run_init(const InitArgs& a) {
   ModelConfig cfg = preset_config(a.preset);
   std::vector<std::string> corpus = a.corpus.empty() ? gridvqa_corpus() : read_lines(a.corpus);
   int n = train_tokenizer(corpus, a.out, a.vocab, a.tokenizer_type);
-  cfg.text.vocab_size = ((n + 2 + 63) / 64) * 64;  // padded like llava-1.5's 32064
+  // The real-model presets keep their vocabulary (32064 rows, padded beyond the tokenizer as
+  // llava-hf pads 32000 to 32064) so the embedding and LM head cost what they cost there; the
+  // training presets shrink it to the tokenizer, padded to a multiple of 64 the same way.
+  const int padded = ((n + 2 + 63) / 64) * 64;
+  const bool real_shape = a.preset == "clip-l-1b" || a.preset == "llava-7b";
+  cfg.text.vocab_size = real_shape ? std::max(cfg.text.vocab_size, padded) : padded;
   cfg.image_token_index = n;
   cfg.pad_token_id = n + 1;
   cfg.victor.num_registers = a.registers;
   cfg.victor.summary_layers = a.summary_layers;
   cfg.victor.register_mask = register_mask_from_string(a.mask);
   cfg.visual_pool = a.pool;
-  Vlm model = Vlm::random(cfg, a.seed);
+  Vlm model = Vlm::random(cfg, a.seed, weight_dtype_from_string(a.dtype));
   model.save(a.out);
   std::cout << "wrote " << a.preset << " model to " << a.out << ": "
-            << model.parameter_count() / 1e6 << " M parameters, vocabulary " << cfg.text.vocab_size
+            << model.parameter_count() / 1e6 << " M parameters (" << a.dtype << ", "
+            << model.weight_bytes() / 1048576.0 << " MiB), vocabulary " << cfg.text.vocab_size
             << " (SentencePiece " << n << " + <image>, <pad>), "
             << cfg.visual_tokens_per_image() << " visual tokens per image";
   if (cfg.victor_enabled())
@@ -87,7 +125,7 @@ void run_init(const InitArgs& a) {
 
 // --- victor generate ---
 struct GenerateArgs {
-  std::string model, prompt, dump_logits, mask = "causal", register_init = "random";
+  std::string model, prompt, dump_logits, mask = "causal", register_init = "random", dtype = "auto";
   std::vector<std::string> images, calibration;
   SamplingOptions sampling;
   int threads = default_threads();
@@ -129,7 +167,10 @@ void run_generate(const GenerateArgs& a, bool mask_given) {
     throw Error("--prompt: empty prompt");
   std::vector<Image> images;
   for (auto& p : a.images) images.push_back(load_image(p));
-  Vlm model = Vlm::load(a.model);
+  auto t_load = std::chrono::steady_clock::now();
+  Vlm model = Vlm::load(a.model, parse_dtype(a.dtype));
+  const double load_seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t_load).count();
   apply_victor_overrides(model, a.registers, a.summary_layers, a.mask, mask_given, a.register_init,
                          a.calibration, a.sampling.seed);
   Tokenizer tok(a.model);
@@ -142,7 +183,23 @@ void run_generate(const GenerateArgs& a, bool mask_given) {
     std::cerr << "logits of " << res.step_logits.size(0) << " steps written to " << a.dump_logits
               << "\n";
   }
-  if (a.stats) std::cerr << format_stats(res.stats);
+  if (a.stats) {
+    std::cerr << format_stats(res.stats);
+    std::cerr << "weights: " << to_string(model.config().weight_dtype) << ", "
+              << model.weight_bytes() / 1048576.0 << " MiB, loaded in " << load_seconds << " s\n";
+    if (!images.empty()) {
+      // The first encode above ran cold (first touch of the weights, thread pool, allocator);
+      // a second one shows the steady state a server sees.
+      std::vector<torch::Tensor> px;
+      for (auto& img : images) px.push_back(preprocess_image(img, model.config().preprocess));
+      torch::NoGradGuard ng;
+      auto t0 = std::chrono::steady_clock::now();
+      model.encode_images(torch::stack(px, 0));
+      std::cerr << "vision tower: cold " << res.stats.vision_seconds << " s, warm "
+                << std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count()
+                << " s\n";
+    }
+  }
 }
 
 // --- victor data gridvqa ---
@@ -176,7 +233,7 @@ struct EvalArgs {
   EvalOptions opt;
   int threads = default_threads();
   int registers = -1, summary_layers = -2;
-  std::string mask = "causal";
+  std::string mask = "causal", dtype = "auto";
 };
 
 void run_eval(EvalArgs a, bool mask_given) {
@@ -184,7 +241,7 @@ void run_eval(EvalArgs a, bool mask_given) {
   auto qs = load_questions_jsonl(a.questions);
   if (a.opt.image_folder.empty()) a.opt.image_folder = fs::path(a.questions).parent_path().string();
   if (!a.model.empty()) {
-    Vlm model = Vlm::load(a.model);
+    Vlm model = Vlm::load(a.model, parse_dtype(a.dtype));
     apply_victor_overrides(model, a.registers, a.summary_layers, a.mask, mask_given, "random", {}, 0);
     Tokenizer tok(a.model);
     a.opt.model_id = fs::path(a.model).filename().string();
@@ -204,7 +261,7 @@ void run_eval(EvalArgs a, bool mask_given) {
 
 // --- victor bench ---
 struct BenchArgs {
-  std::string model, preset, json_out, mask = "causal";
+  std::string model, preset, json_out, mask = "causal", dtype = "auto";
   std::vector<int> sweep_registers, sweep_layers, pools;
   BenchOptions opt;
   bool json = false;
@@ -218,13 +275,15 @@ void run_bench_cli(BenchArgs a) {
   ModelConfig cfg;
   std::unique_ptr<Vlm> model;
   if (!a.model.empty()) {
-    model = std::make_unique<Vlm>(Vlm::load(a.model));
+    model = std::make_unique<Vlm>(Vlm::load(a.model, parse_dtype(a.dtype)));
   } else {
     cfg = preset_config(a.preset);
-    model = std::make_unique<Vlm>(Vlm::random(cfg, a.seed));
+    model = std::make_unique<Vlm>(Vlm::random(cfg, a.seed, parse_dtype(a.dtype)));
     std::cerr << "bench: random " << a.preset << " weights (" << model->parameter_count() / 1e9
               << " B parameters)\n";
   }
+  std::cerr << "bench: " << to_string(model->config().weight_dtype) << " weights, "
+            << model->weight_bytes() / 1048576.0 << " MiB\n";
   a.opt.seed = a.seed;
   if (a.sweep_registers.empty() != a.sweep_layers.empty())
     throw Error("bench: --sweep-registers and --sweep-layers go together");
@@ -240,6 +299,25 @@ void run_bench_cli(BenchArgs a) {
   if (!a.json_out.empty()) write_file_atomic(a.json_out, j.dump(2) + "\n");
   if (a.json) std::cout << j.dump(2) << "\n";
   else std::cout << bench_table(results);
+}
+
+// --- victor quantize ---
+struct QuantizeArgs {
+  std::string model, out, dtype = "int8";
+  size_t shard_mb = 0;
+};
+
+void run_quantize(const QuantizeArgs& a) {
+  if (fs::exists(a.out) && fs::equivalent(a.model, a.out))
+    throw Error("quantize: --out must differ from --model (the source stays intact)");
+  Vlm model = Vlm::load(a.model, weight_dtype_from_string(a.dtype));
+  model.save(a.out, a.shard_mb << 20);
+  for (const char* f : {"tokenizer.model", "added_tokens.json", "tokenizer_config.json",
+                        "special_tokens_map.json"})
+    if (fs::exists(fs::path(a.model) / f))
+      write_file_atomic((fs::path(a.out) / f).string(), read_file((fs::path(a.model) / f).string()));
+  std::cout << "wrote " << a.dtype << " model to " << a.out << ": " << model.weight_bytes() / 1048576.0
+            << " MiB of weights (" << model.parameter_count() / 1e6 << " M parameters)\n";
 }
 
 // --- victor train-vision ---
@@ -277,14 +355,15 @@ void run_train_vision(const VisionArgs& a) {
 
 int main(int argc, char** argv) {
   victor::ensure_fast_blas(argv);
+  tune_allocator();
   CLI::App app{"victor: efficient vision-language models with Visual Compact Token Registers"};
   app.require_subcommand(1);
   app.set_help_all_flag("--help-all", "Show help for every subcommand");
 
   InitArgs init;
   auto* c_init = app.add_subcommand("init", "Write a randomly initialised checkpoint (HF LLaVA layout)");
-  c_init->add_option("--preset", init.preset, "Model shape: tiny | small | clip-l-1b")
-      ->check(CLI::IsMember({"tiny", "small", "clip-l-1b"}));
+  c_init->add_option("--preset", init.preset, "Model shape: tiny | small | clip-l-1b | llava-7b")
+      ->check(CLI::IsMember({"tiny", "small", "clip-l-1b", "llava-7b"}));
   c_init->add_option("--out", init.out, "Output folder")->required();
   c_init->add_option("--corpus", init.corpus, "Text file to train the tokenizer on (default: GridVQA's vocabulary)")
       ->check(CLI::ExistingFile);
@@ -293,6 +372,7 @@ int main(int argc, char** argv) {
   c_init->add_option("--tokenizer-type", init.tokenizer_type, "SentencePiece model type: bpe (as Llama's) | unigram")
       ->check(CLI::IsMember({"bpe", "unigram"}));
   c_init->add_option("--seed", init.seed, "Random seed for the weights");
+  add_dtype_option(c_init, init.dtype, false);
   add_victor_options(c_init, init.registers, init.summary_layers, init.mask);
   c_init->add_option("--visual-pool", init.pool, "Average-pooling baseline: pool the visual grid p x p (1 = off)")->check(CLI::Range(1, 64));
 
@@ -311,7 +391,8 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(0.0, 1.0));
   c_gen->add_option("--seed", gen.sampling.seed, "Sampling seed");
   c_gen->add_option("--threads", gen.threads, "CPU threads")->check(CLI::Range(1, 1024));
-  c_gen->add_flag("--stats", gen.stats, "Print token counts, timings, KV-cache bytes and FLOPs");
+  c_gen->add_flag("--stats", gen.stats, "Print token counts, timings (vision cold and warm), KV-cache bytes, FLOPs, weight bytes");
+  add_dtype_option(c_gen, gen.dtype);
   c_gen->add_option("--dump-logits", gen.dump_logits, "Save every step's logits as .npy [steps, vocab]");
   add_victor_options(c_gen, gen.registers, gen.summary_layers, gen.mask);
   c_gen->add_option("--register-init", gen.register_init,
@@ -395,12 +476,14 @@ int main(int argc, char** argv) {
   c_eval->add_option("--train-data", ev.train_data, "LLaVA JSON to compute the answer-prior baseline from")->check(CLI::ExistingFile);
   c_eval->add_option("--threads", ev.threads, "CPU threads")->check(CLI::Range(1, 1024));
   add_victor_options(c_eval, ev.registers, ev.summary_layers, ev.mask);
+  add_dtype_option(c_eval, ev.dtype);
 
   BenchArgs bn;
   auto* c_bench = app.add_subcommand("bench", "Measure plain vs Victor (vision, TTFT, decode, requests/s, KV, memory)");
   c_bench->add_option("--model", bn.model, "Checkpoint folder (its own m and k are one configuration)");
-  c_bench->add_option("--preset", bn.preset, "Random weights of a preset shape: tiny | small | clip-l-1b")
-      ->check(CLI::IsMember({"tiny", "small", "clip-l-1b"}));
+  c_bench->add_option("--preset", bn.preset, "Random weights of a preset shape: tiny | small | clip-l-1b | llava-7b")
+      ->check(CLI::IsMember({"tiny", "small", "clip-l-1b", "llava-7b"}));
+  add_dtype_option(c_bench, bn.dtype);
   c_bench->add_option("--sweep-registers", bn.sweep_registers, "Register counts m to sweep (with --sweep-layers)")->delimiter(',');
   c_bench->add_option("--sweep-layers", bn.sweep_layers, "Summary layers k to sweep")->delimiter(',');
   c_bench->add_option("--pool", bn.pools, "Average-pooling baselines to add (e.g. 2,4)")->delimiter(',')->check(CLI::Range(2, 64));
@@ -413,6 +496,14 @@ int main(int argc, char** argv) {
   c_bench->add_option("--seed", bn.seed, "Seed for random weights and inputs");
   c_bench->add_flag("--json", bn.json, "Print JSON instead of the table");
   c_bench->add_option("--json-out", bn.json_out, "Also write the JSON to this file");
+
+  QuantizeArgs qa;
+  auto* c_quant = app.add_subcommand("quantize", "Convert a checkpoint's weight matrices to int8 or bf16 (loads directly)");
+  c_quant->add_option("--model", qa.model, "Source checkpoint folder")->required()->check(CLI::ExistingDirectory);
+  c_quant->add_option("--out", qa.out, "Output folder (HF layout; int8 scales as <name>_scale tensors)")->required();
+  add_dtype_option(c_quant, qa.dtype, false);
+  c_quant->add_option("--shard-mb", qa.shard_mb, "Split the safetensors into shards of this many MiB (0 = one file)")
+      ->check(CLI::Range(0, 1 << 20));
 
   ReproOptions rp;
   bool rp_quick = false;
@@ -512,6 +603,7 @@ int main(int argc, char** argv) {
     else if (c_grid->parsed()) run_gridvqa(gq);
     else if (c_eval->parsed()) run_eval(ev, c_eval->count("--register-mask") > 0);
     else if (c_bench->parsed()) run_bench_cli(bn);
+    else if (c_quant->parsed()) run_quantize(qa);
     else if (c_repro->parsed()) {
       set_threads(rp_threads);
       ReproOptions o = rp;

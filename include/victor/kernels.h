@@ -20,8 +20,11 @@ void use_isa(Isa isa);
 
 }  // namespace kernels
 
-// Products with at most this many rows use the streaming kernels; more use the bf16 GEMM.
-constexpr int64_t kSkinnyRows = 16;
+// Products with at most this many rows (default 16) use the streaming kernels, which accumulate
+// in float32 over the exact stored weights; more rows use the bf16 GEMM. Tests raise it to check
+// the cache logic of each storage without the GEMM's bf16 rounding.
+int64_t skinny_rows_limit();
+void set_skinny_rows_limit(int64_t rows);
 
 // Per-output-row symmetric int8: w[o,k] ~ q[o,k] * scale[o], scale = max|w[o,:]| / 127.
 struct Int8Matrix {

@@ -134,6 +134,13 @@ torch::Tensor int8_to_bf16(const torch::Tensor& q, const torch::Tensor& scale) {
 
 }  // namespace
 
+namespace {
+std::atomic<int64_t> g_skinny_rows{16};
+}  // namespace
+
+int64_t skinny_rows_limit() { return g_skinny_rows.load(std::memory_order_relaxed); }
+void set_skinny_rows_limit(int64_t rows) { g_skinny_rows.store(std::max<int64_t>(0, rows)); }
+
 Int8Matrix quantize_int8(const torch::Tensor& w_in) {
   if (w_in.dim() != 2) throw Error("quantize_int8: expected a matrix");
   auto w = w_in.detach().to(torch::kFloat32);
@@ -160,7 +167,7 @@ torch::Tensor matmul_weight(const torch::Tensor& x, const torch::Tensor& w,
   auto shape = x.sizes().vec();
   shape.back() = w.size(0);
   torch::Tensor y;
-  if (M <= kSkinnyRows) {
+  if (M <= skinny_rows_limit()) {
     y = skinny(x2.to(torch::kFloat32).contiguous(), w, scale);
   } else if (w.scalar_type() == torch::kFloat32) {
     y = at::mm(x2, w.t());
