@@ -1,5 +1,7 @@
 // The one exception type victor throws. Messages name the file, tensor, field or sample.
 #pragma once
+#include <functional>
+#include <ostream>
 #include <stdexcept>
 #include <string>
 
@@ -11,6 +13,9 @@ struct Error : std::runtime_error {
 
 // Writes `bytes` to `path` atomically: a temporary file in the same folder, then rename.
 void write_file_atomic(const std::string& path, const std::string& bytes);
+// The same, with the content streamed by `write` (large checkpoints are never held twice).
+void write_file_atomic_streamed(const std::string& path,
+                                const std::function<void(std::ostream&)>& write);
 std::string read_file(const std::string& path);
 
 }  // namespace victor

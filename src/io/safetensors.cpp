@@ -29,6 +29,13 @@ std::string read_file(const std::string& path) {
 }
 
 void write_file_atomic(const std::string& path, const std::string& bytes) {
+  write_file_atomic_streamed(path, [&](std::ostream& out) {
+    out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  });
+}
+
+void write_file_atomic_streamed(const std::string& path,
+                                const std::function<void(std::ostream&)>& write) {
   fs::path target(path);
   if (target.has_parent_path()) fs::create_directories(target.parent_path());
   std::random_device rd;
@@ -36,7 +43,13 @@ void write_file_atomic(const std::string& path, const std::string& bytes) {
   {
     std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
     if (!out) throw Error(path + ": cannot write (temporary " + tmp + ")");
-    out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+    try {
+      write(out);
+    } catch (...) {
+      out.close();
+      std::remove(tmp.c_str());
+      throw;
+    }
     out.flush();
     if (!out) {
       std::remove(tmp.c_str());
@@ -283,32 +296,33 @@ const char* dtype_name(torch::ScalarType t) {
   }
 }
 
-std::string serialize(const std::vector<std::pair<std::string, torch::Tensor>>& tensors,
-                      SaveDtype dtype, const std::map<std::string, std::string>& metadata) {
-  std::vector<torch::Tensor> data;
+// Streams the file: the header from shapes and dtypes, then one tensor at a time (converted and
+// written, then released), so saving never holds a second copy of the model.
+void write_safetensors(std::ostream& out,
+                       const std::vector<std::pair<std::string, torch::Tensor>>& tensors,
+                       SaveDtype dtype, const std::map<std::string, std::string>& metadata) {
   json header = json::object();
   size_t offset = 0;
   for (auto& [n, t] : tensors) {
     if (!t.defined()) throw Error("cannot save undefined tensor '" + n + "'");
     torch::ScalarType st = stored_type(dtype, t.scalar_type());
-    const char* name = dtype_name(st);
-    auto c = t.detach().to(torch::kCPU, st).contiguous();
-    size_t nbytes = c.numel() * c.element_size();
-    header[n] = {{"dtype", name}, {"shape", c.sizes().vec()}, {"data_offsets", {offset, offset + nbytes}}};
+    size_t nbytes = size_t(t.numel()) * c10::elementSize(st);
+    header[n] = {{"dtype", dtype_name(st)}, {"shape", t.sizes().vec()}, {"data_offsets", {offset, offset + nbytes}}};
     offset += nbytes;
-    data.push_back(c);
   }
   if (!metadata.empty()) header["__metadata__"] = metadata;
   std::string h = header.dump();
   while ((8 + h.size()) % 8 != 0) h.push_back(' ');
-  std::string out;
-  out.reserve(8 + h.size() + offset);
+  char len_bytes[8];
   uint64_t len = h.size();
-  for (int i = 0; i < 8; ++i) out.push_back(static_cast<char>((len >> (8 * i)) & 0xff));
-  out += h;
-  for (auto& c : data)
-    out.append(static_cast<const char*>(c.data_ptr()), c.numel() * c.element_size());
-  return out;
+  for (int i = 0; i < 8; ++i) len_bytes[i] = static_cast<char>((len >> (8 * i)) & 0xff);
+  out.write(len_bytes, 8);
+  out.write(h.data(), static_cast<std::streamsize>(h.size()));
+  for (auto& [n, t] : tensors) {
+    auto c = t.detach().to(torch::kCPU, stored_type(dtype, t.scalar_type())).contiguous();
+    out.write(static_cast<const char*>(c.data_ptr()), static_cast<std::streamsize>(c.numel() * c.element_size()));
+    if (!out) throw Error("write failed while saving tensor '" + n + "' (disk full?)");
+  }
 }
 
 }  // namespace
@@ -316,7 +330,7 @@ std::string serialize(const std::vector<std::pair<std::string, torch::Tensor>>& 
 void save_safetensors(const std::string& path,
                       const std::vector<std::pair<std::string, torch::Tensor>>& tensors,
                       SaveDtype dtype, const std::map<std::string, std::string>& metadata) {
-  write_file_atomic(path, serialize(tensors, dtype, metadata));
+  write_file_atomic_streamed(path, [&](std::ostream& out) { write_safetensors(out, tensors, dtype, metadata); });
 }
 
 void save_checkpoint_tensors(const std::string& dir,

@@ -12,6 +12,9 @@ struct KernelSet {
   // y[m*ldy + o] = sum_k x[m*K + k] * W[o,k] for m < M, o in [o0,o1).
   void (*matmul_f32)(const float* x, int64_t M, int64_t K, const float* w, int64_t o0, int64_t o1,
                      float* y, int64_t ldy);
+  // x in "pair-split" layout when bf16_pair_split: row m holds [x(0) x(2) x(4) ...] then
+  // [x(1) x(3) ...], each half `(K + 1) / 2` long (zero-padded), so a vector of bf16 pairs widens
+  // with one shift and one mask instead of a shuffle. Otherwise x is plain [M,K].
   void (*matmul_bf16)(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t o0,
                       int64_t o1, float* y, int64_t ldy);
   void (*matmul_int8)(const float* x, int64_t M, int64_t K, const int8_t* w, const float* scale,
@@ -19,6 +22,7 @@ struct KernelSet {
   // Rows [o0,o1) of W dequantized to bf16 bits: out[o*K + k] = bf16(W[o,k] * scale[o]).
   void (*dequant_int8_bf16)(const int8_t* w, const float* scale, int64_t K, int64_t o0, int64_t o1,
                             uint16_t* out);
+  bool bf16_pair_split = false;
 };
 
 const KernelSet& scalar_kernels();

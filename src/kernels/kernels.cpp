@@ -107,7 +107,15 @@ torch::Tensor skinny(const torch::Tensor& x2, const torch::Tensor& w, const torc
     }
     case torch::kBFloat16: {
       auto wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
-      over_rows(O, [&](int64_t a, int64_t b) { ks.matmul_bf16(xp, M, K, wp, a, b, yp, O); });
+      torch::Tensor split;
+      const float* xs = xp;
+      if (ks.bf16_pair_split) {
+        // [M,K] -> [M, 2, ceil(K/2)]: even elements, then odd ones (zero-padded).
+        auto padded = K % 2 ? torch::constant_pad_nd(x2, {0, 1}) : x2;
+        split = padded.view({M, (K + 1) / 2, 2}).transpose(1, 2).contiguous();
+        xs = split.data_ptr<float>();
+      }
+      over_rows(O, [&](int64_t a, int64_t b) { ks.matmul_bf16(xs, M, K, wp, a, b, yp, O); });
       break;
     }
     case torch::kInt8: {
