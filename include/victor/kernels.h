@@ -38,6 +38,11 @@ torch::Tensor dequantize_int8(const torch::Tensor& q, const torch::Tensor& scale
 // y = x W^T, x [...,K] float32, W [O,K] float32 / bfloat16 / int8 (then `scale` [O]); y float32.
 torch::Tensor matmul_weight(const torch::Tensor& x, const torch::Tensor& w,
                             const torch::Tensor& scale = torch::Tensor());
+// A copy of `t` in 2 MiB-aligned memory advised for transparent huge pages. Streaming gigabytes
+// of weights through 4 KiB pages costs a TLB miss every page: decode ran 1.6-2.5x slower from a
+// memory-mapped file or plain malloc'd memory (docs/benchmarks.md). Small tensors come back as is.
+torch::Tensor in_huge_pages(const torch::Tensor& t);
+
 // Rows `ids` of an embedding table stored like a weight, as float32 [...,K].
 torch::Tensor embedding_rows(const torch::Tensor& table, const torch::Tensor& scale,
                              const torch::Tensor& ids);

@@ -1,7 +1,10 @@
 #include "victor/kernels.h"
 
+#include <sys/mman.h>
+
 #include <atomic>
 #include <cstdlib>
+#include <cstring>
 
 #include "isa_kernels.h"
 #include "victor/error.h"
@@ -185,6 +188,18 @@ torch::Tensor matmul_weight(const torch::Tensor& x, const torch::Tensor& w,
     y = at::mm(x2.to(torch::kBFloat16), wb.t()).to(torch::kFloat32);
   }
   return y.reshape(shape);
+}
+
+torch::Tensor in_huge_pages(const torch::Tensor& t) {
+  constexpr size_t kHuge = size_t(2) << 20;
+  const size_t bytes = size_t(t.numel()) * t.element_size();
+  if (bytes < kHuge / 2 || !t.is_contiguous()) return t;
+  const size_t rounded = (bytes + kHuge - 1) / kHuge * kHuge;
+  void* p = nullptr;
+  if (posix_memalign(&p, kHuge, rounded) != 0) return t;
+  madvise(p, rounded, MADV_HUGEPAGE);  // advisory: without THP the copy still works
+  std::memcpy(p, t.data_ptr(), bytes);
+  return torch::from_blob(p, t.sizes(), [](void* q) { std::free(q); }, t.options());
 }
 
 torch::Tensor embedding_rows(const torch::Tensor& table, const torch::Tensor& scale,

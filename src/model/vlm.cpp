@@ -177,6 +177,7 @@ Vlm Vlm::random(const ModelConfig& config, uint64_t seed, std::optional<WeightDT
   for (auto& p : m.params_) {
     init_param(p, gen);
     if (p.is_matrix() && to != WeightDType::F32) convert_matrix(*p.tensor, *p.scale, to);
+    if (p.is_matrix()) *p.tensor = in_huge_pages(*p.tensor);
   }
   if (c.text.tie_word_embeddings) m.w_.llm.lm_head = m.w_.llm.embed_tokens;
   m.config_.weight_dtype = to;
@@ -258,7 +259,7 @@ Vlm Vlm::load(const std::string& dir, std::optional<WeightDType> dtype) {
       used.insert(it->second + "_scale");
     }
     convert_matrix(w, scale, to);
-    *p.tensor = w;
+    *p.tensor = in_huge_pages(w);
     *p.scale = scale;
   }
   if (config.text.tie_word_embeddings) m.w_.llm.lm_head = m.w_.llm.embed_tokens;
@@ -277,7 +278,10 @@ Vlm Vlm::load(const std::string& dir, std::optional<WeightDType> dtype) {
 
 void Vlm::set_weight_dtype(WeightDType dtype) {
   for (auto& p : params_)
-    if (p.is_matrix()) convert_matrix(*p.tensor, *p.scale, dtype);
+    if (p.is_matrix()) {
+      convert_matrix(*p.tensor, *p.scale, dtype);
+      *p.tensor = in_huge_pages(*p.tensor);
+    }
   if (config_.text.tie_word_embeddings) w_.llm.lm_head = w_.llm.embed_tokens;
   config_.weight_dtype = dtype;
   declare_params();
