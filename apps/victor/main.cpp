@@ -264,7 +264,7 @@ struct BenchArgs {
   std::string model, preset, json_out, mask = "causal", dtype = "auto";
   std::vector<int> sweep_registers, sweep_layers, pools;
   BenchOptions opt;
-  bool json = false;
+  bool json = false, llm_only = false;
   int threads = default_threads();
   uint64_t seed = 0;
 };
@@ -285,6 +285,17 @@ void run_bench_cli(BenchArgs a) {
   std::cerr << "bench: " << to_string(model->config().weight_dtype) << " weights, "
             << model->weight_bytes() / 1048576.0 << " MiB\n";
   a.opt.seed = a.seed;
+  if (a.llm_only) {
+    const int gen = *std::max_element(a.opt.gen_tokens.begin(), a.opt.gen_tokens.end());
+    auto r = run_llm_bench(*model, a.opt.prompt_tokens, gen, a.opt.repeats, a.seed);
+    std::printf("language model alone (%s weights, %d threads): pp%d %.2f tokens/s [%.2f, %.2f], "
+                "tg%d %.2f tokens/s [%.2f, %.2f] (medians of %d, [min, max]); peak RSS %.0f MiB\n",
+                to_string(model->config().weight_dtype).c_str(), at::get_num_threads(), r.prompt,
+                r.prefill_tokens_per_second, r.prefill_min, r.prefill_max, r.gen - 1,
+                r.decode_tokens_per_second, r.decode_min, r.decode_max, r.repeats,
+                r.peak_rss_bytes / 1048576.0);
+    return;
+  }
   if (a.sweep_registers.empty() != a.sweep_layers.empty())
     throw Error("bench: --sweep-registers and --sweep-layers go together");
   bool own = model->config().victor_enabled();
@@ -495,6 +506,9 @@ int main(int argc, char** argv) {
   c_bench->add_option("--threads", bn.threads, "CPU threads")->check(CLI::Range(1, 1024));
   c_bench->add_option("--seed", bn.seed, "Seed for random weights and inputs");
   c_bench->add_flag("--json", bn.json, "Print JSON instead of the table");
+  c_bench->add_flag("--llm-only", bn.llm_only,
+                    "Time the language model alone like llama-bench: prefill of --prompt-tokens text tokens, "
+                    "then decode of the largest --gen");
   c_bench->add_option("--json-out", bn.json_out, "Also write the JSON to this file");
 
   QuantizeArgs qa;

@@ -44,6 +44,16 @@ std::vector<BenchConfig> bench_configs(const ModelConfig& cfg, const std::vector
 std::vector<BenchResult> run_bench(const Vlm& model, const std::vector<BenchConfig>& configs,
                                    const BenchOptions& opt);
 
+// The language model alone, as llama-bench measures it: prefill of `prompt` random text tokens
+// (tokens/s) and decode of `gen` tokens after it (tokens/s), medians of `repeats` after a warm-up.
+struct LlmBenchResult {
+  int prompt = 0, gen = 0, repeats = 0;
+  double prefill_tokens_per_second = 0, decode_tokens_per_second = 0;
+  double prefill_min = 0, prefill_max = 0, decode_min = 0, decode_max = 0;
+  int64_t peak_rss_bytes = 0;
+};
+LlmBenchResult run_llm_bench(const Vlm& model, int prompt, int gen, int repeats, uint64_t seed);
+
 std::string bench_table(const std::vector<BenchResult>& results);
 nlohmann::json bench_json(const std::vector<BenchResult>& results, const ModelConfig& cfg,
                           const BenchOptions& opt);

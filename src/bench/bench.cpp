@@ -164,6 +164,43 @@ std::vector<BenchResult> run_bench(const Vlm& base, const std::vector<BenchConfi
   return out;
 }
 
+LlmBenchResult run_llm_bench(const Vlm& model, int prompt, int gen, int repeats, uint64_t seed) {
+  if (prompt < 1 || gen < 2 || repeats < 1)
+    throw Error("bench --llm-only: needs --prompt-tokens >= 1, --gen >= 2, --repeats >= 1");
+  torch::NoGradGuard ng;
+  const auto& c = model.config();
+  PromptInput p;
+  uint64_t s = seed * 6364136223846793005ull + 1442695040888963407ull;
+  const int64_t hi = std::min<int64_t>(c.image_token_index, c.text.vocab_size) - 3;
+  p.ids.push_back(c.text.bos_token_id);
+  while (int(p.ids.size()) < prompt) {
+    s = s * 6364136223846793005ull + 1442695040888963407ull;
+    p.ids.push_back(3 + int64_t((s >> 33) % uint64_t(std::max<int64_t>(1, hi))));
+  }
+  SamplingOptions so;
+  so.max_new_tokens = gen;
+  generate_ids(model, {p}, -1, SamplingOptions{2});  // warm-up
+  std::vector<double> pp, tg;
+  reset_peak_rss();
+  for (int r = 0; r < repeats; ++r) {
+    auto res = generate_ids(model, {p}, -1, so);
+    pp.push_back(prompt / res.stats.ttft_seconds);
+    tg.push_back(res.stats.decode_tokens_per_second);
+  }
+  LlmBenchResult out;
+  out.prompt = prompt;
+  out.gen = gen;
+  out.repeats = repeats;
+  out.prefill_tokens_per_second = median(pp);
+  out.decode_tokens_per_second = median(tg);
+  out.prefill_min = *std::min_element(pp.begin(), pp.end());
+  out.prefill_max = *std::max_element(pp.begin(), pp.end());
+  out.decode_min = *std::min_element(tg.begin(), tg.end());
+  out.decode_max = *std::max_element(tg.begin(), tg.end());
+  out.peak_rss_bytes = peak_rss_bytes();
+  return out;
+}
+
 std::string bench_table(const std::vector<BenchResult>& rs) {
   if (rs.empty()) return "";
   const BenchResult& p = rs.front();
