@@ -58,7 +58,7 @@ void tune_allocator() {
   if (std::getenv("MALLOC_MMAP_THRESHOLD_") || std::getenv("MALLOC_TRIM_THRESHOLD_") ||
       std::getenv("MALLOC_TOP_PAD_") || std::getenv("VICTOR_DEFAULT_MALLOC"))
     return;
-  mallopt(M_MMAP_THRESHOLD, 256 << 20);  // buffers up to 256 MiB come from the heap
+  mallopt(M_MMAP_THRESHOLD, 32 << 20);   // buffers up to 32 MiB (glibc's maximum) come from the heap
   mallopt(M_TRIM_THRESHOLD, 1 << 30);    // and stay there when freed (up to 1 GiB of slack)
   mallopt(M_TOP_PAD, 64 << 20);
 }
