@@ -72,18 +72,26 @@ torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k, const to
                         const torch::Tensor& allowed, torch::Tensor* probs) {
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), hd = q.size(3);
   const int64_t Hkv = k.size(1), S = k.size(2), G = H / Hkv;
-  // Query head h uses key/value head h / G (Hugging Face's repeat_kv). The G query heads of a KV
-  // head become rows of one product, [G*T,hd] x [hd,S], so K and V are read once, never
-  // broadcast into G copies (which cost more than the weights in decode over a long cache).
-  auto qg = q.reshape({B, Hkv, G * T, hd});
-  auto scores = torch::matmul(qg, k.transpose(-1, -2)) * (1.0 / std::sqrt(double(hd)));
+  const double scale = 1.0 / std::sqrt(double(hd));
   // A finite floor: disallowed keys get exactly zero probability, and a row with no allowed key
   // (padding) stays finite instead of NaN.
   auto mask = allowed.view({B, 1, 1, T, S}).logical_not();
-  scores = scores.view({B, Hkv, G, T, S}).masked_fill(mask, -1e30);
+  if (T == 1) {
+    // Decode: the G query heads of a KV head are the rows of one product [G,hd] x [hd,S], so the
+    // cache is read once, never broadcast into G copies (which cost more than the weights over a
+    // 640-token cache).
+    auto scores = torch::matmul(q.reshape({B, Hkv, G, hd}), k.transpose(-1, -2)) * scale;
+    auto p = torch::softmax(scores.view({B, Hkv, G, 1, S}).masked_fill(mask, -1e30), -1);
+    if (probs) *probs = p.reshape({B, H, T, S});
+    return torch::matmul(p.view({B, Hkv, G, S}), v).reshape({B, H, T, hd});
+  }
+  // Query head h uses key/value head h / G (Hugging Face's repeat_kv), without copying K/V.
+  auto qg = q.reshape({B, Hkv, G, T, hd});
+  auto scores = torch::matmul(qg, k.unsqueeze(2).transpose(-1, -2)) * scale;
+  scores = scores.masked_fill(mask, -1e30);
   auto p = torch::softmax(scores, -1);
   if (probs) *probs = p.reshape({B, H, T, S});
-  auto out = torch::matmul(p.view({B, Hkv, G * T, S}), v);  // [B,Hkv,G*T,hd]
+  auto out = torch::matmul(p, v.unsqueeze(2));  // [B,Hkv,G,T,hd]
   return out.reshape({B, H, T, hd});
 }
 
