@@ -250,6 +250,7 @@ json bench_json(const std::vector<BenchResult>& rs, const ModelConfig& cfg, cons
               {"repeats", opt.repeats},
               {"threads", at::get_num_threads()},
               {"blas_core", blas_core_name()},
+              {"weight_dtype", to_string(cfg.weight_dtype)},
               {"configs", json::array()}};
   const BenchResult& p = rs.front();
   auto ratio = [](double a, double b) { return b > 0 ? a / b : 0.0; };
