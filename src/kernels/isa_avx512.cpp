@@ -20,16 +20,6 @@ struct F32Load {
   static __m512 full(const float* p) { return _mm512_loadu_ps(p); }
   static __m512 part(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
 };
-struct Bf16Load {
-  using T = uint16_t;
-  static __m512 widen(__m256i r) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(r), 16));
-  }
-  static __m512 full(const uint16_t* p) {
-    return widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  }
-  static __m512 part(const uint16_t* p, __mmask16 m) { return widen(_mm256_maskz_loadu_epi16(m, p)); }
-};
 struct Int8Load {
   using T = int8_t;
   static __m512 widen(__m128i r) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(r)); }
@@ -169,10 +159,6 @@ void bf16_pairs(const float* xs, int64_t M, int64_t K, const uint16_t* w, int64_
 void f32(const float* x, int64_t M, int64_t K, const float* w, int64_t o0, int64_t o1, float* y,
          int64_t ldy) {
   matmul<F32Load>(x, M, K, w, nullptr, o0, o1, y, ldy);
-}
-void bf16(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t o0, int64_t o1,
-          float* y, int64_t ldy) {
-  matmul<Bf16Load>(x, M, K, w, nullptr, o0, o1, y, ldy);
 }
 void int8(const float* x, int64_t M, int64_t K, const int8_t* w, const float* scale, int64_t o0,
           int64_t o1, float* y, int64_t ldy) {
