@@ -57,4 +57,8 @@ inline torch::Tensor last_logits(const Vlm& m, const std::vector<PromptInput>& r
   return m.logits(out.hidden.index({torch::arange(int64_t(rows.size())), last}));
 }
 
+// Greedy decoding with the cache, then a full recompute over prompt + generated tokens must give
+// the same logits at every step (within `tol`, relative and absolute).
+void check_incremental_equals_full(const Vlm& m, const PromptInput& p, int steps, double tol = 1e-4);
+
 }  // namespace victor::test

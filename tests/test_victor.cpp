@@ -11,22 +11,6 @@ PromptInput one_image(const ModelConfig& c, uint64_t seed) {
   return prompt(c, {5, 6, 7}, {8, 9, 10, 11}, random_pixels(1, 28, seed));
 }
 
-void check_incremental_equals_full(const Vlm& m, const PromptInput& p, int steps) {
-  torch::NoGradGuard ng;
-  SamplingOptions opt;
-  opt.max_new_tokens = steps;
-  opt.keep_logits = true;
-  auto res = generate_ids(m, {p}, -1, opt);
-  ASSERT_EQ(int(res.tokens[0].size()), steps);
-  PromptInput full = p;
-  for (int s = 0; s < steps; ++s) {
-    auto ref = last_logits(m, {full});  // full recompute, drop applied
-    EXPECT_TRUE(torch::allclose(res.step_logits[s][0], ref[0], 1e-4, 1e-4))
-        << "step " << s << " diff " << (res.step_logits[s][0] - ref[0]).abs().max().item<float>();
-    full.ids.push_back(res.tokens[0][s]);
-  }
-}
-
 }  // namespace
 
 TEST(Victor, OffReproducesThePlainModelExactly) {

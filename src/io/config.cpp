@@ -330,6 +330,7 @@ void save_config(const ModelConfig& c, const std::string& dir) {
 }
 
 ModelConfig preset_config(const std::string& name) {
+  const VisionConfig clip_l_336{1024, 4096, 24, 16, 336, 14, 3, 1e-5, "quick_gelu"};
   ModelConfig c;
   c.text.rms_norm_eps = 1e-5;
   if (name == "tiny") {
@@ -351,7 +352,7 @@ ModelConfig preset_config(const std::string& name) {
     c.text.max_position_embeddings = 2048;
   } else if (name == "clip-l-1b") {
     // CLIP ViT-L/14-336 (576 visual tokens) and a TinyLlama-1.1B-shaped language tower.
-    c.vision = VisionConfig{1024, 4096, 24, 16, 336, 14, 3, 1e-5, "quick_gelu"};
+    c.vision = clip_l_336;
     c.text.vocab_size = 32064;
     c.text.hidden_size = 2048;
     c.text.intermediate_size = 5632;
@@ -361,7 +362,7 @@ ModelConfig preset_config(const std::string& name) {
     c.text.max_position_embeddings = 4096;
   } else if (name == "llava-7b") {
     // LLaVA-1.5-7B: CLIP ViT-L/14-336 and Vicuna-7B (LLaMA-2 7B shape, full multi-head attention).
-    c.vision = VisionConfig{1024, 4096, 24, 16, 336, 14, 3, 1e-5, "quick_gelu"};
+    c.vision = clip_l_336;
     c.text.vocab_size = 32064;
     c.text.hidden_size = 4096;
     c.text.intermediate_size = 11008;
