@@ -65,14 +65,15 @@ double median(std::vector<double> v) {
   return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
 
-// A prompt of `text` tokens with one image after the first eight (random ids below the specials).
+// A prompt of `text` tokens (random ids below the specials), with one image after the first eight
+// when `pixels` is defined.
 PromptInput synthetic_prompt(const ModelConfig& c, int text, uint64_t seed, const torch::Tensor& pixels) {
   PromptInput p;
   uint64_t s = seed * 6364136223846793005ull + 1442695040888963407ull;
   const int64_t hi = std::min<int64_t>(c.image_token_index, c.text.vocab_size) - 3;
   p.ids.push_back(c.text.bos_token_id);
   for (int i = 1; i < text; ++i) {
-    if (i == std::min(8, text - 1)) p.ids.push_back(c.image_token_index);
+    if (pixels.defined() && i == std::min(8, text - 1)) p.ids.push_back(c.image_token_index);
     s = s * 6364136223846793005ull + 1442695040888963407ull;
     p.ids.push_back(3 + int64_t((s >> 33) % uint64_t(std::max<int64_t>(1, hi))));
   }
@@ -168,15 +169,7 @@ LlmBenchResult run_llm_bench(const Vlm& model, int prompt, int gen, int repeats,
   if (prompt < 1 || gen < 2 || repeats < 1)
     throw Error("bench --llm-only: needs --prompt-tokens >= 1, --gen >= 2, --repeats >= 1");
   torch::NoGradGuard ng;
-  const auto& c = model.config();
-  PromptInput p;
-  uint64_t s = seed * 6364136223846793005ull + 1442695040888963407ull;
-  const int64_t hi = std::min<int64_t>(c.image_token_index, c.text.vocab_size) - 3;
-  p.ids.push_back(c.text.bos_token_id);
-  while (int(p.ids.size()) < prompt) {
-    s = s * 6364136223846793005ull + 1442695040888963407ull;
-    p.ids.push_back(3 + int64_t((s >> 33) % uint64_t(std::max<int64_t>(1, hi))));
-  }
+  const PromptInput p = synthetic_prompt(model.config(), prompt, seed, torch::Tensor());
   SamplingOptions so;
   so.max_new_tokens = gen;
   generate_ids(model, {p}, -1, SamplingOptions{2});  // warm-up

@@ -139,8 +139,8 @@ void init_param(const ParamRef& p, at::Generator& gen) {
 
 namespace {
 
-// A weight matrix converted to `to`: quantized, dequantized or cast. `scale` is its int8 scale
-// slot (defined exactly when the result is int8).
+// A weight matrix converted to `to` (quantized, dequantized or cast) and placed in huge-page
+// memory. `scale` is its int8 scale slot (defined exactly when the result is int8).
 void convert_matrix(torch::Tensor& w, torch::Tensor& scale, WeightDType to) {
   const bool is_int8 = w.scalar_type() == torch::kInt8;
   switch (to) {
@@ -160,6 +160,7 @@ void convert_matrix(torch::Tensor& w, torch::Tensor& scale, WeightDType to) {
       }
       break;
   }
+  w = in_huge_pages(w);
 }
 
 bool is_scale_of_matrix(const ParamRef& p) {
@@ -176,8 +177,7 @@ Vlm Vlm::random(const ModelConfig& config, uint64_t seed, std::optional<WeightDT
   auto gen = at::detail::createCPUGenerator(seed);
   for (auto& p : m.params_) {
     init_param(p, gen);
-    if (p.is_matrix() && to != WeightDType::F32) convert_matrix(*p.tensor, *p.scale, to);
-    if (p.is_matrix()) *p.tensor = in_huge_pages(*p.tensor);
+    if (p.is_matrix()) convert_matrix(*p.tensor, *p.scale, to);
   }
   if (c.text.tie_word_embeddings) m.w_.llm.lm_head = m.w_.llm.embed_tokens;
   m.config_.weight_dtype = to;
@@ -259,7 +259,7 @@ Vlm Vlm::load(const std::string& dir, std::optional<WeightDType> dtype) {
       used.insert(it->second + "_scale");
     }
     convert_matrix(w, scale, to);
-    *p.tensor = in_huge_pages(w);
+    *p.tensor = w;
     *p.scale = scale;
   }
   if (config.text.tie_word_embeddings) m.w_.llm.lm_head = m.w_.llm.embed_tokens;
@@ -278,10 +278,7 @@ Vlm Vlm::load(const std::string& dir, std::optional<WeightDType> dtype) {
 
 void Vlm::set_weight_dtype(WeightDType dtype) {
   for (auto& p : params_)
-    if (p.is_matrix()) {
-      convert_matrix(*p.tensor, *p.scale, dtype);
-      *p.tensor = in_huge_pages(*p.tensor);
-    }
+    if (p.is_matrix()) convert_matrix(*p.tensor, *p.scale, dtype);
   if (config_.text.tie_word_embeddings) w_.llm.lm_head = w_.llm.embed_tokens;
   config_.weight_dtype = dtype;
   declare_params();
@@ -372,13 +369,6 @@ torch::Tensor Vlm::embed_tokens(const torch::Tensor& ids) const {
   const int64_t V = config_.text.vocab_size;
   if (ids.numel() > 0 && (ids.min().item<int64_t>() < 0 || ids.max().item<int64_t>() >= V))
     throw Error("token id out of range for vocab_size " + std::to_string(V));
-  if (config_.weight_dtype == WeightDType::F32) {
-    // Float32 keeps the autograd path (training reaches the embedding).
-    auto flat = torch::index_select(w_.llm.embed_tokens.weight, 0, ids.reshape({-1}));
-    auto shape = ids.sizes().vec();
-    shape.push_back(config_.text.hidden_size);
-    return flat.view(shape);
-  }
   return embedding_rows(w_.llm.embed_tokens.weight, w_.llm.embed_tokens.scale, ids);
 }
 
