@@ -30,11 +30,29 @@ out=$("$VICTOR" generate --model "$work/m" --image "$img" --prompt "What is in r
 echo "$out" | grep -q "time to first token" || { echo "FAIL: --stats missing: $out"; fail=1; }
 [ -s "$work/l.npy" ] || { echo "FAIL: --dump-logits wrote nothing"; fail=1; }
 out=$("$VICTOR" generate --model "$work/v" --image "$img" --prompt "How many bags are there?" --max-new-tokens 4 --stats 2>&1)
-echo "$out" | grep -q "visual tokens dropped after layer 2" || { echo "FAIL: victor stats: $out"; fail=1; }
+echo "$out" | grep -q "reducer victor m=8 k=2: layers 0-1 see" || { echo "FAIL: victor stats: $out"; fail=1; }
 echo "$out" | grep -q "8 registers" || { echo "FAIL: registers not shown: $out"; fail=1; }
 # Victor on a plain checkpoint, registers from the mean of calibration images.
 "$VICTOR" generate --model "$work/m" --image "$img" --prompt "Is there a bag?" --registers 4 --summary-layers 1 \
   --register-init mean --calibration-images "$img" --max-new-tokens 2 >/dev/null 2>&1 || { echo "FAIL: mean init"; fail=1; }
+
+# Training-free reducers on the plain checkpoint, and every reducer in one bench table.
+for r in fastv:k=2,keep=0.25 visionzip:dominant=4,contextual=2 pool:2 victor:m=4,k=1; do
+  out=$("$VICTOR" generate --model "$work/m" --image "$img" --prompt "How many bags are there?" --max-new-tokens 3 --stats --reducer "$r" 2>&1) \
+    || { echo "FAIL: generate --reducer $r: $out"; fail=1; }
+done
+echo "$out" | grep -q "reducer victor m=4 k=1" || { echo "FAIL: --reducer not applied: $out"; fail=1; }
+out=$("$VICTOR" bench --model "$work/m" --reducer victor:m=4,k=1 --reducer fastv:k=2,keep=0.25 --reducer visionzip:dominant=4,contextual=2 \
+  --reducer pool:2 --batch 1 --gen 2 --repeats 1 2>/dev/null) || { echo "FAIL: bench --reducer"; fail=1; }
+for name in plain "victor m=4 k=1" "fastv k=2 keep=0.25" "visionzip 4+2" "pool 2x2"; do
+  echo "$out" | grep -q "^$name " || { echo "FAIL: bench table lacks '$name': $out"; fail=1; }
+done
+expect_error "unknown reducer" "'zip:3'.*unknown reducer" "$VICTOR" generate --model "$work/m" --image "$img" --prompt "hi" --reducer zip:3
+expect_error "fastv keep" "'fastv:k=2,keep=1.5'.*keep" "$VICTOR" bench --model "$work/m" --reducer fastv:k=2,keep=1.5
+expect_error "fastv past the last layer" "'fastv:k=9,keep=0.5'.*between 1 and 3" "$VICTOR" generate --model "$work/m" --image "$img" --prompt "hi" --reducer fastv:k=9,keep=0.5
+expect_error "reducer and shorthand" "one or the other" "$VICTOR" generate --model "$work/m" --image "$img" --prompt "hi" --reducer pool:2 --registers 4
+expect_error "training-free reducer in training" "training-free" "$VICTOR" train --model "$work/m" --data "$work/g/train.json" --out "$work/t" --reducer fastv:k=2,keep=0.5 --max-steps 1
+expect_error "other register count" "8 trained registers" "$VICTOR" train --model "$work/v" --data "$work/g/train.json" --out "$work/t" --registers 4 --max-steps 1
 
 echo "not an image" > "$work/bad.png"
 expect_error "missing model" "not found" "$VICTOR" generate --model "$work/nope" --image "$img" --prompt "hi"

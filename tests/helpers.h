@@ -17,9 +17,9 @@ inline ModelConfig tiny_config(int registers = 0, int summary_layers = -1,
   c.text.vocab_size = 64;
   c.image_token_index = 60;
   c.pad_token_id = 61;
-  c.victor.num_registers = registers;
-  c.victor.summary_layers = summary_layers;
-  c.victor.register_mask = mask;
+  // Victor m = 0 with k = L (or none) is the plain model, written as such.
+  if (registers > 0 || (summary_layers >= 0 && summary_layers < c.num_layers()))
+    c.reducer = Reducer::victor({registers, summary_layers < 0 ? std::nullopt : std::optional<int>(summary_layers), mask});
   return c;
 }
 

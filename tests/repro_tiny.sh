@@ -6,10 +6,11 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 "$VICTOR" repro --preset tiny --out "$work/r" --train-images 24 --test-images 4 --steps 12 --vision-steps 3 --vision-images 20 --pretrain-steps 4 --pool 2 \
   --registers 4,8 --summary-layers 1,2 --bench-repeats 1 --bench-batch 4 --bench-gen 2,8 \
-  --curriculum 2:identify:2:3x2@100,4:count+exist/50:1:3x3@0:75 --curriculum-images 16 --curriculum-summary-layers 2 > "$work/out.txt"
+  --curriculum 2:identify:1:3x2@100,4:count+exist/50:1:3x3@0:75 --curriculum-images 16 --curriculum-summary-layers 2 > "$work/out.txt"
 grep -q "report: $work/r/report.md" "$work/out.txt"
 r="$work/r/report.md"
-for pattern in "Stage 0, shared" "Stage C, shared" "| C1 | 2x2 | identify | 2 | 4 | 6 (2 x 3 of at most 2, bar 100.0%) |" "| C2 | 4x4, 75.0% empty | count, exist (50.0% empty) | 1 | 16 | 3 (1 x 3 of at most 3, bar 0.0%) |" "- C2 per family, after its last schedule: count " "| plain | 0 |" "| victor-m4-k1 | 4 | 1 |" "| victor-m8-k1 | 8 | 1 |" "| victor-m8-k2 | 8 | 2 |" "victor-m8-k2 (k = 2):" "| pool-2x2 | 0 |" "Answer-prior baseline" \
+for pattern in "Stage 0, shared" "Stage C, shared" "| C1 | 2x2 | identify | 1 | 16 | 6 (2 x 3 of at most 2, bar 100.0%) |" "| C2 | 4x4, 75.0% empty | count, exist (50.0% empty) | 1 | 16 | 3 (1 x 3 of at most 3, bar 0.0%) |" "- C2 per family, after its last schedule: count " "| plain | \`none\` | 16 |" "| victor-m4-k1 | \`victor:m=4,k=1\` | 16 + 4 |" "| victor-m8-k1 | \`victor:m=8,k=1\` |" "| victor-m8-k2 | \`victor:m=8,k=2\` |" "victor-m8-k2 (k = 2):" "| pool-2x2 | \`pool:2\` | 4 |" \
+               "| fastv-k2-keep0.25 | \`fastv:k=2,keep=0.25\` | 16 |" "| visionzip-4+0 | \`visionzip:dominant=4,contextual=0\` | 4 |" "paired 95%" "relative accuracy drop < 4% (a drop of at most" "Answer-prior baseline" \
                "relative accuracy drop < 4%" "training time at least 43% lower" "throughput at least 3.3x" \
                "b4_g2 req/s" "## Accuracy per question family"; do
   grep -qF -- "$pattern" "$r" || { echo "report lacks: $pattern"; cat "$r"; exit 1; }
@@ -42,11 +43,17 @@ if grep -q '"ground_mass"' "$work/r/models/victor-m8-k1/metrics.jsonl"; then ech
 grep -q '"ground_mass"' "$work/r/curriculum-1/metrics.jsonl" || { echo "stage C was not grounded"; exit 1; }
 grep -q '"boxes"' "$work/r/gridvqa/train.json" || { echo "GridVQA wrote no boxes"; exit 1; }
 if command -v gnuplot >/dev/null; then
-  [ -s "$work/r/accuracy_vs_registers.png" ] && [ -s "$work/r/throughput_vs_registers.png" ] || { echo "plots missing"; exit 1; }
+  [ -s "$work/r/accuracy_vs_registers.png" ] && [ -s "$work/r/throughput_vs_registers.png" ] && [ -s "$work/r/accuracy_vs_throughput.png" ] || { echo "plots missing"; exit 1; }
 fi
 # The trained Victor checkpoint generates.
 "$VICTOR" generate --model "$work/r/models/victor-m8-k2" --image "$work/r/gridvqa/images/test_000000.png" \
-  --prompt "How many bags are there?" --max-new-tokens 4 --stats 2>&1 | grep -q "dropped after layer 2"
+  --prompt "How many bags are there?" --max-new-tokens 4 --stats 2>&1 | grep -q "reducer victor m=8 k=2: layers 0-1 see"
+# Stage C's drop with a pooled stage is refused up front (a model has one reducer).
+if "$VICTOR" repro --preset tiny --out "$work/bad3" --curriculum 2:identify:2:3 --curriculum-summary-layers 2 > "$work/bad3.txt" 2>&1; then
+  echo "repro accepted a pooled stage C with --curriculum-summary-layers"; exit 1
+fi
+grep -q "one token reducer" "$work/bad3.txt" || { echo "pooled stage C error unclear:"; cat "$work/bad3.txt"; exit 1; }
+[ ! -e "$work/bad3" ] || { echo "repro wrote $work/bad3 before refusing"; exit 1; }
 # A k the preset does not have is refused before any work is done.
 if "$VICTOR" repro --preset tiny --out "$work/bad" --summary-layers 1,4 > "$work/bad.txt" 2>&1; then
   echo "repro accepted k = 4 on a 4-layer preset"; exit 1

@@ -69,13 +69,13 @@ TEST(Bench, JsonHasEveryFieldAndKvBytesMatchFormula) {
   o.prompt_tokens = 20;
   o.repeats = 1;
   o.progress = false;
-  auto configs = bench_configs(cfg, {4}, {1}, RegisterMask::RegistersOnly);
+  auto configs = bench_configs(cfg, {Reducer::victor({4, 1, RegisterMask::RegistersOnly})});
   ASSERT_EQ(configs.size(), 3u);  // plain, the checkpoint's own, the sweep
   auto results = run_bench(m, configs, o);
   auto j = bench_json(results, cfg, o);
   ASSERT_EQ(j["configs"].size(), 3u);
   for (auto& c : j["configs"]) {
-    for (auto key : {"name", "registers", "summary_layers", "register_mask", "vision_seconds", "ttft_seconds",
+    for (auto key : {"name", "reducer", "visual_tokens", "inserted_tokens", "vision_seconds", "ttft_seconds",
                      "decode_tokens_per_second", "requests_per_second", "kv_bytes", "kv_bytes_formula",
                      "peak_rss_bytes", "prefill_gflops", "ratio_to_plain"})
       EXPECT_TRUE(c.contains(key)) << key;

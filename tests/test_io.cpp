@@ -158,7 +158,7 @@ TEST(Config, DefaultsValidationAndErrors) {
   EXPECT_EQ(c.visual_tokens_per_image(), 576);
   EXPECT_EQ(c.vision_layers_needed(), 23);
   EXPECT_EQ(c.vision.hidden_act, "quick_gelu");
-  EXPECT_FALSE(c.victor_enabled());
+  EXPECT_TRUE(c.reducer.is_none());
   j["text_config"]["num_key_value_heads"] = 5;
   auto e = error_of([&] { config_from_json(j, "config.json").validate(); });
   EXPECT_NE(e.find("num_key_value_heads"), std::string::npos);

@@ -278,9 +278,9 @@ TEST(Dtype, Llava7bPresetHasThePapersShape) {
   const int64_t llm = 6738415616LL + 2LL * 64 * 4096;
   EXPECT_EQ(n, vision + projector + llm);
   // KV: 2 (K,V) x 32 layers x 4096 x 4 bytes = 1 MiB per token in float32.
-  EXPECT_EQ(kv_bytes_formula(c, 64, 1, 0, false), (64 + 576) * 2LL * 32 * 4096 * 4);
+  EXPECT_EQ(kv_bytes_formula(c, 64, 1, 0), (64 + 576) * 2LL * 32 * 4096 * 4);
   // Victor m = 8, k = 3 under causal: 3 layers keep the 576 visual rows, 29 only the registers.
-  c.victor = VictorConfig{8, 3, RegisterMask::Causal};
-  EXPECT_EQ(kv_bytes_formula(c, 64, 1, 0, true),
+  c.reducer = Reducer::victor({8, 3, RegisterMask::Causal});
+  EXPECT_EQ(kv_bytes_formula(c, 64, 1, 0),
             2LL * 4096 * 4 * (3 * (64 + 8 + 576) + 29 * (64 + 8)));
 }

@@ -20,6 +20,7 @@ void check_incremental_equals_full(const Vlm& m, const PromptInput& p, int steps
     EXPECT_TRUE(torch::allclose(res.step_logits[s][0], ref[0], tol, tol))
         << "step " << s << " max diff " << (res.step_logits[s][0] - ref[0]).abs().max().item<float>();
     full.ids.push_back(res.tokens[0][s]);
+    full.generated += 1;  // FastV ranks by the last prompt token, not the last generated one
   }
 }
 }  // namespace victor::test
@@ -100,7 +101,7 @@ TEST(Model, SamplingIsSeededAndRespectsTopK) {
 TEST(Model, AveragePoolingBaselineReducesVisualTokens) {
   auto cfg = tiny_config();
   Vlm plain = Vlm::random(cfg, 16);
-  cfg.visual_pool = 2;
+  cfg.reducer = Reducer::pool({2});
   Vlm pooled = Vlm::random(cfg, 16);  // same weights
   EXPECT_EQ(cfg.visual_tokens_per_image(), 4);
   auto px = random_pixels(2, 28, 5);
@@ -110,6 +111,6 @@ TEST(Model, AveragePoolingBaselineReducesVisualTokens) {
   // Token (0,1) of the pooled 2x2 grid is the mean of patches (0,2),(0,3),(1,2),(1,3).
   auto ref = (full.select(1, 2) + full.select(1, 3) + full.select(1, 6) + full.select(1, 7)) / 4;
   EXPECT_TRUE(torch::allclose(got.select(1, 1), ref, 1e-5, 1e-6));
-  cfg.visual_pool = 3;
+  cfg.reducer = Reducer::pool({3});
   EXPECT_THROW(cfg.validate(), Error);
 }

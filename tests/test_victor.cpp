@@ -16,7 +16,7 @@ PromptInput one_image(const ModelConfig& c, uint64_t seed) {
 TEST(Victor, OffReproducesThePlainModelExactly) {
   Vlm plain = Vlm::random(tiny_config(), 21);
   Vlm off = Vlm::random(tiny_config(0, 4), 21);  // m = 0, k = L
-  EXPECT_FALSE(off.config().victor_enabled());
+  EXPECT_TRUE(off.config().reducer.is_none());
   auto p = one_image(plain.config(), 1);
   EXPECT_TRUE(torch::equal(last_logits(plain, {p}), last_logits(off, {p})));
 }
@@ -101,13 +101,13 @@ TEST(Victor, KvCacheOfLaterLayersHoldsNoVisualRows) {
       EXPECT_EQ(vis, expect_visual ? N : 0) << l;
       EXPECT_EQ(cache.layers[l].len, text + 3 + (expect_visual ? N : 0)) << l;
     }
-    EXPECT_EQ(cache.bytes(), kv_bytes_formula(cfg, text, 1, 0, true));
+    EXPECT_EQ(cache.bytes(), kv_bytes_formula(cfg, text, 1, 0));
     // Per layer: 2 (K,V) * Hkv 2 * hd 16 * 4 bytes per row.
     const int64_t row = 2 * 2 * 16 * 4;
     int64_t expect = mode == RegisterMask::Causal ? row * (2 * (text + 3 + N) + 2 * (text + 3))
                                                   : row * 4 * (text + 3);
     EXPECT_EQ(cache.bytes(), expect);
-    EXPECT_EQ(kv_bytes_formula(cfg, text, 1, 0, false), row * 4 * (text + N));
+    EXPECT_EQ(kv_bytes_formula(without_reducer(cfg), text, 1, 0), row * 4 * (text + N));
     // Decoding continues from the full length.
     EXPECT_EQ(cache.next_pos[0].item<int64_t>(), text + N + 3);
   }

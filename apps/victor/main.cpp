@@ -81,19 +81,29 @@ std::vector<std::string> read_lines(const std::string& path) {
 
 // --- victor init ---
 struct InitArgs {
-  std::string preset = "tiny", out, corpus, mask = "causal", tokenizer_type = "bpe", dtype = "f32";
-  int registers = 0, summary_layers = -1, vocab = 512, pool = 1;
+  std::string preset = "tiny", out, corpus, tokenizer_type = "bpe", dtype = "f32";
+  ReducerChoice reducer;
+  int vocab = 512;
   uint64_t seed = 0;
 };
 
-void add_victor_options(CLI::App* c, int& registers, int& summary_layers, std::string& mask) {
-  c->add_option("--registers", registers, "Victor: number of register tokens m per image (0 = none)")
+const char* const kReducerHelp =
+    "Token reducer: none | victor:m=8,k=2[,mask=causal|registers_only] | pool:4 | fastv:k=2,keep=0.5 | "
+    "visionzip:dominant=54,contextual=10 (default: the checkpoint's own)";
+
+// --reducer and Victor's / pooling's shorthand flags, resolved against the model's own reducer.
+void add_reducer_options(CLI::App* c, ReducerChoice& r, bool pool_flag = true) {
+  c->add_option("--reducer", r.spec, kReducerHelp);
+  c->add_option("--registers", r.registers, "Victor shorthand: register tokens m per image (0 = none)")
       ->check(CLI::Range(0, 4096));
-  c->add_option("--summary-layers", summary_layers,
-                "Victor: k, visual tokens are dropped after layer k (-1 = never)")
+  c->add_option("--summary-layers", r.summary_layers,
+                "Victor shorthand: k, visual tokens are dropped after layer k (-1 = never)")
       ->check(CLI::Range(-1, 1024));
-  c->add_option("--register-mask", mask, "Victor: causal | registers_only")
+  c->add_option("--register-mask", r.mask, "Victor shorthand: causal | registers_only")
       ->check(CLI::IsMember({"causal", "registers_only"}));
+  if (pool_flag)
+    c->add_option("--visual-pool", r.pool, "Pooling shorthand: pool the visual grid p x p (1 = none)")
+        ->check(CLI::Range(1, 64));
 }
 
 void run_init(const InitArgs& a) {
@@ -108,10 +118,7 @@ void run_init(const InitArgs& a) {
   cfg.text.vocab_size = real_shape ? std::max(cfg.text.vocab_size, padded) : padded;
   cfg.image_token_index = n;
   cfg.pad_token_id = n + 1;
-  cfg.victor.num_registers = a.registers;
-  cfg.victor.summary_layers = a.summary_layers;
-  cfg.victor.register_mask = register_mask_from_string(a.mask);
-  cfg.visual_pool = a.pool;
+  cfg.reducer = a.reducer.resolve(Reducer::none());
   Vlm model = Vlm::random(cfg, a.seed, weight_dtype_from_string(a.dtype));
   model.save(a.out);
   std::cout << "wrote " << a.preset << " model to " << a.out << ": "
@@ -119,51 +126,41 @@ void run_init(const InitArgs& a) {
             << model.weight_bytes() / 1048576.0 << " MiB), vocabulary " << cfg.text.vocab_size
             << " (SentencePiece " << n << " + <image>, <pad>), "
             << cfg.visual_tokens_per_image() << " visual tokens per image";
-  if (cfg.victor_enabled())
-    std::cout << ", Victor m=" << cfg.victor.num_registers << " k=" << cfg.drop_layer() << " ("
-              << to_string(cfg.victor.register_mask) << ")";
+  if (!cfg.reducer.is_none()) std::cout << ", token reducer " << cfg.reducer.spec();
   std::cout << "\n";
 }
 
 // --- victor generate ---
 struct GenerateArgs {
-  std::string model, prompt, dump_logits, mask = "causal", register_init = "random", dtype = "auto";
+  std::string model, prompt, dump_logits, register_init = "random", dtype = "auto";
   std::vector<std::string> images, calibration;
   SamplingOptions sampling;
   int threads = default_threads();
-  int registers = -1, summary_layers = -2;
+  ReducerChoice reducer;
   bool stats = false;
 };
 
-// Applies --registers / --summary-layers / --register-mask to a loaded model.
-void apply_victor_overrides(Vlm& model, int registers, int summary_layers, const std::string& mask,
-                            bool mask_given, const std::string& init,
-                            const std::vector<std::string>& calibration, uint64_t seed) {
-  VictorConfig v = model.config().victor;
-  bool changed = false;
-  if (summary_layers != -2) v.summary_layers = summary_layers, changed = true;
-  if (mask_given) v.register_mask = register_mask_from_string(mask), changed = true;
-  if (registers >= 0 && registers != v.num_registers) {
-    v.num_registers = registers;
-    model.set_victor(v, seed);  // fresh registers (std 0.02)
-    if (init == "mean" && registers > 0) {
-      if (calibration.empty())
-        throw Error("--register-init mean needs --calibration-images");
-      std::vector<torch::Tensor> px;
-      for (auto& p : calibration)
-        px.push_back(preprocess_image(load_image(p), model.config().preprocess));
-      model.init_registers_mean(torch::stack(px, 0), seed);
-    }
-    return;
-  }
-  if (changed) {
-    auto regs = model.weights().registers;
-    model.set_victor(v, seed);
-    if (regs.defined() && v.num_registers > 0) model.weights().registers = regs;
+// Applies --reducer (or Victor's shorthand flags) to a loaded model. Trained registers stay when
+// the count matches; a different count replaces them with new ones, said on stderr.
+void apply_reducer(Vlm& model, const ReducerChoice& choice, const std::string& init,
+                   const std::vector<std::string>& calibration, uint64_t seed) {
+  if (!choice.any()) return;
+  const Reducer r = choice.resolve(model.config().reducer);
+  const auto& regs = model.weights().registers;
+  const int64_t have = regs.defined() ? regs.size(0) : 0, want = r.inserted_rows();
+  if (have > 0 && want > 0 && have != want)
+    std::cerr << "victor: " << r.spec() << " replaces the checkpoint's " << have << " trained registers with "
+              << want << " new ones (" << init << " init)\n";
+  model.set_reducer(r, seed, /*replace_registers=*/true);
+  if (want > 0 && have != want && init == "mean") {
+    if (calibration.empty()) throw Error("--register-init mean needs --calibration-images");
+    std::vector<torch::Tensor> px;
+    for (auto& p : calibration) px.push_back(preprocess_image(load_image(p), model.config().preprocess));
+    model.init_registers_mean(torch::stack(px, 0), seed);
   }
 }
 
-void run_generate(const GenerateArgs& a, bool mask_given) {
+void run_generate(const GenerateArgs& a) {
   set_threads(a.threads);
   if (a.prompt.find_first_not_of(" \t\r\n") == std::string::npos)
     throw Error("--prompt: empty prompt");
@@ -173,8 +170,7 @@ void run_generate(const GenerateArgs& a, bool mask_given) {
   Vlm model = Vlm::load(a.model, parse_dtype(a.dtype));
   const double load_seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t_load).count();
-  apply_victor_overrides(model, a.registers, a.summary_layers, a.mask, mask_given, a.register_init,
-                         a.calibration, a.sampling.seed);
+  apply_reducer(model, a.reducer, a.register_init, a.calibration, a.sampling.seed);
   Tokenizer tok(a.model);
   SamplingOptions opt = a.sampling;
   opt.keep_logits = !a.dump_logits.empty();
@@ -231,27 +227,34 @@ void run_train(TrainOptions o, const std::string& parts, int threads) {
 
 // --- victor eval ---
 struct EvalArgs {
-  std::string model, questions, answers_file, train_data;
+  std::string model, questions, answers_file, train_data, compare_answers;
   EvalOptions opt;
   int threads = default_threads();
-  int registers = -1, summary_layers = -2;
-  std::string mask = "causal", dtype = "auto";
+  ReducerChoice reducer;
+  std::string dtype = "auto";
 };
 
-void run_eval(EvalArgs a, bool mask_given) {
+void run_eval(EvalArgs a) {
   set_threads(a.threads);
   auto qs = load_questions_jsonl(a.questions);
   if (a.opt.image_folder.empty()) a.opt.image_folder = fs::path(a.questions).parent_path().string();
   if (!a.model.empty()) {
     Vlm model = Vlm::load(a.model, parse_dtype(a.dtype));
-    apply_victor_overrides(model, a.registers, a.summary_layers, a.mask, mask_given, "random", {}, 0);
+    apply_reducer(model, a.reducer, "random", {}, 0);
     Tokenizer tok(a.model);
     a.opt.model_id = fs::path(a.model).filename().string();
     auto r = evaluate(model, tok, qs, a.opt);
     std::cout << format_report(r);
     if (!a.opt.answers_out.empty()) std::cout << "answers written to " << a.opt.answers_out << "\n";
+    if (!a.compare_answers.empty())
+      std::cout << format_comparison(compare_reports(r, score_files(a.questions, a.compare_answers)),
+                                     "this run", a.compare_answers);
   } else if (!a.answers_file.empty()) {
-    std::cout << format_report(score_files(a.questions, a.answers_file));
+    auto r = score_files(a.questions, a.answers_file);
+    std::cout << format_report(r);
+    if (!a.compare_answers.empty())
+      std::cout << format_comparison(compare_reports(r, score_files(a.questions, a.compare_answers)),
+                                     a.answers_file, a.compare_answers);
   } else {
     throw Error("eval: give --model (answer and score) or --answers (score an answers file)");
   }
@@ -264,6 +267,7 @@ void run_eval(EvalArgs a, bool mask_given) {
 // --- victor bench ---
 struct BenchArgs {
   std::string model, preset, json_out, mask = "causal", dtype = "auto";
+  std::vector<std::string> reducers;
   std::vector<int> sweep_registers, sweep_layers, pools;
   BenchOptions opt;
   bool json = false, llm_only = false;
@@ -300,13 +304,14 @@ void run_bench_cli(BenchArgs a) {
   }
   if (a.sweep_registers.empty() != a.sweep_layers.empty())
     throw Error("bench: --sweep-registers and --sweep-layers go together");
-  bool own = model->config().victor_enabled();
-  if (a.sweep_registers.empty() && !own) {  // a plain checkpoint: compare with Victor m=8, k=2
-    a.sweep_registers = {8};
-    a.sweep_layers = {std::min(2, model->config().num_layers())};
-  }
-  auto configs = bench_configs(model->config(), a.sweep_registers, a.sweep_layers,
-                               register_mask_from_string(a.mask), a.pools);
+  std::vector<Reducer> extra;
+  for (auto& spec : a.reducers) extra.push_back(Reducer::parse(spec));
+  for (int k : a.sweep_layers)
+    for (int m : a.sweep_registers) extra.push_back(Reducer::victor({m, k, register_mask_from_string(a.mask)}));
+  for (int p : a.pools) extra.push_back(Reducer::pool({p}));
+  if (extra.empty() && model->config().reducer.is_none())  // a plain checkpoint: compare with Victor m=8, k=2
+    extra.push_back(Reducer::victor({8, std::min(2, model->config().num_layers()), RegisterMask::Causal}));
+  auto configs = bench_configs(model->config(), extra);
   auto results = run_bench(*model, configs, a.opt);
   auto j = bench_json(results, model->config(), a.opt);
   if (!a.json_out.empty()) write_file_atomic(a.json_out, j.dump(2) + "\n");
@@ -386,8 +391,7 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"bpe", "unigram"}));
   c_init->add_option("--seed", init.seed, "Random seed for the weights");
   add_dtype_option(c_init, init.dtype, false);
-  add_victor_options(c_init, init.registers, init.summary_layers, init.mask);
-  c_init->add_option("--visual-pool", init.pool, "Average-pooling baseline: pool the visual grid p x p (1 = off)")->check(CLI::Range(1, 64));
+  add_reducer_options(c_init, init.reducer);
 
   GenerateArgs gen;
   auto* c_gen = app.add_subcommand("generate", "Answer a question about an image");
@@ -407,7 +411,7 @@ int main(int argc, char** argv) {
   c_gen->add_flag("--stats", gen.stats, "Print token counts, timings (vision cold and warm), KV-cache bytes, FLOPs, weight bytes");
   add_dtype_option(c_gen, gen.dtype);
   c_gen->add_option("--dump-logits", gen.dump_logits, "Save every step's logits as .npy [steps, vocab]");
-  add_victor_options(c_gen, gen.registers, gen.summary_layers, gen.mask);
+  add_reducer_options(c_gen, gen.reducer);
   c_gen->add_option("--register-init", gen.register_init,
                     "New registers: random (std 0.02) | mean (of calibration images' visual tokens)")
       ->check(CLI::IsMember({"random", "mean"}));
@@ -463,8 +467,7 @@ int main(int argc, char** argv) {
   c_train->add_option("--log", tr.log, "Metrics JSON lines (default OUT/metrics.jsonl)");
   c_train->add_flag("--resume", tr.resume, "Continue exactly where the checkpoint in --out stopped");
   c_train->add_flag("--skip-bad", tr.skip_bad, "Skip (and count) bad samples instead of stopping");
-  add_victor_options(c_train, tr.registers, tr.summary_layers, tr.register_mask);
-  c_train->add_option("--visual-pool", tr.visual_pool, "Average-pooling baseline: pool the visual grid p x p (1 = off)")->check(CLI::Range(1, 64));
+  add_reducer_options(c_train, tr.reducer);
   c_train->add_flag("--shuffle-visual", tr.shuffle_visual,
                     "Augment: each image's visual tokens in a random order every step (lookups by content, not position)");
   c_train->add_option("--ground-weight", tr.ground_weight,
@@ -486,9 +489,13 @@ int main(int argc, char** argv) {
   c_eval->add_option("--batch-size", ev.opt.batch_size, "Questions per batch")->check(CLI::Range(1, 1024))->capture_default_str();
   c_eval->add_option("--max-new-tokens", ev.opt.max_new_tokens, "Answer length limit")->check(CLI::Range(1, 4096))->capture_default_str();
   c_eval->add_option("--limit", ev.opt.limit, "Only the first N questions")->check(CLI::Range(0, 100000000));
+  c_eval->add_option("--compare-answers", ev.compare_answers,
+                     "Another run's answers JSONL on the same questions: print the accuracy difference with a "
+                     "paired 95% bootstrap interval and how often the answers agree")
+      ->check(CLI::ExistingFile);
   c_eval->add_option("--train-data", ev.train_data, "LLaVA JSON to compute the answer-prior baseline from")->check(CLI::ExistingFile);
   c_eval->add_option("--threads", ev.threads, "CPU threads")->check(CLI::Range(1, 1024));
-  add_victor_options(c_eval, ev.registers, ev.summary_layers, ev.mask);
+  add_reducer_options(c_eval, ev.reducer);
   add_dtype_option(c_eval, ev.dtype);
 
   BenchArgs bn;
@@ -497,6 +504,9 @@ int main(int argc, char** argv) {
   c_bench->add_option("--preset", bn.preset, "Random weights of a preset shape: tiny | small | clip-l-1b | llava-7b")
       ->check(CLI::IsMember({"tiny", "small", "clip-l-1b", "llava-7b"}));
   add_dtype_option(c_bench, bn.dtype);
+  c_bench->add_option("--reducer", bn.reducers,
+                      "A reducer to measure beside plain (repeat for several): victor:m=8,k=2 | pool:4 | "
+                      "fastv:k=2,keep=0.25 | visionzip:dominant=16,contextual=4");
   c_bench->add_option("--sweep-registers", bn.sweep_registers, "Register counts m to sweep (with --sweep-layers)")->delimiter(',');
   c_bench->add_option("--sweep-layers", bn.sweep_layers, "Summary layers k to sweep")->delimiter(',');
   c_bench->add_option("--pool", bn.pools, "Average-pooling baselines to add (e.g. 2,4)")->delimiter(',')->check(CLI::Range(2, 64));
@@ -530,6 +540,9 @@ int main(int argc, char** argv) {
   c_repro->add_option("--preset", rp.preset, "Model shape trained from scratch")->check(CLI::IsMember({"tiny", "small"}));
   c_repro->add_option("--registers", rp.registers, "Victor register counts to train (comma list)")->delimiter(',')->check(CLI::Range(0, 1024));
   c_repro->add_option("--summary-layers", rp.summary_layers, "Victor k values to train (comma list; every m with every k)")->delimiter(',')->check(CLI::Range(0, 64));
+  c_repro->add_option("--training-free", rp.training_free,
+                      "Training-free reducers run on the trained plain model (repeat; 'none' for none; default: "
+                      "FastV k=2 and VisionZip at the pooling baseline's visual-token budget)");
   c_repro->add_option("--register-mask", rp.register_mask, "causal | registers_only")->check(CLI::IsMember({"causal", "registers_only"}));
   c_repro->add_option("--train-images", rp.train_images, "GridVQA training images")->check(CLI::Range(1, 1000000));
   c_repro->add_option("--test-images", rp.test_images, "GridVQA test images")->check(CLI::Range(1, 100000));
@@ -615,9 +628,9 @@ int main(int argc, char** argv) {
   }
   try {
     if (c_init->parsed()) run_init(init);
-    else if (c_gen->parsed()) run_generate(gen, c_gen->count("--register-mask") > 0);
+    else if (c_gen->parsed()) run_generate(gen);
     else if (c_grid->parsed()) run_gridvqa(gq);
-    else if (c_eval->parsed()) run_eval(ev, c_eval->count("--register-mask") > 0);
+    else if (c_eval->parsed()) run_eval(ev);
     else if (c_bench->parsed()) run_bench_cli(bn);
     else if (c_quant->parsed()) run_quantize(qa);
     else if (c_repro->parsed()) {

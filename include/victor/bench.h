@@ -11,10 +11,10 @@
 namespace victor {
 
 struct BenchConfig {
-  std::string name;
-  VictorConfig victor;  // summary_layers -1 = plain
-  bool keep_registers = false;  // use the checkpoint's trained registers
-  int visual_pool = 1;          // average-pooling baseline (1 = off)
+  Reducer reducer;  // none = the plain model
+  // The checkpoint's own reducer with its trained registers (else new registers start random).
+  bool keep_registers = false;
+  std::string name() const { return reducer.name(); }
 };
 
 struct BenchOptions {
@@ -27,19 +27,18 @@ struct BenchOptions {
 };
 
 struct BenchResult {
-  std::string name;
-  int registers = 0, summary_layers = 0;
-  std::string mask;
+  std::string name, reducer;  // display name, spec
+  int visual_tokens = 0;        // visual rows per image entering the LLM
+  int inserted_tokens = 0;      // registers per image
   double vision_seconds = 0, ttft_seconds = 0, decode_tokens_per_second = 0;
   std::map<std::string, double> requests_per_second;  // "b16_g128" -> requests/s
   int64_t kv_bytes = 0, kv_bytes_formula = 0, peak_rss_bytes = 0;
   double prefill_gflops = 0;
 };
 
-// The standard set: plain, the checkpoint's own Victor settings (if any), plus sweeps.
-std::vector<BenchConfig> bench_configs(const ModelConfig& cfg, const std::vector<int>& sweep_registers,
-                                       const std::vector<int>& sweep_layers, RegisterMask mask,
-                                       const std::vector<int>& pools = {});
+// The standard set: plain, the checkpoint's own reducer (if any), then `extra` in order (the
+// duplicates left out), each validated against the model.
+std::vector<BenchConfig> bench_configs(const ModelConfig& cfg, const std::vector<Reducer>& extra);
 
 std::vector<BenchResult> run_bench(const Vlm& model, const std::vector<BenchConfig>& configs,
                                    const BenchOptions& opt);

@@ -5,6 +5,8 @@
 #include <string>
 #include <vector>
 
+#include "victor/reducer.h"
+
 namespace victor {
 
 struct VisionConfig {
@@ -37,19 +39,10 @@ struct TextConfig {
   int head_dim() const { return hidden_size / num_attention_heads; }
 };
 
-enum class RegisterMask { Causal, RegistersOnly };
-
 // How the weight matrices (every linear layer, the embedding and the LM head) are held in memory
 // and on disk. Norms, biases, position embeddings, the patch convolution and the registers stay
 // float32. Int8 is per-output-row symmetric with a float32 scale per row (`<name>_scale`).
 enum class WeightDType { F32, BF16, Int8 };
-
-// Victor: m registers after each image's visual tokens; visual rows leave after layer k.
-struct VictorConfig {
-  int num_registers = 0;   // m
-  int summary_layers = -1; // k; -1 means "never drop" (k = L)
-  RegisterMask register_mask = RegisterMask::Causal;
-};
 
 // LLaVA-1.5 image preprocessing (preprocessor_config.json in Hugging Face folders).
 struct PreprocessConfig {
@@ -64,25 +57,20 @@ struct ModelConfig {
   VisionConfig vision;
   TextConfig text;
   PreprocessConfig preprocess;
-  VictorConfig victor;
+  // The token reducer (Victor, pooling, FastV, VisionZip, or none): see reducer.h.
+  Reducer reducer;
   int image_token_index = 32000;
   int pad_token_id = 32001;
   std::string projector_hidden_act = "gelu";
   int vision_feature_layer = -2;
   std::string vision_feature_select_strategy = "default";
-  // Baseline token reducer: average-pool the projected visual grid p x p before the LLM
-  // (1 = off; 2: 576 -> 144, 4: 576 -> 36).
-  int visual_pool = 1;
   // Storage of the weight matrices: config.json's torch_dtype ("float32" / "bfloat16") and, for
   // int8, a quantization_config with quant_method "victor_int8".
   WeightDType weight_dtype = WeightDType::F32;
 
   int num_layers() const { return text.num_hidden_layers; }
-  // k, resolved: the first layer that no longer sees visual tokens (L when nothing is dropped).
-  int drop_layer() const;
-  bool victor_enabled() const { return victor.num_registers > 0 || drop_layer() < num_layers(); }
-  // Visual tokens one image contributes to the language model.
-  int visual_tokens_per_image() const;
+  // Visual rows one image contributes to the language model (after the reducer's pre-LLM step).
+  int visual_tokens_per_image() const { return reducer.visual_rows(*this); }
   // Vision layers that must run to produce the selected features.
   int vision_layers_needed() const;
 
@@ -97,8 +85,6 @@ void apply_preprocess_json(ModelConfig& c, const nlohmann::json& j, const std::s
 ModelConfig load_config(const std::string& dir);
 void save_config(const ModelConfig& c, const std::string& dir);
 
-std::string to_string(RegisterMask m);
-RegisterMask register_mask_from_string(const std::string& s);
 std::string to_string(WeightDType d);  // f32, bf16, int8
 // Accepts f32|bf16|int8 (and float32|bfloat16); the error names `what` (an option or key).
 WeightDType weight_dtype_from_string(const std::string& s, const std::string& what = "--dtype");

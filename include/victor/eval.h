@@ -6,6 +6,7 @@
 
 #include "victor/data.h"
 #include "victor/model.h"
+#include "victor/stats.h"
 #include "victor/tokenizer.h"
 
 namespace victor {
@@ -23,7 +24,21 @@ struct EvalReport {
   std::map<std::string, FamilyScore> per_family;
   int answered = 0;
   double seconds = 0, questions_per_second = 0;
+  // Per scored question, in order: its id (JSON text), 0/1, and the normalised answer (for
+  // confidence intervals and paired comparisons between runs on the same questions).
+  std::vector<std::string> ids, answers;
+  std::vector<uint8_t> correct;
+  Interval interval() const { return bootstrap_mean(correct); }  // 95% over questions
 };
+
+// Two runs on the same questions, paired by question id.
+struct EvalComparison {
+  int paired = 0;          // questions both runs scored
+  Interval difference;     // accuracy of a minus b, paired 95% bootstrap (fractions)
+  double same_answer = 0;  // share of paired questions with identical normalised answers
+};
+EvalComparison compare_reports(const EvalReport& a, const EvalReport& b);
+std::string format_comparison(const EvalComparison& c, const std::string& a, const std::string& b);
 
 struct AnswerRecord {
   nlohmann::json question_id;

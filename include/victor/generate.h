@@ -31,16 +31,17 @@ struct GenerationStats {
   int64_t visual_tokens = 0;      // visual tokens (row 0)
   int64_t register_tokens = 0;    // registers (row 0)
   int64_t generated_tokens = 0;   // summed over rows
-  int summary_layers = 0;         // k
+  std::string reducer;            // its display name
+  int reduce_layer = 0;           // first layer with fewer rows (Victor's k, FastV's K; else L)
   int layers = 0;                 // L
-  int64_t tokens_before_drop = 0; // rows seen by layers < k (row 0, prefill)
-  int64_t tokens_after_drop = 0;  // rows seen by layers >= k
+  int64_t tokens_before_drop = 0; // rows seen by layers < reduce_layer (row 0, prefill)
+  int64_t tokens_after_drop = 0;  // rows seen by layers >= reduce_layer
   double vision_seconds = 0;
   double ttft_seconds = 0;        // preprocessing + vision + prefill + first token
   double decode_seconds = 0;
   double decode_tokens_per_second = 0;
   int64_t kv_bytes = 0;           // after prefill + decode, whole batch
-  int64_t kv_bytes_plain = 0;     // the same requests without Victor (no registers, no drop)
+  int64_t kv_bytes_plain = 0;     // the same requests without the reducer
   double prefill_gflops = 0;
   double prefill_gflops_plain = 0;
 };
@@ -66,10 +67,11 @@ GenerationResult generate_ids(const Vlm& model, const std::vector<PromptInput>& 
 torch::Tensor sample_next(const torch::Tensor& logits, const SamplingOptions& opt,
                           at::Generator& gen);
 
-// Analytic figures for one request with `text` text tokens and `images` images.
-int64_t kv_bytes_formula(const ModelConfig& c, int64_t text, int64_t images, int64_t generated,
-                         bool with_victor);
-double prefill_flops(const ModelConfig& c, int64_t text, int64_t images, bool with_victor);
+// Analytic figures for one request with `text` text tokens and `images` images, under the
+// config's reducer (without_reducer(c) for the plain model's).
+int64_t kv_bytes_formula(const ModelConfig& c, int64_t text, int64_t images, int64_t generated);
+double prefill_flops(const ModelConfig& c, int64_t text, int64_t images);
+ModelConfig without_reducer(const ModelConfig& c);
 
 std::string format_stats(const GenerationStats& s);
 

@@ -14,7 +14,8 @@
 
 namespace victor {
 
-// Which part of the model a tensor belongs to (what --train selects).
+// Which part of the model a tensor belongs to (what --train selects). Registers: the token
+// reducer's own parameters (Victor's registers, the resampler's block).
 enum class Part { Vision, Projector, Registers, Llm };
 const char* part_name(Part p);
 
@@ -53,11 +54,19 @@ struct LlamaW {
   torch::Tensor norm;
   std::vector<LlamaLayerW> layers;
 };
+// The Perceiver-style resampler: learned latents cross-attend (pre-norm, the text tower's heads)
+// to the projected visual tokens, then a 4x MLP; both with residuals on the latents.
+struct ResamplerW {
+  torch::Tensor latents;  // [n, d_text]
+  NormW ln_q, ln_kv, ln_ff;
+  LinearW q, k, v, o, fc1, fc2;  // fc1/fc2 with biases
+};
 struct VlmWeights {
   VisionW vision;
   LinearW proj1, proj2;
   LlamaW llm;
   torch::Tensor registers;  // [m, d_text]
+  ResamplerW resampler;
 };
 
 enum class TokenKind : int64_t { Text = 0, Visual = 1, Register = 2, Pad = 3 };
@@ -102,6 +111,9 @@ struct SequenceBatch {
   torch::Tensor embeds;  // [B,T,d]
   TokenMeta meta;
   torch::Tensor targets;  // [B,T] int64 next-token targets, -100 where not trained (optional)
+  // [B] int64: each row's last prompt token (FastV ranks the visual rows by its attention);
+  // undefined = the last row of the batch (decode).
+  torch::Tensor query;
 };
 
 // What forward() reports besides the hidden states.
@@ -123,6 +135,14 @@ struct PromptInput {
   std::vector<int64_t> ids;
   std::vector<int64_t> targets;  // optional, same length as ids: target for the NEXT token, -100
   torch::Tensor pixels;          // [n_images,3,S,S] or undefined
+  // Trailing ids that were generated, not prompted (a full recompute of a decode): FastV ranks by
+  // the last prompt token, before them.
+  int64_t generated = 0;
+};
+
+// What the vision tower reports besides the features (tests, VisionZip's choice).
+struct VisionTrace {
+  torch::Tensor dominant;  // [n,dominant] int64: patch indices VisionZip kept (ascending)
 };
 
 class Vlm {
@@ -154,15 +174,19 @@ class Vlm {
   void set_weight_dtype(WeightDType dtype);
   // Bytes of all parameters as stored (what the weights cost in memory).
   int64_t weight_bytes() const;
-  // Changes m (registers re-initialised, std 0.02) and k / mask; validates.
-  void set_victor(const VictorConfig& v, uint64_t seed);
+  // Sets the token reducer (validated against the model). Trained registers are kept when the
+  // new reducer has as many; a different count is refused unless `replace_registers`; a reducer
+  // without registers drops them; registers the model lacks start random (std 0.02, `seed`).
+  void set_reducer(const Reducer& r, uint64_t seed = 0, bool replace_registers = false);
   // Registers from the mean of the projected visual tokens of `pixels` [n,3,S,S] plus noise.
   void init_registers_mean(const torch::Tensor& pixels, uint64_t seed);
   void set_trainable(const std::vector<Part>& parts);
 
   // Vision tower + projector: [n,3,S,S] -> [n,N,d_text].
   torch::Tensor encode_images(const torch::Tensor& pixels) const;
-  torch::Tensor vision_features(const torch::Tensor& pixels) const;  // [n,N,d_vision]
+  // [n,N,d_vision]: the selected layer's patch features (VisionZip's dominant + contextual
+  // tokens when that is the reducer).
+  torch::Tensor vision_features(const torch::Tensor& pixels, VisionTrace* trace = nullptr) const;
   torch::Tensor project(const torch::Tensor& features) const;        // projector only
 
   // Expands each image placeholder into N visual rows + m registers and pads the batch
@@ -196,6 +220,10 @@ std::string canonical_tensor_name(const std::string& name);
 // Keeps rows where keep[b,t]; pads shorter rows on the right. Returns gather index [B,T'] into
 // a sequence of length T+1 whose last row is padding.
 torch::Tensor compaction_index(const torch::Tensor& keep);
+
+// FastV's choice: keep every row that is neither visual nor padding, and of each image's visual
+// rows the reducer's kept_after_prune(n) with the highest `scores` [B,T]. Returns keep [B,T] bool.
+torch::Tensor fastv_keep(const TokenMeta& meta, const torch::Tensor& scores, const Reducer& r);
 
 // Attention permissions for queries (qm) over keys (km) -> [B,Tq,S] bool.
 torch::Tensor attention_allowed(const TokenMeta& qm, const TokenMeta& km, RegisterMask mode);

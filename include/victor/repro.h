@@ -94,6 +94,9 @@ struct ReproOptions {
   int steps = 450, batch_size = 8;            // stage 2: the questions
   std::string train_parts = "finetune";       // LLaVA: the vision tower stays frozen
   std::vector<int> pools{4};                  // average-pooling baselines trained alongside
+  // Training-free reducers applied to the trained plain model (specs). Empty: FastV (k = 2) and
+  // VisionZip at the first pooling baseline's visual-token budget; {"none"}: none.
+  std::vector<std::string> training_free;
   double lr = 3e-4;  // after the curriculum; 1e-3 from stage 0 alone
   int bench_repeats = 3, bench_batch = 16;
   std::vector<int> bench_gen{2, 128};

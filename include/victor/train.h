@@ -25,10 +25,9 @@ struct TrainOptions {
   uint64_t seed = 0;
   bool resume = false, skip_bad = false, progress = true;
   std::string log;  // metrics JSON lines (default out/metrics.jsonl)
-  // Victor settings applied to the starting model (-2/-1 = keep the checkpoint's).
-  int registers = -1, summary_layers = -2;
-  std::string register_mask;
-  int visual_pool = 0;  // > 0: set the average-pooling baseline
+  // The token reducer for the starting model (unset: the checkpoint's own). Trained registers
+  // are kept when the count matches and never silently redrawn.
+  ReducerChoice reducer;
   // Augmentation: each image's visual tokens in a fresh random order every step, so a lookup must
   // go by what a token says (its cell's place, from stage 0), not by its sequence position; such a
   // lookup survives a change of pooling or resolution. Seeded by (seed, step): resume stays exact.

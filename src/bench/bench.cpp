@@ -28,28 +28,15 @@ int64_t peak_rss_bytes() {
   return 0;
 }
 
-std::vector<BenchConfig> bench_configs(const ModelConfig& cfg, const std::vector<int>& sweep_registers,
-                                       const std::vector<int>& sweep_layers, RegisterMask mask,
-                                       const std::vector<int>& pools) {
-  std::vector<BenchConfig> out;
-  out.push_back({"plain", VictorConfig{0, -1, RegisterMask::Causal}, false});
-  if (cfg.victor_enabled()) {
-    VictorConfig v = cfg.victor;
-    out.push_back({"victor m=" + std::to_string(v.num_registers) + " k=" + std::to_string(cfg.drop_layer()),
-                   v, true});
+std::vector<BenchConfig> bench_configs(const ModelConfig& cfg, const std::vector<Reducer>& extra) {
+  std::vector<BenchConfig> out{{Reducer::none(), false}};
+  if (!cfg.reducer.is_none()) out.push_back({cfg.reducer, true});
+  for (auto& r : extra) {
+    r.validate(cfg);
+    bool dup = false;
+    for (auto& c : out) dup |= c.reducer == r;
+    if (!dup) out.push_back({r, false});
   }
-  for (int k : sweep_layers)
-    for (int m : sweep_registers) {
-      if (k < 0 || k > cfg.num_layers()) throw Error("bench: summary layers " + std::to_string(k) + " out of range");
-      VictorConfig v{m, k, mask};
-      std::string name = "victor m=" + std::to_string(m) + " k=" + std::to_string(k);
-      bool dup = false;
-      for (auto& c : out) dup |= c.name == name;
-      if (!dup) out.push_back({name, v, false});
-    }
-  for (int p : pools)
-    out.push_back({"pool " + std::to_string(p) + "x" + std::to_string(p), VictorConfig{0, -1, RegisterMask::Causal},
-                   false, p});
   return out;
 }
 
@@ -91,11 +78,9 @@ std::vector<BenchResult> run_bench(const Vlm& base, const std::vector<BenchConfi
   std::vector<Vlm> models;
   for (auto& c : configs) {
     Vlm m(base);
-    bool same_m = c.victor.num_registers == bc.victor.num_registers;
-    auto regs = m.weights().registers;
-    m.mutable_config().visual_pool = c.visual_pool;
-    m.set_victor(c.victor, opt.seed + 17);  // validates
-    if (c.keep_registers && same_m && regs.defined()) m.weights().registers = regs;
+    // The checkpoint's own configuration keeps its trained registers; every other one with
+    // registers gets new ones (the timing does not depend on their values).
+    m.set_reducer(c.reducer, opt.seed + 17, /*replace_registers=*/!c.keep_registers);
     models.push_back(std::move(m));
   }
   torch::manual_seed(opt.seed);
@@ -148,16 +133,16 @@ std::vector<BenchResult> run_bench(const Vlm& base, const std::vector<BenchConfi
   for (size_t ci = 0; ci < configs.size(); ++ci) {
     const auto& mc = models[ci].config();
     BenchResult r;
-    r.name = configs[ci].name;
-    r.registers = mc.victor.num_registers;
-    r.summary_layers = mc.drop_layer();
-    r.mask = to_string(mc.victor.register_mask);
+    r.name = configs[ci].name();
+    r.reducer = mc.reducer.spec();
+    r.visual_tokens = mc.visual_tokens_per_image();
+    r.inserted_tokens = mc.reducer.inserted_rows();
     r.vision_seconds = median(samples[ci].vision);
     r.ttft_seconds = median(samples[ci].ttft);
     r.decode_tokens_per_second = median(samples[ci].decode);
     for (auto& [k, v] : samples[ci].rps) r.requests_per_second[k] = median(v);
     r.kv_bytes = samples[ci].kv;
-    r.kv_bytes_formula = kv_bytes_formula(mc, opt.prompt_tokens, 1, max_gen - 1, mc.victor_enabled());
+    r.kv_bytes_formula = kv_bytes_formula(mc, opt.prompt_tokens, 1, max_gen - 1);
     r.peak_rss_bytes = samples[ci].peak;
     r.prefill_gflops = samples[ci].gflops;
     out.push_back(r);
@@ -199,7 +184,7 @@ std::string bench_table(const std::vector<BenchResult>& rs) {
   const BenchResult& p = rs.front();
   std::ostringstream o;
   char buf[512];
-  std::snprintf(buf, sizeof buf, "%-18s %10s %10s %12s %10s %10s", "config", "vision ms", "TTFT ms",
+  std::snprintf(buf, sizeof buf, "%-24s %10s %10s %12s %10s %10s", "config", "vision ms", "TTFT ms",
                 "decode tok/s", "KV KiB", "peak MiB");
   o << buf;
   for (auto& [k, v] : p.requests_per_second) {
@@ -210,7 +195,7 @@ std::string bench_table(const std::vector<BenchResult>& rs) {
   o << "\n";
   auto ratio = [](double a, double b) { return b > 0 ? a / b : 0.0; };
   for (auto& r : rs) {
-    std::snprintf(buf, sizeof buf, "%-18s %10.1f %10.1f %12.1f %10.1f %10.1f", r.name.c_str(),
+    std::snprintf(buf, sizeof buf, "%-24s %10.1f %10.1f %12.1f %10.1f %10.1f", r.name.c_str(),
                   1e3 * r.vision_seconds, 1e3 * r.ttft_seconds, r.decode_tokens_per_second,
                   r.kv_bytes / 1024.0, r.peak_rss_bytes / 1048576.0);
     o << buf;
@@ -220,7 +205,7 @@ std::string bench_table(const std::vector<BenchResult>& rs) {
     }
     o << "\n";
     if (&r == &p) continue;
-    std::snprintf(buf, sizeof buf, "%-18s %10s %9.2fx %11.2fx %9.2fx %9.2fx", "  vs plain", "",
+    std::snprintf(buf, sizeof buf, "%-24s %10s %9.2fx %11.2fx %9.2fx %9.2fx", "  vs plain", "",
                   ratio(p.ttft_seconds, r.ttft_seconds), ratio(r.decode_tokens_per_second, p.decode_tokens_per_second),
                   ratio(p.kv_bytes, r.kv_bytes), ratio(p.peak_rss_bytes, r.peak_rss_bytes));
     o << buf;
@@ -254,9 +239,9 @@ json bench_json(const std::vector<BenchResult>& rs, const ModelConfig& cfg, cons
       rps_ratio[k] = ratio(v, p.requests_per_second.at(k));
     }
     out["configs"].push_back({{"name", r.name},
-                              {"registers", r.registers},
-                              {"summary_layers", r.summary_layers},
-                              {"register_mask", r.mask},
+                              {"reducer", r.reducer},
+                              {"visual_tokens", r.visual_tokens},
+                              {"inserted_tokens", r.inserted_tokens},
                               {"vision_seconds", r.vision_seconds},
                               {"ttft_seconds", r.ttft_seconds},
                               {"decode_tokens_per_second", r.decode_tokens_per_second},

@@ -144,6 +144,8 @@ struct CurriculumResult {
 
 struct Trained {
   std::string name, dir;
+  Reducer reducer;
+  bool training_free = false;  // the plain model's weights with a training-free reducer
   int registers = 0, summary_layers = 0, pool = 1;
   bool grounded = false;  // stage 2 with grounded attention
   double train_seconds = 0, step_seconds = 0, final_loss = 0;
@@ -189,7 +191,8 @@ std::string num(double x, const char* fmt = "%.2f") {
 // One line per series (label, points), gnuplot's data blocks separated by two blank lines.
 using Series = std::pair<std::string, std::vector<std::pair<double, double>>>;
 bool plot(const std::string& dir, const std::string& name, const std::string& title, const std::string& ylabel,
-          const std::vector<Series>& series, double baseline, const std::string& baseline_label) {
+          const std::vector<Series>& series, double baseline, const std::string& baseline_label,
+          const std::string& xlabel = "registers m", bool log_x = true) {
   if (series.empty() || std::system("command -v gnuplot > /dev/null 2>&1") != 0) return false;
   std::string data = (fs::path(dir) / (name + ".dat")).string();
   std::ofstream(data) << [&] {
@@ -207,8 +210,9 @@ bool plot(const std::string& dir, const std::string& name, const std::string& ti
   std::string png = (fs::path(dir) / (name + ".png")).string();
   std::string script = (fs::path(dir) / (name + ".gp")).string();
   std::ofstream(script) << "set terminal png size 640,400\nset output '" << png + ".tmp"
-                        << "'\nset title '" << title << "'\nset xlabel 'registers m'\nset ylabel '" << ylabel
-                        << "'\nset grid\nset key bottom right\nset logscale x 2\nset xrange [0.5:*]\n"
+                        << "'\nset title '" << title << "'\nset xlabel '" << xlabel << "'\nset ylabel '" << ylabel
+                        << "'\nset grid\nset key outside right\n"
+                        << (log_x ? "set logscale x 2\nset xrange [0.5:*]\n" : "")
                         << "plot " << lines << baseline << " with lines dt 2 lw 2 title '" << baseline_label << "'\n";
   bool ok = std::system(("gnuplot '" + script + "' > /dev/null 2>&1").c_str()) == 0;
   if (ok) fs::rename(png + ".tmp", png);
@@ -218,6 +222,34 @@ bool plot(const std::string& dir, const std::string& name, const std::string& ti
 }
 
 }  // namespace
+
+// The training-free reducers the run applies to its plain model: as asked, or FastV (k = 2) and
+// VisionZip at the first pooling baseline's budget of visual tokens per image.
+std::vector<Reducer> training_free_reducers(const ReproOptions& o, const ModelConfig& preset) {
+  std::vector<Reducer> out;
+  if (o.training_free.size() == 1 && o.training_free[0] == "none") return out;
+  for (auto& s : o.training_free) out.push_back(Reducer::parse(s));
+  if (o.training_free.empty()) {
+    const int N = preset.vision.num_patches(), pool = o.pools.empty() ? 4 : o.pools.front();
+    const int budget = std::max(1, N / (pool * pool));
+    out.push_back(Reducer::fastv({std::min(2, preset.num_layers() - 1), double(budget) / N}));
+    const int contextual = budget / 5;
+    out.push_back(Reducer::visionzip({budget - contextual, contextual}));
+  }
+  for (auto& r : out) {
+    if (r.trained()) throw Error("--training-free " + r.spec() + ": a trained reducer (train it with --registers/--pool)");
+    r.validate(preset);
+  }
+  return out;
+}
+
+// A file-name form of a reducer's display name ("fastv k=2 keep=0.25" -> "fastv-k2-keep0.25").
+std::string slug(const std::string& name) {
+  std::string s;
+  for (char c : name) s += c == ' ' ? '-' : c == '=' ? '\0' : c;
+  s.erase(std::remove(s.begin(), s.end(), '\0'), s.end());
+  return s;
+}
 
 std::string run_repro(const ReproOptions& o) {
   auto t_all = std::chrono::steady_clock::now();
@@ -229,13 +261,20 @@ std::string run_repro(const ReproOptions& o) {
                   ": must be -1 (every layer) or between 1 and " + std::to_string(preset.num_layers() - 1));
     if (o.ground_weight > 0) {  // as stage C will train: its drop, if any
       ModelConfig stage_c = preset;
-      stage_c.victor.summary_layers = o.curriculum_summary_layers;
+      if (o.curriculum_summary_layers >= 0)
+        stage_c.reducer = Reducer::victor({0, o.curriculum_summary_layers, RegisterMask::Causal});
       try {
         check_grounding(stage_c, o.ground_layer, o.ground_heads);
       } catch (const Error& e) {
         throw Error(std::string(e.what()) + (o.curriculum_summary_layers > 0 ? " in stage C (--curriculum-summary-layers)" : ""));
       }
     }
+    training_free_reducers(o, preset);  // refuses a bad --training-free spec up front
+    if (o.curriculum_summary_layers >= 0)
+      for (auto& c : o.curriculum)
+        if (c.pool > 1)
+          throw Error("--curriculum-summary-layers with a pooled stage C stage (POOL " + std::to_string(c.pool) +
+                      "): a model has one token reducer, pooling or Victor's drop; use POOL 1 stages with it");
     for (int k : o.summary_layers)
       if (!has_layer(k))
         throw Error("--summary-layers " + std::to_string(k) + ": Victor k must be between 1 and " +
@@ -350,9 +389,12 @@ std::string run_repro(const ReproOptions& o) {
     }
     const bool single = o.curriculum_single_turn && c.pool > 1;
     Vlm model = Vlm::load(init_dir);
-    model.mutable_config().visual_pool = c.pool;
-    // validates the pooling; with curriculum_summary_layers the visual tokens leave after that layer
-    model.set_victor(VictorConfig{0, o.curriculum_summary_layers, RegisterMask::Causal}, o.seed + 1);
+    // The stage's pooling, or with curriculum_summary_layers the visual tokens leave after that layer.
+    model.set_reducer(c.pool > 1 ? Reducer::pool({c.pool})
+                      : o.curriculum_summary_layers >= 0
+                          ? Reducer::victor({0, o.curriculum_summary_layers, RegisterMask::Causal})
+                          : Reducer::none(),
+                      o.seed + 1);
     const std::string stage_dir = (fs::path(o.out) / ("curriculum-" + std::to_string(i + 1))).string();
     std::vector<Conversation> cconvs;
     std::vector<EvalQuestion> cquestions;
@@ -423,20 +465,23 @@ std::string run_repro(const ReproOptions& o) {
           (by_family.empty() ? "" : "; " + by_family));
       if (c.target >= 0 && r.eval.overall.accuracy() >= c.target) break;
     }
-    model.mutable_config().visual_pool = 1;
-    model.set_victor(VictorConfig{0, -1, RegisterMask::Causal}, o.seed + 1);  // the shared start is plain
+    model.set_reducer(Reducer::none());  // the shared start is plain
     model.save(init_dir);
     cur.push_back(std::move(r));
   }
 
   // 3. Train plain and Victor models with identical budgets.
   std::vector<Trained> runs;
-  auto add_run = [&runs](const std::string& name, int registers, int summary_layers, int pool) {
+  auto add_run = [&runs, &o](const std::string& name, int registers, int summary_layers, int pool) {
     Trained t;
     t.name = name;
     t.registers = registers;
     t.summary_layers = summary_layers;
     t.pool = pool;
+    t.reducer = pool > 1 ? Reducer::pool({pool})
+                : name.rfind("victor", 0) == 0
+                    ? Reducer::victor({registers, summary_layers, register_mask_from_string(o.register_mask)})
+                    : Reducer::none();
     runs.push_back(t);
   };
   add_run("plain", 0, -1, 1);
@@ -445,19 +490,38 @@ std::string run_repro(const ReproOptions& o) {
       add_run("victor-m" + std::to_string(m) + (o.summary_layers.size() > 1 ? "-k" + std::to_string(k) : ""), m, k, 1);
   for (int p : o.pools)
     if (p > 1) add_run("pool-" + std::to_string(p) + "x" + std::to_string(p), 0, -1, p);
+  for (auto& r : training_free_reducers(o, preset_config(o.preset))) {
+    Trained t;
+    t.name = slug(r.name());
+    t.reducer = r;
+    t.training_free = true;
+    runs.push_back(t);
+  }
   for (auto& r : runs) {
+    if (r.training_free) {  // the trained plain model, its visual tokens reduced at inference
+      r.dir = runs.front().dir;
+      Vlm model = Vlm::load(r.dir);
+      model.set_reducer(r.reducer);
+      r.summary_layers = model.config().reducer.drop_layer(model.config());
+      EvalOptions e;
+      e.image_folder = data;
+      e.answers_out = (fs::path(o.out) / ("answers-" + r.name + ".jsonl")).string();
+      e.progress = o.progress;
+      e.model_id = r.name;
+      say("evaluating the plain model with " + r.reducer.spec() + " (training-free)");
+      r.eval = evaluate(model, tok, questions, e);
+      say(r.name + ": " + format_report(r.eval).substr(0, format_report(r.eval).find('\n')));
+      continue;
+    }
     r.dir = (fs::path(o.out) / "models" / r.name).string();
     Vlm model = Vlm::load(init_dir);
-    model.mutable_config().visual_pool = r.pool;
-    VictorConfig v{r.registers, r.name.rfind("victor", 0) == 0 ? r.summary_layers : -1,
-                   register_mask_from_string(o.register_mask)};
-    model.set_victor(v, o.seed + 1);  // also validates the pooling
-    r.summary_layers = model.config().drop_layer();
+    model.set_reducer(r.reducer, o.seed + 1);  // validates
+    r.summary_layers = model.config().reducer.drop_layer(model.config());
     TrainOptions t;
     t.parts = parse_parts(o.train_parts);
     t.lr = o.lr;
     t.batch_size = o.batch_size;
-    r.grounded = o.ground_weight > 0 && o.ground_layer < model.config().drop_layer();
+    r.grounded = o.ground_weight > 0 && o.ground_layer < r.summary_layers;
     if (r.grounded) {
       t.ground_weight = o.ground_weight;
       t.ground_layer = o.ground_layer;
@@ -503,12 +567,8 @@ std::string run_repro(const ReproOptions& o) {
 
   // 5. Benchmark: the same weights under each configuration, measured alternately.
   Vlm bench_model = Vlm::load(runs.front().dir);
-  std::vector<BenchConfig> configs{{"plain", VictorConfig{0, -1, RegisterMask::Causal}, false}};
-  for (size_t i = 1; i < runs.size(); ++i)
-    configs.push_back({runs[i].name,
-                       VictorConfig{runs[i].registers, runs[i].pool > 1 ? -1 : runs[i].summary_layers,
-                                    register_mask_from_string(o.register_mask)},
-                       false, runs[i].pool});
+  std::vector<BenchConfig> configs{{Reducer::none(), false}};
+  for (size_t i = 1; i < runs.size(); ++i) configs.push_back({runs[i].reducer, false});
   BenchOptions b;
   b.batches = {1, o.bench_batch};
   b.gen_tokens = o.bench_gen;
@@ -602,7 +662,8 @@ std::string run_repro(const ReproOptions& o) {
   }
   if (o.ground_weight > 0) {
     std::vector<std::string> grounded, not_grounded;
-    for (auto& r : runs) (r.grounded ? grounded : not_grounded).push_back(r.name);
+    for (auto& r : runs)
+      if (!r.training_free) (r.grounded ? grounded : not_grounded).push_back(r.name);
     md << "Grounded attention (weight " << num(o.ground_weight, "%g") << ", decoder layer " << o.ground_layer << ", "
        << o.ground_heads << (o.ground_heads == 1 ? " head" : " heads")
        << "): at every position that predicts an answer token, the supervised heads are taught to put one share of their "
@@ -615,19 +676,33 @@ std::string run_repro(const ReproOptions& o) {
                                       " (the visual tokens leave before that layer)")
        << ". Evaluation sees no boxes.\n\n";
   }
-  md << "| model | m | k | accuracy | relative drop | training time | time reduction | throughput " << key_short
+  md << "Accuracies with 95% bootstrap intervals over the " << questions.size()
+     << " questions; each drop is the plain model's accuracy minus the configuration's, in points, with a paired "
+        "95% bootstrap interval over the same questions (what both get right or wrong cancels). Training-free "
+        "reducers run on the plain model's weights.\n\n";
+  md << "| model | reducer | visual tokens | accuracy [95%] | drop, points [paired 95%] | relative drop | training time | time reduction | throughput " << key_short
      << " | ratio | throughput " << key_long << " | ratio | KV bytes ratio |\n";
-  md << "|---|---|---|---|---|---|---|---|---|---|---|---|\n";
+  md << "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
+  std::vector<Interval> drops(runs.size());
   for (size_t i = 0; i < runs.size(); ++i) {
     const Trained& r = runs[i];
     const BenchResult& br = bench[i];
     double drop = plain.eval.overall.accuracy() > 0
                       ? 1.0 - r.eval.overall.accuracy() / plain.eval.overall.accuracy() : 0.0;
-    md << "| " << r.name << " | " << r.registers << " | "
-       << (r.name.rfind("victor", 0) == 0 ? std::to_string(r.summary_layers) : "-") << " | "
-       << pct(r.eval.overall.accuracy()) << " | "
-       << (i ? (plain.eval.overall.accuracy() > 0 ? pct(drop) : std::string("n/a")) : "-") << " | " << num(r.train_seconds, "%.0f") << " s | "
-       << (i ? pct(1.0 - r.train_seconds / plain.train_seconds) : "-") << " | "
+    if (i) {
+      auto c = compare_reports(plain.eval, r.eval);
+      drops[i] = c.difference;
+    }
+    auto ci = r.eval.interval();
+    md << "| " << r.name << " | `" << r.reducer.spec() << "` | " << br.visual_tokens
+       << (r.reducer.inserted_rows() ? " + " + std::to_string(r.reducer.inserted_rows()) : std::string("")) << " | "
+       << pct(r.eval.overall.accuracy()) << " [" << num(100 * ci.lo, "%.1f") << ", " << num(100 * ci.hi, "%.1f") << "] | "
+       << (i ? num(100 * drops[i].estimate, "%+.1f") + " [" + num(100 * drops[i].lo, "%+.1f") + ", " +
+                   num(100 * drops[i].hi, "%+.1f") + "]"
+             : std::string("-"))
+       << " | " << (i ? (plain.eval.overall.accuracy() > 0 ? pct(drop) : std::string("n/a")) : "-") << " | "
+       << (r.training_free ? std::string("training-free") : num(r.train_seconds, "%.0f") + " s") << " | "
+       << (i && !r.training_free ? pct(1.0 - r.train_seconds / plain.train_seconds) : "-") << " | "
        << num(br.requests_per_second.at(key_short)) << " req/s | "
        << (i ? num(br.requests_per_second.at(key_short) / bp.requests_per_second.at(key_short)) + "x" : "-")
        << " | " << num(br.requests_per_second.at(key_long)) << " req/s | "
@@ -662,16 +737,21 @@ std::string run_repro(const ReproOptions& o) {
        << "model trained from scratch learns a lookup keyed by the question only after a long plateau; with few "
        << "visual tokens (stage C) it does, at 256 visual tokens and all four families within this budget it has not "
        << "yet, so the limit is the language model's training budget, not the images or Victor.\n\n";
+  md << "A verdict is \"met\" only when the whole interval lies inside the target, \"missed\" when it lies wholly "
+        "outside, else \"not resolved\". Training time and throughput come from one run each (the benchmark's "
+        "medians of " << o.bench_repeats << " alternated repeats).\n\n";
   for (size_t i = 1; i < runs.size(); ++i) {
-    if (runs[i].registers != 8) continue;
-    double drop = plain.eval.overall.accuracy() > 0
-                      ? 1.0 - runs[i].eval.overall.accuracy() / plain.eval.overall.accuracy() : 1.0;
+    if (runs[i].training_free || runs[i].registers != 8) continue;
+    const double plain_acc = plain.eval.overall.accuracy();
     double saved = 1.0 - runs[i].train_seconds / plain.train_seconds;
     double thr = bench[i].requests_per_second.at(key_short) / bp.requests_per_second.at(key_short);
     if (o.summary_layers.size() > 1) md << runs[i].name << " (k = " << runs[i].summary_layers << "):\n\n";
-    md << "- relative accuracy drop < 4%: measured " << pct(drop) << " — "
-       << (plain_at_prior ? "not meaningful (the plain model is at the answer prior)"
-                          : drop < 0.04 ? "met" : "missed")
+    // < 4% relative = a drop of at most 0.04 x the plain accuracy, in points.
+    const Interval& d = drops[i];
+    md << "- relative accuracy drop < 4% (a drop of at most " << num(400 * plain_acc, "%.1f") << " points): measured "
+       << num(100 * d.estimate, "%+.1f") << " points [" << num(100 * d.lo, "%+.1f") << ", " << num(100 * d.hi, "%+.1f")
+       << "] — "
+       << (plain_at_prior ? "not meaningful (the plain model is at the answer prior)" : verdict_at_most(d, 0.04 * plain_acc))
        << "\n";
     md << "- training time at least 43% lower: measured " << pct(saved) << " — " << (saved >= 0.43 ? "met" : "missed") << "\n";
     md << "- throughput at least 3.3x (" << key_short << "): measured " << num(thr) << "x — "
@@ -687,18 +767,27 @@ std::string run_repro(const ReproOptions& o) {
     acc_pts.push_back({"Victor k = " + std::to_string(k), {}});
     thr_pts.push_back({"Victor k = " + std::to_string(k), {}});
     for (size_t i = 1; i < runs.size(); ++i) {
-      if (runs[i].pool > 1 || runs[i].summary_layers != k) continue;
+      if (runs[i].training_free || runs[i].pool > 1 || runs[i].summary_layers != k) continue;
       acc_pts.back().second.emplace_back(runs[i].registers, 100 * runs[i].eval.overall.accuracy());
       thr_pts.back().second.emplace_back(runs[i].registers, bench[i].requests_per_second.at(key_short));
     }
   }
   bool p1 = plot(o.out, "accuracy_vs_registers", "GridVQA accuracy", "accuracy (%)", acc_pts,
                  100 * plain.eval.overall.accuracy(), "plain");
+  // The frontier: every configuration's accuracy against its throughput, the plain model's accuracy
+  // as the reference line (and its own point).
+  std::vector<Series> frontier;
+  for (size_t i = 0; i < runs.size(); ++i)
+    frontier.push_back({runs[i].reducer.name(),
+                        {{bench[i].requests_per_second.at(key_short), 100 * runs[i].eval.overall.accuracy()}}});
+  bool p3 = plot(o.out, "accuracy_vs_throughput", "Every reducer: accuracy vs throughput (" + key_short + ")",
+                 "accuracy (%)", frontier, 100 * plain.eval.overall.accuracy(), "plain accuracy", "requests/s", false);
   bool p2 = plot(o.out, "throughput_vs_registers", "Throughput (" + key_short + ")", "requests/s", thr_pts,
                  bp.requests_per_second.at(key_short), "plain");
   md << "\n## Plots\n\n";
   if (p1) md << "![accuracy](accuracy_vs_registers.png)\n";
   if (p2) md << "![throughput](throughput_vs_registers.png)\n";
+  if (p3) md << "![frontier](accuracy_vs_throughput.png)\n";
   if (!p1 || !p2) md << "(gnuplot not found: plots skipped)\n";
   double total = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_all).count();
   md << "\nFiles: `gridvqa/` (data), `models/` (checkpoints, metrics.jsonl), `answers-*.jsonl`, `bench.json`. "
@@ -707,7 +796,11 @@ std::string run_repro(const ReproOptions& o) {
   write_file_atomic(report, md.str());
   json summary = json::array();
   for (size_t i = 0; i < runs.size(); ++i)
-    summary.push_back({{"name", runs[i].name}, {"registers", runs[i].registers},
+    summary.push_back({{"name", runs[i].name}, {"reducer", runs[i].reducer.spec()},
+                       {"training_free", runs[i].training_free},
+                       {"accuracy_interval", {runs[i].eval.interval().lo, runs[i].eval.interval().hi}},
+                       {"drop_points_interval", {drops[i].estimate, drops[i].lo, drops[i].hi}},
+                       {"registers", runs[i].registers},
                        {"summary_layers", runs[i].summary_layers}, {"accuracy", runs[i].eval.overall.accuracy()},
                        {"grounded", runs[i].grounded},
                        {"train_seconds", runs[i].train_seconds},

@@ -45,7 +45,11 @@ EvalReport score_answers(const std::vector<AnswerRecord>& answers) {
   for (auto& a : answers) {
     ++r.answered;
     if (a.reference.empty()) continue;
-    bool ok = normalize_answer(a.text) == normalize_answer(a.reference);
+    const std::string said = normalize_answer(a.text);
+    bool ok = said == normalize_answer(a.reference);
+    r.ids.push_back(a.question_id.dump());
+    r.answers.push_back(said);
+    r.correct.push_back(ok);
     r.overall.total++;
     r.overall.correct += ok;
     auto& f = r.per_family[a.family.empty() ? "all" : a.family];
@@ -160,6 +164,11 @@ std::string format_report(const EvalReport& r) {
   std::snprintf(buf, sizeof buf, "accuracy %.2f%% (%d/%d)", 100 * r.overall.accuracy(), r.overall.correct,
                 r.overall.total);
   o << buf;
+  if (!r.correct.empty()) {
+    Interval i = r.interval();
+    std::snprintf(buf, sizeof buf, ", 95%% interval [%.2f, %.2f]", 100 * i.lo, 100 * i.hi);
+    o << buf;
+  }
   if (r.questions_per_second > 0) {
     std::snprintf(buf, sizeof buf, ", %.2f questions/s", r.questions_per_second);
     o << buf;
@@ -170,6 +179,36 @@ std::string format_report(const EvalReport& r) {
     o << buf;
   }
   return o.str();
+}
+
+EvalComparison compare_reports(const EvalReport& a, const EvalReport& b) {
+  std::map<std::string, size_t> in_b;
+  for (size_t i = 0; i < b.ids.size(); ++i) in_b[b.ids[i]] = i;
+  std::vector<uint8_t> ca, cb;
+  int same = 0;
+  for (size_t i = 0; i < a.ids.size(); ++i) {
+    auto it = in_b.find(a.ids[i]);
+    if (it == in_b.end()) continue;
+    ca.push_back(a.correct[i]);
+    cb.push_back(b.correct[it->second]);
+    same += a.answers[i] == b.answers[it->second];
+  }
+  if (ca.empty()) throw Error("compare: the two runs share no scored question");
+  EvalComparison c;
+  c.paired = int(ca.size());
+  c.difference = paired_bootstrap_difference(ca, cb);
+  c.same_answer = double(same) / double(ca.size());
+  return c;
+}
+
+std::string format_comparison(const EvalComparison& c, const std::string& a, const std::string& b) {
+  char buf[512];
+  std::snprintf(buf, sizeof buf,
+                "%s minus %s: %+.2f points, 95%% paired interval [%+.2f, %+.2f] over %d questions; "
+                "same answer on %.2f%%\n",
+                a.c_str(), b.c_str(), 100 * c.difference.estimate, 100 * c.difference.lo, 100 * c.difference.hi,
+                c.paired, 100 * c.same_answer);
+  return buf;
 }
 
 }  // namespace victor

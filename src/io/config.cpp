@@ -9,16 +9,6 @@ using json = nlohmann::json;
 
 namespace victor {
 
-std::string to_string(RegisterMask m) {
-  return m == RegisterMask::Causal ? "causal" : "registers_only";
-}
-
-RegisterMask register_mask_from_string(const std::string& s) {
-  if (s == "causal") return RegisterMask::Causal;
-  if (s == "registers_only") return RegisterMask::RegistersOnly;
-  throw Error("register_mask: unknown value '" + s + "' (expected causal or registers_only)");
-}
-
 std::string to_string(WeightDType d) {
   switch (d) {
     case WeightDType::F32: return "f32";
@@ -33,15 +23,6 @@ WeightDType weight_dtype_from_string(const std::string& s, const std::string& wh
   if (s == "bf16" || s == "bfloat16") return WeightDType::BF16;
   if (s == "int8") return WeightDType::Int8;
   throw Error(what + ": unknown weight dtype '" + s + "' (expected f32, bf16 or int8)");
-}
-
-int ModelConfig::drop_layer() const {
-  return victor.summary_layers < 0 ? num_layers() : std::min(victor.summary_layers, num_layers());
-}
-
-int ModelConfig::visual_tokens_per_image() const {
-  if (visual_pool > 1) return vision.num_patches() / (visual_pool * visual_pool);
-  return vision.num_patches() + (vision_feature_select_strategy == "full" ? 1 : 0);
 }
 
 int ModelConfig::vision_layers_needed() const {
@@ -104,15 +85,7 @@ void ModelConfig::validate() const {
           "is out of range for " + std::to_string(v.num_hidden_layers) + " vision layers");
   require(vision_feature_select_strategy == "default" || vision_feature_select_strategy == "full",
           "vision_feature_select_strategy", "must be 'default' or 'full'");
-  require(victor.num_registers >= 0, "num_registers", "must be >= 0");
-  const int side = v.image_size / v.patch_size;
-  require(visual_pool >= 1 && side % visual_pool == 0, "visual_pool",
-          "must be >= 1 and divide the " + std::to_string(side) + " patches per side");
-  require(visual_pool == 1 || vision_feature_select_strategy == "default", "visual_pool",
-          "needs vision_feature_select_strategy 'default' (no class token)");
-  require(victor.summary_layers >= -1 && victor.summary_layers <= t.num_hidden_layers,
-          "summary_layers", "must be between 0 and text_config.num_hidden_layers (" +
-                                std::to_string(t.num_hidden_layers) + ")");
+  reducer.validate(*this);
   require(preprocess.crop_size > 0 && preprocess.shortest_edge >= preprocess.crop_size,
           "preprocessor_config.crop_size", "must be positive and <= size.shortest_edge");
   require(preprocess.crop_size == v.image_size, "preprocessor_config.crop_size",
@@ -189,7 +162,6 @@ ModelConfig config_from_json(const json& j, const std::string& src) {
   }
   c.preprocess.crop_size = c.vision.image_size;
   c.preprocess.shortest_edge = c.vision.image_size;
-  get_opt(j, "visual_pool", c.visual_pool, src);
   // Checkpoints in float16 load as float32 unless --dtype says otherwise; bfloat16 stays bfloat16.
   std::string torch_dtype;
   get_opt(j, "torch_dtype", torch_dtype, src);
@@ -204,10 +176,7 @@ ModelConfig config_from_json(const json& j, const std::string& src) {
                   "checkpoint with `victor quantize`)");
     c.weight_dtype = WeightDType::Int8;
   }
-  get_opt(j, "num_registers", c.victor.num_registers, src);
-  get_opt(j, "summary_layers", c.victor.summary_layers, src);
-  if (j.contains("register_mask"))
-    c.victor.register_mask = register_mask_from_string(j["register_mask"].get<std::string>());
+  c.reducer = Reducer::from_json(j, src);
   return c;
 }
 
@@ -255,12 +224,7 @@ json config_to_json(const ModelConfig& c) {
                       {"hidden_act", t.hidden_act},
                       {"bos_token_id", t.bos_token_id},
                       {"eos_token_id", t.eos_token_id}};
-  if (c.visual_pool > 1) j["visual_pool"] = c.visual_pool;
-  if (c.victor_enabled() || c.victor.summary_layers >= 0) {
-    j["num_registers"] = c.victor.num_registers;
-    j["summary_layers"] = c.drop_layer();
-    j["register_mask"] = to_string(c.victor.register_mask);
-  }
+  c.reducer.to_json(j);
   return j;
 }
 

@@ -1,4 +1,6 @@
 // The language tower: LLaMA decoder layer, attention permissions and the per-layer KV cache.
+#include <cmath>
+
 #include "internal.h"
 #include "victor/ops.h"
 
@@ -132,7 +134,8 @@ void KvCache::reserve(int64_t extra) {
 
 torch::Tensor llama_layer(const LlamaLayerW& w, const TextConfig& c, RegisterMask mode, int layer,
                           const torch::Tensor& x_in, const TokenMeta& meta, const RopeTables& rope,
-                          torch::Tensor& allowed, LayerCache* cache, ForwardTrace* trace) {
+                          torch::Tensor& allowed, LayerCache* cache, ForwardTrace* trace,
+                          RankRequest* rank) {
   const int64_t B = x_in.size(0), T = x_in.size(1);
   const int64_t H = c.num_attention_heads, Hkv = c.num_key_value_heads, hd = c.head_dim();
   auto x = x_in;
@@ -155,6 +158,16 @@ torch::Tensor llama_layer(const LlamaLayerW& w, const TextConfig& c, RegisterMas
   torch::Tensor probs;
   auto a = attention(q, keys, values, allowed, probe ? &probs : nullptr);
   if (probe) trace->probe(layer, probs, meta, key_meta);
+  if (rank) {
+    // FastV: only the query token's attention row, over every key, averaged over the H heads.
+    const int64_t S = keys.size(2), G = H / Hkv;
+    auto qi = rank->query.view({B, 1, 1, 1}).expand({B, H, 1, hd});
+    auto qq = q.gather(2, qi).reshape({B, Hkv, G, hd});
+    auto scores = torch::matmul(qq, keys.transpose(-1, -2)) / std::sqrt(double(hd));  // [B,Hkv,G,S]
+    auto row = allowed.gather(1, rank->query.view({B, 1, 1}).expand({B, 1, S}));     // [B,1,S]
+    scores = scores.masked_fill(row.view({B, 1, 1, S}).logical_not(), -1e30);
+    rank->scores = torch::softmax(scores, -1).mean(std::vector<int64_t>{1, 2});  // [B,S]
+  }
   a = a.transpose(1, 2).reshape({B, T, H * hd});
   x = x + dense(a, w.o);
   h = rms_norm(x, w.post_norm, c.rms_norm_eps);

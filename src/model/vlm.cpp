@@ -4,6 +4,7 @@
 
 #include <filesystem>
 #include <iostream>
+#include <map>
 
 #include "internal.h"
 #include "victor/error.h"
@@ -115,8 +116,24 @@ void Vlm::declare_params() {
   }
   add(lp + "norm.weight", {d}, Part::Llm, lw.norm);
   if (!t.tie_word_embeddings) matrix("language_model.lm_head.weight", V, d, Part::Llm, lw.lm_head);
-  if (config_.victor.num_registers > 0)
-    add("victor.registers", {config_.victor.num_registers, d}, Part::Registers, w_.registers);
+  if (const int m = config_.reducer.inserted_rows(); m > 0)
+    add("victor.registers", {m, d}, Part::Registers, w_.registers);
+  if (config_.reducer.kind() == ReducerKind::Resampler) {
+    auto& r = w_.resampler;
+    const std::string rp = "resampler.";
+    add(rp + "latents", {config_.reducer.resampler_params().latents, d}, Part::Registers, r.latents);
+    for (auto [n, w] : {std::pair{"ln_q", &r.ln_q}, {"ln_kv", &r.ln_kv}, {"ln_ff", &r.ln_ff}}) {
+      add(rp + n + ".weight", {d}, Part::Registers, w->weight);
+      add(rp + n + ".bias", {d}, Part::Registers, w->bias);
+    }
+    for (auto [n, w] : {std::pair{"attn.q_proj", &r.q}, {"attn.k_proj", &r.k}, {"attn.v_proj", &r.v},
+                        {"attn.o_proj", &r.o}})
+      matrix(rp + n + ".weight", d, d, Part::Registers, *w);
+    matrix(rp + "mlp.fc1.weight", 4 * d, d, Part::Registers, r.fc1);
+    add(rp + "mlp.fc1.bias", {4 * d}, Part::Registers, r.fc1.bias);
+    matrix(rp + "mlp.fc2.weight", d, 4 * d, Part::Registers, r.fc2);
+    add(rp + "mlp.fc2.bias", {d}, Part::Registers, r.fc2.bias);
+  }
 }
 
 namespace {
@@ -231,8 +248,8 @@ Vlm Vlm::load(const std::string& dir, std::optional<WeightDType> dtype) {
         continue;
       }
       throw Error(dir + ": missing tensor '" + p.name + "'" +
-                  (p.part == Part::Registers ? " (config.json declares num_registers = " +
-                                                   std::to_string(config.victor.num_registers) + ")"
+                  (p.part == Part::Registers ? " (config.json declares the token reducer " +
+                                                   config.reducer.spec() + ")"
                                              : ""));
     }
     const auto& info = store.info(it->second);
@@ -305,21 +322,38 @@ void Vlm::save(const std::string& dir, size_t max_shard_bytes) const {
   save_config(config_, dir);
 }
 
-void Vlm::set_victor(const VictorConfig& v, uint64_t seed) {
+void Vlm::set_reducer(const Reducer& r, uint64_t seed, bool replace_registers) {
   ModelConfig c = config_;
-  c.victor = v;
+  c.reducer = r;
   c.validate();
+  // The reducer's own parameters keep their trained values when their count matches; another
+  // count is refused unless asked for; parameters the new reducer lacks are dropped.
+  auto rows = [](const torch::Tensor& t) { return t.defined() ? t.size(0) : int64_t(0); };
+  const int64_t m = r.inserted_rows(), have_m = rows(w_.registers);
+  const int64_t n = r.kind() == ReducerKind::Resampler ? r.resampler_params().latents : 0;
+  const int64_t have_n = rows(w_.resampler.latents);
+  auto refuse = [&](int64_t have, const char* what) {
+    throw Error("token reducer '" + r.spec() + "': the model holds " + std::to_string(have) + " trained " + what +
+                "; keep that count or ask for new ones explicitly");
+  };
+  if (m > 0 && have_m > 0 && have_m != m && !replace_registers) refuse(have_m, "registers");
+  if (n > 0 && have_n > 0 && have_n != n && !replace_registers) refuse(have_n, "resampler latents");
   config_ = c;
-  auto gen = at::detail::createCPUGenerator(seed);
-  w_.registers = v.num_registers > 0
-                     ? torch::empty({v.num_registers, config_.text.hidden_size}).normal_(0, 0.02, gen)
-                     : torch::Tensor();
+  if (m != have_m) w_.registers = torch::Tensor();
+  if (n != have_n) w_.resampler = ResamplerW{};
   declare_params();
+  auto gen = at::detail::createCPUGenerator(seed);
+  for (auto& p : params_) {
+    if (p.part != Part::Registers || p.tensor->defined() || is_scale_of_matrix(p)) continue;
+    init_param(p, gen);
+    if (p.is_matrix()) convert_matrix(*p.tensor, *p.scale, config_.weight_dtype);
+  }
 }
 
 void Vlm::init_registers_mean(const torch::Tensor& pixels, uint64_t seed) {
-  const int m = config_.victor.num_registers;
-  if (m == 0) throw Error("init_registers_mean: the model has no registers (num_registers = 0)");
+  const int m = config_.reducer.inserted_rows();
+  if (m == 0) throw Error("init_registers_mean: the model has no registers (its reducer is " +
+                          config_.reducer.spec() + ")");
   torch::NoGradGuard ng;
   auto mean = encode_images(pixels).mean(std::vector<int64_t>{0, 1});  // [d]
   auto gen = at::detail::createCPUGenerator(seed);
@@ -338,12 +372,24 @@ void Vlm::set_trainable(const std::vector<Part>& parts) {
   }
 }
 
-torch::Tensor Vlm::vision_features(const torch::Tensor& pixels) const {
+torch::Tensor Vlm::vision_features(const torch::Tensor& pixels, VisionTrace* trace) const {
   const auto& v = config_.vision;
   if (pixels.dim() != 4 || pixels.size(1) != 3 || pixels.size(2) != v.image_size ||
       pixels.size(3) != v.image_size)
     throw Error("vision tower: expected pixels [n,3," + std::to_string(v.image_size) + "," +
                 std::to_string(v.image_size) + "]");
+  const auto& r = config_.reducer;
+  if (r.kind() == ReducerKind::VisionZip) {
+    if (config_.vision_layers_needed() < 1)
+      throw Error("visionzip: vision_feature_layer selects the embeddings; no attention to rank by");
+    VisionLastBlock last;
+    auto h = vision_forward(w_.vision, v, pixels, config_.vision_layers_needed(), &last);
+    const auto& z = r.visionzip_params();
+    torch::Tensor idx;
+    auto out = visionzip_select(h, last, z.dominant, z.contextual, &idx);
+    if (trace) trace->dominant = idx;
+    return out;
+  }
   auto h = vision_forward(w_.vision, v, pixels, config_.vision_layers_needed());
   if (config_.vision_feature_select_strategy == "default") h = h.narrow(1, 1, h.size(1) - 1);
   return h;
@@ -353,11 +399,30 @@ torch::Tensor Vlm::encode_images(const torch::Tensor& pixels) const {
   return project(vision_features(pixels));
 }
 
+namespace {
+
+// The resampler block over projected visual tokens x [n,N,d] -> [n,latents,d].
+torch::Tensor resample(const ResamplerW& w, const torch::Tensor& x, int64_t heads) {
+  const int64_t n = x.size(0), N = x.size(1), d = x.size(2), Q = w.latents.size(0), hd = d / heads;
+  auto lat = w.latents.unsqueeze(0).expand({n, Q, d});
+  auto q_in = layer_norm(lat, w.ln_q.weight, w.ln_q.bias, 1e-5);
+  auto kv_in = layer_norm(x, w.ln_kv.weight, w.ln_kv.bias, 1e-5);
+  auto split = [&](const torch::Tensor& t, int64_t T) { return t.reshape({n, T, heads, hd}).transpose(1, 2); };
+  auto q = split(dense(q_in, w.q), Q), k = split(dense(kv_in, w.k), N), v = split(dense(kv_in, w.v), N);
+  auto p = torch::softmax(torch::matmul(q, k.transpose(-1, -2)) / std::sqrt(double(hd)), -1);
+  auto a = torch::matmul(p, v).transpose(1, 2).reshape({n, Q, d});
+  auto h = lat + dense(a, w.o);
+  return h + dense(torch::gelu(dense(layer_norm(h, w.ln_ff.weight, w.ln_ff.bias, 1e-5), w.fc1)), w.fc2);
+}
+
+}  // namespace
+
 torch::Tensor Vlm::project(const torch::Tensor& f) const {
   auto h = activation(dense(f, w_.proj1), config_.projector_hidden_act);
   auto out = dense(h, w_.proj2);  // [n,N,d_text]
-  const int p = config_.visual_pool;
-  if (p <= 1) return out;
+  if (config_.reducer.kind() == ReducerKind::Resampler) return resample(w_.resampler, out, config_.text.num_attention_heads);
+  if (config_.reducer.kind() != ReducerKind::Pool) return out;
+  const int p = config_.reducer.pool_params().factor;
   // Average-pooling baseline: p x p neighbourhoods of the patch grid become one token.
   const int64_t n = out.size(0), d = out.size(2), side = config_.vision.image_size / config_.vision.patch_size;
   auto grid = out.view({n, side, side, d}).permute({0, 3, 1, 2});
@@ -386,7 +451,7 @@ SequenceBatch Vlm::assemble(const std::vector<PromptInput>& rows, const torch::T
                             bool pad_left) const {
   const int64_t B = rows.size(), d = config_.text.hidden_size;
   const int64_t image_id = config_.image_token_index;
-  const int64_t m = config_.victor.num_registers;
+  const int64_t m = config_.reducer.inserted_rows();
   const int64_t n_images = image_embeds.defined() ? image_embeds.size(0) : 0;
   const int64_t N = n_images ? image_embeds.size(1) : 0;
   struct Row {
@@ -430,6 +495,9 @@ SequenceBatch Vlm::assemble(const std::vector<PromptInput>& rows, const torch::T
       i = j;
     }
     T = std::max<int64_t>(T, out.kind.size());
+    if (r.generated < 0 || r.generated >= int64_t(out.kind.size()))
+      throw Error("assemble: row " + std::to_string(b) + ": generated count " + std::to_string(r.generated) +
+                  " leaves no prompt");
   }
   if (image_cursor != n_images)
     throw Error("got " + std::to_string(n_images) + " images but only " +
@@ -438,9 +506,11 @@ SequenceBatch Vlm::assemble(const std::vector<PromptInput>& rows, const torch::T
   auto kind = torch::full({B, T}, int64_t(TokenKind::Pad));
   auto group = torch::full({B, T}, int64_t(-1));
   auto target = torch::full({B, T}, int64_t(-100));
+  auto query = torch::empty({B}, torch::kInt64);
   for (int64_t b = 0; b < B; ++b) {
     Row& r = built[b];
     const int64_t len = r.kind.size(), padn = T - len, off = pad_left ? padn : 0;
+    query[b] = off + len - 1 - rows[b].generated;
     std::vector<torch::Tensor> parts;
     auto zeros = torch::zeros({padn, d});
     if (pad_left && padn) parts.push_back(zeros);
@@ -460,6 +530,7 @@ SequenceBatch Vlm::assemble(const std::vector<PromptInput>& rows, const torch::T
   out.meta.pos = (valid.cumsum(1) - 1).clamp_min(0);
   out.meta.kind = kind;
   out.meta.group = group;
+  out.query = query;
   bool any_target = false;
   for (auto& r : rows) any_target |= !r.targets.empty();
   if (any_target) out.targets = target;
@@ -473,9 +544,35 @@ KvCache Vlm::make_cache(int64_t batch) const {
   return c;
 }
 
+torch::Tensor fastv_keep(const TokenMeta& meta, const torch::Tensor& scores, const Reducer& r) {
+  // Rows that are neither visual nor padding stay; of each image's visual rows (per batch row and
+  // image group) the kept_after_prune(n) with the highest scores stay, in their original order.
+  const auto visual = int64_t(TokenKind::Visual), pad = int64_t(TokenKind::Pad);
+  auto keep = meta.kind.ne(visual) & meta.kind.ne(pad);
+  auto kind = meta.kind.accessor<int64_t, 2>();
+  auto group = meta.group.accessor<int64_t, 2>();
+  auto sc = scores.to(torch::kFloat).contiguous();
+  auto s = sc.accessor<float, 2>();
+  auto kp = keep.accessor<bool, 2>();
+  const int64_t B = meta.rows(), T = meta.length();
+  for (int64_t b = 0; b < B; ++b) {
+    std::map<int64_t, std::vector<int64_t>> by_image;
+    for (int64_t t = 0; t < T; ++t)
+      if (kind[b][t] == visual) by_image[group[b][t]].push_back(t);
+    for (auto& [g, rows] : by_image) {
+      const size_t kept = size_t(r.kept_after_prune(int(rows.size())));
+      std::stable_sort(rows.begin(), rows.end(), [&](int64_t x, int64_t y) { return s[b][x] > s[b][y]; });
+      for (size_t i = 0; i < kept; ++i) kp[b][rows[i]] = true;
+    }
+  }
+  return keep;
+}
+
 ForwardOutput Vlm::forward(const SequenceBatch& batch, KvCache* cache, ForwardTrace* trace) const {
-  const int L = config_.num_layers(), k = config_.drop_layer();
-  const auto mode = config_.victor.register_mask;
+  const Reducer& reducer = config_.reducer;
+  const int L = config_.num_layers(), k = reducer.drop_layer(config_);
+  const std::optional<int> prune = reducer.prune_layer();
+  const auto mode = reducer.mask();
   torch::Tensor x = batch.embeds, targets = batch.targets;
   TokenMeta meta = batch.meta;
   const bool prefill = cache && cache->layers[0].len == 0;
@@ -485,28 +582,39 @@ ForwardOutput Vlm::forward(const SequenceBatch& batch, KvCache* cache, ForwardTr
     cache->next_pos = std::get<0>(meta.pos.max(1)) + 1;
   }
   RopeTables rope = rope_tables(meta.pos, config_.text.head_dim(), config_.text.rope_theta);
-  torch::Tensor allowed;  // computed by the first layer on each side of the drop
+  torch::Tensor allowed;  // computed by the first layer on each side of a drop or prune
+  // FastV ranks only when visual rows are present (a prefill or a full forward, never a decode).
+  const bool ranks = prune && meta.kind.eq(int64_t(TokenKind::Visual)).any().item<bool>();
+  RankRequest rank;
+  if (ranks)
+    rank.query = batch.query.defined() ? batch.query : torch::full({x.size(0)}, x.size(1) - 1, torch::kInt64);
+  auto compact = [&](const torch::Tensor& keep) {
+    const int64_t B = x.size(0), d = x.size(2);
+    auto idx = compaction_index(keep);
+    auto x_ext = torch::cat({x, torch::zeros({B, 1, d}, x.options())}, 1);
+    x = x_ext.gather(1, idx.unsqueeze(-1).expand({B, idx.size(1), d}));
+    TokenMeta pad{torch::zeros({B, 1}, torch::kInt64), torch::zeros({B, 1}, torch::kInt64),
+                  torch::full({B, 1}, int64_t(TokenKind::Pad)), torch::full({B, 1}, int64_t(-1))};
+    meta = meta.cat(pad).gather(idx);
+    if (targets.defined())
+      targets = torch::cat({targets, torch::full({B, 1}, int64_t(-100))}, 1).gather(1, idx);
+    rope = rope_tables(meta.pos, config_.text.head_dim(), config_.text.rope_theta);
+  };
   for (int l = 0; l < L; ++l) {
+    if (prune && l == *prune) {
+      if (ranks) compact(fastv_keep(meta, rank.scores, reducer));
+      allowed = torch::Tensor();
+    }
     if (l == k) {
       // Victor's drop: the visual rows (and padding) leave the hidden states, the metadata and
       // the targets; survivors keep their positions.
       auto keep = meta.kind.eq(int64_t(TokenKind::Text)) | meta.kind.eq(int64_t(TokenKind::Register));
-      if (!keep.all().item<bool>()) {
-        const int64_t B = x.size(0), d = x.size(2);
-        auto idx = compaction_index(keep);
-        auto x_ext = torch::cat({x, torch::zeros({B, 1, d}, x.options())}, 1);
-        x = x_ext.gather(1, idx.unsqueeze(-1).expand({B, idx.size(1), d}));
-        TokenMeta pad{torch::zeros({B, 1}, torch::kInt64), torch::zeros({B, 1}, torch::kInt64),
-                      torch::full({B, 1}, int64_t(TokenKind::Pad)), torch::full({B, 1}, int64_t(-1))};
-        meta = meta.cat(pad).gather(idx);
-        if (targets.defined())
-          targets = torch::cat({targets, torch::full({B, 1}, int64_t(-100))}, 1).gather(1, idx);
-        rope = rope_tables(meta.pos, config_.text.head_dim(), config_.text.rope_theta);
-      }
+      if (!keep.all().item<bool>()) compact(keep);
       allowed = torch::Tensor();
     }
     x = llama_layer(w_.llm.layers[l], config_.text, mode, l, x, meta, rope, allowed,
-                    cache ? &cache->layers[l] : nullptr, trace);
+                    cache ? &cache->layers[l] : nullptr, trace,
+                    ranks && l + 1 == *prune ? &rank : nullptr);
     if (trace) trace->tokens_per_layer.push_back(x.size(1));
   }
   if (prefill && mode == RegisterMask::RegistersOnly) {

@@ -57,33 +57,19 @@ torch::Tensor sample_next(const torch::Tensor& logits_in, const SamplingOptions&
   return torch::multinomial(probs, 1, false, gen).squeeze(-1);
 }
 
-int64_t kv_bytes_formula(const ModelConfig& c, int64_t text, int64_t images, int64_t generated,
-                         bool with_victor) {
+int64_t kv_bytes_formula(const ModelConfig& c, int64_t text, int64_t images, int64_t generated) {
   const int64_t per_row = 2 * int64_t(c.text.num_key_value_heads) * c.text.head_dim() * 4;
-  const int64_t N = c.visual_tokens_per_image(), L = c.num_layers();
-  if (!with_victor) return per_row * L * (text + generated + images * N);
-  const int64_t k = c.drop_layer(), m = c.victor.num_registers;
-  const int64_t base = text + generated + images * m;
-  const int64_t early = c.victor.register_mask == RegisterMask::Causal ? base + images * N : base;
-  return per_row * (std::min(k, L) * early + (L - std::min(k, L)) * base);
+  return per_row * c.reducer.kv_rows(c, text, images, generated);
 }
 
-double prefill_flops(const ModelConfig& c, int64_t text, int64_t images, bool with_victor) {
-  const auto& t = c.text;
-  const double d = t.hidden_size, H = t.num_attention_heads, Hkv = t.num_key_value_heads;
-  const double hd = t.head_dim(), F = t.intermediate_size;
-  auto layer = [&](double T) {
-    return 2 * T * (d * H * hd + 2 * d * Hkv * hd + H * hd * d + 3 * d * F) + 2 * T * T * H * hd;
-  };
-  const auto& v = c.vision;
-  const double Tv = v.num_patches() + 1, D = v.hidden_size, I = v.intermediate_size;
-  double vision = images * (c.vision_layers_needed() * (2 * Tv * (4 * D * D + 2 * D * I) + 4 * Tv * Tv * D) +
-                            2.0 * c.visual_tokens_per_image() * (D * d + d * d));
-  const int64_t N = c.visual_tokens_per_image(), L = c.num_layers();
-  if (!with_victor) return vision + L * layer(double(text + images * N));
-  const int64_t k = std::min(c.drop_layer(), c.num_layers()), m = c.victor.num_registers;
-  return vision + k * layer(double(text + images * (N + m))) +
-         (L - k) * layer(double(text + images * m));
+double prefill_flops(const ModelConfig& c, int64_t text, int64_t images) {
+  return c.reducer.prefill_flops(c, text, images);
+}
+
+ModelConfig without_reducer(const ModelConfig& c) {
+  ModelConfig p = c;
+  p.reducer = Reducer::none();
+  return p;
 }
 
 GenerationResult generate_ids(const Vlm& model, const std::vector<PromptInput>& inputs,
@@ -98,7 +84,8 @@ GenerationResult generate_ids(const Vlm& model, const std::vector<PromptInput>& 
   GenerationStats& st = res.stats;
   st.batch = B;
   st.layers = cfg.num_layers();
-  st.summary_layers = cfg.drop_layer();
+  st.reducer = cfg.reducer.name();
+  st.reduce_layer = cfg.reducer.prune_layer() ? *cfg.reducer.prune_layer() : cfg.reducer.drop_layer(cfg);
   auto t0 = Clock::now();
 
   std::vector<torch::Tensor> px;
@@ -118,8 +105,14 @@ GenerationResult generate_ids(const Vlm& model, const std::vector<PromptInput>& 
   st.visual_tokens = count_kind(batch.meta, 0, TokenKind::Visual);
   st.register_tokens = count_kind(batch.meta, 0, TokenKind::Register);
   st.tokens_before_drop = st.prompt_tokens + st.visual_tokens + st.register_tokens;
-  st.tokens_after_drop =
-      st.summary_layers < st.layers ? st.prompt_tokens + st.register_tokens : st.tokens_before_drop;
+  if (cfg.reducer.prune_layer()) {
+    const int64_t images = inputs[0].pixels.defined() ? inputs[0].pixels.size(0) : 0;
+    const int64_t kept = images ? images * cfg.reducer.kept_after_prune(int(st.visual_tokens / images)) : 0;
+    st.tokens_after_drop = st.prompt_tokens + kept;
+  } else {
+    st.tokens_after_drop =
+        st.reduce_layer < st.layers ? st.prompt_tokens + st.register_tokens : st.tokens_before_drop;
+  }
 
   KvCache cache = model.make_cache(B);
   ForwardOutput out = model.forward(batch, &cache);
@@ -164,10 +157,10 @@ GenerationResult generate_ids(const Vlm& model, const std::vector<PromptInput>& 
   for (int64_t b = 0; b < B; ++b) {
     int64_t text = count_kind(batch.meta, b, TokenKind::Text);
     int64_t images = inputs[b].pixels.defined() ? inputs[b].pixels.size(0) : 0;
-    st.kv_bytes_plain += kv_bytes_formula(cfg, text, images, fed, false);
+    st.kv_bytes_plain += kv_bytes_formula(without_reducer(cfg), text, images, fed);
     if (b == 0) {
-      st.prefill_gflops = prefill_flops(cfg, text, images, true) / 1e9;
-      st.prefill_gflops_plain = prefill_flops(cfg, text, images, false) / 1e9;
+      st.prefill_gflops = prefill_flops(cfg, text, images) / 1e9;
+      st.prefill_gflops_plain = prefill_flops(without_reducer(cfg), text, images) / 1e9;
     }
   }
   if (opt.keep_logits) res.step_logits = torch::stack(kept_logits, 0);
@@ -200,25 +193,24 @@ std::string format_stats(const GenerationStats& s) {
                 (long long)s.prompt_tokens, (long long)s.visual_tokens, (long long)s.register_tokens,
                 (long long)s.generated_tokens, (long long)s.batch);
   o << buf;
-  if (s.summary_layers < s.layers)
+  if (s.reduce_layer < s.layers)
     std::snprintf(buf, sizeof buf,
-                  "victor: layers 0-%d see %lld tokens; layers %d-%d see %lld (visual tokens dropped "
-                  "after layer %d)\n",
-                  s.summary_layers - 1, (long long)s.tokens_before_drop, s.summary_layers,
-                  s.layers - 1, (long long)s.tokens_after_drop, s.summary_layers);
+                  "reducer %s: layers 0-%d see %lld tokens; layers %d-%d see %lld\n", s.reducer.c_str(),
+                  s.reduce_layer - 1, (long long)s.tokens_before_drop, s.reduce_layer, s.layers - 1,
+                  (long long)s.tokens_after_drop);
   else
-    std::snprintf(buf, sizeof buf, "victor: off; all %d layers see %lld tokens\n", s.layers,
+    std::snprintf(buf, sizeof buf, "reducer %s: all %d layers see %lld tokens\n", s.reducer.c_str(), s.layers,
                   (long long)s.tokens_before_drop);
   o << buf;
   std::snprintf(buf, sizeof buf,
                 "time to first token: %.3f s (vision %.3f s); decode: %.2f tokens/s\n",
                 s.ttft_seconds, s.vision_seconds, s.decode_tokens_per_second);
   o << buf;
-  std::snprintf(buf, sizeof buf, "kv cache: %.3f MiB (without Victor %.3f MiB, %.2fx)\n",
+  std::snprintf(buf, sizeof buf, "kv cache: %.3f MiB (without reducer %.3f MiB, %.2fx)\n",
                 mib(s.kv_bytes), mib(s.kv_bytes_plain),
                 s.kv_bytes > 0 ? double(s.kv_bytes_plain) / s.kv_bytes : 0.0);
   o << buf;
-  std::snprintf(buf, sizeof buf, "prefill: %.3f GFLOPs (without Victor %.3f GFLOPs, %.2fx)\n",
+  std::snprintf(buf, sizeof buf, "prefill: %.3f GFLOPs (without reducer %.3f GFLOPs, %.2fx)\n",
                 s.prefill_gflops, s.prefill_gflops_plain,
                 s.prefill_gflops > 0 ? s.prefill_gflops_plain / s.prefill_gflops : 0.0);
   o << buf;

@@ -48,7 +48,7 @@ std::vector<TrainSample> prepare_samples(const std::vector<Conversation>& convs,
   };
   std::unordered_map<std::string, Loaded> loaded;  // image path -> pixels
   Progress bar("loading", int64_t(convs.size()), isatty(2) && convs.size() > 200);
-  const int64_t image_rows = cfg.visual_tokens_per_image() + cfg.victor.num_registers;
+  const int64_t image_rows = cfg.visual_tokens_per_image() + cfg.reducer.inserted_rows();
   for (size_t i = 0; i < convs.size(); ++i) {
     const Conversation& c = convs[i];
     try {
@@ -135,7 +135,7 @@ torch::Tensor shuffle_tokens(const torch::Tensor& x, uint64_t seed, torch::Tenso
 }
 
 void check_grounding(const ModelConfig& cfg, int layer, int heads) {
-  const int seeing = cfg.drop_layer();  // layers 0 .. seeing-1 see the visual tokens
+  const int seeing = cfg.reducer.drop_layer(cfg);  // layers 0 .. seeing-1 see the visual tokens
   if (layer < 0 || layer >= seeing)
     throw Error("--ground-layer " + std::to_string(layer) + " must be a layer that sees the visual tokens: 0 to " +
                 std::to_string(seeing - 1) +
@@ -146,7 +146,7 @@ void check_grounding(const ModelConfig& cfg, int layer, int heads) {
 }
 
 torch::Tensor visual_token_centres(const ModelConfig& cfg) {
-  const int pool = std::max(1, cfg.visual_pool);
+  const int pool = cfg.reducer.kind() == ReducerKind::Pool ? cfg.reducer.pool_params().factor : 1;
   const int side = cfg.vision.image_size / cfg.vision.patch_size / pool;
   auto at = (torch::arange(side, torch::kFloat32) + 0.5f) / float(side);
   auto y = at.view({side, 1}).expand({side, side}), x = at.view({1, side}).expand({side, side});
@@ -345,6 +345,9 @@ TrainReport train_model(Vlm& model, const std::vector<TrainSample>& samples, con
   if (samples.empty()) throw Error("train: no usable samples");
   if (o.batch_size < 1 || o.grad_accum < 1) throw Error("train: batch size and accumulation must be >= 1");
   const auto& cfg = model.config();
+  if (!cfg.reducer.is_none() && !cfg.reducer.trained())
+    throw Error("train: " + cfg.reducer.spec() + " is a training-free reducer; train the plain model and "
+                "evaluate it with --reducer " + cfg.reducer.spec());
   model.set_trainable(o.parts);
   std::vector<ParamRef*> trainable;
   for (auto& p : const_cast<std::vector<ParamRef>&>(model.params()))
@@ -542,19 +545,7 @@ TrainReport train(const TrainOptions& o) {
   // Resume continues from the output folder's own checkpoint.
   std::string start = o.resume ? o.out : o.model_dir;
   Vlm model = Vlm::load(start);
-  if (!o.resume && (o.registers >= 0 || o.summary_layers != -2 || !o.register_mask.empty())) {
-    VictorConfig v = model.config().victor;
-    if (o.registers >= 0) v.num_registers = o.registers;
-    if (o.summary_layers != -2) v.summary_layers = o.summary_layers;
-    if (!o.register_mask.empty()) v.register_mask = register_mask_from_string(o.register_mask);
-    auto regs = model.weights().registers;
-    model.set_victor(v, o.seed);
-    if (regs.defined() && regs.size(0) == v.num_registers) model.weights().registers = regs;
-  }
-  if (!o.resume && o.visual_pool > 0) {
-    model.mutable_config().visual_pool = o.visual_pool;
-    model.set_victor(model.config().victor, o.seed);  // validates (fresh registers if any)
-  }
+  if (!o.resume && o.reducer.any()) model.set_reducer(o.reducer.resolve(model.config().reducer), o.seed);
   Tokenizer tok(start);
   std::string folder = o.image_folder.empty() ? fs::path(o.data).parent_path().string() : o.image_folder;
   auto samples = prepare_samples(convs, tok, model.config(), folder, o.skip_bad, &bad);
