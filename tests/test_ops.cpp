@@ -66,6 +66,22 @@ TEST(Ops, GroupedQueryAttentionMatchesExplicitSoftmax) {
   EXPECT_EQ(probs.masked_select(allowed.unsqueeze(1).expand_as(probs).logical_not()).abs().max().item<float>(), 0.0f);
 }
 
+TEST(Ops, LargeBatchedPrefillAttentionRunsRowByRowWithTheSameResult) {
+  // 2 x 16 heads x 1500 x 1500 float scores = 288 MB: above the limit, so without autograd the
+  // rows of the batch run one at a time; asking for the probabilities keeps the batched path.
+  torch::manual_seed(5);
+  const int B = 2, H = 16, Hkv = 4, T = 1500, hd = 8;
+  auto q = torch::randn({B, H, T, hd}), k = torch::randn({B, Hkv, T, hd}), v = torch::randn({B, Hkv, T, hd});
+  auto allowed = torch::ones({T, T}, torch::kBool).tril().expand({B, T, T}).contiguous();
+  allowed[1].narrow(1, 0, 7).fill_(false);  // the rows differ (padding on the left of row 1)
+  allowed[1].select(1, 7).fill_(true);
+  torch::NoGradGuard ng;
+  auto chunked = attention(q, k, v, allowed);
+  torch::Tensor probs;
+  auto batched = attention(q, k, v, allowed, &probs);
+  EXPECT_TRUE(torch::allclose(chunked, batched, 1e-5, 1e-6)) << (chunked - batched).abs().max().item<float>();
+}
+
 TEST(Ops, DenseOneRowPathEqualsMatmul) {
   torch::manual_seed(4);
   torch::NoGradGuard ng;

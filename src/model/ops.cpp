@@ -85,6 +85,16 @@ torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k, const to
     if (probs) *probs = p.reshape({B, H, T, S});
     return torch::matmul(p.view({B, Hkv, G, S}), v).reshape({B, H, T, hd});
   }
+  // A batched prefill's scores ([B,H,T,S] floats, a few times over: scores, mask, softmax) would
+  // cost more than its KV cache at 7B shapes (batch 16 x 640 tokens: 0.8 GB each); without
+  // autograd, rows of the batch run one at a time, each exactly as the batched product would.
+  const bool grad = torch::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad() || v.requires_grad());
+  if (B > 1 && !probs && !grad && B * H * T * S * 4 > (int64_t(256) << 20)) {
+    std::vector<torch::Tensor> rows;
+    for (int64_t b = 0; b < B; ++b)
+      rows.push_back(attention(q.narrow(0, b, 1), k.narrow(0, b, 1), v.narrow(0, b, 1), allowed.narrow(0, b, 1), nullptr));
+    return torch::cat(rows, 0);
+  }
   // Query head h uses key/value head h / G (Hugging Face's repeat_kv), without copying K/V.
   auto qg = q.reshape({B, Hkv, G, T, hd});
   auto scores = torch::matmul(qg, k.unsqueeze(2).transpose(-1, -2)) * scale;
