@@ -10,7 +10,7 @@ trap 'rm -rf "$work"' EXIT
 grep -q "report: $work/r/report.md" "$work/out.txt"
 r="$work/r/report.md"
 for pattern in "Stage 0, shared" "Stage C, shared" "| C1 | 2x2 | identify | 1 | 16 | 6 (2 x 3 of at most 2, bar 100.0%) |" "| C2 | 4x4, 75.0% empty | count, exist (50.0% empty) | 1 | 16 | 3 (1 x 3 of at most 3, bar 0.0%) |" "- C2 per family, after its last schedule: count " "| plain | \`none\` | 16 |" "| victor-m4-k1 | \`victor:m=4,k=1\` | 16 + 4 |" "| victor-m8-k1 | \`victor:m=8,k=1\` |" "| victor-m8-k2 | \`victor:m=8,k=2\` |" "victor-m8-k2 (k = 2):" "| pool-2x2 | \`pool:2\` | 4 |" \
-               "| fastv-k2-keep0.25 | \`fastv:k=2,keep=0.25\` | 16 |" "| visionzip-4+0 | \`visionzip:dominant=4,contextual=0\` | 4 |" "paired 95%" "relative accuracy drop < 4% (a drop of at most" "Answer-prior baseline" \
+               "| resampler-16 | \`resampler:latents=16\` | 16 |" "The reducers' own trained parameters: victor-m4-k1 256, " "| fastv-k2-keep0.25 | \`fastv:k=2,keep=0.25\` | 16 |" "| visionzip-4+0 | \`visionzip:dominant=4,contextual=0\` | 4 |" "paired 95%" "relative accuracy drop < 4% (a drop of at most" "Answer-prior baseline" \
                "relative accuracy drop < 4%" "training time at least 43% lower" "throughput at least 3.3x" \
                "b4_g2 req/s" "## Accuracy per question family"; do
   grep -qF -- "$pattern" "$r" || { echo "report lacks: $pattern"; cat "$r"; exit 1; }
@@ -37,7 +37,7 @@ grep -qE -- '- C2 per family, after its last schedule: count [0-9.]+% \(prior [0
 # Grounded attention (on by default, layer 1): stage C and the stage 2 of every model whose visual tokens
 # reach layer 1 are grounded, the k = 1 twins are not, and the report and the logs say so.
 grep -qF "Grounded attention (weight 1, decoder layer 1, 1 head)" "$r" || { echo "report does not describe grounding"; exit 1; }
-grep -qF "not in stage 2 of victor-m4-k1, victor-m8-k1 (the visual tokens leave before that layer)" "$r" || { echo "report does not name the ungrounded twins"; exit 1; }
+grep -qF "not in stage 2 of victor-m4-k1, victor-m8-k1, resampler-16 (their visual tokens leave before that layer, or are not on the patch grid)" "$r" || { echo "report does not name the ungrounded twins"; exit 1; }
 for m in plain victor-m8-k2 pool-2x2; do grep -q '"ground_mass"' "$work/r/models/$m/metrics.jsonl" || { echo "$m was not grounded"; exit 1; }; done
 if grep -q '"ground_mass"' "$work/r/models/victor-m8-k1/metrics.jsonl"; then echo "victor-m8-k1 was grounded after its drop"; exit 1; fi
 grep -q '"ground_mass"' "$work/r/curriculum-1/metrics.jsonl" || { echo "stage C was not grounded"; exit 1; }

@@ -549,6 +549,9 @@ int main(int argc, char** argv) {
   c_repro->add_option("--steps", rp.steps, "Stage 2 steps per model: questions (identical budgets)")->check(CLI::Range(1, 10000000));
   c_repro->add_option("--pretrain-steps", rp.pretrain_steps, "Stage 1 steps: row-by-row descriptions (0 = skip)")->check(CLI::Range(0, 10000000));
   c_repro->add_option("--pool", rp.pools, "Average-pooling baselines to train (e.g. 4; 1 = none)")->delimiter(',')->check(CLI::Range(1, 64));
+  c_repro->add_option("--resampler", rp.resamplers, "Perceiver-style resamplers to train, by latent count (e.g. 16; 0 = none)")
+      ->delimiter(',')
+      ->check(CLI::Range(0, 4096));
   c_repro->add_option("--vision-steps", rp.vision_steps, "Stage 0 steps: vision tower on cell classes (0 = skip)")->check(CLI::Range(0, 10000000));
   c_repro->add_option("--vision-images", rp.vision_images,
                       "Stage 0's own GridVQA training images (0 = the main training set)")

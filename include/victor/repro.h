@@ -94,6 +94,9 @@ struct ReproOptions {
   int steps = 450, batch_size = 8;            // stage 2: the questions
   std::string train_parts = "finetune";       // LLaVA: the vision tower stays frozen
   std::vector<int> pools{4};                  // average-pooling baselines trained alongside
+  // Perceiver-style resamplers trained alongside, by latent count (0 = none); 16 matches pool 4's
+  // budget on the small preset.
+  std::vector<int> resamplers{16};
   // Training-free reducers applied to the trained plain model (specs). Empty: FastV (k = 2) and
   // VisionZip at the first pooling baseline's visual-token budget; {"none"}: none.
   std::vector<std::string> training_free;

@@ -146,6 +146,7 @@ struct Trained {
   std::string name, dir;
   Reducer reducer;
   bool training_free = false;  // the plain model's weights with a training-free reducer
+  int64_t reducer_params = 0;  // the reducer's own parameters (registers, the resampler's block)
   int registers = 0, summary_layers = 0, pool = 1;
   bool grounded = false;  // stage 2 with grounded attention
   double train_seconds = 0, step_seconds = 0, final_loss = 0;
@@ -270,6 +271,8 @@ std::string run_repro(const ReproOptions& o) {
       }
     }
     training_free_reducers(o, preset);  // refuses a bad --training-free spec up front
+    for (int n : o.resamplers)
+      if (n > 0) Reducer::resampler({n}).validate(preset);
     if (o.curriculum_summary_layers >= 0)
       for (auto& c : o.curriculum)
         if (c.pool > 1)
@@ -490,6 +493,11 @@ std::string run_repro(const ReproOptions& o) {
       add_run("victor-m" + std::to_string(m) + (o.summary_layers.size() > 1 ? "-k" + std::to_string(k) : ""), m, k, 1);
   for (int p : o.pools)
     if (p > 1) add_run("pool-" + std::to_string(p) + "x" + std::to_string(p), 0, -1, p);
+  for (int n : o.resamplers)
+    if (n > 0) {
+      add_run("resampler-" + std::to_string(n), 0, -1, 1);
+      runs.back().reducer = Reducer::resampler({n});
+    }
   for (auto& r : training_free_reducers(o, preset_config(o.preset))) {
     Trained t;
     t.name = slug(r.name());
@@ -516,12 +524,14 @@ std::string run_repro(const ReproOptions& o) {
     r.dir = (fs::path(o.out) / "models" / r.name).string();
     Vlm model = Vlm::load(init_dir);
     model.set_reducer(r.reducer, o.seed + 1);  // validates
+    r.reducer_params = model.parameter_count(1 << int(Part::Registers));
     r.summary_layers = model.config().reducer.drop_layer(model.config());
     TrainOptions t;
     t.parts = parse_parts(o.train_parts);
     t.lr = o.lr;
     t.batch_size = o.batch_size;
-    r.grounded = o.ground_weight > 0 && o.ground_layer < r.summary_layers;
+    // Grounding needs visual tokens on the patch grid (not the resampler's latents) that reach its layer.
+    r.grounded = o.ground_weight > 0 && o.ground_layer < r.summary_layers && r.reducer.kind() != ReducerKind::Resampler;
     if (r.grounded) {
       t.ground_weight = o.ground_weight;
       t.ground_layer = o.ground_layer;
@@ -673,7 +683,7 @@ std::string run_repro(const ReproOptions& o) {
        << (grounded.empty() ? std::string("no model") : join_names(grounded, ", "))
        << (not_grounded.empty() ? std::string("")
                                 : "; not in stage 2 of " + join_names(not_grounded, ", ") +
-                                      " (the visual tokens leave before that layer)")
+                                      " (their visual tokens leave before that layer, or are not on the patch grid)")
        << ". Evaluation sees no boxes.\n\n";
   }
   md << "Accuracies with 95% bootstrap intervals over the " << questions.size()
@@ -708,6 +718,13 @@ std::string run_repro(const ReproOptions& o) {
        << " | " << num(br.requests_per_second.at(key_long)) << " req/s | "
        << (i ? num(br.requests_per_second.at(key_long) / bp.requests_per_second.at(key_long)) + "x" : "-") << " | "
        << (i ? num(double(bp.kv_bytes) / br.kv_bytes) + "x" : "-") << " |\n";
+  }
+  {
+    std::string counts;
+    for (auto& r : runs)
+      if (r.reducer_params > 0)
+        counts += (counts.empty() ? "" : ", ") + r.name + " " + std::to_string(r.reducer_params);
+    if (!counts.empty()) md << "\nThe reducers' own trained parameters: " << counts << ".\n";
   }
   md << "\nAnswer-prior baseline (most frequent training answer per question): **"
      << pct(prior.overall.accuracy()) << "**.\n\n";

@@ -135,6 +135,9 @@ torch::Tensor shuffle_tokens(const torch::Tensor& x, uint64_t seed, torch::Tenso
 }
 
 void check_grounding(const ModelConfig& cfg, int layer, int heads) {
+  if (cfg.reducer.kind() == ReducerKind::Resampler)
+    throw Error("grounded attention needs visual tokens on the patch grid; the resampler's latents are not "
+                "(train it with --ground-weight 0)");
   const int seeing = cfg.reducer.drop_layer(cfg);  // layers 0 .. seeing-1 see the visual tokens
   if (layer < 0 || layer >= seeing)
     throw Error("--ground-layer " + std::to_string(layer) + " must be a layer that sees the visual tokens: 0 to " +
