@@ -5,6 +5,7 @@
 #include <functional>
 
 #include "helpers.h"
+#include "victor/error.h"
 #include "victor/generate.h"
 #include "victor/kernels.h"
 #include "victor/safetensors.h"
@@ -283,4 +284,32 @@ TEST(Dtype, Llava7bPresetHasThePapersShape) {
   c.reducer = Reducer::victor({8, 3, RegisterMask::Causal});
   EXPECT_EQ(kv_bytes_formula(c, 64, 1, 0),
             2LL * 4096 * 4 * (3 * (64 + 8 + 576) + 29 * (64 + 8)));
+}
+
+TEST(Dtype, Bf16KvCacheHalvesTheBytesAndStaysCloseToFloat32) {
+  for (int k : {-1, 2}) {  // plain, and Victor with its shortened layers
+    SCOPED_TRACE("k=" + std::to_string(k));
+    auto cfg = tiny_config(k < 0 ? 0 : 2, k);
+    Vlm m = Vlm::random(cfg, 36);
+    auto p = prompt(cfg, {5, 6, 7}, {8, 9}, random_pixels(1, 28, 3));
+    SamplingOptions f;
+    f.max_new_tokens = 6;
+    f.keep_logits = true;
+    SamplingOptions b = f;
+    b.kv_dtype = torch::kBFloat16;
+    auto full = generate_ids(m, {p}, -1, f);
+    auto half = generate_ids(m, {p}, -1, b);
+    const int64_t text = int64_t(p.ids.size()) - 1, fed = 5;
+    EXPECT_EQ(full.stats.kv_bytes, kv_bytes_formula(m.config(), text, 1, fed, 4));
+    EXPECT_EQ(half.stats.kv_bytes, kv_bytes_formula(m.config(), text, 1, fed, 2));
+    EXPECT_EQ(2 * half.stats.kv_bytes, full.stats.kv_bytes);
+    // Logits within bf16's rounding of the keys and values, step by step while the tokens agree.
+    for (int s = 0; s < 6; ++s) {
+      auto want = full.step_logits[s][0], got = half.step_logits[s][0];
+      const double spread = (want.max() - want.min()).item<double>();
+      EXPECT_LT((got - want).abs().max().item<double>() / spread, 0.02) << "step " << s;
+      if (full.tokens[0][s] != half.tokens[0][s]) break;
+    }
+  }
+  EXPECT_THROW(kv_dtype_from_string("f16"), Error);
 }

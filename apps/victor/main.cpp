@@ -40,6 +40,13 @@ std::optional<WeightDType> parse_dtype(const std::string& s) {
   return weight_dtype_from_string(s);
 }
 
+void add_kv_dtype_option(CLI::App* c, std::string& kv) {
+  c->add_option("--kv-dtype", kv,
+                "KV-cache storage: f32 | bf16 (half the bytes; attention still computes in float32)")
+      ->check(CLI::IsMember({"f32", "bf16"}))
+      ->capture_default_str();
+}
+
 void add_dtype_option(CLI::App* c, std::string& dtype, bool with_auto = true) {
   c->add_option("--dtype", dtype,
                 with_auto ? "Weight storage: auto (as the checkpoint stores them) | f32 | bf16 | int8 "
@@ -132,7 +139,7 @@ void run_init(const InitArgs& a) {
 
 // --- victor generate ---
 struct GenerateArgs {
-  std::string model, prompt, dump_logits, register_init = "random", dtype = "auto";
+  std::string model, prompt, dump_logits, register_init = "random", dtype = "auto", kv_dtype = "f32";
   std::vector<std::string> images, calibration;
   SamplingOptions sampling;
   int threads = default_threads();
@@ -174,6 +181,7 @@ void run_generate(const GenerateArgs& a) {
   Tokenizer tok(a.model);
   SamplingOptions opt = a.sampling;
   opt.keep_logits = !a.dump_logits.empty();
+  opt.kv_dtype = kv_dtype_from_string(a.kv_dtype);
   auto res = generate(model, tok, {Request{a.prompt, images}}, opt);
   std::cout << res.texts[0] << "\n";
   if (!a.dump_logits.empty()) {
@@ -231,7 +239,7 @@ struct EvalArgs {
   EvalOptions opt;
   int threads = default_threads();
   ReducerChoice reducer;
-  std::string dtype = "auto";
+  std::string dtype = "auto", kv_dtype = "f32";
 };
 
 void run_eval(EvalArgs a) {
@@ -241,6 +249,7 @@ void run_eval(EvalArgs a) {
   if (!a.model.empty()) {
     Vlm model = Vlm::load(a.model, parse_dtype(a.dtype));
     apply_reducer(model, a.reducer, "random", {}, 0);
+    a.opt.kv_dtype = kv_dtype_from_string(a.kv_dtype);
     Tokenizer tok(a.model);
     a.opt.model_id = fs::path(a.model).filename().string();
     auto r = evaluate(model, tok, qs, a.opt);
@@ -266,7 +275,7 @@ void run_eval(EvalArgs a) {
 
 // --- victor bench ---
 struct BenchArgs {
-  std::string model, preset, json_out, mask = "causal", dtype = "auto";
+  std::string model, preset, json_out, mask = "causal", dtype = "auto", kv_dtype = "f32";
   std::vector<std::string> reducers;
   std::vector<int> sweep_registers, sweep_layers, pools;
   BenchOptions opt;
@@ -291,6 +300,7 @@ void run_bench_cli(BenchArgs a) {
   std::cerr << "bench: " << to_string(model->config().weight_dtype) << " weights, "
             << model->weight_bytes() / 1048576.0 << " MiB\n";
   a.opt.seed = a.seed;
+  a.opt.kv_dtype = kv_dtype_from_string(a.kv_dtype);
   if (a.llm_only) {
     const int gen = *std::max_element(a.opt.gen_tokens.begin(), a.opt.gen_tokens.end());
     auto r = run_llm_bench(*model, a.opt.prompt_tokens, gen, a.opt.repeats, a.seed);
@@ -410,6 +420,7 @@ int main(int argc, char** argv) {
   c_gen->add_option("--threads", gen.threads, "CPU threads")->check(CLI::Range(1, 1024));
   c_gen->add_flag("--stats", gen.stats, "Print token counts, timings (vision cold and warm), KV-cache bytes, FLOPs, weight bytes");
   add_dtype_option(c_gen, gen.dtype);
+  add_kv_dtype_option(c_gen, gen.kv_dtype);
   c_gen->add_option("--dump-logits", gen.dump_logits, "Save every step's logits as .npy [steps, vocab]");
   add_reducer_options(c_gen, gen.reducer);
   c_gen->add_option("--register-init", gen.register_init,
@@ -497,6 +508,7 @@ int main(int argc, char** argv) {
   c_eval->add_option("--threads", ev.threads, "CPU threads")->check(CLI::Range(1, 1024));
   add_reducer_options(c_eval, ev.reducer);
   add_dtype_option(c_eval, ev.dtype);
+  add_kv_dtype_option(c_eval, ev.kv_dtype);
 
   BenchArgs bn;
   auto* c_bench = app.add_subcommand("bench", "Measure plain vs Victor (vision, TTFT, decode, requests/s, KV, memory)");
@@ -504,6 +516,7 @@ int main(int argc, char** argv) {
   c_bench->add_option("--preset", bn.preset, "Random weights of a preset shape: tiny | small | clip-l-1b | llava-7b")
       ->check(CLI::IsMember({"tiny", "small", "clip-l-1b", "llava-7b"}));
   add_dtype_option(c_bench, bn.dtype);
+  add_kv_dtype_option(c_bench, bn.kv_dtype);
   c_bench->add_option("--reducer", bn.reducers,
                       "A reducer to measure beside plain (repeat for several): victor:m=8,k=2 | pool:4 | "
                       "fastv:k=2,keep=0.25 | visionzip:dominant=16,contextual=4");

@@ -23,6 +23,7 @@ struct BenchOptions {
   int prompt_tokens = 64;  // text tokens around the image
   int repeats = 3;
   uint64_t seed = 0;
+  torch::ScalarType kv_dtype = torch::kFloat32;  // KV-cache storage for every configuration
   bool progress = true;
 };
 

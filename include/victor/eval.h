@@ -56,6 +56,7 @@ struct EvalOptions {
   int batch_size = 8, max_new_tokens = 16, limit = 0;
   bool progress = true;
   std::string model_id = "victor";
+  torch::ScalarType kv_dtype = torch::kFloat32;  // KV-cache storage (SamplingOptions::kv_dtype)
 };
 
 EvalReport evaluate(const Vlm& model, const Tokenizer& tok, const std::vector<EvalQuestion>& qs,

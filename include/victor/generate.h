@@ -18,7 +18,13 @@ struct SamplingOptions {
   double top_p = 1.0;        // 1 = off
   uint64_t seed = 0;
   bool keep_logits = false;  // every step's logits (for --dump-logits)
+  // KV-cache storage: float32, or bfloat16 (half the bytes; attention still computes in float32
+  // on a per-layer float copy of the keys and values).
+  torch::ScalarType kv_dtype = torch::kFloat32;
 };
+
+// "f32" / "bf16" -> the cache's element type; the error names `what` (the option).
+torch::ScalarType kv_dtype_from_string(const std::string& s, const std::string& what = "--kv-dtype");
 
 struct Request {
   std::string prompt;          // the user's question; "<image>" is prepended when missing
@@ -69,7 +75,8 @@ torch::Tensor sample_next(const torch::Tensor& logits, const SamplingOptions& op
 
 // Analytic figures for one request with `text` text tokens and `images` images, under the
 // config's reducer (without_reducer(c) for the plain model's).
-int64_t kv_bytes_formula(const ModelConfig& c, int64_t text, int64_t images, int64_t generated);
+int64_t kv_bytes_formula(const ModelConfig& c, int64_t text, int64_t images, int64_t generated,
+                         int64_t element_bytes = 4);
 double prefill_flops(const ModelConfig& c, int64_t text, int64_t images);
 ModelConfig without_reducer(const ModelConfig& c);
 

@@ -87,7 +87,8 @@ struct TokenMeta {
 // One layer's keys and values, with their own length: layers < k hold visual rows (causal),
 // layers >= k never do.
 struct LayerCache {
-  torch::Tensor k, v;  // [B,Hkv,capacity,hd]
+  torch::Tensor k, v;  // [B,Hkv,capacity,hd], in `dtype`
+  torch::ScalarType dtype = torch::kFloat32;
   TokenMeta meta;      // [B,capacity]
   int64_t len = 0;
   torch::Tensor keys() const { return k.narrow(2, 0, len); }
@@ -201,7 +202,8 @@ class Vlm {
   torch::Tensor logits(const torch::Tensor& hidden) const;  // [...,d] -> [...,V]
   torch::Tensor embed_tokens(const torch::Tensor& ids) const;
 
-  KvCache make_cache(int64_t batch) const;
+  // An empty cache for `batch` rows whose keys and values are stored as `kv_dtype`.
+  KvCache make_cache(int64_t batch, torch::ScalarType kv_dtype = torch::kFloat32) const;
   // One decode step: ids [B] -> logits [B,V].
   torch::Tensor decode_step(const torch::Tensor& ids, KvCache& cache) const;
 

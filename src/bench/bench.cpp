@@ -98,7 +98,9 @@ std::vector<BenchResult> run_bench(const Vlm& base, const std::vector<BenchConfi
   Progress bar("bench", total, opt.progress && isatty(2));
   int64_t done = 0;
   // Warm-up: one short pass per configuration (allocator, thread pool).
-  for (auto& m : models) generate_ids(m, {synthetic_prompt(bc, opt.prompt_tokens, 1, pixels)}, -1, SamplingOptions{2});
+  SamplingOptions warm{2};
+  warm.kv_dtype = opt.kv_dtype;
+  for (auto& m : models) generate_ids(m, {synthetic_prompt(bc, opt.prompt_tokens, 1, pixels)}, -1, warm);
   for (int r = 0; r < opt.repeats; ++r) {
     for (size_t ci = 0; ci < configs.size(); ++ci) {  // ABAB...: configurations interleaved
       const Vlm& m = models[ci];
@@ -109,6 +111,7 @@ std::vector<BenchResult> run_bench(const Vlm& base, const std::vector<BenchConfi
       s.vision.push_back(since(t0));
       SamplingOptions so;
       so.max_new_tokens = max_gen;
+      so.kv_dtype = opt.kv_dtype;
       auto one = generate_ids(m, {synthetic_prompt(bc, opt.prompt_tokens, 2, pixels)}, -1, so);
       s.ttft.push_back(one.stats.ttft_seconds);
       s.decode.push_back(one.stats.decode_tokens_per_second);
@@ -120,6 +123,7 @@ std::vector<BenchResult> run_bench(const Vlm& base, const std::vector<BenchConfi
           for (int i = 0; i < b; ++i) rows.push_back(synthetic_prompt(bc, opt.prompt_tokens, 100 + i, pixels));
           SamplingOptions sg;
           sg.max_new_tokens = g;
+          sg.kv_dtype = opt.kv_dtype;
           auto t1 = Clock::now();
           generate_ids(m, rows, -1, sg);
           s.rps["b" + std::to_string(b) + "_g" + std::to_string(g)].push_back(b / since(t1));
@@ -142,7 +146,7 @@ std::vector<BenchResult> run_bench(const Vlm& base, const std::vector<BenchConfi
     r.decode_tokens_per_second = median(samples[ci].decode);
     for (auto& [k, v] : samples[ci].rps) r.requests_per_second[k] = median(v);
     r.kv_bytes = samples[ci].kv;
-    r.kv_bytes_formula = kv_bytes_formula(mc, opt.prompt_tokens, 1, max_gen - 1);
+    r.kv_bytes_formula = kv_bytes_formula(mc, opt.prompt_tokens, 1, max_gen - 1, int64_t(c10::elementSize(opt.kv_dtype)));
     r.peak_rss_bytes = samples[ci].peak;
     r.prefill_gflops = samples[ci].gflops;
     out.push_back(r);
@@ -229,6 +233,7 @@ json bench_json(const std::vector<BenchResult>& rs, const ModelConfig& cfg, cons
               {"threads", at::get_num_threads()},
               {"blas_core", blas_core_name()},
               {"weight_dtype", to_string(cfg.weight_dtype)},
+              {"kv_dtype", opt.kv_dtype == torch::kBFloat16 ? "bf16" : "f32"},
               {"configs", json::array()}};
   const BenchResult& p = rs.front();
   auto ratio = [](double a, double b) { return b > 0 ? a / b : 0.0; };

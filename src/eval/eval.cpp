@@ -99,6 +99,7 @@ EvalReport evaluate(const Vlm& model, const Tokenizer& tok, const std::vector<Ev
   std::string lines;
   SamplingOptions so;
   so.max_new_tokens = opt.max_new_tokens;
+  so.kv_dtype = opt.kv_dtype;
   for (size_t start = 0; start < qs.size(); start += size_t(opt.batch_size)) {
     size_t end = std::min(qs.size(), start + size_t(opt.batch_size));
     std::vector<Request> reqs;

@@ -73,7 +73,7 @@ void LayerCache::append(const torch::Tensor& k_new, const torch::Tensor& v_new,
     int64_t new_cap = std::max(len + t, 2 * cap);
     auto shape = k_new.sizes().vec();
     shape[2] = new_cap;
-    auto k2 = torch::zeros(shape, k_new.options()), v2 = torch::zeros(shape, v_new.options());
+    auto k2 = torch::zeros(shape, k_new.options().dtype(dtype)), v2 = torch::zeros(shape, v_new.options().dtype(dtype));
     TokenMeta m2 = pad_meta(k_new.size(0), new_cap);
     if (len > 0) {
       k2.narrow(2, 0, len).copy_(keys());
@@ -152,6 +152,10 @@ torch::Tensor llama_layer(const LlamaLayerW& w, const TextConfig& c, RegisterMas
     keys = cache->keys();
     values = cache->values();
     key_meta = cache->key_meta();
+    if (keys.scalar_type() != q.scalar_type()) {  // a bf16 cache: attention in float32
+      keys = keys.to(q.scalar_type());
+      values = values.to(q.scalar_type());
+    }
   }
   if (!allowed.defined()) allowed = attention_allowed(meta, key_meta, mode);
   const bool probe = trace && trace->probe;

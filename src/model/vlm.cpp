@@ -552,9 +552,12 @@ SequenceBatch Vlm::assemble(const std::vector<PromptInput>& rows, const torch::T
   return out;
 }
 
-KvCache Vlm::make_cache(int64_t batch) const {
+KvCache Vlm::make_cache(int64_t batch, torch::ScalarType kv_dtype) const {
+  if (kv_dtype != torch::kFloat32 && kv_dtype != torch::kBFloat16)
+    throw Error("KV cache: only float32 and bfloat16 storage are supported");
   KvCache c;
   c.layers.resize(config_.num_layers());
+  for (auto& l : c.layers) l.dtype = kv_dtype;
   c.next_pos = torch::zeros({batch}, torch::kInt64);
   return c;
 }

@@ -57,8 +57,15 @@ torch::Tensor sample_next(const torch::Tensor& logits_in, const SamplingOptions&
   return torch::multinomial(probs, 1, false, gen).squeeze(-1);
 }
 
-int64_t kv_bytes_formula(const ModelConfig& c, int64_t text, int64_t images, int64_t generated) {
-  const int64_t per_row = 2 * int64_t(c.text.num_key_value_heads) * c.text.head_dim() * 4;
+torch::ScalarType kv_dtype_from_string(const std::string& s, const std::string& what) {
+  if (s == "f32" || s == "float32") return torch::kFloat32;
+  if (s == "bf16" || s == "bfloat16") return torch::kBFloat16;
+  throw Error(what + ": unknown KV-cache dtype '" + s + "' (expected f32 or bf16)");
+}
+
+int64_t kv_bytes_formula(const ModelConfig& c, int64_t text, int64_t images, int64_t generated,
+                         int64_t element_bytes) {
+  const int64_t per_row = 2 * int64_t(c.text.num_key_value_heads) * c.text.head_dim() * element_bytes;
   return per_row * c.reducer.kv_rows(c, text, images, generated);
 }
 
@@ -114,7 +121,7 @@ GenerationResult generate_ids(const Vlm& model, const std::vector<PromptInput>& 
         st.reduce_layer < st.layers ? st.prompt_tokens + st.register_tokens : st.tokens_before_drop;
   }
 
-  KvCache cache = model.make_cache(B);
+  KvCache cache = model.make_cache(B, opt.kv_dtype);
   ForwardOutput out = model.forward(batch, &cache);
   auto valid = out.meta.kind.ne(int64_t(TokenKind::Pad)).to(torch::kInt64);
   auto last = (valid * torch::arange(valid.size(1), torch::kInt64)).argmax(1);
@@ -157,7 +164,8 @@ GenerationResult generate_ids(const Vlm& model, const std::vector<PromptInput>& 
   for (int64_t b = 0; b < B; ++b) {
     int64_t text = count_kind(batch.meta, b, TokenKind::Text);
     int64_t images = inputs[b].pixels.defined() ? inputs[b].pixels.size(0) : 0;
-    st.kv_bytes_plain += kv_bytes_formula(without_reducer(cfg), text, images, fed);
+    st.kv_bytes_plain += kv_bytes_formula(without_reducer(cfg), text, images, fed,
+                                          int64_t(c10::elementSize(opt.kv_dtype)));
     if (b == 0) {
       st.prefill_gflops = prefill_flops(cfg, text, images) / 1e9;
       st.prefill_gflops_plain = prefill_flops(without_reducer(cfg), text, images) / 1e9;
