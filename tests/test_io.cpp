@@ -163,6 +163,10 @@ TEST(Config, DefaultsValidationAndErrors) {
   auto e = error_of([&] { config_from_json(j, "config.json").validate(); });
   EXPECT_NE(e.find("num_key_value_heads"), std::string::npos);
   j["text_config"]["num_key_value_heads"] = 8;
+  j["text_config"]["rms_norm_eps"] = -1e-6;  // accepted before: NaN or wrong norms, never an error
+  EXPECT_NE(error_of([&] { config_from_json(j, "config.json").validate(); }).find("text_config.rms_norm_eps"),
+            std::string::npos);
+  j["text_config"]["rms_norm_eps"] = 1e-6;
   j["summary_layers"] = 40;
   EXPECT_NE(error_of([&] { config_from_json(j, "config.json").validate(); }).find("summary_layers"),
             std::string::npos);

@@ -1,5 +1,6 @@
 #include "victor/config.h"
 
+#include <cmath>
 #include <filesystem>
 
 #include "victor/error.h"
@@ -76,6 +77,11 @@ void ModelConfig::validate() const {
   require(t.vocab_size > 0, "text_config.vocab_size", "must be positive");
   require(t.hidden_act == "silu", "text_config.hidden_act", "must be silu (LLaMA SwiGLU)");
   require(t.rope_theta > 0, "text_config.rope_theta", "must be positive");
+  // A negative or NaN epsilon gives NaN or wrong norms, never an error: refused by name.
+  require(t.rms_norm_eps > 0 && std::isfinite(t.rms_norm_eps), "text_config.rms_norm_eps",
+          "must be a positive number");
+  require(v.layer_norm_eps > 0 && std::isfinite(v.layer_norm_eps), "vision_config.layer_norm_eps",
+          "must be a positive number");
   require(image_token_index >= 0 && image_token_index < t.vocab_size, "image_token_index",
           "must lie inside text_config.vocab_size");
   require(known_act(projector_hidden_act), "projector_hidden_act",

@@ -3,6 +3,7 @@
 #include <ATen/CPUGeneratorImpl.h>
 
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <sstream>
 
@@ -83,6 +84,13 @@ GenerationResult generate_ids(const Vlm& model, const std::vector<PromptInput>& 
                               int64_t eos_id, const SamplingOptions& opt) {
   if (inputs.empty()) throw Error("generate: no requests");
   if (opt.max_new_tokens < 1) throw Error("generate: max_new_tokens must be >= 1");
+  // NaN passes range checks (every comparison is false) and would reach the sampler as NaN
+  // probabilities: refused here, by name, for every caller.
+  if (!std::isfinite(opt.temperature) || opt.temperature < 0)
+    throw Error("generate: temperature must be a finite number >= 0 (got " + std::to_string(opt.temperature) + ")");
+  if (!(opt.top_p >= 0 && opt.top_p <= 1))
+    throw Error("generate: top_p must be a number in [0, 1] (got " + std::to_string(opt.top_p) + ")");
+  if (opt.top_k < 0) throw Error("generate: top_k must be >= 0");
   torch::NoGradGuard no_grad;
   const auto& cfg = model.config();
   const int64_t B = inputs.size();
