@@ -112,6 +112,18 @@ class Reducer {
   static Reducer from_json(const nlohmann::json& j, const std::string& source);
 
  private:
+  // One kind with its parameters in `field` (the factories), and that field read back only when
+  // the reducer is of that kind (the *_params accessors).
+  template <class P>
+  static Reducer make(ReducerKind kind, P Reducer::*field, const P& p) {
+    Reducer r;
+    r.kind_ = kind;
+    r.*field = p;
+    return r;
+  }
+  template <class P>
+  const P& params_of(ReducerKind kind, P Reducer::*field, const char* name) const;
+
   ReducerKind kind_ = ReducerKind::None;
   VictorParams victor_;
   PoolParams pool_;

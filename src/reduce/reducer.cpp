@@ -20,36 +20,11 @@ RegisterMask register_mask_from_string(const std::string& s) {
   throw Error("register_mask: unknown value '" + s + "' (expected causal or registers_only)");
 }
 
-Reducer Reducer::victor(VictorParams p) {
-  Reducer r;
-  r.kind_ = ReducerKind::Victor;
-  r.victor_ = p;
-  return r;
-}
-Reducer Reducer::pool(PoolParams p) {
-  Reducer r;
-  r.kind_ = ReducerKind::Pool;
-  r.pool_ = p;
-  return r;
-}
-Reducer Reducer::fastv(FastVParams p) {
-  Reducer r;
-  r.kind_ = ReducerKind::FastV;
-  r.fastv_ = p;
-  return r;
-}
-Reducer Reducer::resampler(ResamplerParams p) {
-  Reducer r;
-  r.kind_ = ReducerKind::Resampler;
-  r.resampler_ = p;
-  return r;
-}
-Reducer Reducer::visionzip(VisionZipParams p) {
-  Reducer r;
-  r.kind_ = ReducerKind::VisionZip;
-  r.visionzip_ = p;
-  return r;
-}
+Reducer Reducer::victor(VictorParams p) { return make(ReducerKind::Victor, &Reducer::victor_, p); }
+Reducer Reducer::pool(PoolParams p) { return make(ReducerKind::Pool, &Reducer::pool_, p); }
+Reducer Reducer::fastv(FastVParams p) { return make(ReducerKind::FastV, &Reducer::fastv_, p); }
+Reducer Reducer::visionzip(VisionZipParams p) { return make(ReducerKind::VisionZip, &Reducer::visionzip_, p); }
+Reducer Reducer::resampler(ResamplerParams p) { return make(ReducerKind::Resampler, &Reducer::resampler_, p); }
 
 namespace {
 
@@ -175,25 +150,19 @@ Reducer Reducer::parse(const std::string& spec) {
                  "fastv:k=K,keep=S, visionzip:dominant=D,contextual=C or resampler:latents=N)");
 }
 
-const VictorParams& Reducer::victor_params() const {
-  if (kind_ != ReducerKind::Victor) throw Error("reducer " + spec() + " is not victor");
-  return victor_;
+template <class P>
+const P& Reducer::params_of(ReducerKind kind, P Reducer::*field, const char* name) const {
+  if (kind_ != kind) throw Error("reducer " + spec() + " is not " + name);
+  return this->*field;
 }
-const PoolParams& Reducer::pool_params() const {
-  if (kind_ != ReducerKind::Pool) throw Error("reducer " + spec() + " is not pool");
-  return pool_;
-}
-const FastVParams& Reducer::fastv_params() const {
-  if (kind_ != ReducerKind::FastV) throw Error("reducer " + spec() + " is not fastv");
-  return fastv_;
+const VictorParams& Reducer::victor_params() const { return params_of(ReducerKind::Victor, &Reducer::victor_, "victor"); }
+const PoolParams& Reducer::pool_params() const { return params_of(ReducerKind::Pool, &Reducer::pool_, "pool"); }
+const FastVParams& Reducer::fastv_params() const { return params_of(ReducerKind::FastV, &Reducer::fastv_, "fastv"); }
+const VisionZipParams& Reducer::visionzip_params() const {
+  return params_of(ReducerKind::VisionZip, &Reducer::visionzip_, "visionzip");
 }
 const ResamplerParams& Reducer::resampler_params() const {
-  if (kind_ != ReducerKind::Resampler) throw Error("reducer " + spec() + " is not resampler");
-  return resampler_;
-}
-const VisionZipParams& Reducer::visionzip_params() const {
-  if (kind_ != ReducerKind::VisionZip) throw Error("reducer " + spec() + " is not visionzip");
-  return visionzip_;
+  return params_of(ReducerKind::Resampler, &Reducer::resampler_, "resampler");
 }
 
 std::string Reducer::spec() const {
