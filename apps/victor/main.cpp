@@ -1,6 +1,7 @@
 // victor: the one CLI. It parses options and prints; the library holds the logic.
 #include <CLI/CLI.hpp>
 #include <malloc.h>
+#include <signal.h>
 
 #include <chrono>
 #include <filesystem>
@@ -8,6 +9,7 @@
 #include <thread>
 
 #include "victor/bench.h"
+#include "victor/bench_serve.h"
 #include "victor/blas.h"
 #include "victor/data.h"
 #include "victor/error.h"
@@ -17,6 +19,7 @@
 #include "victor/progress.h"
 #include "victor/repro.h"
 #include "victor/safetensors.h"
+#include "victor/serve.h"
 #include "victor/tokenizer.h"
 #include "victor/train.h"
 
@@ -206,6 +209,73 @@ void run_generate(const GenerateArgs& a) {
                 << " s\n";
     }
   }
+}
+
+// --- victor serve ---
+struct ServeArgs {
+  std::string model, dtype = "auto", kv_dtype = "f32", host = "127.0.0.1", name;
+  int port = 8080, threads = default_threads(), http_threads = 0;
+  double kv_budget_mb = 2048, image_cache_mb = 256, max_body_mb = 64, max_image_mb = 20;
+  ReducerChoice reducer;
+  ServeOptions opt;
+};
+
+void run_serve(ServeArgs a) {
+  set_threads(a.threads);
+  // SIGINT/SIGTERM are taken by sigwait below: blocked before any thread starts, so every
+  // thread inherits the mask and the main thread alone receives them.
+  sigset_t stop_signals;
+  sigemptyset(&stop_signals);
+  sigaddset(&stop_signals, SIGINT);
+  sigaddset(&stop_signals, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+  signal(SIGPIPE, SIG_IGN);  // a client that hangs up is noticed by a failed write, not a signal
+  Vlm model = Vlm::load(a.model, parse_dtype(a.dtype));
+  apply_reducer(model, a.reducer, "random", {}, 0);
+  Tokenizer tok(a.model);
+  ServeOptions o = a.opt;
+  o.kv_dtype = kv_dtype_from_string(a.kv_dtype);
+  o.kv_budget_bytes = int64_t(a.kv_budget_mb * 1048576.0);
+  o.image_cache_bytes = int64_t(a.image_cache_mb * 1048576.0);
+  o.limits.max_body_bytes = int64_t(a.max_body_mb * 1048576.0);
+  o.limits.max_image_bytes = int64_t(a.max_image_mb * 1048576.0);
+  o.model_name = a.name.empty() ? fs::path(a.model).lexically_normal().filename().string() : a.name;
+  if (o.model_name.empty()) o.model_name = fs::absolute(a.model).parent_path().filename().string();
+  if (!o.limits.allow_files.empty() && !fs::is_directory(o.limits.allow_files))
+    throw Error("--allow-files: not a folder: " + o.limits.allow_files);
+  ServeEngine engine(model, tok, o);
+  Server server(engine, a.host, a.port, a.http_threads);
+  const auto& cfg = model.config();
+  std::cerr << "victor serve: " << o.model_name << " (" << to_string(cfg.weight_dtype) << " weights, "
+            << model.weight_bytes() / 1048576.0 << " MiB; reducer " << cfg.reducer.name() << "; KV budget "
+            << a.kv_budget_mb << " MiB) on http://" << a.host << ":" << server.port() << "/\n";
+  server.start();
+  int sig = 0;
+  sigwait(&stop_signals, &sig);
+  std::cerr << "victor serve: stopping (signal " << sig << ")\n";
+  engine.stop();
+  server.stop();
+}
+
+// --- victor bench-serve ---
+struct BenchServeArgs {
+  BenchServeOptions opt;
+  std::string json_out;
+};
+
+void run_bench_serve(BenchServeArgs a, const char* argv0) {
+  std::error_code ec;
+  a.opt.victor_binary = fs::read_symlink("/proc/self/exe", ec).string();
+  if (ec) a.opt.victor_binary = argv0;
+  if (!fs::exists(fs::path(a.opt.model) / "config.json")) throw Error("--model: no config.json in " + a.opt.model);
+  a.opt.progress = isatty(2);
+  BenchServeReport r = bench_serve(a.opt);
+  std::cout << r.table();
+  if (!a.json_out.empty()) {
+    write_file_atomic(a.json_out, r.to_json().dump(2) + "\n");
+    std::cout << "wrote " << a.json_out << "\n";
+  }
+  if (r.errors > 0) throw Error("bench-serve: " + std::to_string(r.errors) + " of " + std::to_string(r.requests) + " requests failed");
 }
 
 // --- victor data gridvqa ---
@@ -429,6 +499,50 @@ int main(int argc, char** argv) {
   c_gen->add_option("--calibration-images", gen.calibration, "Images for --register-init mean")
       ->check(CLI::ExistingFile);
 
+  ServeArgs sv;
+  auto* c_serve = app.add_subcommand("serve", "OpenAI-compatible chat server with continuous batching, an image cache and a web page");
+  c_serve->add_option("--model", sv.model, "Model folder (config.json, *.safetensors, tokenizer.model)")->required();
+  c_serve->add_option("--host", sv.host, "Address to listen on")->capture_default_str();
+  c_serve->add_option("--port", sv.port, "Port (0 = any free port, printed at start)")->check(CLI::Range(0, 65535))->capture_default_str();
+  c_serve->add_option("--name", sv.name, "Model name clients send (default: the model folder's name)");
+  c_serve->add_option("--threads", sv.threads, "CPU threads for the model")->check(CLI::Range(1, 1024));
+  c_serve->add_option("--http-threads", sv.http_threads, "HTTP worker threads (default: --max-queue + --max-batch + 8; each streaming client holds one)")
+      ->check(CLI::Range(0, 100000));
+  add_dtype_option(c_serve, sv.dtype);
+  add_kv_dtype_option(c_serve, sv.kv_dtype);
+  add_reducer_options(c_serve, sv.reducer);
+  c_serve->add_option("--kv-budget-mb", sv.kv_budget_mb, "KV cache the admitted requests may reserve (their worst case); more wait in the queue")
+      ->check(CLI::Range(0.001, 1e7))->capture_default_str();
+  c_serve->add_option("--image-cache-mb", sv.image_cache_mb, "Encoded images kept by hash of their bytes (LRU; 0 = off)")
+      ->check(CLI::Range(0.0, 1e7))->capture_default_str();
+  c_serve->add_option("--max-batch", sv.opt.max_batch, "Requests decoding together at most")->check(CLI::Range(1, 4096))->capture_default_str();
+  c_serve->add_option("--max-queue", sv.opt.limits.max_queue, "Requests waiting at most (503 with Retry-After beyond)")
+      ->check(CLI::Range(0, 1000000))->capture_default_str();
+  c_serve->add_option("--max-body-mb", sv.max_body_mb, "Largest request body (413 beyond)")->check(CLI::Range(0.001, 4096.0))->capture_default_str();
+  c_serve->add_option("--max-image-mb", sv.max_image_mb, "Largest encoded image (413 beyond)")->check(CLI::Range(0.001, 4096.0))->capture_default_str();
+  c_serve->add_option("--max-image-pixels", sv.opt.limits.max_image_pixels, "Largest image, width x height (413 beyond)")
+      ->check(CLI::Range(int64_t(1), int64_t(1) << 40))->capture_default_str();
+  c_serve->add_option("--max-images", sv.opt.limits.max_images, "Images per request at most")->check(CLI::Range(0, 1024))->capture_default_str();
+  c_serve->add_option("--max-tokens", sv.opt.limits.max_tokens, "The largest max_tokens a request may ask for")->check(CLI::Range(1, 1000000))->capture_default_str();
+  c_serve->add_option("--default-max-tokens", sv.opt.limits.default_max_tokens, "max_tokens when a request names none")->check(CLI::Range(1, 1000000))->capture_default_str();
+  c_serve->add_option("--request-timeout", sv.opt.limits.request_timeout_seconds, "Seconds a request may take, queue included (504 beyond)")
+      ->check(CLI::Range(0.001, 1e7))->capture_default_str();
+  c_serve->add_option("--allow-files", sv.opt.limits.allow_files, "Accept image_url paths to local files inside this folder (off by default)");
+
+  BenchServeArgs bs;
+  auto* c_bs = app.add_subcommand("bench-serve", "Load benchmark: start `victor serve`, drive it with N concurrent streaming clients, report requests/s, TTFT p50/p99, tokens/s, errors, peak RSS and RSS growth");
+  c_bs->add_option("--model", bs.opt.model, "Model folder for the server")->required();
+  c_bs->add_option("--clients", bs.opt.clients, "Concurrent clients")->check(CLI::Range(1, 10000))->capture_default_str();
+  c_bs->add_option("--requests", bs.opt.requests, "Requests in all")->check(CLI::Range(1, 100000000))->capture_default_str();
+  c_bs->add_option("--max-tokens", bs.opt.max_tokens, "New tokens per request (exactly: the requests set ignore_eos)")
+      ->check(CLI::Range(1, 100000))->capture_default_str();
+  c_bs->add_option("--images", bs.opt.images, "Distinct GridVQA images (4 questions each) cycled through")
+      ->check(CLI::Range(1, 100000))->capture_default_str();
+  c_bs->add_option("--seed", bs.opt.seed, "Workload seed");
+  c_bs->add_option("--serve-arg", bs.opt.serve_args, "An argument for `victor serve` (repeat; e.g. --serve-arg=--reducer --serve-arg=victor:m=8,k=2)")
+      ->allow_extra_args(false);
+  c_bs->add_option("--json-out", bs.json_out, "Write the figures as JSON");
+
   auto* c_data = app.add_subcommand("data", "Build datasets");
   c_data->require_subcommand(1);
   GridVqaOptions gq;
@@ -649,6 +763,8 @@ int main(int argc, char** argv) {
     else if (c_eval->parsed()) run_eval(ev);
     else if (c_bench->parsed()) run_bench_cli(bn);
     else if (c_quant->parsed()) run_quantize(qa);
+    else if (c_serve->parsed()) run_serve(sv);
+    else if (c_bs->parsed()) run_bench_serve(bs, argv[0]);
     else if (c_repro->parsed()) {
       set_threads(rp_threads);
       ReproOptions o = rp;

@@ -19,6 +19,8 @@ struct Image {
 
 Image decode_image(const std::string& bytes, const std::string& source);
 Image load_image(const std::string& path);
+// Width and height from the header alone (no pixels decoded); false when not an image.
+bool image_dimensions(const std::string& bytes, int* width, int* height);
 void save_png(const Image& img, const std::string& path);  // atomic
 std::string encode_png(const Image& img);
 

@@ -206,6 +206,9 @@ class Vlm {
   KvCache make_cache(int64_t batch, torch::ScalarType kv_dtype = torch::kFloat32) const;
   // One decode step: ids [B] -> logits [B,V].
   torch::Tensor decode_step(const torch::Tensor& ids, KvCache& cache) const;
+  // One decode step for B requests that each own a one-row cache (of any lengths, as a server's
+  // requests join and leave): ids [B] -> logits [B,V]. Row b equals decode_step on caches[b] alone.
+  torch::Tensor decode_step(const torch::Tensor& ids, const std::vector<KvCache*>& caches) const;
 
  private:
   void declare_params();

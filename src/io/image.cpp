@@ -24,6 +24,13 @@ Image decode_image(const std::string& bytes, const std::string& source) {
   return img;
 }
 
+bool image_dimensions(const std::string& bytes, int* width, int* height) {
+  int ch = 0;
+  return !bytes.empty() &&
+         stbi_info_from_memory(reinterpret_cast<const unsigned char*>(bytes.data()),
+                               static_cast<int>(bytes.size()), width, height, &ch) != 0;
+}
+
 Image load_image(const std::string& path) { return decode_image(read_file(path), path); }
 
 std::string encode_png(const Image& img) {

@@ -37,4 +37,11 @@ torch::Tensor llama_layer(const LlamaLayerW& w, const TextConfig& c, RegisterMas
                           torch::Tensor& allowed, LayerCache* cache, ForwardTrace* trace,
                           RankRequest* rank = nullptr);
 
+// One decode token per row of x [B,1,d], each row with its own cache (requests of different
+// lengths decoding together): the projections run batched, attention per row over its own keys.
+// metas[b] is row b's [1,1] metadata; rope holds the tables for the rows' positions [B,1].
+torch::Tensor llama_layer_rows(const LlamaLayerW& w, const TextConfig& c, RegisterMask mode,
+                               const torch::Tensor& x, const std::vector<TokenMeta>& metas,
+                               const RopeTables& rope, const std::vector<LayerCache*>& caches);
+
 }  // namespace victor

@@ -132,51 +132,92 @@ void KvCache::reserve(int64_t extra) {
   }
 }
 
+namespace {
+
+struct Qkv {
+  torch::Tensor q, k, v;  // [B,H,T,hd], [B,Hkv,T,hd] x2, RoPE applied to q and k
+};
+
+Qkv project_qkv(const LlamaLayerW& w, const TextConfig& c, const torch::Tensor& x,
+                const RopeTables& rope) {
+  const int64_t B = x.size(0), T = x.size(1);
+  const int64_t H = c.num_attention_heads, Hkv = c.num_key_value_heads, hd = c.head_dim();
+  auto h = rms_norm(x, w.input_norm, c.rms_norm_eps);
+  auto q = dense(h, w.q).view({B, T, H, hd}).transpose(1, 2);
+  auto k = dense(h, w.k).view({B, T, Hkv, hd}).transpose(1, 2);
+  auto v = dense(h, w.v).view({B, T, Hkv, hd}).transpose(1, 2);
+  return {apply_rope(q, rope), apply_rope(k, rope), v};
+}
+
+// Appends to the cache and returns every key and value it holds, in the queries' dtype (a bf16
+// cache: attention computes in float32 on a copy).
+void cached_keys(LayerCache& cache, const Qkv& p, const TokenMeta& meta, torch::Tensor& keys,
+                 torch::Tensor& values, TokenMeta& key_meta) {
+  cache.append(p.k, p.v, meta);
+  keys = cache.keys();
+  values = cache.values();
+  key_meta = cache.key_meta();
+  if (keys.scalar_type() != p.q.scalar_type()) {
+    keys = keys.to(p.q.scalar_type());
+    values = values.to(p.q.scalar_type());
+  }
+}
+
+// Attention output a [B,H,T,hd] -> the layer's output: residual, post-norm, SwiGLU MLP.
+torch::Tensor finish_layer(const LlamaLayerW& w, const TextConfig& c, const torch::Tensor& x,
+                           const torch::Tensor& a) {
+  const int64_t B = x.size(0), T = x.size(1);
+  auto y = x + dense(a.transpose(1, 2).reshape({B, T, -1}), w.o);
+  auto h = rms_norm(y, w.post_norm, c.rms_norm_eps);
+  h = dense(torch::silu(dense(h, w.gate)) * dense(h, w.up), w.down);  // SwiGLU
+  return y + h;
+}
+
+}  // namespace
+
 torch::Tensor llama_layer(const LlamaLayerW& w, const TextConfig& c, RegisterMask mode, int layer,
-                          const torch::Tensor& x_in, const TokenMeta& meta, const RopeTables& rope,
+                          const torch::Tensor& x, const TokenMeta& meta, const RopeTables& rope,
                           torch::Tensor& allowed, LayerCache* cache, ForwardTrace* trace,
                           RankRequest* rank) {
-  const int64_t B = x_in.size(0), T = x_in.size(1);
+  const int64_t B = x.size(0);
   const int64_t H = c.num_attention_heads, Hkv = c.num_key_value_heads, hd = c.head_dim();
-  auto x = x_in;
-  auto h = rms_norm(x, w.input_norm, c.rms_norm_eps);
-  auto q = dense(h, w.q).view({B, T, H, hd}).transpose(1, 2);    // [B,H,T,hd]
-  auto k = dense(h, w.k).view({B, T, Hkv, hd}).transpose(1, 2);  // [B,Hkv,T,hd]
-  auto v = dense(h, w.v).view({B, T, Hkv, hd}).transpose(1, 2);
-  q = apply_rope(q, rope);
-  k = apply_rope(k, rope);
-  torch::Tensor keys = k, values = v;
+  Qkv p = project_qkv(w, c, x, rope);
+  torch::Tensor keys = p.k, values = p.v;
   TokenMeta key_meta = meta;
-  if (cache) {
-    cache->append(k, v, meta);
-    keys = cache->keys();
-    values = cache->values();
-    key_meta = cache->key_meta();
-    if (keys.scalar_type() != q.scalar_type()) {  // a bf16 cache: attention in float32
-      keys = keys.to(q.scalar_type());
-      values = values.to(q.scalar_type());
-    }
-  }
+  if (cache) cached_keys(*cache, p, meta, keys, values, key_meta);
   if (!allowed.defined()) allowed = attention_allowed(meta, key_meta, mode);
   const bool probe = trace && trace->probe;
   torch::Tensor probs;
-  auto a = attention(q, keys, values, allowed, probe ? &probs : nullptr);
+  auto a = attention(p.q, keys, values, allowed, probe ? &probs : nullptr);
   if (probe) trace->probe(layer, probs, meta, key_meta);
   if (rank) {
     // FastV: only the query token's attention row, over every key, averaged over the H heads.
     const int64_t S = keys.size(2), G = H / Hkv;
     auto qi = rank->query.view({B, 1, 1, 1}).expand({B, H, 1, hd});
-    auto qq = q.gather(2, qi).reshape({B, Hkv, G, hd});
+    auto qq = p.q.gather(2, qi).reshape({B, Hkv, G, hd});
     auto scores = torch::matmul(qq, keys.transpose(-1, -2)) / std::sqrt(double(hd));  // [B,Hkv,G,S]
     auto row = allowed.gather(1, rank->query.view({B, 1, 1}).expand({B, 1, S}));     // [B,1,S]
     scores = scores.masked_fill(row.view({B, 1, 1, S}).logical_not(), -1e30);
     rank->scores = torch::softmax(scores, -1).mean(std::vector<int64_t>{1, 2});  // [B,S]
   }
-  a = a.transpose(1, 2).reshape({B, T, H * hd});
-  x = x + dense(a, w.o);
-  h = rms_norm(x, w.post_norm, c.rms_norm_eps);
-  h = dense(torch::silu(dense(h, w.gate)) * dense(h, w.up), w.down);  // SwiGLU
-  return x + h;
+  return finish_layer(w, c, x, a);
+}
+
+torch::Tensor llama_layer_rows(const LlamaLayerW& w, const TextConfig& c, RegisterMask mode,
+                               const torch::Tensor& x, const std::vector<TokenMeta>& metas,
+                               const RopeTables& rope, const std::vector<LayerCache*>& caches) {
+  Qkv p = project_qkv(w, c, x, rope);
+  std::vector<torch::Tensor> out;
+  out.reserve(caches.size());
+  for (size_t b = 0; b < caches.size(); ++b) {
+    const auto r = int64_t(b);
+    Qkv row{p.q.narrow(0, r, 1), p.k.narrow(0, r, 1), p.v.narrow(0, r, 1)};
+    torch::Tensor keys, values;
+    TokenMeta key_meta;
+    cached_keys(*caches[b], row, metas[b], keys, values, key_meta);
+    out.push_back(attention(row.q, keys, values, attention_allowed(metas[b], key_meta, mode)));
+  }
+  return finish_layer(w, c, x, torch::cat(out, 0));
 }
 
 }  // namespace victor

@@ -663,4 +663,34 @@ torch::Tensor Vlm::decode_step(const torch::Tensor& ids, KvCache& cache) const {
   return logits(out.hidden.select(1, 0));
 }
 
+torch::Tensor Vlm::decode_step(const torch::Tensor& ids, const std::vector<KvCache*>& caches) const {
+  const int64_t B = ids.size(0);
+  if (B != int64_t(caches.size()) || B == 0)
+    throw Error("decode_step: " + std::to_string(B) + " ids for " + std::to_string(caches.size()) + " caches");
+  std::vector<TokenMeta> metas;
+  std::vector<torch::Tensor> pos;
+  for (auto* c : caches) {
+    if (c->next_pos.numel() != 1) throw Error("decode_step: each cache must hold one request");
+    TokenMeta m;
+    m.order = torch::full({1, 1}, c->next_order);
+    m.pos = c->next_pos.view({1, 1}).clone();
+    m.kind = torch::full({1, 1}, int64_t(TokenKind::Text));
+    m.group = torch::full({1, 1}, int64_t(-1));
+    pos.push_back(m.pos);
+    metas.push_back(std::move(m));
+  }
+  RopeTables rope = rope_tables(torch::cat(pos, 0), config_.text.head_dim(), config_.text.rope_theta);
+  torch::Tensor x = embed_tokens(ids.view({B, 1}));
+  std::vector<LayerCache*> layer(B);
+  for (int l = 0; l < config_.num_layers(); ++l) {
+    for (int64_t b = 0; b < B; ++b) layer[b] = &caches[b]->layers[l];
+    x = llama_layer_rows(w_.llm.layers[l], config_.text, config_.reducer.mask(), x, metas, rope, layer);
+  }
+  for (auto* c : caches) {
+    c->next_order += 1;
+    c->next_pos = c->next_pos + 1;
+  }
+  return logits(rms_norm(x, w_.llm.norm, config_.text.rms_norm_eps).select(1, 0));
+}
+
 }  // namespace victor

@@ -1,0 +1,407 @@
+// The serving engine: one scheduler thread runs continuous batching over per-request caches.
+// Each loop admits at most one waiting request (if the KV budget and the batch allow), prefills
+// it, then runs one decode step for every running request; requests leave the batch when done.
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <algorithm>
+#include <functional>
+#include <random>
+#include <sstream>
+
+#include "victor/error.h"
+#include "victor/image.h"
+#include "victor/serve.h"
+
+namespace victor {
+
+namespace {
+using Clock = std::chrono::steady_clock;
+double seconds_between(Clock::time_point a, Clock::time_point b) {
+  return std::chrono::duration<double>(b - a).count();
+}
+std::string mib(int64_t bytes) {
+  std::ostringstream o;
+  o.precision(1);
+  o << std::fixed << bytes / 1048576.0 << " MiB";
+  return o.str();
+}
+}  // namespace
+
+uint64_t hash_bytes(const std::string& bytes) {
+  // FNV-1a over the bytes, then the length mixed in (splitmix64 finaliser).
+  uint64_t h = 1469598103934665603ull;
+  for (unsigned char c : bytes) h = (h ^ c) * 1099511628211ull;
+  uint64_t z = h + 0x9E3779B97F4A7C15ull * (bytes.size() + 1);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+std::string Job::take(std::chrono::milliseconds wait, bool* finished) {
+  std::unique_lock<std::mutex> lk(mu);
+  if (pending_text.empty() && !done) cv.wait_for(lk, wait, [&] { return !pending_text.empty() || done; });
+  std::string out;
+  out.swap(pending_text);
+  *finished = done;  // everything released has been taken
+  return out;
+}
+
+ServeEngine::ServeEngine(const Vlm& model, const Tokenizer& tok, ServeOptions opt)
+    : model_(model), tok_(tok), opt_(std::move(opt)) {
+  if (opt_.kv_budget_bytes <= 0) throw Error("--kv-budget-mb must be > 0");
+  if (opt_.max_batch < 1) throw Error("--max-batch must be >= 1");
+  thread_ = std::thread([this] { loop(); });
+}
+
+ServeEngine::~ServeEngine() { stop(); }
+
+void ServeEngine::stop() {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    if (stop_) return;
+    stop_ = true;
+  }
+  cv_.notify_all();
+  if (thread_.joinable()) thread_.join();
+  for (auto& r : running_) finish(r.job, "cancelled", "the server is shutting down");
+  running_.clear();
+  std::deque<std::shared_ptr<Job>> left;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    left.swap(pending_);
+  }
+  for (auto& j : left) finish(j, "cancelled", "the server is shutting down");
+}
+
+std::shared_ptr<Job> ServeEngine::make_job(const ChatRequest& r) const {
+  const auto& cfg = model_.config();
+  auto job = std::make_shared<Job>();
+  job->input.ids = encode_chat(tok_, r.turns).ids;
+  std::vector<torch::Tensor> px;
+  for (auto& img : r.images) {
+    int w = 0, h = 0;
+    if (!image_dimensions(img.bytes, &w, &h))
+      throw ApiError(400, "invalid_request_error", img.field,
+                     img.field + ": not a readable image (PNG, JPEG and BMP are supported)");
+    if (int64_t(w) * h > opt_.limits.max_image_pixels)
+      throw ApiError(413, "invalid_request_error", img.field,
+                     img.field + ": image of " + std::to_string(w) + "x" + std::to_string(h) +
+                         " pixels is over the limit of " + std::to_string(opt_.limits.max_image_pixels) + " pixels");
+    Image decoded;
+    try {
+      decoded = decode_image(img.bytes, img.field);
+    } catch (const Error& e) {
+      throw ApiError(400, "invalid_request_error", img.field, e.what());
+    }
+    px.push_back(preprocess_image(decoded, cfg.preprocess));
+    job->image_keys.push_back(hash_bytes(img.bytes));
+  }
+  const int64_t n = int64_t(px.size());
+  if (n > 0) job->input.pixels = torch::stack(px, 0);
+  job->text_tokens = int64_t(job->input.ids.size()) - n;
+  job->prompt_rows = job->text_tokens + n * (cfg.reducer.visual_rows(cfg) + cfg.reducer.inserted_rows());
+  const int64_t ctx = cfg.text.max_position_embeddings;
+  if (job->prompt_rows >= ctx)
+    throw ApiError(400, "invalid_request_error", "messages",
+                   "messages: the prompt takes " + std::to_string(job->prompt_rows) +
+                       " rows (text and visual tokens), the model's context is " + std::to_string(ctx));
+  int max_new = r.max_tokens ? *r.max_tokens
+                             : int(std::min<int64_t>(opt_.limits.default_max_tokens, ctx - job->prompt_rows));
+  if (job->prompt_rows + max_new > ctx)
+    throw ApiError(400, "invalid_request_error", "max_tokens",
+                   "max_tokens: the prompt's " + std::to_string(job->prompt_rows) + " rows + " +
+                       std::to_string(max_new) + " new tokens exceed the model's context of " + std::to_string(ctx));
+  SamplingOptions& s = job->sampling;
+  s.max_new_tokens = max_new;
+  s.temperature = r.temperature;
+  s.top_p = r.top_p;
+  s.top_k = r.top_k;
+  s.seed = r.seed ? *r.seed : std::random_device{}() * 4294967296ull + std::random_device{}();
+  s.kv_dtype = opt_.kv_dtype;
+  job->stop = r.stop;
+  job->ignore_eos = r.ignore_eos;
+  job->kv_reserved =
+      kv_bytes_formula(cfg, job->text_tokens, n, max_new, int64_t(c10::elementSize(opt_.kv_dtype)));
+  if (job->kv_reserved > opt_.kv_budget_bytes)
+    throw ApiError(400, "invalid_request_error", "max_tokens",
+                   "max_tokens: this request needs " + mib(job->kv_reserved) +
+                       " of KV cache at most, more than the server's whole budget (--kv-budget-mb " +
+                       mib(opt_.kv_budget_bytes) + "); ask for fewer tokens or images");
+  job->created = Clock::now();
+  job->deadline = job->created + std::chrono::milliseconds(int64_t(opt_.limits.request_timeout_seconds * 1000));
+  return job;
+}
+
+bool ServeEngine::submit(const std::shared_ptr<Job>& job) {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    if (stop_ || int(pending_.size()) >= opt_.limits.max_queue) {
+      ++counters_.rejected_queue_full;
+      return false;
+    }
+    pending_.push_back(job);
+    counters_.queue_length = int64_t(pending_.size());
+  }
+  cv_.notify_all();
+  return true;
+}
+
+EngineCounters ServeEngine::counters() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return counters_;
+}
+
+void ServeEngine::finish(const std::shared_ptr<Job>& job, const std::string& reason, const std::string& error) {
+  const auto now = Clock::now();
+  int64_t tokens = 0;
+  double decode_seconds = 0;
+  {
+    std::lock_guard<std::mutex> lk(job->mu);
+    if (job->done) return;
+    job->done = true;
+    job->finish_reason = reason;
+    job->error = error;
+    tokens = int64_t(job->tokens.size());
+    decode_seconds = job->decode_seconds;
+  }
+  job->cv.notify_all();
+  std::lock_guard<std::mutex> lk(mu_);
+  if (reason == "stop" || reason == "length") ++counters_.requests_ok;
+  else if (reason == "cancelled") ++counters_.requests_cancelled;
+  else if (reason == "timeout") ++counters_.requests_timeout;
+  else ++counters_.requests_error;
+  counters_.completion_tokens += uint64_t(tokens);
+  if (tokens > 1 && decode_seconds > 0) tps_.observe((tokens - 1) / decode_seconds);
+  (void)now;
+}
+
+torch::Tensor ServeEngine::image_embeds(const Job& job, bool* all_cached) {
+  *all_cached = true;
+  if (!job.input.pixels.defined() || job.input.pixels.size(0) == 0) return torch::Tensor();
+  std::vector<torch::Tensor> out;
+  uint64_t hits = 0, misses = 0;
+  for (size_t i = 0; i < job.image_keys.size(); ++i) {
+    const uint64_t key = job.image_keys[i];
+    auto it = images_.find(key);
+    if (it != images_.end()) {
+      lru_.splice(lru_.begin(), lru_, it->second.second);
+      out.push_back(it->second.first);
+      ++hits;
+      continue;
+    }
+    *all_cached = false;
+    ++misses;
+    auto e = model_.encode_images(job.input.pixels.narrow(0, int64_t(i), 1));  // [1,N,d]
+    out.push_back(e);
+    const int64_t bytes = e.numel() * int64_t(e.element_size());
+    if (bytes <= opt_.image_cache_bytes) {
+      lru_.push_front(key);
+      images_[key] = {e, lru_.begin()};
+      int64_t total = 0;
+      for (auto& kv : images_) total += kv.second.first.numel() * int64_t(kv.second.first.element_size());
+      while (total > opt_.image_cache_bytes && !lru_.empty()) {
+        auto victim = images_.find(lru_.back());
+        total -= victim->second.first.numel() * int64_t(victim->second.first.element_size());
+        images_.erase(victim);
+        lru_.pop_back();
+      }
+      std::lock_guard<std::mutex> lk(mu_);
+      counters_.image_cache_bytes = total;
+    }
+  }
+  std::lock_guard<std::mutex> lk(mu_);
+  counters_.image_cache_hits += hits;
+  counters_.image_cache_misses += misses;
+  counters_.vision_runs += misses;
+  return torch::cat(out, 0);
+}
+
+bool ServeEngine::advance(Running& r, int64_t token) {
+  auto& job = *r.job;
+  const bool eos = token == tok_.eos_id() && !job.ignore_eos;
+  std::string text;
+  bool length = false;
+  if (!eos) {
+    text = r.stream->push(token);
+    std::lock_guard<std::mutex> lk(job.mu);
+    job.tokens.push_back(token);
+    length = int64_t(job.tokens.size()) >= job.sampling.max_new_tokens;
+  }
+  const bool stopped = r.stream->stopped();
+  if ((eos || length) && !stopped) text += r.stream->finish();
+  {
+    std::lock_guard<std::mutex> lk(job.mu);
+    job.pending_text += text;
+    job.text += text;
+    if (!job.tokens.empty()) job.decode_seconds = seconds_between(r.decode_start, Clock::now());
+    job.kv_bytes = r.cache.bytes();
+  }
+  if (!text.empty()) job.cv.notify_all();
+  r.next = token;
+  if (eos || stopped) {
+    finish(r.job, "stop");
+    return true;
+  }
+  if (length) {
+    finish(r.job, "length");
+    return true;
+  }
+  return false;
+}
+
+bool ServeEngine::prefill(const std::shared_ptr<Job>& job) {
+  Running r;
+  r.job = job;
+  try {
+    bool cached = false;
+    torch::Tensor embeds = image_embeds(*job, &cached);
+    SequenceBatch batch = model_.assemble({job->input}, embeds, /*pad_left=*/true);
+    r.cache = model_.make_cache(1, opt_.kv_dtype);
+    ForwardOutput out = model_.forward(batch, &r.cache);
+    auto logits = model_.logits(out.hidden.select(1, out.hidden.size(1) - 1));  // [1,V]
+    r.cache.reserve(job->sampling.max_new_tokens);
+    r.gen = at::detail::createCPUGenerator(job->sampling.seed);
+    r.stream = std::make_unique<TextStream>(tok_, job->stop);
+    const int64_t first = sample_next(logits, job->sampling, r.gen).item<int64_t>();
+    const auto now = Clock::now();
+    {
+      std::lock_guard<std::mutex> lk(job->mu);
+      job->ttft_seconds = seconds_between(job->created, now);
+      job->vision_cached = cached;
+    }
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      ttft_.observe(job->ttft_seconds);
+      counters_.prompt_tokens += uint64_t(job->prompt_rows);
+    }
+    r.decode_start = now;
+    if (advance(r, first)) return false;
+  } catch (const std::exception& e) {
+    finish(job, "error", std::string("prefill failed: ") + e.what());
+    return false;
+  }
+  running_.push_back(std::move(r));
+  return true;
+}
+
+void ServeEngine::loop() {
+  torch::NoGradGuard no_grad;  // thread-local: this thread runs the model
+  while (true) {
+    std::shared_ptr<Job> admit;
+    std::vector<std::shared_ptr<Job>> expired;
+    {
+      std::unique_lock<std::mutex> lk(mu_);
+      cv_.wait(lk, [&] { return stop_ || !pending_.empty() || !running_.empty(); });
+      if (stop_) return;
+      const auto now = Clock::now();
+      for (auto it = pending_.begin(); it != pending_.end();) {
+        if ((*it)->cancelled || now > (*it)->deadline) {
+          expired.push_back(*it);
+          it = pending_.erase(it);
+        } else {
+          ++it;
+        }
+      }
+      // Admission: the oldest waiting request, when its worst-case KV fits beside the running
+      // ones' (a request alone always fits: make_job refused any larger than the budget).
+      if (!pending_.empty() && int(running_.size()) < opt_.max_batch &&
+          counters_.kv_bytes_reserved + pending_.front()->kv_reserved <= opt_.kv_budget_bytes) {
+        admit = pending_.front();
+        pending_.pop_front();
+        counters_.kv_bytes_reserved += admit->kv_reserved;
+      }
+      counters_.queue_length = int64_t(pending_.size());
+    }
+    for (auto& j : expired)
+      finish(j, j->cancelled ? "cancelled" : "timeout", j->cancelled ? "" : "timed out in the queue");
+    if (admit && !prefill(admit)) {
+      std::lock_guard<std::mutex> lk(mu_);
+      counters_.kv_bytes_reserved -= admit->kv_reserved;
+    }
+    // Leaves the batch (freeing its cache and its reservation) every request for which `gone`.
+    auto release_if = [&](const std::function<bool(size_t)>& gone) {
+      std::vector<Running> keep;
+      int64_t freed = 0;
+      for (size_t i = 0; i < running_.size(); ++i) {
+        if (gone(i)) freed += running_[i].job->kv_reserved;
+        else keep.push_back(std::move(running_[i]));
+      }
+      running_.swap(keep);
+      std::lock_guard<std::mutex> lk(mu_);
+      counters_.kv_bytes_reserved -= freed;
+    };
+    // Cancelled (client gone) or timed out.
+    const auto now = Clock::now();
+    release_if([&](size_t i) {
+      auto& job = running_[i].job;
+      if (!job->cancelled && now <= job->deadline) return false;
+      finish(job, job->cancelled ? "cancelled" : "timeout", job->cancelled ? "" : "timed out");
+      return true;
+    });
+    if (!running_.empty()) {
+      std::vector<bool> finished(running_.size(), false);
+      try {
+        std::vector<KvCache*> caches;
+        std::vector<int64_t> ids;
+        for (auto& r : running_) {
+          caches.push_back(&r.cache);
+          ids.push_back(r.next);
+        }
+        auto logits = model_.decode_step(torch::tensor(ids, torch::kInt64), caches);
+        for (size_t i = 0; i < running_.size(); ++i) {
+          auto& r = running_[i];
+          const int64_t t = sample_next(logits.narrow(0, int64_t(i), 1), r.job->sampling, r.gen).item<int64_t>();
+          finished[i] = advance(r, t);
+        }
+      } catch (const std::exception& e) {
+        for (size_t i = 0; i < running_.size(); ++i) {
+          finish(running_[i].job, "error", std::string("decode failed: ") + e.what());
+          finished[i] = true;
+        }
+      }
+      release_if([&](size_t i) { return bool(finished[i]); });
+    }
+    int64_t in_use = 0;
+    for (auto& r : running_) in_use += r.cache.bytes();
+    std::lock_guard<std::mutex> lk(mu_);
+    counters_.kv_bytes_in_use = in_use;
+    counters_.running = int64_t(running_.size());
+    counters_.max_running_seen = std::max(counters_.max_running_seen, counters_.running);
+    if (!running_.empty()) ++counters_.decode_steps;
+  }
+}
+
+std::string ServeEngine::metrics_text() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  const auto& c = counters_;
+  std::ostringstream o;
+  auto metric = [&](const char* name, const char* type, const char* help, auto value) {
+    o << "# HELP " << name << " " << help << "\n# TYPE " << name << " " << type << "\n"
+      << name << " " << value << "\n";
+  };
+  o << "# HELP victor_requests_total Finished chat completions by outcome.\n"
+    << "# TYPE victor_requests_total counter\n"
+    << "victor_requests_total{outcome=\"ok\"} " << c.requests_ok << "\n"
+    << "victor_requests_total{outcome=\"error\"} " << c.requests_error << "\n"
+    << "victor_requests_total{outcome=\"cancelled\"} " << c.requests_cancelled << "\n"
+    << "victor_requests_total{outcome=\"timeout\"} " << c.requests_timeout << "\n"
+    << "victor_requests_total{outcome=\"rejected_queue_full\"} " << c.rejected_queue_full << "\n";
+  metric("victor_prompt_tokens_total", "counter", "Prompt rows prefilled (text + visual + register tokens).", c.prompt_tokens);
+  metric("victor_completion_tokens_total", "counter", "Tokens generated.", c.completion_tokens);
+  metric("victor_queue_length", "gauge", "Requests waiting for admission.", c.queue_length);
+  metric("victor_running_requests", "gauge", "Requests in the decode batch.", c.running);
+  metric("victor_running_requests_max", "gauge", "Most requests that were ever in the decode batch at once.", c.max_running_seen);
+  metric("victor_kv_bytes_in_use", "gauge", "KV-cache bytes held by running requests.", c.kv_bytes_in_use);
+  metric("victor_kv_bytes_reserved", "gauge", "KV-cache bytes reserved by admission (worst case of running requests).", c.kv_bytes_reserved);
+  metric("victor_kv_budget_bytes", "gauge", "The admission budget (--kv-budget-mb).", opt_.kv_budget_bytes);
+  metric("victor_vision_runs_total", "counter", "Images encoded by the vision tower.", c.vision_runs);
+  metric("victor_image_cache_hits_total", "counter", "Images served from the image cache.", c.image_cache_hits);
+  metric("victor_image_cache_misses_total", "counter", "Images not in the image cache.", c.image_cache_misses);
+  metric("victor_image_cache_bytes", "gauge", "Bytes of encoded images cached.", c.image_cache_bytes);
+  metric("victor_decode_steps_total", "counter", "Batched decode steps run.", c.decode_steps);
+  o << ttft_.prometheus("victor_time_to_first_token_seconds", "Arrival to first token, per request.");
+  o << tps_.prometheus("victor_decode_tokens_per_second", "Decode speed per finished request.");
+  return o.str();
+}
+
+}  // namespace victor
