@@ -516,6 +516,9 @@ int main(int argc, char** argv) {
   c_serve->add_option("--image-cache-mb", sv.image_cache_mb, "Encoded images kept by hash of their bytes (LRU; 0 = off)")
       ->check(CLI::Range(0.0, 1e7))->capture_default_str();
   c_serve->add_option("--max-batch", sv.opt.max_batch, "Requests decoding together at most")->check(CLI::Range(1, 4096))->capture_default_str();
+  c_serve->add_option("--prefills-per-step", sv.opt.prefills_per_step,
+                      "Waiting requests admitted (prefilled) between two decode steps at most: more raises concurrency sooner, fewer keeps the running requests' tokens flowing")
+      ->check(CLI::Range(1, 4096))->capture_default_str();
   c_serve->add_option("--max-queue", sv.opt.limits.max_queue, "Requests waiting at most (503 with Retry-After beyond)")
       ->check(CLI::Range(0, 1000000))->capture_default_str();
   c_serve->add_option("--max-body-mb", sv.max_body_mb, "Largest request body (413 beyond)")->check(CLI::Range(0.001, 4096.0))->capture_default_str();

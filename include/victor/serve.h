@@ -121,6 +121,7 @@ struct ServeOptions {
   int64_t kv_budget_bytes = 2ll << 30;     // KV cache reserved by admitted requests, at most
   int64_t image_cache_bytes = 256ll << 20; // encoded images kept (LRU)
   int max_batch = 32;                      // requests decoding together, at most
+  int prefills_per_step = 4;               // requests admitted (prefilled) between decode steps
   torch::ScalarType kv_dtype = torch::kFloat32;
   std::string model_name = "victor";
 };

@@ -226,7 +226,7 @@ BenchServeReport bench_serve(const BenchServeOptions& o) {
         };
         auto res = cli.send(req);
         const double latency = std::chrono::duration<double>(Clock::now() - ts).count();
-        std::string status = !res ? "connection: " + httplib::to_string(res.error())
+        std::string status = !res ? "connection: " + httplib::to_string(res.error()) + " (after " + std::to_string(int(latency)) + " s, " + std::to_string(got.size()) + " bytes)"
                                   : res->status != 200 ? std::to_string(res->status) : "";
         json usage, fig;
         if (status.empty()) {

@@ -1,6 +1,7 @@
 // The serving engine: one scheduler thread runs continuous batching over per-request caches.
-// Each loop admits at most one waiting request (if the KV budget and the batch allow), prefills
-// it, then runs one decode step for every running request; requests leave the batch when done.
+// Each loop admits up to --prefills-per-step waiting requests (while the KV budget and the batch
+// allow), prefills them, then runs one decode step for every running request; requests leave the
+// batch when done.
 #include <ATen/CPUGeneratorImpl.h>
 
 #include <algorithm>
@@ -50,6 +51,7 @@ ServeEngine::ServeEngine(const Vlm& model, const Tokenizer& tok, ServeOptions op
     : model_(model), tok_(tok), opt_(std::move(opt)) {
   if (opt_.kv_budget_bytes <= 0) throw Error("--kv-budget-mb must be > 0");
   if (opt_.max_batch < 1) throw Error("--max-batch must be >= 1");
+  if (opt_.prefills_per_step < 1) throw Error("--prefills-per-step must be >= 1");
   thread_ = std::thread([this] { loop(); });
 }
 
@@ -152,27 +154,32 @@ EngineCounters ServeEngine::counters() const {
 }
 
 void ServeEngine::finish(const std::shared_ptr<Job>& job, const std::string& reason, const std::string& error) {
-  const auto now = Clock::now();
+  // Called by the engine thread only (and by stop() after it ended). The counters move before the
+  // job is marked done, so a client that saw its answer also sees it counted in /metrics.
   int64_t tokens = 0;
   double decode_seconds = 0;
   {
     std::lock_guard<std::mutex> lk(job->mu);
     if (job->done) return;
-    job->done = true;
-    job->finish_reason = reason;
-    job->error = error;
     tokens = int64_t(job->tokens.size());
     decode_seconds = job->decode_seconds;
   }
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    if (reason == "stop" || reason == "length") ++counters_.requests_ok;
+    else if (reason == "cancelled") ++counters_.requests_cancelled;
+    else if (reason == "timeout") ++counters_.requests_timeout;
+    else ++counters_.requests_error;
+    counters_.completion_tokens += uint64_t(tokens);
+    if (tokens > 1 && decode_seconds > 0) tps_.observe(double(tokens - 1) / decode_seconds);
+  }
+  {
+    std::lock_guard<std::mutex> lk(job->mu);
+    job->done = true;
+    job->finish_reason = reason;
+    job->error = error;
+  }
   job->cv.notify_all();
-  std::lock_guard<std::mutex> lk(mu_);
-  if (reason == "stop" || reason == "length") ++counters_.requests_ok;
-  else if (reason == "cancelled") ++counters_.requests_cancelled;
-  else if (reason == "timeout") ++counters_.requests_timeout;
-  else ++counters_.requests_error;
-  counters_.completion_tokens += uint64_t(tokens);
-  if (tokens > 1 && decode_seconds > 0) tps_.observe((tokens - 1) / decode_seconds);
-  (void)now;
 }
 
 torch::Tensor ServeEngine::image_embeds(const Job& job, bool* all_cached) {
@@ -287,7 +294,7 @@ bool ServeEngine::prefill(const std::shared_ptr<Job>& job) {
 void ServeEngine::loop() {
   torch::NoGradGuard no_grad;  // thread-local: this thread runs the model
   while (true) {
-    std::shared_ptr<Job> admit;
+    std::vector<std::shared_ptr<Job>> admitted;
     std::vector<std::shared_ptr<Job>> expired;
     {
       std::unique_lock<std::mutex> lk(mu_);
@@ -304,19 +311,21 @@ void ServeEngine::loop() {
       }
       // Admission: the oldest waiting request, when its worst-case KV fits beside the running
       // ones' (a request alone always fits: make_job refused any larger than the budget).
-      if (!pending_.empty() && int(running_.size()) < opt_.max_batch &&
-          counters_.kv_bytes_reserved + pending_.front()->kv_reserved <= opt_.kv_budget_bytes) {
-        admit = pending_.front();
+      while (!pending_.empty() && int(admitted.size()) < opt_.prefills_per_step &&
+             int(running_.size() + admitted.size()) < opt_.max_batch &&
+             counters_.kv_bytes_reserved + pending_.front()->kv_reserved <= opt_.kv_budget_bytes) {
+        admitted.push_back(pending_.front());
         pending_.pop_front();
-        counters_.kv_bytes_reserved += admit->kv_reserved;
+        counters_.kv_bytes_reserved += admitted.back()->kv_reserved;
       }
       counters_.queue_length = int64_t(pending_.size());
     }
     for (auto& j : expired)
       finish(j, j->cancelled ? "cancelled" : "timeout", j->cancelled ? "" : "timed out in the queue");
-    if (admit && !prefill(admit)) {
+    for (auto& job : admitted) {
+      if (prefill(job)) continue;
       std::lock_guard<std::mutex> lk(mu_);
-      counters_.kv_bytes_reserved -= admit->kv_reserved;
+      counters_.kv_bytes_reserved -= job->kv_reserved;
     }
     // Leaves the batch (freeing its cache and its reservation) every request for which `gone`.
     auto release_if = [&](const std::function<bool(size_t)>& gone) {

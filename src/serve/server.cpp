@@ -2,6 +2,10 @@
 // events, /v1/models, /health, /metrics and the web page.
 #include <httplib.h>
 
+#include <dirent.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+
 #include <ctime>
 #include <nlohmann/json.hpp>
 #include <random>
@@ -72,6 +76,29 @@ ApiError job_error(const Job& job) {
 // Text in these documents is sanitize_utf8'd already; replacing stays as the last guard (an
 // exception here would end the server).
 std::string dumps(const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace); }
+// Debian's cpp-httplib was built with a listen backlog of 5: with a hundred clients connecting at
+// once the kernel drops connections (clients see a reset after ~2 s). Linux lets listen() be
+// called again on a listening socket to change its backlog: find ours by its port.
+void widen_backlog(int port) {
+  DIR* d = opendir("/proc/self/fd");
+  if (!d) return;
+  while (dirent* e = readdir(d)) {
+    const int fd = std::atoi(e->d_name);
+    if (fd <= 2) continue;
+    int accepting = 0;
+    socklen_t len = sizeof accepting;
+    if (getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &accepting, &len) != 0 || !accepting) continue;
+    sockaddr_storage addr{};
+    socklen_t alen = sizeof addr;
+    if (getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &alen) != 0) continue;
+    int p = addr.ss_family == AF_INET    ? ntohs(reinterpret_cast<sockaddr_in*>(&addr)->sin_port)
+            : addr.ss_family == AF_INET6 ? ntohs(reinterpret_cast<sockaddr_in6*>(&addr)->sin6_port)
+                                         : -1;
+    if (p == port) ::listen(fd, SOMAXCONN);
+  }
+  closedir(d);
+}
+
 std::string sse(const json& j) { return "data: " + dumps(j) + "\n\n"; }
 
 }  // namespace
@@ -247,6 +274,7 @@ Server::Server(ServeEngine& engine, const std::string& host, int port, int http_
       throw Error("serve: cannot listen on " + host + ":" + std::to_string(port) + " (in use, or not an address of this machine)");
     port_ = port;
   }
+  widen_backlog(port_);
 }
 
 Server::~Server() { stop(); }
