@@ -323,6 +323,28 @@ TEST(ServeEngine, ContinuousBatchingEqualsGenerateAloneAndCachesImages) {
   EXPECT_TRUE(eventually([&] { return engine.counters().kv_bytes_in_use == 0 && engine.counters().kv_bytes_reserved == 0; }));
 }
 
+TEST(ServeEngine, ImageCacheEvictsTheLeastRecentlyUsed) {
+  ServeFixture f("lru", Reducer::none());
+  // Room for one encoded image (16 rows x 64 floats = 4 KiB): A, B, A runs the tower 3 times;
+  // with room for both, twice.
+  for (int64_t room : {int64_t(6000), int64_t(1) << 20}) {
+    ServeOptions o;
+    o.image_cache_bytes = room;
+    ServeEngine engine(*f.model, *f.tok, o);
+    const std::string a = data_url(random_image(28, 28, 61)), b = data_url(random_image(28, 28, 62));
+    for (const auto& url : {a, b, a}) {
+      auto job = engine.make_job(parse_chat_request(request({user_message("Is there a bag?", {url})}, 2).dump(), o.limits));
+      ASSERT_TRUE(engine.submit(job));
+      bool done = false;
+      while (!done) job->take(std::chrono::milliseconds(100), &done);
+    }
+    auto c = engine.counters();
+    EXPECT_EQ(c.vision_runs, room == 6000 ? 3u : 2u) << room;
+    EXPECT_LE(c.image_cache_bytes, room);
+    EXPECT_EQ(c.image_cache_bytes, room == 6000 ? 4096 : 8192);
+  }
+}
+
 TEST(ServeEngine, KvBudgetAdmitsAsManyAsFitAndVictorAdmitsMore) {
   // With a budget for about three plain requests, the plain model never runs more than that at
   // once; Victor's smaller cache lets more run together under the same budget.
@@ -511,6 +533,20 @@ TEST(ServeHttp, FullQueueAnswers503WithRetryAfterAndTimeoutsAnswer504) {
   ASSERT_TRUE(r2);
   EXPECT_EQ(r2->status, 504) << r2->body;
   EXPECT_EQ(t.engine->counters().requests_timeout, 1u);
+
+  // A request that times out while decoding leaves the batch and frees its cache.
+  ServeOptions running;
+  running.limits.request_timeout_seconds = 0.3;
+  LiveServer u("timeout_running", running);
+  json long_one = request({user_message("How many bags are there?", {})}, 1000);
+  long_one["ignore_eos"] = true;
+  auto r3 = u.post(long_one);
+  ASSERT_TRUE(r3);
+  EXPECT_EQ(r3->status, 504) << r3->body;
+  auto c = u.engine->counters();
+  EXPECT_EQ(c.requests_timeout, 1u);
+  EXPECT_GT(c.decode_steps, 0u) << "it should have timed out while decoding, not in the queue";
+  EXPECT_TRUE(eventually([&] { return u.engine->counters().kv_bytes_reserved == 0 && u.engine->counters().running == 0; }));
 }
 
 TEST(ServeHttp, ClientThatDisconnectsMidStreamFreesItsCache) {

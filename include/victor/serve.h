@@ -218,6 +218,7 @@ class ServeEngine {
   // The image cache: key -> encoded image [1,N,d]; LRU order in `lru_` (front = newest).
   std::list<uint64_t> lru_;
   std::unordered_map<uint64_t, std::pair<torch::Tensor, std::list<uint64_t>::iterator>> images_;
+  int64_t image_cache_total_ = 0;  // bytes held by images_
   std::thread thread_;
 };
 

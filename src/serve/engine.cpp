@@ -204,19 +204,17 @@ torch::Tensor ServeEngine::image_embeds(const Job& job, bool* all_cached) {
     if (bytes <= opt_.image_cache_bytes) {
       lru_.push_front(key);
       images_[key] = {e, lru_.begin()};
-      int64_t total = 0;
-      for (auto& kv : images_) total += kv.second.first.numel() * int64_t(kv.second.first.element_size());
-      while (total > opt_.image_cache_bytes && !lru_.empty()) {
+      image_cache_total_ += bytes;
+      while (image_cache_total_ > opt_.image_cache_bytes && !lru_.empty()) {
         auto victim = images_.find(lru_.back());
-        total -= victim->second.first.numel() * int64_t(victim->second.first.element_size());
+        image_cache_total_ -= victim->second.first.numel() * int64_t(victim->second.first.element_size());
         images_.erase(victim);
         lru_.pop_back();
       }
-      std::lock_guard<std::mutex> lk(mu_);
-      counters_.image_cache_bytes = total;
     }
   }
   std::lock_guard<std::mutex> lk(mu_);
+  counters_.image_cache_bytes = image_cache_total_;
   counters_.image_cache_hits += hits;
   counters_.image_cache_misses += misses;
   counters_.vision_runs += misses;
