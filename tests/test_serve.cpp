@@ -586,3 +586,25 @@ TEST(ServeHttp, ClientThatDisconnectsMidStreamFreesItsCache) {
   })) << s.engine->metrics_text();
   EXPECT_LT(s.engine->counters().completion_tokens, 900u);
 }
+
+TEST(ServeHttp, ApiKeyAndCors) {
+  ServeOptions o;
+  o.api_key = "sekrit";
+  o.cors_origin = "*";
+  LiveServer s("apikey", o);
+  auto body = request({user_message("x", {})}, 2).dump();
+  auto none = s.client->Post("/v1/chat/completions", body, "application/json");
+  ASSERT_TRUE(none);
+  EXPECT_EQ(none->status, 401);
+  EXPECT_EQ(json::parse(none->body)["error"]["type"], "invalid_request_error");
+  EXPECT_EQ(s.client->Get("/v1/models", {{"Authorization", "Bearer wrong"}})->status, 401);
+  auto ok = s.client->Post("/v1/chat/completions", {{"Authorization", "Bearer sekrit"}}, body, "application/json");
+  ASSERT_TRUE(ok);
+  EXPECT_EQ(ok->status, 200) << ok->body;
+  EXPECT_EQ(ok->get_header_value("Access-Control-Allow-Origin"), "*");
+  EXPECT_EQ(s.client->Get("/health")->status, 200);  // outside /v1: no key (load balancers)
+  auto pre = s.client->Options("/v1/chat/completions");
+  ASSERT_TRUE(pre);
+  EXPECT_EQ(pre->status, 204);
+  EXPECT_NE(pre->get_header_value("Access-Control-Allow-Headers").find("Authorization"), std::string::npos);
+}

@@ -530,6 +530,9 @@ int main(int argc, char** argv) {
   c_serve->add_option("--default-max-tokens", sv.opt.limits.default_max_tokens, "max_tokens when a request names none")->check(CLI::Range(1, 1000000))->capture_default_str();
   c_serve->add_option("--request-timeout", sv.opt.limits.request_timeout_seconds, "Seconds a request may take, queue included (504 beyond)")
       ->check(CLI::Range(0.001, 1e7))->capture_default_str();
+  c_serve->add_option("--api-key", sv.opt.api_key, "Require 'Authorization: Bearer KEY' on /v1/* (401 otherwise); also read from VICTOR_API_KEY")
+      ->envname("VICTOR_API_KEY");
+  c_serve->add_option("--cors", sv.opt.cors_origin, "Access-Control-Allow-Origin to send (e.g. '*' or https://my.app), for pages served elsewhere");
   c_serve->add_option("--allow-files", sv.opt.limits.allow_files, "Accept image_url paths to local files inside this folder (off by default)");
 
   BenchServeArgs bs;

@@ -124,6 +124,8 @@ struct ServeOptions {
   int prefills_per_step = 4;               // requests admitted (prefilled) between decode steps
   torch::ScalarType kv_dtype = torch::kFloat32;
   std::string model_name = "victor";
+  std::string api_key;      // when set, /v1/* need "Authorization: Bearer <key>" (401 otherwise)
+  std::string cors_origin;  // when set, sent as Access-Control-Allow-Origin (browsers elsewhere)
 };
 
 // One request's life: filled by the HTTP thread, advanced by the engine thread; the HTTP thread

@@ -232,6 +232,26 @@ Server::Server(ServeEngine& engine, const std::string& host, int port, int http_
   http.set_write_timeout(60);
   http.set_keep_alive_max_count(1000);
   Impl* impl = impl_.get();
+  const ServeOptions& so = engine.options();
+  // Before any route: CORS headers, the preflight, and the API key on /v1/*.
+  http.set_pre_routing_handler([&so](const httplib::Request& req, httplib::Response& res) {
+    if (!so.cors_origin.empty()) {
+      res.set_header("Access-Control-Allow-Origin", so.cors_origin);
+      res.set_header("Access-Control-Allow-Headers", "Authorization, Content-Type");
+      res.set_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS");
+      if (req.method == "OPTIONS") {
+        res.status = 204;
+        return httplib::Server::HandlerResponse::Handled;
+      }
+    }
+    if (!so.api_key.empty() && req.path.rfind("/v1/", 0) == 0 &&
+        req.get_header_value("Authorization") != "Bearer " + so.api_key) {
+      send_error(res, ApiError(401, "invalid_request_error", "",
+                               "missing or wrong API key (send 'Authorization: Bearer <key>')"));
+      return httplib::Server::HandlerResponse::Handled;
+    }
+    return httplib::Server::HandlerResponse::Unhandled;
+  });
 
   http.Post("/v1/chat/completions", [impl](const httplib::Request& req, httplib::Response& res) {
     try {
