@@ -10,7 +10,7 @@ packages=(
   nlohmann-json3-dev libstb-dev libcli11-dev libcpp-httplib-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   dataset-fashion-mnist gnuplot-nox
-  chromium
+  chromium clang libclang-rt-14-dev
 )
 
 missing=()

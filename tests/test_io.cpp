@@ -173,6 +173,16 @@ TEST(Config, DefaultsValidationAndErrors) {
   j["summary_layers"] = 3;
   j["register_mask"] = "sideways";
   EXPECT_NE(error_of([&] { config_from_json(j, "config.json"); }).find("register_mask"), std::string::npos);
+  j["register_mask"] = "causal";
+  // Found by fuzzing: a number where a string belongs escaped as a raw JSON-library exception.
+  j["image_aspect_ratio"] = 512;
+  e = error_of([&] { config_from_json(j, "config.json"); });
+  EXPECT_NE(e.find("config.json: key 'image_aspect_ratio' has the wrong type"), std::string::npos) << e;
+  j["image_aspect_ratio"] = "pad";
+  j["text_config"]["head_dim"] = "wide";
+  e = error_of([&] { config_from_json(j, "config.json"); });
+  EXPECT_NE(e.find("'head_dim' has the wrong type"), std::string::npos) << e;
+  j["text_config"].erase("head_dim");
   auto dir = temp_dir("cfg");
   write_bytes(dir + "/config.json", "{ not json");
   EXPECT_NE(error_of([&] { load_config(dir); }).find("malformed JSON"), std::string::npos);

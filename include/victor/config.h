@@ -36,7 +36,7 @@ struct TextConfig {
   std::string hidden_act = "silu";
   int bos_token_id = 1;
   int eos_token_id = 2;
-  int head_dim() const { return hidden_size / num_attention_heads; }
+  int head_dim() const { return num_attention_heads > 0 ? hidden_size / num_attention_heads : 0; }  // 0: invalid (validate() refuses)
 };
 
 // How the weight matrices (every linear layer, the embedding and the LM head) are held in memory

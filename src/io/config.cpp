@@ -1,6 +1,8 @@
 #include "victor/config.h"
 
 #include <cmath>
+#include <limits>
+#include <type_traits>
 #include <filesystem>
 
 #include "victor/error.h"
@@ -45,10 +47,28 @@ bool known_act(const std::string& a) {
 template <typename T>
 void get_opt(const json& j, const char* key, T& out, const std::string& where) {
   if (!j.contains(key) || j[key].is_null()) return;
-  try {
-    out = j[key].get<T>();
-  } catch (const json::exception&) {
-    throw Error(where + ": key '" + key + "' has the wrong type");
+  const json& v = j[key];
+  const std::string name = where + ": key '" + key + "'";
+  if constexpr (std::is_same_v<T, bool>) {
+    if (!v.is_boolean()) throw Error(name + " has the wrong type (expected true or false)");
+    out = v.get<bool>();
+  } else if constexpr (std::is_integral_v<T>) {
+    // Found by fuzzing: 1e95 converted to int is undefined behaviour, and 64.7 silently became 64.
+    if (!v.is_number_integer()) throw Error(name + " has the wrong type (expected an integer)");
+    if (v.is_number_unsigned() ? v.get<uint64_t>() > uint64_t(std::numeric_limits<T>::max())
+                               : v.get<int64_t>() < int64_t(std::numeric_limits<T>::min()) ||
+                                     v.get<int64_t>() > int64_t(std::numeric_limits<T>::max()))
+      throw Error(name + " is out of range");
+    out = T(v.get<int64_t>());
+  } else if constexpr (std::is_floating_point_v<T>) {
+    if (!v.is_number()) throw Error(name + " has the wrong type (expected a number)");
+    out = v.get<T>();
+  } else {
+    try {
+      out = v.get<T>();
+    } catch (const json::exception&) {
+      throw Error(name + " has the wrong type");
+    }
   }
 }
 
@@ -101,7 +121,22 @@ void ModelConfig::validate() const {
   for (double s : preprocess.image_std) require(s > 0, "preprocessor_config.image_std", "must be > 0");
 }
 
+namespace {
+ModelConfig config_from_json_checked(const json& j, const std::string& src);
+}
+
 ModelConfig config_from_json(const json& j, const std::string& src) {
+  // Every key is read by get_opt, which names it; a JSON-library error that still escapes (found
+  // by fuzzing: a number where a string belongs) is at least tied to the file.
+  try {
+    return config_from_json_checked(j, src);
+  } catch (const json::exception& e) {
+    throw Error(src + ": unexpected value (" + std::string(e.what()) + ")");
+  }
+}
+
+namespace {
+ModelConfig config_from_json_checked(const json& j, const std::string& src) {
   if (!j.is_object()) throw Error(src + ": config must be a JSON object");
   ModelConfig c;
   // Hugging Face class defaults for keys a config.json leaves out.
@@ -147,8 +182,9 @@ ModelConfig config_from_json(const json& j, const std::string& src) {
     get_opt(t, "eos_token_id", c.text.eos_token_id, w);
     if (t.contains("rope_scaling") && !t["rope_scaling"].is_null())
       throw Error(w + ".rope_scaling: RoPE scaling is not supported");
-    if (t.contains("head_dim") && !t["head_dim"].is_null() &&
-        t["head_dim"].get<int>() != c.text.head_dim())
+    int head_dim = c.text.head_dim();
+    get_opt(t, "head_dim", head_dim, w);
+    if (head_dim != c.text.head_dim())
       throw Error(w + ".head_dim: must equal hidden_size / num_attention_heads");
   }
   get_opt(j, "tie_word_embeddings", c.text.tie_word_embeddings, src);
@@ -160,8 +196,9 @@ ModelConfig config_from_json(const json& j, const std::string& src) {
     throw Error(src + ": vision_feature_layer as a list (multi-layer features) is not supported");
   get_opt(j, "vision_feature_layer", c.vision_feature_layer, src);
   get_opt(j, "vision_feature_select_strategy", c.vision_feature_select_strategy, src);
-  if (j.contains("image_aspect_ratio")) {
-    std::string a = j["image_aspect_ratio"].get<std::string>();
+  if (j.contains("image_aspect_ratio") && !j["image_aspect_ratio"].is_null()) {
+    std::string a;
+    get_opt(j, "image_aspect_ratio", a, src);
     if (a != "pad" && a != "square")
       throw Error(src + ": image_aspect_ratio '" + a + "' is not supported (pad or square)");
     c.preprocess.pad_to_square = a == "pad";
@@ -185,6 +222,7 @@ ModelConfig config_from_json(const json& j, const std::string& src) {
   c.reducer = Reducer::from_json(j, src);
   return c;
 }
+}  // namespace
 
 json config_to_json(const ModelConfig& c) {
   json j;
