@@ -71,4 +71,10 @@ expect_error "curriculum pool" "POOL 3 does not divide" "$VICTOR" repro --preset
 cp -r "$work/m" "$work/trunc"
 head -c 2000 "$work/m/model.safetensors" > "$work/trunc/model.safetensors"
 expect_error "truncated checkpoint" "model.safetensors" "$VICTOR" generate --model "$work/trunc" --image "$img" --prompt "hi"
+# victor serve refuses what it cannot serve before listening.
+expect_error "serve: no model" "nope.*config.json|config.json.*nope|not found" "$VICTOR" serve --model "$work/nope" --port 0
+expect_error "serve: bad --allow-files" "allow-files" "$VICTOR" serve --model "$work/m" --port 0 --allow-files "$work/nowhere"
+expect_error "serve: bad reducer" "fastv" "$VICTOR" serve --model "$work/m" --port 0 --reducer fastv:k=99
+expect_error "serve: bad kv dtype" "kv-dtype" "$VICTOR" serve --model "$work/m" --port 0 --kv-dtype f8
+expect_error "bench-serve: no model" "config.json" "$VICTOR" bench-serve --model "$work/nope"
 exit $fail
