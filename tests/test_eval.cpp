@@ -43,6 +43,26 @@ TEST(Eval, AccuracyOnHandMadeAnswersFile) {
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("question_id 9"), std::string::npos);
   }
+  // Half the answers missing used to score only the answered half (here: 2 of 2 right = 100%).
+  std::ofstream(dir + "/c.jsonl") << R"({"question_id": 1, "text": "two"}
+{"question_id": "four", "text": "Row 1, column 2"}
+)";
+  try {
+    score_files(dir + "/q.jsonl", dir + "/c.jsonl");
+    FAIL() << "a file without every answer was scored";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("2 of 4 questions"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("question_id 2"), std::string::npos) << e.what();
+  }
+  std::ofstream(dir + "/d.jsonl") << R"({"question_id": 1, "text": "two"}
+{"question_id": 1, "text": "2"}
+)";
+  try {
+    score_files(dir + "/q.jsonl", dir + "/d.jsonl");
+    FAIL() << "a question answered twice was scored";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("answered twice"), std::string::npos) << e.what();
+  }
 }
 
 TEST(Eval, AnswerPriorPicksMostFrequentTrainingAnswer) {

@@ -313,3 +313,18 @@ TEST(Npy, RoundTrip) {
   EXPECT_EQ(raw.substr(1, 5), "NUMPY");
   EXPECT_NE(raw.find("'shape': (3, 5)"), std::string::npos);
 }
+
+TEST(Tokenizer, WrongTypesInAddedTokensAreNamedWithTheirFile) {
+  auto dir = temp_dir("added_types");
+  train_tokenizer(gridvqa_corpus(), dir, 400);
+  const std::string good = read_file(dir + "/added_tokens.json");
+  write_bytes(dir + "/added_tokens.json", R"({"<image>": "four hundred"})");
+  auto e = error_of([&] { Tokenizer t(dir); });
+  EXPECT_NE(e.find("added_tokens.json: token '<image>' must map to an integer id"), std::string::npos) << e;
+  write_bytes(dir + "/added_tokens.json", good);
+  auto cfg = nlohmann::json::parse(read_file(dir + "/tokenizer_config.json"));
+  cfg["added_tokens_decoder"]["x7"] = {{"content", "<zz>"}};
+  write_bytes(dir + "/tokenizer_config.json", cfg.dump());
+  e = error_of([&] { Tokenizer t(dir); });
+  EXPECT_NE(e.find("tokenizer_config.json: added_tokens_decoder key 'x7' is not a token id"), std::string::npos) << e;
+}

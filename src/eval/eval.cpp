@@ -1,5 +1,7 @@
 #include "victor/eval.h"
 
+#include <set>
+
 #include <cctype>
 #include <chrono>
 #include <filesystem>
@@ -66,6 +68,7 @@ EvalReport score_files(const std::string& questions_jsonl, const std::string& an
   std::ifstream in(answers_jsonl);
   if (!in) throw Error(answers_jsonl + ": cannot open answers file");
   std::vector<AnswerRecord> answers;
+  std::set<std::string> answered;
   std::string line;
   int n = 0;
   while (std::getline(in, line)) {
@@ -83,7 +86,23 @@ EvalReport score_files(const std::string& questions_jsonl, const std::string& an
     if (it == by_id.end())
       throw Error(answers_jsonl + ":" + std::to_string(n) + ": question_id " + j["question_id"].dump() +
                   " is not in " + questions_jsonl);
+    if (!answered.insert(it->first).second)
+      throw Error(answers_jsonl + ":" + std::to_string(n) + ": question_id " + j["question_id"].dump() +
+                  " is answered twice");
     answers.push_back({j["question_id"], j["text"].get<std::string>(), it->second->answer, it->second->family});
+  }
+  // Scoring only the answered questions would report a higher accuracy for a file that skips the
+  // hard ones: every question must have its answer.
+  if (answered.size() != by_id.size()) {
+    std::string first;
+    for (auto& q : qs)
+      if (!answered.count(q.question_id.dump())) {
+        first = q.question_id.dump();
+        break;
+      }
+    throw Error(answers_jsonl + ": " + std::to_string(by_id.size() - answered.size()) + " of " +
+                std::to_string(by_id.size()) + " questions in " + questions_jsonl +
+                " have no answer (the first: question_id " + first + "); every question must be answered");
   }
   return score_answers(answers);
 }

@@ -150,14 +150,28 @@ Tokenizer::Tokenizer(const std::string& dir) {
   if (fs::exists(added)) {
     json j = parse(added);
     if (!j.is_object()) throw Error(added.string() + ": must be an object {token: id}");
-    for (auto& [k, v] : j.items()) added_[k] = v.get<int64_t>();
+    for (auto& [k, v] : j.items()) {
+      if (!v.is_number_integer())
+        throw Error(added.string() + ": token '" + k + "' must map to an integer id (got " + v.dump() + ")");
+      added_[k] = v.get<int64_t>();
+    }
   }
   fs::path cfg = fs::path(dir) / "tokenizer_config.json";
   if (fs::exists(cfg)) {
     json j = parse(cfg);
     if (j.contains("added_tokens_decoder") && j["added_tokens_decoder"].is_object())
       for (auto& [id, v] : j["added_tokens_decoder"].items()) {
-        int64_t i = std::stoll(id);
+        int64_t i = -1;
+        try {
+          size_t used = 0;
+          i = std::stoll(id, &used);
+          if (used != id.size() || i < 0) i = -1;
+        } catch (const std::exception&) {
+        }
+        if (i < 0)
+          throw Error(cfg.string() + ": added_tokens_decoder key '" + id + "' is not a token id");
+        if (!v.is_object() || (v.contains("content") && !v["content"].is_string()))
+          throw Error(cfg.string() + ": added_tokens_decoder['" + id + "'] must be an object with a string 'content'");
         if (i >= int64_t(pieces_.size()) && v.contains("content"))
           added_[v["content"].get<std::string>()] = i;
       }
