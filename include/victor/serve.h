@@ -43,6 +43,8 @@ class TextStream {
   bool stopped() const { return stopped_; }
 
  private:
+  // all[released_.size(), end), when `all` still begins with what was released; sanitized.
+  std::string release(const std::string& all, size_t end);
   const Tokenizer& tok_;
   std::vector<std::string> stop_;
   std::vector<int64_t> tokens_;

@@ -27,9 +27,7 @@ std::string TextStream::push(int64_t token) {
   for (auto& s : stop_) cut = std::min(cut, all.find(s));
   if (cut != std::string::npos) {
     stopped_ = true;
-    std::string out = cut > released_.size() ? all.substr(released_.size(), cut - released_.size()) : "";
-    released_ += out;
-    return sanitize_utf8(out);
+    return release(all, cut);
   }
   // Hold back what could be the start of a stop string, and a split UTF-8 character.
   size_t hold = 0;
@@ -39,20 +37,20 @@ std::string TextStream::push(int64_t token) {
         hold = n;
         break;
       }
-  size_t safe = all.size() - std::max(hold, incomplete_utf8_tail(all));
-  // The decoder may rewrite the end of the text as tokens arrive (a leading space dropped, bytes
-  // merged): release only what extends what was already released.
-  if (safe <= released_.size() || all.compare(0, released_.size(), released_) != 0) return "";
-  std::string out = all.substr(released_.size(), safe - released_.size());
-  released_ += out;
-  return sanitize_utf8(out);
+  return release(all, all.size() - std::max(hold, incomplete_utf8_tail(all)));
 }
 
 std::string TextStream::finish() {
   if (stopped_) return "";
   const std::string all = tok_.decode(tokens_);
-  if (all.size() <= released_.size() || all.compare(0, released_.size(), released_) != 0) return "";
-  std::string out = all.substr(released_.size());
+  return release(all, all.size());
+}
+
+std::string TextStream::release(const std::string& all, size_t end) {
+  // The decoder may rewrite the end of the text as tokens arrive (a leading space dropped, bytes
+  // merged): release only what extends what was already released.
+  if (end <= released_.size() || all.compare(0, released_.size(), released_) != 0) return "";
+  std::string out = all.substr(released_.size(), end - released_.size());
   released_ += out;
   return sanitize_utf8(out);
 }
