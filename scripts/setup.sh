@@ -7,7 +7,7 @@ packages=(
   build-essential cmake ninja-build pkg-config
   libtorch-dev libgloo-dev libopenblas0-openmp
   libsentencepiece-dev sentencepiece
-  nlohmann-json3-dev libstb-dev libcli11-dev libcpp-httplib-dev
+  nlohmann-json3-dev libstb-dev libjpeg62-turbo-dev libcli11-dev libcpp-httplib-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   dataset-fashion-mnist gnuplot-nox
   chromium clang libclang-rt-14-dev

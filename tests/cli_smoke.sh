@@ -59,8 +59,8 @@ expect_error "missing model" "not found" "$VICTOR" generate --model "$work/nope"
 expect_error "not an image" "bad.png.*not a readable image" "$VICTOR" generate --model "$work/m" --image "$work/bad.png" --prompt "hi"
 expect_error "empty prompt" "empty prompt" "$VICTOR" generate --model "$work/m" --image "$img" --prompt "  "
 expect_error "top-p range" "top-p" "$VICTOR" generate --model "$work/m" --image "$img" --prompt "hi" --top-p 1.5
-expect_error "temperature nan" "temperature must be a finite number" "$VICTOR" generate --model "$work/m" --image "$img" --prompt "hi" --temperature nan
-expect_error "top-p nan" "top_p must be a number" "$VICTOR" generate --model "$work/m" --image "$img" --prompt "hi" --top-p nan
+expect_error "temperature nan" "temperature.*not a finite number" "$VICTOR" generate --model "$work/m" --image "$img" --prompt "hi" --temperature nan
+expect_error "top-p nan" "top-p.*not a finite number" "$VICTOR" generate --model "$work/m" --image "$img" --prompt "hi" --top-p nan
 expect_error "max tokens range" "max-new-tokens" "$VICTOR" generate --model "$work/m" --image "$img" --prompt "hi" --max-new-tokens 0
 expect_error "summary layers" "summary_layers" "$VICTOR" generate --model "$work/m" --image "$img" --prompt "hi" --summary-layers 99
 expect_error "too many images" "2 images" "$VICTOR" generate --model "$work/m" --image "$img" --image "$img" --prompt "<image> hi"

@@ -11,6 +11,8 @@
 #include "victor/safetensors.h"
 #include "victor/tokenizer.h"
 
+#include <stb/stb_image_write.h>
+
 using namespace victor;
 using namespace victor::test;
 namespace fs = std::filesystem;
@@ -327,4 +329,167 @@ TEST(Tokenizer, WrongTypesInAddedTokensAreNamedWithTheirFile) {
   write_bytes(dir + "/tokenizer_config.json", cfg.dump());
   e = error_of([&] { Tokenizer t(dir); });
   EXPECT_NE(e.find("tokenizer_config.json: added_tokens_decoder key 'x7' is not a token id"), std::string::npos) << e;
+}
+
+namespace {
+// A safetensors file from a header object and raw data bytes.
+std::string safetensors_bytes(const json& header, const std::string& data) {
+  std::string h = header.dump();
+  std::string out(8, '\0');
+  for (int i = 0; i < 8; ++i) out[i] = char((uint64_t(h.size()) >> (8 * i)) & 0xff);
+  return out + h + data;
+}
+}  // namespace
+
+TEST(Safetensors, HostileHeadersAreRefusedBeforeAllocating) {
+  auto dir = temp_dir("hostile");
+  const std::string p = dir + "/m.safetensors";
+  // 2^62 x 8 floats: the byte size overflows size_t and wrapped to a small number before.
+  write_bytes(p, safetensors_bytes({{"t", {{"dtype", "F32"}, {"shape", {int64_t(1) << 62, 8}}, {"data_offsets", {0, 0}}}}}, ""));
+  auto e = error_of([&] { SafetensorsFile f(p); });
+  EXPECT_NE(e.find("tensor 't': shape too large"), std::string::npos) << e;
+  EXPECT_EQ(e.rfind(p, 0), 0u) << e;
+  // Two tensors over the same bytes.
+  write_bytes(p, safetensors_bytes({{"a", {{"dtype", "F32"}, {"shape", {2}}, {"data_offsets", {0, 8}}}},
+                                    {"b", {{"dtype", "F32"}, {"shape", {2}}, {"data_offsets", {4, 12}}}}},
+                                   std::string(12, '\0')));
+  EXPECT_NE(error_of([&] { SafetensorsFile f(p); }).find("overlap"), std::string::npos);
+  // Offsets that are not non-negative integers, a dimension that is a string.
+  write_bytes(p, safetensors_bytes({{"a", {{"dtype", "F32"}, {"shape", {2}}, {"data_offsets", {-8, 0}}}}}, ""));
+  EXPECT_NE(error_of([&] { SafetensorsFile f(p); }).find("tensor 'a': malformed header entry"), std::string::npos);
+  write_bytes(p, safetensors_bytes({{"a", {{"dtype", "F32"}, {"shape", {"2"}}, {"data_offsets", {0, 8}}}}}, std::string(8, '\0')));
+  EXPECT_NE(error_of([&] { SafetensorsFile f(p); }).find("tensor 'a': malformed header entry"), std::string::npos);
+}
+
+TEST(Safetensors, ShardsAreConfinedAndTensorsUnique) {
+  auto dir = temp_dir("shards_hostile");
+  std::vector<std::pair<std::string, torch::Tensor>> ts;
+  for (int i = 0; i < 4; ++i) ts.emplace_back("w" + std::to_string(i), torch::full({100}, float(i)));
+  save_checkpoint_tensors(dir, ts, 800);
+  const std::string index = dir + "/model.safetensors.index.json";
+  const json good = json::parse(read_file(index));
+  // A shard name that leaves the model folder, an absolute one, one that is not a safetensors file.
+  for (const std::string bad : {"../outside.safetensors", "/etc/passwd", "sub/x.safetensors", "config.json"}) {
+    json j = good;
+    j["weight_map"]["w0"] = bad;
+    write_bytes(index, j.dump());
+    auto e = error_of([&] { TensorStore s(dir); });
+    EXPECT_NE(e.find("weight_map['w0'] = '" + bad + "' is not a *.safetensors file name in the model folder"),
+              std::string::npos) << e;
+  }
+  // The index names the wrong shard for a tensor.
+  json j = good;
+  const std::string s0 = j["weight_map"]["w0"], s3 = j["weight_map"]["w3"];
+  ASSERT_NE(s0, s3);
+  j["weight_map"]["w0"] = s3;
+  write_bytes(index, j.dump());
+  auto e = error_of([&] { TensorStore s(dir); });
+  EXPECT_NE(e.find("tensor 'w0' listed in shard '" + s3 + "' but stored in"), std::string::npos) << e;
+  // The same tensor in two files (no index: every *.safetensors is read) is refused, naming both.
+  fs::remove(index);
+  save_safetensors(dir + "/zz-extra.safetensors", {{"w1", torch::zeros({100})}});
+  e = error_of([&] { TensorStore s(dir); });
+  EXPECT_NE(e.find("tensor 'w1' is stored twice"), std::string::npos) << e;
+  EXPECT_NE(e.find("zz-extra.safetensors"), std::string::npos) << e;
+}
+
+TEST(Checkpoint, ProjectionBiasesAndHugeConfigsAreRefusedByName) {
+  auto dir = temp_dir("bias");
+  Vlm m = Vlm::random(tiny_config(), 1);
+  m.save(dir);
+  {  // a Qwen-style q_proj bias the LLaMA forward would silently skip
+    SafetensorsFile f(dir + "/model.safetensors");
+    std::vector<std::pair<std::string, torch::Tensor>> ts;
+    for (auto& [n, i] : f.tensors()) ts.emplace_back(n, f.load(n).clone());
+    ts.emplace_back("language_model.model.layers.0.self_attn.q_proj.bias", torch::ones({tiny_config().text.hidden_size}));
+    save_safetensors(dir + "/model.safetensors", ts);
+  }
+  auto e = error_of([&] { Vlm::load(dir); });
+  EXPECT_NE(e.find("'language_model.model.layers.0.self_attn.q_proj.bias' is a bias on a LLaMA projection"),
+            std::string::npos) << e;
+  const json cfg = config_to_json(tiny_config());
+  for (const char* key : {"attention_bias", "mlp_bias"}) {
+    json j = cfg;
+    j["text_config"][key] = true;
+    e = error_of([&] { config_from_json(j, "c.json"); });
+    EXPECT_NE(e.find(std::string("text_config.") + key + ": biases on the LLaMA projections are not supported"),
+              std::string::npos) << e;
+  }
+  // 10^9 layers ended in std::bad_alloc: now refused by name before anything is allocated.
+  json j = cfg;
+  j["text_config"]["num_hidden_layers"] = 1000000000;
+  write_bytes(dir + "/config.json", j.dump());
+  e = error_of([&] { Vlm::load(dir); });
+  EXPECT_NE(e.find("text_config.num_hidden_layers"), std::string::npos) << e;
+  EXPECT_NE(e.find("more than victor accepts"), std::string::npos) << e;
+  j = cfg;
+  j["text_config"]["vocab_size"] = int64_t(1) << 30;
+  EXPECT_NE(error_of([&] { config_from_json(j, "c.json").validate(); }).find("vocab_size"), std::string::npos);
+}
+
+TEST(Image, OnlyDocumentedFormatsAndSizesAreDecoded) {
+  Image img;
+  img.width = 4;
+  img.height = 3;
+  img.rgb.assign(36, 7);
+  std::string png = encode_png(img);
+  // A PNG whose header claims 8192 x 9000 pixels (stb itself refuses only past 1 GiB): refused
+  // from the header, before 221 MB of pixels are allocated.
+  std::string big = png;
+  const std::string wh("\0\0\x20\x00\0\0\x23\x28", 8);  // IHDR width, height (big-endian)
+  big.replace(16, 8, wh);
+  auto e = error_of([&] { decode_image(big, "big.png"); });
+  EXPECT_NE(e.find("big.png: image of 8192 x 9000 pixels is larger than victor decodes (64 Mpx)"), std::string::npos) << e;
+  // A TGA (stb reads it, victor documents PNG, JPEG and BMP only; TGA has no magic to tell it by).
+  std::string tga = std::string("\0\0\2\0\0\0\0\0\0\0\0\0\1\0\1\0\x18\0", 18) + "\1\2\3";
+  e = error_of([&] { decode_image(tga, "x.tga"); });
+  EXPECT_NE(e.find("x.tga: not a readable image (not PNG, JPEG or BMP"), std::string::npos) << e;
+  int w = 0, h = 0;
+  EXPECT_FALSE(image_dimensions(tga, &w, &h));
+  EXPECT_TRUE(image_dimensions(png, &w, &h));
+  EXPECT_EQ(w, 4);
+  EXPECT_EQ(h, 3);
+}
+
+TEST(Tokenizer, UnsupportedNormalizerAndMalformedBytePiecesAreRefused) {
+  const std::string model = read_file(std::string(VICTOR_SOURCE_DIR) + "/tests/fixtures/victor-m3-k2/tokenizer.model");
+  EXPECT_NO_THROW(Tokenizer::from_model_bytes(model, "ok.model"));
+  // NormalizerSpec { name: "nmt_nfkc" }: victor would split un-normalized text: other ids.
+  const std::string nfkc = std::string("\x1a\x0a\x0a\x08", 4) + "nmt_nfkc";
+  auto e = error_of([&] { Tokenizer::from_model_bytes(model + nfkc, "n.model"); });
+  EXPECT_NE(e.find("n.model: SentencePiece normalizer 'nmt_nfkc' is not supported"), std::string::npos) << e;
+  // A byte piece (type 6) that is not <0xAB>: used to reach std::stoi and escape as a raw error.
+  const std::string piece = std::string("\x0a\x0a\x0a\x06", 4) + "<0xZZ>" + std::string("\x18\x06", 2);
+  e = error_of([&] { Tokenizer::from_model_bytes(model + piece, "b.model"); });
+  EXPECT_NE(e.find("b.model: byte piece"), std::string::npos) << e;
+  EXPECT_NE(e.find("not of the form <0xAB>"), std::string::npos) << e;
+}
+
+TEST(Image, JpegDecodesThroughLibjpegAndHostileJpegsAreErrors) {
+  Image img;
+  img.width = 16;
+  img.height = 8;
+  for (int y = 0; y < 8; ++y)
+    for (int x = 0; x < 16; ++x)
+      for (int c = 0; c < 3; ++c) img.rgb.push_back(uint8_t(c == 0 ? x * 16 : c == 1 ? y * 32 : 128));
+  std::string jpg;
+  auto sink = [](void* ctx, void* data, int size) { static_cast<std::string*>(ctx)->append(static_cast<char*>(data), size_t(size)); };
+  ASSERT_TRUE(stbi_write_jpg_to_func(sink, &jpg, img.width, img.height, 3, img.rgb.data(), 95));
+  Image back = decode_image(jpg, "a.jpg");
+  ASSERT_EQ(back.width, 16);
+  ASSERT_EQ(back.height, 8);
+  double err = 0;
+  for (size_t i = 0; i < img.rgb.size(); ++i) err += std::abs(int(back.rgb[i]) - int(img.rgb[i]));
+  EXPECT_LT(err / double(img.rgb.size()), 6.0);  // lossy, but the same picture
+  int w = 0, h = 0;
+  EXPECT_TRUE(image_dimensions(jpg, &w, &h));
+  EXPECT_EQ(w, 16);
+  // Truncated inside the header, and the crafted Huffman table fuzzing found (stb read past its
+  // table on it): errors naming the file, or an image, never a crash.
+  auto e = error_of([&] { decode_image(jpg.substr(0, 40), "cut.jpg"); });
+  EXPECT_NE(e.find("cut.jpg: not a readable image (JPEG: "), std::string::npos) << e;
+  const std::string crafted =
+      read_file(std::string(VICTOR_SOURCE_DIR) + "/tests/fuzz/corpus/image/regression-stb-jpeg-huffman.jpg");
+  e = error_of([&] { decode_image(crafted, "crafted.jpg"); });
+  EXPECT_TRUE(e.empty() || e.rfind("crafted.jpg: ", 0) == 0) << e;
 }

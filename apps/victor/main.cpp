@@ -1,4 +1,5 @@
 // victor: the one CLI. It parses options and prints; the library holds the logic.
+#include <cmath>
 #include <CLI/CLI.hpp>
 #include <malloc.h>
 #include <signal.h>
@@ -96,6 +97,20 @@ struct InitArgs {
   int vocab = 512;
   uint64_t seed = 0;
 };
+
+// CLI11's Range and PositiveNumber compare, and NaN fails no comparison: `--temperature nan`
+// passed them and surfaced as a raw LibTorch error. Every floating-point option also gets this.
+const CLI::Validator kFinite(
+    [](std::string& v) -> std::string {
+      try {
+        size_t used = 0;
+        const double d = std::stod(v, &used);
+        if (!std::isfinite(d)) return "'" + v + "' is not a finite number";
+      } catch (const std::exception&) {
+      }
+      return {};
+    },
+    "FINITE");
 
 const char* const kReducerHelp =
     "Token reducer: none | victor:m=8,k=2[,mask=causal|registers_only] | pool:4 | fastv:k=2,keep=0.5 | "
@@ -481,11 +496,11 @@ int main(int argc, char** argv) {
   c_gen->add_option("--prompt", gen.prompt, "The question; <image> marks where images go")->required();
   c_gen->add_option("--max-new-tokens", gen.sampling.max_new_tokens, "Tokens to generate at most")
       ->check(CLI::Range(1, 8192));
-  c_gen->add_option("--temperature", gen.sampling.temperature, "0 = greedy")->check(CLI::Range(0.0, 100.0));
+  c_gen->add_option("--temperature", gen.sampling.temperature, "0 = greedy")->check(CLI::Range(0.0, 100.0))->check(kFinite);
   c_gen->add_option("--top-k", gen.sampling.top_k, "Sample among the k most likely tokens (0 = off)")
       ->check(CLI::Range(0, 1000000));
   c_gen->add_option("--top-p", gen.sampling.top_p, "Nucleus sampling mass (1 = off)")
-      ->check(CLI::Range(0.0, 1.0));
+      ->check(CLI::Range(0.0, 1.0))->check(kFinite);
   c_gen->add_option("--seed", gen.sampling.seed, "Sampling seed");
   c_gen->add_option("--threads", gen.threads, "CPU threads")->check(CLI::Range(1, 1024));
   c_gen->add_flag("--stats", gen.stats, "Print token counts, timings (vision cold and warm), KV-cache bytes, FLOPs, weight bytes");
@@ -512,24 +527,24 @@ int main(int argc, char** argv) {
   add_kv_dtype_option(c_serve, sv.kv_dtype);
   add_reducer_options(c_serve, sv.reducer);
   c_serve->add_option("--kv-budget-mb", sv.kv_budget_mb, "KV cache the admitted requests may reserve (their worst case); more wait in the queue")
-      ->check(CLI::Range(0.001, 1e7))->capture_default_str();
+      ->check(CLI::Range(0.001, 1e7))->check(kFinite)->capture_default_str();
   c_serve->add_option("--image-cache-mb", sv.image_cache_mb, "Encoded images kept by hash of their bytes (LRU; 0 = off)")
-      ->check(CLI::Range(0.0, 1e7))->capture_default_str();
+      ->check(CLI::Range(0.0, 1e7))->check(kFinite)->capture_default_str();
   c_serve->add_option("--max-batch", sv.opt.max_batch, "Requests decoding together at most")->check(CLI::Range(1, 4096))->capture_default_str();
   c_serve->add_option("--prefills-per-step", sv.opt.prefills_per_step,
                       "Waiting requests admitted (prefilled) between two decode steps at most: more raises concurrency sooner, fewer keeps the running requests' tokens flowing")
       ->check(CLI::Range(1, 4096))->capture_default_str();
   c_serve->add_option("--max-queue", sv.opt.limits.max_queue, "Requests waiting at most (503 with Retry-After beyond)")
       ->check(CLI::Range(0, 1000000))->capture_default_str();
-  c_serve->add_option("--max-body-mb", sv.max_body_mb, "Largest request body (413 beyond)")->check(CLI::Range(0.001, 4096.0))->capture_default_str();
-  c_serve->add_option("--max-image-mb", sv.max_image_mb, "Largest encoded image (413 beyond)")->check(CLI::Range(0.001, 4096.0))->capture_default_str();
+  c_serve->add_option("--max-body-mb", sv.max_body_mb, "Largest request body (413 beyond)")->check(CLI::Range(0.001, 4096.0))->check(kFinite)->capture_default_str();
+  c_serve->add_option("--max-image-mb", sv.max_image_mb, "Largest encoded image (413 beyond)")->check(CLI::Range(0.001, 4096.0))->check(kFinite)->capture_default_str();
   c_serve->add_option("--max-image-pixels", sv.opt.limits.max_image_pixels, "Largest image, width x height (413 beyond)")
       ->check(CLI::Range(int64_t(1), int64_t(1) << 40))->capture_default_str();
   c_serve->add_option("--max-images", sv.opt.limits.max_images, "Images per request at most")->check(CLI::Range(0, 1024))->capture_default_str();
   c_serve->add_option("--max-tokens", sv.opt.limits.max_tokens, "The largest max_tokens a request may ask for")->check(CLI::Range(1, 1000000))->capture_default_str();
   c_serve->add_option("--default-max-tokens", sv.opt.limits.default_max_tokens, "max_tokens when a request names none")->check(CLI::Range(1, 1000000))->capture_default_str();
   c_serve->add_option("--request-timeout", sv.opt.limits.request_timeout_seconds, "Seconds a request may take, queue included (504 beyond)")
-      ->check(CLI::Range(0.001, 1e7))->capture_default_str();
+      ->check(CLI::Range(0.001, 1e7))->check(kFinite)->capture_default_str();
   c_serve->add_option("--api-key", sv.opt.api_key, "Require 'Authorization: Bearer KEY' on /v1/* (401 otherwise); also read from VICTOR_API_KEY")
       ->envname("VICTOR_API_KEY");
   c_serve->add_option("--cors", sv.opt.cors_origin, "Access-Control-Allow-Origin to send (e.g. '*' or https://my.app), for pages served elsewhere");
@@ -559,7 +574,7 @@ int main(int argc, char** argv) {
   c_grid->add_option("--train-images", gq.train_images, "Training images")->check(CLI::Range(0, 1000000))->capture_default_str();
   c_grid->add_option("--test-images", gq.test_images, "Test images")->check(CLI::Range(0, 1000000))->capture_default_str();
   c_grid->add_option("--questions", gq.questions_per_image, "Questions per image")->check(CLI::Range(1, 16))->capture_default_str();
-  c_grid->add_option("--empty-rate", gq.empty_rate, "Probability that a cell is empty")->check(CLI::Range(0.0, 0.99))->capture_default_str();
+  c_grid->add_option("--empty-rate", gq.empty_rate, "Probability that a cell is empty")->check(CLI::Range(0.0, 0.99))->check(kFinite)->capture_default_str();
   c_grid->add_option("--families", gq.families,
                      "Question families asked, comma-separated (identify,count,exist,locate; one family for a curriculum)")
       ->delimiter(',')
@@ -576,9 +591,9 @@ int main(int argc, char** argv) {
   c_train->add_option("--image-folder", tr.image_folder, "Folder the samples' image paths are relative to (default: the JSON's folder)");
   c_train->add_option("--out", tr.out, "Output folder (model, trainer state, metrics.jsonl)")->required();
   c_train->add_option("--train", train_parts, "What to train: vision,projector,registers,llm or pretrain (projector+registers) | finetune (+llm) | all")->capture_default_str();
-  c_train->add_option("--lr", tr.lr, "Peak learning rate")->check(CLI::PositiveNumber)->capture_default_str();
-  c_train->add_option("--min-lr-ratio", tr.min_lr_ratio, "Cosine floor as a fraction of --lr")->check(CLI::Range(0.0, 1.0));
-  c_train->add_option("--weight-decay", tr.weight_decay, "AdamW decoupled weight decay")->check(CLI::Range(0.0, 1.0));
+  c_train->add_option("--lr", tr.lr, "Peak learning rate")->check(CLI::PositiveNumber)->check(kFinite)->capture_default_str();
+  c_train->add_option("--min-lr-ratio", tr.min_lr_ratio, "Cosine floor as a fraction of --lr")->check(CLI::Range(0.0, 1.0))->check(kFinite);
+  c_train->add_option("--weight-decay", tr.weight_decay, "AdamW decoupled weight decay")->check(CLI::Range(0.0, 1.0))->check(kFinite);
   c_train->add_option("--warmup-steps", tr.warmup_steps, "Linear warm-up steps (default 3% of the run)")->check(CLI::Range(-1, 10000000));
   c_train->add_option("--batch-size", tr.batch_size, "Samples per micro-batch")->check(CLI::Range(1, 4096))->capture_default_str();
   c_train->add_option("--grad-accum", tr.grad_accum, "Micro-batches per optimizer step")->check(CLI::Range(1, 4096))->capture_default_str();
@@ -586,7 +601,7 @@ int main(int argc, char** argv) {
   c_train->add_option("--max-steps", tr.max_steps, "Optimizer steps (0 = from --epochs)")->check(CLI::Range(0, 100000000));
   c_train->add_option("--stop-after", tr.stop_after, "Stop after N steps of this session (resume later)")->check(CLI::Range(0, 100000000));
   c_train->add_option("--save-every", tr.save_every, "Checkpoint every N steps (0 = at the end)")->check(CLI::Range(0, 100000000));
-  c_train->add_option("--clip", tr.clip, "Gradient norm clipping (0 = off)")->check(CLI::Range(0.0, 1e6))->capture_default_str();
+  c_train->add_option("--clip", tr.clip, "Gradient norm clipping (0 = off)")->check(CLI::Range(0.0, 1e6))->check(kFinite)->capture_default_str();
   c_train->add_option("--seed", tr.seed, "Seed (data order)");
   c_train->add_option("--threads", train_threads, "CPU threads")->check(CLI::Range(1, 1024));
   c_train->add_flag("--single-turn", tr.single_turn,
@@ -604,7 +619,7 @@ int main(int argc, char** argv) {
   c_train->add_option("--ground-weight", tr.ground_weight,
                       "Grounded attention: weight of the loss that teaches heads of --ground-layer to look at each answer's "
                       "boxes (the gpt turn's \"boxes\", GridVQA writes them); 0 = off")
-      ->check(CLI::Range(0.0, 1e3))->capture_default_str();
+      ->check(CLI::Range(0.0, 1e3))->check(kFinite)->capture_default_str();
   c_train->add_option("--ground-layer", tr.ground_layer, "Grounded attention: the decoder layer (0-based; must see the visual tokens)")
       ->check(CLI::Range(0, 1024))->capture_default_str();
   c_train->add_option("--ground-heads", tr.ground_heads, "Grounded attention: how many heads (the first ones) are taught")
@@ -698,7 +713,7 @@ int main(int argc, char** argv) {
                       "Stage 0 also teaches how many cells hold each class, the image's summary (true/false)")
       ->capture_default_str();
   c_repro->add_option("--text-steps", rp.text_steps, "Stage L steps: the language model on grids written as text, shared (0 = skip)")->check(CLI::Range(0, 10000000));
-  c_repro->add_option("--text-lr", rp.text_lr, "Stage L peak learning rate")->check(CLI::PositiveNumber);
+  c_repro->add_option("--text-lr", rp.text_lr, "Stage L peak learning rate")->check(CLI::PositiveNumber)->check(kFinite);
   std::string rp_curriculum = format_curriculum(rp.curriculum);
   c_repro->add_option("--curriculum", rp_curriculum,
                       "Stage C, shared: GRID:FAMILIES:POOL:STEPS[xREPEATS][@TARGET][:EMPTY] stages, comma-separated (FAMILIES = "
@@ -708,7 +723,7 @@ int main(int argc, char** argv) {
                       "grids with that share of empty cells, its own GridVQA set mixed into the stage's); none = skip")
       ->capture_default_str();
   c_repro->add_option("--curriculum-images", rp.curriculum_images, "Stage C training images per stage")->check(CLI::Range(1, 1000000))->capture_default_str();
-  c_repro->add_option("--curriculum-lr", rp.curriculum_lr, "Stage C peak learning rate")->check(CLI::PositiveNumber)->capture_default_str();
+  c_repro->add_option("--curriculum-lr", rp.curriculum_lr, "Stage C peak learning rate")->check(CLI::PositiveNumber)->check(kFinite)->capture_default_str();
   c_repro->add_option("--curriculum-shuffle", rp.curriculum_shuffle,
                       "Stage C: each image's visual tokens in a random order every step (true/false)")
       ->capture_default_str();
@@ -718,7 +733,7 @@ int main(int argc, char** argv) {
   c_repro->add_option("--ground-weight", rp.ground_weight,
                       "Grounded attention in stages C and 2: weight of the loss that teaches heads of --ground-layer to "
                       "look at the cells each answer rests on (0 = off); stage 2 grounds only models whose k > layer")
-      ->check(CLI::Range(0.0, 1e3))
+      ->check(CLI::Range(0.0, 1e3))->check(kFinite)
       ->capture_default_str();
   c_repro->add_option("--ground-layer", rp.ground_layer, "Grounded attention: the decoder layer (0-based)")
       ->check(CLI::Range(0, 1024))
@@ -733,7 +748,7 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   c_repro->add_option("--train", rp.train_parts, "Parts trained in stages 1-2 (finetune = projector + registers + llm, vision frozen)");
   c_repro->add_option("--batch-size", rp.batch_size, "Conversations per step")->check(CLI::Range(1, 1024));
-  c_repro->add_option("--lr", rp.lr, "Peak learning rate")->check(CLI::PositiveNumber);
+  c_repro->add_option("--lr", rp.lr, "Peak learning rate")->check(CLI::PositiveNumber)->check(kFinite);
   c_repro->add_option("--bench-repeats", rp.bench_repeats, "Benchmark repeats")->check(CLI::Range(1, 100));
   c_repro->add_option("--bench-batch", rp.bench_batch, "Large batch for throughput (paper: 16)")->check(CLI::Range(1, 256));
   c_repro->add_option("--bench-gen", rp.bench_gen, "Generated tokens (paper: 2,128)")->delimiter(',')->check(CLI::Range(1, 4096));
@@ -748,7 +763,7 @@ int main(int argc, char** argv) {
   c_tv->add_option("--out", va.out, "Output model folder")->required();
   c_tv->add_option("--steps", va.opt.steps, "Steps")->check(CLI::Range(1, 10000000))->capture_default_str();
   c_tv->add_option("--batch-size", va.opt.batch_size, "Images per step")->check(CLI::Range(1, 4096))->capture_default_str();
-  c_tv->add_option("--lr", va.opt.lr, "Peak learning rate")->check(CLI::PositiveNumber)->capture_default_str();
+  c_tv->add_option("--lr", va.opt.lr, "Peak learning rate")->check(CLI::PositiveNumber)->check(kFinite)->capture_default_str();
   c_tv->add_option("--targets", va.targets, "cell (each cell's mean patch names its class and place) or patch (every patch does)")
       ->check(CLI::IsMember({"cell", "patch"}))
       ->capture_default_str();

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "victor/image.h"
+#include "victor/llava_format.h"
 #include "victor/tokenizer.h"
 
 namespace victor {
@@ -87,27 +88,5 @@ GridVqaSummary build_gridvqa(const GridVqaOptions& opt,
                              const std::function<void(int, int)>& progress = {});
 // Every sentence GridVQA can produce, for training a tokenizer.
 std::vector<std::string> gridvqa_corpus();
-
-// --- LLaVA formats ---
-struct Conversation {
-  std::string id;
-  std::string image;  // empty = text only
-  std::vector<Turn> turns;
-};
-// Malformed samples throw an Error naming the sample id, or when `bad` is given are skipped and
-// listed there ("id: reason").
-std::vector<Conversation> load_llava_json(const std::string& path,
-                                          std::vector<std::string>* bad = nullptr);
-// Each turn of a multi-turn conversation as its own sample (id "ID#k", the image placeholder at
-// the start of every one). In a conversation about one image the later questions can lean on the
-// earlier answers: on GridVQA's 2x2 identify, a model that knows only the asked row answers the
-// row's second question by elimination, and that half-solution holds (docs/benchmarks.md, item 12).
-std::vector<Conversation> split_turns(const std::vector<Conversation>& convs);
-
-struct EvalQuestion {
-  nlohmann::json question_id;
-  std::string image, text, answer, family;
-};
-std::vector<EvalQuestion> load_questions_jsonl(const std::string& path);
 
 }  // namespace victor

@@ -17,5 +17,7 @@ void write_file_atomic(const std::string& path, const std::string& bytes);
 void write_file_atomic_streamed(const std::string& path,
                                 const std::function<void(std::ostream&)>& write);
 std::string read_file(const std::string& path);
+// Removes the temporaries a killed write_file_atomic left in dir (NAME.tmpDIGITS); returns how many.
+int remove_stale_temporaries(const std::string& dir);
 
 }  // namespace victor

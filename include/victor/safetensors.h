@@ -7,13 +7,9 @@
 #include <string>
 #include <vector>
 
-namespace victor {
+#include "victor/safetensors_header.h"
 
-struct TensorInfo {
-  std::string dtype;  // "F32", "F16", "BF16", ...
-  std::vector<int64_t> shape;
-  size_t begin = 0, end = 0;  // byte offsets into the data section
-};
+namespace victor {
 
 // One memory-mapped safetensors file. Tensors handed out as F32; F32 data is not copied
 // (copy-on-write mapping), F16/BF16 are converted.
@@ -42,7 +38,8 @@ class SafetensorsFile {
 };
 
 // All tensors of a checkpoint folder: model.safetensors, or the shards that
-// model.safetensors.index.json lists, or any *.safetensors in the folder.
+// model.safetensors.index.json lists, or any *.safetensors in the folder. A tensor stored in two
+// files, or in another shard than the index says, is refused.
 class TensorStore {
  public:
   explicit TensorStore(const std::string& dir);

@@ -15,7 +15,10 @@ namespace victor {
 class Tokenizer {
  public:
   explicit Tokenizer(const std::string& dir);  // tokenizer.model + added tokens
+  // tokenizer.model's bytes alone, no added tokens (`source` names it in errors; the fuzz target).
+  static Tokenizer from_model_bytes(const std::string& bytes, const std::string& source);
   ~Tokenizer();
+  Tokenizer(Tokenizer&&) = default;
 
   // Encodes text; added tokens ("<image>") found in it become their ids. No BOS.
   std::vector<int64_t> encode(const std::string& text) const;
@@ -31,7 +34,10 @@ class Tokenizer {
     std::string text;
     float score = 0;
     int type = 1;  // 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte
+    int byte = -1;  // type 6: the byte "<0xAB>" stands for
   };
+  Tokenizer() = default;
+  void load_model(const std::string& bytes, const std::string& source);
   std::vector<int64_t> encode_piece_text(const std::string& text) const;
   std::vector<int64_t> encode_unigram(const std::string& norm) const;
   std::vector<int64_t> encode_bpe(const std::string& norm) const;
@@ -44,7 +50,7 @@ class Tokenizer {
   bool byte_fallback_ = false;
   size_t max_piece_bytes_ = 1;
   float min_score_ = 0;
-  int64_t byte_ids_[256];
+  int64_t byte_ids_[256] = {};
   int64_t bos_ = 1, eos_ = 2, unk_ = 0;
 };
 

@@ -1,8 +1,8 @@
 // LLaVA's training JSON and evaluation JSONL.
-#include <fstream>
+#include <sstream>
 
-#include "victor/data.h"
 #include "victor/error.h"
+#include "victor/llava_format.h"
 
 using json = nlohmann::json;
 
@@ -33,9 +33,14 @@ std::vector<Box> parse_boxes(const json& j, size_t turn, const Fail& fail) {
 }  // namespace
 
 std::vector<Conversation> load_llava_json(const std::string& path, std::vector<std::string>* bad) {
+  return parse_llava_json(read_file(path), path, bad);
+}
+
+std::vector<Conversation> parse_llava_json(const std::string& text, const std::string& path,
+                                           std::vector<std::string>* bad) {
   json j;
   try {
-    j = json::parse(read_file(path));
+    j = json::parse(text);
   } catch (const json::exception& e) {
     throw Error(path + ": malformed JSON: " + e.what());
   }
@@ -115,8 +120,17 @@ std::vector<Conversation> split_turns(const std::vector<Conversation>& convs) {
 }
 
 std::vector<EvalQuestion> load_questions_jsonl(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) throw Error(path + ": cannot open questions file");
+  std::string text;
+  try {
+    text = read_file(path);
+  } catch (const Error&) {
+    throw Error(path + ": cannot open questions file");
+  }
+  return parse_questions_jsonl(text, path);
+}
+
+std::vector<EvalQuestion> parse_questions_jsonl(const std::string& text, const std::string& path) {
+  std::istringstream in(text);
   std::vector<EvalQuestion> out;
   std::string line;
   int n = 0;

@@ -1,6 +1,7 @@
 #include "victor/config.h"
 
 #include <cmath>
+#include <tuple>
 #include <limits>
 #include <type_traits>
 #include <filesystem>
@@ -77,6 +78,21 @@ void get_opt(const json& j, const char* key, T& out, const std::string& where) {
 void ModelConfig::validate() const {
   const auto& v = vision;
   const auto& t = text;
+  // Sizes beyond any real model are refused here, before anything is allocated from them (a
+  // num_hidden_layers of 10^9 used to end in std::bad_alloc).
+  constexpr int kMaxLayers = 1024, kMaxHidden = 1 << 16, kMaxFfn = 1 << 20, kMaxHeads = 1024;
+  for (auto [key, value, limit] : {std::tuple<const char*, int64_t, int64_t>{"vision_config.hidden_size", v.hidden_size, kMaxHidden},
+                                   {"vision_config.intermediate_size", v.intermediate_size, kMaxFfn},
+                                   {"vision_config.num_hidden_layers", v.num_hidden_layers, kMaxLayers},
+                                   {"vision_config.num_attention_heads", v.num_attention_heads, kMaxHeads},
+                                   {"vision_config.image_size", v.image_size, 8192},
+                                   {"text_config.hidden_size", t.hidden_size, kMaxHidden},
+                                   {"text_config.intermediate_size", t.intermediate_size, kMaxFfn},
+                                   {"text_config.num_hidden_layers", t.num_hidden_layers, kMaxLayers},
+                                   {"text_config.num_attention_heads", t.num_attention_heads, kMaxHeads},
+                                   {"text_config.vocab_size", t.vocab_size, int64_t(1) << 24},
+                                   {"text_config.max_position_embeddings", t.max_position_embeddings, int64_t(1) << 22}})
+    require(value <= limit, key, "is " + std::to_string(value) + ", more than victor accepts (" + std::to_string(limit) + ")");
   require(v.hidden_size > 0, "vision_config.hidden_size", "must be positive");
   require(v.num_attention_heads > 0 && v.hidden_size % v.num_attention_heads == 0,
           "vision_config.num_attention_heads", "must divide vision_config.hidden_size");
@@ -182,6 +198,13 @@ ModelConfig config_from_json_checked(const json& j, const std::string& src) {
     get_opt(t, "eos_token_id", c.text.eos_token_id, w);
     if (t.contains("rope_scaling") && !t["rope_scaling"].is_null())
       throw Error(w + ".rope_scaling: RoPE scaling is not supported");
+    // Biases on the attention or MLP projections (Qwen-style): victor's LLaMA has none, and
+    // ignoring them would give wrong logits, so such a checkpoint is refused.
+    for (const char* key : {"attention_bias", "mlp_bias"}) {
+      bool on = false;
+      get_opt(t, key, on, w);
+      if (on) throw Error(w + "." + key + ": biases on the LLaMA projections are not supported");
+    }
     int head_dim = c.text.head_dim();
     get_opt(t, "head_dim", head_dim, w);
     if (head_dim != c.text.head_dim())

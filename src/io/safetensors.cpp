@@ -5,6 +5,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -21,14 +22,6 @@ using json = nlohmann::json;
 namespace victor {
 
 namespace {
-
-size_t dtype_size(const std::string& dtype) {
-  if (dtype == "F32" || dtype == "I32") return 4;
-  if (dtype == "F16" || dtype == "BF16" || dtype == "I16") return 2;
-  if (dtype == "F64" || dtype == "I64") return 8;
-  if (dtype == "U8" || dtype == "I8" || dtype == "BOOL") return 1;
-  return 0;
-}
 
 torch::ScalarType scalar_type(const std::string& dtype) {
   if (dtype == "F32") return torch::kFloat32;
@@ -74,55 +67,10 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
   ::close(fd);
   if (map_->addr == MAP_FAILED) throw Error(path + ": mmap failed: " + std::strerror(errno));
 
-  const auto* bytes = static_cast<const uint8_t*>(map_->addr);
-  uint64_t header_len = 0;
-  for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | bytes[i];
-  if (header_len > map_->size - 8)
-    throw Error(path + ": corrupt or truncated safetensors file (header length " +
-                std::to_string(header_len) + " exceeds file size " +
-                std::to_string(map_->size) + ")");
-  data_offset_ = 8 + header_len;
-  json header;
-  try {
-    header = json::parse(reinterpret_cast<const char*>(bytes + 8),
-                         reinterpret_cast<const char*>(bytes + 8 + header_len));
-  } catch (const std::exception& e) {
-    throw Error(path + ": corrupt safetensors header (not JSON): " + e.what());
-  }
-  if (!header.is_object()) throw Error(path + ": corrupt safetensors header (not an object)");
-  size_t data_size = map_->size - data_offset_;
-  for (auto& [name, v] : header.items()) {
-    if (name == "__metadata__") {
-      if (v.is_object())
-        for (auto& [mk, mv] : v.items())
-          if (mv.is_string()) metadata_[mk] = mv.get<std::string>();
-      continue;
-    }
-    TensorInfo info;
-    try {
-      info.dtype = v.at("dtype").get<std::string>();
-      info.shape = v.at("shape").get<std::vector<int64_t>>();
-      auto off = v.at("data_offsets").get<std::vector<size_t>>();
-      if (off.size() != 2) throw Error("data_offsets must have 2 entries");
-      info.begin = off[0];
-      info.end = off[1];
-    } catch (const std::exception& e) {
-      throw Error(path + ": tensor '" + name + "': malformed header entry: " + e.what());
-    }
-    size_t es = dtype_size(info.dtype);
-    if (es == 0) throw Error(path + ": tensor '" + name + "': unsupported dtype " + info.dtype);
-    size_t numel = 1;
-    for (auto d : info.shape) {
-      if (d < 0) throw Error(path + ": tensor '" + name + "': negative dimension");
-      numel *= static_cast<size_t>(d);
-    }
-    if (info.end < info.begin || info.end - info.begin != numel * es)
-      throw Error(path + ": tensor '" + name + "': byte range does not match shape and dtype");
-    if (info.end > data_size)
-      throw Error(path + ": tensor '" + name + "': data lies beyond the end of the file " +
-                  "(truncated file?)");
-    infos_[name] = info;
-  }
+  SafetensorsHeader h = parse_safetensors_header(static_cast<const uint8_t*>(map_->addr), map_->size, path);
+  data_offset_ = h.data_offset;
+  infos_ = std::move(h.tensors);
+  metadata_ = std::move(h.metadata);
 }
 
 SafetensorsFile::~SafetensorsFile() = default;
@@ -139,7 +87,7 @@ torch::Tensor SafetensorsFile::load_raw(const std::string& name) const {
   const TensorInfo& info = it->second;
   auto* base = static_cast<uint8_t*>(map_->addr) + data_offset_ + info.begin;
   auto type = scalar_type(info.dtype);
-  size_t es = dtype_size(info.dtype);
+  size_t es = safetensors_dtype_size(info.dtype);
   bool aligned = reinterpret_cast<uintptr_t>(base) % es == 0;
   torch::Tensor raw;
   if (aligned) {
@@ -159,21 +107,11 @@ TensorStore::TensorStore(const std::string& dir) {
   fs::path single = fs::path(dir) / "model.safetensors";
   std::map<std::string, std::string> declared;  // tensor -> shard file (from the index)
   if (fs::exists(index)) {
-    json j;
-    try {
-      j = json::parse(read_file(index.string()));
-    } catch (const json::exception& e) {
-      throw Error(index.string() + ": malformed JSON: " + e.what());
-    }
-    if (!j.contains("weight_map") || !j["weight_map"].is_object())
-      throw Error(index.string() + ": missing object 'weight_map'");
+    declared = parse_safetensors_index(read_file(index.string()), index.string());
     std::set<std::string> shards;
-    for (auto& [t, f] : j["weight_map"].items()) {
-      declared[t] = f.get<std::string>();
-      shards.insert(f.get<std::string>());
-    }
+    for (auto& [t, f] : declared) shards.insert(f);
     for (auto& s : shards) {
-      if (!fs::exists(fs::path(dir) / s))
+      if (!fs::is_regular_file(fs::path(dir) / s))
         throw Error(index.string() + ": shard '" + s + "' listed but missing");
       paths.push_back((fs::path(dir) / s).string());
     }
@@ -189,13 +127,19 @@ TensorStore::TensorStore(const std::string& dir) {
     files_.push_back(std::make_unique<SafetensorsFile>(p));
     for (auto& [name, info] : files_.back()->tensors()) {
       (void)info;
-      where_[name] = files_.size() - 1;
+      auto [it, fresh] = where_.emplace(name, files_.size() - 1);
+      if (!fresh)
+        throw Error(dir + ": tensor '" + name + "' is stored twice, in " + files_[it->second]->path() + " and " + p);
     }
   }
-  for (auto& [t, f] : declared)
-    if (!where_.count(t))
-      throw Error(index.string() + ": tensor '" + t + "' listed in shard '" + f +
-                  "' but not found there");
+  for (auto& [t, f] : declared) {
+    auto it = where_.find(t);
+    if (it == where_.end())
+      throw Error(index.string() + ": tensor '" + t + "' listed in shard '" + f + "' but not found there");
+    if (fs::path(files_[it->second]->path()).filename() != f)
+      throw Error(index.string() + ": tensor '" + t + "' listed in shard '" + f + "' but stored in " +
+                  files_[it->second]->path());
+  }
 }
 
 std::vector<std::string> TensorStore::names() const {
@@ -277,7 +221,9 @@ void write_safetensors(std::ostream& out,
   for (auto& [n, t] : tensors) {
     auto c = t.detach().to(torch::kCPU, stored_type(dtype, t.scalar_type())).contiguous();
     out.write(static_cast<const char*>(c.data_ptr()), static_cast<std::streamsize>(c.numel() * c.element_size()));
-    if (!out) throw Error("write failed while saving tensor '" + n + "' (disk full?)");
+    if (!out)
+      throw Error(std::string("write failed (") + (errno ? std::strerror(errno) : "disk full?") + ") while saving tensor '" +
+                  n + "'; the previous file, if any, is unchanged");
   }
 }
 

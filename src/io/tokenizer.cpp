@@ -77,22 +77,37 @@ size_t utf8_len(unsigned char c) {
 
 }  // namespace
 
-Tokenizer::Tokenizer(const std::string& dir) {
-  fs::path model = fs::path(dir) / "tokenizer.model";
-  if (!fs::exists(model)) throw Error(model.string() + ": missing (SentencePiece model required)");
-  std::string bytes = read_file(model.string());
+Tokenizer Tokenizer::from_model_bytes(const std::string& bytes, const std::string& source) {
+  Tokenizer t;
+  t.load_model(bytes, source);
+  return t;
+}
+
+namespace {
+
+int hex_digit(char c) {
+  if (c >= '0' && c <= '9') return c - '0';
+  if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+  if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+  return -1;
+}
+
+}  // namespace
+
+void Tokenizer::load_model(const std::string& bytes, const std::string& source) {
   Wire w{reinterpret_cast<const uint8_t*>(bytes.data()),
-         reinterpret_cast<const uint8_t*>(bytes.data()) + bytes.size(), model.string()};
+         reinterpret_cast<const uint8_t*>(bytes.data()) + bytes.size(), source};
   int num, wire;
   uint64_t val;
-  Wire sub{nullptr, nullptr, model.string()};
+  Wire sub{nullptr, nullptr, source};
+  std::string normalizer_name, charsmap;
   bool seen_trainer = false;
   while (w.field(num, wire, val, sub)) {
     if (num == 1 && wire == 2) {  // SentencePiece
       Piece piece;
       int n2, w2;
       uint64_t v2;
-      Wire s2{nullptr, nullptr, model.string()};
+      Wire s2{nullptr, nullptr, source};
       while (sub.field(n2, w2, v2, s2)) {
         if (n2 == 1 && w2 == 2) piece.text.assign(reinterpret_cast<const char*>(s2.p), s2.end - s2.p);
         else if (n2 == 2 && w2 == 5) std::memcpy(&piece.score, &v2, 4);
@@ -103,7 +118,7 @@ Tokenizer::Tokenizer(const std::string& dir) {
       seen_trainer = true;
       int n2, w2;
       uint64_t v2;
-      Wire s2{nullptr, nullptr, model.string()};
+      Wire s2{nullptr, nullptr, source};
       while (sub.field(n2, w2, v2, s2)) {
         if (n2 == 3 && w2 == 0) model_type_ = int(v2);
         else if (n2 == 35 && w2 == 0) byte_fallback_ = v2 != 0;
@@ -114,31 +129,55 @@ Tokenizer::Tokenizer(const std::string& dir) {
     } else if (num == 3 && wire == 2) {  // NormalizerSpec
       int n2, w2;
       uint64_t v2;
-      Wire s2{nullptr, nullptr, model.string()};
+      Wire s2{nullptr, nullptr, source};
       while (sub.field(n2, w2, v2, s2)) {
-        if (n2 == 3 && w2 == 0) add_dummy_prefix_ = v2 != 0;
+        if (n2 == 1 && w2 == 2) normalizer_name.assign(reinterpret_cast<const char*>(s2.p), s2.end - s2.p);
+        else if (n2 == 2 && w2 == 2) charsmap.assign(reinterpret_cast<const char*>(s2.p), s2.end - s2.p);
+        else if (n2 == 3 && w2 == 0) add_dummy_prefix_ = v2 != 0;
         else if (n2 == 4 && w2 == 0) remove_extra_whitespaces_ = v2 != 0;
         else if (n2 == 5 && w2 == 0) escape_whitespaces_ = v2 != 0;
       }
     }
   }
   if (pieces_.empty() || !seen_trainer)
-    throw Error(model.string() + ": not a SentencePiece model (no pieces)");
+    throw Error(source + ": not a SentencePiece model (no pieces)");
   if (model_type_ != 1 && model_type_ != 2)
-    throw Error(model.string() + ": SentencePiece model type " + std::to_string(model_type_) +
+    throw Error(source + ": SentencePiece model type " + std::to_string(model_type_) +
                 " is not supported (unigram or BPE)");
+  // A normalizer rewrites text before it is split (NFKC and the like): victor implements only the
+  // identity (LLaMA's), so another would silently give other ids than the model was trained on.
+  if (!charsmap.empty() || !(normalizer_name.empty() || normalizer_name == "identity"))
+    throw Error(source + ": SentencePiece normalizer '" + normalizer_name +
+                "' is not supported (victor implements the identity normalization LLaMA's tokenizer uses)");
+  if (pieces_.size() > (1u << 24))
+    throw Error(source + ": " + std::to_string(pieces_.size()) + " pieces is more than victor accepts (16M)");
+  for (auto [what, id] : {std::pair<const char*, int64_t>{"unk_id", unk_}, {"bos_id", bos_}, {"eos_id", eos_}})
+    if (id < -1 || id >= int64_t(pieces_.size()) || (id < 0 && std::string(what) == "unk_id"))
+      throw Error(source + ": " + what + " " + std::to_string(id) + " is not one of its " +
+                  std::to_string(pieces_.size()) + " pieces");
   std::fill(std::begin(byte_ids_), std::end(byte_ids_), -1);
   min_score_ = std::numeric_limits<float>::max();
   for (size_t i = 0; i < pieces_.size(); ++i) {
-    const Piece& p = pieces_[i];
-    if (p.type == 6 && p.text.size() == 6 && p.text.compare(0, 3, "<0x") == 0)
-      byte_ids_[std::stoi(p.text.substr(3, 2), nullptr, 16)] = int64_t(i);
+    Piece& p = pieces_[i];
+    if (p.type == 6) {  // "<0xAB>"
+      const int hi = p.text.size() == 6 ? hex_digit(p.text[3]) : -1, lo = p.text.size() == 6 ? hex_digit(p.text[4]) : -1;
+      if (p.text.compare(0, 3, "<0x") != 0 || hi < 0 || lo < 0 || p.text[5] != '>')
+        throw Error(source + ": byte piece " + std::to_string(i) + " is not of the form <0xAB>");
+      p.byte = hi * 16 + lo;
+      byte_ids_[p.byte] = int64_t(i);
+    }
     if (p.type == 1 || p.type == 4) {
       index_.emplace(p.text, int64_t(i));
       max_piece_bytes_ = std::max(max_piece_bytes_, p.text.size());
       min_score_ = std::min(min_score_, p.score);
     }
   }
+}
+
+Tokenizer::Tokenizer(const std::string& dir) {
+  fs::path model = fs::path(dir) / "tokenizer.model";
+  if (!fs::exists(model)) throw Error(model.string() + ": missing (SentencePiece model required)");
+  load_model(read_file(model.string()), model.string());
   auto parse = [](const fs::path& p) {
     try {
       return json::parse(read_file(p.string()));
@@ -153,6 +192,8 @@ Tokenizer::Tokenizer(const std::string& dir) {
     for (auto& [k, v] : j.items()) {
       if (!v.is_number_integer())
         throw Error(added.string() + ": token '" + k + "' must map to an integer id (got " + v.dump() + ")");
+      if (v.get<int64_t>() < 0 || v.get<int64_t>() >= (int64_t(1) << 24))
+        throw Error(added.string() + ": token '" + k + "' has id " + v.dump() + ", outside 0..16M");
       added_[k] = v.get<int64_t>();
     }
   }
@@ -165,7 +206,7 @@ Tokenizer::Tokenizer(const std::string& dir) {
         try {
           size_t used = 0;
           i = std::stoll(id, &used);
-          if (used != id.size() || i < 0) i = -1;
+          if (used != id.size() || i < 0 || i >= (int64_t(1) << 24)) i = -1;
         } catch (const std::exception&) {
         }
         if (i < 0)
@@ -339,8 +380,8 @@ std::string Tokenizer::decode(const std::vector<int64_t>& ids) const {
     if (id < 0 || id >= int64_t(pieces_.size())) continue;  // added tokens are special
     const Piece& p = pieces_[id];
     if (p.type == 3 || p.type == 5) continue;  // control, unused
-    if (p.type == 6 && p.text.size() == 6) {
-      raw.push_back(static_cast<char>(std::stoi(p.text.substr(3, 2), nullptr, 16)));
+    if (p.type == 6) {
+      raw.push_back(static_cast<char>(p.byte));
       continue;
     }
     raw += p.type == 2 ? " \xe2\x81\x87 " : p.text;

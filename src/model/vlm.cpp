@@ -296,10 +296,19 @@ Vlm Vlm::load(const std::string& dir, std::optional<WeightDType> dtype) {
   m.config_.weight_dtype = to;
   m.declare_params();
   int ignored = 0;
-  for (auto& n : store.names())
-    if (!used.count(n) && n.find("position_ids") == std::string::npos &&
-        n.find("rotary_emb.inv_freq") == std::string::npos)
-      ++ignored;
+  for (auto& n : store.names()) {
+    if (used.count(n) || n.find("position_ids") != std::string::npos ||
+        n.find("rotary_emb.inv_freq") != std::string::npos)
+      continue;
+    // A bias on a LLaMA projection the model would skip: the logits would be silently wrong.
+    const std::string c = canonical_tensor_name(n);
+    if (c.rfind("language_model.", 0) == 0 && c.size() > 5 && c.compare(c.size() - 5, 5, ".bias") == 0 &&
+        (c.find(".self_attn.") != std::string::npos || c.find(".mlp.") != std::string::npos))
+      throw Error(store.file_of(n) + ": tensor '" + n +
+                  "' is a bias on a LLaMA projection (attention_bias / mlp_bias), which victor does not apply; "
+                  "refusing rather than computing wrong logits");
+    ++ignored;
+  }
   if (ignored > 0)
     std::cerr << "victor: warning: " << dir << ": " << ignored
               << " tensor(s) in the checkpoint are not used by the model\n";

@@ -329,16 +329,56 @@ void save_checkpoint(const Vlm& model, const std::vector<ParamRef*>& trainable, 
   json j = {{"step", step},        {"total_steps", total},       {"seed", o.seed},
             {"state_file", name},  {"batch_size", o.batch_size}, {"grad_accum", o.grad_accum},
             {"lr", o.lr},          {"parts", parts},             {"data", o.data}};
-  std::string prev;
   fs::path sj = fs::path(o.out) / "trainer_state.json";
-  if (fs::exists(sj)) {
-    try {
-      prev = json::parse(read_file(sj.string())).value("state_file", "");
-    } catch (...) {
-    }
-  }
   write_file_atomic(sj.string(), j.dump(2) + "\n");
-  if (!prev.empty() && prev != name) fs::remove(fs::path(o.out) / prev);
+  // Now that trainer_state.json names the new state, every other state file is garbage: the
+  // previous one, and any a killed run wrote but never pointed at (as are stale temporaries).
+  std::vector<fs::path> garbage;
+  std::error_code ec;
+  for (auto it = fs::directory_iterator(o.out, ec); !ec && it != fs::directory_iterator(); it.increment(ec)) {
+    const std::string f = it->path().filename().string();
+    if (f != name && f.rfind("trainer_state-", 0) == 0 && it->path().extension() == ".safetensors")
+      garbage.push_back(it->path());
+  }
+  for (auto& g : garbage) fs::remove(g, ec);
+  remove_stale_temporaries(o.out);
+}
+
+struct ResumePoint {
+  int step = 0, total = 0;
+  std::string state_file;
+};
+
+// trainer_state.json, every field checked and the error naming the file.
+ResumePoint read_resume_point(const fs::path& sj) {
+  if (!fs::exists(sj)) throw Error(sj.string() + ": nothing to resume from");
+  ResumePoint r;
+  try {
+    json j = json::parse(read_file(sj.string()));
+    r.step = j.at("step").get<int>();
+    r.total = j.at("total_steps").get<int>();
+    r.state_file = j.at("state_file").get<std::string>();
+  } catch (const json::exception& e) {
+    throw Error(sj.string() + ": corrupt trainer state (" + e.what() + ")");
+  }
+  if (r.step < 0 || r.state_file.empty() || r.state_file.find('/') != std::string::npos ||
+      r.state_file.find("..") != std::string::npos)
+    throw Error(sj.string() + ": corrupt trainer state (step or state_file)");
+  return r;
+}
+
+// A run killed after logging steps it had not yet checkpointed logs them again on resume: keep
+// only the lines up to the resumed step (and drop a line cut short by the kill).
+void truncate_log(const std::string& path, int step) {
+  if (!fs::exists(path)) return;
+  std::ifstream in(path);
+  std::string line, kept;
+  while (std::getline(in, line)) {
+    json j = json::parse(line, nullptr, /*allow_exceptions=*/false);
+    if (j.is_object() && j.contains("step") && j["step"].is_number_integer() && j["step"].get<int>() <= step)
+      kept += line + "\n";
+  }
+  write_file_atomic(path, kept);
 }
 
 }  // namespace
@@ -382,13 +422,12 @@ TrainReport train_model(Vlm& model, const std::vector<TrainSample>& samples, con
   int step = 0;
   fs::path sj = fs::path(o.out) / "trainer_state.json";
   if (o.resume) {
-    if (!fs::exists(sj)) throw Error(sj.string() + ": nothing to resume from");
-    json j = json::parse(read_file(sj.string()));
-    step = j.at("step").get<int>();
-    if (j.at("total_steps").get<int>() != total)
-      throw Error(sj.string() + ": total_steps " + std::to_string(j.at("total_steps").get<int>()) +
+    const ResumePoint rp = read_resume_point(sj);
+    step = rp.step;
+    if (rp.total != total)
+      throw Error(sj.string() + ": total_steps " + std::to_string(rp.total) +
                   " differs from this run's " + std::to_string(total) + " (same options needed)");
-    SafetensorsFile st((fs::path(o.out) / j.at("state_file").get<std::string>()).string());
+    SafetensorsFile st((fs::path(o.out) / rp.state_file).string());
     torch::NoGradGuard ng;
     for (auto& p : model.params()) p.tensor->copy_(st.load("param." + p.name));
     for (size_t i = 0; i < trainable.size(); ++i) {
@@ -401,6 +440,7 @@ TrainReport train_model(Vlm& model, const std::vector<TrainSample>& samples, con
   std::string log_path = !o.log.empty() ? o.log : o.out.empty() ? "" : (fs::path(o.out) / "metrics.jsonl").string();
   if (!log_path.empty()) {
     if (fs::path(log_path).has_parent_path()) fs::create_directories(fs::path(log_path).parent_path());
+    if (o.resume) truncate_log(log_path, step);
     log.open(log_path, o.resume ? std::ios::app : std::ios::trunc);
   }
   const size_t per_step = size_t(o.batch_size) * o.grad_accum;

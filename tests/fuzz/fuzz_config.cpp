@@ -14,6 +14,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (j.is_discarded()) return 0;
   try {
     ModelConfig c = config_from_json(j, "fuzz/config.json");
+    try {
+      c.validate();
+    } catch (const Error&) {
+    }
     (void)config_to_json(c).dump();
   } catch (const Error&) {
   }

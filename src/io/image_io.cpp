@@ -1,0 +1,280 @@
+// Image decoding, PNG encoding, LLaVA's pad-to-square, PIL's bicubic resize and the crop
+// geometry: no LibTorch (the fuzz build links this file alone). The torch side is image.cpp.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include <csetjmp>
+#include <cstdio>
+#include <memory>
+
+#include <jpeglib.h>
+
+#include "stb_image.h"
+#include "stb_image_write.h"
+#include "victor/error.h"
+#include "victor/image_io.h"
+
+namespace victor {
+
+namespace {
+
+bool is_jpeg(const std::string& bytes) { return bytes.compare(0, 3, "\xff\xd8\xff") == 0; }
+
+// Only the formats victor documents reach a decoder (stb also parses TGA, PSD, HDR, PIC, PNM, GIF:
+// decoders nobody here needs are attack surface, and TGA has no magic number to tell it by).
+bool known_format(const std::string& bytes) {
+  const bool png = bytes.compare(0, 8, std::string("\x89PNG\r\n\x1a\n", 8)) == 0;
+  const bool bmp = bytes.compare(0, 2, "BM") == 0;
+  return png || is_jpeg(bytes) || bmp;
+}
+
+// JPEG goes to libjpeg-turbo (the decoder PIL, and so transformers' LLaVA preprocessing, uses;
+// OSS-Fuzzed upstream), not to stb: fuzzing found stb's Huffman table builder (Debian's v2.27)
+// reading past its 257-entry size array on a crafted DHT segment. libjpeg reports errors through
+// longjmp: only plain data lives across the setjmp below.
+struct JpegError {
+  jpeg_error_mgr mgr;
+  std::jmp_buf jump;
+  char message[JMSG_LENGTH_MAX];
+};
+
+void jpeg_fail(j_common_ptr c) {
+  auto* e = reinterpret_cast<JpegError*>(c->err);
+  (*c->err->format_message)(c, e->message);
+  std::longjmp(e->jump, 1);
+}
+
+void jpeg_quiet(j_common_ptr, int) {}  // warnings (e.g. extraneous bytes) are not errors, as in PIL
+
+// Decodes (pixels != nullptr) or reads only the header; the size is checked before any pixel
+// memory is allocated. Returns false with `why` set when libjpeg refuses the data.
+bool run_jpeg(const std::string& bytes, int* width, int* height, std::vector<uint8_t>* pixels, std::string* why) {
+  jpeg_decompress_struct cinfo;
+  JpegError err;
+  cinfo.err = jpeg_std_error(&err.mgr);
+  err.mgr.error_exit = jpeg_fail;
+  err.mgr.emit_message = jpeg_quiet;
+  err.message[0] = '\0';
+  if (setjmp(err.jump)) {
+    jpeg_destroy_decompress(&cinfo);
+    *why = err.message;
+    return false;
+  }
+  jpeg_create_decompress(&cinfo);
+  jpeg_mem_src(&cinfo, reinterpret_cast<const unsigned char*>(bytes.data()), static_cast<unsigned long>(bytes.size()));
+  jpeg_read_header(&cinfo, TRUE);
+  *width = int(cinfo.image_width);
+  *height = int(cinfo.image_height);
+  if (!pixels || *width <= 0 || *height <= 0 || int64_t(*width) * *height > kMaxImagePixels) {
+    jpeg_destroy_decompress(&cinfo);
+    return true;
+  }
+  cinfo.out_color_space = JCS_RGB;  // grayscale and YCbCr become RGB (CMYK is refused by libjpeg)
+  jpeg_start_decompress(&cinfo);
+  if (cinfo.output_components != 3 || int(cinfo.output_width) != *width || int(cinfo.output_height) != *height) {
+    jpeg_destroy_decompress(&cinfo);
+    *why = "unexpected output layout";
+    return false;
+  }
+  pixels->resize(size_t(*width) * size_t(*height) * 3);
+  while (cinfo.output_scanline < cinfo.output_height) {
+    JSAMPROW row = pixels->data() + size_t(cinfo.output_scanline) * size_t(*width) * 3;
+    jpeg_read_scanlines(&cinfo, &row, 1);
+  }
+  jpeg_finish_decompress(&cinfo);
+  jpeg_destroy_decompress(&cinfo);
+  return true;
+}
+
+void check_size(int w, int h, const std::string& source) {
+  if (w <= 0 || h <= 0 || int64_t(w) * h > kMaxImagePixels)
+    throw Error(source + ": image of " + std::to_string(w) + " x " + std::to_string(h) +
+                " pixels is larger than victor decodes (" + std::to_string(kMaxImagePixels >> 20) + " Mpx)");
+}
+
+}  // namespace
+
+Image decode_image(const std::string& bytes, const std::string& source) {
+  if (bytes.empty()) throw Error(source + ": empty file, not an image");
+  if (bytes.size() > size_t(std::numeric_limits<int>::max()))
+    throw Error(source + ": " + std::to_string(bytes.size() >> 20) + " MiB is too large for an image");
+  if (!known_format(bytes))
+    throw Error(source + ": not a readable image (not PNG, JPEG or BMP by its first bytes)");
+  int w = 0, h = 0, ch = 0;
+  if (is_jpeg(bytes)) {
+    Image img;
+    std::string why;
+    // Header first (no pixels), so a claimed huge size is refused before anything is allocated.
+    if (!run_jpeg(bytes, &w, &h, nullptr, &why)) throw Error(source + ": not a readable image (JPEG: " + why + ")");
+    check_size(w, h, source);
+    if (!run_jpeg(bytes, &img.width, &img.height, &img.rgb, &why))
+      throw Error(source + ": not a readable image (JPEG: " + why + ")");
+    return img;
+  }
+  // The header first: a file that claims a huge image is refused before pixels are allocated.
+  if (stbi_info_from_memory(reinterpret_cast<const unsigned char*>(bytes.data()), static_cast<int>(bytes.size()),
+                            &w, &h, &ch))
+    check_size(w, h, source);
+  unsigned char* data = stbi_load_from_memory(reinterpret_cast<const unsigned char*>(bytes.data()),
+                                              static_cast<int>(bytes.size()), &w, &h, &ch, 3);
+  if (!data)
+    throw Error(source + ": not a readable image (" + std::string(stbi_failure_reason()) +
+                "); PNG, JPEG and BMP are supported");
+  Image img;
+  img.width = w;
+  img.height = h;
+  img.rgb.assign(data, data + size_t(w) * h * 3);
+  stbi_image_free(data);
+  return img;
+}
+
+bool image_dimensions(const std::string& bytes, int* width, int* height) {
+  int ch = 0;
+  if (is_jpeg(bytes)) {
+    std::string why;
+    return run_jpeg(bytes, width, height, nullptr, &why);
+  }
+  return known_format(bytes) && bytes.size() <= size_t(std::numeric_limits<int>::max()) &&
+         stbi_info_from_memory(reinterpret_cast<const unsigned char*>(bytes.data()),
+                               static_cast<int>(bytes.size()), width, height, &ch) != 0;
+}
+
+Image load_image(const std::string& path) { return decode_image(read_file(path), path); }
+
+std::string encode_png(const Image& img) {
+  std::string out;
+  auto sink = [](void* ctx, void* data, int size) {
+    static_cast<std::string*>(ctx)->append(static_cast<const char*>(data), size_t(size));
+  };
+  if (!stbi_write_png_to_func(sink, &out, img.width, img.height, 3, img.rgb.data(), img.width * 3))
+    throw Error("PNG encoding failed");
+  return out;
+}
+
+void save_png(const Image& img, const std::string& path) { write_file_atomic(path, encode_png(img)); }
+
+Image pad_to_square(const Image& img, const uint8_t fill[3]) {
+  if (img.width == img.height) return img;
+  int side = std::max(img.width, img.height);
+  Image out;
+  out.width = out.height = side;
+  out.rgb.resize(size_t(side) * side * 3);
+  for (size_t i = 0; i < out.rgb.size(); i += 3)
+    for (int c = 0; c < 3; ++c) out.rgb[i + c] = fill[c];
+  int ox = (side - img.width) / 2, oy = (side - img.height) / 2;
+  for (int y = 0; y < img.height; ++y)
+    std::copy(img.rgb.begin() + size_t(y) * img.width * 3,
+              img.rgb.begin() + size_t(y + 1) * img.width * 3,
+              out.rgb.begin() + (size_t(y + oy) * side + ox) * 3);
+  return out;
+}
+
+namespace {
+
+// PIL's bicubic kernel (a = -0.5).
+double cubic(double x) {
+  const double a = -0.5;
+  x = std::fabs(x);
+  if (x < 1.0) return ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0;
+  if (x < 2.0) return (((x - 5.0) * x + 8.0) * x - 4.0) * a;
+  return 0.0;
+}
+
+struct Taps {
+  std::vector<int> start;
+  std::vector<std::vector<double>> w;
+};
+
+// Filter taps as PIL computes them: the support widens by the scale when shrinking (antialias).
+Taps make_taps(int in, int out) {
+  Taps t;
+  double scale = double(in) / out;
+  double fscale = std::max(scale, 1.0);
+  double support = 2.0 * fscale;
+  for (int i = 0; i < out; ++i) {
+    double center = (i + 0.5) * scale;
+    int lo = std::max(int(center - support + 0.5), 0);
+    int hi = std::min(int(center + support + 0.5), in);
+    std::vector<double> w;
+    double sum = 0;
+    for (int j = lo; j < hi; ++j) {
+      double v = cubic((j - center + 0.5) / fscale);
+      w.push_back(v);
+      sum += v;
+    }
+    if (sum != 0)
+      for (auto& v : w) v /= sum;
+    t.start.push_back(lo);
+    t.w.push_back(std::move(w));
+  }
+  return t;
+}
+
+inline double clip255(double v) { return std::min(255.0, std::max(0.0, std::round(v))); }
+
+}  // namespace
+
+void resize_bicubic_into(const Image& img, int out_w, int out_h, float* o) {
+  if (out_w <= 0 || out_h <= 0) throw Error("resize: output size must be positive");
+  // Horizontal pass then vertical, rounding to 8 bits between passes as PIL does.
+  std::vector<double> mid(size_t(img.height) * out_w * 3);
+  if (out_w == img.width) {
+    for (size_t i = 0; i < mid.size(); ++i) mid[i] = img.rgb[i];
+  } else {
+    Taps tx = make_taps(img.width, out_w);
+    for (int y = 0; y < img.height; ++y)
+      for (int x = 0; x < out_w; ++x)
+        for (int c = 0; c < 3; ++c) {
+          double acc = 0;
+          for (size_t k = 0; k < tx.w[x].size(); ++k) acc += tx.w[x][k] * img.at(y, tx.start[x] + int(k), c);
+          mid[(size_t(y) * out_w + x) * 3 + c] = clip255(acc);
+        }
+  }
+  if (out_h == img.height) {
+    for (size_t i = 0; i < mid.size(); ++i) o[i] = float(mid[i]);
+    return;
+  }
+  Taps ty = make_taps(img.height, out_h);
+  for (int y = 0; y < out_h; ++y)
+    for (int x = 0; x < out_w; ++x)
+      for (int c = 0; c < 3; ++c) {
+        double acc = 0;
+        for (size_t k = 0; k < ty.w[y].size(); ++k)
+          acc += ty.w[y][k] * mid[(size_t(ty.start[y] + int(k)) * out_w + x) * 3 + c];
+        o[(size_t(y) * out_w + x) * 3 + c] = float(clip255(acc));
+      }
+}
+
+ResizeCrop resize_crop(int width, int height, const PreprocessConfig& p) {
+  const int short_side = std::min(width, height), long_side = std::max(width, height);
+  const int new_long = int(double(p.shortest_edge) * long_side / short_side);
+  ResizeCrop r;
+  r.width = width <= height ? p.shortest_edge : new_long;
+  r.height = width <= height ? new_long : p.shortest_edge;
+  r.top = (r.height - p.crop_size) / 2;
+  r.left = (r.width - p.crop_size) / 2;
+  return r;
+}
+
+bool box_in_input(const std::array<float, 4>& box, int width, int height, const PreprocessConfig& p,
+                  std::array<float, 4>* out) {
+  // The same geometry as preprocess_image, in pixels of each step: pad (pad_to_square's offsets), resize, crop.
+  int w = width, h = height, ox = 0, oy = 0;
+  if (p.pad_to_square && width != height) {
+    w = h = std::max(width, height);
+    ox = (w - width) / 2;
+    oy = (h - height) / 2;
+  }
+  const ResizeCrop rc = resize_crop(w, h, p);
+  const double sx = double(rc.width) / w, sy = double(rc.height) / h;
+  auto fx = [&](float x) { return ((x * width + ox) * sx - rc.left) / p.crop_size; };
+  auto fy = [&](float y) { return ((y * height + oy) * sy - rc.top) / p.crop_size; };
+  std::array<float, 4> b{float(fx(box[0])), float(fy(box[1])), float(fx(box[2])), float(fy(box[3]))};
+  for (auto& v : b) v = std::min(1.0f, std::max(0.0f, v));
+  if (b[0] >= b[2] || b[1] >= b[3]) return false;
+  *out = b;
+  return true;
+}
+
+}  // namespace victor
