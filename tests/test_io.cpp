@@ -415,6 +415,12 @@ TEST(Checkpoint, ProjectionBiasesAndHugeConfigsAreRefusedByName) {
     EXPECT_NE(e.find(std::string("text_config.") + key + ": biases on the LLaMA projections are not supported"),
               std::string::npos) << e;
   }
+  {  // RoPE scaling (linear, dynamic, llama3, ...) changes every position's rotation: refused.
+    json j = cfg;
+    j["text_config"]["rope_scaling"] = {{"type", "linear"}, {"factor", 2.0}};
+    e = error_of([&] { config_from_json(j, "c.json"); });
+    EXPECT_NE(e.find("text_config.rope_scaling: RoPE scaling is not supported"), std::string::npos) << e;
+  }
   // 10^9 layers ended in std::bad_alloc: now refused by name before anything is allocated.
   json j = cfg;
   j["text_config"]["num_hidden_layers"] = 1000000000;

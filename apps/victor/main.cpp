@@ -13,6 +13,7 @@
 #include "victor/bench_serve.h"
 #include "victor/blas.h"
 #include "victor/data.h"
+#include "victor/distributed.h"
 #include "victor/error.h"
 #include "victor/eval.h"
 #include "victor/generate.h"
@@ -308,6 +309,10 @@ void run_train(TrainOptions o, const std::string& parts, int threads) {
   set_threads(threads);
   o.parts = parse_parts(parts);
   TrainReport r = train(o);
+  if (const char* rank = std::getenv("RANK"); r.world_size > 1 && rank && std::string(rank) != "0") return;
+  if (r.world_size > 1)
+    std::cout << r.world_size << " ranks (c10d/Gloo), " << r.bytes_reduced_per_step / 1e6
+              << " MB of gradients all-reduced per step\n";
   std::cout << "trained " << r.steps << " steps (" << r.samples << " samples, " << r.tokens
             << " tokens) in " << r.seconds << " s: " << r.mean_step_seconds << " s/step, "
             << r.tokens_per_second << " tokens/s, final loss " << r.final_loss;
@@ -612,6 +617,15 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(0, 1 << 20));
   c_train->add_option("--log", tr.log, "Metrics JSON lines (default OUT/metrics.jsonl)");
   c_train->add_flag("--resume", tr.resume, "Continue exactly where the checkpoint in --out stopped");
+  int train_nproc = 1;
+  c_train->add_option("--nproc", train_nproc,
+                      "Data-parallel workers on this machine (c10d/Gloo; each takes --batch-size per micro-batch, "
+                      "so the global batch is N x --batch-size x --grad-accum). Across machines set RANK, WORLD_SIZE, "
+                      "MASTER_ADDR, MASTER_PORT instead (docs/distributed.md)")
+      ->check(CLI::Range(1, 256));
+  c_train->add_option("--dist-timeout", tr.dist_timeout_seconds, "Seconds a rank waits for the others to join")
+      ->check(CLI::Range(1, 86400))
+      ->capture_default_str();
   c_train->add_flag("--skip-bad", tr.skip_bad, "Skip (and count) bad samples instead of stopping");
   add_reducer_options(c_train, tr.reducer);
   c_train->add_flag("--shuffle-visual", tr.shuffle_visual,
@@ -812,7 +826,26 @@ int main(int argc, char** argv) {
       o.progress = isatty(2);
       std::string report = run_repro(o);
       std::cout << "report: " << report << "\n";
-    } else if (c_train->parsed()) run_train(tr, train_parts, train_threads);
+    } else if (c_train->parsed()) {
+      if (train_nproc > 1 && !std::getenv("RANK")) {
+        // The launcher: the same command line for every worker, without --nproc, and the cores
+        // shared out unless --threads says otherwise.
+        std::vector<std::string> args;
+        for (int i = 0; i < argc; ++i) {
+          const std::string a = argv[i];
+          if (a == "--nproc") {
+            ++i;
+            continue;
+          }
+          if (a.rfind("--nproc=", 0) == 0) continue;
+          args.push_back(a);
+        }
+        if (c_train->count("--threads") == 0)
+          args.push_back("--threads=" + std::to_string(std::max(1, default_threads() / train_nproc)));
+        return launch_local_workers(train_nproc, args);
+      }
+      run_train(tr, train_parts, train_threads);
+    }
     else if (c_tv->parsed()) run_train_vision(va);
   } catch (const victor::Error& e) {
     std::cerr << "victor: error: " << e.what() << "\n";
@@ -820,6 +853,12 @@ int main(int argc, char** argv) {
   } catch (const c10::Error& e) {
     std::string msg = e.what_without_backtrace();
     std::cerr << "victor: error: " << msg.substr(0, msg.find('\n')) << "\n";
+    return 1;
+  } catch (const std::bad_alloc&) {
+    // Sizes from files are bounded before allocating; what is left is a model or batch too large
+    // for this machine's memory.
+    std::cerr << "victor: error: out of memory (the model, batch or context needs more RAM than is free; "
+                 "try --dtype int8/bf16, a smaller --batch-size or fewer --threads)\n";
     return 1;
   } catch (const std::exception& e) {
     std::cerr << "victor: error: " << e.what() << "\n";

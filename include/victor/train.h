@@ -11,6 +11,8 @@
 
 namespace victor {
 
+class Communicator;
+
 struct TrainOptions {
   std::string model_dir;     // starting checkpoint (HF layout, with tokenizer)
   std::string data;          // LLaVA JSON
@@ -43,6 +45,12 @@ struct TrainOptions {
   // trained from scratch finds only after a long plateau (docs/benchmarks.md); this says where to look.
   double ground_weight = 0;
   int ground_layer = 1, ground_heads = 1;
+  // Data parallelism (docs/distributed.md): set by train() from the torchrun environment, or by
+  // tests. Each rank takes its share of every global batch (batch_size per rank per micro-batch),
+  // gradients are summed over ranks after a token-weighted loss, so N ranks with batch b step
+  // exactly as one process with batch N*b. Rank 0 alone writes checkpoints and metrics.
+  Communicator* comm = nullptr;
+  int dist_timeout_seconds = 300;  // joining the group (train() only)
 };
 
 // Each row of x [n,N,d] with its N tokens in a random order (Fisher-Yates, seeded): the
@@ -90,6 +98,8 @@ struct TrainReport {
   double seconds = 0, final_loss = 0, mean_step_seconds = 0, tokens_per_second = 0;
   int64_t tokens = 0;
   int64_t feature_cache_hits = 0;  // images whose frozen vision features came from the cache
+  int world_size = 1;              // data-parallel ranks
+  uint64_t bytes_reduced_per_step = 0;  // gradient bytes each rank all-reduced per optimizer step
   int64_t grounded_answers = 0;    // answer positions the grounding loss taught
   double final_ground_loss = 0;    // KL(target || attention) of the last step, mean over answers and heads
   double final_ground_mass = 0;    // attention on the target's tokens (sink included), last step

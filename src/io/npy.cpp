@@ -39,14 +39,18 @@ torch::Tensor load_npy(const std::string& path) {
     if (isdigit(header[i])) {
       size_t j = i;
       while (j < header.size() && isdigit(header[j])) ++j;
+      // Each dimension, and their product, checked against the file before anything is allocated.
+      if (j - i > 12) throw Error(path + ": .npy dimension too large");
       shape.push_back(std::stoll(header.substr(i, j - i)));
       i = j;
     } else {
       ++i;
     }
   }
-  int64_t n = 1;
-  for (auto d : shape) n *= d;
+  const size_t data_bytes = b.size() - 10 - hl;
+  size_t n = 1;
+  for (auto d : shape)
+    if (__builtin_mul_overflow(n, size_t(d), &n) || n > data_bytes) throw Error(path + ": .npy data size does not match shape");
   if (10 + hl + n * 4 != b.size()) throw Error(path + ": .npy data size does not match shape");
   auto t = torch::empty(shape, torch::kFloat32);
   std::memcpy(t.data_ptr(), b.data() + 10 + hl, n * 4);

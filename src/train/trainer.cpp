@@ -2,6 +2,8 @@
 
 #include <chrono>
 #include <cmath>
+#include <cstring>
+#include <memory>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
@@ -9,6 +11,7 @@
 #include <unordered_map>
 
 #include "victor/data.h"
+#include "victor/distributed.h"
 #include "victor/error.h"
 #include "victor/progress.h"
 #include "victor/safetensors.h"
@@ -328,7 +331,9 @@ void save_checkpoint(const Vlm& model, const std::vector<ParamRef*>& trainable, 
   for (auto p : o.parts) parts.push_back(part_name(p));
   json j = {{"step", step},        {"total_steps", total},       {"seed", o.seed},
             {"state_file", name},  {"batch_size", o.batch_size}, {"grad_accum", o.grad_accum},
-            {"lr", o.lr},          {"parts", parts},             {"data", o.data}};
+            {"lr", o.lr},          {"parts", parts},             {"data", o.data},
+            {"world_size", o.comm ? o.comm->world_size() : 1},
+            {"global_batch", int64_t(o.batch_size) * o.grad_accum * (o.comm ? o.comm->world_size() : 1)}};
   fs::path sj = fs::path(o.out) / "trainer_state.json";
   write_file_atomic(sj.string(), j.dump(2) + "\n");
   // Now that trainer_state.json names the new state, every other state file is garbage: the
@@ -346,6 +351,7 @@ void save_checkpoint(const Vlm& model, const std::vector<ParamRef*>& trainable, 
 
 struct ResumePoint {
   int step = 0, total = 0;
+  int64_t global_batch = 0;  // 0: written before data parallelism
   std::string state_file;
 };
 
@@ -358,6 +364,7 @@ ResumePoint read_resume_point(const fs::path& sj) {
     r.step = j.at("step").get<int>();
     r.total = j.at("total_steps").get<int>();
     r.state_file = j.at("state_file").get<std::string>();
+    r.global_batch = j.value("global_batch", int64_t(0));
   } catch (const json::exception& e) {
     throw Error(sj.string() + ": corrupt trainer state (" + e.what() + ")");
   }
@@ -413,12 +420,47 @@ TrainReport train_model(Vlm& model, const std::vector<TrainSample>& samples, con
     centres = visual_token_centres(cfg);
   }
 
+  Communicator* comm = o.comm;
+  const int world = comm ? comm->world_size() : 1, rank = comm ? comm->rank() : 0;
+  const bool writer = rank == 0;  // rank 0 alone writes checkpoints and metrics
+  if (size_t(world) > samples.size())
+    throw Error("train: world size " + std::to_string(world) + " is larger than the " + std::to_string(samples.size()) +
+                " samples: every rank needs data");
+  // Every step's global batch: batch_size x grad_accum on each of the ranks.
+  TrainOptions global_o = o;
+  global_o.batch_size = o.batch_size * world;
+  if (comm) {
+    // Ranks that load different checkpoints, data or options would silently train different
+    // models and average their gradients: a hash of all three must agree.
+    uint64_t h = 1469598103934665603ull;
+    auto mix = [&](uint64_t v) { h = (h ^ v) * 1099511628211ull; };
+    for (auto& p : model.params()) {
+      const double sum = p.tensor->to(torch::kFloat64).sum().item<double>();
+      uint64_t bits;
+      std::memcpy(&bits, &sum, sizeof bits);
+      mix(bits);
+      mix(std::hash<std::string>{}(p.name));
+    }
+    for (auto& smp : samples) {
+      mix(std::hash<std::string>{}(smp.id));
+      mix(uint64_t(smp.target_tokens));
+      for (int64_t id : smp.input.ids) mix(uint64_t(id));
+    }
+    for (uint64_t v : {uint64_t(o.batch_size), uint64_t(o.grad_accum), uint64_t(o.max_steps), uint64_t(o.epochs),
+                       o.seed, uint64_t(o.lr * 1e12), uint64_t(o.parts.size())})
+      mix(v);
+    const auto [lo, hi] = comm->min_max(int64_t(h));
+    if (lo != hi)
+      throw Error("train: rank " + std::to_string(rank) + ": the ranks disagree on the model, data or options "
+                  "(their hashes differ): every rank must load the same checkpoint and data with the same options");
+  }
+
   AdamState adam;
   for (auto* p : trainable) {
     adam.m.push_back(torch::zeros_like(*p->tensor).detach());
     adam.v.push_back(torch::zeros_like(*p->tensor).detach());
   }
-  const int total = total_steps(o, samples.size());
+  const int total = total_steps(global_o, samples.size());
   int step = 0;
   fs::path sj = fs::path(o.out) / "trainer_state.json";
   if (o.resume) {
@@ -427,6 +469,11 @@ TrainReport train_model(Vlm& model, const std::vector<TrainSample>& samples, con
     if (rp.total != total)
       throw Error(sj.string() + ": total_steps " + std::to_string(rp.total) +
                   " differs from this run's " + std::to_string(total) + " (same options needed)");
+    const int64_t global_batch = int64_t(o.batch_size) * o.grad_accum * world;
+    if (rp.global_batch > 0 && rp.global_batch != global_batch)
+      throw Error(sj.string() + ": the checkpoint's global batch is " + std::to_string(rp.global_batch) +
+                  " samples per step, this run's " + std::to_string(global_batch) +
+                  " (--batch-size x --grad-accum x ranks must stay the same to resume)");
     SafetensorsFile st((fs::path(o.out) / rp.state_file).string());
     torch::NoGradGuard ng;
     for (auto& p : model.params()) p.tensor->copy_(st.load("param." + p.name));
@@ -438,14 +485,14 @@ TrainReport train_model(Vlm& model, const std::vector<TrainSample>& samples, con
 
   std::ofstream log;
   std::string log_path = !o.log.empty() ? o.log : o.out.empty() ? "" : (fs::path(o.out) / "metrics.jsonl").string();
-  if (!log_path.empty()) {
+  if (!log_path.empty() && writer) {
     if (fs::path(log_path).has_parent_path()) fs::create_directories(fs::path(log_path).parent_path());
     if (o.resume) truncate_log(log_path, step);
     log.open(log_path, o.resume ? std::ios::app : std::ios::trunc);
   }
-  const size_t per_step = size_t(o.batch_size) * o.grad_accum;
+  const size_t per_step = size_t(o.batch_size) * o.grad_accum * size_t(world);  // global samples per step
   const int end = o.stop_after > 0 ? std::min(total, step + o.stop_after) : total;
-  Progress bar("train", total, o.progress && isatty(2));
+  Progress bar("train", total, o.progress && writer && isatty(2));
   TrainReport rep;
   double loss_ema = 0, step_time_sum = 0;
   auto t_start = Clock::now();
@@ -459,7 +506,8 @@ TrainReport train_model(Vlm& model, const std::vector<TrainSample>& samples, con
       std::vector<PromptInput> rows;
       std::vector<const TrainSample*> sources;
       for (int b = 0; b < o.batch_size; ++b) {
-        size_t global = size_t(step) * per_step + size_t(a) * o.batch_size + size_t(b);
+        // Rank r takes the r-th slice of each global micro-batch: with one rank, as before.
+        size_t global = size_t(step) * per_step + size_t(a) * o.batch_size * world + size_t(rank) * o.batch_size + size_t(b);
         int epoch = int(global / samples.size());
         if (epoch != order_epoch) {
           order = epoch_order(samples.size(), o.seed, epoch);
@@ -492,16 +540,30 @@ TrainReport train_model(Vlm& model, const std::vector<TrainSample>& samples, con
       ForwardOutput out = model.forward(batch, nullptr, grounding ? &trace : nullptr);
       auto sel = out.targets.ne(-100);
       auto logits = model.logits(out.hidden.index({sel}));
-      auto loss = torch::nn::functional::cross_entropy(logits, out.targets.index({sel}));
-      loss_sum += loss.item<double>();
-      if (grounding) {
-        GroundingLoss g = grounding_loss(probs, batch, sources, centres, visual_order, o.ground_heads);
-        if (g.loss.defined()) {
-          loss = loss + o.ground_weight * g.loss;
-          ground_kl += g.kl * g.answers;
-          ground_mass += g.mass * g.answers;
-          grounded += g.answers;
-        }
+      auto targets = out.targets.index({sel});
+      GroundingLoss g;
+      if (grounding) g = grounding_loss(probs, batch, sources, centres, visual_order, o.ground_heads);
+      torch::Tensor loss;
+      if (!comm) {
+        loss = torch::nn::functional::cross_entropy(logits, targets);
+        loss_sum += loss.item<double>();
+      } else {
+        // The loss the single process takes over the whole global micro-batch (a mean over all
+        // its target tokens, and over all grounded answers): each rank's share, weighted by its
+        // counts out of the global ones, so that summed gradients equal the single process's.
+        torch::Tensor counts = torch::tensor({double(targets.size(0)), double(g.loss.defined() ? g.answers : 0)},
+                                             torch::kFloat32);
+        comm->allreduce_sum({counts});
+        const double n_all = std::max(1.0, double(counts[0].item<float>()));
+        loss = torch::nn::functional::cross_entropy(logits, targets, torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum)) / n_all;
+        loss_sum += loss.item<double>();  // summed over ranks below: the global mean
+        if (g.loss.defined()) g.loss = g.loss * (double(g.answers) / std::max(1.0, double(counts[1].item<float>())));
+      }
+      if (g.loss.defined()) {
+        loss = loss + o.ground_weight * g.loss;
+        ground_kl += g.kl * g.answers;
+        ground_mass += g.mass * g.answers;
+        grounded += g.answers;
       }
       (loss / double(o.grad_accum)).backward();
       tokens += batch.meta.kind.ne(int64_t(TokenKind::Pad)).sum().item<int64_t>();
@@ -513,6 +575,22 @@ TrainReport train_model(Vlm& model, const std::vector<TrainSample>& samples, con
       auto& g = p->tensor->mutable_grad();
       if (!g.defined()) g = torch::zeros_like(*p->tensor);
       grads.push_back(g);
+    }
+    if (comm) {
+      // One all-reduce per step, in buckets: the gradients, then this step's figures.
+      torch::Tensor figures = torch::tensor({loss_sum, double(tokens), double(rows_seen), ground_kl, ground_mass,
+                                             double(grounded)}, torch::kFloat64).to(torch::kFloat32);
+      const uint64_t before = comm->bytes_reduced();
+      std::vector<torch::Tensor> all = grads;
+      all.push_back(figures);
+      comm->allreduce_sum(all);
+      rep.bytes_reduced_per_step = comm->bytes_reduced() - before;
+      loss_sum = figures[0].item<float>();
+      tokens = int64_t(std::llround(figures[1].item<float>()));
+      rows_seen = int64_t(std::llround(figures[2].item<float>()));
+      ground_kl = figures[3].item<float>();
+      ground_mass = figures[4].item<float>();
+      grounded = int64_t(std::llround(figures[5].item<float>()));
     }
     double norm = 0;
     for (auto& g : grads) norm += g.pow(2).sum().item<double>();
@@ -565,11 +643,13 @@ TrainReport train_model(Vlm& model, const std::vector<TrainSample>& samples, con
     else
       std::snprintf(extra, sizeof extra, "loss %.4f  %.0f tok/s", loss_ema, tokens / dt);
     bar.update(step + 1, extra);
-    if (!o.out.empty() && o.save_every > 0 && (step + 1) % o.save_every == 0 && step + 1 < end)
+    if (writer && !o.out.empty() && o.save_every > 0 && (step + 1) % o.save_every == 0 && step + 1 < end)
       save_checkpoint(model, trainable, adam, o, step + 1, total, tok_dir);
   }
   bar.finish();
-  if (!o.out.empty()) save_checkpoint(model, trainable, adam, o, step, total, tok_dir);
+  if (writer && !o.out.empty()) save_checkpoint(model, trainable, adam, o, step, total, tok_dir);
+  if (comm) comm->barrier();  // the other ranks return once the final checkpoint is complete
+  rep.world_size = world;
   model.set_trainable({});
   rep.seconds = std::chrono::duration<double>(Clock::now() - t_start).count();
   rep.mean_step_seconds = rep.steps ? step_time_sum / rep.steps : 0;
@@ -579,8 +659,19 @@ TrainReport train_model(Vlm& model, const std::vector<TrainSample>& samples, con
   return rep;
 }
 
-TrainReport train(const TrainOptions& o) {
+TrainReport train(const TrainOptions& opts) {
+  TrainOptions o = opts;
   if (o.out.empty()) throw Error("train: --out is required");
+  // Under torchrun, Slurm or `--nproc`: join the group first, so a rank that cannot reach the
+  // master fails before loading anything.
+  std::unique_ptr<Communicator> comm;
+  if (!o.comm) {
+    if (auto env = dist_env_from_environment()) {
+      comm = std::make_unique<Communicator>(*env, std::chrono::seconds(o.dist_timeout_seconds));
+      o.comm = comm.get();
+    }
+  }
+  const bool writer = !o.comm || o.comm->rank() == 0;
   std::vector<std::string> bad;
   auto convs = load_llava_json(o.data, o.skip_bad ? &bad : nullptr);
   if (o.single_turn) convs = split_turns(convs);
@@ -592,7 +683,7 @@ TrainReport train(const TrainOptions& o) {
   Tokenizer tok(start);
   std::string folder = o.image_folder.empty() ? fs::path(o.data).parent_path().string() : o.image_folder;
   auto samples = prepare_samples(convs, tok, model.config(), folder, o.skip_bad, &bad);
-  if (!bad.empty()) {
+  if (!bad.empty() && writer) {
     std::cerr << "victor: skipped " << bad.size() << " bad sample(s); first: " << bad.front() << "\n";
     fs::create_directories(o.out);
     std::ofstream sk(fs::path(o.out) / "skipped.jsonl", std::ios::app);
@@ -600,7 +691,7 @@ TrainReport train(const TrainOptions& o) {
   }
   TrainReport r = train_model(model, samples, o, start);
   r.skipped = int(bad.size());
-  if (!bad.empty() && !o.out.empty()) {
+  if (!bad.empty() && !o.out.empty() && writer) {
     std::ofstream log(fs::path(o.out) / "metrics.jsonl", std::ios::app);
     log << json({{"skipped_samples", bad.size()}}).dump() << "\n";
   }

@@ -1,4 +1,4 @@
-// libFuzzer: config.json (and the reducer keys inside it) on arbitrary bytes. Either a model
+// libFuzzer: config.json (and the reducer keys inside it), and preprocessor_config.json, on arbitrary bytes. Either a model
 // config or a victor::Error naming the source, nothing else.
 #include <cstdlib>
 #include <nlohmann/json.hpp>
@@ -19,6 +19,16 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     } catch (const Error&) {
     }
     (void)config_to_json(c).dump();
+  } catch (const Error&) {
+  }
+  // The same bytes as preprocessor_config.json, applied to a valid config.
+  try {
+    ModelConfig c = preset_config("tiny");
+    apply_preprocess_json(c, j, "fuzz/preprocessor_config.json");
+    try {
+      c.validate();
+    } catch (const Error&) {
+    }
   } catch (const Error&) {
   }
   return 0;

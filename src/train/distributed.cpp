@@ -1,0 +1,276 @@
+// c10d data parallelism (Gloo over TCP) and the local launcher of `victor train --nproc N`.
+#include "victor/distributed.h"
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
+#include <iostream>
+#include <map>
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+
+#include "victor/error.h"
+
+namespace victor {
+
+namespace {
+
+int env_int(const char* name, int fallback, int lo, int hi) {
+  const char* v = std::getenv(name);
+  if (!v || !*v) return fallback;
+  char* end = nullptr;
+  errno = 0;
+  const long x = std::strtol(v, &end, 10);
+  if (errno || *end || x < lo || x > hi)
+    throw Error(std::string("environment variable ") + name + "='" + v + "' must be an integer in " +
+                std::to_string(lo) + ".." + std::to_string(hi));
+  return int(x);
+}
+
+}  // namespace
+
+std::optional<DistEnv> dist_env_from_environment() {
+  DistEnv e;
+  e.world_size = env_int("WORLD_SIZE", 1, 1, 1 << 16);
+  if (e.world_size == 1) return std::nullopt;
+  if (!std::getenv("RANK")) throw Error("WORLD_SIZE is " + std::to_string(e.world_size) + " but RANK is not set");
+  e.rank = env_int("RANK", 0, 0, e.world_size - 1);
+  e.local_rank = env_int("LOCAL_RANK", e.rank, 0, 1 << 16);
+  if (const char* a = std::getenv("MASTER_ADDR"); a && *a) e.master_addr = a;
+  e.master_port = env_int("MASTER_PORT", 29500, 1, 65535);
+  return e;
+}
+
+struct Communicator::Impl {
+  c10::intrusive_ptr<c10d::TCPStore> store;
+  c10::intrusive_ptr<c10d::ProcessGroupGloo> pg;
+};
+
+Communicator::Communicator(const DistEnv& env, std::chrono::milliseconds timeout)
+    : env_(env), impl_(std::make_unique<Impl>()) {
+  const std::string where = env.master_addr + ":" + std::to_string(env.master_port);
+  try {
+    c10d::TCPStoreOptions o;
+    o.port = uint16_t(env.master_port);
+    o.isServer = env.rank == 0;
+    o.numWorkers = size_t(env.world_size);
+    o.waitWorkers = true;
+    o.timeout = timeout;
+    impl_->store = c10::make_intrusive<c10d::TCPStore>(env.master_addr, o);
+    auto opts = c10d::ProcessGroupGloo::Options::create(timeout);
+    // The interface that reaches the master (loopback for local workers, the cluster network else).
+    opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(env.master_addr));
+    opts->threads = 1;
+    impl_->pg = c10::make_intrusive<c10d::ProcessGroupGloo>(impl_->store, env.rank, env.world_size, opts);
+  } catch (const std::exception& e) {
+    std::string msg = e.what();
+    msg = msg.substr(0, msg.find('\n'));
+    throw Error("rank " + std::to_string(env.rank) + " of " + std::to_string(env.world_size) +
+                ": cannot join the training group at MASTER_ADDR:MASTER_PORT = " + where + " within " +
+                std::to_string(timeout.count() / 1000) + " s (" + msg + ")");
+  }
+}
+
+Communicator::~Communicator() = default;
+
+void Communicator::allreduce_sum(const std::vector<torch::Tensor>& tensors, size_t bucket_bytes) {
+  size_t i = 0;
+  while (i < tensors.size()) {
+    size_t j = i, bytes = 0;
+    while (j < tensors.size() && (j == i || bytes + size_t(tensors[j].numel()) * 4 <= bucket_bytes))
+      bytes += size_t(tensors[j++].numel()) * 4;
+    std::vector<torch::Tensor> part(tensors.begin() + long(i), tensors.begin() + long(j));
+    std::vector<torch::Tensor> flat{torch::cat([&] {
+      std::vector<torch::Tensor> v;
+      for (auto& t : part) v.push_back(t.detach().reshape({-1}).to(torch::kFloat32));
+      return v;
+    }())};
+    impl_->pg->allreduce(flat)->wait();
+    int64_t at = 0;
+    for (auto& t : part) {
+      const int64_t n = t.numel();
+      torch::NoGradGuard ng;
+      t.copy_(flat[0].narrow(0, at, n).view(t.sizes()));
+      at += n;
+    }
+    bytes_reduced_ += bytes;
+    i = j;
+  }
+}
+
+std::pair<int64_t, int64_t> Communicator::min_max(int64_t value) {
+  std::vector<torch::Tensor> lo{torch::full({1}, value, torch::kInt64)}, hi{torch::full({1}, value, torch::kInt64)};
+  c10d::AllreduceOptions o;
+  o.reduceOp = c10d::ReduceOp::MIN;
+  impl_->pg->allreduce(lo, o)->wait();
+  o.reduceOp = c10d::ReduceOp::MAX;
+  impl_->pg->allreduce(hi, o)->wait();
+  return {lo[0].item<int64_t>(), hi[0].item<int64_t>()};
+}
+
+void Communicator::barrier() { impl_->pg->barrier()->wait(); }
+
+// --- the local launcher ---
+
+namespace {
+
+volatile sig_atomic_t g_stop_signal = 0;
+void on_stop(int sig) { g_stop_signal = sig; }
+
+int free_port() {
+  int s = ::socket(AF_INET, SOCK_STREAM, 0);
+  if (s < 0) throw Error(std::string("--nproc: cannot open a socket: ") + std::strerror(errno));
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  a.sin_port = 0;
+  socklen_t len = sizeof a;
+  if (::bind(s, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0 ||
+      ::getsockname(s, reinterpret_cast<sockaddr*>(&a), &len) != 0) {
+    ::close(s);
+    throw Error(std::string("--nproc: cannot find a free port: ") + std::strerror(errno));
+  }
+  ::close(s);
+  return ntohs(a.sin_port);
+}
+
+struct Worker {
+  pid_t pid = -1;
+  int out = -1, err = -1;  // read ends
+  std::string out_buf, err_buf, last_error;
+  bool done = false;
+  int status = 0;
+};
+
+void forward_lines(std::string& buf, int rank, std::ostream& to, std::string* last) {
+  size_t nl;
+  while ((nl = buf.find('\n')) != std::string::npos) {
+    const std::string line = buf.substr(0, nl);
+    buf.erase(0, nl + 1);
+    to << "[rank " << rank << "] " << line << "\n";
+    to.flush();
+    if (last && !line.empty()) *last = line;
+  }
+}
+
+}  // namespace
+
+int launch_local_workers(int nproc, const std::vector<std::string>& args) {
+  if (nproc < 2) throw Error("--nproc must be >= 2 to launch workers");
+  const int port = free_port();
+  std::vector<Worker> w(static_cast<size_t>(nproc));
+  struct sigaction sa {};
+  sa.sa_handler = on_stop;
+  sigaction(SIGINT, &sa, nullptr);
+  sigaction(SIGTERM, &sa, nullptr);
+  for (int r = 0; r < nproc; ++r) {
+    int po[2], pe[2];
+    if (pipe(po) != 0 || pipe(pe) != 0) throw Error(std::string("--nproc: pipe failed: ") + std::strerror(errno));
+    pid_t pid = fork();
+    if (pid < 0) throw Error(std::string("--nproc: fork failed: ") + std::strerror(errno));
+    if (pid == 0) {
+      setenv("RANK", std::to_string(r).c_str(), 1);
+      setenv("LOCAL_RANK", std::to_string(r).c_str(), 1);
+      setenv("WORLD_SIZE", std::to_string(nproc).c_str(), 1);
+      setenv("MASTER_ADDR", "127.0.0.1", 1);
+      setenv("MASTER_PORT", std::to_string(port).c_str(), 1);
+      setenv("VICTOR_RANK_LOGS", "1", 1);
+      dup2(po[1], 1);
+      dup2(pe[1], 2);
+      for (int fd : {po[0], po[1], pe[0], pe[1]}) close(fd);
+      std::vector<char*> argv;
+      for (auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
+      argv.push_back(nullptr);
+      execv("/proc/self/exe", argv.data());
+      std::fprintf(stderr, "victor: error: cannot start worker: %s\n", std::strerror(errno));
+      _exit(127);
+    }
+    close(po[1]);
+    close(pe[1]);
+    w[size_t(r)].pid = pid;
+    w[size_t(r)].out = po[0];
+    w[size_t(r)].err = pe[0];
+  }
+  int failed = -1, running = nproc;
+  bool stopping = false;
+  auto stop_all = [&](int sig) {
+    for (auto& x : w)
+      if (!x.done) kill(x.pid, sig);
+  };
+  auto stop_deadline = std::chrono::steady_clock::now();
+  while (running > 0) {
+    std::vector<pollfd> fds;
+    std::vector<std::pair<int, bool>> who;  // rank, is stderr
+    for (int r = 0; r < nproc; ++r) {
+      if (w[size_t(r)].out >= 0) fds.push_back({w[size_t(r)].out, POLLIN, 0}), who.push_back({r, false});
+      if (w[size_t(r)].err >= 0) fds.push_back({w[size_t(r)].err, POLLIN, 0}), who.push_back({r, true});
+    }
+    if (!fds.empty()) ::poll(fds.data(), fds.size(), 200);
+    else ::usleep(50000);
+    for (size_t i = 0; i < fds.size(); ++i) {
+      if (!(fds[i].revents & (POLLIN | POLLHUP | POLLERR))) continue;
+      auto [r, is_err] = who[i];
+      Worker& x = w[size_t(r)];
+      char buf[4096];
+      const ssize_t n = ::read(fds[i].fd, buf, sizeof buf);
+      std::string& b = is_err ? x.err_buf : x.out_buf;
+      if (n > 0) {
+        b.append(buf, size_t(n));
+        forward_lines(b, r, is_err ? std::cerr : std::cout, is_err ? &x.last_error : nullptr);
+      } else {
+        if (!b.empty()) b += "\n", forward_lines(b, r, is_err ? std::cerr : std::cout, is_err ? &x.last_error : nullptr);
+        ::close(fds[i].fd);
+        (is_err ? x.err : x.out) = -1;
+      }
+    }
+    for (int r = 0; r < nproc; ++r) {
+      Worker& x = w[size_t(r)];
+      if (x.done) continue;
+      if (waitpid(x.pid, &x.status, WNOHANG) == x.pid) {
+        x.done = true;
+        --running;
+        const bool ok = WIFEXITED(x.status) && WEXITSTATUS(x.status) == 0;
+        if (!ok && failed < 0 && !stopping) {
+          failed = r;
+          stopping = true;
+          stop_deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+          stop_all(SIGTERM);
+        }
+      }
+    }
+    if (g_stop_signal && !stopping) {
+      stopping = true;
+      stop_deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+      stop_all(SIGTERM);
+    }
+    if (stopping && std::chrono::steady_clock::now() > stop_deadline) stop_all(SIGKILL);
+  }
+  for (auto& x : w) {
+    if (x.out >= 0) close(x.out);
+    if (x.err >= 0) close(x.err);
+  }
+  if (failed >= 0) {
+    const Worker& x = w[size_t(failed)];
+    std::string how = WIFSIGNALED(x.status) ? "killed by signal " + std::to_string(WTERMSIG(x.status))
+                                            : "exit " + std::to_string(WEXITSTATUS(x.status));
+    std::cerr << "victor: error: rank " << failed << " failed (" << how << ")"
+              << (x.last_error.empty() ? std::string() : ": " + x.last_error)
+              << "; the other workers were stopped, the last complete checkpoint is kept\n";
+    return 1;
+  }
+  if (g_stop_signal) {
+    std::cerr << "victor: interrupted; all workers stopped\n";
+    return 128 + int(g_stop_signal);
+  }
+  return 0;
+}
+
+}  // namespace victor

@@ -1,0 +1,179 @@
+// Data-parallel training on c10d/Gloo, through the CLI as users run it: `victor train --nproc N`
+// and the torchrun variables. Processes on loopback; each test compares parameters, not logs.
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <fstream>
+#include <thread>
+
+#include "helpers.h"
+#include "victor/error.h"
+#include "victor/safetensors.h"
+
+using namespace victor;
+using namespace victor::test;
+namespace fs = std::filesystem;
+
+namespace {
+
+const std::string kVictor = VICTOR_BIN;
+
+int sh(const std::string& cmd) {
+  int rc = std::system(cmd.c_str());
+  return WIFEXITED(rc) ? WEXITSTATUS(rc) : 128 + WTERMSIG(rc);
+}
+
+// A tiny Victor model (m = 4, k = 1) and 12 GridVQA images, once for the suite.
+struct Fixture {
+  std::string dir, model, data;
+  Fixture() {
+    dir = temp_dir("dist");
+    model = dir + "/m";
+    data = dir + "/g/train.json";
+    EXPECT_EQ(sh(kVictor + " init --preset tiny --registers 4 --summary-layers 1 --out " + model + " >/dev/null"), 0);
+    EXPECT_EQ(sh(kVictor + " data gridvqa --out " + dir + "/g --train-images 12 --test-images 1 >/dev/null"), 0);
+  }
+};
+const Fixture& fixture() {
+  static Fixture f;
+  return f;
+}
+
+// The same run for every layout: 6 steps, lr high enough that every step moves the parameters.
+std::string train_cmd(const std::string& out, const std::string& extra) {
+  const Fixture& f = fixture();
+  return kVictor + " train --model " + f.model + " --data " + f.data + " --out " + out +
+         " --max-steps 6 --lr 0.01 --seed 5 --threads 1 " + extra;
+}
+
+// Largest |a - b| / (1 + |b|) over every tensor of two checkpoints (which must hold the same names).
+double max_rel_diff(const std::string& a, const std::string& b) {
+  SafetensorsFile fa(a + "/model.safetensors"), fb(b + "/model.safetensors");
+  EXPECT_EQ(fa.tensors().size(), fb.tensors().size());
+  double worst = 0;
+  for (auto& [n, i] : fa.tensors()) {
+    auto x = fa.load(n), y = fb.load(n);
+    worst = std::max(worst, ((x - y).abs() / (1 + y.abs())).max().item<double>());
+  }
+  return worst;
+}
+
+int free_port() {
+  int s = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof a;
+  ::bind(s, reinterpret_cast<sockaddr*>(&a), sizeof a);
+  ::getsockname(s, reinterpret_cast<sockaddr*>(&a), &len);
+  ::close(s);
+  return ntohs(a.sin_port);
+}
+
+}  // namespace
+
+TEST(Distributed, TwoRanksStepExactlyAsOneProcessWithTheGlobalBatch) {
+  const std::string dir = temp_dir("dist_equal");
+  // Victor registers and the projector trained, the tower frozen (its features cached per rank).
+  ASSERT_EQ(sh(train_cmd(dir + "/one", "--batch-size 4 >/dev/null 2>&1")), 0);
+  ASSERT_EQ(sh(train_cmd(dir + "/two", "--nproc 2 --batch-size 2 > " + dir + "/two.log 2>&1")), 0);
+  const double moved = max_rel_diff(dir + "/one", fixture().model);
+  const double diff = max_rel_diff(dir + "/two", dir + "/one");
+  EXPECT_GT(moved, 1e-3);  // training changed the parameters: the comparison below can fail
+  EXPECT_LT(diff, 2e-5) << "2 ranks x batch 2 vs 1 process x batch 4 (parameters moved by " << moved << ")";
+  // Rank 0 alone wrote metrics.jsonl: one line per step, the global loss equal to the single run's.
+  auto last_loss = [](const std::string& f) {
+    std::ifstream in(f);
+    std::string line, last;
+    int n = 0;
+    while (std::getline(in, line)) last = line, ++n;
+    EXPECT_EQ(n, 6) << f;
+    return nlohmann::json::parse(last)["loss"].get<double>();
+  };
+  EXPECT_NEAR(last_loss(dir + "/two/metrics.jsonl"), last_loss(dir + "/one/metrics.jsonl"), 1e-4);
+  const std::string log = read_file(dir + "/two.log");
+  EXPECT_NE(log.find("[rank 0] 2 ranks (c10d/Gloo)"), std::string::npos) << log;
+  EXPECT_NE(log.find("MB of gradients all-reduced per step"), std::string::npos) << log;
+}
+
+TEST(Distributed, ResumeWithAnotherWorldSizeEndsEqualToAnUninterruptedRun) {
+  const std::string dir = temp_dir("dist_resume");
+  ASSERT_EQ(sh(train_cmd(dir + "/ref", "--batch-size 4 >/dev/null 2>&1")), 0);
+  // 2 ranks for 3 steps, then 1 process to the end; and the reverse.
+  ASSERT_EQ(sh(train_cmd(dir + "/a", "--nproc 2 --batch-size 2 --save-every 1 --stop-after 3 >/dev/null 2>&1")), 0);
+  ASSERT_EQ(sh(train_cmd(dir + "/a", "--batch-size 4 --resume >/dev/null 2>&1")), 0);
+  ASSERT_EQ(sh(train_cmd(dir + "/b", "--batch-size 4 --save-every 1 --stop-after 3 >/dev/null 2>&1")), 0);
+  ASSERT_EQ(sh(train_cmd(dir + "/b", "--nproc 2 --batch-size 2 --resume >/dev/null 2>&1")), 0);
+  EXPECT_LT(max_rel_diff(dir + "/a", dir + "/ref"), 2e-5);
+  EXPECT_LT(max_rel_diff(dir + "/b", dir + "/ref"), 2e-5);
+  // Another global batch cannot continue the same data order: refused by name.
+  ASSERT_EQ(sh(train_cmd(dir + "/c", "--batch-size 4 --save-every 1 --stop-after 2 >/dev/null 2>&1")), 0);
+  EXPECT_NE(sh(train_cmd(dir + "/c", "--nproc 2 --batch-size 4 --resume > " + dir + "/c.log 2>&1")), 0);
+  const std::string log = read_file(dir + "/c.log");
+  EXPECT_NE(log.find("global batch is 4 samples per step, this run's 8"), std::string::npos) << log;
+}
+
+TEST(Distributed, AKilledWorkerStopsTheOthersAndTheLastCheckpointLoads) {
+  const std::string dir = temp_dir("dist_kill"), out = dir + "/out", err = dir + "/err.log";
+  const Fixture& f = fixture();
+  const std::string cmd = "exec " + kVictor + " train --model " + f.model + " --data " + f.data + " --out " + out +
+                          " --nproc 2 --batch-size 2 --max-steps 100000 --save-every 5 --threads 1 >/dev/null 2>" + err;
+  pid_t launcher = fork();
+  ASSERT_GE(launcher, 0);
+  if (launcher == 0) {
+    execl("/bin/sh", "sh", "-c", cmd.c_str(), static_cast<char*>(nullptr));
+    _exit(127);
+  }
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
+  while (!fs::exists(out + "/trainer_state.json") && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  ASSERT_TRUE(fs::exists(out + "/trainer_state.json")) << read_file(err);
+  // The rank-1 worker, by its environment.
+  pid_t victim = -1;
+  std::ifstream children("/proc/" + std::to_string(launcher) + "/task/" + std::to_string(launcher) + "/children");
+  for (pid_t c; children >> c;) {
+    const std::string env = read_file("/proc/" + std::to_string(c) + "/environ");
+    if (env.find(std::string("RANK=1\0", 7)) != std::string::npos && env.find("LOCAL_RANK=1") != std::string::npos)
+      victim = c;
+  }
+  ASSERT_GT(victim, 0);
+  ASSERT_EQ(kill(victim, SIGKILL), 0);
+  int status = 0;
+  ASSERT_EQ(waitpid(launcher, &status, 0), launcher);
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_NE(WEXITSTATUS(status), 0);
+  const std::string log = read_file(err);
+  EXPECT_NE(log.find("victor: error: rank 1 failed (killed by signal 9)"), std::string::npos) << log;
+  EXPECT_NO_THROW(Vlm::load(out));
+}
+
+TEST(Distributed, ClearErrorsForAnUnreachableMasterDisagreeingRanksAndTooLittleData) {
+  const std::string dir = temp_dir("dist_errors");
+  const Fixture& f = fixture();
+  // A rank whose master never comes up.
+  const int port = free_port();
+  const std::string env1 = "RANK=1 WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=" + std::to_string(port) + " ";
+  EXPECT_NE(sh(env1 + train_cmd(dir + "/x", "--batch-size 2 --dist-timeout 2 > " + dir + "/x.log 2>&1")), 0);
+  std::string log = read_file(dir + "/x.log");
+  EXPECT_NE(log.find("rank 1 of 2: cannot join the training group at MASTER_ADDR:MASTER_PORT = 127.0.0.1:" +
+                     std::to_string(port)),
+            std::string::npos) << log;
+  // Two ranks on different data (one sample fewer): they would train different models.
+  const int port2 = free_port();
+  const std::string env = "WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=" + std::to_string(port2) + " ";
+  const std::string both = "(RANK=0 " + env + train_cmd(dir + "/y", "--batch-size 2 --max-samples 12 --dist-timeout 30 > " + dir + "/y0.log 2>&1") +
+                           " & RANK=1 " + env + train_cmd(dir + "/y", "--batch-size 2 --max-samples 11 --dist-timeout 30 > " + dir + "/y1.log 2>&1") +
+                           "; wait)";
+  sh(both);
+  log = read_file(dir + "/y0.log") + read_file(dir + "/y1.log");
+  EXPECT_NE(log.find("the ranks disagree on the model, data or options"), std::string::npos) << log;
+  // More ranks than samples.
+  EXPECT_NE(sh(train_cmd(dir + "/z", "--nproc 2 --batch-size 1 --max-samples 1 > " + dir + "/z.log 2>&1")), 0);
+  log = read_file(dir + "/z.log");
+  EXPECT_NE(log.find("world size 2 is larger than the 1 samples"), std::string::npos) << log;
+}
