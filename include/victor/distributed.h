@@ -29,7 +29,8 @@ std::optional<DistEnv> dist_env_from_environment();
 class Communicator {
  public:
   // Joins the group: rank 0 serves the store, the others connect to it; a rank that cannot reach
-  // the master within `timeout` throws naming the address.
+  // the master within `timeout` throws naming the address. Collectives then wait up to
+  // max(timeout, 2 h) for a rank that hangs (one that dies is noticed at once).
   explicit Communicator(const DistEnv& env, std::chrono::milliseconds timeout = std::chrono::seconds(300));
   ~Communicator();
   Communicator(const Communicator&) = delete;

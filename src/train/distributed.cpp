@@ -9,6 +9,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
@@ -65,7 +66,10 @@ Communicator::Communicator(const DistEnv& env, std::chrono::milliseconds timeout
     o.waitWorkers = true;
     o.timeout = timeout;
     impl_->store = c10::make_intrusive<c10d::TCPStore>(env.master_addr, o);
-    auto opts = c10d::ProcessGroupGloo::Options::create(timeout);
+    // Collectives wait much longer than joining: while rank 0 writes a checkpoint (minutes for a
+    // large model) the others wait in the next all-reduce. A rank that dies is noticed at once
+    // (its connections close); this bounds only a rank that hangs.
+    auto opts = c10d::ProcessGroupGloo::Options::create(std::max<std::chrono::milliseconds>(timeout, std::chrono::hours(2)));
     // The interface that reaches the master (loopback for local workers, the cluster network else).
     opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(env.master_addr));
     opts->threads = 1;
@@ -231,6 +235,9 @@ int launch_local_workers(int nproc, const std::vector<std::string>& args) {
         (is_err ? x.err : x.out) = -1;
       }
     }
+    // Reap; when several ranks are found dead in one sweep, the cause is the one a signal killed
+    // (the others then fail on its closed connections), else the lowest rank.
+    int first_failed = -1;
     for (int r = 0; r < nproc; ++r) {
       Worker& x = w[size_t(r)];
       if (x.done) continue;
@@ -238,13 +245,15 @@ int launch_local_workers(int nproc, const std::vector<std::string>& args) {
         x.done = true;
         --running;
         const bool ok = WIFEXITED(x.status) && WEXITSTATUS(x.status) == 0;
-        if (!ok && failed < 0 && !stopping) {
-          failed = r;
-          stopping = true;
-          stop_deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
-          stop_all(SIGTERM);
-        }
+        if (!ok && (first_failed < 0 || (WIFSIGNALED(x.status) && !WIFSIGNALED(w[size_t(first_failed)].status))))
+          first_failed = r;
       }
+    }
+    if (first_failed >= 0 && failed < 0 && !stopping) {
+      failed = first_failed;
+      stopping = true;
+      stop_deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+      stop_all(SIGTERM);
     }
     if (g_stop_signal && !stopping) {
       stopping = true;
