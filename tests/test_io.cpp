@@ -499,3 +499,25 @@ TEST(Image, JpegDecodesThroughLibjpegAndHostileJpegsAreErrors) {
   e = error_of([&] { decode_image(crafted, "crafted.jpg"); });
   EXPECT_TRUE(e.empty() || e.rfind("crafted.jpg: ", 0) == 0) << e;
 }
+
+TEST(Image, ThinStripsAreRefusedBeforePaddingOrResizingThemHuge) {
+  // Found by fuzzing: a 909-byte BMP of 24 x 8208 pixels padded to an 8208^2 square (202 MB)
+  // before resizing; a 1 x 60000 PNG would have asked for 10 GB.
+  Image strip;
+  strip.width = 1;
+  strip.height = 60000;
+  strip.rgb.assign(size_t(3) * 60000, 9);
+  const uint8_t fill[3] = {0, 0, 0};
+  auto e = error_of([&] { pad_to_square(strip, fill); });
+  EXPECT_NE(e.find("image of 1 x 60000 pixels: padded to a square it would be 60000 x 60000"), std::string::npos) << e;
+  PreprocessConfig p;  // LLaVA's 336 / 336
+  p.pad_to_square = false;
+  e = error_of([&] { preprocess_image(strip, p); });
+  EXPECT_NE(e.find("aspect ratio too extreme"), std::string::npos) << e;
+  const std::string bmp = read_file(std::string(VICTOR_SOURCE_DIR) + "/tests/fuzz/corpus/image/regression-thin-strip-pad.bmp");
+  Image img = decode_image(bmp, "strip.bmp");
+  EXPECT_EQ(img.width, 24);
+  EXPECT_EQ(img.height, 8208);
+  p.pad_to_square = true;
+  EXPECT_NE(error_of([&] { preprocess_image(img, p); }).find("padded to a square"), std::string::npos);
+}

@@ -157,6 +157,12 @@ void save_png(const Image& img, const std::string& path) { write_file_atomic(pat
 Image pad_to_square(const Image& img, const uint8_t fill[3]) {
   if (img.width == img.height) return img;
   int side = std::max(img.width, img.height);
+  // A thin strip (found by fuzzing: 24 x 8208 pixels in a 909-byte BMP) pads to a square of its
+  // long side: bounded like a decoded image, or a 1 x 60000 PNG would ask for 10 GB.
+  if (int64_t(side) * side > kMaxImagePixels)
+    throw Error("image of " + std::to_string(img.width) + " x " + std::to_string(img.height) +
+                " pixels: padded to a square it would be " + std::to_string(side) + " x " + std::to_string(side) +
+                ", more than victor processes (" + std::to_string(kMaxImagePixels >> 20) + " Mpx)");
   Image out;
   out.width = out.height = side;
   out.rgb.resize(size_t(side) * side * 3);
@@ -248,7 +254,14 @@ void resize_bicubic_into(const Image& img, int out_w, int out_h, float* o) {
 
 ResizeCrop resize_crop(int width, int height, const PreprocessConfig& p) {
   const int short_side = std::min(width, height), long_side = std::max(width, height);
-  const int new_long = int(double(p.shortest_edge) * long_side / short_side);
+  if (short_side <= 0) throw Error("image of " + std::to_string(width) + " x " + std::to_string(height) + " pixels is empty");
+  // The short side goes to shortest_edge: a thin strip's long side grows with it.
+  const double long_d = double(p.shortest_edge) * long_side / short_side;
+  if (long_d * p.shortest_edge > double(kMaxImagePixels))
+    throw Error("image of " + std::to_string(width) + " x " + std::to_string(height) +
+                " pixels: resized to a short side of " + std::to_string(p.shortest_edge) +
+                " it would exceed " + std::to_string(kMaxImagePixels >> 20) + " Mpx (aspect ratio too extreme)");
+  const int new_long = int(long_d);
   ResizeCrop r;
   r.width = width <= height ? p.shortest_edge : new_long;
   r.height = width <= height ? new_long : p.shortest_edge;
