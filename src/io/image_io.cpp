@@ -105,11 +105,11 @@ Image decode_image(const std::string& bytes, const std::string& source) {
   if (is_jpeg(bytes)) {
     Image img;
     std::string why;
-    // Header first (no pixels), so a claimed huge size is refused before anything is allocated.
-    if (!run_jpeg(bytes, &w, &h, nullptr, &why)) throw Error(source + ": not a readable image (JPEG: " + why + ")");
-    check_size(w, h, source);
+    // run_jpeg reads the header and stops before allocating pixels for a size over the limit,
+    // which check_size then refuses: the file is parsed once.
     if (!run_jpeg(bytes, &img.width, &img.height, &img.rgb, &why))
       throw Error(source + ": not a readable image (JPEG: " + why + ")");
+    check_size(img.width, img.height, source);
     return img;
   }
   // The header first: a file that claims a huge image is refused before pixels are allocated.
