@@ -324,11 +324,45 @@ TEST(Tokenizer, WrongTypesInAddedTokensAreNamedWithTheirFile) {
   auto e = error_of([&] { Tokenizer t(dir); });
   EXPECT_NE(e.find("added_tokens.json: token '<image>' must map to an integer id"), std::string::npos) << e;
   write_bytes(dir + "/added_tokens.json", good);
-  auto cfg = nlohmann::json::parse(read_file(dir + "/tokenizer_config.json"));
+  const std::string good_cfg = read_file(dir + "/tokenizer_config.json");
+  auto cfg = nlohmann::json::parse(good_cfg);
   cfg["added_tokens_decoder"]["x7"] = {{"content", "<zz>"}};
   write_bytes(dir + "/tokenizer_config.json", cfg.dump());
   e = error_of([&] { Tokenizer t(dir); });
   EXPECT_NE(e.find("tokenizer_config.json: added_tokens_decoder key 'x7' is not a token id"), std::string::npos) << e;
+  for (auto [bad, why] : {std::pair<std::string, std::string>{"-3", "is not a token id"},
+                          {"99999999999999999999", "is not a token id"}, {"", "is not a token id"}}) {
+    auto c = nlohmann::json::parse(good_cfg);
+    c["added_tokens_decoder"][bad] = {{"content", "<zz>"}};
+    write_bytes(dir + "/tokenizer_config.json", c.dump());
+    e = error_of([&] { Tokenizer t(dir); });
+    EXPECT_NE(e.find("tokenizer_config.json: added_tokens_decoder key '" + bad + "' " + why), std::string::npos) << e;
+  }
+  write_bytes(dir + "/tokenizer_config.json", R"({"added_tokens_decoder": [1, 2]})");
+  e = error_of([&] { Tokenizer t(dir); });
+  EXPECT_NE(e.find("tokenizer_config.json: added_tokens_decoder must be an object"), std::string::npos) << e;
+  write_bytes(dir + "/tokenizer_config.json", "[]");
+  e = error_of([&] { Tokenizer t(dir); });
+  EXPECT_NE(e.find("tokenizer_config.json: must be a JSON object"), std::string::npos) << e;
+  write_bytes(dir + "/tokenizer_config.json", "{}");
+  write_bytes(dir + "/added_tokens.json", R"({"": 7})");
+  e = error_of([&] { Tokenizer t(dir); });
+  EXPECT_NE(e.find("added_tokens.json: an added token is the empty string"), std::string::npos) << e;
+}
+
+TEST(Tokenizer, FromBytesReadsWhatTheFolderHolds) {
+  // The in-memory loader (the fuzz target's) and the folder loader agree on every id.
+  auto dir = temp_dir("from_bytes");
+  train_tokenizer(gridvqa_corpus(), dir, 400);
+  Tokenizer a(dir);
+  Tokenizer b = Tokenizer::from_bytes(read_file(dir + "/tokenizer.model"), "m", read_file(dir + "/added_tokens.json"),
+                                      "a", read_file(dir + "/tokenizer_config.json"), "c");
+  EXPECT_EQ(a.vocab_size(), b.vocab_size());
+  const std::string text = "USER: <image>\nwhat color is the square in row 2? ASSISTANT: red</s>";
+  EXPECT_EQ(a.encode(text), b.encode(text));
+  EXPECT_EQ(a.token_id("<image>"), b.token_id("<image>"));
+  Tokenizer bare = Tokenizer::from_model_bytes(read_file(dir + "/tokenizer.model"), "m");
+  EXPECT_NE(bare.encode("<image>"), a.encode("<image>"));  // without the added tokens it is text
 }
 
 namespace {

@@ -17,6 +17,11 @@ class Tokenizer {
   explicit Tokenizer(const std::string& dir);  // tokenizer.model + added tokens
   // tokenizer.model's bytes alone, no added tokens (`source` names it in errors; the fuzz target).
   static Tokenizer from_model_bytes(const std::string& bytes, const std::string& source);
+  // The model plus the texts of added_tokens.json and tokenizer_config.json (either may be empty =
+  // absent), each named by its source in errors: what Tokenizer(dir) reads, from memory.
+  static Tokenizer from_bytes(const std::string& model, const std::string& model_source,
+                              const std::string& added_tokens_json, const std::string& added_source,
+                              const std::string& tokenizer_config_json, const std::string& config_source);
   ~Tokenizer();
   Tokenizer(Tokenizer&&) = default;
 
@@ -38,6 +43,8 @@ class Tokenizer {
   };
   Tokenizer() = default;
   void load_model(const std::string& bytes, const std::string& source);
+  void load_added_tokens(const std::string& json_text, const std::string& source);
+  void load_tokenizer_config(const std::string& json_text, const std::string& source);
   std::vector<int64_t> encode_piece_text(const std::string& text) const;
   std::vector<int64_t> encode_unigram(const std::string& norm) const;
   std::vector<int64_t> encode_bpe(const std::string& norm) const;

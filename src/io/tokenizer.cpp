@@ -83,6 +83,16 @@ Tokenizer Tokenizer::from_model_bytes(const std::string& bytes, const std::strin
   return t;
 }
 
+Tokenizer Tokenizer::from_bytes(const std::string& model, const std::string& model_source,
+                                const std::string& added_tokens_json, const std::string& added_source,
+                                const std::string& tokenizer_config_json, const std::string& config_source) {
+  Tokenizer t;
+  t.load_model(model, model_source);
+  if (!added_tokens_json.empty()) t.load_added_tokens(added_tokens_json, added_source);
+  if (!tokenizer_config_json.empty()) t.load_tokenizer_config(tokenizer_config_json, config_source);
+  return t;
+}
+
 namespace {
 
 int hex_digit(char c) {
@@ -178,44 +188,57 @@ Tokenizer::Tokenizer(const std::string& dir) {
   fs::path model = fs::path(dir) / "tokenizer.model";
   if (!fs::exists(model)) throw Error(model.string() + ": missing (SentencePiece model required)");
   load_model(read_file(model.string()), model.string());
-  auto parse = [](const fs::path& p) {
-    try {
-      return json::parse(read_file(p.string()));
-    } catch (const json::exception& e) {
-      throw Error(p.string() + ": malformed JSON: " + e.what());
-    }
-  };
   fs::path added = fs::path(dir) / "added_tokens.json";
-  if (fs::exists(added)) {
-    json j = parse(added);
-    if (!j.is_object()) throw Error(added.string() + ": must be an object {token: id}");
-    for (auto& [k, v] : j.items()) {
-      if (!v.is_number_integer())
-        throw Error(added.string() + ": token '" + k + "' must map to an integer id (got " + v.dump() + ")");
-      if (v.get<int64_t>() < 0 || v.get<int64_t>() >= (int64_t(1) << 24))
-        throw Error(added.string() + ": token '" + k + "' has id " + v.dump() + ", outside 0..16M");
-      added_[k] = v.get<int64_t>();
-    }
-  }
+  if (fs::exists(added)) load_added_tokens(read_file(added.string()), added.string());
   fs::path cfg = fs::path(dir) / "tokenizer_config.json";
-  if (fs::exists(cfg)) {
-    json j = parse(cfg);
-    if (j.contains("added_tokens_decoder") && j["added_tokens_decoder"].is_object())
-      for (auto& [id, v] : j["added_tokens_decoder"].items()) {
-        int64_t i = -1;
-        try {
-          size_t used = 0;
-          i = std::stoll(id, &used);
-          if (used != id.size() || i < 0 || i >= (int64_t(1) << 24)) i = -1;
-        } catch (const std::exception&) {
-        }
-        if (i < 0)
-          throw Error(cfg.string() + ": added_tokens_decoder key '" + id + "' is not a token id");
-        if (!v.is_object() || (v.contains("content") && !v["content"].is_string()))
-          throw Error(cfg.string() + ": added_tokens_decoder['" + id + "'] must be an object with a string 'content'");
-        if (i >= int64_t(pieces_.size()) && v.contains("content"))
-          added_[v["content"].get<std::string>()] = i;
-      }
+  if (fs::exists(cfg)) load_tokenizer_config(read_file(cfg.string()), cfg.string());
+}
+
+namespace {
+
+json parse_tokenizer_json(const std::string& text, const std::string& source) {
+  try {
+    return json::parse(text);
+  } catch (const json::exception& e) {
+    throw Error(source + ": malformed JSON: " + e.what());
+  }
+}
+
+constexpr int64_t kMaxTokenId = int64_t(1) << 24;
+
+}  // namespace
+
+void Tokenizer::load_added_tokens(const std::string& text, const std::string& source) {
+  json j = parse_tokenizer_json(text, source);
+  if (!j.is_object()) throw Error(source + ": must be an object {token: id}");
+  for (auto& [k, v] : j.items()) {
+    if (k.empty()) throw Error(source + ": an added token is the empty string");
+    if (!v.is_number_integer())
+      throw Error(source + ": token '" + k + "' must map to an integer id (got " + v.dump() + ")");
+    if (v.get<int64_t>() < 0 || v.get<int64_t>() >= kMaxTokenId)
+      throw Error(source + ": token '" + k + "' has id " + v.dump() + ", outside 0..16M");
+    added_[k] = v.get<int64_t>();
+  }
+}
+
+void Tokenizer::load_tokenizer_config(const std::string& text, const std::string& source) {
+  json j = parse_tokenizer_json(text, source);
+  if (!j.is_object()) throw Error(source + ": must be a JSON object");
+  if (!j.contains("added_tokens_decoder")) return;
+  if (!j["added_tokens_decoder"].is_object())
+    throw Error(source + ": added_tokens_decoder must be an object {id: {content: ...}}");
+  for (auto& [id, v] : j["added_tokens_decoder"].items()) {
+    int64_t i = -1;
+    if (!id.empty() && id.size() <= 9 && id.find_first_not_of("0123456789") == std::string::npos) i = std::stoll(id);
+    if (i < 0 || i >= kMaxTokenId)
+      throw Error(source + ": added_tokens_decoder key '" + id + "' is not a token id (0..16M)");
+    if (!v.is_object() || (v.contains("content") && !v["content"].is_string()))
+      throw Error(source + ": added_tokens_decoder['" + id + "'] must be an object with a string 'content'");
+    if (i >= int64_t(pieces_.size()) && v.contains("content")) {
+      if (v["content"].get<std::string>().empty())
+        throw Error(source + ": added_tokens_decoder['" + id + "'] has an empty 'content'");
+      added_[v["content"].get<std::string>()] = i;
+    }
   }
 }
 
