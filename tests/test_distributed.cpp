@@ -63,6 +63,21 @@ double max_rel_diff(const std::string& a, const std::string& b) {
   return worst;
 }
 
+// ||a - b|| / ||a - start|| over every tensor of a that start also holds: how far apart two runs
+// ended, against how far training moved them. Robust where max_rel_diff is not: after many Adam
+// steps a parameter with a near-zero gradient moves by +-lr on float rounding alone.
+double l2_diff_over_moved(const std::string& a, const std::string& b, const std::string& start) {
+  SafetensorsFile fa(a + "/model.safetensors"), fb(b + "/model.safetensors"), fs0(start + "/model.safetensors");
+  double diff = 0, moved = 0;
+  for (auto& [n, i] : fa.tensors()) {
+    if (!fs0.tensors().count(n)) continue;
+    auto x = fa.load(n).to(torch::kFloat64), y = fb.load(n).to(torch::kFloat64), z = fs0.load(n).to(torch::kFloat64);
+    diff += (x - y).pow(2).sum().item<double>();
+    moved += (x - z).pow(2).sum().item<double>();
+  }
+  return moved > 0 ? std::sqrt(diff / moved) : 1e9;
+}
+
 int free_port() {
   int s = ::socket(AF_INET, SOCK_STREAM, 0);
   sockaddr_in a{};
@@ -76,6 +91,50 @@ int free_port() {
 }
 
 }  // namespace
+
+TEST(Distributed, ShuffledAndGroundedStepsAreTheSameOnAnyRankCount) {
+  // --shuffle-visual draws a token order per row of the micro-batch and grounding reads it: a rank's
+  // rows must get the orders the single process gives them.
+  const std::string dir = temp_dir("dist_shuffle");
+  const std::string extra = "--shuffle-visual --ground-weight 1 --ground-layer 0 ";
+  ASSERT_EQ(sh(train_cmd(dir + "/one", extra + "--batch-size 4 >/dev/null 2>&1")), 0);
+  ASSERT_EQ(sh(train_cmd(dir + "/two", extra + "--nproc 2 --batch-size 2 >/dev/null 2>&1")), 0);
+  EXPECT_GT(max_rel_diff(dir + "/one", fixture().model), 1e-3);
+  EXPECT_LT(max_rel_diff(dir + "/two", dir + "/one"), 2e-5);
+  EXPECT_NE(read_file(dir + "/two/metrics.jsonl").find("ground_mass"), std::string::npos);
+}
+
+TEST(Distributed, ReproWithTwoRanksTrainsTheModelsOneProcessTrains) {
+  // `repro --nproc 2`: every training stage (L, C, 2) data-parallel with the same global batches;
+  // rank 0 alone builds the data, runs stage 0, evaluates, benchmarks and reports.
+  const std::string dir = temp_dir("dist_repro");
+  const std::string args =
+      " repro --preset tiny --train-images 12 --test-images 2 --steps 4 --vision-steps 2 --vision-images 8 "
+      "--text-steps 2 --registers 2 --summary-layers 1 --pool 1 --resampler 4 --training-free fastv:k=1,keep=0.5 "
+      "--bench-repeats 1 --bench-batch 2 --bench-gen 2,4 --eval-limit 4 --curriculum 2:identify:2:2x2@100 "
+      "--curriculum-images 8 --lr 0.01 --seed 3";
+  ASSERT_EQ(sh(kVictor + args + " --out " + dir + "/one --threads 1 >/dev/null 2>&1"), 0);
+  ASSERT_EQ(sh(kVictor + args + " --out " + dir + "/two --nproc 2 > " + dir + "/two.log 2>&1"), 0);
+  // The shared start after stages 0, L and C; then each model's stage 2 from it. Float rounding
+  // (a sum over two ranks is not the sum over one batch) leaves them ~1e-5 apart, as 1 vs 2
+  // threads do; a rank that trained on other rows or token orders leaves them ~1 apart.
+  EXPECT_LT(max_rel_diff(dir + "/two/models/init", dir + "/one/models/init"), 1e-4);
+  for (const char* m : {"plain", "victor-m2", "resampler-4"})
+    EXPECT_LT(l2_diff_over_moved(dir + "/one/models/" + m, dir + "/two/models/" + m, dir + "/one/models/init"), 1e-3)
+        << m;
+  const std::string log = read_file(dir + "/two.log");
+  EXPECT_NE(log.find("[rank 0] report: " + dir + "/two/report.md"), std::string::npos) << log;
+  EXPECT_EQ(log.find("[rank 1] repro:"), std::string::npos) << "rank 1 spoke:\n" << log;
+  const std::string report = read_file(dir + "/two/report.md");
+  EXPECT_NE(report.find("2 data-parallel ranks in the training stages"), std::string::npos);
+  for (const char* f : {"answers-plain.jsonl", "answers-fastv-k1-keep0.5.jsonl", "bench.json"})
+    EXPECT_TRUE(fs::exists(dir + "/two/" + f)) << f;
+  // A batch the ranks cannot share is refused before any work.
+  EXPECT_NE(sh(kVictor + args + " --batch-size 3 --out " + dir + "/bad --nproc 2 > " + dir + "/bad.log 2>&1"), 0);
+  EXPECT_NE(read_file(dir + "/bad.log").find("--batch-size 3 does not split over 2 ranks"), std::string::npos)
+      << read_file(dir + "/bad.log");
+  EXPECT_FALSE(fs::exists(dir + "/bad/gridvqa"));
+}
 
 TEST(Distributed, TwoRanksStepExactlyAsOneProcessWithTheGlobalBatch) {
   const std::string dir = temp_dir("dist_equal");

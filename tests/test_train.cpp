@@ -161,6 +161,11 @@ TEST(Train, ShuffledVisualTokensArePermutedPerImageAndResumeExactly) {
     EXPECT_TRUE(torch::equal(rows.select(1, 1) - rows.select(1, 0), torch::ones({16})));
   }
   EXPECT_FALSE(torch::equal(y[0].select(1, 0) - 0, y[1].select(1, 0) - 48));  // a fresh order per image
+  // A slice of the batch (a rank's share) gets the orders the whole batch gives those rows.
+  auto x4 = torch::arange(4 * 16 * 3, torch::kFloat).view({4, 16, 3});
+  auto whole = shuffle_tokens(x4, 9);
+  EXPECT_TRUE(torch::equal(shuffle_tokens(x4.slice(0, 2, 4), 9, nullptr, 2), whole.slice(0, 2, 4)));
+  EXPECT_FALSE(torch::equal(shuffle_tokens(x4.slice(0, 2, 4), 9), whole.slice(0, 2, 4)));
 
   auto cfg = tiny_config();
   auto samples = toy_samples(cfg);

@@ -304,6 +304,24 @@ void run_gridvqa(const GridVqaOptions& o) {
             << s.test_questions << " questions), " << s.text_grids << " grids as text (text.json)\n";
 }
 
+// `--nproc N` (train, repro): this process becomes the launcher of N workers, each the same
+// command line without --nproc and with the torchrun variables set; the cores are shared out
+// unless --threads says otherwise.
+int launch_workers(int argc, char** argv, int nproc, bool threads_given) {
+  std::vector<std::string> args;
+  for (int i = 0; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--nproc") {
+      ++i;
+      continue;
+    }
+    if (a.rfind("--nproc=", 0) == 0) continue;
+    args.push_back(a);
+  }
+  if (!threads_given) args.push_back("--threads=" + std::to_string(std::max(1, default_threads() / nproc)));
+  return launch_local_workers(nproc, args);
+}
+
 // --- victor train ---
 void run_train(TrainOptions o, const std::string& parts, int threads) {
   set_threads(threads);
@@ -312,7 +330,7 @@ void run_train(TrainOptions o, const std::string& parts, int threads) {
   if (const char* rank = std::getenv("RANK"); r.world_size > 1 && rank && std::string(rank) != "0") return;
   if (r.world_size > 1)
     std::cout << r.world_size << " ranks (c10d/Gloo), " << r.bytes_reduced_per_step / 1e6
-              << " MB of gradients all-reduced per step\n";
+              << " MB of gradients all-reduced per step in " << r.reduce_seconds_per_step * 1e3 << " ms\n";
   std::cout << "trained " << r.steps << " steps (" << r.samples << " samples, " << r.tokens
             << " tokens) in " << r.seconds << " s: " << r.mean_step_seconds << " s/step, "
             << r.tokens_per_second << " tokens/s, final loss " << r.final_loss;
@@ -768,7 +786,16 @@ int main(int argc, char** argv) {
   c_repro->add_option("--bench-gen", rp.bench_gen, "Generated tokens (paper: 2,128)")->delimiter(',')->check(CLI::Range(1, 4096));
   c_repro->add_option("--eval-limit", rp.eval_limit, "Evaluate only the first N test questions")->check(CLI::Range(0, 10000000));
   c_repro->add_option("--seed", rp.seed, "Seed");
-  c_repro->add_option("--threads", rp_threads, "CPU threads")->check(CLI::Range(1, 1024));
+  c_repro->add_option("--threads", rp_threads, "CPU threads (per rank with --nproc)")->check(CLI::Range(1, 1024));
+  int rp_nproc = 1;
+  c_repro->add_option("--nproc", rp_nproc,
+                      "Data-parallel workers for the training stages (c10d/Gloo, as train --nproc): each takes a "
+                      "share of the same global batches, so the recipe does not change; rank 0 builds the data, "
+                      "evaluates and benchmarks. Across machines set RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT")
+      ->check(CLI::Range(1, 256));
+  c_repro->add_option("--dist-timeout", rp.dist_timeout_seconds, "Seconds a rank waits for the others to join")
+      ->check(CLI::Range(1, 86400))
+      ->capture_default_str();
 
   VisionArgs va;
   auto* c_tv = app.add_subcommand("train-vision", "Pretrain the vision tower on GridVQA's cell classes (recipe stage 0)");
@@ -801,6 +828,8 @@ int main(int argc, char** argv) {
     else if (c_serve->parsed()) run_serve(sv);
     else if (c_bs->parsed()) run_bench_serve(bs, argv[0]);
     else if (c_repro->parsed()) {
+      if (rp_nproc > 1 && !std::getenv("RANK"))
+        return launch_workers(argc, argv, rp_nproc, c_repro->count("--threads") > 0);
       set_threads(rp_threads);
       ReproOptions o = rp;
       o.curriculum = parse_curriculum(rp_curriculum);
@@ -825,25 +854,10 @@ int main(int argc, char** argv) {
       }
       o.progress = isatty(2);
       std::string report = run_repro(o);
-      std::cout << "report: " << report << "\n";
+      if (!report.empty()) std::cout << "report: " << report << "\n";  // rank 0's
     } else if (c_train->parsed()) {
-      if (train_nproc > 1 && !std::getenv("RANK")) {
-        // The launcher: the same command line for every worker, without --nproc, and the cores
-        // shared out unless --threads says otherwise.
-        std::vector<std::string> args;
-        for (int i = 0; i < argc; ++i) {
-          const std::string a = argv[i];
-          if (a == "--nproc") {
-            ++i;
-            continue;
-          }
-          if (a.rfind("--nproc=", 0) == 0) continue;
-          args.push_back(a);
-        }
-        if (c_train->count("--threads") == 0)
-          args.push_back("--threads=" + std::to_string(std::max(1, default_threads() / train_nproc)));
-        return launch_local_workers(train_nproc, args);
-      }
+      if (train_nproc > 1 && !std::getenv("RANK"))
+        return launch_workers(argc, argv, train_nproc, c_train->count("--threads") > 0);
       run_train(tr, train_parts, train_threads);
     }
     else if (c_tv->parsed()) run_train_vision(va);

@@ -6,6 +6,8 @@
 
 namespace victor {
 
+class Communicator;
+
 // One shared curriculum stage (stage C): projector + language model trained on GridVQA with
 // `grid` x `grid` images, only `families` asked, the visual tokens average-pooled by `pool`.
 // Few visual tokens make the question-keyed lookup learnable (one in N tokens carries the
@@ -106,6 +108,10 @@ struct ReproOptions {
   int eval_limit = 0;
   uint64_t seed = 0;
   bool progress = true;
+  // Data-parallel training stages (`--nproc`, torchrun variables): the group, or null to join the
+  // one the environment names (RANK, WORLD_SIZE, ...) within dist_timeout_seconds.
+  Communicator* comm = nullptr;
+  int dist_timeout_seconds = 300;
   static ReproOptions quick();
 };
 

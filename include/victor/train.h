@@ -56,7 +56,10 @@ struct TrainOptions {
 // Each row of x [n,N,d] with its N tokens in a random order (Fisher-Yates, seeded): the
 // --shuffle-visual augmentation.
 // `order` (optional) receives [n,N] int64: for each new place, the token's original index.
-torch::Tensor shuffle_tokens(const torch::Tensor& x, uint64_t seed, torch::Tensor* order = nullptr);
+// `first_row`: x's rows are rows first_row.. of a larger batch shuffled with this seed (a rank's
+// slice of the global micro-batch gets the orders the single process gives those rows).
+torch::Tensor shuffle_tokens(const torch::Tensor& x, uint64_t seed, torch::Tensor* order = nullptr,
+                             int64_t first_row = 0);
 
 // Throws an Error naming --ground-layer / --ground-heads unless `layer` still sees the visual tokens
 // (layer < cfg.drop_layer(): Victor drops them after layer k) and 1 <= heads <= the attention heads.
@@ -100,6 +103,9 @@ struct TrainReport {
   int64_t feature_cache_hits = 0;  // images whose frozen vision features came from the cache
   int world_size = 1;              // data-parallel ranks
   uint64_t bytes_reduced_per_step = 0;  // gradient bytes each rank all-reduced per optimizer step
+  // Mean seconds per optimizer step inside the all-reduce: the transfer and sum, plus the wait for
+  // the slowest rank to finish its backward pass (what overlapping with the backward could hide).
+  double reduce_seconds_per_step = 0;
   int64_t grounded_answers = 0;    // answer positions the grounding loss taught
   double final_ground_loss = 0;    // KL(target || attention) of the last step, mean over answers and heads
   double final_ground_mass = 0;    // attention on the target's tokens (sink included), last step

@@ -13,6 +13,7 @@
 #include "victor/bench.h"
 #include "victor/blas.h"
 #include "victor/data.h"
+#include "victor/distributed.h"
 #include "victor/error.h"
 #include "victor/eval.h"
 #include "victor/train.h"
@@ -153,7 +154,13 @@ struct Trained {
   EvalReport eval;
 };
 
-void say(const std::string& s) { std::cerr << "repro: " << s << std::endl; }
+// Under --nproc every rank runs this file's pipeline; rank 0 alone speaks, builds data, evaluates,
+// benchmarks and writes (set once in run_repro).
+bool g_quiet = false;
+
+void say(const std::string& s) {
+  if (!g_quiet) std::cerr << "repro: " << s << std::endl;
+}
 
 std::string pct(double x) {
   char b[32];
@@ -252,8 +259,47 @@ std::string slug(const std::string& name) {
   return s;
 }
 
-std::string run_repro(const ReproOptions& o) {
+std::string run_repro(const ReproOptions& opts) {
   auto t_all = std::chrono::steady_clock::now();
+  ReproOptions o = opts;
+  // Under `--nproc`, torchrun or Slurm: every training stage is data-parallel over the ranks, each
+  // taking its share of the same global batch (so the recipe, and the models it trains, do not
+  // change with the rank count). Rank 0 alone builds the data, runs stage 0 (the vision tower's
+  // own loop), saves the shared start, evaluates, benchmarks and writes the report; the others wait
+  // for it at barriers and leave after the last training stage.
+  std::unique_ptr<Communicator> own_comm;
+  if (!o.comm)
+    if (auto env = dist_env_from_environment()) {
+      own_comm = std::make_unique<Communicator>(*env, std::chrono::seconds(o.dist_timeout_seconds));
+      o.comm = own_comm.get();
+    }
+  Communicator* const comm = o.comm;
+  const int world = comm ? comm->world_size() : 1;
+  const bool lead = !comm || comm->rank() == 0;
+  g_quiet = !lead;
+  auto sync = [comm] {
+    if (comm) comm->barrier();
+  };
+  // Every rank must take the same decision from rank 0's evaluation.
+  auto agree = [comm, lead](bool decision) {
+    if (!comm) return decision;
+    auto t = torch::tensor({lead && decision ? 1.0f : 0.0f});
+    comm->allreduce_sum({t});
+    return t.item<float>() > 0.5f;
+  };
+  auto per_rank = [world](int global_batch, const std::string& what) {
+    if (global_batch % world != 0)
+      throw Error(what + " " + std::to_string(global_batch) + " does not split over " + std::to_string(world) +
+                  " ranks (--nproc): choose a batch divisible by the rank count");
+    return global_batch / world;
+  };
+  if (world > 1) {  // refuse a batch the ranks cannot share before any work is done
+    per_rank(o.batch_size, "--batch-size");
+    if (o.text_steps > 0) per_rank(o.text_batch, "stage L's batch");
+    for (const auto& c : o.curriculum)
+      per_rank(o.curriculum_single_turn && c.pool > 1 ? o.curriculum_batch * o.questions : o.curriculum_batch,
+               "stage C's batch (" + format_curriculum({c}) + ")");
+  }
   {  // refuse a curriculum the model cannot pool, or a k it does not have, before any work is done
     const ModelConfig preset = preset_config(o.preset);
     auto has_layer = [&](int k) { return k >= 1 && k < preset.num_layers(); };  // a k the preset can drop after
@@ -301,8 +347,9 @@ std::string run_repro(const ReproOptions& o) {
   g.questions_per_image = o.questions;
   g.seed = o.seed;
   say("building GridVQA (" + std::to_string(o.train_images) + " train / " + std::to_string(o.test_images) +
-      " test images) in " + data);
-  build_gridvqa(g);
+      " test images) in " + data + (world > 1 ? " (" + std::to_string(world) + " data-parallel ranks)" : ""));
+  if (lead) build_gridvqa(g);
+  sync();
   auto convs = load_llava_json((fs::path(data) / "train.json").string());
   auto describe = load_llava_json((fs::path(data) / "pretrain.json").string());
   auto questions = load_questions_jsonl((fs::path(data) / "test.jsonl").string());
@@ -310,7 +357,7 @@ std::string run_repro(const ReproOptions& o) {
 
   // 2. One initial model; every run starts from the same weights.
   const std::string init_dir = (fs::path(o.out) / "models" / "init").string();
-  {
+  if (lead) {
     ModelConfig cfg = preset_config(o.preset);
     int n = train_tokenizer(gridvqa_corpus(), init_dir, 512);
     cfg.text.vocab_size = ((n + 2 + 63) / 64) * 64;
@@ -318,10 +365,11 @@ std::string run_repro(const ReproOptions& o) {
     cfg.pad_token_id = n + 1;
     Vlm::random(cfg, o.seed).save(init_dir);
   }
+  sync();
   Tokenizer tok(init_dir);
   // Stage 0 (shared): the vision tower learns the items' classes, as LLaVA starts from CLIP.
   VisionPretrainReport vrep;
-  if (o.vision_steps > 0) {
+  if (o.vision_steps > 0 && lead) {  // its own loop, not data-parallel: rank 0 alone
     std::string vision_data = data;
     if (o.vision_images > 0) {  // its own set: more items than the main training images
       GridVqaOptions vg = g;
@@ -353,6 +401,7 @@ std::string run_repro(const ReproOptions& o) {
                                pct(vrep.test_count_mean_accuracy) + " from the mean"
                          : ""));
   }
+  sync();
   // Stage L (shared): the language model learns to answer from grids written as text, as LLaVA
   // starts from a pretrained Vicuna. Only the language model is trained here.
   TrainReport lrep;
@@ -363,14 +412,16 @@ std::string run_repro(const ReproOptions& o) {
     TrainOptions t;
     t.parts = {Part::Llm};
     t.lr = o.text_lr;
-    t.batch_size = o.text_batch;
+    t.batch_size = per_rank(o.text_batch, "stage L's batch");
+    t.comm = comm;
     t.max_steps = o.text_steps;
     t.seed = o.seed;
     t.progress = o.progress;
     say("stage L: pretraining the language model on grids written as text (" + std::to_string(o.text_steps) +
         " steps of " + std::to_string(o.text_batch) + ", lr " + num(o.text_lr, "%g") + ")");
     lrep = train_model(model, samples, t, init_dir);
-    model.save(init_dir);
+    if (lead) model.save(init_dir);
+    sync();
     say("stage L: " + num(lrep.seconds, "%.1f") + " s, final loss " + num(lrep.final_loss, "%.4f"));
   }
 
@@ -417,7 +468,8 @@ std::string run_repro(const ReproOptions& o) {
           std::to_string(cg.train_images) + " images" +
           (sets.size() > 1 ? ", " + join_names(cg.families, "+") + " at " + pct(cg.empty_rate) + " empty" : "") +
           ") in " + cg.out_dir);
-      build_gridvqa(cg);
+      if (lead) build_gridvqa(cg);
+      sync();
       auto convs = load_llava_json((fs::path(cg.out_dir) / "train.json").string());
       auto part = prepare_samples(single ? split_turns(convs) : convs, tok, model.config(), cg.out_dir, false, nullptr);
       samples.insert(samples.end(), std::make_move_iterator(part.begin()), std::make_move_iterator(part.end()));
@@ -444,7 +496,8 @@ std::string run_repro(const ReproOptions& o) {
       t.ground_weight = o.ground_weight;
       t.ground_layer = o.ground_layer;
       t.ground_heads = o.ground_heads;
-      t.batch_size = single ? o.curriculum_batch * o.questions : o.curriculum_batch;
+      t.batch_size = per_rank(single ? o.curriculum_batch * o.questions : o.curriculum_batch, "stage C's batch");
+      t.comm = comm;
       t.max_steps = c.steps;
       t.seed = o.seed + 101 + i + 7919 * uint64_t(rep);  // each schedule its own data order
       t.progress = o.progress;
@@ -459,6 +512,10 @@ std::string run_repro(const ReproOptions& o) {
       r.seconds += tr.seconds;
       r.steps += tr.steps;
       r.schedules++;
+      if (!lead) {  // rank 0 evaluates; every rank follows its decision to stop
+        if (agree(false)) break;
+        continue;
+      }
       r.eval = evaluate(model, tok, cquestions, e);
       r.accuracies.push_back(r.eval.overall.accuracy());
       const std::string by_family = per_family_line(r.eval, r.prior);
@@ -466,10 +523,11 @@ std::string run_repro(const ReproOptions& o) {
           pct(r.eval.overall.accuracy()) + " (answer prior " + pct(r.prior.overall.accuracy()) +
           (c.target >= 0 ? ", bar " + pct(c.target) : "") + ")" +
           (by_family.empty() ? "" : "; " + by_family));
-      if (c.target >= 0 && r.eval.overall.accuracy() >= c.target) break;
+      if (agree(c.target >= 0 && r.eval.overall.accuracy() >= c.target)) break;
     }
     model.set_reducer(Reducer::none());  // the shared start is plain
-    model.save(init_dir);
+    if (lead) model.save(init_dir);
+    sync();
     cur.push_back(std::move(r));
   }
 
@@ -507,6 +565,7 @@ std::string run_repro(const ReproOptions& o) {
   }
   for (auto& r : runs) {
     if (r.training_free) {  // the trained plain model, its visual tokens reduced at inference
+      if (!lead) continue;
       r.dir = runs.front().dir;
       Vlm model = Vlm::load(r.dir);
       model.set_reducer(r.reducer);
@@ -529,7 +588,8 @@ std::string run_repro(const ReproOptions& o) {
     TrainOptions t;
     t.parts = parse_parts(o.train_parts);
     t.lr = o.lr;
-    t.batch_size = o.batch_size;
+    t.batch_size = per_rank(o.batch_size, "--batch-size");
+    t.comm = comm;
     // Grounding needs visual tokens on the patch grid (not the resampler's latents) that reach its layer.
     r.grounded = o.ground_weight > 0 && o.ground_layer < r.summary_layers && r.reducer.kind() != ReducerKind::Resampler;
     if (r.grounded) {
@@ -564,6 +624,7 @@ std::string run_repro(const ReproOptions& o) {
     r.step_seconds = steps ? step_time / steps : 0;
     r.final_loss = rep.final_loss;
     say(r.name + ": " + num(rep.seconds, "%.1f") + " s, final loss " + num(rep.final_loss, "%.4f"));
+    if (!lead) continue;  // the trainer's last barrier: r.dir is complete; rank 0 evaluates it
     // 4. Evaluate.
     EvalOptions e;
     e.image_folder = data;
@@ -573,6 +634,7 @@ std::string run_repro(const ReproOptions& o) {
     r.eval = evaluate(model, tok, questions, e);
     say(r.name + ": " + format_report(r.eval).substr(0, format_report(r.eval).find('\n')));
   }
+  if (!lead) return "";  // every training stage is done: the rest is rank 0's
   EvalReport prior = answer_prior(convs, questions);
 
   // 5. Benchmark: the same weights under each configuration, measured alternately.
@@ -608,6 +670,9 @@ std::string run_repro(const ReproOptions& o) {
      << join(o.summary_layers, ", ") << " (" << o.register_mask << " mask). GridVQA: " << o.train_images << " train images ("
      << convs.size() << " conversations), " << questions.size() << " test questions from "
      << o.test_images << " test images (Fashion-MNIST test split only). Threads: " << at::get_num_threads()
+     << (world > 1 ? " per rank, " + std::to_string(world) + " data-parallel ranks in the training stages (c10d/Gloo; "
+                     "the same global batches, each rank a share; stage 0, evaluation and benchmarks on rank 0)"
+                   : std::string())
      << ", BLAS kernels: " << blas_kernels << ".\n\n";
   if (o.vision_steps > 0)
     md << "Stage 0, shared by every model: the vision tower pretrained to classify grid cells (" << vrep.steps

@@ -123,10 +123,12 @@ double lr_at(const TrainOptions& o, int step, int total) {
   return floor + 0.5 * (o.lr - floor) * (1.0 + std::cos(M_PI * std::min(1.0, progress)));
 }
 
-torch::Tensor shuffle_tokens(const torch::Tensor& x, uint64_t seed, torch::Tensor* order) {
+torch::Tensor shuffle_tokens(const torch::Tensor& x, uint64_t seed, torch::Tensor* order, int64_t first_row) {
   Rng rng(seed);
   const int64_t n = x.size(0), N = x.size(1);
   std::vector<int64_t> idx(size_t(n * N));
+  for (int64_t i = 0; i < first_row; ++i)  // the draws of the rows before this slice
+    for (int64_t t = N - 1; t > 0; --t) (void)rng.uniform(int(t + 1));
   for (int64_t i = 0; i < n; ++i) {
     int64_t* row = idx.data() + i * N;
     for (int64_t t = 0; t < N; ++t) row[t] = t;
@@ -455,6 +457,8 @@ TrainReport train_model(Vlm& model, const std::vector<TrainSample>& samples, con
                   "(their hashes differ): every rank must load the same checkpoint and data with the same options");
   }
 
+  double reduce_seconds = 0;  // in the step's all-reduce (sending, summing, and waiting for the slowest rank)
+  int reduced_steps = 0;
   AdamState adam;
   for (auto* p : trainable) {
     adam.m.push_back(torch::zeros_like(*p->tensor).detach());
@@ -528,7 +532,7 @@ TrainReport train_model(Vlm& model, const std::vector<TrainSample>& samples, con
         }
         if (o.shuffle_visual)  // a distinct permutation for every micro-batch of the run
           embeds = shuffle_tokens(embeds, o.seed * 1000003ull + uint64_t(step) * uint64_t(o.grad_accum) + uint64_t(a),
-                                  &visual_order);
+                                  &visual_order, int64_t(rank) * o.batch_size);
       }
       SequenceBatch batch = model.assemble(rows, embeds, /*pad_left=*/false);
       ForwardTrace trace;
@@ -583,7 +587,10 @@ TrainReport train_model(Vlm& model, const std::vector<TrainSample>& samples, con
       const uint64_t before = comm->bytes_reduced();
       std::vector<torch::Tensor> all = grads;
       all.push_back(figures);
+      const auto t_reduce = Clock::now();
       comm->allreduce_sum(all);
+      reduce_seconds += std::chrono::duration<double>(Clock::now() - t_reduce).count();
+      ++reduced_steps;
       rep.bytes_reduced_per_step = comm->bytes_reduced() - before;
       loss_sum = figures[0].item<float>();
       tokens = int64_t(std::llround(figures[1].item<float>()));
@@ -650,6 +657,7 @@ TrainReport train_model(Vlm& model, const std::vector<TrainSample>& samples, con
   if (writer && !o.out.empty()) save_checkpoint(model, trainable, adam, o, step, total, tok_dir);
   if (comm) comm->barrier();  // the other ranks return once the final checkpoint is complete
   rep.world_size = world;
+  rep.reduce_seconds_per_step = reduced_steps ? reduce_seconds / reduced_steps : 0;
   model.set_trainable({});
   rep.seconds = std::chrono::duration<double>(Clock::now() - t_start).count();
   rep.mean_step_seconds = rep.steps ? step_time_sum / rep.steps : 0;
