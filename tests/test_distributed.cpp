@@ -12,6 +12,7 @@
 #include <thread>
 
 #include "helpers.h"
+#include "victor/distributed.h"
 #include "victor/error.h"
 #include "victor/safetensors.h"
 
@@ -209,6 +210,60 @@ TEST(Distributed, AKilledWorkerStopsTheOthersAndTheLastCheckpointLoads) {
   const std::string log = read_file(err);
   EXPECT_NE(log.find("victor: error: rank 1 failed (killed by signal 9)"), std::string::npos) << log;
   EXPECT_NO_THROW(Vlm::load(out));
+}
+
+TEST(Distributed, OverlappedBucketsSumWhatEachRankAccumulatedEvenWhereAGradientIsMissing) {
+  // Two ranks as two threads of this process. Three parameters, one bucket each (launched during
+  // the backward pass, last parameter first). Rank 0's last pass reaches every parameter; rank 1's
+  // reaches only the first, so its other buckets start in finish() -- in the same order, or the
+  // sums would pair the wrong tensors. An earlier micro-batch's gradient is already in .grad.
+  const int port = free_port();
+  std::vector<std::vector<torch::Tensor>> result(2);
+  std::vector<std::string> errors(2);
+  auto run = [&](int rank) {
+    try {
+      DistEnv env;
+      env.rank = rank;
+      env.world_size = 2;
+      env.master_port = port;
+      Communicator comm(env, std::chrono::seconds(30));
+      torch::manual_seed(0);
+      std::vector<torch::Tensor> p{torch::randn({3, 4}).requires_grad_(), torch::randn({5}).requires_grad_(),
+                                   torch::randn({2, 2}).requires_grad_()};
+      OverlappedGradients og(comm, p, 16);  // 16 bytes: every tensor its own bucket
+      (p[0].sum() * (rank + 1)).backward();  // micro-batch 1 on both ranks: only p0
+      og.arm();
+      if (rank == 0) (p[0].pow(2).sum() + p[1].sum() * 3 + p[2].sum() * 5).backward();
+      else (p[0] * 7).sum().backward();
+      og.finish();
+      for (auto& t : p) result[size_t(rank)].push_back(t.grad().clone());
+    } catch (const std::exception& e) {
+      errors[size_t(rank)] = e.what();
+    }
+  };
+  std::thread t0(run, 0), t1(run, 1);
+  t0.join();
+  t1.join();
+  ASSERT_EQ(errors[0], "");
+  ASSERT_EQ(errors[1], "");
+  torch::manual_seed(0);
+  auto p0 = torch::randn({3, 4});
+  const auto want0 = (torch::ones({3, 4}) * 1 + p0 * 2) + (torch::ones({3, 4}) * 2 + torch::full({3, 4}, 7.0));
+  for (int r = 0; r < 2; ++r) {
+    EXPECT_TRUE(torch::allclose(result[size_t(r)][0], want0)) << r;
+    EXPECT_TRUE(torch::allclose(result[size_t(r)][1], torch::full({5}, 3.0))) << r;  // rank 1 adds zeros
+    EXPECT_TRUE(torch::allclose(result[size_t(r)][2], torch::full({2, 2}, 5.0))) << r;
+  }
+}
+
+TEST(Distributed, OverlappedAllReduceWithGradientAccumulationStepsAsAfterTheBackward) {
+  const std::string dir = temp_dir("dist_overlap");
+  ASSERT_EQ(sh(train_cmd(dir + "/one", "--batch-size 2 --grad-accum 2 >/dev/null 2>&1")), 0);
+  ASSERT_EQ(sh(train_cmd(dir + "/over", "--nproc 2 --batch-size 1 --grad-accum 2 --overlap-allreduce true >/dev/null 2>&1")), 0);
+  ASSERT_EQ(sh(train_cmd(dir + "/after", "--nproc 2 --batch-size 1 --grad-accum 2 >/dev/null 2>&1")), 0);
+  EXPECT_GT(max_rel_diff(dir + "/one", fixture().model), 1e-3);
+  EXPECT_LT(max_rel_diff(dir + "/over", dir + "/one"), 2e-5);
+  EXPECT_LT(max_rel_diff(dir + "/after", dir + "/one"), 2e-5);
 }
 
 TEST(Distributed, ClearErrorsForAnUnreachableMasterDisagreeingRanksAndTooLittleData) {

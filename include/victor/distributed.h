@@ -5,6 +5,7 @@
 #include <torch/torch.h>
 
 #include <chrono>
+#include <functional>
 #include <cstdint>
 #include <memory>
 #include <optional>
@@ -45,6 +46,10 @@ class Communicator {
   // The smallest and largest value over ranks (consistency checks).
   std::pair<int64_t, int64_t> min_max(int64_t value);
   void barrier();
+  // Starts summing one contiguous float32 tensor across ranks on Gloo's background thread and
+  // returns the wait for it; the tensor must not be touched until the wait returns. Every rank must
+  // start the same sums in the same order.
+  std::function<void()> start_allreduce_sum(torch::Tensor flat);
   // Bytes this rank has sent into all-reduces so far (the payload, not Gloo's framing).
   uint64_t bytes_reduced() const { return bytes_reduced_; }
 
@@ -53,6 +58,37 @@ class Communicator {
   DistEnv env_;
   std::unique_ptr<Impl> impl_;
   uint64_t bytes_reduced_ = 0;
+};
+
+// The gradients of `params` all-reduced in buckets while the backward pass still runs (the scheme
+// of PyTorch's DDP): arm() before the last backward of an optimizer step registers a hook on each
+// parameter; when every gradient of a bucket has arrived, its sum across ranks starts on Gloo's
+// thread, buckets always in the same order (the last parameters first, as the backward pass reaches
+// them; a bucket waits for the ones before it, so ranks whose graphs differ still agree); finish()
+// starts what is left (a parameter with no gradient on this rank contributes zeros), waits, and
+// leaves each parameter's .grad holding the sum across ranks of everything accumulated in it.
+class OverlappedGradients {
+ public:
+  OverlappedGradients(Communicator& comm, std::vector<torch::Tensor> params, size_t bucket_bytes = size_t(8) << 20);
+  ~OverlappedGradients();
+  void arm();
+  void finish();
+
+ private:
+  void on_grad(size_t i, const torch::Tensor& g);
+  void launch_ready();
+  void launch(size_t b);
+  Communicator& comm_;
+  std::vector<torch::Tensor> params_;
+  std::vector<std::vector<size_t>> buckets_;  // parameter indices, in launch order
+  std::vector<size_t> bucket_of_;
+  std::vector<torch::Tensor> slots_;          // per parameter: its whole gradient for this step
+  std::vector<size_t> arrived_;               // per bucket
+  std::vector<torch::Tensor> flats_;
+  std::vector<std::function<void()>> waits_;
+  std::vector<unsigned> hooks_;
+  size_t next_ = 0;  // the next bucket to launch
+  bool armed_ = false;
 };
 
 // `victor train --nproc N`: starts N local workers (this executable with `args`, the torchrun

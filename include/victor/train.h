@@ -51,6 +51,12 @@ struct TrainOptions {
   // exactly as one process with batch N*b. Rank 0 alone writes checkpoints and metrics.
   Communicator* comm = nullptr;
   int dist_timeout_seconds = 300;  // joining the group (train() only)
+  // With comm: the last backward pass of each step starts the gradients' all-reduce bucket by
+  // bucket as they are ready (OverlappedGradients); false: one bucketed all-reduce after it.
+  // Off by default: on one 2-core machine the ranks already use every core, Gloo's thread competes
+  // with the backward pass, and overlapping measured 3-7% slower (docs/distributed.md). It is for
+  // ranks on separate machines, where the all-reduce waits on the network.
+  bool overlap_allreduce = false;
 };
 
 // Each row of x [n,N,d] with its N tokens in a random order (Fisher-Yates, seeded): the

@@ -122,6 +122,100 @@ std::pair<int64_t, int64_t> Communicator::min_max(int64_t value) {
 
 void Communicator::barrier() { impl_->pg->barrier()->wait(); }
 
+std::function<void()> Communicator::start_allreduce_sum(torch::Tensor flat) {
+  TORCH_CHECK(flat.is_contiguous() && flat.scalar_type() == torch::kFloat32, "start_allreduce_sum: contiguous float32");
+  std::vector<torch::Tensor> v{flat};
+  auto work = impl_->pg->allreduce(v);
+  bytes_reduced_ += uint64_t(flat.numel()) * 4;
+  return [work] { work->wait(); };
+}
+
+// --- gradients all-reduced during the backward pass ---
+
+OverlappedGradients::OverlappedGradients(Communicator& comm, std::vector<torch::Tensor> params, size_t bucket_bytes)
+    : comm_(comm), params_(std::move(params)) {
+  bucket_of_.resize(params_.size());
+  size_t bytes = 0;
+  for (size_t k = params_.size(); k-- > 0;) {  // the backward pass reaches the last parameters first
+    const size_t b = size_t(params_[k].numel()) * 4;
+    if (buckets_.empty() || (bytes + b > bucket_bytes && !buckets_.back().empty())) buckets_.emplace_back(), bytes = 0;
+    buckets_.back().push_back(k);
+    bucket_of_[k] = buckets_.size() - 1;
+    bytes += b;
+  }
+}
+
+OverlappedGradients::~OverlappedGradients() {
+  for (size_t i = 0; i < hooks_.size(); ++i) params_[i].remove_hook(hooks_[i]);
+}
+
+void OverlappedGradients::arm() {
+  TORCH_CHECK(!armed_, "OverlappedGradients::arm twice");
+  slots_.assign(params_.size(), torch::Tensor());
+  arrived_.assign(buckets_.size(), 0);
+  flats_.assign(buckets_.size(), torch::Tensor());
+  waits_.assign(buckets_.size(), nullptr);
+  next_ = 0;
+  hooks_.clear();
+  for (size_t i = 0; i < params_.size(); ++i)
+    hooks_.push_back(params_[i].register_hook([this, i](const torch::Tensor& g) { on_grad(i, g); }));
+  armed_ = true;
+}
+
+void OverlappedGradients::on_grad(size_t i, const torch::Tensor& g) {
+  // A leaf's hook runs before the gradient is added to .grad: the step's whole gradient is what
+  // earlier micro-batches left there plus this one.
+  torch::NoGradGuard ng;
+  const torch::Tensor& before = params_[i].grad();
+  torch::Tensor whole = before.defined() ? before + g : g.clone();
+  if (slots_[i].defined()) {  // a second gradient for the same leaf in one pass (not expected): add it
+    slots_[i].add_(g);
+    return;
+  }
+  slots_[i] = whole.to(torch::kFloat32).contiguous();
+  if (++arrived_[bucket_of_[i]] == buckets_[bucket_of_[i]].size()) launch_ready();
+}
+
+void OverlappedGradients::launch_ready() {
+  while (next_ < buckets_.size() && arrived_[next_] == buckets_[next_].size()) launch(next_++);
+}
+
+void OverlappedGradients::launch(size_t b) {
+  std::vector<torch::Tensor> parts;
+  for (size_t i : buckets_[b]) parts.push_back(slots_[i].reshape({-1}));
+  flats_[b] = torch::cat(parts);
+  waits_[b] = comm_.start_allreduce_sum(flats_[b]);
+}
+
+void OverlappedGradients::finish() {
+  TORCH_CHECK(armed_, "OverlappedGradients::finish without arm");
+  for (size_t i = 0; i < hooks_.size(); ++i) params_[i].remove_hook(hooks_[i]);
+  hooks_.clear();
+  armed_ = false;
+  torch::NoGradGuard ng;
+  for (size_t i = 0; i < params_.size(); ++i)
+    if (!slots_[i].defined()) {  // no gradient reached it in the last pass on this rank
+      const torch::Tensor& g = params_[i].grad();
+      slots_[i] = g.defined() ? g.to(torch::kFloat32).contiguous().clone() : torch::zeros_like(params_[i], torch::kFloat32);
+      ++arrived_[bucket_of_[i]];
+    }
+  launch_ready();
+  for (size_t b = 0; b < buckets_.size(); ++b) {
+    waits_[b]();
+    int64_t at = 0;
+    for (size_t i : buckets_[b]) {
+      auto& grad = params_[i].mutable_grad();
+      const int64_t n = params_[i].numel();
+      auto sum = flats_[b].narrow(0, at, n).view(params_[i].sizes()).to(params_[i].scalar_type());
+      if (grad.defined()) grad.copy_(sum);
+      else grad = sum.clone();
+      at += n;
+    }
+  }
+  slots_.clear();
+  flats_.clear();
+}
+
 // --- the local launcher ---
 
 namespace {

@@ -459,6 +459,12 @@ TrainReport train_model(Vlm& model, const std::vector<TrainSample>& samples, con
 
   double reduce_seconds = 0;  // in the step's all-reduce (sending, summing, and waiting for the slowest rank)
   int reduced_steps = 0;
+  std::unique_ptr<OverlappedGradients> overlapped;  // the last backward of a step starts the sums
+  if (comm && o.overlap_allreduce) {
+    std::vector<torch::Tensor> ts;
+    for (auto* p : trainable) ts.push_back(*p->tensor);
+    overlapped = std::make_unique<OverlappedGradients>(*comm, ts);
+  }
   AdamState adam;
   for (auto* p : trainable) {
     adam.m.push_back(torch::zeros_like(*p->tensor).detach());
@@ -504,6 +510,7 @@ TrainReport train_model(Vlm& model, const std::vector<TrainSample>& samples, con
   int order_epoch = -1;
   for (; step < end; ++step) {
     auto t0 = Clock::now();
+    const uint64_t bytes_before = comm ? comm->bytes_reduced() : 0;
     double loss_sum = 0, ground_kl = 0, ground_mass = 0;
     int64_t tokens = 0, rows_seen = 0, grounded = 0;
     for (int a = 0; a < o.grad_accum; ++a) {
@@ -569,10 +576,13 @@ TrainReport train_model(Vlm& model, const std::vector<TrainSample>& samples, con
         ground_mass += g.mass * g.answers;
         grounded += g.answers;
       }
+      if (overlapped && a == o.grad_accum - 1) overlapped->arm();
       (loss / double(o.grad_accum)).backward();
       tokens += batch.meta.kind.ne(int64_t(TokenKind::Pad)).sum().item<int64_t>();
       rows_seen += int64_t(rows.size());
     }
+    const auto t_reduce = Clock::now();
+    if (overlapped) overlapped->finish();  // waits for the sums the backward pass started
     // Clip, then AdamW with decoupled weight decay.
     std::vector<torch::Tensor> grads;
     for (auto* p : trainable) {
@@ -584,14 +594,13 @@ TrainReport train_model(Vlm& model, const std::vector<TrainSample>& samples, con
       // One all-reduce per step, in buckets: the gradients, then this step's figures.
       torch::Tensor figures = torch::tensor({loss_sum, double(tokens), double(rows_seen), ground_kl, ground_mass,
                                              double(grounded)}, torch::kFloat64).to(torch::kFloat32);
-      const uint64_t before = comm->bytes_reduced();
-      std::vector<torch::Tensor> all = grads;
+      std::vector<torch::Tensor> all;
+      if (!overlapped) all = grads;
       all.push_back(figures);
-      const auto t_reduce = Clock::now();
       comm->allreduce_sum(all);
       reduce_seconds += std::chrono::duration<double>(Clock::now() - t_reduce).count();
       ++reduced_steps;
-      rep.bytes_reduced_per_step = comm->bytes_reduced() - before;
+      rep.bytes_reduced_per_step = comm->bytes_reduced() - bytes_before;  // gradients, figures, token counts
       loss_sum = figures[0].item<float>();
       tokens = int64_t(std::llround(figures[1].item<float>()));
       rows_seen = int64_t(std::llround(figures[2].item<float>()));
