@@ -306,6 +306,49 @@ TEST(Tokenizer, CorruptModelIsAClearError) {
   EXPECT_NE(e.find("tokenizer.model"), std::string::npos) << e;
 }
 
+TEST(Config, EveryFieldRoundTripsThroughConfigJson) {
+  // Each preset, and one with every field moved off its default, write and read back equal: the
+  // field tables drive both directions, so a field added to one and not the other fails here.
+  for (const char* name : {"tiny", "small", "clip-l-1b", "llava-7b"}) {
+    ModelConfig c = preset_config(name);
+    const json j = config_to_json(c);
+    EXPECT_EQ(config_to_json(config_from_json(j, "x")), j) << name;
+  }
+  ModelConfig c = preset_config("tiny");
+  c.vision.num_channels = 1;
+  c.vision.layer_norm_eps = 3e-6;
+  c.vision.hidden_act = "gelu";
+  c.text.num_key_value_heads = 1;
+  c.text.rms_norm_eps = 2e-6;
+  c.text.rope_theta = 5e5;
+  c.text.tie_word_embeddings = true;
+  c.text.bos_token_id = 7;
+  c.text.eos_token_id = 9;
+  c.image_token_index = 33;
+  c.pad_token_id = 34;
+  c.projector_hidden_act = "relu";
+  c.vision_feature_layer = -1;
+  c.vision_feature_select_strategy = "full";
+  const json j = config_to_json(c);
+  const ModelConfig back = config_from_json(j, "x");
+  EXPECT_EQ(back.vision.num_channels, 1);
+  EXPECT_DOUBLE_EQ(back.vision.layer_norm_eps, 3e-6);
+  EXPECT_EQ(back.text.num_key_value_heads, 1);
+  EXPECT_DOUBLE_EQ(back.text.rope_theta, 5e5);
+  EXPECT_TRUE(back.text.tie_word_embeddings);
+  EXPECT_EQ(back.text.eos_token_id, 9);
+  EXPECT_EQ(back.pad_token_id, 34);
+  EXPECT_EQ(back.vision_feature_select_strategy, "full");
+  EXPECT_EQ(config_to_json(back), j);
+  // Keys left out take Hugging Face's class defaults; a missing num_key_value_heads means one per head.
+  json sparse = {{"text_config", {{"num_attention_heads", 8}, {"hidden_size", 64}}}, {"vision_config", json::object()}};
+  const ModelConfig d = config_from_json(sparse, "x");
+  EXPECT_EQ(d.text.num_key_value_heads, 8);
+  EXPECT_EQ(d.vision.hidden_size, 768);
+  EXPECT_EQ(d.vision.patch_size, 32);
+  EXPECT_EQ(d.text.vocab_size, 32000);
+}
+
 TEST(Npy, RoundTrip) {
   auto dir = temp_dir("npy");
   auto t = torch::randn({3, 5});

@@ -152,11 +152,71 @@ ModelConfig config_from_json(const json& j, const std::string& src) {
 }
 
 namespace {
+
+// Every key of config.json's vision_config and text_config, declared once: reading, writing and
+// the key names in errors all come from these tables. `V`/`T` may be const (writing) or not (reading).
+template <class V, class F>
+void vision_fields(V& v, F&& f) {
+  f("hidden_size", v.hidden_size);
+  f("intermediate_size", v.intermediate_size);
+  f("num_hidden_layers", v.num_hidden_layers);
+  f("num_attention_heads", v.num_attention_heads);
+  f("image_size", v.image_size);
+  f("patch_size", v.patch_size);
+  f("num_channels", v.num_channels);
+  f("layer_norm_eps", v.layer_norm_eps);
+  f("hidden_act", v.hidden_act);
+}
+
+template <class T, class F>
+void text_fields(T& t, F&& f) {
+  f("vocab_size", t.vocab_size);
+  f("hidden_size", t.hidden_size);
+  f("intermediate_size", t.intermediate_size);
+  f("num_hidden_layers", t.num_hidden_layers);
+  f("num_attention_heads", t.num_attention_heads);
+  f("num_key_value_heads", t.num_key_value_heads);  // absent: num_attention_heads (multi-head attention)
+  f("max_position_embeddings", t.max_position_embeddings);
+  f("rms_norm_eps", t.rms_norm_eps);
+  f("rope_theta", t.rope_theta);
+  f("tie_word_embeddings", t.tie_word_embeddings);
+  f("hidden_act", t.hidden_act);
+  f("bos_token_id", t.bos_token_id);
+  f("eos_token_id", t.eos_token_id);
+}
+
+// The top-level keys that are plain fields (the aspect ratio, dtype, quantization and the reducer
+// have their own readers and writers).
+template <class C, class F>
+void top_fields(C& c, F&& f) {
+  f("image_token_index", c.image_token_index);
+  f("pad_token_id", c.pad_token_id);
+  f("projector_hidden_act", c.projector_hidden_act);
+  f("vision_feature_layer", c.vision_feature_layer);
+  f("vision_feature_select_strategy", c.vision_feature_select_strategy);
+  f("tie_word_embeddings", c.text.tie_word_embeddings);
+}
+
+// Hugging Face's class defaults (CLIPVisionConfig, LlamaConfig) for keys a config.json leaves out.
+VisionConfig hf_clip_vision_defaults() {
+  VisionConfig v;
+  v.hidden_size = 768;
+  v.intermediate_size = 3072;
+  v.num_hidden_layers = 12;
+  v.num_attention_heads = 12;
+  v.image_size = 224;
+  v.patch_size = 32;
+  v.num_channels = 3;
+  v.layer_norm_eps = 1e-5;
+  v.hidden_act = "quick_gelu";
+  return v;
+}
+
 ModelConfig config_from_json_checked(const json& j, const std::string& src) {
   if (!j.is_object()) throw Error(src + ": config must be a JSON object");
   ModelConfig c;
   // Hugging Face class defaults for keys a config.json leaves out.
-  c.vision = VisionConfig{768, 3072, 12, 12, 224, 32, 3, 1e-5, "quick_gelu"};
+  c.vision = hf_clip_vision_defaults();
   c.text = TextConfig{};
   c.text.vocab_size = 32000;
   c.text.max_position_embeddings = 2048;
@@ -165,15 +225,7 @@ ModelConfig config_from_json_checked(const json& j, const std::string& src) {
     const json& v = j["vision_config"];
     std::string w = src + ": vision_config";
     if (!v.is_object()) throw Error(w + " must be an object");
-    get_opt(v, "hidden_size", c.vision.hidden_size, w);
-    get_opt(v, "intermediate_size", c.vision.intermediate_size, w);
-    get_opt(v, "num_hidden_layers", c.vision.num_hidden_layers, w);
-    get_opt(v, "num_attention_heads", c.vision.num_attention_heads, w);
-    get_opt(v, "image_size", c.vision.image_size, w);
-    get_opt(v, "patch_size", c.vision.patch_size, w);
-    get_opt(v, "num_channels", c.vision.num_channels, w);
-    get_opt(v, "layer_norm_eps", c.vision.layer_norm_eps, w);
-    get_opt(v, "hidden_act", c.vision.hidden_act, w);
+    vision_fields(c.vision, [&](const char* key, auto& field) { get_opt(v, key, field, w); });
   }
   if (j.contains("text_config")) {
     const json& t = j["text_config"];
@@ -182,20 +234,9 @@ ModelConfig config_from_json_checked(const json& j, const std::string& src) {
     if (t.contains("model_type") && t["model_type"] != "llama")
       throw Error(w + ".model_type: only 'llama' language towers are supported, got " +
                   t["model_type"].dump());
-    get_opt(t, "vocab_size", c.text.vocab_size, w);
-    get_opt(t, "hidden_size", c.text.hidden_size, w);
-    get_opt(t, "intermediate_size", c.text.intermediate_size, w);
-    get_opt(t, "num_hidden_layers", c.text.num_hidden_layers, w);
-    get_opt(t, "num_attention_heads", c.text.num_attention_heads, w);
-    c.text.num_key_value_heads = c.text.num_attention_heads;
-    get_opt(t, "num_key_value_heads", c.text.num_key_value_heads, w);
-    get_opt(t, "max_position_embeddings", c.text.max_position_embeddings, w);
-    get_opt(t, "rms_norm_eps", c.text.rms_norm_eps, w);
-    get_opt(t, "rope_theta", c.text.rope_theta, w);
-    get_opt(t, "tie_word_embeddings", c.text.tie_word_embeddings, w);
-    get_opt(t, "hidden_act", c.text.hidden_act, w);
-    get_opt(t, "bos_token_id", c.text.bos_token_id, w);
-    get_opt(t, "eos_token_id", c.text.eos_token_id, w);
+    text_fields(c.text, [&](const char* key, auto& field) { get_opt(t, key, field, w); });
+    if (!t.contains("num_key_value_heads") || t["num_key_value_heads"].is_null())
+      c.text.num_key_value_heads = c.text.num_attention_heads;
     if (t.contains("rope_scaling") && !t["rope_scaling"].is_null())
       throw Error(w + ".rope_scaling: RoPE scaling is not supported");
     // Biases on the attention or MLP projections (Qwen-style): victor's LLaMA has none, and
@@ -210,15 +251,10 @@ ModelConfig config_from_json_checked(const json& j, const std::string& src) {
     if (head_dim != c.text.head_dim())
       throw Error(w + ".head_dim: must equal hidden_size / num_attention_heads");
   }
-  get_opt(j, "tie_word_embeddings", c.text.tie_word_embeddings, src);
-  get_opt(j, "image_token_index", c.image_token_index, src);
-  get_opt(j, "image_token_id", c.image_token_index, src);
-  get_opt(j, "pad_token_id", c.pad_token_id, src);
-  get_opt(j, "projector_hidden_act", c.projector_hidden_act, src);
   if (j.contains("vision_feature_layer") && j["vision_feature_layer"].is_array())
     throw Error(src + ": vision_feature_layer as a list (multi-layer features) is not supported");
-  get_opt(j, "vision_feature_layer", c.vision_feature_layer, src);
-  get_opt(j, "vision_feature_select_strategy", c.vision_feature_select_strategy, src);
+  top_fields(c, [&](const char* key, auto& field) { get_opt(j, key, field, src); });
+  get_opt(j, "image_token_id", c.image_token_index, src);  // newer transformers' name for it
   if (j.contains("image_aspect_ratio") && !j["image_aspect_ratio"].is_null()) {
     std::string a;
     get_opt(j, "image_aspect_ratio", a, src);
@@ -251,13 +287,8 @@ json config_to_json(const ModelConfig& c) {
   json j;
   j["architectures"] = {"LlavaForConditionalGeneration"};
   j["model_type"] = "llava";
-  j["image_token_index"] = c.image_token_index;
-  j["pad_token_id"] = c.pad_token_id;
-  j["projector_hidden_act"] = c.projector_hidden_act;
-  j["vision_feature_layer"] = c.vision_feature_layer;
-  j["vision_feature_select_strategy"] = c.vision_feature_select_strategy;
+  top_fields(c, [&](const char* key, const auto& field) { j[key] = field; });
   j["image_aspect_ratio"] = c.preprocess.pad_to_square ? "pad" : "square";
-  j["tie_word_embeddings"] = c.text.tie_word_embeddings;
   j["torch_dtype"] = c.weight_dtype == WeightDType::BF16 ? "bfloat16" : "float32";
   if (c.weight_dtype == WeightDType::Int8)
     j["quantization_config"] = {{"quant_method", "victor_int8"},
@@ -265,32 +296,10 @@ json config_to_json(const ModelConfig& c) {
                                 {"granularity", "per_output_row"},
                                 {"symmetric", true},
                                 {"scale_suffix", "_scale"}};
-  const auto& v = c.vision;
-  j["vision_config"] = {{"model_type", "clip_vision_model"},
-                        {"hidden_size", v.hidden_size},
-                        {"intermediate_size", v.intermediate_size},
-                        {"num_hidden_layers", v.num_hidden_layers},
-                        {"num_attention_heads", v.num_attention_heads},
-                        {"image_size", v.image_size},
-                        {"patch_size", v.patch_size},
-                        {"num_channels", v.num_channels},
-                        {"layer_norm_eps", v.layer_norm_eps},
-                        {"hidden_act", v.hidden_act}};
-  const auto& t = c.text;
-  j["text_config"] = {{"model_type", "llama"},
-                      {"vocab_size", t.vocab_size},
-                      {"hidden_size", t.hidden_size},
-                      {"intermediate_size", t.intermediate_size},
-                      {"num_hidden_layers", t.num_hidden_layers},
-                      {"num_attention_heads", t.num_attention_heads},
-                      {"num_key_value_heads", t.num_key_value_heads},
-                      {"max_position_embeddings", t.max_position_embeddings},
-                      {"rms_norm_eps", t.rms_norm_eps},
-                      {"rope_theta", t.rope_theta},
-                      {"tie_word_embeddings", t.tie_word_embeddings},
-                      {"hidden_act", t.hidden_act},
-                      {"bos_token_id", t.bos_token_id},
-                      {"eos_token_id", t.eos_token_id}};
+  json& v = j["vision_config"] = {{"model_type", "clip_vision_model"}};
+  vision_fields(c.vision, [&](const char* key, const auto& field) { v[key] = field; });
+  json& t = j["text_config"] = {{"model_type", "llama"}};
+  text_fields(c.text, [&](const char* key, const auto& field) { t[key] = field; });
   c.reducer.to_json(j);
   return j;
 }
@@ -361,11 +370,17 @@ void save_config(const ModelConfig& c, const std::string& dir) {
 }
 
 ModelConfig preset_config(const std::string& name) {
-  const VisionConfig clip_l_336{1024, 4096, 24, 16, 336, 14, 3, 1e-5, "quick_gelu"};
+  // CLIP ViT-L/14-336, LLaVA-1.5's tower: VisionConfig's own defaults.
+  const VisionConfig clip_l_336;
   ModelConfig c;
   c.text.rms_norm_eps = 1e-5;
   if (name == "tiny") {
-    c.vision = VisionConfig{32, 64, 2, 2, 28, 7, 3, 1e-5, "quick_gelu"};
+    c.vision.hidden_size = 32;
+    c.vision.intermediate_size = 64;
+    c.vision.num_hidden_layers = 2;
+    c.vision.num_attention_heads = 2;
+    c.vision.image_size = 28;
+    c.vision.patch_size = 7;
     c.text.hidden_size = 64;
     c.text.intermediate_size = 128;
     c.text.num_hidden_layers = 4;
@@ -374,7 +389,12 @@ ModelConfig preset_config(const std::string& name) {
     c.text.max_position_embeddings = 1024;
   } else if (name == "small") {
     // GridVQA: a 112 px grid of 28 px items, 7 px patches -> 256 visual tokens (16 per item).
-    c.vision = VisionConfig{192, 768, 5, 4, 112, 7, 3, 1e-5, "quick_gelu"};
+    c.vision.hidden_size = 192;
+    c.vision.intermediate_size = 768;
+    c.vision.num_hidden_layers = 5;
+    c.vision.num_attention_heads = 4;
+    c.vision.image_size = 112;
+    c.vision.patch_size = 7;
     c.text.hidden_size = 256;
     c.text.intermediate_size = 704;
     c.text.num_hidden_layers = 6;
