@@ -1,5 +1,6 @@
 // `victor repro`: GridVQA -> train plain and Victor models with identical budgets -> evaluate ->
-// benchmark -> a Markdown report with the paper's table and plots.
+// benchmark -> a Markdown report with the paper's table and plots. The implementation is in
+// src/repro/ (options, stages, report, and run_repro, the orchestrator).
 #pragma once
 #include <string>
 #include <vector>
@@ -42,70 +43,51 @@ struct CurriculumStage {
 std::vector<CurriculumStage> parse_curriculum(const std::string& spec);
 std::string format_curriculum(const std::vector<CurriculumStage>& stages);
 
+// Every option of `victor repro`; the defaults are the README's main job. Why each default is what
+// it is was measured and is recorded in docs/benchmarks.md (the items named below), not here.
 struct ReproOptions {
   std::string out = "runs/repro";
   std::string preset = "small";
-  // Every (m, k) pair is a Victor model. Measured (docs/benchmarks.md, item 13): at k = 1 of 6 layers the
-  // question cannot both form its lookup and read the visual tokens before they leave, so the Victor
-  // models fall to the answer prior; at k = 2 m = 8 kept the plain model's accuracy (43.0% vs 43.2%).
+  // Every (m, k) pair is a Victor model (item 13: k = 1 of 6 layers falls to the answer prior).
   std::vector<int> registers{2, 8};
   std::vector<int> summary_layers{1, 2};
   std::string register_mask = "causal";
   int train_images = 2000, test_images = 300, questions = 4;
-  // Stage 0, shared by every model. Measured (docs/benchmarks.md, item 21): 150 steps on the 2,000
-  // training images left the tower at 70.1% cell / 45.9% single-patch accuracy, and identify in every
-  // later stage sat at that cell accuracy; 600 steps on 8,000 images of its own reach 85.6% / 85.4%.
+  // Stage 0, shared: the vision tower on cell classes, on a GridVQA set of its own (items 15, 21).
   int vision_steps = 600, vision_batch = 32;
-  // Stage 0's own GridVQA set (the main grid size), so the tower sees more items than stage 2's
-  // training images; 0 = use the main training set.
-  int vision_images = 8000;
-  std::string vision_targets = "patch";      // stage 0: "patch" (every patch names its cell) or "cell" (cell means)
-  // Stage 0 also teaches each class's count in the whole image (VisionPretrainOptions::counts).
-  bool vision_counts = false;
-  int text_steps = 0, text_batch = 8;         // stage L, shared: the language model on text.json
+  int vision_images = 8000;                   // 0 = the main training set
+  std::string vision_targets = "patch";       // "patch" (every patch names its cell) or "cell" (cell means)
+  bool vision_counts = false;                 // also each class's count in the image
+  // Stage L, shared: the language model on grids written as text (text.json); 0 steps = skipped.
+  int text_steps = 0, text_batch = 8;
   double text_lr = 3e-4;
-  // Stage C (shared, after 0 and L): the curriculum; projector + language model.
-  // Measured (docs/benchmarks.md, item 22): with grounded attention, 4x4 identify at one token per
-  // cell learns straight from stage 0 (83.7% in 1,000 steps, where without it the loss stayed flat
-  // and a 2x2 curriculum was needed: items 10-12), then all four families at one token per cell
-  // (exist and count learn there), then all of them at full resolution (256 tokens).
+  // Stage C, shared: the curriculum, projector + language model (items 10-12, 20, 22).
   std::vector<CurriculumStage> curriculum{
       {4, {"identify"}, 4, 1000, 2, 0.70}, {4, {}, 4, 1250}, {4, {}, 1, 300}};
   int curriculum_images = 8000, curriculum_batch = 8;
   double curriculum_lr = 3e-4;
-  // Stage C: --shuffle-visual. Measured on 2x2 identify (item 11): 2 of 3 shuffled chains broke
-  // within 2,000 steps, 1 of 4 ordered ones; the stuck ones learned the row and not the column.
-  bool curriculum_shuffle = true;
-  // Stage C: the pooled stages (where the lookup is learned) train one question per sample, with
-  // curriculum_batch * questions samples per step (the same answers per step): in a conversation
-  // about one image, a row-only lookup answers the row's second question by elimination, and
-  // 2x2 identify stalls there (item 12). Full-resolution stages keep the conversations: one
-  // image per question would cost 3x more per answer at 256 visual tokens.
+  bool curriculum_shuffle = true;             // --shuffle-visual in stage C (item 11)
+  // Pooled stage-C stages train one question per sample, curriculum_batch * questions samples per
+  // step (item 12); full-resolution stages keep the conversations.
   bool curriculum_single_turn = true;
-  // Stage C: the visual tokens leave after this layer (no registers), so the lookups are learned in
-  // the first K layers, where a Victor twin with k >= K still has the visual tokens; -1 = every layer.
-  // Item 21: the plain stage C of one default run put the lookup past layer 2 and the k = 2 twins lost it.
+  // Stage C drops the visual tokens after this layer (no registers); -1 = every layer (item 21).
   int curriculum_summary_layers = -1;
-  // Grounded attention (TrainOptions::ground_weight) in stage C and stage 2: the first ground_heads
-  // heads of decoder layer ground_layer learn to look at the cells each answer rests on (GridVQA's
-  // boxes). Stage 2 grounds a model only where that layer still sees the visual tokens (k > layer).
-  // Measured (item 22): on 4x4 grids from stage 0, identify 27% -> 84%, exist 49% -> 86%.
+  // Grounded attention (TrainOptions::ground_weight) in stage C and in stage 2 of every model whose
+  // visual tokens reach ground_layer (item 22).
   double ground_weight = 1;
   int ground_layer = 1, ground_heads = 1;
-  int pretrain_steps = 0;                     // stage 1: row-by-row descriptions (optional)
-  int steps = 450, batch_size = 8;            // stage 2: the questions
+  int pretrain_steps = 0;                     // stage 1: row-by-row descriptions (0 = skipped)
+  int steps = 450, batch_size = 8;            // stage 2: the questions, identical for every model
   std::string train_parts = "finetune";       // LLaVA: the vision tower stays frozen
-  std::vector<int> pools{4};                  // average-pooling baselines trained alongside
-  // Perceiver-style resamplers trained alongside, by latent count (0 = none); 16 matches pool 4's
-  // budget on the small preset.
-  std::vector<int> resamplers{16};
-  // Training-free reducers applied to the trained plain model (specs). Empty: FastV (k = 2) and
-  // VisionZip at the first pooling baseline's visual-token budget; {"none"}: none.
+  std::vector<int> pools{4};                  // average-pooling baselines
+  std::vector<int> resamplers{16};            // Perceiver-style resamplers by latent count (0 = none)
+  // Training-free reducers on the trained plain model (specs). Empty: FastV (k = 2) and VisionZip
+  // at the first pooling baseline's visual-token budget; {"none"}: none.
   std::vector<std::string> training_free;
-  double lr = 3e-4;  // after the curriculum; 1e-3 from stage 0 alone
+  double lr = 3e-4;
   int bench_repeats = 3, bench_batch = 16;
   std::vector<int> bench_gen{2, 128};
-  int eval_limit = 0;
+  int eval_limit = 0;                         // 0 = every test question
   uint64_t seed = 0;
   bool progress = true;
   // Data-parallel training stages (`--nproc`, torchrun variables): the group, or null to join the
