@@ -28,12 +28,8 @@ std::string run_repro(const ReproOptions& o) {
       own_comm = std::make_unique<Communicator>(*env, std::chrono::seconds(o.dist_timeout_seconds));
       comm = own_comm.get();
     }
-  Context c{o};
-  c.comm = comm;
-  c.world = comm ? comm->world_size() : 1;
-  c.lead = !comm || comm->rank() == 0;
-  c.data = (fs::path(o.out) / "gridvqa").string();
-  c.init_dir = (fs::path(o.out) / "models" / "init").string();
+  const Context c{o, comm, comm ? comm->world_size() : 1, !comm || comm->rank() == 0,
+                  (fs::path(o.out) / "gridvqa").string(), (fs::path(o.out) / "models" / "init").string()};
   set_quiet(!c.lead);
 
   check_options(o, c.world);  // before any work is done
