@@ -716,8 +716,12 @@ int main(int argc, char** argv) {
   c_quant->add_option("--shard-mb", qa.shard_mb, "Split the safetensors into shards of this many MiB (0 = one file)")
       ->check(CLI::Range(0, 1 << 20));
 
-  ReproOptions rp;
+  // --quick changes the defaults, so it is read before the options bind to them: every option
+  // given explicitly still wins, and --help after --quick shows the quick defaults.
   bool rp_quick = false;
+  for (int i = 1; i < argc; ++i)
+    if (std::string(argv[i]) == "--quick") rp_quick = true;
+  ReproOptions rp = rp_quick ? ReproOptions::quick() : ReproOptions{};
   int rp_threads = default_threads();
   auto* c_repro = app.add_subcommand("repro", "GridVQA -> train plain + Victor -> eval -> bench -> report");
   c_repro->add_flag("--quick", rp_quick, "About 5 minutes on 2 cores (smaller data, fewer steps)");
@@ -838,25 +842,6 @@ int main(int argc, char** argv) {
       set_threads(rp_threads);
       ReproOptions o = rp;
       o.curriculum = parse_curriculum(rp_curriculum);
-      if (rp_quick) {
-        ReproOptions q = ReproOptions::quick();
-        // Explicit options still win over the quick defaults.
-        auto given = [&](const char* n) { return c_repro->count(n) > 0; };
-        if (!given("--out")) o.out = q.out;
-        if (!given("--train-images")) o.train_images = q.train_images;
-        if (!given("--test-images")) o.test_images = q.test_images;
-        if (!given("--steps")) o.steps = q.steps;
-        if (!given("--vision-steps")) o.vision_steps = q.vision_steps;
-        if (!given("--vision-images")) o.vision_images = q.vision_images;
-        if (!given("--text-steps")) o.text_steps = q.text_steps;
-        if (!given("--registers")) o.registers = q.registers;
-        if (!given("--summary-layers")) o.summary_layers = q.summary_layers;
-        if (!given("--curriculum")) o.curriculum = q.curriculum;
-        if (!given("--curriculum-images")) o.curriculum_images = q.curriculum_images;
-        if (!given("--lr")) o.lr = q.lr;
-        if (!given("--bench-repeats")) o.bench_repeats = q.bench_repeats;
-        if (!given("--bench-gen")) o.bench_gen = q.bench_gen;
-      }
       o.progress = isatty(2);
       std::string report = run_repro(o);
       if (!report.empty()) std::cout << "report: " << report << "\n";  // rank 0's
