@@ -115,6 +115,8 @@ TEST(Reducer, TokenCountsAndCacheBytesEqualTheFormulas) {
       EXPECT_EQ(cache.layers[l].len, text + c.inserted + c.visual_per_layer[l]) << l;
     }
     EXPECT_EQ(cache.bytes(), kv_bytes_formula(cfg, text, 1, 0));
+    // What generate's stats and the server's figures report: the last layer's rows per image.
+    EXPECT_EQ(cfg.reducer.rows_past_reduction(cfg), c.visual_per_layer[L - 1] + c.inserted);
     int64_t rows = 0;
     for (auto v : c.visual_per_layer) rows += text + c.inserted + v;
     EXPECT_EQ(cache.bytes(), row * rows);

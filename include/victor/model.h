@@ -204,6 +204,11 @@ class Vlm {
 
   // An empty cache for `batch` rows whose keys and values are stored as `kv_dtype`.
   KvCache make_cache(int64_t batch, torch::ScalarType kv_dtype = torch::kFloat32) const;
+  // Prefill: a fresh cache filled with an assembled (left-padded) batch, room reserved for
+  // `new_tokens` more per row, and the logits [B,V] of each row's last prompt row (the first new
+  // token's). What generate and the server both start a request with.
+  std::pair<KvCache, torch::Tensor> prefill(const SequenceBatch& batch, torch::ScalarType kv_dtype,
+                                            int64_t new_tokens) const;
   // One decode step: ids [B] -> logits [B,V].
   torch::Tensor decode_step(const torch::Tensor& ids, KvCache& cache) const;
   // One decode step for B requests that each own a one-row cache (of any lengths, as a server's

@@ -98,6 +98,9 @@ class Reducer {
   std::optional<int> prune_layer() const;
   // Visual rows per image that survive the prune (FastV), of `n` rows before it.
   int kept_after_prune(int n) const;
+  // Rows per image (visual + inserted) that the layers after the reduction still hold: FastV's kept
+  // rows, Victor's registers alone, or every row when nothing leaves. Stats and the server's figures.
+  int rows_past_reduction(const ModelConfig& c) const;
   RegisterMask mask() const;  // attention permissions (Victor's registers_only; causal otherwise)
 
   // ---- Formulas, per request with `text` prompt tokens, `images` images, `generated` tokens ----

@@ -571,6 +571,19 @@ KvCache Vlm::make_cache(int64_t batch, torch::ScalarType kv_dtype) const {
   return c;
 }
 
+std::pair<KvCache, torch::Tensor> Vlm::prefill(const SequenceBatch& batch, torch::ScalarType kv_dtype,
+                                                int64_t new_tokens) const {
+  KvCache cache = make_cache(batch.embeds.size(0), kv_dtype);
+  ForwardOutput out = forward(batch, &cache);
+  // Each row's last non-padding row (with left padding, the last column; the reducer may have
+  // dropped rows, so out.meta, not batch.meta, says which are padding).
+  auto valid = out.meta.kind.ne(int64_t(TokenKind::Pad)).to(torch::kInt64);
+  auto last = (valid * torch::arange(valid.size(1), torch::kInt64)).argmax(1);
+  auto logits = this->logits(out.hidden.index({torch::arange(out.hidden.size(0)), last}));
+  cache.reserve(new_tokens);
+  return {std::move(cache), logits};
+}
+
 torch::Tensor fastv_keep(const TokenMeta& meta, const torch::Tensor& scores, const Reducer& r) {
   // Rows that are neither visual nor padding stay; of each image's visual rows (per batch row and
   // image group) the kept_after_prune(n) with the highest scores stay, in their original order.

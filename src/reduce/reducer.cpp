@@ -278,6 +278,12 @@ int Reducer::kept_after_prune(int n) const {
   return std::max(1, std::min(n, int(std::lround(fastv_.keep * n))));
 }
 
+int Reducer::rows_past_reduction(const ModelConfig& c) const {
+  if (prune_layer()) return kept_after_prune(visual_rows(c)) + inserted_rows();
+  if (drop_layer(c) < c.num_layers()) return inserted_rows();
+  return visual_rows(c) + inserted_rows();
+}
+
 RegisterMask Reducer::mask() const {
   return kind_ == ReducerKind::Victor ? victor_.mask : RegisterMask::Causal;
 }

@@ -120,22 +120,10 @@ GenerationResult generate_ids(const Vlm& model, const std::vector<PromptInput>& 
   st.visual_tokens = count_kind(batch.meta, 0, TokenKind::Visual);
   st.register_tokens = count_kind(batch.meta, 0, TokenKind::Register);
   st.tokens_before_drop = st.prompt_tokens + st.visual_tokens + st.register_tokens;
-  if (cfg.reducer.prune_layer()) {
-    const int64_t images = inputs[0].pixels.defined() ? inputs[0].pixels.size(0) : 0;
-    const int64_t kept = images ? images * cfg.reducer.kept_after_prune(int(st.visual_tokens / images)) : 0;
-    st.tokens_after_drop = st.prompt_tokens + kept;
-  } else {
-    st.tokens_after_drop =
-        st.reduce_layer < st.layers ? st.prompt_tokens + st.register_tokens : st.tokens_before_drop;
-  }
+  const int64_t images = inputs[0].pixels.defined() ? inputs[0].pixels.size(0) : 0;
+  st.tokens_after_drop = st.prompt_tokens + images * cfg.reducer.rows_past_reduction(cfg);
 
-  KvCache cache = model.make_cache(B, opt.kv_dtype);
-  ForwardOutput out = model.forward(batch, &cache);
-  auto valid = out.meta.kind.ne(int64_t(TokenKind::Pad)).to(torch::kInt64);
-  auto last = (valid * torch::arange(valid.size(1), torch::kInt64)).argmax(1);
-  auto h_last = out.hidden.index({torch::arange(B), last});  // [B,d]
-  auto logits = model.logits(h_last);
-  cache.reserve(opt.max_new_tokens);
+  auto [cache, logits] = model.prefill(batch, opt.kv_dtype, opt.max_new_tokens);
 
   auto gen = at::detail::createCPUGenerator(opt.seed);
   std::vector<torch::Tensor> kept_logits;

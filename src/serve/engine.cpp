@@ -261,10 +261,8 @@ bool ServeEngine::prefill(const std::shared_ptr<Job>& job) {
     bool cached = false;
     torch::Tensor embeds = image_embeds(*job, &cached);
     SequenceBatch batch = model_.assemble({job->input}, embeds, /*pad_left=*/true);
-    r.cache = model_.make_cache(1, opt_.kv_dtype);
-    ForwardOutput out = model_.forward(batch, &r.cache);
-    auto logits = model_.logits(out.hidden.select(1, out.hidden.size(1) - 1));  // [1,V]
-    r.cache.reserve(job->sampling.max_new_tokens);
+    auto [cache, logits] = model_.prefill(batch, opt_.kv_dtype, job->sampling.max_new_tokens);
+    r.cache = std::move(cache);
     r.gen = at::detail::createCPUGenerator(job->sampling.seed);
     r.stream = std::make_unique<TextStream>(tok_, job->stop);
     const int64_t first = sample_next(logits, job->sampling, r.gen).item<int64_t>();

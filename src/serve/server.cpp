@@ -42,11 +42,7 @@ json victor_figures(const ServeEngine& engine, const Job& job) {
   const int64_t images = job.input.pixels.defined() ? job.input.pixels.size(0) : 0;
   const int64_t generated = int64_t(job.tokens.size());
   const int64_t el = int64_t(c10::elementSize(engine.options().kv_dtype));
-  int64_t llm_visual = images * cfg.reducer.visual_rows(cfg);
-  if (cfg.reducer.prune_layer() && images)
-    llm_visual = images * cfg.reducer.kept_after_prune(cfg.reducer.visual_rows(cfg));
-  else if (cfg.reducer.drop_layer(cfg) < cfg.num_layers())
-    llm_visual = 0;
+  const int64_t llm_visual = images * (cfg.reducer.rows_past_reduction(cfg) - cfg.reducer.inserted_rows());
   return {{"reducer", cfg.reducer.name()},
           {"images", images},
           {"visual_tokens_in", images * plain.visual_tokens_per_image()},
