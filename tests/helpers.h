@@ -7,6 +7,7 @@
 #include <string>
 
 #include "victor/config.h"
+#include "victor/error.h"
 #include "victor/model.h"
 
 namespace victor::test {
@@ -21,6 +22,18 @@ inline ModelConfig tiny_config(int registers = 0, int summary_layers = -1,
   if (registers > 0 || (summary_layers >= 0 && summary_layers < c.num_layers()))
     c.reducer = Reducer::victor({registers, summary_layers < 0 ? std::nullopt : std::optional<int>(summary_layers), mask});
   return c;
+}
+
+// The message of the victor::Error f throws, or "" when it throws none (so a test that looks for
+// words in it fails).
+template <class F>
+std::string error_of(F&& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
 }
 
 inline torch::Tensor random_pixels(int n, int size, uint64_t seed) {

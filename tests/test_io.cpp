@@ -19,15 +19,6 @@ namespace fs = std::filesystem;
 using json = nlohmann::json;
 
 namespace {
-template <typename F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
 void write_bytes(const std::string& p, const std::string& b) {
   std::ofstream(p, std::ios::binary) << b;
 }
