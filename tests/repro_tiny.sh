@@ -5,19 +5,30 @@ VICTOR="$1"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 "$VICTOR" repro --preset tiny --out "$work/r" --train-images 24 --test-images 4 --steps 12 --vision-steps 3 --vision-images 20 --pretrain-steps 4 --pool 2 \
-  --registers 4,8 --summary-layers 1,2 --bench-repeats 1 --bench-batch 4 --bench-gen 2,8 \
+  --registers 4,8 --summary-layers 1,2 --bench-repeats 2 --timing-rounds 2 --timing-steps 20 --bench-batch 4 --bench-gen 2,8 \
   --curriculum 2:identify:1:3x2@100,4:count+exist/50:1:3x3@0:75 --curriculum-images 16 --curriculum-summary-layers 2 > "$work/out.txt"
 grep -q "report: $work/r/report.md" "$work/out.txt"
 r="$work/r/report.md"
 for pattern in "Stage 0, shared" "Stage C, shared" "| C1 | 2x2 | identify | 1 | 16 | 6 (2 x 3 of at most 2, bar 100.0%) |" "| C2 | 4x4, 75.0% empty | count, exist (50.0% empty) | 1 | 16 | 3 (1 x 3 of at most 3, bar 0.0%) |" "- C2 per family, after its last schedule: count " "| plain | \`none\` | 16 |" "| victor-m4-k1 | \`victor:m=4,k=1\` | 16 + 4 |" "| victor-m8-k1 | \`victor:m=8,k=1\` |" "| victor-m8-k2 | \`victor:m=8,k=2\` |" "victor-m8-k2 (k = 2):" "| pool-2x2 | \`pool:2\` | 4 |" \
                "| resampler-16 | \`resampler:latents=16\` | 16 |" "The reducers' own trained parameters: victor-m4-k1 256, " "| fastv-k2-keep0.25 | \`fastv:k=2,keep=0.25\` | 16 |" "| visionzip-4+0 | \`visionzip:dominant=4,contextual=0\` | 4 |" "paired 95%" "relative accuracy drop < 4% (a drop of at most" "Answer-prior baseline" \
                "relative accuracy drop < 4%" "training time at least 43% lower" "throughput at least 3.3x" \
-               "b4_g2 req/s" "## Accuracy per question family"; do
+               "b4_g2 req/s" "## Accuracy per question family" \
+               "Training time measured again in 2 interleaved rounds" "every trained model for 12 stage-2 steps"; do
   grep -qF -- "$pattern" "$r" || { echo "report lacks: $pattern"; cat "$r"; exit 1; }
 done
 for f in bench.json summary.json answers-plain.jsonl answers-victor-m8-k2.jsonl models/victor-m8-k2/model.safetensors \
          models/victor-m8-k1/trainer_state.json gridvqa/test.jsonl curriculum-1/train.json curriculum-1/metrics-2.jsonl curriculum-2/meta.json; do
   [ -s "$work/r/$f" ] || { echo "missing $f"; exit 1; }
+done
+# The verdicts carry ranges: the time reduction over the full run and 2 rounds, the throughput over 2 repeats;
+# each trained model has a step time per round, the training-free ones none.
+grep -qE -- "- training time at least 43% lower: measured -?[0-9.]+% \[-?[0-9.]+%, -?[0-9.]+%\] — (met|missed|not resolved)" "$r" || { echo "time verdict has no range"; exit 1; }
+grep -qE -- "- throughput at least 3.3x \(b4_g2\): measured [0-9.]+x \[[0-9.]+x, [0-9.]+x\] — (met|missed|not resolved)" "$r" || { echo "throughput verdict has no range"; exit 1; }
+grep -qE "^\| victor-m8-k2 \| [0-9.]+ s, -?[0-9.]+% \| [0-9.]+ s \(-?[0-9.]+%\), [0-9.]+ s \(-?[0-9.]+%\) \|$" "$r" || { echo "timing row of victor-m8-k2 missing"; exit 1; }
+sj=$(tr -d ' \n' < "$work/r/summary.json")
+for pattern in '"timing_step_seconds":\[[0-9.e-]+,[0-9.e-]+\]' '"time_reduction_rounds":\[-?[0-9.e-]+,-?[0-9.e-]+\]' \
+               '"throughput_ratio_repeats":\[[0-9.e-]+,[0-9.e-]+\]' '"timing_step_seconds":\[\],"train_seconds":0(\.0)?,"training_free":true'; do
+  echo "$sj" | grep -qE -- "$pattern" || { echo "summary.json lacks $pattern"; exit 1; }
 done
 # Stage 0 trains on its own set, the size asked for, and the report says so.
 grep -q '"train_images": *20' "$work/r/gridvqa-vision/meta.json" || { echo "stage 0's set is not 20 images"; cat "$work/r/gridvqa-vision/meta.json"; exit 1; }

@@ -342,5 +342,14 @@ TEST(Stats, BootstrapIntervalsAgainstCasesComputedByHand) {
   EXPECT_EQ(verdict_at_most(Interval{0.03, 0.01, 0.05}, 0.04), "not resolved");
   EXPECT_EQ(verdict_at_most(Interval{0.06, 0.05, 0.07}, 0.04), "missed");
   EXPECT_EQ(verdict_at_least(Interval{3.4, 3.35, 3.5}, 3.3), "met");
+  // A figure and its repeats: the range spans all of them, the figure included.
+  auto r = range_of(0.45, {0.47, 0.41, 0.44});
+  EXPECT_EQ(r.estimate, 0.45);
+  EXPECT_EQ(r.lo, 0.41);
+  EXPECT_EQ(r.hi, 0.47);
+  EXPECT_EQ(verdict_at_least(r, 0.43), "not resolved");
+  EXPECT_EQ(verdict_at_least(range_of(0.45, {0.44, 0.46}), 0.43), "met");
+  EXPECT_EQ(verdict_at_least(range_of(0.40, {0.42, 0.38}), 0.43), "missed");
+  EXPECT_EQ(range_of(2.0, {}).lo, 2.0);
   EXPECT_THROW(paired_bootstrap_difference({1, 0}, {1}), Error);
 }

@@ -118,6 +118,14 @@ const char* const kReducerHelp =
     "visionzip:dominant=54,contextual=10 (default: the checkpoint's own)";
 
 // --reducer and Victor's / pooling's shorthand flags, resolved against the model's own reducer.
+// --nproc (workers on this machine) and --dist-timeout, as train and repro take them.
+void add_distributed_options(CLI::App* c, int& nproc, int& timeout_seconds, const std::string& nproc_help) {
+  c->add_option("--nproc", nproc, nproc_help)->check(CLI::Range(1, 256));
+  c->add_option("--dist-timeout", timeout_seconds, "Seconds a rank waits for the others to join")
+      ->check(CLI::Range(1, 86400))
+      ->capture_default_str();
+}
+
 void add_reducer_options(CLI::App* c, ReducerChoice& r, bool pool_flag = true) {
   c->add_option("--reducer", r.spec, kReducerHelp);
   c->add_option("--registers", r.registers, "Victor shorthand: register tokens m per image (0 = none)")
@@ -636,14 +644,10 @@ int main(int argc, char** argv) {
   c_train->add_option("--log", tr.log, "Metrics JSON lines (default OUT/metrics.jsonl)");
   c_train->add_flag("--resume", tr.resume, "Continue exactly where the checkpoint in --out stopped");
   int train_nproc = 1;
-  c_train->add_option("--nproc", train_nproc,
-                      "Data-parallel workers on this machine (c10d/Gloo; each takes --batch-size per micro-batch, "
-                      "so the global batch is N x --batch-size x --grad-accum). Across machines set RANK, WORLD_SIZE, "
-                      "MASTER_ADDR, MASTER_PORT instead (docs/distributed.md)")
-      ->check(CLI::Range(1, 256));
-  c_train->add_option("--dist-timeout", tr.dist_timeout_seconds, "Seconds a rank waits for the others to join")
-      ->check(CLI::Range(1, 86400))
-      ->capture_default_str();
+  add_distributed_options(c_train, train_nproc, tr.dist_timeout_seconds,
+                          "Data-parallel workers on this machine (c10d/Gloo; each takes --batch-size per micro-batch, "
+                          "so the global batch is N x --batch-size x --grad-accum). Across machines set RANK, "
+                          "WORLD_SIZE, MASTER_ADDR, MASTER_PORT instead (docs/distributed.md)");
   c_train->add_option("--overlap-allreduce", tr.overlap_allreduce,
                       "With several ranks: start each gradient bucket's all-reduce during the backward pass as soon as "
                       "it is ready (true: for ranks on separate machines), or all-reduce after it (false: measured "
@@ -791,20 +795,22 @@ int main(int argc, char** argv) {
   c_repro->add_option("--batch-size", rp.batch_size, "Conversations per step")->check(CLI::Range(1, 1024));
   c_repro->add_option("--lr", rp.lr, "Peak learning rate")->check(CLI::PositiveNumber)->check(kFinite);
   c_repro->add_option("--bench-repeats", rp.bench_repeats, "Benchmark repeats")->check(CLI::Range(1, 100));
+  c_repro->add_option("--timing-rounds", rp.timing_rounds,
+                      "Training time measured again: rounds of interleaved stage-2 segments, every trained model "
+                      "in each, giving each time reduction a range (0 = off)")
+      ->check(CLI::Range(0, 100));
+  c_repro->add_option("--timing-steps", rp.timing_steps, "Stage-2 steps per model in each timing round (at most --steps)")
+      ->check(CLI::Range(2, 10000000));
   c_repro->add_option("--bench-batch", rp.bench_batch, "Large batch for throughput (paper: 16)")->check(CLI::Range(1, 256));
   c_repro->add_option("--bench-gen", rp.bench_gen, "Generated tokens (paper: 2,128)")->delimiter(',')->check(CLI::Range(1, 4096));
   c_repro->add_option("--eval-limit", rp.eval_limit, "Evaluate only the first N test questions")->check(CLI::Range(0, 10000000));
   c_repro->add_option("--seed", rp.seed, "Seed");
   c_repro->add_option("--threads", rp_threads, "CPU threads (per rank with --nproc)")->check(CLI::Range(1, 1024));
   int rp_nproc = 1;
-  c_repro->add_option("--nproc", rp_nproc,
-                      "Data-parallel workers for the training stages (c10d/Gloo, as train --nproc): each takes a "
-                      "share of the same global batches, so the recipe does not change; rank 0 builds the data, "
-                      "evaluates and benchmarks. Across machines set RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT")
-      ->check(CLI::Range(1, 256));
-  c_repro->add_option("--dist-timeout", rp.dist_timeout_seconds, "Seconds a rank waits for the others to join")
-      ->check(CLI::Range(1, 86400))
-      ->capture_default_str();
+  add_distributed_options(c_repro, rp_nproc, rp.dist_timeout_seconds,
+                          "Data-parallel workers for the training stages (c10d/Gloo, as train --nproc): each takes a "
+                          "share of the same global batches, so the recipe does not change; rank 0 builds the data, "
+                          "evaluates and benchmarks. Across machines set RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT");
 
   VisionArgs va;
   auto* c_tv = app.add_subcommand("train-vision", "Pretrain the vision tower on GridVQA's cell classes (recipe stage 0)");

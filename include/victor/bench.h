@@ -32,7 +32,10 @@ struct BenchResult {
   int visual_tokens = 0;        // visual rows per image entering the LLM
   int inserted_tokens = 0;      // registers per image
   double vision_seconds = 0, ttft_seconds = 0, decode_tokens_per_second = 0;
-  std::map<std::string, double> requests_per_second;  // "b16_g128" -> requests/s
+  std::map<std::string, double> requests_per_second;  // "b16_g128" -> requests/s (median)
+  // Each repeat's figure, in order: configurations alternate within a repeat, so the i-th figures
+  // of two configurations were measured side by side (a ratio per repeat gives a range).
+  std::map<std::string, std::vector<double>> requests_per_second_runs;
   int64_t kv_bytes = 0, kv_bytes_formula = 0, peak_rss_bytes = 0;
   double prefill_gflops = 0;
 };

@@ -20,6 +20,10 @@ Interval bootstrap_mean(const std::vector<uint8_t>& correct, int resamples = 200
 Interval paired_bootstrap_difference(const std::vector<uint8_t>& a, const std::vector<uint8_t>& b,
                                      int resamples = 2000, uint64_t seed = 1, double level = 0.95);
 
+// A measured figure and the range of its repeated measurements: estimate, and lo/hi the smallest
+// and largest of `repeats` and the estimate itself (a "several runs with their range" interval).
+Interval range_of(double estimate, const std::vector<double>& repeats);
+
 // "met" when the whole interval lies at or below `limit`, "missed" when it lies wholly above,
 // else "not resolved" (e.g. a drop interval against "at most 4 points").
 std::string verdict_at_most(const Interval& i, double limit);

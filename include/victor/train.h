@@ -105,6 +105,7 @@ std::vector<TrainSample> prepare_samples(const std::vector<Conversation>& convs,
 struct TrainReport {
   int steps = 0, samples = 0, skipped = 0;
   double seconds = 0, final_loss = 0, mean_step_seconds = 0, tokens_per_second = 0;
+  std::vector<double> step_seconds;  // each optimizer step's wall time, in order
   int64_t tokens = 0;
   int64_t feature_cache_hits = 0;  // images whose frozen vision features came from the cache
   int world_size = 1;              // data-parallel ranks

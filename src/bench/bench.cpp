@@ -145,6 +145,7 @@ std::vector<BenchResult> run_bench(const Vlm& base, const std::vector<BenchConfi
     r.ttft_seconds = median(samples[ci].ttft);
     r.decode_tokens_per_second = median(samples[ci].decode);
     for (auto& [k, v] : samples[ci].rps) r.requests_per_second[k] = median(v);
+    r.requests_per_second_runs = samples[ci].rps;
     r.kv_bytes = samples[ci].kv;
     r.kv_bytes_formula = kv_bytes_formula(mc, opt.prompt_tokens, 1, max_gen - 1, int64_t(c10::elementSize(opt.kv_dtype)));
     r.peak_rss_bytes = samples[ci].peak;
@@ -251,6 +252,7 @@ json bench_json(const std::vector<BenchResult>& rs, const ModelConfig& cfg, cons
                               {"ttft_seconds", r.ttft_seconds},
                               {"decode_tokens_per_second", r.decode_tokens_per_second},
                               {"requests_per_second", rps},
+                              {"requests_per_second_runs", r.requests_per_second_runs},
                               {"kv_bytes", r.kv_bytes},
                               {"kv_bytes_formula", r.kv_bytes_formula},
                               {"peak_rss_bytes", r.peak_rss_bytes},

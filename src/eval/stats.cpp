@@ -69,6 +69,15 @@ Interval paired_bootstrap_difference(const std::vector<uint8_t>& a, const std::v
                               });
 }
 
+Interval range_of(double estimate, const std::vector<double>& repeats) {
+  Interval r{estimate, estimate, estimate};
+  for (double x : repeats) {
+    r.lo = std::min(r.lo, x);
+    r.hi = std::max(r.hi, x);
+  }
+  return r;
+}
+
 std::string verdict_at_most(const Interval& i, double limit) {
   if (i.hi <= limit) return "met";
   if (i.lo > limit) return "missed";

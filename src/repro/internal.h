@@ -34,6 +34,7 @@ struct Trained {
   int registers = 0, summary_layers = 0, pool = 1;
   bool grounded = false;  // stage 2 with grounded attention
   double train_seconds = 0, step_seconds = 0, final_loss = 0;
+  std::vector<double> timing_step_seconds;  // mean stage-2 step of each interleaved timing round
   EvalReport eval;
 };
 
@@ -64,6 +65,9 @@ struct Context {
   int per_rank(int global_batch, const std::string& what) const;  // a rank's share; throws if uneven
 };
 
+// A rank's share of a global batch; throws an Error naming `what` when the ranks cannot share it.
+int rank_share(int global_batch, int world, const std::string& what);
+
 // The main GridVQA set, as loaded on every rank.
 struct MainData {
   GridVqaOptions options;
@@ -89,6 +93,7 @@ TrainReport stage_l_text(const Context& c, const Tokenizer& tok);
 std::vector<CurriculumResult> stage_c_curriculum(const Context& c, const Tokenizer& tok);
 std::vector<Trained> plan_runs(const ReproOptions& o);
 void train_and_evaluate(const Context& c, const Tokenizer& tok, const MainData& d, std::vector<Trained>& runs);
+void time_training(const Context& c, const Tokenizer& tok, const MainData& d, std::vector<Trained>& runs);
 std::vector<BenchResult> benchmark(const Context& c, const std::vector<Trained>& runs, Results& r);
 
 // report.cpp: report.md (+ plots with gnuplot) and summary.json; returns report.md's path.
@@ -96,6 +101,8 @@ std::string write_report(const ReproOptions& o, const Results& r);
 
 // Formatting shared by the stages' progress lines and the report.
 std::string pct(double x);
+std::vector<double> time_reductions(const Trained& plain, const Trained& r);
+std::vector<double> throughput_ratios(const BenchResult& plain, const BenchResult& r, const std::string& key);
 std::string per_family_line(const EvalReport& e, const EvalReport& prior);
 std::string join(const std::vector<int>& xs, const std::string& sep);
 std::string join_names(const std::vector<std::string>& xs, const std::string& sep);

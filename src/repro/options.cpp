@@ -18,6 +18,8 @@ ReproOptions ReproOptions::quick() {
   o.vision_steps = 40;
   o.vision_images = 0;
   o.bench_repeats = 1;
+  o.timing_rounds = 2;
+  o.timing_steps = 4;
   o.bench_gen = {2, 32};
   o.registers = {8};
   o.summary_layers = {2};
@@ -158,12 +160,12 @@ void check_options(const ReproOptions& o, int world) {
                     " does not divide the preset's " + std::to_string(side) + "x" + std::to_string(side) +
                     " patch grid");
   }
+  if (o.timing_rounds < 0 || o.timing_rounds > 100)
+    throw Error("--timing-rounds " + std::to_string(o.timing_rounds) + ": must be between 0 (off) and 100");
+  if (o.timing_rounds > 0 && o.timing_steps < 2)
+    throw Error("--timing-steps " + std::to_string(o.timing_steps) + ": must be at least 2");
   if (world > 1) {  // a batch the ranks cannot share
-    auto split = [world](int global_batch, const std::string& what) {
-      if (global_batch % world != 0)
-        throw Error(what + " " + std::to_string(global_batch) + " does not split over " + std::to_string(world) +
-                    " ranks (--nproc): choose a batch divisible by the rank count");
-    };
+    auto split = [world](int global_batch, const std::string& what) { rank_share(global_batch, world, what); };
     split(o.batch_size, "--batch-size");
     if (o.text_steps > 0) split(o.text_batch, "stage L's batch");
     for (const auto& c : o.curriculum)

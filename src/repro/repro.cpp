@@ -43,6 +43,7 @@ std::string run_repro(const ReproOptions& o) {
   r.curriculum = stage_c_curriculum(c, tok);
   r.runs = plan_runs(o);
   train_and_evaluate(c, tok, d, r.runs);
+  time_training(c, tok, d, r.runs);
   if (!c.lead) return "";  // every training stage is done: the rest is rank 0's
   r.prior = answer_prior(d.convs, d.questions);
   r.bench = benchmark(c, r.runs, r);

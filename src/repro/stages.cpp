@@ -1,5 +1,6 @@
 // `victor repro`'s stages: each a function of the run's Context, returning what the report needs.
 #include <algorithm>
+#include <numeric>
 #include <filesystem>
 #include <iostream>
 #include <nlohmann/json.hpp>
@@ -34,12 +35,14 @@ bool Context::agree(bool decision) const {
   return t.item<float>() > 0.5f;
 }
 
-int Context::per_rank(int global_batch, const std::string& what) const {
+int rank_share(int global_batch, int world, const std::string& what) {
   if (global_batch % world != 0)
     throw Error(what + " " + std::to_string(global_batch) + " does not split over " + std::to_string(world) +
                 " ranks (--nproc): choose a batch divisible by the rank count");
   return global_batch / world;
 }
+
+int Context::per_rank(int global_batch, const std::string& what) const { return rank_share(global_batch, world, what); }
 
 MainData build_main_data(const Context& c) {
   const ReproOptions& o = c.o;
@@ -299,6 +302,40 @@ std::vector<Trained> plan_runs(const ReproOptions& o) {
   return runs;
 }
 
+namespace {
+
+// A trained run's starting model: the shared start with the run's reducer (validated; fresh
+// registers or latents drawn from the run's seed). Fills r.summary_layers and r.grounded.
+Vlm start_model(const Context& c, Trained& r) {
+  const ReproOptions& o = c.o;
+  Vlm model = Vlm::load(c.init_dir);
+  model.set_reducer(r.reducer, o.seed + 1);  // validates
+  r.summary_layers = model.config().reducer.drop_layer(model.config());
+  // Grounding needs visual tokens on the patch grid (not the resampler's latents) that reach its layer.
+  r.grounded = o.ground_weight > 0 && o.ground_layer < r.summary_layers && r.reducer.kind() != ReducerKind::Resampler;
+  return model;
+}
+
+// Stage 2's training options for a run (the same for every model but the grounding); no output folder.
+TrainOptions stage2_options(const Context& c, const Trained& r) {
+  const ReproOptions& o = c.o;
+  TrainOptions t;
+  t.parts = parse_parts(o.train_parts);
+  t.lr = o.lr;
+  t.batch_size = c.per_rank(o.batch_size, "--batch-size");
+  t.comm = c.comm;
+  if (r.grounded) {
+    t.ground_weight = o.ground_weight;
+    t.ground_layer = o.ground_layer;
+    t.ground_heads = o.ground_heads;
+  }
+  t.seed = o.seed;
+  t.progress = o.progress;
+  return t;
+}
+
+}  // namespace
+
 // 3-4. Every trained model from the shared start with identical budgets, then its evaluation
 // (rank 0); the training-free ones are evaluated on the plain model's weights.
 void train_and_evaluate(const Context& c, const Tokenizer& tok, const MainData& d, std::vector<Trained>& runs) {
@@ -326,24 +363,9 @@ void train_and_evaluate(const Context& c, const Tokenizer& tok, const MainData& 
       continue;
     }
     r.dir = (fs::path(o.out) / "models" / r.name).string();
-    Vlm model = Vlm::load(init_dir);
-    model.set_reducer(r.reducer, o.seed + 1);  // validates
+    Vlm model = start_model(c, r);
     r.reducer_params = model.parameter_count(1 << int(Part::Registers));
-    r.summary_layers = model.config().reducer.drop_layer(model.config());
-    TrainOptions t;
-    t.parts = parse_parts(o.train_parts);
-    t.lr = o.lr;
-    t.batch_size = c.per_rank(o.batch_size, "--batch-size");
-    t.comm = c.comm;
-    // Grounding needs visual tokens on the patch grid (not the resampler's latents) that reach its layer.
-    r.grounded = o.ground_weight > 0 && o.ground_layer < r.summary_layers && r.reducer.kind() != ReducerKind::Resampler;
-    if (r.grounded) {
-      t.ground_weight = o.ground_weight;
-      t.ground_layer = o.ground_layer;
-      t.ground_heads = o.ground_heads;
-    }
-    t.seed = o.seed;
-    t.progress = o.progress;
+    TrainOptions t = stage2_options(c, r);
     double seconds = 0, step_time = 0;
     int steps = 0;
     if (o.pretrain_steps > 0) {  // stage 1: descriptions, no checkpoint
@@ -378,6 +400,47 @@ void train_and_evaluate(const Context& c, const Tokenizer& tok, const MainData& 
     e.model_id = r.name;
     r.eval = evaluate(model, tok, questions, e);
     say(r.name + ": " + format_report(r.eval).substr(0, format_report(r.eval).find('\n')));
+  }
+}
+
+// 4b. Training time again, in interleaved segments: each round trains every trained model for
+// o.timing_steps stage-2 steps from the shared start (nothing saved), in the opposite order to the
+// round before, so drift in the machine's speed falls on every model alike. The segment's samples
+// are the first ones of the training set, as many as make the share of first-seen images (whose
+// frozen vision features are computed, not cached) the full run's.
+void time_training(const Context& c, const Tokenizer& tok, const MainData& d, std::vector<Trained>& runs) {
+  const ReproOptions& o = c.o;
+  if (o.timing_rounds <= 0) return;
+  std::vector<size_t> trained;
+  for (size_t i = 0; i < runs.size(); ++i)
+    if (!runs[i].training_free) trained.push_back(i);
+  const int steps = std::min(o.timing_steps, o.steps);  // a segment is at most the full run
+  const double full = double(o.steps) * o.batch_size;  // samples the full stage 2 drew
+  const double first_seen = std::min(1.0, double(d.convs.size()) / full);
+  const size_t n = std::max<size_t>(size_t(o.batch_size),
+                                    size_t(std::lround(first_seen * (steps + 1) * o.batch_size)));
+  const std::vector<Conversation> subset(d.convs.begin(), d.convs.begin() + std::min(n, d.convs.size()));
+  say("timing: " + std::to_string(o.timing_rounds) + " rounds of " + std::to_string(steps) +
+      " stage-2 steps per trained model, interleaved (" + std::to_string(subset.size()) + " samples each)");
+  for (int round = 0; round < o.timing_rounds; ++round) {
+    std::vector<size_t> order = trained;
+    if (round % 2) std::reverse(order.begin(), order.end());
+    for (size_t i : order) {
+      Trained& r = runs[i];
+      Trained scratch = r;  // start_model fills fields the full run already has
+      Vlm model = start_model(c, scratch);
+      TrainOptions t = stage2_options(c, scratch);
+      t.max_steps = steps + 1;  // the first step warms up (allocations, threads): not counted
+      t.progress = false;
+      auto samples = prepare_samples(subset, tok, model.config(), c.data, false, nullptr);
+      auto rep = train_model(model, samples, t, c.init_dir);
+      const std::vector<double> counted(rep.step_seconds.begin() + 1, rep.step_seconds.end());
+      r.timing_step_seconds.push_back(std::accumulate(counted.begin(), counted.end(), 0.0) / double(counted.size()));
+    }
+    std::string line;
+    for (size_t i : trained)
+      line += (line.empty() ? "" : ", ") + runs[i].name + " " + num(runs[i].timing_step_seconds.back(), "%.3f") + " s";
+    say("timing round " + std::to_string(round + 1) + " of " + std::to_string(o.timing_rounds) + ", mean step: " + line);
   }
 }
 

@@ -636,6 +636,7 @@ TrainReport train_model(Vlm& model, const std::vector<TrainSample>& samples, con
     rep.tokens += tokens;
     rep.final_loss = loss_mean;
     step_time_sum += dt;
+    rep.step_seconds.push_back(dt);
     if (grounded > 0) {
       rep.grounded_answers += grounded;
       rep.final_ground_loss = ground_kl / double(grounded);
