@@ -108,6 +108,32 @@ void BM_MatmulWeight(benchmark::State& st) {
 }
 BENCHMARK(BM_MatmulWeight)->ArgsProduct({{0, 1, 2}, {1, 4, 16, 64, 640}})->Unit(benchmark::kMillisecond)->UseRealTime();
 
+// int8 weights on every kernel path this CPU has, in one run (arg 0: index into supported_isas(),
+// arg 1: rows): the int8 x int8 VNNI path against widening the weights to float.
+void BM_MatmulInt8PerIsa(benchmark::State& st) {
+  torch::NoGradGuard ng;
+  const auto isas = kernels::supported_isas();
+  if (size_t(st.range(0)) >= isas.size()) {
+    st.SkipWithError("this CPU has fewer kernel paths");
+    return;
+  }
+  const kernels::Isa saved = kernels::active_isa();
+  kernels::use_isa(isas[size_t(st.range(0))]);
+  const int64_t O = 5632, K = 2048, M = st.range(1), copies = 8;
+  std::vector<Int8Matrix> stored;
+  for (int64_t i = 0; i < copies; ++i) stored.push_back(quantize_int8(torch::randn({O, K}) * 0.02));
+  auto x = torch::randn({M, K});
+  int64_t i = 0;
+  for (auto _ : st) {
+    benchmark::DoNotOptimize(matmul_weight(x, stored[i].q, stored[i].scale));
+    i = (i + 1) % copies;
+  }
+  st.counters["GB/s"] = benchmark::Counter(double(O * K), benchmark::Counter::kIsIterationInvariantRate, benchmark::Counter::kIs1000);
+  st.SetLabel(std::string("int8 ") + kernels::isa_name(kernels::active_isa()));
+  kernels::use_isa(saved);
+}
+BENCHMARK(BM_MatmulInt8PerIsa)->ArgsProduct({{0, 1, 2, 3}, {1, 4, 8, 16}})->Unit(benchmark::kMillisecond)->UseRealTime();
+
 // LibTorch's own one-row products on the same matrix, for comparison with the kernels above.
 void BM_TorchMv(benchmark::State& st) {
   torch::NoGradGuard ng;

@@ -27,6 +27,35 @@ torch::Tensor reference(const torch::Tensor& x, const torch::Tensor& w_as_float)
   return at::mm(x.to(torch::kFloat64), w_as_float.to(torch::kFloat64).t());
 }
 
+// The activations as the int8 x int8 path (Isa::Avx512Vnni) sees them, computed independently: blocks
+// of 32 along K, d = max|x| / 127 (float), q = round-half-even(x * (1/d)), back to float as q * d.
+torch::Tensor q8_activations(const torch::Tensor& x) {
+  const int64_t M = x.size(0), K = x.size(1), Kp = (K + 31) / 32 * 32;
+  auto blocks = torch::constant_pad_nd(x, {0, Kp - K}).view({M, Kp / 32, 32});
+  auto d = blocks.abs().amax(2, true) / 127.0f;
+  auto id = torch::where(d.gt(0), torch::reciprocal(d), torch::zeros_like(d));
+  auto q = torch::round(blocks * id).clamp(-127, 127);
+  return (q * d).view({M, Kp}).narrow(1, 0, K);
+}
+
+// Half a quantization step of each activation on the int8 x int8 path: d / 2 of its block, [M,K].
+torch::Tensor q8_half_steps(const torch::Tensor& x) {
+  const int64_t M = x.size(0), K = x.size(1), Kp = (K + 31) / 32 * 32;
+  auto blocks = torch::constant_pad_nd(x, {0, Kp - K}).view({M, Kp / 32, 32});
+  auto d = blocks.abs().amax(2, true) / 127.0f;
+  return (d / 2).expand({M, Kp / 32, 32}).reshape({M, Kp}).narrow(1, 0, K).contiguous();
+}
+
+// What an int8-weight product must equal on `isa`: the float activations times the stored weights,
+// or on the int8 x int8 path the quantized activations times them.
+bool quantizes_activations(kernels::Isa isa, int64_t rows) {
+  return isa == kernels::Isa::Avx512Vnni && rows >= kernels::kQ8MinRows;
+}
+torch::Tensor int8_reference(kernels::Isa isa, const torch::Tensor& x, const Int8Matrix& qm) {
+  auto deq = dequantize_int8(qm.q, qm.scale);
+  return reference(quantizes_activations(isa, x.size(0)) ? q8_activations(x) : x, deq);
+}
+
 double max_rel_err(const torch::Tensor& got, const torch::Tensor& want) {
   const double scale = want.abs().max().item<double>() + 1e-12;
   return (got.to(torch::kFloat64) - want).abs().max().item<double>() / scale;
@@ -36,9 +65,11 @@ double max_rel_err(const torch::Tensor& got, const torch::Tensor& want) {
 
 TEST(Kernels, EveryPathMatchesReferenceOnOddShapes) {
   torch::manual_seed(7);
+  // The int8 x int8 path is opt-in: by default a request's logits do not depend on its batch.
+  if (!std::getenv("VICTOR_ISA")) EXPECT_NE(kernels::active_isa(), kernels::Isa::Avx512Vnni);
   for (auto isa : kernels::supported_isas()) {
     IsaScope scope(isa);
-    for (int64_t M : {1, 2, 3, 5, 16})
+    for (int64_t M : {1, 2, 3, 5, 8, 9, 16})
       for (int64_t K : {1, 7, 16, 33, 100, 257})
         for (int64_t O : {1, 3, 5, 37}) {
           SCOPED_TRACE(std::string(kernels::isa_name(isa)) + " M=" + std::to_string(M) +
@@ -52,8 +83,16 @@ TEST(Kernels, EveryPathMatchesReferenceOnOddShapes) {
           EXPECT_LT(max_rel_err(matmul_weight(x, wb), reference(x, wb.to(torch::kFloat32))), 1e-5);
           // int8 weights with per-row scales.
           auto qm = quantize_int8(w);
-          auto deq = dequantize_int8(qm.q, qm.scale);
-          EXPECT_LT(max_rel_err(matmul_weight(x, qm.q, qm.scale), reference(x, deq)), 1e-5);
+          auto y8 = matmul_weight(x, qm.q, qm.scale);
+          EXPECT_LT(max_rel_err(y8, int8_reference(isa, x, qm)), 1e-5);
+          // Against the float activations: within the activations' rounding, half a step d/2 per
+          // element, so |error| <= sum_k d(k)/2 |w_k| for every output.
+          if (quantizes_activations(isa, M)) {
+            auto deq = dequantize_int8(qm.q, qm.scale);
+            auto err = (y8.to(torch::kFloat64) - reference(x, deq)).abs();
+            auto bound = reference(q8_half_steps(x), deq.abs()) * (1 + 1e-4) + 1e-6;
+            EXPECT_TRUE(err.le(bound).all().item<bool>()) << "largest error over bound " << (err / bound).max().item<double>();
+          }
         }
   }
 }
@@ -70,10 +109,49 @@ TEST(Kernels, ThreadedRowSplitAndBatchShapesAgree) {
       auto qm = quantize_int8(w);
       auto y = matmul_weight(x, qm.q, qm.scale);
       ASSERT_EQ(y.sizes(), (std::vector<int64_t>{1, M, 203}));
-      EXPECT_LT(max_rel_err(y[0], reference(x[0], dequantize_int8(qm.q, qm.scale))), 1e-5);
+      EXPECT_LT(max_rel_err(y[0], int8_reference(isa, x[0], qm)), 1e-5);
     }
   }
   at::set_num_threads(1);
+}
+
+TEST(Kernels, GroupedProductsEqualOneProductEach) {
+  // q/k/v-like matrices of different heights (rows straddle the threads' chunks), each storage,
+  // every path, decode-shaped and long x: the group gives exactly what each product gives alone.
+  torch::manual_seed(11);
+  at::set_num_threads(2);
+  std::vector<torch::Tensor> f32{torch::randn({96, 70}), torch::randn({37, 70}), torch::randn({130, 70})};
+  for (auto isa : kernels::supported_isas()) {
+    IsaScope scope(isa);
+    for (int64_t M : {int64_t(1), int64_t(3), int64_t(16), skinny_rows_limit() + 2}) {
+      auto x = torch::randn({1, M, 70});
+      for (int storage = 0; storage < 3; ++storage) {
+        std::vector<torch::Tensor> ws, scales;
+        for (auto& w : f32) {
+          if (storage == 2) {
+            auto qm = quantize_int8(w);
+            ws.push_back(qm.q);
+            scales.push_back(qm.scale);
+          } else {
+            ws.push_back(storage == 1 ? w.to(torch::kBFloat16) : w);
+            scales.push_back(torch::Tensor());
+          }
+        }
+        auto ys = matmul_weights(x, ws, scales);
+        ASSERT_EQ(ys.size(), ws.size());
+        for (size_t i = 0; i < ws.size(); ++i) {
+          SCOPED_TRACE(std::string(kernels::isa_name(isa)) + " M=" + std::to_string(M) + " storage " +
+                       std::to_string(storage) + " matrix " + std::to_string(i));
+          auto alone = matmul_weight(x, ws[i], scales[i]);
+          ASSERT_EQ(ys[i].sizes(), alone.sizes());
+          EXPECT_TRUE(torch::equal(ys[i], alone));
+        }
+      }
+    }
+  }
+  at::set_num_threads(1);
+  EXPECT_THROW(matmul_weights(torch::randn({1, 70}), {f32[0], f32[1].to(torch::kBFloat16)}, {{}, {}}), Error);
+  EXPECT_THROW(matmul_weights(torch::randn({1, 70}), {f32[0]}, {}), Error);
 }
 
 TEST(Kernels, LongProductsUseBf16GemmWithinItsRounding) {

@@ -17,6 +17,7 @@
 #include "victor/error.h"
 #include "victor/eval.h"
 #include "victor/generate.h"
+#include "victor/kernels.h"
 #include "victor/npy.h"
 #include "victor/progress.h"
 #include "victor/repro.h"
@@ -219,7 +220,8 @@ void run_generate(const GenerateArgs& a) {
   if (a.stats) {
     std::cerr << format_stats(res.stats);
     std::cerr << "weights: " << to_string(model.config().weight_dtype) << ", "
-              << model.weight_bytes() / 1048576.0 << " MiB, loaded in " << load_seconds << " s\n";
+              << model.weight_bytes() / 1048576.0 << " MiB, loaded in " << load_seconds << " s; kernels "
+              << kernels::isa_name(kernels::active_isa()) << "\n";
     if (!images.empty()) {
       // The first encode above ran cold (first touch of the weights, thread pool, allocator);
       // a second one shows the steady state a server sees.
@@ -527,6 +529,8 @@ int main(int argc, char** argv) {
   c_gen->add_option("--prompt", gen.prompt, "The question; <image> marks where images go")->required();
   c_gen->add_option("--max-new-tokens", gen.sampling.max_new_tokens, "Tokens to generate at most")
       ->check(CLI::Range(1, 8192));
+  c_gen->add_flag("--ignore-eos", gen.sampling.ignore_eos,
+                  "Run to --max-new-tokens past the end-of-sequence token (benchmarks, dtype comparisons)");
   c_gen->add_option("--temperature", gen.sampling.temperature, "0 = greedy")->check(CLI::Range(0.0, 100.0))->check(kFinite);
   c_gen->add_option("--top-k", gen.sampling.top_k, "Sample among the k most likely tokens (0 = off)")
       ->check(CLI::Range(0, 1000000));

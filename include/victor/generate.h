@@ -18,6 +18,7 @@ struct SamplingOptions {
   double top_p = 1.0;        // 1 = off
   uint64_t seed = 0;
   bool keep_logits = false;  // every step's logits (for --dump-logits)
+  bool ignore_eos = false;   // generate() runs to max_new_tokens past the end-of-sequence token
   // KV-cache storage: float32, or bfloat16 (half the bytes; attention still computes in float32
   // on a per-layer float copy of the keys and values).
   torch::ScalarType kv_dtype = torch::kFloat32;

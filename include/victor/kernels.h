@@ -11,9 +11,13 @@ namespace victor {
 
 namespace kernels {
 
-enum class Isa { Scalar, Avx2, Avx512 };
+// Avx512Vnni: the AVX-512 set, but int8 weights multiply int8 activations (quantized per call in
+// blocks of 32, as llama.cpp's Q8_0) with VPDPBUSD instead of widening the weights to float, from
+// 8 rows up. Opt-in (VICTOR_ISA=avx512vnni or use_isa): the machine's default is Avx512.
+enum class Isa { Scalar, Avx2, Avx512, Avx512Vnni };
+inline constexpr int64_t kQ8MinRows = 8;  // Avx512Vnni quantizes the activations from this many rows
 const char* isa_name(Isa isa);
-std::vector<Isa> supported_isas();  // on this CPU, best last
+std::vector<Isa> supported_isas();  // on this CPU, most capable last
 Isa active_isa();
 // Forces a kernel set (tests run every path the machine supports); throws if the CPU lacks it.
 void use_isa(Isa isa);
@@ -38,6 +42,11 @@ torch::Tensor dequantize_int8(const torch::Tensor& q, const torch::Tensor& scale
 // y = x W^T, x [...,K] float32, W [O,K] float32 / bfloat16 / int8 (then `scale` [O]); y float32.
 torch::Tensor matmul_weight(const torch::Tensor& x, const torch::Tensor& w,
                             const torch::Tensor& scale = torch::Tensor());
+// Several products of the same x (the q, k, v projections; the MLP's gate and up): for skinny x
+// one pass over all their rows (the activations prepared and the threads started once), else one
+// matmul_weight each. Every W has x's K and one storage; `scales` as matmul_weight's (int8 only).
+std::vector<torch::Tensor> matmul_weights(const torch::Tensor& x, const std::vector<torch::Tensor>& ws,
+                                          const std::vector<torch::Tensor>& scales);
 // A copy of `t` in 2 MiB-aligned memory advised for transparent huge pages. Streaming gigabytes
 // of weights through 4 KiB pages costs a TLB miss every page: decode ran 1.6-2.5x slower from a
 // memory-mapped file or plain malloc'd memory (docs/benchmarks.md). Small tensors come back as is.

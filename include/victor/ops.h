@@ -14,6 +14,11 @@ struct LinearW {
 // bf16/int8 weights run victor's kernels (kernels.h).
 torch::Tensor dense(const torch::Tensor& x, const LinearW& w);
 
+// dense(x, w) for each w of `ws` (same input features, same storage): bf16/int8 weights with
+// decode-shaped x run as one pass over all their rows (kernels.h matmul_weights); float32
+// weights (and autograd) one dense each.
+std::vector<torch::Tensor> dense_many(const torch::Tensor& x, const std::vector<const LinearW*>& ws);
+
 // y = x W^T (+ b). One-row inputs without autograd go through mv: at::linear streams
 // weights at a fraction of the bandwidth for decode-shaped products.
 torch::Tensor dense(const torch::Tensor& x, const torch::Tensor& w,

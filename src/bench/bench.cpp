@@ -9,6 +9,7 @@
 #include "victor/blas.h"
 #include "victor/error.h"
 #include "victor/generate.h"
+#include "victor/kernels.h"
 #include "victor/progress.h"
 
 using json = nlohmann::json;
@@ -233,6 +234,7 @@ json bench_json(const std::vector<BenchResult>& rs, const ModelConfig& cfg, cons
               {"repeats", opt.repeats},
               {"threads", at::get_num_threads()},
               {"blas_core", blas_core_name()},
+              {"kernels", kernels::isa_name(kernels::active_isa())},
               {"weight_dtype", to_string(cfg.weight_dtype)},
               {"kv_dtype", opt.kv_dtype == torch::kBFloat16 ? "bf16" : "f32"},
               {"configs", json::array()}};

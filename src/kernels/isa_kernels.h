@@ -23,11 +23,22 @@ struct KernelSet {
   void (*dequant_int8_bf16)(const int8_t* w, const float* scale, int64_t K, int64_t o0, int64_t o1,
                             uint16_t* out);
   bool bf16_pair_split = false;
+  // int8 x int8 (AVX-512 VNNI only; null elsewhere). quantize_q8: x [M,K] -> xq [M, q8_padded(K)]
+  // int8 in blocks of 32 along K, d = max|x| / 127 per block, and xs [M, q8_padded(K) / 4] floats
+  // (per 64-wide chunk: 8 copies of each of its two blocks' d). matmul_int8_q8: as matmul_int8 on
+  // the quantized activations.
+  void (*quantize_q8)(const float* x, int64_t M, int64_t K, int8_t* xq, float* xs) = nullptr;
+  void (*matmul_int8_q8)(const int8_t* xq, const float* xs, int64_t M, int64_t K, const int8_t* w,
+                         const float* scale, int64_t o0, int64_t o1, float* y, int64_t ldy) = nullptr;
 };
+
+// K rounded up to the 64-byte chunks the int8 x int8 kernels read.
+inline int64_t q8_padded(int64_t K) { return (K + 63) / 64 * 64; }
 
 const KernelSet& scalar_kernels();
 const KernelSet& avx2_kernels();    // needs AVX2 + FMA + F16C
 const KernelSet& avx512_kernels();  // needs AVX-512 F/BW/VL
+const KernelSet& avx512vnni_kernels();  // the same plus int8 x int8: needs AVX-512 VNNI too
 
 // Round-to-nearest-even float -> bf16 bits (NaN kept quiet), shared by every kernel set.
 inline uint16_t float_to_bf16_bits(float f) {

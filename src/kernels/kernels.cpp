@@ -2,9 +2,11 @@
 
 #include <sys/mman.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <vector>
 
 #include "isa_kernels.h"
 #include "victor/error.h"
@@ -18,6 +20,7 @@ const char* isa_name(Isa isa) {
     case Isa::Scalar: return "scalar";
     case Isa::Avx2: return "avx2";
     case Isa::Avx512: return "avx512";
+    case Isa::Avx512Vnni: return "avx512vnni";
   }
   return "?";
 }
@@ -27,8 +30,10 @@ std::vector<Isa> supported_isas() {
   std::vector<Isa> out{Isa::Scalar};
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) out.push_back(Isa::Avx2);
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl"))
+      __builtin_cpu_supports("avx512vl")) {
     out.push_back(Isa::Avx512);
+    if (__builtin_cpu_supports("avx512vnni")) out.push_back(Isa::Avx512Vnni);
+  }
   return out;
 }
 
@@ -36,12 +41,16 @@ namespace {
 
 Isa initial_isa() {
   const auto all = supported_isas();
-  // VICTOR_ISA=avx2|scalar caps the choice (for comparisons); never above what the CPU has.
+  // VICTOR_ISA=scalar|avx2|avx512|avx512vnni chooses the path (comparisons, the opt-in int8 x int8
+  // path); never one the CPU lacks.
   if (const char* env = std::getenv("VICTOR_ISA")) {
     for (Isa i : all)
       if (std::string(env) == isa_name(i)) return i;
   }
-  return all.back();
+  // The int8 x int8 path is opt-in (VICTOR_ISA=avx512vnni): it is faster only from 8 rows (1.25x
+  // at 16), and quantizing the activations makes a request's logits depend on how many rows share
+  // its batch; the default keeps them exact over the stored weights (docs/benchmarks.md).
+  return all.back() == Isa::Avx512Vnni ? Isa::Avx512 : all.back();
 }
 
 std::atomic<Isa>& current() {
@@ -51,6 +60,7 @@ std::atomic<Isa>& current() {
 
 const KernelSet& active_set() {
   switch (current().load(std::memory_order_relaxed)) {
+    case Isa::Avx512Vnni: return avx512vnni_kernels();
     case Isa::Avx512: return avx512_kernels();
     case Isa::Avx2: return avx2_kernels();
     case Isa::Scalar: break;
@@ -107,20 +117,37 @@ void over_rows(int64_t O, const F& f) {
   });
 }
 
-torch::Tensor skinny(const torch::Tensor& x2, const torch::Tensor& w, const torch::Tensor& scale) {
-  const int64_t M = x2.size(0), K = x2.size(1), O = w.size(0);
-  auto y = torch::empty({M, O}, torch::kFloat32);
+// y_i = x2 W_i^T for every W_i (one storage, one K), in one pass over their rows: the activations
+// are prepared once (bf16 pair split, int8 quantization) and the threads share one row counter.
+std::vector<torch::Tensor> skinny(const torch::Tensor& x2, const std::vector<torch::Tensor>& ws,
+                                  const std::vector<torch::Tensor>& scales) {
+  const int64_t M = x2.size(0), K = x2.size(1);
+  const size_t n = ws.size();
+  std::vector<torch::Tensor> ys(n);
+  std::vector<int64_t> first(n + 1, 0);  // matrix i owns global rows [first[i], first[i+1])
+  for (size_t i = 0; i < n; ++i) {
+    ys[i] = torch::empty({M, ws[i].size(0)}, torch::kFloat32);
+    first[i + 1] = first[i] + ws[i].size(0);
+  }
   const float* xp = x2.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
   const auto& ks = active_set();
-  switch (w.scalar_type()) {
-    case torch::kFloat32: {
-      const float* wp = w.data_ptr<float>();
-      over_rows(O, [&](int64_t a, int64_t b) { ks.matmul_f32(xp, M, K, wp, a, b, yp, O); });
-      break;
+  const auto type = ws[0].scalar_type();
+  // Global rows [a,b) -> each matrix's local share.
+  auto each = [&](int64_t a, int64_t b, const auto& f) {
+    for (size_t i = 0; i < n; ++i) {
+      const int64_t lo = std::max(a, first[i]), hi = std::min(b, first[i + 1]);
+      if (lo < hi) f(i, lo - first[i], hi - first[i], ys[i].data_ptr<float>(), ws[i].size(0));
     }
+  };
+  switch (type) {
+    case torch::kFloat32:
+      over_rows(first[n], [&](int64_t a, int64_t b) {
+        each(a, b, [&](size_t i, int64_t o0, int64_t o1, float* y, int64_t ldy) {
+          ks.matmul_f32(xp, M, K, ws[i].data_ptr<float>(), o0, o1, y, ldy);
+        });
+      });
+      break;
     case torch::kBFloat16: {
-      auto wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
       torch::Tensor split;
       const float* xs = xp;
       if (ks.bf16_pair_split) {
@@ -129,18 +156,41 @@ torch::Tensor skinny(const torch::Tensor& x2, const torch::Tensor& w, const torc
         split = padded.view({M, (K + 1) / 2, 2}).transpose(1, 2).contiguous();
         xs = split.data_ptr<float>();
       }
-      over_rows(O, [&](int64_t a, int64_t b) { ks.matmul_bf16(xs, M, K, wp, a, b, yp, O); });
+      over_rows(first[n], [&](int64_t a, int64_t b) {
+        each(a, b, [&](size_t i, int64_t o0, int64_t o1, float* y, int64_t ldy) {
+          auto wp = reinterpret_cast<const uint16_t*>(ws[i].data_ptr<at::BFloat16>());
+          ks.matmul_bf16(xs, M, K, wp, o0, o1, y, ldy);
+        });
+      });
       break;
     }
     case torch::kInt8: {
-      const int8_t* wp = w.data_ptr<int8_t>();
-      const float* sp = scale.data_ptr<float>();
-      over_rows(O, [&](int64_t a, int64_t b) { ks.matmul_int8(xp, M, K, wp, sp, a, b, yp, O); });
+      // int8 x int8 (VNNI) from kernels::kQ8MinRows rows: there it computes faster than widening the
+      // weights; below, one row is bound by streaming the weights and the activations' quantization
+      // only adds (measured: decode 31-33 tokens/s with it, 39 without; docs/benchmarks.md).
+      if (ks.matmul_int8_q8 && M >= kernels::kQ8MinRows) {  // the activations quantized once, here
+        const int64_t Kp = kernels::q8_padded(K);
+        std::vector<int8_t> xq(size_t(M * Kp));
+        std::vector<float> xs(size_t(M * Kp / 4));
+        ks.quantize_q8(xp, M, K, xq.data(), xs.data());
+        over_rows(first[n], [&](int64_t a, int64_t b) {
+          each(a, b, [&](size_t i, int64_t o0, int64_t o1, float* y, int64_t ldy) {
+            ks.matmul_int8_q8(xq.data(), xs.data(), M, K, ws[i].data_ptr<int8_t>(), scales[i].data_ptr<float>(),
+                              o0, o1, y, ldy);
+          });
+        });
+        break;
+      }
+      over_rows(first[n], [&](int64_t a, int64_t b) {
+        each(a, b, [&](size_t i, int64_t o0, int64_t o1, float* y, int64_t ldy) {
+          ks.matmul_int8(xp, M, K, ws[i].data_ptr<int8_t>(), scales[i].data_ptr<float>(), o0, o1, y, ldy);
+        });
+      });
       break;
     }
     default: throw Error("matmul_weight: unsupported weight dtype");
   }
-  return y;
+  return ys;
 }
 
 torch::Tensor int8_to_bf16(const torch::Tensor& q, const torch::Tensor& scale) {
@@ -190,7 +240,7 @@ torch::Tensor matmul_weight(const torch::Tensor& x, const torch::Tensor& w,
   shape.back() = w.size(0);
   torch::Tensor y;
   if (M <= skinny_rows_limit()) {
-    y = skinny(x2.to(torch::kFloat32).contiguous(), w, scale);
+    y = skinny(x2.to(torch::kFloat32).contiguous(), {w}, {scale})[0];
   } else if (w.scalar_type() == torch::kFloat32) {
     y = at::mm(x2, w.t());
   } else {
@@ -199,6 +249,30 @@ torch::Tensor matmul_weight(const torch::Tensor& x, const torch::Tensor& w,
     y = at::mm(x2.to(torch::kBFloat16), wb.t()).to(torch::kFloat32);
   }
   return y.reshape(shape);
+}
+
+std::vector<torch::Tensor> matmul_weights(const torch::Tensor& x, const std::vector<torch::Tensor>& ws,
+                                          const std::vector<torch::Tensor>& scales) {
+  if (ws.empty() || scales.size() != ws.size())
+    throw Error("matmul_weights: needs one scale (possibly undefined) per weight");
+  const int64_t K = x.size(-1);
+  for (size_t i = 0; i < ws.size(); ++i) {
+    check_weight(ws[i], scales[i], K);
+    if (ws[i].scalar_type() != ws[0].scalar_type()) throw Error("matmul_weights: the weights differ in storage");
+  }
+  auto x2 = x.reshape({-1, K});
+  std::vector<torch::Tensor> ys;
+  if (x2.size(0) > skinny_rows_limit()) {
+    for (size_t i = 0; i < ws.size(); ++i) ys.push_back(matmul_weight(x, ws[i], scales[i]));
+    return ys;
+  }
+  ys = skinny(x2.to(torch::kFloat32).contiguous(), ws, scales);
+  for (size_t i = 0; i < ws.size(); ++i) {
+    auto shape = x.sizes().vec();
+    shape.back() = ws[i].size(0);
+    ys[i] = ys[i].reshape(shape);
+  }
+  return ys;
 }
 
 torch::Tensor in_huge_pages(const torch::Tensor& t) {

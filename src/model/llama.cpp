@@ -143,9 +143,10 @@ Qkv project_qkv(const LlamaLayerW& w, const TextConfig& c, const torch::Tensor& 
   const int64_t B = x.size(0), T = x.size(1);
   const int64_t H = c.num_attention_heads, Hkv = c.num_key_value_heads, hd = c.head_dim();
   auto h = rms_norm(x, w.input_norm, c.rms_norm_eps);
-  auto q = dense(h, w.q).view({B, T, H, hd}).transpose(1, 2);
-  auto k = dense(h, w.k).view({B, T, Hkv, hd}).transpose(1, 2);
-  auto v = dense(h, w.v).view({B, T, Hkv, hd}).transpose(1, 2);
+  auto qkv = dense_many(h, {&w.q, &w.k, &w.v});
+  auto q = qkv[0].view({B, T, H, hd}).transpose(1, 2);
+  auto k = qkv[1].view({B, T, Hkv, hd}).transpose(1, 2);
+  auto v = qkv[2].view({B, T, Hkv, hd}).transpose(1, 2);
   return {apply_rope(q, rope), apply_rope(k, rope), v};
 }
 
@@ -169,7 +170,8 @@ torch::Tensor finish_layer(const LlamaLayerW& w, const TextConfig& c, const torc
   const int64_t B = x.size(0), T = x.size(1);
   auto y = x + dense(a.transpose(1, 2).reshape({B, T, -1}), w.o);
   auto h = rms_norm(y, w.post_norm, c.rms_norm_eps);
-  h = dense(torch::silu(dense(h, w.gate)) * dense(h, w.up), w.down);  // SwiGLU
+  auto gate_up = dense_many(h, {&w.gate, &w.up});
+  h = dense(torch::silu(gate_up[0]) * gate_up[1], w.down);  // SwiGLU
   return y + h;
 }
 

@@ -31,6 +31,25 @@ torch::Tensor dense(const torch::Tensor& x, const LinearW& w) {
   return y;
 }
 
+std::vector<torch::Tensor> dense_many(const torch::Tensor& x, const std::vector<const LinearW*>& ws) {
+  std::vector<torch::Tensor> ys;
+  bool same = !ws.empty() && ws[0]->weight.scalar_type() != torch::kFloat32;
+  for (const LinearW* w : ws) same = same && w->weight.scalar_type() == ws[0]->weight.scalar_type();
+  if (!same) {
+    for (const LinearW* w : ws) ys.push_back(dense(x, *w));
+    return ys;
+  }
+  std::vector<torch::Tensor> weights, scales;
+  for (const LinearW* w : ws) {
+    weights.push_back(w->weight);
+    scales.push_back(w->scale);
+  }
+  ys = matmul_weights(x, weights, scales);
+  for (size_t i = 0; i < ws.size(); ++i)
+    if (ws[i]->bias.defined()) ys[i].add_(ws[i]->bias);
+  return ys;
+}
+
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double eps) {
   auto var = x.pow(2).mean(-1, /*keepdim=*/true);
   return x * torch::rsqrt(var + eps) * w;

@@ -183,7 +183,7 @@ GenerationResult generate(const Vlm& model, const Tokenizer& tok, const std::vec
     if (!px.empty()) in.pixels = torch::stack(px, 0);
     inputs.push_back(std::move(in));
   }
-  GenerationResult res = generate_ids(model, inputs, tok.eos_id(), opt);
+  GenerationResult res = generate_ids(model, inputs, opt.ignore_eos ? -1 : tok.eos_id(), opt);
   for (auto& t : res.tokens) res.texts.push_back(tok.decode(t));
   return res;
 }
