@@ -132,19 +132,19 @@ std::vector<torch::Tensor> skinny(const torch::Tensor& x2, const std::vector<tor
   const float* xp = x2.data_ptr<float>();
   const auto& ks = active_set();
   const auto type = ws[0].scalar_type();
-  // Global rows [a,b) -> each matrix's local share.
-  auto each = [&](int64_t a, int64_t b, const auto& f) {
-    for (size_t i = 0; i < n; ++i) {
-      const int64_t lo = std::max(a, first[i]), hi = std::min(b, first[i + 1]);
-      if (lo < hi) f(i, lo - first[i], hi - first[i], ys[i].data_ptr<float>(), ws[i].size(0));
-    }
+  // Threads over the global rows; call(i, o0, o1, y, ldy) gets each chunk's share of matrix i.
+  auto run = [&](const auto& call) {
+    over_rows(first[n], [&](int64_t a, int64_t b) {
+      for (size_t i = 0; i < n; ++i) {
+        const int64_t lo = std::max(a, first[i]), hi = std::min(b, first[i + 1]);
+        if (lo < hi) call(i, lo - first[i], hi - first[i], ys[i].data_ptr<float>(), ws[i].size(0));
+      }
+    });
   };
   switch (type) {
     case torch::kFloat32:
-      over_rows(first[n], [&](int64_t a, int64_t b) {
-        each(a, b, [&](size_t i, int64_t o0, int64_t o1, float* y, int64_t ldy) {
-          ks.matmul_f32(xp, M, K, ws[i].data_ptr<float>(), o0, o1, y, ldy);
-        });
+      run([&](size_t i, int64_t o0, int64_t o1, float* y, int64_t ldy) {
+        ks.matmul_f32(xp, M, K, ws[i].data_ptr<float>(), o0, o1, y, ldy);
       });
       break;
     case torch::kBFloat16: {
@@ -156,11 +156,8 @@ std::vector<torch::Tensor> skinny(const torch::Tensor& x2, const std::vector<tor
         split = padded.view({M, (K + 1) / 2, 2}).transpose(1, 2).contiguous();
         xs = split.data_ptr<float>();
       }
-      over_rows(first[n], [&](int64_t a, int64_t b) {
-        each(a, b, [&](size_t i, int64_t o0, int64_t o1, float* y, int64_t ldy) {
-          auto wp = reinterpret_cast<const uint16_t*>(ws[i].data_ptr<at::BFloat16>());
-          ks.matmul_bf16(xs, M, K, wp, o0, o1, y, ldy);
-        });
+      run([&](size_t i, int64_t o0, int64_t o1, float* y, int64_t ldy) {
+        ks.matmul_bf16(xs, M, K, reinterpret_cast<const uint16_t*>(ws[i].data_ptr<at::BFloat16>()), o0, o1, y, ldy);
       });
       break;
     }
@@ -173,18 +170,14 @@ std::vector<torch::Tensor> skinny(const torch::Tensor& x2, const std::vector<tor
         std::vector<int8_t> xq(size_t(M * Kp));
         std::vector<float> xs(size_t(M * Kp / 4));
         ks.quantize_q8(xp, M, K, xq.data(), xs.data());
-        over_rows(first[n], [&](int64_t a, int64_t b) {
-          each(a, b, [&](size_t i, int64_t o0, int64_t o1, float* y, int64_t ldy) {
-            ks.matmul_int8_q8(xq.data(), xs.data(), M, K, ws[i].data_ptr<int8_t>(), scales[i].data_ptr<float>(),
-                              o0, o1, y, ldy);
-          });
+        run([&](size_t i, int64_t o0, int64_t o1, float* y, int64_t ldy) {
+          ks.matmul_int8_q8(xq.data(), xs.data(), M, K, ws[i].data_ptr<int8_t>(), scales[i].data_ptr<float>(), o0,
+                            o1, y, ldy);
         });
         break;
       }
-      over_rows(first[n], [&](int64_t a, int64_t b) {
-        each(a, b, [&](size_t i, int64_t o0, int64_t o1, float* y, int64_t ldy) {
-          ks.matmul_int8(xp, M, K, ws[i].data_ptr<int8_t>(), scales[i].data_ptr<float>(), o0, o1, y, ldy);
-        });
+      run([&](size_t i, int64_t o0, int64_t o1, float* y, int64_t ldy) {
+        ks.matmul_int8(xp, M, K, ws[i].data_ptr<int8_t>(), scales[i].data_ptr<float>(), o0, o1, y, ldy);
       });
       break;
     }

@@ -422,18 +422,18 @@ void time_training(const Context& c, const Tokenizer& tok, const MainData& d, st
   const std::vector<Conversation> subset(d.convs.begin(), d.convs.begin() + std::min(n, d.convs.size()));
   say("timing: " + std::to_string(o.timing_rounds) + " rounds of " + std::to_string(steps) +
       " stage-2 steps per trained model, interleaved (" + std::to_string(subset.size()) + " samples each)");
+  std::vector<std::vector<TrainSample>> samples(runs.size());  // per run, prepared in its first round
   for (int round = 0; round < o.timing_rounds; ++round) {
     std::vector<size_t> order = trained;
     if (round % 2) std::reverse(order.begin(), order.end());
     for (size_t i : order) {
       Trained& r = runs[i];
-      Trained scratch = r;  // start_model fills fields the full run already has
-      Vlm model = start_model(c, scratch);
-      TrainOptions t = stage2_options(c, scratch);
+      Vlm model = start_model(c, r);  // sets what stage 2 already set, to the same values
+      TrainOptions t = stage2_options(c, r);
       t.max_steps = steps + 1;  // the first step warms up (allocations, threads): not counted
       t.progress = false;
-      auto samples = prepare_samples(subset, tok, model.config(), c.data, false, nullptr);
-      auto rep = train_model(model, samples, t, c.init_dir);
+      if (samples[i].empty()) samples[i] = prepare_samples(subset, tok, model.config(), c.data, false, nullptr);
+      auto rep = train_model(model, samples[i], t, c.init_dir);
       const std::vector<double> counted(rep.step_seconds.begin() + 1, rep.step_seconds.end());
       r.timing_step_seconds.push_back(std::accumulate(counted.begin(), counted.end(), 0.0) / double(counted.size()));
     }
