@@ -3,8 +3,12 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <unistd.h>
+
+#include <cstdlib>
 #include <filesystem>
 #include <string>
+#include <vector>
 
 #include "victor/config.h"
 #include "victor/error.h"
@@ -53,11 +57,26 @@ inline PromptInput prompt(const ModelConfig& c, std::vector<int64_t> before, std
   return p;
 }
 
+// Folders made by temp_dir, removed when the test process exits normally (only by the process
+// that made them: a forked child exiting must not delete its parent's files). Set
+// VICTOR_KEEP_TEST_DIRS=1 to keep them for a look after a failure.
+struct TempDirs {
+  pid_t owner = ::getpid();
+  std::vector<std::filesystem::path> paths;
+  ~TempDirs() {
+    if (::getpid() != owner || std::getenv("VICTOR_KEEP_TEST_DIRS")) return;
+    std::error_code ec;
+    for (const auto& p : paths) std::filesystem::remove_all(p, ec);
+  }
+};
+
 inline std::string temp_dir(const std::string& name) {
+  static TempDirs made;
   auto p = std::filesystem::temp_directory_path() /
            ("victor_test_" + name + "_" + std::to_string(::getpid()));
   std::filesystem::remove_all(p);
   std::filesystem::create_directories(p);
+  made.paths.push_back(p);
   return p.string();
 }
 

@@ -256,6 +256,47 @@ TEST(Dtype, LowPrecisionLogitsStayCloseToFloat32) {
   EXPECT_TRUE(torch::equal(last_logits(again, {p}), want));
 }
 
+TEST(Dtype, GreedyTokensAgreeWithFloat32OverHundredsOfSteps) {
+  // 300 greedy tokens of the float32 model, then each storage reads the same tokens
+  // (teacher-forced, so one early disagreement does not decide every later step): its greedy
+  // choice must match float32's at nearly every step, and where it does not, float32's own
+  // top-two margin was small (a near tie), not a large logit gone wrong.
+  torch::NoGradGuard ng;
+  const int steps = 300;
+  auto cfg = tiny_config();
+  Vlm f32 = Vlm::random(cfg, 33);
+  auto p = prompt(cfg, {5, 6, 7}, {8, 9}, random_pixels(1, 28, 3));
+  SamplingOptions opt;
+  opt.max_new_tokens = steps;
+  auto gen = generate_ids(f32, {p}, /*eos=*/-1, opt);
+  ASSERT_EQ(int(gen.tokens[0].size()), steps);
+  PromptInput full = p;
+  for (int64_t t : gen.tokens[0]) full.ids.push_back(t);
+  full.generated = steps;
+  auto all_logits = [&](const Vlm& m) {  // [steps, vocab]: the logits that chose tokens 1..steps
+    auto out = m.forward(m.assemble({full}, /*pad_left=*/true));
+    const int64_t T = out.hidden.size(1);
+    return m.logits(out.hidden[0].narrow(0, T - 1 - steps, steps));
+  };
+  auto want = all_logits(f32);
+  EXPECT_TRUE(torch::equal(std::get<1>(want.max(1)), torch::tensor(gen.tokens[0])))
+      << "float32's full forward chooses the tokens its cached decode chose";
+  auto top2 = std::get<0>(want.topk(2, 1));
+  auto margin = (top2.select(1, 0) - top2.select(1, 1)) / (want.amax(1) - want.amin(1));
+  for (auto dt : {WeightDType::BF16, WeightDType::Int8}) {
+    Vlm low(f32);
+    low.set_weight_dtype(dt);
+    auto got = all_logits(low);
+    auto same = std::get<1>(got.max(1)).eq(std::get<1>(want.max(1)));
+    const double agree = same.to(torch::kFloat64).mean().item<double>();
+    const double worst_margin = same.all().item<bool>() ? 0.0 : margin.masked_select(same.logical_not()).max().item<double>();
+    std::cerr << to_string(dt) << ": greedy agreement " << agree << " over " << steps
+              << " steps; largest float32 margin (share of the logit spread) at a disagreement " << worst_margin << "\n";
+    EXPECT_GE(agree, 0.95) << to_string(dt);
+    EXPECT_LT(worst_margin, dt == WeightDType::BF16 ? 0.02 : 0.03) << to_string(dt);
+  }
+}
+
 TEST(Dtype, QuantizedFolderRoundTripsAndLoadsDirectly) {
   auto cfg = tiny_config(2, 2);
   Vlm m = Vlm::random(cfg, 33);

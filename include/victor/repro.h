@@ -92,6 +92,7 @@ struct ReproOptions {
   // (thrown away), the order reversed each round, with the share of first-seen images the full
   // run had. Gives each time reduction a range instead of one run's figure (0 rounds = off).
   int timing_rounds = 3, timing_steps = 30;
+  int timing_segment_steps() const { return timing_steps < steps ? timing_steps : steps; }
   std::vector<int> bench_gen{2, 128};
   int eval_limit = 0;                         // 0 = every test question
   uint64_t seed = 0;

@@ -314,7 +314,7 @@ std::string write_report(const ReproOptions& o, const Results& res) {
       md << "| " << r.name << " | " << num(r.step_seconds, "%.3f") << " s | " << num(r.final_loss, "%.4f") << " |\n";
   if (!plain.timing_step_seconds.empty()) {
     md << "\nTraining time measured again in " << plain.timing_step_seconds.size()
-       << " interleaved rounds after stage 2 (each round: every trained model for " << std::min(o.timing_steps, o.steps)
+       << " interleaved rounds after stage 2 (each round: every trained model for " << o.timing_segment_steps()
        << " stage-2 steps from the shared start after one warm-up step, the order reversed each round, the full run's share of first-seen "
           "images). Mean step per round, and the time reduction against the plain model in the same round:\n\n"
        << "| model | full run: step, reduction | each round: step (reduction) |\n|---|---|---|\n";

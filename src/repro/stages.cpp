@@ -414,7 +414,7 @@ void time_training(const Context& c, const Tokenizer& tok, const MainData& d, st
   std::vector<size_t> trained;
   for (size_t i = 0; i < runs.size(); ++i)
     if (!runs[i].training_free) trained.push_back(i);
-  const int steps = std::min(o.timing_steps, o.steps);  // a segment is at most the full run
+  const int steps = o.timing_segment_steps();
   const double full = double(o.steps) * o.batch_size;  // samples the full stage 2 drew
   const double first_seen = std::min(1.0, double(d.convs.size()) / full);
   const size_t n = std::max<size_t>(size_t(o.batch_size),
