@@ -25,6 +25,9 @@ done
 grep -qE -- "- training time at least 43% lower: measured -?[0-9.]+% \[-?[0-9.]+%, -?[0-9.]+%\] — (met|missed|not resolved)" "$r" || { echo "time verdict has no range"; exit 1; }
 grep -qE -- "- throughput at least 3.3x \(b4_g2\): measured [0-9.]+x \[[0-9.]+x, [0-9.]+x\] — (met|missed|not resolved)" "$r" || { echo "throughput verdict has no range"; exit 1; }
 grep -qE "^\| victor-m8-k2 \| [0-9.]+ s, -?[0-9.]+% \| [0-9.]+ s \(-?[0-9.]+%\), [0-9.]+ s \(-?[0-9.]+%\) \|$" "$r" || { echo "timing row of victor-m8-k2 missing"; exit 1; }
+# The accuracy bound is 4% of the plain model's accuracy, in points: at most 4.00.
+bound=$(grep -oE "a drop of at most [0-9.]+ points" "$r" | head -1 | grep -oE "[0-9.]+")
+awk -v b="$bound" 'BEGIN { exit !(b != "" && b <= 4.0) }' || { echo "accuracy bound $bound points is not 4% of an accuracy"; exit 1; }
 sj=$(tr -d ' \n' < "$work/r/summary.json")
 for pattern in '"timing_step_seconds":\[[0-9.e-]+,[0-9.e-]+\]' '"time_reduction_rounds":\[-?[0-9.e-]+,-?[0-9.e-]+\]' \
                '"throughput_ratio_repeats":\[[0-9.e-]+,[0-9.e-]+\]' '"timing_step_seconds":\[\],"train_seconds":0(\.0)?,"training_free":true'; do

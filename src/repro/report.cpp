@@ -293,7 +293,7 @@ std::string write_report(const ReproOptions& o, const Results& res) {
     if (o.summary_layers.size() > 1) md << runs[i].name << " (k = " << runs[i].summary_layers << "):\n\n";
     // < 4% relative = a drop of at most 0.04 x the plain accuracy, in points.
     const Interval& d = drops[i];
-    md << "- relative accuracy drop < 4% (a drop of at most " << num(400 * plain_acc, "%.1f") << " points): measured "
+    md << "- relative accuracy drop < 4% (a drop of at most " << num(4 * plain_acc, "%.2f") << " points): measured "
        << num(100 * d.estimate, "%+.1f") << " points [" << num(100 * d.lo, "%+.1f") << ", " << num(100 * d.hi, "%+.1f")
        << "] — "
        << (plain_at_prior ? "not meaningful (the plain model is at the answer prior)" : verdict_at_most(d, 0.04 * plain_acc))
