@@ -104,14 +104,15 @@ std::vector<BenchResult> run_bench(const Vlm& base, const std::vector<BenchConfi
   // repro of 2026-12-03: every ratio ~2x in repeat 1, within 3% in repeats 2 and 3).
   SamplingOptions warm{2};
   warm.kv_dtype = opt.kv_dtype;
+  auto batch_rows = [&](int b) {  // the timed batches' requests (seeds 100, 101, ...)
+    std::vector<PromptInput> rows;
+    for (int i = 0; i < b; ++i) rows.push_back(synthetic_prompt(bc, opt.prompt_tokens, 100 + i, pixels));
+    return rows;
+  };
   const int max_batch = opt.batches.empty() ? 1 : *std::max_element(opt.batches.begin(), opt.batches.end());
   for (auto& m : models) {
     generate_ids(m, {synthetic_prompt(bc, opt.prompt_tokens, 1, pixels)}, -1, warm);
-    if (max_batch > 1) {
-      std::vector<PromptInput> rows;
-      for (int i = 0; i < max_batch; ++i) rows.push_back(synthetic_prompt(bc, opt.prompt_tokens, 100 + i, pixels));
-      generate_ids(m, rows, -1, warm);
-    }
+    if (max_batch > 1) generate_ids(m, batch_rows(max_batch), -1, warm);
   }
   for (int r = 0; r < opt.repeats; ++r) {
     for (size_t ci = 0; ci < configs.size(); ++ci) {  // ABAB...: configurations interleaved
@@ -131,8 +132,7 @@ std::vector<BenchResult> run_bench(const Vlm& base, const std::vector<BenchConfi
       s.gflops = one.stats.prefill_gflops;
       for (int b : opt.batches)
         for (int g : opt.gen_tokens) {
-          std::vector<PromptInput> rows;
-          for (int i = 0; i < b; ++i) rows.push_back(synthetic_prompt(bc, opt.prompt_tokens, 100 + i, pixels));
+          auto rows = batch_rows(b);
           SamplingOptions sg;
           sg.max_new_tokens = g;
           sg.kv_dtype = opt.kv_dtype;
