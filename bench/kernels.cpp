@@ -132,7 +132,7 @@ void BM_MatmulInt8PerIsa(benchmark::State& st) {
   st.SetLabel(std::string("int8 ") + kernels::isa_name(kernels::active_isa()));
   kernels::use_isa(saved);
 }
-BENCHMARK(BM_MatmulInt8PerIsa)->ArgsProduct({{0, 1, 2, 3}, {1, 4, 8, 16}})->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_MatmulInt8PerIsa)->ArgsProduct({{0, 1, 2, 3, 4}, {1, 4, 8, 16}})->Unit(benchmark::kMillisecond)->UseRealTime();
 
 // LibTorch's own one-row products on the same matrix, for comparison with the kernels above.
 void BM_TorchMv(benchmark::State& st) {

@@ -30,7 +30,17 @@ struct KernelSet {
   void (*quantize_q8)(const float* x, int64_t M, int64_t K, int8_t* xq, float* xs) = nullptr;
   void (*matmul_int8_q8)(const int8_t* xq, const float* xs, int64_t M, int64_t K, const int8_t* w,
                          const float* scale, int64_t o0, int64_t o1, float* y, int64_t ldy) = nullptr;
+  // bf16 x bf16 (AVX-512 BF16 only; null elsewhere; used instead of matmul_bf16 where set).
+  // prepare_bf16_hilo: x [M,K] -> out [M, 2, bf16_hilo_padded(K)] bf16 bits, each row's
+  // hi = bf16(x) then lo = bf16(x - hi), zero beyond K: 16 significant bits of every activation.
+  // matmul_bf16_hilo: as matmul_bf16 on them, W times hi plus W times lo.
+  void (*prepare_bf16_hilo)(const float* x, int64_t M, int64_t K, uint16_t* out) = nullptr;
+  void (*matmul_bf16_hilo)(const uint16_t* xhl, int64_t M, int64_t K, const uint16_t* w, int64_t o0,
+                           int64_t o1, float* y, int64_t ldy) = nullptr;
 };
+
+// K rounded up to the 32 bf16 values a VDPBF16PS reads.
+inline int64_t bf16_hilo_padded(int64_t K) { return (K + 31) / 32 * 32; }
 
 // K rounded up to the 64-byte chunks the int8 x int8 kernels read.
 inline int64_t q8_padded(int64_t K) { return (K + 63) / 64 * 64; }
@@ -38,7 +48,8 @@ inline int64_t q8_padded(int64_t K) { return (K + 63) / 64 * 64; }
 const KernelSet& scalar_kernels();
 const KernelSet& avx2_kernels();    // needs AVX2 + FMA + F16C
 const KernelSet& avx512_kernels();  // needs AVX-512 F/BW/VL
-const KernelSet& avx512vnni_kernels();  // the same plus int8 x int8: needs AVX-512 VNNI too
+const KernelSet& avx512bf16_kernels();  // AVX-512 plus bf16 x bf16: needs AVX-512 BF16 too
+const KernelSet& avx512vnni_kernels();  // AVX-512 plus int8 x int8: needs AVX-512 VNNI too
 
 // Round-to-nearest-even float -> bf16 bits (NaN kept quiet), shared by every kernel set.
 inline uint16_t float_to_bf16_bits(float f) {

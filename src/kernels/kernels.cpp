@@ -20,6 +20,7 @@ const char* isa_name(Isa isa) {
     case Isa::Scalar: return "scalar";
     case Isa::Avx2: return "avx2";
     case Isa::Avx512: return "avx512";
+    case Isa::Avx512Bf16: return "avx512bf16";
     case Isa::Avx512Vnni: return "avx512vnni";
   }
   return "?";
@@ -32,6 +33,7 @@ std::vector<Isa> supported_isas() {
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl")) {
     out.push_back(Isa::Avx512);
+    if (__builtin_cpu_supports("avx512bf16")) out.push_back(Isa::Avx512Bf16);
     if (__builtin_cpu_supports("avx512vnni")) out.push_back(Isa::Avx512Vnni);
   }
   return out;
@@ -50,7 +52,7 @@ Isa initial_isa() {
   // The int8 x int8 path is opt-in (VICTOR_ISA=avx512vnni): it is faster only from 8 rows (1.25x
   // at 16), and quantizing the activations makes a request's logits depend on how many rows share
   // its batch; the default keeps them exact over the stored weights (docs/benchmarks.md).
-  return all.back() == Isa::Avx512Vnni ? Isa::Avx512 : all.back();
+  return all.back() == Isa::Avx512Vnni ? all[all.size() - 2] : all.back();
 }
 
 std::atomic<Isa>& current() {
@@ -60,7 +62,19 @@ std::atomic<Isa>& current() {
 
 const KernelSet& active_set() {
   switch (current().load(std::memory_order_relaxed)) {
-    case Isa::Avx512Vnni: return avx512vnni_kernels();
+    case Isa::Avx512Vnni: {
+      // With the bf16 x bf16 products too where the CPU has them (the opt-in is about int8).
+      static const KernelSet set = [] {
+        KernelSet s = avx512vnni_kernels();
+        if (__builtin_cpu_supports("avx512bf16")) {
+          s.prepare_bf16_hilo = avx512bf16_kernels().prepare_bf16_hilo;
+          s.matmul_bf16_hilo = avx512bf16_kernels().matmul_bf16_hilo;
+        }
+        return s;
+      }();
+      return set;
+    }
+    case Isa::Avx512Bf16: return avx512bf16_kernels();
     case Isa::Avx512: return avx512_kernels();
     case Isa::Avx2: return avx2_kernels();
     case Isa::Scalar: break;
@@ -148,6 +162,18 @@ std::vector<torch::Tensor> skinny(const torch::Tensor& x2, const std::vector<tor
       });
       break;
     case torch::kBFloat16: {
+      if (ks.matmul_bf16_hilo) {  // the activations split into bf16 hi and lo halves once, here
+        // 64-byte aligned (LibTorch's allocator), and rows of a multiple of 32 values: no
+        // activation load straddles two cache lines.
+        auto xhl_t = torch::empty({M * 2 * kernels::bf16_hilo_padded(K)}, torch::kInt16);
+        auto* xhl = reinterpret_cast<uint16_t*>(xhl_t.data_ptr<int16_t>());
+        ks.prepare_bf16_hilo(xp, M, K, xhl);
+        run([&](size_t i, int64_t o0, int64_t o1, float* y, int64_t ldy) {
+          ks.matmul_bf16_hilo(xhl, M, K, reinterpret_cast<const uint16_t*>(ws[i].data_ptr<at::BFloat16>()), o0,
+                              o1, y, ldy);
+        });
+        break;
+      }
       torch::Tensor split;
       const float* xs = xp;
       if (ks.bf16_pair_split) {
