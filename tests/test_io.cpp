@@ -47,6 +47,36 @@ TEST(Safetensors, RoundTripAndDtypeConversion) {
   EXPECT_TRUE(json::parse(raw.substr(8, hl)).contains("a"));
 }
 
+namespace {
+// This process's resident memory in bytes (/proc/self/statm, second field, in pages).
+int64_t resident_bytes() {
+  std::ifstream f("/proc/self/statm");
+  int64_t size = 0, resident = 0;
+  f >> size >> resident;
+  return resident * sysconf(_SC_PAGESIZE);
+}
+}  // namespace
+
+TEST(Safetensors, ReleasedPagesLeaveResidentMemoryAndReadBackIntact) {
+  // A loaded model copies each weight into its own memory; the file's pages it read must not
+  // stay resident beside the copy (peak memory was twice the weights), yet stay readable.
+  auto dir = temp_dir("st_release");
+  const std::string p = dir + "/big.safetensors";
+  auto big = torch::arange(16 * 1024 * 1024, torch::kFloat32).view({4096, 4096});  // 64 MiB
+  auto small = torch::randn({3, 5});
+  save_safetensors(p, {{"big", big}, {"small", small}});
+  SafetensorsFile f(p);
+  const int64_t before = resident_bytes();
+  EXPECT_TRUE(torch::equal(f.load_raw("big"), big));  // faults the whole tensor in
+  const int64_t touched = resident_bytes();
+  EXPECT_GT(touched - before, int64_t(60) << 20);
+  f.release_pages("big");
+  EXPECT_LT(resident_bytes() - before, int64_t(4) << 20) << "the tensor's pages are still resident";
+  EXPECT_TRUE(torch::equal(f.load_raw("big"), big));  // read again from the file
+  EXPECT_TRUE(torch::equal(f.load_raw("small"), small));  // its neighbour untouched
+  f.release_pages("no such tensor");                    // ignored
+}
+
 TEST(Safetensors, ShardedCheckpointLoads) {
   auto dir = temp_dir("shard");
   std::vector<std::pair<std::string, torch::Tensor>> ts;

@@ -26,6 +26,11 @@ class SafetensorsFile {
   torch::Tensor load(const std::string& name) const;  // float32
   // In the stored dtype; memory-mapped without a copy when aligned.
   torch::Tensor load_raw(const std::string& name) const;
+  // Drops this process's mapping of the tensor's file pages (whole pages inside its bytes only),
+  // once a copy of it is all that is used: without it a loaded model's resident memory counted
+  // each weight twice, the copy and the file's pages. The data stays valid: a later read of a
+  // tensor from the file faults its pages in again. Only for tensors never written in place.
+  void release_pages(const std::string& name) const;
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
 
  private:
@@ -47,6 +52,7 @@ class TensorStore {
   bool contains(const std::string& name) const { return where_.count(name) > 0; }
   torch::Tensor load(const std::string& name) const;      // float32
   torch::Tensor load_raw(const std::string& name) const;  // stored dtype
+  void release_pages(const std::string& name) const;      // SafetensorsFile::release_pages
   const TensorInfo& info(const std::string& name) const;
   std::string file_of(const std::string& name) const;
 

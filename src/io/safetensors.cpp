@@ -100,6 +100,16 @@ torch::Tensor SafetensorsFile::load_raw(const std::string& name) const {
   return raw;
 }
 
+void SafetensorsFile::release_pages(const std::string& name) const {
+  auto it = infos_.find(name);
+  if (it == infos_.end()) return;
+  const uintptr_t page = uintptr_t(sysconf(_SC_PAGESIZE));
+  const uintptr_t base = reinterpret_cast<uintptr_t>(map_->addr) + data_offset_;
+  const uintptr_t begin = (base + it->second.begin + page - 1) / page * page;
+  const uintptr_t end = (base + it->second.end) / page * page;
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);  // advisory
+}
+
 TensorStore::TensorStore(const std::string& dir) {
   if (!fs::is_directory(dir)) throw Error(dir + ": model folder not found");
   std::vector<std::string> paths;
@@ -161,6 +171,11 @@ torch::Tensor TensorStore::load_raw(const std::string& name) const {
   auto it = where_.find(name);
   if (it == where_.end()) throw Error("no tensor named '" + name + "' in checkpoint");
   return files_[it->second]->load_raw(name);
+}
+
+void TensorStore::release_pages(const std::string& name) const {
+  auto it = where_.find(name);
+  if (it != where_.end()) files_[it->second]->release_pages(name);
 }
 
 const TensorInfo& TensorStore::info(const std::string& name) const {

@@ -288,7 +288,11 @@ Vlm Vlm::load(const std::string& dir, std::optional<WeightDType> dtype) {
       scale = load_scale(store, it->second, p.shape[0]);
       used.insert(it->second + "_scale");
     }
+    const void* mapped = w.data_ptr();
     convert_matrix(w, scale, to);
+    // The matrix now lives in its own (huge-page) copy: the file's pages it was read from would
+    // otherwise stay resident beside it, and peak memory was twice the weights.
+    if (w.data_ptr() != mapped) store.release_pages(it->second);
     *p.tensor = w;
     *p.scale = scale;
   }
