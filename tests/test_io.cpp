@@ -598,6 +598,34 @@ TEST(Image, JpegDecodesThroughLibjpegAndHostileJpegsAreErrors) {
   EXPECT_TRUE(e.empty() || e.rfind("crafted.jpg: ", 0) == 0) << e;
 }
 
+TEST(Image, PngChunksMustLieInsideTheFileBeforeStbAllocates) {
+  // Found by fuzzing (2026-12-03): stb sized its buffer by an IDAT chunk's declared length before
+  // reading it, so ~200 bytes made it allocate 2 GB. Such a file is now refused by its chunks.
+  Image img;
+  img.width = 5;
+  img.height = 4;
+  img.rgb.assign(60, 200);
+  const std::string png = encode_png(img);
+  ASSERT_EQ(decode_image(png, "ok.png").width, 5);
+  // After the signature (8) and IHDR (25 bytes): an IDAT claiming 2^31 - 16 bytes.
+  std::string lying = png;
+  lying.insert(33, std::string("\x7f\xff\xff\xf0" "IDAT" "\0\0\0\0", 12));
+  auto e = error_of([&] { decode_image(lying, "lying.png"); });
+  EXPECT_NE(e.find("lying.png: not a readable image (PNG: chunk 'IDAT' declares 2147483632 bytes, the file has"),
+            std::string::npos) << e;
+  // A length past 2^31 - 1 (the PNG limit), and a file cut before IEND.
+  std::string huge = png;
+  huge.insert(33, std::string("\xff\xff\xff\xf0" "tEXt", 8));
+  EXPECT_NE(error_of([&] { decode_image(huge, "h.png"); }).find("chunk 'tEXt' declares 4294967280 bytes"), std::string::npos);
+  e = error_of([&] { decode_image(png.substr(0, png.size() - 12), "cut.png"); });
+  EXPECT_NE(e.find("cut.png: not a readable image (PNG: truncated before its IEND chunk)"), std::string::npos) << e;
+  // The fuzzer's own input: refused, or decoded, never 2 GB.
+  const std::string found =
+      read_file(std::string(VICTOR_SOURCE_DIR) + "/tests/fuzz/corpus/image/regression-stb-png-idat-declared-2gb.png");
+  e = error_of([&] { decode_image(found, "found.png"); });
+  EXPECT_TRUE(e.empty() || e.rfind("found.png: ", 0) == 0) << e;
+}
+
 TEST(Image, ThinStripsAreRefusedBeforePaddingOrResizingThemHuge) {
   // Found by fuzzing: a 909-byte BMP of 24 x 8208 pixels padded to an 8208^2 square (202 MB)
   // before resizing; a 1 x 60000 PNG would have asked for 10 GB.

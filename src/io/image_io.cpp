@@ -20,13 +20,43 @@ namespace victor {
 namespace {
 
 bool is_jpeg(const std::string& bytes) { return bytes.compare(0, 3, "\xff\xd8\xff") == 0; }
+// A chunk type as printable text (it comes from the file).
+std::string sanitize_chunk_type(const std::string& t) {
+  std::string out;
+  for (char c : t) out += (c >= 0x20 && c < 0x7f) ? c : '?';
+  return out;
+}
+bool is_png(const std::string& bytes) { return bytes.compare(0, 8, std::string("\x89PNG\r\n\x1a\n", 8)) == 0; }
+
+// stb grows its compressed-data buffer to a chunk's DECLARED length before reading the chunk, so
+// a 200-byte PNG whose IDAT claims 2 GB made it allocate 2 GB and then fail (found by fuzz_image,
+// 2026-12-03): a request-sized file could take the server's memory. Every chunk up to IEND must
+// lie inside the file (and its length be at most 2^31 - 1, as the PNG specification says), which
+// bounds what stb allocates by twice the file's size.
+void check_png_chunks(const std::string& bytes, const std::string& source) {
+  size_t at = 8;
+  while (true) {
+    if (bytes.size() - at < 8)
+      throw Error(source + ": not a readable image (PNG: truncated before its IEND chunk)");
+    const auto* p = reinterpret_cast<const unsigned char*>(bytes.data()) + at;
+    const uint32_t length = uint32_t(p[0]) << 24 | uint32_t(p[1]) << 16 | uint32_t(p[2]) << 8 | p[3];
+    const std::string type(bytes, at + 4, 4);
+    if (type == "IEND") return;  // stb stops here, before the IEND's own checksum
+    const size_t left = bytes.size() - at - 8;  // for the data and its 4-byte checksum
+    if (length > 0x7fffffffu || size_t(length) + 4 > left)
+      throw Error(source + ": not a readable image (PNG: chunk '" + sanitize_chunk_type(type) + "' declares " +
+                  std::to_string(length) + " bytes, the file has " + std::to_string(left < 4 ? 0 : left - 4) +
+                  " left)");
+    at += 12 + size_t(length);
+  }
+}
+
 
 // Only the formats victor documents reach a decoder (stb also parses TGA, PSD, HDR, PIC, PNM, GIF:
 // decoders nobody here needs are attack surface, and TGA has no magic number to tell it by).
 bool known_format(const std::string& bytes) {
-  const bool png = bytes.compare(0, 8, std::string("\x89PNG\r\n\x1a\n", 8)) == 0;
   const bool bmp = bytes.compare(0, 2, "BM") == 0;
-  return png || is_jpeg(bytes) || bmp;
+  return is_png(bytes) || is_jpeg(bytes) || bmp;
 }
 
 // JPEG goes to libjpeg-turbo (the decoder PIL, and so transformers' LLaVA preprocessing, uses;
@@ -112,6 +142,7 @@ Image decode_image(const std::string& bytes, const std::string& source) {
     check_size(img.width, img.height, source);
     return img;
   }
+  if (is_png(bytes)) check_png_chunks(bytes, source);
   // The header first: a file that claims a huge image is refused before pixels are allocated.
   if (stbi_info_from_memory(reinterpret_cast<const unsigned char*>(bytes.data()), static_cast<int>(bytes.size()),
                             &w, &h, &ch))
