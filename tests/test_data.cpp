@@ -312,6 +312,22 @@ TEST(LlavaData, SplitTurnsMakesEveryTurnASampleWithItsImage) {
   EXPECT_EQ(s[5].turns[0].assistant, "hi again");
 }
 
+TEST(LlavaData, SplittingNeverLeavesASecondImageTag) {
+  // Found by fuzz_llava: erasing the tag from "<imag<image>e>" joined the text around it into a
+  // new "<image>", and the split turn had two placeholders for one image.
+  std::vector<Conversation> convs{
+      {"a", "x.png", {{"<imag<image>e>\nWhat is in row 1?", "bag"}, {"And row 2?", "dress"}}}};
+  auto s = split_turns(convs);
+  ASSERT_EQ(s.size(), 2u);
+  for (auto& c : s) {
+    const std::string& h = c.turns[0].human;
+    EXPECT_EQ(h.rfind("<image>\n", 0), 0u) << h;
+    EXPECT_EQ(h.find("<image>", 1), std::string::npos) << h;
+  }
+  EXPECT_EQ(s[0].turns[0].human, "<image>\n\nWhat is in row 1?");
+  EXPECT_EQ(s[1].turns[0].human, "<image>\nAnd row 2?");
+}
+
 // Every answer's boxes are the cells it rests on, recomputed here from the grid and the question:
 // the asked cell (identify), every cell of the asked class (count, exist: none when absent), the
 // class's one cell (locate). train.json carries them on the gpt turns.

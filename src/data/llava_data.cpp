@@ -111,6 +111,9 @@ std::vector<Conversation> split_turns(const std::vector<Conversation>& convs) {
             h.erase(p, tag.size());
             break;
           }
+        // Erasing can join the text around the tag into a new one ("<imag<image>e>", found by
+        // fuzz_llava): the tokenizer would read a second image there. Remove until none is left.
+        for (size_t p = h.find("<image>"); p != std::string::npos; p = h.find("<image>")) h.erase(p, 7);
         h = "<image>\n" + h;
       }
       out.push_back(std::move(one));
