@@ -2,6 +2,8 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
+#include <ATen/autocast_mode.h>
+
 #include "helpers.h"
 #include "victor/error.h"
 #include "victor/train.h"
@@ -116,6 +118,35 @@ TEST(Train, ResamplerLearnsAndItsLatentsGetGradients) {
   Vlm back = Vlm::load(dir);
   EXPECT_EQ(back.config().reducer.spec(), "resampler:latents=4");
   EXPECT_FLOAT_EQ(mean_loss(back, samples), mean_loss(fresh, samples));
+}
+
+TEST(Train, Bf16AutocastOverfitsLikeFloat32AndKeepsFloat32MasterWeights) {
+  // Victor (4 registers, k = 2), the whole model: with --autocast-bf16 the products run in bf16,
+  // so the run differs from float32's, but it learns the same samples; the weights and the
+  // optimizer stay float32, and autocast is off again afterwards.
+  auto cfg = tiny_config(4, 2);
+  auto samples = toy_samples(cfg);
+  TrainOptions o;
+  o.parts = parse_parts("all");
+  o.lr = 1e-2;
+  o.batch_size = 3;
+  o.max_steps = 80;
+  o.progress = false;
+  Vlm f32 = Vlm::random(cfg, 50), mixed = Vlm::random(cfg, 50);
+  const float before = mean_loss(mixed, samples);
+  train_model(f32, samples, o, "");
+  o.autocast_bf16 = true;
+  train_model(mixed, samples, o, "");
+  EXPECT_FALSE(at::autocast::is_cpu_enabled());
+  EXPECT_GT(before, 3.0f);
+  EXPECT_LT(mean_loss(mixed, samples), 0.05f);
+  EXPECT_LT(mean_loss(f32, samples), 0.05f);
+  bool differs = false;
+  for (size_t i = 0; i < mixed.params().size(); ++i) {
+    EXPECT_EQ(mixed.params()[i].tensor->scalar_type(), torch::kFloat32) << mixed.params()[i].name;
+    differs = differs || !torch::equal(*mixed.params()[i].tensor, *f32.params()[i].tensor);
+  }
+  EXPECT_TRUE(differs) << "autocast changed nothing: the products did not run in bf16";
 }
 
 TEST(Train, StopAndResumeEqualsUninterruptedRun) {

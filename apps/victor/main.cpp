@@ -659,6 +659,10 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   c_train->add_flag("--skip-bad", tr.skip_bad, "Skip (and count) bad samples instead of stopping");
   add_reducer_options(c_train, tr.reducer);
+  c_train->add_flag("--autocast-bf16", tr.autocast_bf16,
+                    "Mixed precision: the forward pass's matrix products (and their gradients) in bf16, master weights and "
+                    "optimizer in float32 (about 1.9x faster per step on CPUs with AVX-512 BF16; off keeps runs "
+                    "bit-comparable with float32 ones)");
   c_train->add_flag("--shuffle-visual", tr.shuffle_visual,
                     "Augment: each image's visual tokens in a random order every step (lookups by content, not position)");
   c_train->add_option("--ground-weight", tr.ground_weight,

@@ -35,6 +35,11 @@ struct TrainOptions {
   // lookup survives a change of pooling or resolution. Seeded by (seed, step): resume stays exact.
   bool shuffle_visual = false;
   bool single_turn = false;  // every turn its own sample (split_turns): no answers to lean on
+  // Mixed precision: the forward pass's matrix products (and so their backward) in bf16 through
+  // LibTorch's CPU autocast; master weights, optimizer state and the loss stay float32. About
+  // 1.9x faster per step on an AVX-512 BF16 CPU (docs/benchmarks.md); off by default so runs
+  // stay bit-comparable with float32 ones.
+  bool autocast_bf16 = false;
   int max_samples = 0;  // use only the first N samples (0 = all)
   int feature_cache_mb = 4096;  // frozen vision tower: keep each image's features (0 = recompute)
   // Grounded attention (GridVQA's "boxes", any data with them): the first `ground_heads` heads of

@@ -1,5 +1,7 @@
 #include "victor/train.h"
 
+#include <ATen/autocast_mode.h>
+
 #include <chrono>
 #include <cmath>
 #include <cstring>
@@ -233,6 +235,27 @@ class FeatureCache {
   std::unordered_map<const void*, torch::Tensor> slots_;
   size_t cap_, used_ = 0;
   int64_t hits_ = 0;
+};
+
+// LibTorch's CPU autocast in bf16 for one forward pass (TrainOptions::autocast_bf16); always
+// switched off again, also when the pass throws.
+class BfloatAutocast {
+ public:
+  explicit BfloatAutocast(bool on) : on_(on) {
+    if (!on_) return;
+    at::autocast::set_cpu_enabled(true);
+    at::autocast::set_autocast_cpu_dtype(at::kBFloat16);
+  }
+  ~BfloatAutocast() {
+    if (!on_) return;
+    at::autocast::set_cpu_enabled(false);
+    at::autocast::clear_cache();
+  }
+  BfloatAutocast(const BfloatAutocast&) = delete;
+  BfloatAutocast& operator=(const BfloatAutocast&) = delete;
+
+ private:
+  bool on_;
 };
 
 // The grounding loss of one micro-batch (TrainOptions::ground_weight): cross-entropy of the
@@ -548,9 +571,16 @@ TrainReport train_model(Vlm& model, const std::vector<TrainSample>& samples, con
         trace.probe = [&](int layer, const torch::Tensor& p, const TokenMeta&, const TokenMeta&) {
           if (layer == o.ground_layer) probs = p;
         };
-      ForwardOutput out = model.forward(batch, nullptr, grounding ? &trace : nullptr);
+      torch::Tensor logits;
+      ForwardOutput out;
+      {
+        BfloatAutocast mixed(o.autocast_bf16);
+        out = model.forward(batch, nullptr, grounding ? &trace : nullptr);
+        logits = model.logits(out.hidden.index({out.targets.ne(-100)}));
+      }
+      logits = logits.to(torch::kFloat32);  // the loss in float32
+      if (probs.defined()) probs = probs.to(torch::kFloat32);
       auto sel = out.targets.ne(-100);
-      auto logits = model.logits(out.hidden.index({sel}));
       auto targets = out.targets.index({sel});
       GroundingLoss g;
       if (grounding) g = grounding_loss(probs, batch, sources, centres, visual_order, o.ground_heads);
