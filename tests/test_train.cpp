@@ -52,6 +52,17 @@ ModelConfig tiny_for(const Tokenizer& tok) {
   return cfg;
 }
 
+// The whole model, trained to overfit toy_samples (TinyModelOverfitsAFewSamples' settings).
+TrainOptions overfit_options(int steps) {
+  TrainOptions o;
+  o.parts = parse_parts("all");
+  o.lr = 1e-2;
+  o.batch_size = 3;
+  o.max_steps = steps;
+  o.progress = false;
+  return o;
+}
+
 float mean_loss(Vlm& m, const std::vector<TrainSample>& samples) {
   torch::NoGradGuard ng;
   std::vector<PromptInput> rows;
@@ -69,12 +80,7 @@ TEST(Train, TinyModelOverfitsAFewSamples) {
     Vlm m = Vlm::random(cfg, 50);
     auto samples = toy_samples(cfg);
     float before = mean_loss(m, samples);
-    TrainOptions o;
-    o.parts = parse_parts("all");
-    o.lr = 1e-2;
-    o.batch_size = 3;
-    o.max_steps = 80;
-    o.progress = false;
+    TrainOptions o = overfit_options(80);
     train_model(m, samples, o, "");
     float after = mean_loss(m, samples);
     EXPECT_GT(before, 3.0f);
@@ -103,12 +109,7 @@ TEST(Train, ResamplerLearnsAndItsLatentsGetGradients) {
   // And the whole model with it overfits samples that differ only in their image.
   Vlm fresh = Vlm::random(cfg, 51);
   float before = mean_loss(fresh, samples);
-  TrainOptions o;
-  o.parts = parse_parts("all");
-  o.lr = 1e-2;
-  o.batch_size = 3;
-  o.max_steps = 160;  // one more block between the image and the text: slower than the plain model's 80
-  o.progress = false;
+  TrainOptions o = overfit_options(160);  // one more block between the image and the text: slower than the plain model's 80
   train_model(fresh, samples, o, "");
   EXPECT_GT(before, 3.0f);
   EXPECT_LT(mean_loss(fresh, samples), 0.05f);
@@ -126,12 +127,7 @@ TEST(Train, Bf16AutocastOverfitsLikeFloat32AndKeepsFloat32MasterWeights) {
   // optimizer stay float32, and autocast is off again afterwards.
   auto cfg = tiny_config(4, 2);
   auto samples = toy_samples(cfg);
-  TrainOptions o;
-  o.parts = parse_parts("all");
-  o.lr = 1e-2;
-  o.batch_size = 3;
-  o.max_steps = 80;
-  o.progress = false;
+  TrainOptions o = overfit_options(80);
   Vlm f32 = Vlm::random(cfg, 50), mixed = Vlm::random(cfg, 50);
   const float before = mean_loss(mixed, samples);
   train_model(f32, samples, o, "");

@@ -571,16 +571,16 @@ TrainReport train_model(Vlm& model, const std::vector<TrainSample>& samples, con
         trace.probe = [&](int layer, const torch::Tensor& p, const TokenMeta&, const TokenMeta&) {
           if (layer == o.ground_layer) probs = p;
         };
-      torch::Tensor logits;
       ForwardOutput out;
+      torch::Tensor sel, logits;
       {
         BfloatAutocast mixed(o.autocast_bf16);
         out = model.forward(batch, nullptr, grounding ? &trace : nullptr);
-        logits = model.logits(out.hidden.index({out.targets.ne(-100)}));
+        sel = out.targets.ne(-100);
+        logits = model.logits(out.hidden.index({sel}));
       }
       logits = logits.to(torch::kFloat32);  // the loss in float32
       if (probs.defined()) probs = probs.to(torch::kFloat32);
-      auto sel = out.targets.ne(-100);
       auto targets = out.targets.index({sel});
       GroundingLoss g;
       if (grounding) g = grounding_loss(probs, batch, sources, centres, visual_order, o.ground_heads);
