@@ -534,12 +534,24 @@ TEST(ServeHttp, FullQueueAnswers503WithRetryAfterAndTimeoutsAnswer504) {
   EXPECT_EQ(r2->status, 504) << r2->body;
   EXPECT_EQ(t.engine->counters().requests_timeout, 1u);
 
-  // A request that times out while decoding leaves the batch and frees its cache.
-  ServeOptions running;
-  running.limits.request_timeout_seconds = 0.3;
-  LiveServer u("timeout_running", running);
+  // A request that times out while decoding leaves the batch and frees its cache. The timeout is
+  // set from this machine's own speed (measured on an untimed server first): well past the first
+  // token, well before the 1000th, whatever the build or the load.
   json long_one = request({user_message("How many bags are there?", {})}, 1000);
   long_one["ignore_eos"] = true;
+  double ttft = 0, decode_seconds = 0;
+  {
+    LiveServer m("timeout_measure", ServeOptions{});
+    auto r = m.post(long_one);
+    ASSERT_TRUE(r);
+    ASSERT_EQ(r->status, 200) << r->body;
+    auto j = json::parse(r->body)["victor"];
+    ttft = j["time_to_first_token_seconds"].get<double>();
+    decode_seconds = 1000 / j["decode_tokens_per_second"].get<double>();
+  }
+  ServeOptions running;
+  running.limits.request_timeout_seconds = std::max(4 * ttft, ttft + decode_seconds / 3);
+  LiveServer u("timeout_running", running);
   auto r3 = u.post(long_one);
   ASSERT_TRUE(r3);
   EXPECT_EQ(r3->status, 504) << r3->body;

@@ -59,6 +59,66 @@ TEST(Victor, IncrementalDecodeEqualsFullRecomputeWithDrop) {
     }
 }
 
+namespace {
+
+KvCache clone_cache(const KvCache& c) {
+  KvCache o = c;
+  for (auto& l : o.layers) {
+    l.k = l.k.clone();
+    l.v = l.v.clone();
+    l.meta = {l.meta.order.clone(), l.meta.pos.clone(), l.meta.kind.clone(), l.meta.group.clone()};
+  }
+  o.next_pos = c.next_pos.clone();
+  return o;
+}
+
+}  // namespace
+
+TEST(Victor, FastDecodeStepEqualsTheGenericLayerPath) {
+  // decode_step runs the layers on raw buffers (llama_layer_decode); forward() on the same one-token
+  // batch runs them through LibTorch ops (llama_layer). Same logits, same caches, for both mask
+  // modes, both cache storages, a left-padded batch of two, with and without room reserved.
+  for (auto mode : {RegisterMask::Causal, RegisterMask::RegistersOnly})
+    for (auto kv : {torch::kFloat32, torch::kBFloat16})
+      for (int64_t reserve : {0, 3}) {
+        SCOPED_TRACE(to_string(mode) + (kv == torch::kBFloat16 ? " bf16" : " f32") + " reserve " +
+                     std::to_string(reserve));
+        auto cfg = tiny_config(2, 2, mode);
+        Vlm m = Vlm::random(cfg, 27);
+        torch::NoGradGuard ng;
+        auto batch = m.assemble({one_image(cfg, 8), prompt(cfg, {5}, {9}, random_pixels(1, 28, 9))}, true);
+        auto [fast, first] = m.prefill(batch, kv, reserve);
+        KvCache slow = clone_cache(fast);
+        for (int step = 0; step < 4; ++step) {
+          auto ids = torch::tensor({int64_t(3 + step), int64_t(7 - step)});
+          auto got = m.decode_step(ids, fast);
+          SequenceBatch b;
+          b.embeds = m.embed_tokens(ids.view({2, 1}));
+          b.meta.order = torch::full({2, 1}, slow.next_order);
+          b.meta.pos = slow.next_pos.view({2, 1}).clone();
+          b.meta.kind = torch::full({2, 1}, int64_t(TokenKind::Text));
+          b.meta.group = torch::full({2, 1}, int64_t(-1));
+          auto want = m.logits(m.forward(b, &slow).hidden.select(1, 0));
+          slow.next_order += 1;
+          slow.next_pos = slow.next_pos + 1;
+          EXPECT_LT((got - want).abs().max().item<double>(), 1e-5) << "step " << step;
+          // Keys equal to float32's rounding; in bf16 storage a key a rounding apart in float32
+          // may land one bf16 step (2^-8 of itself) apart.
+          const double rtol = kv == torch::kBFloat16 ? 1.0 / 128 : 1e-5;
+          for (int l = 0; l < cfg.num_layers(); ++l) {
+            ASSERT_EQ(fast.layers[l].len, slow.layers[l].len);
+            EXPECT_TRUE(torch::allclose(fast.layers[l].keys().to(torch::kFloat32),
+                                        slow.layers[l].keys().to(torch::kFloat32), rtol, 1e-6));
+            EXPECT_TRUE(torch::allclose(fast.layers[l].values().to(torch::kFloat32),
+                                        slow.layers[l].values().to(torch::kFloat32), rtol, 1e-6));
+            EXPECT_TRUE(torch::equal(fast.layers[l].key_meta().order, slow.layers[l].key_meta().order));
+            EXPECT_TRUE(torch::equal(fast.layers[l].key_meta().kind, slow.layers[l].key_meta().kind));
+          }
+        }
+        EXPECT_TRUE(torch::equal(fast.next_pos, slow.next_pos));
+      }
+}
+
 TEST(Victor, RegistersOnlyBlocksTextFromVisualTokens) {
   auto cfg = tiny_config(2, 3, RegisterMask::RegistersOnly);
   Vlm m = Vlm::random(cfg, 24);

@@ -55,6 +55,22 @@ std::vector<torch::Tensor> matmul_weights(const torch::Tensor& x, const std::vec
 // memory-mapped file or plain malloc'd memory (docs/benchmarks.md). Small tensors come back as is.
 torch::Tensor in_huge_pages(const torch::Tensor& t);
 
+// Decode attention: one new query token per row b of q [B,H,hd] (float32, contiguous), with
+// H / Hkv query heads per KV head (Hugging Face's repeat_kv). rows[b] says where that row's keys
+// and values are: head h of them at k + h * head_stride (elements), `len` rows of hd each, in
+// float32 or bf16 storage; allowed [len] bytes (0 = the key weighs exactly 0). out [B,H,hd]
+// float32. Threads over (row, KV head); on every kernel set it computes
+// softmax(q k^T / sqrt(hd)) v in float32 without building the score tensors of LibTorch's path.
+struct DecodeKv {
+  const void* k = nullptr;
+  const void* v = nullptr;
+  int64_t head_stride = 0;
+  int64_t len = 0;
+  const uint8_t* allowed = nullptr;
+};
+void attend_decode(const float* q, int64_t B, int64_t H, int64_t Hkv, int64_t hd, bool bf16_kv,
+                   const DecodeKv* rows, float* out);
+
 // Rows `ids` of an embedding table stored like a weight, as float32 [...,K].
 torch::Tensor embedding_rows(const torch::Tensor& table, const torch::Tensor& scale,
                              const torch::Tensor& ids);

@@ -96,6 +96,7 @@ struct LayerCache {
   TokenMeta key_meta() const { return meta.narrow(0, len); }
   void append(const torch::Tensor& k_new, const torch::Tensor& v_new, const TokenMeta& m);
   void keep_only(const torch::Tensor& keep);  // keep [B,len] bool; compacts rows
+  void grow(int64_t capacity);                // room for `capacity` rows (k defined), rows kept
   int64_t bytes() const;                      // bytes of the len used rows (K and V)
 };
 

@@ -3,6 +3,7 @@
 // would be compiled with this file's flags.
 #include <immintrin.h>
 
+#include "attend_impl.h"
 #include "isa_kernels.h"
 
 namespace victor::kernels {
@@ -121,7 +122,12 @@ void dequant(const int8_t* w, const float* scale, int64_t K, int64_t o0, int64_t
 }  // namespace
 
 const KernelSet& avx2_kernels() {
-  static const KernelSet set{f32, bf16, int8, dequant};
+  static const KernelSet set = [] {
+    KernelSet s{f32, bf16, int8, dequant};
+    s.attend_f32 = attend_f32;
+    s.attend_bf16 = attend_bf16;
+    return s;
+  }();
   return set;
 }
 

@@ -2,6 +2,7 @@
 // through avx512_kernels() after a CPU check (kernels.cpp).
 #include <immintrin.h>
 
+#include "attend_impl.h"
 #include "isa_kernels.h"
 
 namespace victor::kernels {
@@ -193,7 +194,12 @@ void dequant(const int8_t* w, const float* scale, int64_t K, int64_t o0, int64_t
 }  // namespace
 
 const KernelSet& avx512_kernels() {
-  static const KernelSet set{f32, bf16_pairs, int8, dequant, /*bf16_pair_split=*/true};
+  static const KernelSet set = [] {
+    KernelSet s{f32, bf16_pairs, int8, dequant, /*bf16_pair_split=*/true};
+    s.attend_f32 = attend_f32;
+    s.attend_bf16 = attend_bf16;
+    return s;
+  }();
   return set;
 }
 

@@ -37,6 +37,13 @@ struct KernelSet {
   void (*prepare_bf16_hilo)(const float* x, int64_t M, int64_t K, uint16_t* out) = nullptr;
   void (*matmul_bf16_hilo)(const uint16_t* xhl, int64_t M, int64_t K, const uint16_t* w, int64_t o0,
                            int64_t o1, float* y, int64_t ldy) = nullptr;
+  // Decode attention of one KV head (attend_impl.h; every set has them): q [G,hd] against S cached
+  // keys and values (rows hd apart, float32 or bf16 bits), keys with allowed[s] == 0 excluded;
+  // out [G,hd]; scratch G * S + hd floats.
+  void (*attend_f32)(const float* q, int64_t G, int64_t hd, const float* k, const float* v, int64_t S,
+                     const uint8_t* allowed, float scale, float* scratch, float* out) = nullptr;
+  void (*attend_bf16)(const float* q, int64_t G, int64_t hd, const uint16_t* k, const uint16_t* v,
+                      int64_t S, const uint8_t* allowed, float scale, float* scratch, float* out) = nullptr;
 };
 
 // K rounded up to the 32 bf16 values a VDPBF16PS reads.

@@ -1,4 +1,5 @@
 // Plain C++ kernels: the reference every vector path is tested against, and the fallback.
+#include "attend_impl.h"
 #include "isa_kernels.h"
 
 namespace victor::kernels {
@@ -39,7 +40,12 @@ void dequant(const int8_t* w, const float* scale, int64_t K, int64_t o0, int64_t
 }  // namespace
 
 const KernelSet& scalar_kernels() {
-  static const KernelSet set{f32, bf16, int8, dequant};
+  static const KernelSet set = [] {
+    KernelSet s{f32, bf16, int8, dequant};
+    s.attend_f32 = attend_f32;
+    s.attend_bf16 = attend_bf16;
+    return s;
+  }();
   return set;
 }
 

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <vector>
@@ -304,6 +305,39 @@ torch::Tensor in_huge_pages(const torch::Tensor& t) {
   madvise(p, rounded, MADV_HUGEPAGE);  // advisory: without THP the copy still works
   std::memcpy(p, t.data_ptr(), bytes);
   return torch::from_blob(p, t.sizes(), [](void* q) { std::free(q); }, t.options());
+}
+
+void attend_decode(const float* q, int64_t B, int64_t H, int64_t Hkv, int64_t hd, bool bf16_kv,
+                   const DecodeKv* rows, float* out) {
+  if (Hkv <= 0 || H % Hkv != 0) throw Error("attend_decode: query heads must be a multiple of the KV heads");
+  const int64_t G = H / Hkv, tasks = B * Hkv;
+  const float scale = float(1.0 / std::sqrt(double(hd)));
+  const auto& ks = active_set();
+  // Tasks (row, KV head) from a shared counter, each thread with its own scratch.
+  auto work = [&](std::atomic<int64_t>& next) {
+    std::vector<float> scratch;
+    for (int64_t t = next.fetch_add(1); t < tasks; t = next.fetch_add(1)) {
+      const int64_t b = t / Hkv, h = t % Hkv;
+      const DecodeKv& r = rows[b];
+      scratch.resize(size_t(G * r.len + hd));
+      const float* qh = q + (b * H + h * G) * hd;
+      float* oh = out + (b * H + h * G) * hd;
+      const int64_t off = h * r.head_stride;
+      if (bf16_kv)
+        ks.attend_bf16(qh, G, hd, static_cast<const uint16_t*>(r.k) + off, static_cast<const uint16_t*>(r.v) + off,
+                       r.len, r.allowed, scale, scratch.data(), oh);
+      else
+        ks.attend_f32(qh, G, hd, static_cast<const float*>(r.k) + off, static_cast<const float*>(r.v) + off, r.len,
+                      r.allowed, scale, scratch.data(), oh);
+    }
+  };
+  std::atomic<int64_t> next{0};
+  const int64_t threads = std::min<int64_t>(std::max(1, at::get_num_threads()), tasks);
+  if (threads <= 1) {
+    work(next);
+    return;
+  }
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) { work(next); });
 }
 
 torch::Tensor embedding_rows(const torch::Tensor& table, const torch::Tensor& scale,

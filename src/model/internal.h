@@ -44,4 +44,26 @@ torch::Tensor llama_layer_rows(const LlamaLayerW& w, const TextConfig& c, Regist
                                const torch::Tensor& x, const std::vector<TokenMeta>& metas,
                                const RopeTables& rope, const std::vector<LayerCache*>& caches);
 
+// The decode fast path: one new token per row of x [B,1,d] (float32, no autograd). Row b's keys
+// are batch row rows[b].row of rows[b].cache (a cache shared by several rows must have all of its
+// rows here: its length grows once). It computes what llama_layer computes for such a step (tests:
+// incremental decode equals a full recompute) on raw buffers, without LibTorch's per-op dispatch:
+// the norms, RoPE, the cache append, attention (kernels::attend_decode) and SwiGLU; the weight
+// products go through dense/dense_many as everywhere else.
+struct DecodeRow {
+  LayerCache* cache;
+  int64_t row;    // batch row inside cache
+  int64_t order;  // the new token's order and position
+  int64_t pos;
+};
+struct DecodeRope {
+  std::vector<float> cos, sin;  // [B, hd/2], the same values rope_tables computes
+};
+DecodeRope decode_rope(const std::vector<int64_t>& pos, int64_t hd, double theta);
+// Whether a layer's cache can take the fast path (prefilled, contiguous, float32 or bf16 storage).
+bool decode_fast_path_ok(const LayerCache& c);
+torch::Tensor llama_layer_decode(const LlamaLayerW& w, const TextConfig& c, RegisterMask mode,
+                                 const torch::Tensor& x, const DecodeRope& rope,
+                                 const std::vector<DecodeRow>& rows);
+
 }  // namespace victor

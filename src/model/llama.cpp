@@ -1,7 +1,10 @@
 // The language tower: LLaMA decoder layer, attention permissions and the per-layer KV cache.
+#include <algorithm>
 #include <cmath>
 
 #include "internal.h"
+#include "victor/error.h"
+#include "victor/kernels.h"
 #include "victor/ops.h"
 
 namespace victor {
@@ -68,22 +71,14 @@ void copy_meta(TokenMeta& dst, int64_t at, const TokenMeta& src) {
 void LayerCache::append(const torch::Tensor& k_new, const torch::Tensor& v_new,
                         const TokenMeta& m) {
   const int64_t t = k_new.size(2);
-  const int64_t cap = k.defined() ? k.size(2) : 0;
-  if (len + t > cap) {
-    int64_t new_cap = std::max(len + t, 2 * cap);
+  if (!k.defined()) {
     auto shape = k_new.sizes().vec();
-    shape[2] = new_cap;
-    auto k2 = torch::zeros(shape, k_new.options().dtype(dtype)), v2 = torch::zeros(shape, v_new.options().dtype(dtype));
-    TokenMeta m2 = pad_meta(k_new.size(0), new_cap);
-    if (len > 0) {
-      k2.narrow(2, 0, len).copy_(keys());
-      v2.narrow(2, 0, len).copy_(values());
-      copy_meta(m2, 0, key_meta());
-    }
-    k = k2;
-    v = v2;
-    meta = m2;
+    shape[2] = 0;
+    k = torch::zeros(shape, k_new.options().dtype(dtype));
+    v = torch::zeros(shape, v_new.options().dtype(dtype));
+    meta = pad_meta(k_new.size(0), 0);
   }
+  if (len + t > k.size(2)) grow(std::max(len + t, 2 * k.size(2)));
   k.narrow(2, len, t).copy_(k_new);
   v.narrow(2, len, t).copy_(v_new);
   copy_meta(meta, len, m);
@@ -116,20 +111,25 @@ int64_t KvCache::bytes() const {
   return b;
 }
 
-void KvCache::reserve(int64_t extra) {
-  for (auto& l : layers) {
-    if (!l.k.defined() || l.len + extra <= l.k.size(2)) continue;
-    auto shape = l.k.sizes().vec();
-    shape[2] = l.len + extra;
-    auto k2 = torch::zeros(shape, l.k.options()), v2 = torch::zeros(shape, l.v.options());
-    TokenMeta m2 = pad_meta(l.k.size(0), l.len + extra);
-    k2.narrow(2, 0, l.len).copy_(l.keys());
-    v2.narrow(2, 0, l.len).copy_(l.values());
-    copy_meta(m2, 0, l.key_meta());
-    l.k = k2;
-    l.v = v2;
-    l.meta = m2;
+void LayerCache::grow(int64_t capacity) {
+  if (capacity <= k.size(2)) return;
+  auto shape = k.sizes().vec();
+  shape[2] = capacity;
+  auto k2 = torch::zeros(shape, k.options()), v2 = torch::zeros(shape, v.options());
+  TokenMeta m2 = pad_meta(k.size(0), capacity);
+  if (len > 0) {
+    k2.narrow(2, 0, len).copy_(keys());
+    v2.narrow(2, 0, len).copy_(values());
+    copy_meta(m2, 0, key_meta());
   }
+  k = k2;
+  v = v2;
+  meta = m2;
+}
+
+void KvCache::reserve(int64_t extra) {
+  for (auto& l : layers)
+    if (l.k.defined()) l.grow(l.len + extra);
 }
 
 namespace {
@@ -220,6 +220,156 @@ torch::Tensor llama_layer_rows(const LlamaLayerW& w, const TextConfig& c, Regist
     out.push_back(attention(row.q, keys, values, attention_allowed(metas[b], key_meta, mode)));
   }
   return finish_layer(w, c, x, torch::cat(out, 0));
+}
+
+DecodeRope decode_rope(const std::vector<int64_t>& pos, int64_t hd, double theta) {
+  // As rope_tables: inv_freq = 1 / theta^(2i/hd) and pos * inv_freq in float32, then cos and sin.
+  const int64_t half = hd / 2;
+  std::vector<float> inv(static_cast<size_t>(half));
+  for (int64_t i = 0; i < half; ++i) inv[size_t(i)] = 1.f / std::pow(float(theta), float(2 * i) / float(hd));
+  DecodeRope r;
+  r.cos.resize(pos.size() * size_t(half));
+  r.sin.resize(r.cos.size());
+  for (size_t b = 0; b < pos.size(); ++b)
+    for (int64_t i = 0; i < half; ++i) {
+      const float f = float(pos[b]) * inv[size_t(i)];
+      r.cos[b * size_t(half) + size_t(i)] = std::cos(f);
+      r.sin[b * size_t(half) + size_t(i)] = std::sin(f);
+    }
+  return r;
+}
+
+bool decode_fast_path_ok(const LayerCache& c) {
+  auto ok_meta = [&](const torch::Tensor& t) {
+    return t.defined() && t.dim() == 2 && t.is_contiguous() && t.scalar_type() == torch::kInt64 &&
+           t.size(1) == c.k.size(2);
+  };
+  return c.k.defined() && c.k.dim() == 4 && c.k.is_contiguous() && c.v.is_contiguous() &&
+         c.v.sizes() == c.k.sizes() && c.v.scalar_type() == c.k.scalar_type() &&
+         (c.k.scalar_type() == torch::kFloat32 || c.k.scalar_type() == torch::kBFloat16) &&
+         ok_meta(c.meta.order) && ok_meta(c.meta.pos) && ok_meta(c.meta.kind) && ok_meta(c.meta.group);
+}
+
+namespace {
+
+// out = x * rsqrt(mean(x^2) + eps) * w per row of d, as rms_norm.
+void rms_norm_rows(const float* x, const float* w, int64_t B, int64_t d, double eps, float* out) {
+  for (int64_t b = 0; b < B; ++b) {
+    const float* xb = x + b * d;
+    float* ob = out + b * d;
+    double ss = 0;
+    for (int64_t i = 0; i < d; ++i) ss += double(xb[i]) * xb[i];
+    const float r = 1.f / std::sqrt(float(ss / double(d)) + float(eps));
+    for (int64_t i = 0; i < d; ++i) ob[i] = xb[i] * r * w[i];
+  }
+}
+
+// Rotate-half RoPE in place on x [B,heads,hd] with row b's tables.
+void rope_rows(float* x, int64_t B, int64_t heads, int64_t hd, const DecodeRope& r) {
+  const int64_t half = hd / 2;
+  for (int64_t b = 0; b < B; ++b) {
+    const float* cs = r.cos.data() + b * half;
+    const float* sn = r.sin.data() + b * half;
+    for (int64_t h = 0; h < heads; ++h) {
+      float* xh = x + (b * heads + h) * hd;
+      for (int64_t i = 0; i < half; ++i) {
+        const float a = xh[i], c = xh[i + half];
+        xh[i] = a * cs[i] - c * sn[i];
+        xh[i + half] = c * cs[i] + a * sn[i];
+      }
+    }
+  }
+}
+
+}  // namespace
+
+torch::Tensor llama_layer_decode(const LlamaLayerW& w, const TextConfig& c, RegisterMask mode,
+                                 const torch::Tensor& x_in, const DecodeRope& rope,
+                                 const std::vector<DecodeRow>& rows) {
+  const int64_t B = x_in.size(0), d = x_in.size(2);
+  const int64_t H = c.num_attention_heads, Hkv = c.num_key_value_heads, hd = c.head_dim();
+  if (int64_t(rows.size()) != B || x_in.size(1) != 1)
+    throw Error("decode: one new token and one cache row per batch row");
+  auto x = x_in.contiguous();
+  auto h = torch::empty({B, d}, torch::kFloat32);
+  rms_norm_rows(x.data_ptr<float>(), w.input_norm.data_ptr<float>(), B, d, c.rms_norm_eps, h.data_ptr<float>());
+  auto qkv = dense_many(h, {&w.q, &w.k, &w.v});
+  auto q = qkv[0].contiguous(), kn = qkv[1].contiguous(), vn = qkv[2].contiguous();
+  rope_rows(q.data_ptr<float>(), B, H, hd, rope);
+  rope_rows(kn.data_ptr<float>(), B, Hkv, hd, rope);
+
+  // Append the new keys and values at each cache's length (room made first).
+  std::vector<LayerCache*> caches;
+  for (const auto& r : rows)
+    if (std::find(caches.begin(), caches.end(), r.cache) == caches.end()) caches.push_back(r.cache);
+  for (LayerCache* lc : caches)
+    if (lc->len + 1 > lc->k.size(2)) lc->grow(std::max(lc->len + 1, 2 * lc->k.size(2)));
+  const bool bf16 = rows[0].cache->k.scalar_type() == torch::kBFloat16;
+  const float* kp = kn.data_ptr<float>();
+  const float* vp = vn.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b) {
+    const DecodeRow& r = rows[size_t(b)];
+    LayerCache& lc = *r.cache;
+    const int64_t cap = lc.k.size(2), at = lc.len;
+    for (int64_t kh = 0; kh < Hkv; ++kh) {
+      const int64_t dst = ((r.row * Hkv + kh) * cap + at) * hd, src = (b * Hkv + kh) * hd;
+      if (bf16) {
+        auto* kd = reinterpret_cast<uint16_t*>(lc.k.data_ptr<at::BFloat16>()) + dst;
+        auto* vd = reinterpret_cast<uint16_t*>(lc.v.data_ptr<at::BFloat16>()) + dst;
+        for (int64_t i = 0; i < hd; ++i) {
+          kd[i] = c10::BFloat16(kp[src + i]).x;  // round to nearest even, as Tensor::to
+          vd[i] = c10::BFloat16(vp[src + i]).x;
+        }
+      } else {
+        std::copy(kp + src, kp + src + hd, lc.k.data_ptr<float>() + dst);
+        std::copy(vp + src, vp + src + hd, lc.v.data_ptr<float>() + dst);
+      }
+    }
+    const int64_t m = r.row * cap + at;
+    lc.meta.order.data_ptr<int64_t>()[m] = r.order;
+    lc.meta.pos.data_ptr<int64_t>()[m] = r.pos;
+    lc.meta.kind.data_ptr<int64_t>()[m] = int64_t(TokenKind::Text);
+    lc.meta.group.data_ptr<int64_t>()[m] = -1;
+  }
+  for (LayerCache* lc : caches) lc->len += 1;
+
+  // Which keys each new token may see: attention_allowed for a text query.
+  std::vector<std::vector<uint8_t>> allowed(static_cast<size_t>(B));
+  std::vector<DecodeKv> kv(static_cast<size_t>(B));
+  for (int64_t b = 0; b < B; ++b) {
+    const DecodeRow& r = rows[size_t(b)];
+    const LayerCache& lc = *r.cache;
+    const int64_t cap = lc.k.size(2), S = lc.len;
+    const int64_t* ord = lc.meta.order.data_ptr<int64_t>() + r.row * cap;
+    const int64_t* kind = lc.meta.kind.data_ptr<int64_t>() + r.row * cap;
+    auto& al = allowed[size_t(b)];
+    al.resize(size_t(S));
+    for (int64_t s = 0; s < S; ++s)
+      al[size_t(s)] = ord[s] <= r.order && kind[s] != int64_t(TokenKind::Pad) &&
+                      !(mode == RegisterMask::RegistersOnly && kind[s] == int64_t(TokenKind::Visual));
+    const int64_t base = r.row * Hkv * cap * hd;
+    const int64_t esize = bf16 ? 2 : 4;
+    kv[size_t(b)] = {static_cast<const char*>(lc.k.data_ptr()) + base * esize,
+                     static_cast<const char*>(lc.v.data_ptr()) + base * esize, cap * hd, S, al.data()};
+  }
+  auto a = torch::empty({B, H * hd}, torch::kFloat32);
+  attend_decode(q.data_ptr<float>(), B, H, Hkv, hd, bf16, kv.data(), a.data_ptr<float>());
+
+  // Residual, post-norm, SwiGLU MLP, residual: finish_layer on raw buffers.
+  auto y = dense(a, w.o).contiguous();
+  float* yp = y.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
+  for (int64_t i = 0; i < B * d; ++i) yp[i] = xp[i] + yp[i];
+  rms_norm_rows(yp, w.post_norm.data_ptr<float>(), B, d, c.rms_norm_eps, h.data_ptr<float>());
+  auto gate_up = dense_many(h, {&w.gate, &w.up});
+  auto g = gate_up[0].contiguous(), u = gate_up[1].contiguous();
+  float* gp = g.data_ptr<float>();
+  const float* up = u.data_ptr<float>();
+  for (int64_t i = 0; i < g.numel(); ++i) gp[i] = gp[i] / (1.f + std::exp(-gp[i])) * up[i];
+  auto out = dense(g, w.down).contiguous();
+  float* op = out.data_ptr<float>();
+  for (int64_t i = 0; i < B * d; ++i) op[i] = yp[i] + op[i];
+  return out.view({B, 1, d});
 }
 
 }  // namespace victor

@@ -675,10 +675,52 @@ ForwardOutput Vlm::forward(const SequenceBatch& batch, KvCache* cache, ForwardTr
   return out;
 }
 
+namespace {
+
+// Every layer of the language tower for one new token per row on the fast path (llama_layer_decode);
+// rows[b] names row b's cache (its layer-0 entry) and batch row. Empty when a cache cannot take it.
+torch::Tensor decode_fast(const LlamaW& w, const ModelConfig& cfg, const torch::Tensor& x0,
+                          const std::vector<KvCache*>& caches, const std::vector<int64_t>& cache_rows) {
+  if (torch::GradMode::is_enabled() || x0.scalar_type() != torch::kFloat32) return {};
+  const bool bf16 = caches[0]->layers[0].k.defined() && caches[0]->layers[0].k.scalar_type() == torch::kBFloat16;
+  for (const KvCache* c : caches)
+    for (const auto& l : c->layers)
+      if (!decode_fast_path_ok(l) || (l.k.scalar_type() == torch::kBFloat16) != bf16) return {};
+  for (const auto& l : w.layers)
+    if (l.input_norm.scalar_type() != torch::kFloat32 || l.post_norm.scalar_type() != torch::kFloat32) return {};
+  const int64_t B = x0.size(0);
+  std::vector<DecodeRow> rows(static_cast<size_t>(B));
+  std::vector<int64_t> pos(static_cast<size_t>(B));
+  for (int64_t b = 0; b < B; ++b) {
+    const KvCache& c = *caches[size_t(b)];
+    pos[size_t(b)] = c.next_pos[cache_rows[size_t(b)]].item<int64_t>();
+    rows[size_t(b)] = {nullptr, cache_rows[size_t(b)], c.next_order, pos[size_t(b)]};
+  }
+  const DecodeRope rope = decode_rope(pos, cfg.text.head_dim(), cfg.text.rope_theta);
+  torch::Tensor x = x0;
+  for (int l = 0; l < cfg.num_layers(); ++l) {
+    for (int64_t b = 0; b < B; ++b) rows[size_t(b)].cache = &caches[size_t(b)]->layers[size_t(l)];
+    x = llama_layer_decode(w.layers[size_t(l)], cfg.text, cfg.reducer.mask(), x, rope, rows);
+  }
+  return x;
+}
+
+}  // namespace
+
 torch::Tensor Vlm::decode_step(const torch::Tensor& ids, KvCache& cache) const {
   const int64_t B = ids.size(0);
   SequenceBatch b;
   b.embeds = embed_tokens(ids.view({B, 1}));
+  if (cache.next_pos.numel() == B && B > 0) {
+    std::vector<int64_t> rows(static_cast<size_t>(B));
+    for (int64_t r = 0; r < B; ++r) rows[size_t(r)] = r;
+    auto x = decode_fast(w_.llm, config_, b.embeds, std::vector<KvCache*>(size_t(B), &cache), rows);
+    if (x.defined()) {
+      cache.next_order += 1;
+      cache.next_pos = cache.next_pos + 1;
+      return logits(rms_norm(x, w_.llm.norm, config_.text.rms_norm_eps).select(1, 0));
+    }
+  }
   b.meta.order = torch::full({B, 1}, cache.next_order);
   b.meta.pos = cache.next_pos.view({B, 1}).clone();
   b.meta.kind = torch::full({B, 1}, int64_t(TokenKind::Text));
@@ -705,12 +747,17 @@ torch::Tensor Vlm::decode_step(const torch::Tensor& ids, const std::vector<KvCac
     pos.push_back(m.pos);
     metas.push_back(std::move(m));
   }
-  RopeTables rope = rope_tables(torch::cat(pos, 0), config_.text.head_dim(), config_.text.rope_theta);
   torch::Tensor x = embed_tokens(ids.view({B, 1}));
-  std::vector<LayerCache*> layer(B);
-  for (int l = 0; l < config_.num_layers(); ++l) {
-    for (int64_t b = 0; b < B; ++b) layer[b] = &caches[b]->layers[l];
-    x = llama_layer_rows(w_.llm.layers[l], config_.text, config_.reducer.mask(), x, metas, rope, layer);
+  torch::Tensor fast = decode_fast(w_.llm, config_, x, caches, std::vector<int64_t>(size_t(B), 0));
+  if (fast.defined()) {
+    x = fast;
+  } else {
+    RopeTables rope = rope_tables(torch::cat(pos, 0), config_.text.head_dim(), config_.text.rope_theta);
+    std::vector<LayerCache*> layer(B);
+    for (int l = 0; l < config_.num_layers(); ++l) {
+      for (int64_t b = 0; b < B; ++b) layer[b] = &caches[b]->layers[l];
+      x = llama_layer_rows(w_.llm.layers[l], config_.text, config_.reducer.mask(), x, metas, rope, layer);
+    }
   }
   for (auto* c : caches) {
     c->next_order += 1;

@@ -215,7 +215,14 @@ class FeatureCache {
         ++hits_;  // the same image twice in this batch: computed once
     }
     if (!missing_px.empty()) {
-      auto f = model.vision_features(torch::cat(missing_px, 0));
+      // One image at a time: a batched product's rounding can depend on its row count when
+      // several threads share it, and a resumed run meets its images in different company than
+      // the uninterrupted run did (it starts with an empty cache), so a feature must not depend on
+      // which other images were missing with it. The tower's products have 577 rows per image
+      // either way, so this costs next to nothing.
+      std::vector<torch::Tensor> parts;
+      for (auto& px : missing_px) parts.push_back(model.vision_features(px));
+      auto f = torch::cat(parts, 0);
       for (auto& [key, row] : batch_rows) {
         auto feat = f[row].unsqueeze(0).clone();
         size_t bytes = size_t(feat.numel()) * feat.element_size();
