@@ -347,10 +347,9 @@ torch::Tensor llama_layer_decode(const LlamaLayerW& w, const TextConfig& c, Regi
     for (int64_t s = 0; s < S; ++s)
       al[size_t(s)] = ord[s] <= r.order && kind[s] != int64_t(TokenKind::Pad) &&
                       !(mode == RegisterMask::RegistersOnly && kind[s] == int64_t(TokenKind::Visual));
-    const int64_t base = r.row * Hkv * cap * hd;
-    const int64_t esize = bf16 ? 2 : 4;
-    kv[size_t(b)] = {static_cast<const char*>(lc.k.data_ptr()) + base * esize,
-                     static_cast<const char*>(lc.v.data_ptr()) + base * esize, cap * hd, S, al.data()};
+    const int64_t base = r.row * Hkv * cap * hd * int64_t(lc.k.element_size());  // in bytes
+    kv[size_t(b)] = {static_cast<const char*>(lc.k.data_ptr()) + base,
+                     static_cast<const char*>(lc.v.data_ptr()) + base, cap * hd, S, al.data()};
   }
   auto a = torch::empty({B, H * hd}, torch::kFloat32);
   attend_decode(q.data_ptr<float>(), B, H, Hkv, hd, bf16, kv.data(), a.data_ptr<float>());

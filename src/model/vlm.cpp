@@ -735,23 +735,25 @@ torch::Tensor Vlm::decode_step(const torch::Tensor& ids, const std::vector<KvCac
   const int64_t B = ids.size(0);
   if (B != int64_t(caches.size()) || B == 0)
     throw Error("decode_step: " + std::to_string(B) + " ids for " + std::to_string(caches.size()) + " caches");
-  std::vector<TokenMeta> metas;
-  std::vector<torch::Tensor> pos;
-  for (auto* c : caches) {
+  for (auto* c : caches)
     if (c->next_pos.numel() != 1) throw Error("decode_step: each cache must hold one request");
-    TokenMeta m;
-    m.order = torch::full({1, 1}, c->next_order);
-    m.pos = c->next_pos.view({1, 1}).clone();
-    m.kind = torch::full({1, 1}, int64_t(TokenKind::Text));
-    m.group = torch::full({1, 1}, int64_t(-1));
-    pos.push_back(m.pos);
-    metas.push_back(std::move(m));
-  }
   torch::Tensor x = embed_tokens(ids.view({B, 1}));
   torch::Tensor fast = decode_fast(w_.llm, config_, x, caches, std::vector<int64_t>(size_t(B), 0));
   if (fast.defined()) {
     x = fast;
   } else {
+    // The LibTorch path: each row's [1,1] metadata and the RoPE tables for the rows' positions.
+    std::vector<TokenMeta> metas;
+    std::vector<torch::Tensor> pos;
+    for (auto* c : caches) {
+      TokenMeta m;
+      m.order = torch::full({1, 1}, c->next_order);
+      m.pos = c->next_pos.view({1, 1}).clone();
+      m.kind = torch::full({1, 1}, int64_t(TokenKind::Text));
+      m.group = torch::full({1, 1}, int64_t(-1));
+      pos.push_back(m.pos);
+      metas.push_back(std::move(m));
+    }
     RopeTables rope = rope_tables(torch::cat(pos, 0), config_.text.head_dim(), config_.text.rope_theta);
     std::vector<LayerCache*> layer(B);
     for (int l = 0; l < config_.num_layers(); ++l) {
