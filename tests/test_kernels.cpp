@@ -273,6 +273,59 @@ TEST(Kernels, DecodeAttentionMatchesReferenceOnEveryPath) {
   EXPECT_THROW(attend_decode(nullptr, 1, 5, 2, 8, false, nullptr, nullptr), Error);  // 5 heads over 2
 }
 
+TEST(Kernels, PrefillAttentionBf16MatchesRoundedReference) {
+  // Odd sizes (T, S, hd not multiples of any vector width), G = 3 query heads per KV head, a
+  // strided (transposed) q as the vision tower passes it, k/v narrowed out of a larger capacity
+  // as a cache holds them, a causal mask with extra holes and one row with nothing allowed; every
+  // kernel path, 1 and 2 threads, whole and in blocks of query rows (the blocks must join up).
+  torch::manual_seed(11);
+  const int64_t B = 2, H = 6, Hkv = 2, G = H / Hkv, T = 19, S = 23, hd = 40, cap = 29;
+  auto q = torch::randn({B, T, H, hd}).transpose(1, 2);  // [B,H,T,hd], not contiguous
+  auto k = torch::randn({B, Hkv, cap, hd}).narrow(2, 0, S) * 2;
+  auto v = torch::randn({B, Hkv, cap, hd}).narrow(2, 0, S);
+  auto allowed = torch::ones({T, S}, torch::kBool).tril(S - T).unsqueeze(0).repeat({B, 1, 1});
+  allowed.logical_and_(torch::rand({B, T, S}).gt(0.2));
+  allowed[1][4].fill_(false);  // a query that may see nothing: zeros, never NaN
+  // Reference in double from the bf16-rounded inputs, the probabilities rounded to bf16 as the
+  // kernel multiplies them; what is left is float32 accumulation.
+  auto r = [](const torch::Tensor& t) { return t.to(torch::kBFloat16).to(torch::kFloat64); };
+  auto qd = r(q), kd = r(k), vd = r(v);
+  auto want = torch::zeros({B, H, T, hd}, torch::kFloat64);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h) {
+      auto sc = torch::mm(qd[b][h], kd[b][h / G].t()) / std::sqrt(double(hd));  // [T,S]
+      auto p = torch::softmax(sc.masked_fill(allowed[b].logical_not(), -INFINITY), -1).nan_to_num(0.0);
+      want[b][h] = torch::mm(r(p), vd[b][h / G]);
+    }
+  for (int threads : {1, 2}) {
+    at::set_num_threads(threads);
+    for (auto isa : kernels::supported_isas()) {
+      IsaScope scope(isa);
+      for (int64_t block : {0, 4}) {
+        set_attention_block_rows(block);
+        SCOPED_TRACE(std::string(kernels::isa_name(isa)) + " threads " + std::to_string(threads) + " block " + std::to_string(block));
+        auto out = attention_bf16(q, k, v, allowed);
+        ASSERT_EQ(out.sizes(), (torch::IntArrayRef{B, H, T, hd}));
+        EXPECT_LT((out.to(torch::kFloat64) - want).abs().max().item<double>(), 2e-5);
+        EXPECT_TRUE(torch::equal(out[1].select(1, 4), torch::zeros({H, hd})));
+        // No mask: every key, as the vision tower.
+        auto all = attention_bf16(q, k, v, torch::Tensor());
+        auto full = attention_bf16(q, k, v, torch::ones({B, T, S}, torch::kBool));
+        EXPECT_TRUE(torch::equal(all, full));
+      }
+    }
+  }
+  set_attention_block_rows(0);
+  at::set_num_threads(1);
+  // Against the float32 path: the bf16 rounding of q, k, v and p is all that differs (except the
+  // row with nothing allowed, which the float32 path averages over every key: padding either way).
+  auto diff = (attention_bf16(q, k, v, allowed) - attention(q, k, v, allowed)).abs();
+  diff[1].select(1, 4).zero_();
+  EXPECT_LT(diff.max().item<double>(), 3e-2);
+  EXPECT_THROW(attention_bf16(q, k.narrow(1, 0, 1).repeat({1, 4, 1, 1}), v, allowed), Error);  // 6 heads over 4
+  EXPECT_THROW(attention_bf16(q, k, v, allowed.narrow(2, 0, 5)), Error);
+}
+
 // ---- Whole-model checks for each weight storage ----
 
 namespace {
@@ -307,14 +360,23 @@ TEST(Dtype, LowPrecisionLogitsStayCloseToFloat32) {
   auto p = prompt(cfg, {5, 6, 7, 9, 10, 11, 12, 13}, {8, 9, 14, 15, 16}, random_pixels(2, 28, 2));
   auto want = last_logits(f32, {p});
   const double spread = (want.max() - want.min()).item<double>();
-  for (auto dt : {WeightDType::BF16, WeightDType::Int8}) {
-    Vlm low(f32);
-    low.set_weight_dtype(dt);
-    auto got = last_logits(low, {p});
-    const double err = (got - want).abs().max().item<double>() / spread;
-    std::cerr << to_string(dt) << " max logit error / logit spread: " << err << "\n";
-    EXPECT_LT(err, dt == WeightDType::BF16 ? 0.02 : 0.03) << to_string(dt);
-    EXPECT_GT(err, 0.0) << "the weights really were converted";
+  // Default limit: the prompt's prefill runs the bf16 GEMM and attention_bf16; limit 0: every
+  // product and attention of more than 0 rows does, the vision tower's (17 tokens) too.
+  for (int64_t limit : {skinny_rows_limit(), int64_t(0)}) {
+    SkinnyScope scope(limit);
+    for (auto dt : {WeightDType::BF16, WeightDType::Int8}) {
+      Vlm low(f32);
+      low.set_weight_dtype(dt);
+      auto got = last_logits(low, {p});
+      const double err = (got - want).abs().max().item<double>() / spread;
+      std::cerr << to_string(dt) << " limit " << limit << " max logit error / logit spread: " << err << "\n";
+      EXPECT_LT(err, dt == WeightDType::BF16 ? 0.02 : 0.03) << to_string(dt);
+      EXPECT_GT(err, 0.0) << "the weights really were converted";
+      auto px = random_pixels(2, 28, 5);
+      auto fw = f32.vision_features(px), fl = low.vision_features(px);
+      const double ferr = ((fl - fw).abs().max() / fw.abs().max()).item<double>();
+      EXPECT_LT(ferr, 0.03) << to_string(dt) << " vision features";
+    }
   }
   // Float32 weights are untouched by the conversion round trip f32 -> f32.
   Vlm again(f32);

@@ -1,7 +1,6 @@
 // victor: the one CLI. It parses options and prints; the library holds the logic.
 #include <cmath>
 #include <CLI/CLI.hpp>
-#include <malloc.h>
 #include <signal.h>
 
 #include <chrono>
@@ -61,21 +60,6 @@ void add_dtype_option(CLI::App* c, std::string& dtype, bool with_auto = true) {
       ->check(with_auto ? CLI::IsMember({"auto", "f32", "bf16", "int8"})
                         : CLI::IsMember({"f32", "bf16", "int8"}))
       ->capture_default_str();
-}
-
-// glibc returns large freed buffers to the kernel and maps them again on the next allocation, so
-// every training step and prefill paid page faults for all its activations. Keeping buffers up
-// to 256 MiB in the heap, and freed memory there, measured (docs/benchmarks.md): 6 small-preset
-// training steps 20.2 -> 13 s (577K -> 299K faults); a 605-token bf16 prefill 18.7 -> 4.7 s
-// (with a 32 MiB threshold 8-9 s, with only the trim threshold 22 s). A user's own MALLOC_*
-// tunables win.
-void tune_allocator() {  // at start-up, before any large allocation (glibc 2.36 accepts 256 MiB)
-  if (std::getenv("MALLOC_MMAP_THRESHOLD_") || std::getenv("MALLOC_TRIM_THRESHOLD_") ||
-      std::getenv("MALLOC_TOP_PAD_") || std::getenv("VICTOR_DEFAULT_MALLOC"))
-    return;
-  mallopt(M_MMAP_THRESHOLD, 256 << 20);
-  mallopt(M_TRIM_THRESHOLD, 1 << 30);
-  mallopt(M_TOP_PAD, 64 << 20);
 }
 
 void set_threads(int n) {

@@ -19,4 +19,10 @@ bool is_generic_blas_core(const std::string& core);
 // (does nothing) when there is nothing to fix or the re-exec fails.
 void ensure_fast_blas(char** argv);
 
+// glibc returns large freed buffers to the kernel and maps them again on the next allocation, so
+// every training step and prefill paid page faults for all its activations. Keeps buffers up to
+// 256 MiB in the heap, and freed memory there (docs/benchmarks.md, item 6). Call at start-up,
+// before any large allocation; a user's own MALLOC_* tunables (or VICTOR_DEFAULT_MALLOC) win.
+void tune_allocator();
+
 }  // namespace victor

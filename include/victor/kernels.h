@@ -71,6 +71,18 @@ struct DecodeKv {
 void attend_decode(const float* q, int64_t B, int64_t H, int64_t Hkv, int64_t hd, bool bf16_kv,
                    const DecodeKv* rows, float* out);
 
+// Prefill attention with bf16 products, what a bf16 or int8 model's other products already do:
+// q [B,H,T,hd], k/v [B,Hkv,S,hd] float32 (any strides), allowed [B,T,S] bool or undefined (every
+// key). q, k, v and the probabilities are rounded to bf16 and multiplied by oneDNN with float32
+// accumulation and outputs; the softmax runs in float32 (keys not allowed weigh exactly 0, a row
+// with none gives zeros). Query rows run in blocks so the scores stay within ~48 MiB. Returns
+// [B,H,T,hd] float32. The float32 path is attention() (ops.h).
+torch::Tensor attention_bf16(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                             const torch::Tensor& allowed);
+// The block of query rows attention_bf16 uses (0 = its default from the memory budget); tests
+// shrink it to check the blocks join up.
+void set_attention_block_rows(int64_t rows);
+
 // Rows `ids` of an embedding table stored like a weight, as float32 [...,K].
 torch::Tensor embedding_rows(const torch::Tensor& table, const torch::Tensor& scale,
                              const torch::Tensor& ids);

@@ -96,6 +96,20 @@ void attend_impl(const float* q, int64_t G, int64_t hd, const KV* k, const KV* v
   }
 }
 
+// Softmax of one row of scores over its allowed entries (allowed null: every entry), written as
+// bf16 bits (round to nearest even) for a bf16 product with the values; s is overwritten. A row
+// with nothing allowed gives zeros. Branch-free loops, so they vectorize per instruction set.
+void softmax_bf16(float* s, const uint8_t* allowed, int64_t S, uint16_t* out) {
+  if (allowed)
+    for (int64_t i = 0; i < S; ++i) s[i] = allowed[i] ? s[i] : -1e30f;
+  float mx = -1e30f;
+  for (int64_t i = 0; i < S; ++i) mx = s[i] > mx ? s[i] : mx;
+  for (int64_t i = 0; i < S; ++i) s[i] = s[i] > -1e29f ? exp_nonpositive(s[i] - mx) : 0.f;
+  const float sum = sum_lanes(s, S);
+  const float inv = sum > 0.f ? 1.f / sum : 0.f;
+  for (int64_t i = 0; i < S; ++i) out[i] = float_to_bf16_bits(s[i] * inv);
+}
+
 void attend_f32(const float* q, int64_t G, int64_t hd, const float* k, const float* v, int64_t S,
                 const uint8_t* allowed, float scale, float* scratch, float* out) {
   attend_impl(q, G, hd, k, v, S, allowed, scale, scratch, out);

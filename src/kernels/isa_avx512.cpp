@@ -198,6 +198,7 @@ const KernelSet& avx512_kernels() {
     KernelSet s{f32, bf16_pairs, int8, dequant, /*bf16_pair_split=*/true};
     s.attend_f32 = attend_f32;
     s.attend_bf16 = attend_bf16;
+    s.softmax_bf16 = softmax_bf16;
     return s;
   }();
   return set;

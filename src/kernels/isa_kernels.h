@@ -44,6 +44,9 @@ struct KernelSet {
                      const uint8_t* allowed, float scale, float* scratch, float* out) = nullptr;
   void (*attend_bf16)(const float* q, int64_t G, int64_t hd, const uint16_t* k, const uint16_t* v,
                       int64_t S, const uint8_t* allowed, float scale, float* scratch, float* out) = nullptr;
+  // One row of prefill attention's softmax (attend_impl.h): scores s [S] (overwritten) over the
+  // entries with allowed[i] != 0 (allowed null: all) -> probabilities as bf16 bits.
+  void (*softmax_bf16)(float* s, const uint8_t* allowed, int64_t S, uint16_t* out) = nullptr;
 };
 
 // K rounded up to the 32 bf16 values a VDPBF16PS reads.

@@ -44,6 +44,7 @@ const KernelSet& scalar_kernels() {
     KernelSet s{f32, bf16, int8, dequant};
     s.attend_f32 = attend_f32;
     s.attend_bf16 = attend_bf16;
+    s.softmax_bf16 = softmax_bf16;
     return s;
   }();
   return set;

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "isa_kernels.h"
+#include "onednn.h"
 #include "victor/error.h"
 
 namespace victor {
@@ -238,7 +239,66 @@ torch::Tensor int8_to_bf16(const torch::Tensor& q, const torch::Tensor& scale) {
 
 namespace {
 std::atomic<int64_t> g_skinny_rows{16};
+std::atomic<int64_t> g_attention_block{0};
 }  // namespace
+
+void set_attention_block_rows(int64_t rows) { g_attention_block.store(std::max<int64_t>(0, rows)); }
+
+torch::Tensor attention_bf16(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                             const torch::Tensor& allowed) {
+  if (q.dim() != 4 || k.dim() != 4 || v.dim() != 4 || k.sizes() != v.sizes() || k.size(0) != q.size(0) ||
+      k.size(3) != q.size(3) || k.size(1) <= 0 || q.size(1) % k.size(1) != 0)
+    throw Error("attention_bf16: expected q [B,H,T,hd] and k, v [B,Hkv,S,hd] with H a multiple of Hkv");
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), hd = q.size(3);
+  const int64_t Hkv = k.size(1), S = k.size(2), G = H / Hkv;
+  if (allowed.defined() && allowed.sizes() != torch::IntArrayRef{B, T, S})
+    throw Error("attention_bf16: allowed must be [B,T,S]");
+  auto out = torch::empty({B, H, T, hd}, torch::kFloat32);
+  if (out.numel() == 0) return out;
+  // bf16 copies keep the inputs' strides (a transposed view stays one); the last dim must be dense.
+  auto bf16 = [](const torch::Tensor& t) {
+    auto b = t.to(torch::kBFloat16);
+    return b.stride(3) == 1 ? b : b.contiguous();
+  };
+  const auto qb = bf16(q), kb = bf16(k), vb = bf16(v);
+  const auto al = allowed.defined() ? allowed.to(torch::kUInt8).contiguous() : torch::Tensor();
+  int64_t tb = g_attention_block.load();
+  if (tb <= 0) tb = std::max<int64_t>(1, (int64_t(48) << 20) / (H * S * 6));
+  tb = std::min(tb, T);
+  auto scores = torch::empty({H * tb * S}, torch::kFloat32);
+  auto probs = torch::empty({H * tb * S}, torch::kBFloat16);
+  float* sp = scores.data_ptr<float>();
+  auto* pp = reinterpret_cast<uint16_t*>(probs.data_ptr<at::BFloat16>());
+  auto bits = [](const torch::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>()); };
+  const float scale = float(1.0 / std::sqrt(double(hd)));
+  const auto& ks = active_set();
+  using onednn::View;
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t t0 = 0; t0 < T; t0 += tb) {
+      const int64_t n = std::min(tb, T - t0);
+      // Scores [Hkv, G, n, S]: query head h = j * G + g against KV head j (broadcast over g).
+      const View qv{{Hkv, G, n, hd}, {G * qb.stride(1), qb.stride(1), qb.stride(2), 1}};
+      const View kv{{Hkv, 1, hd, S}, {kb.stride(1), kb.stride(1), 1, kb.stride(2)}};
+      const View sv{{Hkv, G, n, S}, {G * n * S, n * S, S, 1}};
+      onednn::matmul_bf16_f32(qv, bits(qb) + b * qb.stride(0) + t0 * qb.stride(2), kv,
+                              bits(kb) + b * kb.stride(0), sv, sp, scale);
+      const uint8_t* arow = al.defined() ? al.data_ptr<uint8_t>() + (b * T + t0) * S : nullptr;
+      const int64_t rows = H * n;
+      over_chunks(rows, std::max<int64_t>(1, rows / (8 * std::max(1, at::get_num_threads()))),
+                  [&](int64_t r0, int64_t r1) {
+                    for (int64_t r = r0; r < r1; ++r)
+                      ks.softmax_bf16(sp + r * S, arow ? arow + (r % n) * S : nullptr, S, pp + r * S);
+                  });
+      // Output [Hkv, G, n, hd] written in place into out[b, :, t0:t0+n, :].
+      const View pv{{Hkv, G, n, S}, {G * n * S, n * S, S, 1}};
+      const View vv{{Hkv, 1, S, hd}, {vb.stride(1), vb.stride(1), vb.stride(2), 1}};
+      const View ov{{Hkv, G, n, hd}, {G * T * hd, T * hd, hd, 1}};
+      onednn::matmul_bf16_f32(pv, pp, vv, bits(vb) + b * vb.stride(0), ov,
+                              out.data_ptr<float>() + b * H * T * hd + t0 * hd, 1.f);
+    }
+  }
+  return out;
+}
 
 int64_t skinny_rows_limit() { return g_skinny_rows.load(std::memory_order_relaxed); }
 void set_skinny_rows_limit(int64_t rows) { g_skinny_rows.store(std::max<int64_t>(0, rows)); }

@@ -2,6 +2,7 @@
 #include <cmath>
 
 #include "internal.h"
+#include "victor/kernels.h"
 #include "victor/ops.h"
 
 namespace victor {
@@ -14,15 +15,22 @@ torch::Tensor vision_block(const VisionLayerW& w, const VisionConfig& c, torch::
   const int64_t H = c.num_attention_heads, hd = D / H;
   auto h = layer_norm(x, w.ln1.weight, w.ln1.bias, c.layer_norm_eps);
   auto split = [&](const torch::Tensor& t) { return t.view({n, T, H, hd}).transpose(1, 2); };
-  auto q = split(dense(h, w.q)) * (1.0 / std::sqrt(double(hd)));
+  auto q = split(dense(h, w.q));
   auto k = split(dense(h, w.k));
   auto v = split(dense(h, w.v));
-  auto p = torch::softmax(torch::matmul(q, k.transpose(-1, -2)), -1);  // [n,H,T,T]
-  if (last) {
-    last->cls_attention = p.select(2, 0).mean(1);  // [n,T]
-    last->keys = k.mean(1);                        // [n,T,hd]
+  torch::Tensor a;  // [n,H,T,hd]
+  const bool grad = torch::GradMode::is_enabled() && x.requires_grad();
+  if (!last && !grad && w.q.weight.scalar_type() != torch::kFloat32 && T > skinny_rows_limit()) {
+    a = attention_bf16(q, k, v, torch::Tensor());  // bf16 products, as the weights' own
+  } else {
+    auto p = torch::softmax(torch::matmul(q * (1.0 / std::sqrt(double(hd))), k.transpose(-1, -2)), -1);  // [n,H,T,T]
+    if (last) {
+      last->cls_attention = p.select(2, 0).mean(1);  // [n,T]
+      last->keys = k.mean(1);                        // [n,T,hd]
+    }
+    a = torch::matmul(p, v);
   }
-  auto a = torch::matmul(p, v).transpose(1, 2).reshape({n, T, D});
+  a = a.transpose(1, 2).reshape({n, T, D});
   x = x + dense(a, w.out);
   h = layer_norm(x, w.ln2.weight, w.ln2.bias, c.layer_norm_eps);
   h = dense(activation(dense(h, w.fc1), c.hidden_act), w.fc2);

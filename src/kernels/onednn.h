@@ -1,0 +1,21 @@
+// Batched bf16 matrix products with float32 outputs through oneDNN's matmul primitive (Debian's
+// libdnnl, the same library LibTorch's bf16 GEMM runs on; LibTorch 1.13 can only return bf16
+// from bf16 inputs, which would round attention scores to 8 significant bits).
+#pragma once
+#include <cstdint>
+#include <vector>
+
+namespace victor::onednn {
+
+// A strided view: element (i0, i1, ...) at data + sum_k i_k * strides[k] (elements, not bytes).
+struct View {
+  std::vector<int64_t> dims, strides;
+};
+
+// c = alpha * a b over the leading (batch) dims: a [..., M, K] and b [..., K, N] bf16 bits, c
+// [..., M, N] float32. b's batch dims may be 1 where a's are not (broadcast). Primitives are
+// cached by shape; calls are serialized (one product already uses every thread).
+void matmul_bf16_f32(const View& a, const uint16_t* ad, const View& b, const uint16_t* bd,
+                     const View& c, float* cd, float alpha);
+
+}  // namespace victor::onednn
