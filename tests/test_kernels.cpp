@@ -273,6 +273,45 @@ TEST(Kernels, DecodeAttentionMatchesReferenceOnEveryPath) {
   EXPECT_THROW(attend_decode(nullptr, 1, 5, 2, 8, false, nullptr, nullptr), Error);  // 5 heads over 2
 }
 
+TEST(Kernels, FusedGemmBiasAndActivationMatchReference) {
+  // act(x W^T + bias) in one bf16 GEMM: against a double reference from the bf16-rounded x and the
+  // stored W (int8 times its row scales), odd sizes, every activation it takes; and the cases it
+  // declines (float32 W, rows within the skinny limit, an unknown activation) return undefined.
+  torch::manual_seed(12);
+  const int64_t M = 37, K = 45, O = 29;
+  auto x = torch::randn({1, M, K});
+  auto w = torch::randn({O, K}) * 0.2;
+  auto bias = torch::randn({O});
+  auto xd = x.to(torch::kBFloat16).to(torch::kFloat64).reshape({M, K});
+  for (auto storage : {WeightDType::BF16, WeightDType::Int8}) {
+    torch::Tensor ws, sc, wd;
+    if (storage == WeightDType::BF16) {
+      ws = w.to(torch::kBFloat16);
+      wd = ws.to(torch::kFloat64);
+    } else {
+      auto q = quantize_int8(w);
+      ws = q.q;
+      sc = q.scale;
+      wd = dequantize_int8(q.q, q.scale, torch::kBFloat16).to(torch::kFloat64);  // as the GEMM expands it
+    }
+    for (const char* act : {"", "quick_gelu", "gelu", "gelu_pytorch_tanh", "silu", "relu"}) {
+      SCOPED_TRACE(to_string(storage) + " act '" + act + "'");
+      auto lin = torch::mm(xd, wd.t());
+      for (bool with_bias : {false, true}) {
+        auto pre = with_bias ? lin + bias.to(torch::kFloat64) : lin;
+        auto want = std::string(act).empty() ? pre : activation(pre, act);
+        auto got = matmul_weight_fused(x, ws, sc, with_bias ? bias : torch::Tensor(), act);
+        ASSERT_TRUE(got.defined());
+        ASSERT_EQ(got.sizes(), (torch::IntArrayRef{1, M, O}));
+        EXPECT_LT((got[0].to(torch::kFloat64) - want).abs().max().item<double>(), 1e-4);
+      }
+    }
+  }
+  EXPECT_FALSE(matmul_weight_fused(x, w, torch::Tensor(), bias, "").defined());  // float32 W
+  EXPECT_FALSE(matmul_weight_fused(x.narrow(1, 0, 3), w.to(torch::kBFloat16), torch::Tensor(), bias, "").defined());
+  EXPECT_FALSE(matmul_weight_fused(x, w.to(torch::kBFloat16), torch::Tensor(), bias, "tanh").defined());
+}
+
 TEST(Kernels, PrefillAttentionBf16MatchesRoundedReference) {
   // Odd sizes (T, S, hd not multiples of any vector width), G = 3 query heads per KV head, a
   // strided (transposed) q as the vision tower passes it, k/v narrowed out of a larger capacity

@@ -45,6 +45,13 @@ torch::Tensor dequantize_int8(const torch::Tensor& q, const torch::Tensor& scale
 // y = x W^T, x [...,K] float32, W [O,K] float32 / bfloat16 / int8 (then `scale` [O]); y float32.
 torch::Tensor matmul_weight(const torch::Tensor& x, const torch::Tensor& w,
                             const torch::Tensor& scale = torch::Tensor());
+// act(x W^T + bias) in one oneDNN bf16 GEMM with float32 output, the bias and the activation
+// applied to the float32 result inside it, for bf16/int8 W and more rows than
+// skinny_rows_limit() (the rows matmul_weight gives the GEMM). act: "" or an activation name of
+// ops.h's activation(). Returns an undefined tensor where that path does not apply (float32 W,
+// few rows, another activation), so the caller computes it unfused.
+torch::Tensor matmul_weight_fused(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale,
+                                  const torch::Tensor& bias, const std::string& act);
 // Several products of the same x (the q, k, v projections; the MLP's gate and up): for skinny x
 // one pass over all their rows (the activations prepared and the threads started once), else one
 // matmul_weight each. Every W has x's K and one storage; `scales` as matmul_weight's (int8 only).

@@ -13,6 +13,9 @@ struct LinearW {
 // y = x W^T (+ b) for any storage: float32 weights take the paths below (and autograd);
 // bf16/int8 weights run victor's kernels (kernels.h).
 torch::Tensor dense(const torch::Tensor& x, const LinearW& w);
+// activation(dense(x, w), act), the bias and activation fused into a bf16/int8 weight's GEMM
+// where it takes them (matmul_weight_fused).
+torch::Tensor dense_act(const torch::Tensor& x, const LinearW& w, const std::string& act);
 
 // dense(x, w) for each w of `ws` (same input features, same storage): bf16/int8 weights with
 // decode-shaped x run as one pass over all their rows (kernels.h matmul_weights); float32

@@ -320,6 +320,27 @@ torch::Tensor dequantize_int8(const torch::Tensor& q, const torch::Tensor& scale
   return f.to(out);
 }
 
+namespace {
+
+// x2 [M,K] float32 times a bf16 or int8 W [O,K] (int8 expanded to bf16 first) in oneDNN's bf16
+// GEMM: x rounded to bf16, float32 accumulation and output; bias and act applied to the float32
+// result inside the primitive.
+torch::Tensor gemm_bf16(const torch::Tensor& x2, const torch::Tensor& w, const torch::Tensor& scale,
+                        const torch::Tensor& bias, onednn::Act act) {
+  const int64_t M = x2.size(0), K = x2.size(1), O = w.size(0);
+  const auto xb = x2.to(torch::kBFloat16).contiguous();
+  const auto wb = w.scalar_type() == torch::kInt8 ? int8_to_bf16(w, scale) : w.contiguous();
+  const auto b = bias.defined() ? bias.contiguous() : bias;
+  auto y = torch::empty({M, O}, torch::kFloat32);
+  if (M == 0) return y;
+  auto bits = [](const torch::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>()); };
+  onednn::matmul_bf16_f32({{M, K}, {K, 1}}, bits(xb), {{K, O}, {1, K}}, bits(wb), {{M, O}, {O, 1}},
+                          y.data_ptr<float>(), 1.f, b.defined() ? b.data_ptr<float>() : nullptr, act);
+  return y;
+}
+
+}  // namespace
+
 torch::Tensor matmul_weight(const torch::Tensor& x, const torch::Tensor& w,
                             const torch::Tensor& scale) {
   const int64_t K = x.size(-1);
@@ -334,11 +355,28 @@ torch::Tensor matmul_weight(const torch::Tensor& x, const torch::Tensor& w,
   } else if (w.scalar_type() == torch::kFloat32) {
     y = at::mm(x2, w.t());
   } else {
-    // oneDNN's bf16 GEMM accumulates in float; its output is rounded to bf16 once.
-    auto wb = w.scalar_type() == torch::kInt8 ? int8_to_bf16(w, scale) : w;
-    y = at::mm(x2.to(torch::kBFloat16), wb.t()).to(torch::kFloat32);
+    y = gemm_bf16(x2, w, scale, torch::Tensor(), onednn::Act::None);
   }
   return y.reshape(shape);
+}
+
+torch::Tensor matmul_weight_fused(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale,
+                                  const torch::Tensor& bias, const std::string& act) {
+  static const std::pair<const char*, onednn::Act> acts[] = {
+      {"", onednn::Act::None},           {"quick_gelu", onednn::Act::QuickGelu},
+      {"gelu", onednn::Act::Gelu},       {"gelu_pytorch_tanh", onednn::Act::GeluTanh},
+      {"silu", onednn::Act::Silu},       {"relu", onednn::Act::Relu}};
+  const onednn::Act* kind = nullptr;
+  for (const auto& a : acts)
+    if (act == a.first) kind = &a.second;
+  const int64_t K = x.size(-1);
+  if (!kind || w.scalar_type() == torch::kFloat32 || x.numel() / std::max<int64_t>(1, K) <= skinny_rows_limit() ||
+      (bias.defined() && (bias.scalar_type() != torch::kFloat32 || bias.numel() != w.size(0))))
+    return torch::Tensor();
+  check_weight(w, scale, K);
+  auto shape = x.sizes().vec();
+  shape.back() = w.size(0);
+  return gemm_bf16(x.reshape({-1, K}), w, scale, bias, *kind).reshape(shape);
 }
 
 std::vector<torch::Tensor> matmul_weights(const torch::Tensor& x, const std::vector<torch::Tensor>& ws,

@@ -12,10 +12,15 @@ struct View {
   std::vector<int64_t> dims, strides;
 };
 
-// c = alpha * a b over the leading (batch) dims: a [..., M, K] and b [..., K, N] bf16 bits, c
-// [..., M, N] float32. b's batch dims may be 1 where a's are not (broadcast). Primitives are
-// cached by shape; calls are serialized (one product already uses every thread).
+// An elementwise function applied to the float32 result inside the product (a oneDNN post-op).
+enum class Act { None, QuickGelu, Gelu, GeluTanh, Silu, Relu };
+
+// c = act(alpha * a b + bias) over the leading (batch) dims: a [..., M, K] and b [..., K, N] bf16
+// bits, c [..., M, N] float32, bias (optional) N floats. b's batch dims may be 1 where a's are not
+// (broadcast). Primitives are cached by shape; calls are serialized (one product already uses
+// every thread).
 void matmul_bf16_f32(const View& a, const uint16_t* ad, const View& b, const uint16_t* bd,
-                     const View& c, float* cd, float alpha);
+                     const View& c, float* cd, float alpha, const float* bias = nullptr,
+                     Act act = Act::None);
 
 }  // namespace victor::onednn

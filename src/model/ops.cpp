@@ -26,9 +26,22 @@ torch::Tensor dense(const torch::Tensor& x, const torch::Tensor& w, const torch:
 
 torch::Tensor dense(const torch::Tensor& x, const LinearW& w) {
   if (w.weight.scalar_type() == torch::kFloat32) return dense(x, w.weight, w.bias);
+  if (w.bias.defined()) {
+    auto y = matmul_weight_fused(x, w.weight, w.scale, w.bias, "");
+    if (y.defined()) return y;
+  }
   auto y = matmul_weight(x, w.weight, w.scale);
   if (w.bias.defined()) y.add_(w.bias);
   return y;
+}
+
+torch::Tensor dense_act(const torch::Tensor& x, const LinearW& w, const std::string& act) {
+  const bool grad = torch::GradMode::is_enabled() && (x.requires_grad() || w.weight.requires_grad());
+  if (!grad && w.weight.scalar_type() != torch::kFloat32) {
+    auto y = matmul_weight_fused(x, w.weight, w.scale, w.bias, act);
+    if (y.defined()) return y;
+  }
+  return activation(dense(x, w), act);
 }
 
 std::vector<torch::Tensor> dense_many(const torch::Tensor& x, const std::vector<const LinearW*>& ws) {

@@ -33,7 +33,7 @@ torch::Tensor vision_block(const VisionLayerW& w, const VisionConfig& c, torch::
   a = a.transpose(1, 2).reshape({n, T, D});
   x = x + dense(a, w.out);
   h = layer_norm(x, w.ln2.weight, w.ln2.bias, c.layer_norm_eps);
-  h = dense(activation(dense(h, w.fc1), c.hidden_act), w.fc2);
+  h = dense(dense_act(h, w.fc1, c.hidden_act), w.fc2);
   return x + h;
 }
 

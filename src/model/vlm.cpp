@@ -446,7 +446,7 @@ torch::Tensor resample(const ResamplerW& w, const torch::Tensor& x, int64_t head
 }  // namespace
 
 torch::Tensor Vlm::project(const torch::Tensor& f) const {
-  auto h = activation(dense(f, w_.proj1), config_.projector_hidden_act);
+  auto h = dense_act(f, w_.proj1, config_.projector_hidden_act);
   auto out = dense(h, w_.proj2);  // [n,N,d_text]
   if (config_.reducer.kind() == ReducerKind::Resampler) return resample(w_.resampler, out, config_.text.num_attention_heads);
   if (config_.reducer.kind() != ReducerKind::Pool) return out;
