@@ -283,6 +283,10 @@ TEST(Kernels, FusedGemmBiasAndActivationMatchReference) {
   auto w = torch::randn({O, K}) * 0.2;
   auto bias = torch::randn({O});
   auto xd = x.to(torch::kBFloat16).to(torch::kFloat64).reshape({M, K});
+  if (!bf16_gemm_available()) {  // oneDNN has only its reference bf16 code here: the path is off
+    EXPECT_FALSE(matmul_weight_fused(x, w.to(torch::kBFloat16), torch::Tensor(), bias, "").defined());
+    GTEST_SKIP() << "no optimized oneDNN bf16 matmul on this CPU";
+  }
   for (auto storage : {WeightDType::BF16, WeightDType::Int8}) {
     torch::Tensor ws, sc, wd;
     if (storage == WeightDType::BF16) {
@@ -307,6 +311,9 @@ TEST(Kernels, FusedGemmBiasAndActivationMatchReference) {
       }
     }
   }
+  force_bf16_gemm_off(true);  // as on a CPU without AVX-512
+  EXPECT_FALSE(matmul_weight_fused(x, w.to(torch::kBFloat16), torch::Tensor(), bias, "").defined());
+  force_bf16_gemm_off(false);
   EXPECT_FALSE(matmul_weight_fused(x, w, torch::Tensor(), bias, "").defined());  // float32 W
   EXPECT_FALSE(matmul_weight_fused(x.narrow(1, 0, 3), w.to(torch::kBFloat16), torch::Tensor(), bias, "").defined());
   EXPECT_FALSE(matmul_weight_fused(x, w.to(torch::kBFloat16), torch::Tensor(), bias, "tanh").defined());
@@ -401,8 +408,11 @@ TEST(Dtype, LowPrecisionLogitsStayCloseToFloat32) {
   const double spread = (want.max() - want.min()).item<double>();
   // Default limit: the prompt's prefill runs the bf16 GEMM and attention_bf16; limit 0: every
   // product and attention of more than 0 rows does, the vision tower's (17 tokens) too.
-  for (int64_t limit : {skinny_rows_limit(), int64_t(0)}) {
-    SkinnyScope scope(limit);
+  // And with oneDNN's bf16 path off, as on a CPU without AVX-512: LibTorch's bf16 GEMM and
+  // float32 attention.
+  for (int64_t limit : {skinny_rows_limit(), int64_t(0), int64_t(-1)}) {
+    SkinnyScope scope(std::max<int64_t>(0, limit));
+    force_bf16_gemm_off(limit < 0);
     for (auto dt : {WeightDType::BF16, WeightDType::Int8}) {
       Vlm low(f32);
       low.set_weight_dtype(dt);
@@ -417,6 +427,7 @@ TEST(Dtype, LowPrecisionLogitsStayCloseToFloat32) {
       EXPECT_LT(ferr, 0.03) << to_string(dt) << " vision features";
     }
   }
+  force_bf16_gemm_off(false);
   // Float32 weights are untouched by the conversion round trip f32 -> f32.
   Vlm again(f32);
   again.set_weight_dtype(WeightDType::F32);

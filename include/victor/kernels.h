@@ -45,6 +45,12 @@ torch::Tensor dequantize_int8(const torch::Tensor& q, const torch::Tensor& scale
 // y = x W^T, x [...,K] float32, W [O,K] float32 / bfloat16 / int8 (then `scale` [O]); y float32.
 torch::Tensor matmul_weight(const torch::Tensor& x, const torch::Tensor& w,
                             const torch::Tensor& scale = torch::Tensor());
+// Whether the bf16 products below run through oneDNN (its optimized bf16 matmul exists for this
+// CPU: AVX-512 core or later). Without it, matmul_weight keeps LibTorch's bf16 GEMM,
+// matmul_weight_fused declines and the models keep float32 attention. Tests force it off.
+bool bf16_gemm_available();
+void force_bf16_gemm_off(bool off);
+
 // act(x W^T + bias) in one oneDNN bf16 GEMM with float32 output, the bias and the activation
 // applied to the float32 result inside it, for bf16/int8 W and more rows than
 // skinny_rows_limit() (the rows matmul_weight gives the GEMM). act: "" or an activation name of

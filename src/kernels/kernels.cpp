@@ -354,11 +354,22 @@ torch::Tensor matmul_weight(const torch::Tensor& x, const torch::Tensor& w,
     y = skinny(x2.to(torch::kFloat32).contiguous(), {w}, {scale})[0];
   } else if (w.scalar_type() == torch::kFloat32) {
     y = at::mm(x2, w.t());
-  } else {
+  } else if (bf16_gemm_available()) {
     y = gemm_bf16(x2, w, scale, torch::Tensor(), onednn::Act::None);
+  } else {
+    // LibTorch's bf16 GEMM (its output rounded to bf16 once).
+    auto wb = w.scalar_type() == torch::kInt8 ? int8_to_bf16(w, scale) : w;
+    y = at::mm(x2.to(torch::kBFloat16), wb.t()).to(torch::kFloat32);
   }
   return y.reshape(shape);
 }
+
+namespace {
+std::atomic<bool> g_bf16_gemm_off{false};
+}  // namespace
+
+bool bf16_gemm_available() { return !g_bf16_gemm_off.load() && onednn::bf16_fast(); }
+void force_bf16_gemm_off(bool off) { g_bf16_gemm_off.store(off); }
 
 torch::Tensor matmul_weight_fused(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale,
                                   const torch::Tensor& bias, const std::string& act) {
@@ -370,7 +381,8 @@ torch::Tensor matmul_weight_fused(const torch::Tensor& x, const torch::Tensor& w
   for (const auto& a : acts)
     if (act == a.first) kind = &a.second;
   const int64_t K = x.size(-1);
-  if (!kind || w.scalar_type() == torch::kFloat32 || x.numel() / std::max<int64_t>(1, K) <= skinny_rows_limit() ||
+  if (!kind || !bf16_gemm_available() || w.scalar_type() == torch::kFloat32 ||
+      x.numel() / std::max<int64_t>(1, K) <= skinny_rows_limit() ||
       (bias.defined() && (bias.scalar_type() != torch::kFloat32 || bias.numel() != w.size(0))))
     return torch::Tensor();
   check_weight(w, scale, K);

@@ -55,6 +55,21 @@ Cache& cache() {
 
 }  // namespace
 
+bool bf16_fast() {
+  static const bool fast = [] {
+    try {
+      using dt = dnnl::memory::data_type;
+      const View a{{64, 64}, {64, 1}}, b{{64, 64}, {1, 64}}, c{{64, 64}, {64, 1}};
+      dnnl::matmul::primitive_desc pd(
+          dnnl::matmul::desc(desc_of(a, dt::bf16), desc_of(b, dt::bf16), desc_of(c, dt::f32)), cache().engine);
+      return std::string(pd.impl_info_str()).rfind("ref", 0) != 0;
+    } catch (const dnnl::error&) {
+      return false;
+    }
+  }();
+  return fast;
+}
+
 void matmul_bf16_f32(const View& a, const uint16_t* ad, const View& b, const uint16_t* bd,
                      const View& c, float* cd, float alpha, const float* bias, Act act) {
   const size_t n = a.dims.size();

@@ -12,6 +12,11 @@ struct View {
   std::vector<int64_t> dims, strides;
 };
 
+// True when oneDNN has an optimized bf16 matmul for this CPU (AVX-512 core or later). Elsewhere it
+// would run its reference code, far slower than LibTorch's own path: checked once by creating a
+// small primitive and reading which implementation it chose.
+bool bf16_fast();
+
 // An elementwise function applied to the float32 result inside the product (a oneDNN post-op).
 enum class Act { None, QuickGelu, Gelu, GeluTanh, Silu, Relu };
 

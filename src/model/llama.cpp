@@ -194,7 +194,7 @@ torch::Tensor llama_layer(const LlamaLayerW& w, const TextConfig& c, RegisterMas
   // probes and training keep the float32 path.
   const bool grad = torch::GradMode::is_enabled() && (x.requires_grad() || p.q.requires_grad());
   const bool bf16 = !probe && !grad && w.q.weight.scalar_type() != torch::kFloat32 &&
-                    p.q.size(2) > skinny_rows_limit();
+                    p.q.size(2) > skinny_rows_limit() && bf16_gemm_available();
   auto a = bf16 ? attention_bf16(p.q, keys, values, allowed)
                 : attention(p.q, keys, values, allowed, probe ? &probs : nullptr);
   if (probe) trace->probe(layer, probs, meta, key_meta);
