@@ -15,10 +15,11 @@ namespace kernels {
 // activation split into two bf16 halves (hi + lo: 16 significant bits, 256 times finer than
 // the weights' own rounding); the default where the CPU has it (Zen 4/5, Sapphire Rapids and later).
 // Avx512Vnni: the AVX-512 set (with the bf16 products above where the CPU has them), but int8 weights multiply int8 activations (quantized per call in
-// blocks of 32, as llama.cpp's Q8_0) with VPDPBUSD instead of widening the weights to float, from
-// 8 rows up. Opt-in (VICTOR_ISA=avx512vnni or use_isa): the machine's default is the best of the others.
+// blocks of kQ8Block along K, as llama.cpp's Q8_K) with VPDPBUSD instead of widening the weights
+// to float, from kQ8MinRows rows up; the default where the CPU has AVX512_VNNI (VICTOR_ISA=avx512bf16 keeps float32 activations).
 enum class Isa { Scalar, Avx2, Avx512, Avx512Bf16, Avx512Vnni };
 inline constexpr int64_t kQ8MinRows = 8;  // Avx512Vnni quantizes the activations from this many rows
+inline constexpr int64_t kQ8Block = 256;  // ... in blocks of this many along K, one scale each
 const char* isa_name(Isa isa);
 std::vector<Isa> supported_isas();  // on this CPU, most capable last
 Isa active_isa();

@@ -24,11 +24,11 @@ struct KernelSet {
                             uint16_t* out);
   bool bf16_pair_split = false;
   // int8 x int8 (AVX-512 VNNI only; null elsewhere). quantize_q8: x [M,K] -> xq [M, q8_padded(K)]
-  // int8 in blocks of 32 along K, d = max|x| / 127 per block, and xs [M, q8_padded(K) / 4] floats
-  // (per 64-wide chunk: 8 copies of each of its two blocks' d). matmul_int8_q8: as matmul_int8 on
+  // bytes q + 128 with q = round(x / d) in blocks of kQ8BlockK along K, d = max|x| / 127 per block
+  // (q = 0 beyond K), and xs [M, q8_blocks(K)] the blocks' d. matmul_int8_q8: as matmul_int8 on
   // the quantized activations.
-  void (*quantize_q8)(const float* x, int64_t M, int64_t K, int8_t* xq, float* xs) = nullptr;
-  void (*matmul_int8_q8)(const int8_t* xq, const float* xs, int64_t M, int64_t K, const int8_t* w,
+  void (*quantize_q8)(const float* x, int64_t M, int64_t K, uint8_t* xq, float* xs) = nullptr;
+  void (*matmul_int8_q8)(const uint8_t* xq, const float* xs, int64_t M, int64_t K, const int8_t* w,
                          const float* scale, int64_t o0, int64_t o1, float* y, int64_t ldy) = nullptr;
   // bf16 x bf16 (AVX-512 BF16 only; null elsewhere; used instead of matmul_bf16 where set).
   // prepare_bf16_hilo: x [M,K] -> out [M, 2, bf16_hilo_padded(K)] bf16 bits, each row's
@@ -52,8 +52,11 @@ struct KernelSet {
 // K rounded up to the 32 bf16 values a VDPBF16PS reads.
 inline int64_t bf16_hilo_padded(int64_t K) { return (K + 31) / 32 * 32; }
 
-// K rounded up to the 64-byte chunks the int8 x int8 kernels read.
+// The int8 x int8 path's activation block along K (kernels::kQ8Block in victor/kernels.h), K
+// rounded up to the 64-byte chunks its kernels read, and the number of blocks.
+inline constexpr int64_t kQ8BlockK = 256;
 inline int64_t q8_padded(int64_t K) { return (K + 63) / 64 * 64; }
+inline int64_t q8_blocks(int64_t K) { return (K + kQ8BlockK - 1) / kQ8BlockK; }
 
 const KernelSet& scalar_kernels();
 const KernelSet& avx2_kernels();    // needs AVX2 + FMA + F16C

@@ -17,6 +17,8 @@ namespace victor {
 
 namespace kernels {
 
+static_assert(kQ8Block == kQ8BlockK, "victor/kernels.h and isa_kernels.h disagree on the int8 x int8 block");
+
 const char* isa_name(Isa isa) {
   switch (isa) {
     case Isa::Scalar: return "scalar";
@@ -45,16 +47,17 @@ namespace {
 
 Isa initial_isa() {
   const auto all = supported_isas();
-  // VICTOR_ISA=scalar|avx2|avx512|avx512vnni chooses the path (comparisons, the opt-in int8 x int8
-  // path); never one the CPU lacks.
+  // VICTOR_ISA=scalar|avx2|avx512|avx512vnni chooses the path (comparisons, or float32 activations
+  // for batched int8 products); never one the CPU lacks.
   if (const char* env = std::getenv("VICTOR_ISA")) {
     for (Isa i : all)
       if (std::string(env) == isa_name(i)) return i;
   }
-  // The int8 x int8 path is opt-in (VICTOR_ISA=avx512vnni): it is faster only from 8 rows (1.25x
-  // at 16), and quantizing the activations makes a request's logits depend on how many rows share
-  // its batch; the default keeps them exact over the stored weights (docs/benchmarks.md).
-  return all.back() == Isa::Avx512Vnni ? all[all.size() - 2] : all.back();
+  // The best the CPU has. Where that is Avx512Vnni, batched int8 products (kQ8MinRows to
+  // skinny_rows_limit() rows: batched decode) quantize their activations in 256-blocks, as
+  // products of more rows already round theirs to bf16 (oneDNN); VICTOR_ISA=avx512bf16 keeps
+  // them float32 at 2-2.7x the cost per 16-row product (docs/benchmarks.md, item 15).
+  return all.back();
 }
 
 std::atomic<Isa>& current() {
@@ -65,7 +68,7 @@ std::atomic<Isa>& current() {
 const KernelSet& active_set() {
   switch (current().load(std::memory_order_relaxed)) {
     case Isa::Avx512Vnni: {
-      // With the bf16 x bf16 products too where the CPU has them (the opt-in is about int8).
+      // With the bf16 x bf16 products too where the CPU has them.
       static const KernelSet set = [] {
         KernelSet s = avx512vnni_kernels();
         if (__builtin_cpu_supports("avx512bf16")) {
@@ -200,13 +203,13 @@ std::vector<torch::Tensor> skinny(const torch::Tensor& x2, const std::vector<tor
       break;
     }
     case torch::kInt8: {
-      // int8 x int8 (VNNI) from kernels::kQ8MinRows rows: there it computes faster than widening the
-      // weights; below, one row is bound by streaming the weights and the activations' quantization
-      // only adds (measured: decode 31-33 tokens/s with it, 39 without; docs/benchmarks.md).
+      // int8 x int8 (VNNI) from kernels::kQ8MinRows rows: there it computes 1.4-2.7x faster than
+      // widening the weights; below, a row is bound by streaming the weights and the activations'
+      // quantization only adds (1 row 48 vs 58 GB/s, 4 rows 33 vs 39; docs/benchmarks.md item 15).
       if (ks.matmul_int8_q8 && M >= kernels::kQ8MinRows) {  // the activations quantized once, here
         const int64_t Kp = kernels::q8_padded(K);
-        std::vector<int8_t> xq(size_t(M * Kp));
-        std::vector<float> xs(size_t(M * Kp / 4));
+        std::vector<uint8_t> xq(size_t(M * Kp));
+        std::vector<float> xs(size_t(M * kernels::q8_blocks(K)));
         ks.quantize_q8(xp, M, K, xq.data(), xs.data());
         run([&](size_t i, int64_t o0, int64_t o1, float* y, int64_t ldy) {
           ks.matmul_int8_q8(xq.data(), xs.data(), M, K, ws[i].data_ptr<int8_t>(), scales[i].data_ptr<float>(), o0,
