@@ -51,6 +51,11 @@ torch::Tensor matmul_weight(const torch::Tensor& x, const torch::Tensor& w,
 // matmul_weight_fused declines and the models keep float32 attention. Tests force it off.
 bool bf16_gemm_available();
 void force_bf16_gemm_off(bool off);
+// The one rule for "this product of `rows` rows runs in bf16 through oneDNN": W bf16 or int8,
+// more rows than skinny_rows_limit(), and bf16_gemm_available(). matmul_weight, matmul_weight_fused
+// and the models' prefill attention (attention_bf16 beside such products) all ask it. Products
+// with bf16/int8 weights never record autograd (those models refuse training).
+bool takes_bf16_gemm(const torch::Tensor& w, int64_t rows);
 
 // act(x W^T + bias) in one oneDNN bf16 GEMM with float32 output, the bias and the activation
 // applied to the float32 result inside it, for bf16/int8 W and more rows than

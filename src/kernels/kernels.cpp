@@ -241,6 +241,8 @@ torch::Tensor int8_to_bf16(const torch::Tensor& q, const torch::Tensor& scale) {
 }  // namespace
 
 namespace {
+// A bf16 tensor's storage as the raw bits oneDNN and the kernels take.
+const uint16_t* bits(const torch::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>()); }
 std::atomic<int64_t> g_skinny_rows{16};
 std::atomic<int64_t> g_attention_block{0};
 }  // namespace
@@ -272,7 +274,6 @@ torch::Tensor attention_bf16(const torch::Tensor& q, const torch::Tensor& k, con
   auto probs = torch::empty({H * tb * S}, torch::kBFloat16);
   float* sp = scores.data_ptr<float>();
   auto* pp = reinterpret_cast<uint16_t*>(probs.data_ptr<at::BFloat16>());
-  auto bits = [](const torch::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>()); };
   const float scale = float(1.0 / std::sqrt(double(hd)));
   const auto& ks = active_set();
   using onednn::View;
@@ -336,7 +337,6 @@ torch::Tensor gemm_bf16(const torch::Tensor& x2, const torch::Tensor& w, const t
   const auto b = bias.defined() ? bias.contiguous() : bias;
   auto y = torch::empty({M, O}, torch::kFloat32);
   if (M == 0) return y;
-  auto bits = [](const torch::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>()); };
   onednn::matmul_bf16_f32({{M, K}, {K, 1}}, bits(xb), {{K, O}, {1, K}}, bits(wb), {{M, O}, {O, 1}},
                           y.data_ptr<float>(), 1.f, b.defined() ? b.data_ptr<float>() : nullptr, act);
   return y;
@@ -357,7 +357,7 @@ torch::Tensor matmul_weight(const torch::Tensor& x, const torch::Tensor& w,
     y = skinny(x2.to(torch::kFloat32).contiguous(), {w}, {scale})[0];
   } else if (w.scalar_type() == torch::kFloat32) {
     y = at::mm(x2, w.t());
-  } else if (bf16_gemm_available()) {
+  } else if (takes_bf16_gemm(w, M)) {
     y = gemm_bf16(x2, w, scale, torch::Tensor(), onednn::Act::None);
   } else {
     // LibTorch's bf16 GEMM (its output rounded to bf16 once).
@@ -374,6 +374,10 @@ std::atomic<bool> g_bf16_gemm_off{false};
 bool bf16_gemm_available() { return !g_bf16_gemm_off.load() && onednn::bf16_fast(); }
 void force_bf16_gemm_off(bool off) { g_bf16_gemm_off.store(off); }
 
+bool takes_bf16_gemm(const torch::Tensor& w, int64_t rows) {
+  return w.scalar_type() != torch::kFloat32 && rows > skinny_rows_limit() && bf16_gemm_available();
+}
+
 torch::Tensor matmul_weight_fused(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale,
                                   const torch::Tensor& bias, const std::string& act) {
   static const std::pair<const char*, onednn::Act> acts[] = {
@@ -384,8 +388,7 @@ torch::Tensor matmul_weight_fused(const torch::Tensor& x, const torch::Tensor& w
   for (const auto& a : acts)
     if (act == a.first) kind = &a.second;
   const int64_t K = x.size(-1);
-  if (!kind || !bf16_gemm_available() || w.scalar_type() == torch::kFloat32 ||
-      x.numel() / std::max<int64_t>(1, K) <= skinny_rows_limit() ||
+  if (!kind || !takes_bf16_gemm(w, x.numel() / std::max<int64_t>(1, K)) ||
       (bias.defined() && (bias.scalar_type() != torch::kFloat32 || bias.numel() != w.size(0))))
     return torch::Tensor();
   check_weight(w, scale, K);

@@ -190,11 +190,9 @@ torch::Tensor llama_layer(const LlamaLayerW& w, const TextConfig& c, RegisterMas
   if (!allowed.defined()) allowed = attention_allowed(meta, key_meta, mode);
   const bool probe = trace && trace->probe;
   torch::Tensor probs;
-  // A bf16 or int8 model's prefill multiplies in bf16 (as its GEMMs do); float32 models, decode,
-  // probes and training keep the float32 path.
-  const bool grad = torch::GradMode::is_enabled() && (x.requires_grad() || p.q.requires_grad());
-  const bool bf16 = !probe && !grad && w.q.weight.scalar_type() != torch::kFloat32 &&
-                    p.q.size(2) > skinny_rows_limit() && bf16_gemm_available();
+  // A bf16 or int8 model's prefill multiplies in bf16 (as its GEMMs do); float32 models, decode
+  // and probes keep the float32 path.
+  const bool bf16 = !probe && takes_bf16_gemm(w.q.weight, p.q.size(2));
   auto a = bf16 ? attention_bf16(p.q, keys, values, allowed)
                 : attention(p.q, keys, values, allowed, probe ? &probs : nullptr);
   if (probe) trace->probe(layer, probs, meta, key_meta);

@@ -36,8 +36,7 @@ torch::Tensor dense(const torch::Tensor& x, const LinearW& w) {
 }
 
 torch::Tensor dense_act(const torch::Tensor& x, const LinearW& w, const std::string& act) {
-  const bool grad = torch::GradMode::is_enabled() && (x.requires_grad() || w.weight.requires_grad());
-  if (!grad && w.weight.scalar_type() != torch::kFloat32) {
+  if (w.weight.scalar_type() != torch::kFloat32) {  // (matmul_weight_fused decides when it applies)
     auto y = matmul_weight_fused(x, w.weight, w.scale, w.bias, act);
     if (y.defined()) return y;
   }

@@ -19,9 +19,7 @@ torch::Tensor vision_block(const VisionLayerW& w, const VisionConfig& c, torch::
   auto k = split(dense(h, w.k));
   auto v = split(dense(h, w.v));
   torch::Tensor a;  // [n,H,T,hd]
-  const bool grad = torch::GradMode::is_enabled() && x.requires_grad();
-  if (!last && !grad && w.q.weight.scalar_type() != torch::kFloat32 && T > skinny_rows_limit() &&
-      bf16_gemm_available()) {
+  if (!last && takes_bf16_gemm(w.q.weight, T)) {
     a = attention_bf16(q, k, v, torch::Tensor());  // bf16 products, as the weights' own
   } else {
     auto p = torch::softmax(torch::matmul(q * (1.0 / std::sqrt(double(hd))), k.transpose(-1, -2)), -1);  // [n,H,T,T]
