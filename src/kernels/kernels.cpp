@@ -56,7 +56,7 @@ Isa initial_isa() {
   // The best the CPU has. Where that is Avx512Vnni, batched int8 products (kQ8MinRows to
   // skinny_rows_limit() rows: batched decode) quantize their activations in 256-blocks, as
   // products of more rows already round theirs to bf16 (oneDNN); VICTOR_ISA=avx512bf16 keeps
-  // them float32 at 2-2.7x the cost per 16-row product (docs/benchmarks.md, item 15).
+  // them float32 at 1.5-2.7x the cost per 16-row product (docs/benchmarks.md, item 15).
   return all.back();
 }
 
@@ -203,7 +203,7 @@ std::vector<torch::Tensor> skinny(const torch::Tensor& x2, const std::vector<tor
       break;
     }
     case torch::kInt8: {
-      // int8 x int8 (VNNI) from kernels::kQ8MinRows rows: there it computes 1.4-2.7x faster than
+      // int8 x int8 (VNNI) from kernels::kQ8MinRows rows: there it computes 1.25-2.7x faster than
       // widening the weights; below, a row is bound by streaming the weights and the activations'
       // quantization only adds (1 row 48 vs 58 GB/s, 4 rows 33 vs 39; docs/benchmarks.md item 15).
       if (ks.matmul_int8_q8 && M >= kernels::kQ8MinRows) {  // the activations quantized once, here
