@@ -29,8 +29,9 @@ void use_isa(Isa isa);
 }  // namespace kernels
 
 // Products with at most this many rows (default 16) use the streaming kernels, which accumulate
-// in float32 over the exact stored weights; more rows use the bf16 GEMM. Tests raise it to check
-// the cache logic of each storage without the GEMM's bf16 rounding.
+// in float32 over the exact stored weights (int8 weights of kQ8MinRows+ rows on Avx512Vnni: against
+// 256-block int8 activations); more rows use the bf16 GEMM. Tests raise it to check the cache
+// logic of each storage without the GEMM's bf16 rounding.
 int64_t skinny_rows_limit();
 void set_skinny_rows_limit(int64_t rows);
 
