@@ -163,6 +163,44 @@ void BM_TorchMv(benchmark::State& st) {
 }
 BENCHMARK(BM_TorchMv)->Arg(0)->Arg(1)->Unit(benchmark::kMillisecond)->UseRealTime();
 
+// One batched decode step of the paper's language model (llava-7b: 4096 wide, 32 heads, 11008
+// FFN, vocab 32064) cut to 4 layers, int8 weights, bf16 KV cache, 16 rows each holding S keys
+// (arg 0: 136 = Victor's mean context at 128 new tokens, 704 = plain's), the LM head included.
+// GB/s counts the weight bytes a step streams (the KV cache's bytes are the second counter), so
+// the gap to BM_MatmulInt8PerIsa's 16-row figure is what the step spends beyond its products.
+void BM_DecodeStepLlava7bInt8(benchmark::State& st) {
+  torch::NoGradGuard ng;
+  const int64_t B = 16, S = st.range(0);
+  ModelConfig c = preset_config("llava-7b");
+  c.text.num_hidden_layers = 4;
+  c.vision.num_hidden_layers = 2;
+  Vlm m = Vlm::random(c, 0, WeightDType::Int8);
+  std::vector<PromptInput> rows(static_cast<size_t>(B));
+  for (int64_t b = 0; b < B; ++b) {
+    auto ids = torch::randint(3, 32000, {S}, torch::kInt64);
+    rows[size_t(b)].ids.assign(ids.data_ptr<int64_t>(), ids.data_ptr<int64_t>() + S);
+  }
+  auto [cache, logits] = m.prefill(m.assemble(rows, true), torch::kBFloat16, 8);
+  auto ids = logits.argmax(-1);
+  const KvCache start = cache;  // handles: the step below writes one row past each len, then rewinds
+  std::vector<int64_t> lens;
+  for (auto& l : cache.layers) lens.push_back(l.len);
+  for (auto _ : st) {
+    benchmark::DoNotOptimize(m.decode_step(ids, cache));
+    for (size_t l = 0; l < lens.size(); ++l) cache.layers[l].len = lens[l];
+    cache.next_order = start.next_order;
+    cache.next_pos = start.next_pos;
+  }
+  int64_t llm = 0;
+  for (auto& p : m.params())
+    if (p.name.rfind("language_model", 0) == 0 && p.name.find("embed_tokens") == std::string::npos)
+      llm += p.tensor->numel() * p.tensor->element_size();
+  st.counters["GB/s"] = benchmark::Counter(double(llm), benchmark::Counter::kIsIterationInvariantRate, benchmark::Counter::kIs1000);
+  st.counters["KV MB"] = double(cache.bytes()) / 1e6;
+  st.counters["weight MB"] = double(llm) / 1e6;
+}
+BENCHMARK(BM_DecodeStepLlava7bInt8)->Arg(136)->Arg(704)->Unit(benchmark::kMillisecond)->UseRealTime();
+
 }  // namespace
 
 int main(int argc, char** argv) {
