@@ -166,8 +166,9 @@ BENCHMARK(BM_TorchMv)->Arg(0)->Arg(1)->Unit(benchmark::kMillisecond)->UseRealTim
 // One batched decode step of the paper's language model (llava-7b: 4096 wide, 32 heads, 11008
 // FFN, vocab 32064) cut to 4 layers, int8 weights, bf16 KV cache, 16 rows each holding S keys
 // (arg 0: 136 = Victor's mean context at 128 new tokens, 704 = plain's), the LM head included.
-// GB/s counts the weight bytes a step streams (the KV cache's bytes are the second counter), so
-// the gap to BM_MatmulInt8PerIsa's 16-row figure is what the step spends beyond its products.
+// GB/s counts the weight bytes a step streams (the KV cache's bytes are the second counter); the
+// step's products have the 7B shapes (K = 4096 and 11008), unlike BM_MatmulInt8PerIsa's 5632 x 2048,
+// which is why they run slower here (docs/benchmarks.md item 16).
 void BM_DecodeStepLlava7bInt8(benchmark::State& st) {
   torch::NoGradGuard ng;
   const int64_t B = 16, S = st.range(0);
@@ -182,14 +183,17 @@ void BM_DecodeStepLlava7bInt8(benchmark::State& st) {
   }
   auto [cache, logits] = m.prefill(m.assemble(rows, true), torch::kBFloat16, 8);
   auto ids = logits.argmax(-1);
-  const KvCache start = cache;  // handles: the step below writes one row past each len, then rewinds
+  // Each step appends one row past every layer's len; rewinding len and the next position makes
+  // every timed step identical.
+  const int64_t order = cache.next_order;
+  const torch::Tensor pos = cache.next_pos;  // decode_step replaces the tensor, never writes it
   std::vector<int64_t> lens;
   for (auto& l : cache.layers) lens.push_back(l.len);
   for (auto _ : st) {
     benchmark::DoNotOptimize(m.decode_step(ids, cache));
     for (size_t l = 0; l < lens.size(); ++l) cache.layers[l].len = lens[l];
-    cache.next_order = start.next_order;
-    cache.next_pos = start.next_pos;
+    cache.next_order = order;
+    cache.next_pos = pos;
   }
   int64_t llm = 0;
   for (auto& p : m.params())
