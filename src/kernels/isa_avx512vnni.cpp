@@ -21,6 +21,11 @@ constexpr int64_t kPrefetchRows = 8;
 constexpr int kQ8Rows = 2;  // weight rows per tile
 constexpr int kChunks = int(kQ8BlockK / 64);  // 64-byte chunks per block
 constexpr int kQ8Inputs = 8;  // input rows per tile
+// K is walked in panels of this many blocks (2048 values), each over all of a call's weight rows:
+// a panel of the quantized activations (16 rows x 2 KB) stays in L1 while the weights stream past,
+// where a whole row of K = 4096 or 11008 (64-176 KB for 16 rows) would come from L2 for every
+// pair of weight rows. Each panel's sums are added to y (docs/benchmarks.md item 17).
+constexpr int64_t kPanelBlocks = 2048 / kQ8BlockK;
 inline int rows_left(int64_t M, int64_t m0) { return M - m0 < kQ8Inputs ? int(M - m0) : kQ8Inputs; }
 
 // x [M,K] float -> xq [M,Kp] (q + 128 as bytes; 128, i.e. q = 0, beyond K) and xs [M, q8_blocks(K)]
@@ -61,7 +66,7 @@ void quantize(const float* x, int64_t M, int64_t K, uint8_t* xq, float* xs) {
   }
 }
 
-// RW weight rows against MX input rows over the whole of K. FULL: every chunk of the block lies
+// RW weight rows against MX input rows over block b of K. FULL: every chunk of the block lies
 // inside K (plain loads); otherwise the chunks are masked at K (weights beyond K read as zero).
 template <int RW, int MX, bool FULL>
 inline void block(const uint8_t* const* xr, const float* const* xs, int64_t b, const int8_t* const* rows,
@@ -105,9 +110,11 @@ inline void block(const uint8_t* const* xr, const float* const* xs, int64_t b, c
   }
 }
 
+// RW weight rows from o against MX input rows over the blocks [b0, b1) of K: y = the sums for the
+// first panel (b0 = 0), y += for the others.
 template <int RW, int MX>
 inline void tile(const uint8_t* xq, const float* xs, int64_t K, int64_t Kp, const int8_t* w, const float* scale,
-                 int64_t o, float* y, int64_t ldy) {
+                 int64_t o, float* y, int64_t ldy, int64_t b0, int64_t b1) {
   const int64_t nb = q8_blocks(K);
   __m512 acc[RW][MX];
   for (int r = 0; r < RW; ++r)
@@ -120,33 +127,41 @@ inline void tile(const uint8_t* xq, const float* xs, int64_t K, int64_t Kp, cons
     xr[m] = xq + m * Kp;
     xsr[m] = xs + m * nb;
   }
-  const int64_t full = K / kQ8BlockK;
-  for (int64_t b = 0; b < full; ++b) block<RW, MX, true>(xr, xsr, b, rows, b * kQ8BlockK, K, acc);
-  if (full < nb) block<RW, MX, false>(xr, xsr, full, rows, full * kQ8BlockK, K, acc);
-  for (int r = 0; r < RW; ++r)
-    for (int m = 0; m < MX; ++m) y[m * ldy + o + r] = _mm512_reduce_add_ps(acc[r][m]) * scale[o + r];
+  const int64_t full = K / kQ8BlockK < b1 ? K / kQ8BlockK : b1;
+  for (int64_t b = b0; b < full; ++b) block<RW, MX, true>(xr, xsr, b, rows, b * kQ8BlockK, K, acc);
+  if (full < b1) block<RW, MX, false>(xr, xsr, full, rows, full * kQ8BlockK, K, acc);
+  if (b0 == 0) {
+    for (int r = 0; r < RW; ++r)
+      for (int m = 0; m < MX; ++m) y[m * ldy + o + r] = _mm512_reduce_add_ps(acc[r][m]) * scale[o + r];
+  } else {
+    for (int r = 0; r < RW; ++r)
+      for (int m = 0; m < MX; ++m) y[m * ldy + o + r] += _mm512_reduce_add_ps(acc[r][m]) * scale[o + r];
+  }
 }
 
 // mx (1..MX) input rows: the tile instantiated for exactly that many.
 template <int RW, int MX>
 inline void tile_rows(int mx, const uint8_t* xq, const float* xs, int64_t K, int64_t Kp, const int8_t* w,
-                      const float* scale, int64_t o, float* y, int64_t ldy) {
+                      const float* scale, int64_t o, float* y, int64_t ldy, int64_t b0, int64_t b1) {
   if constexpr (MX > 1) {
-    if (mx < MX) return tile_rows<RW, MX - 1>(mx, xq, xs, K, Kp, w, scale, o, y, ldy);
+    if (mx < MX) return tile_rows<RW, MX - 1>(mx, xq, xs, K, Kp, w, scale, o, y, ldy, b0, b1);
   }
-  tile<RW, MX>(xq, xs, K, Kp, w, scale, o, y, ldy);
+  tile<RW, MX>(xq, xs, K, Kp, w, scale, o, y, ldy, b0, b1);
 }
 
 void int8_q8(const uint8_t* xq, const float* xs, int64_t M, int64_t K, const int8_t* w, const float* scale,
              int64_t o0, int64_t o1, float* y, int64_t ldy) {
   const int64_t Kp = q8_padded(K), nb = q8_blocks(K);
-  int64_t o = o0;
-  for (; o + kQ8Rows <= o1; o += kQ8Rows)
-    for (int64_t m0 = 0; m0 < M; m0 += kQ8Inputs)
-      tile_rows<kQ8Rows, kQ8Inputs>(rows_left(M, m0), xq + m0 * Kp, xs + m0 * nb, K, Kp, w, scale, o, y + m0 * ldy, ldy);
-  for (; o < o1; ++o)
-    for (int64_t m0 = 0; m0 < M; m0 += kQ8Inputs)
-      tile_rows<1, kQ8Inputs>(rows_left(M, m0), xq + m0 * Kp, xs + m0 * nb, K, Kp, w, scale, o, y + m0 * ldy, ldy);
+  for (int64_t b0 = 0; b0 < nb; b0 += kPanelBlocks) {
+    const int64_t b1 = b0 + kPanelBlocks < nb ? b0 + kPanelBlocks : nb;
+    int64_t o = o0;
+    for (; o + kQ8Rows <= o1; o += kQ8Rows)
+      for (int64_t m0 = 0; m0 < M; m0 += kQ8Inputs)
+        tile_rows<kQ8Rows, kQ8Inputs>(rows_left(M, m0), xq + m0 * Kp, xs + m0 * nb, K, Kp, w, scale, o, y + m0 * ldy, ldy, b0, b1);
+    for (; o < o1; ++o)
+      for (int64_t m0 = 0; m0 < M; m0 += kQ8Inputs)
+        tile_rows<1, kQ8Inputs>(rows_left(M, m0), xq + m0 * Kp, xs + m0 * nb, K, Kp, w, scale, o, y + m0 * ldy, ldy, b0, b1);
+  }
 }
 
 }  // namespace
