@@ -3,12 +3,13 @@
 //
 // The activations of a skinny product are quantized once per call (quantize_q8), in blocks of
 // kQ8BlockK = 256 along K with one float scale per block (as llama.cpp's Q8_K: d = max|x| / 127,
-// q = round(x / d)), stored offset by 128 as unsigned bytes u = q + 128, since VPDPBUSD multiplies
-// unsigned by signed bytes. Each 64 weights of a row then cost one VPDPBUSD per input row, the
-// weights used as stored: sum u*w = sum q*w + 128 * sum w, and the block's 128 * sum w (one
-// VPDPBUSD of 128s against the weights per weight row, shared by every input row) is where each
-// input row's integer accumulator starts, negated. A block's integers become float once and are
-// scaled by its d: per 256 weights and input row four dot products, a convert and an FMA.
+// q = round(x / d)), stored as signed bytes. VPDPBUSD multiplies unsigned by signed bytes, so the
+// weights' sign bits are flipped as they are loaded (u = w + 128, one XOR per 64 weights, shared by
+// every input row): sum u*q = sum w*q + 128 * sum q. The error term 128 * sum q belongs to the input
+// row alone, so quantize_q8 stores it per block (e = 128 * d * sum q) and a tile subtracts the sum
+// of its blocks' e once per output, after the loop. A block's integers become float once and are
+// scaled by its d: per 256 weights and input row four VPDPBUSD, a convert and an FMA.
+
 #include <immintrin.h>
 
 #include "isa_kernels.h"
@@ -18,21 +19,23 @@ namespace {
 
 // No standard headers here: their inline code would be compiled with this file's flags.
 constexpr int64_t kPrefetchRows = 8;
-constexpr int kQ8Rows = 2;  // weight rows per tile
+// Tiles of 4 weight rows x 3 input rows, walked chunk by chunk: 12 independent integer sums in
+// flight and 12 float accumulators, 29 vector registers (2 x 8 with the weights held for the whole
+// block, 2 x 6 and 3 x 4 measured slower; docs/benchmarks.md item 17).
+constexpr int kQ8Rows = 4;  // weight rows per tile
 constexpr int kChunks = int(kQ8BlockK / 64);  // 64-byte chunks per block
-constexpr int kQ8Inputs = 8;  // input rows per tile
+constexpr int kQ8Inputs = 3;  // input rows per tile
 // K is walked in panels of this many blocks (2048 values), each over all of a call's weight rows:
 // a panel of the quantized activations (16 rows x 2 KB) stays in L1 while the weights stream past,
 // where a whole row of K = 4096 or 11008 (64-176 KB for 16 rows) would come from L2 for every
-// pair of weight rows. Each panel's sums are added to y (docs/benchmarks.md item 17).
+// tile. Each panel's sums are added to y.
 constexpr int64_t kPanelBlocks = 2048 / kQ8BlockK;
 inline int rows_left(int64_t M, int64_t m0) { return M - m0 < kQ8Inputs ? int(M - m0) : kQ8Inputs; }
 
-// x [M,K] float -> xq [M,Kp] (q + 128 as bytes; 128, i.e. q = 0, beyond K) and xs [M, q8_blocks(K)]
-// float block scales d.
+// x [M,K] float -> xq [M,Kp] (q as signed bytes; 0 beyond K) and xs [M, 2 q8_blocks(K)]: each row's
+// block scales d, then its blocks' error terms e = 128 * d * sum q.
 void quantize(const float* x, int64_t M, int64_t K, uint8_t* xq, float* xs) {
-  const int64_t Kp = q8_padded(K), nb = q8_blocks(K);
-  const __m512i offset = _mm512_set1_epi8(char(0x80));
+  const int64_t Kp = q8_padded(K), nb = q8_blocks(K), ns = q8_scales(K);
   for (int64_t m = 0; m < M; ++m) {
     const float* xr = x + m * K;
     uint8_t* q = xq + m * Kp;
@@ -46,67 +49,61 @@ void quantize(const float* x, int64_t M, int64_t K, uint8_t* xq, float* xs) {
       const float d = _mm512_reduce_max_ps(amax) / 127.0f;
       const float id = d > 0 ? 1.0f / d : 0.0f;
       const __m512 vid = _mm512_set1_ps(id);
-      xs[m * nb + b] = d;
-      // 64 at a time: four groups of 16 rounded to nearest even (the default rounding mode),
-      // saturated to int8, offset to unsigned; zero (so 128) beyond K.
+      __m512i qsum = _mm512_setzero_si512();
       for (int64_t k = k0; k < k0 + kQ8BlockK && k < Kp; k += 64) {
         __m128i part[4];
         for (int g = 0; g < 4; ++g) {
           const int64_t kg = k + 16 * g;
           const __mmask16 mk = __mmask16(k1 - kg >= 16 ? 0xffffu : (k1 > kg ? (1u << (k1 - kg)) - 1 : 0u));
-          part[g] = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(mk, xr + kg), vid)));
+          const __m512i qi = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(mk, xr + kg), vid));
+          qsum = _mm512_add_epi32(qsum, qi);
+          part[g] = _mm512_cvtsepi32_epi8(qi);
         }
         __m512i v = _mm512_castsi128_si512(part[0]);
         v = _mm512_inserti32x4(v, part[1], 1);
         v = _mm512_inserti32x4(v, part[2], 2);
         v = _mm512_inserti32x4(v, part[3], 3);
-        _mm512_storeu_si512(q + k, _mm512_xor_si512(v, offset));
+        _mm512_storeu_si512(q + k, v);
       }
+      xs[m * ns + b] = d;
+      xs[m * ns + nb + b] = 128.0f * d * float(_mm512_reduce_add_epi32(qsum));
     }
   }
 }
 
 // RW weight rows against MX input rows over block b of K. FULL: every chunk of the block lies
-// inside K (plain loads); otherwise the chunks are masked at K (weights beyond K read as zero).
+// inside K (plain loads); otherwise the weights are masked at K (read as zero, so u = 128, against
+// q = 0 beyond K: nothing added).
 template <int RW, int MX, bool FULL>
 inline void block(const uint8_t* const* xr, const float* const* xs, int64_t b, const int8_t* const* rows,
                   int64_t k0, int64_t K, __m512 (&acc)[RW][MX]) {
-  const __m512i c128 = _mm512_set1_epi8(char(0x80));
-  const __m512i zero = _mm512_setzero_si512();
+  const __m512i flip = _mm512_set1_epi8(char(0x80));
   int nck = kChunks;
   if (!FULL) nck = int((K - k0 + 63) / 64);
-  __m512i wv[RW][kChunks];
-  __m512i start[RW];
-  for (int r = 0; r < RW; ++r) {
-    __m512i c = zero;
-    for (int ch = 0; ch < kChunks; ++ch) {
-      if (!FULL && ch >= nck) {
-        wv[r][ch] = zero;
-        continue;
-      }
-      const int64_t k = k0 + 64 * ch;
+  __m512i s[RW][MX];
+  for (int r = 0; r < RW; ++r)
+    for (int m = 0; m < MX; ++m) s[r][m] = _mm512_setzero_si512();
+  for (int ch = 0; ch < kChunks; ++ch) {
+    if (!FULL && ch >= nck) break;
+    const int64_t k = k0 + 64 * ch;
+    __m512i wv[RW];
+    for (int r = 0; r < RW; ++r) {
       _mm_prefetch(reinterpret_cast<const char*>(rows[r] + kPrefetchRows * K + k), _MM_HINT_T1);
       if (FULL) {
-        wv[r][ch] = _mm512_loadu_si512(rows[r] + k);
+        wv[r] = _mm512_xor_si512(_mm512_loadu_si512(rows[r] + k), flip);
       } else {
         const __mmask64 mask = K - k >= 64 ? ~__mmask64(0) : (__mmask64(1) << (K - k)) - 1;
-        wv[r][ch] = _mm512_maskz_loadu_epi8(mask, rows[r] + k);
+        wv[r] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, rows[r] + k), flip);
       }
-      c = _mm512_dpbusd_epi32(c, c128, wv[r][ch]);
     }
-    start[r] = _mm512_sub_epi32(zero, c);
+    for (int m = 0; m < MX; ++m) {
+      const __m512i xv = _mm512_loadu_si512(xr[m] + k);
+      for (int r = 0; r < RW; ++r) s[r][m] = _mm512_dpbusd_epi32(s[r][m], wv[r], xv);
+    }
   }
   for (int m = 0; m < MX; ++m) {
-    __m512i xv[kChunks];
-    for (int ch = 0; ch < kChunks; ++ch)
-      if (FULL || ch < nck) xv[ch] = _mm512_loadu_si512(xr[m] + k0 + 64 * ch);
     const __m512 d = _mm512_set1_ps(xs[m][b]);
-    for (int r = 0; r < RW; ++r) {
-      __m512i s = start[r];
-      for (int ch = 0; ch < kChunks; ++ch)
-        if (FULL || ch < nck) s = _mm512_dpbusd_epi32(s, xv[ch], wv[r][ch]);
-      acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), d, acc[r][m]);
-    }
+    for (int r = 0; r < RW; ++r) acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[r][m]), d, acc[r][m]);
   }
 }
 
@@ -123,19 +120,23 @@ inline void tile(const uint8_t* xq, const float* xs, int64_t K, int64_t Kp, cons
   for (int r = 0; r < RW; ++r) rows[r] = w + (o + r) * K;
   const uint8_t* xr[MX];
   const float* xsr[MX];
+  float corr[MX];
   for (int m = 0; m < MX; ++m) {
     xr[m] = xq + m * Kp;
-    xsr[m] = xs + m * nb;
+    xsr[m] = xs + m * q8_scales(K);
+    float c = 0;
+    for (int64_t b = b0; b < b1; ++b) c += xsr[m][nb + b];
+    corr[m] = c;
   }
   const int64_t full = K / kQ8BlockK < b1 ? K / kQ8BlockK : b1;
   for (int64_t b = b0; b < full; ++b) block<RW, MX, true>(xr, xsr, b, rows, b * kQ8BlockK, K, acc);
   if (full < b1) block<RW, MX, false>(xr, xsr, full, rows, full * kQ8BlockK, K, acc);
   if (b0 == 0) {
     for (int r = 0; r < RW; ++r)
-      for (int m = 0; m < MX; ++m) y[m * ldy + o + r] = _mm512_reduce_add_ps(acc[r][m]) * scale[o + r];
+      for (int m = 0; m < MX; ++m) y[m * ldy + o + r] = (_mm512_reduce_add_ps(acc[r][m]) - corr[m]) * scale[o + r];
   } else {
     for (int r = 0; r < RW; ++r)
-      for (int m = 0; m < MX; ++m) y[m * ldy + o + r] += _mm512_reduce_add_ps(acc[r][m]) * scale[o + r];
+      for (int m = 0; m < MX; ++m) y[m * ldy + o + r] += (_mm512_reduce_add_ps(acc[r][m]) - corr[m]) * scale[o + r];
   }
 }
 
@@ -151,19 +152,18 @@ inline void tile_rows(int mx, const uint8_t* xq, const float* xs, int64_t K, int
 
 void int8_q8(const uint8_t* xq, const float* xs, int64_t M, int64_t K, const int8_t* w, const float* scale,
              int64_t o0, int64_t o1, float* y, int64_t ldy) {
-  const int64_t Kp = q8_padded(K), nb = q8_blocks(K);
+  const int64_t Kp = q8_padded(K), nb = q8_blocks(K), ns = q8_scales(K);
   for (int64_t b0 = 0; b0 < nb; b0 += kPanelBlocks) {
     const int64_t b1 = b0 + kPanelBlocks < nb ? b0 + kPanelBlocks : nb;
     int64_t o = o0;
     for (; o + kQ8Rows <= o1; o += kQ8Rows)
       for (int64_t m0 = 0; m0 < M; m0 += kQ8Inputs)
-        tile_rows<kQ8Rows, kQ8Inputs>(rows_left(M, m0), xq + m0 * Kp, xs + m0 * nb, K, Kp, w, scale, o, y + m0 * ldy, ldy, b0, b1);
+        tile_rows<kQ8Rows, kQ8Inputs>(rows_left(M, m0), xq + m0 * Kp, xs + m0 * ns, K, Kp, w, scale, o, y + m0 * ldy, ldy, b0, b1);
     for (; o < o1; ++o)
       for (int64_t m0 = 0; m0 < M; m0 += kQ8Inputs)
-        tile_rows<1, kQ8Inputs>(rows_left(M, m0), xq + m0 * Kp, xs + m0 * nb, K, Kp, w, scale, o, y + m0 * ldy, ldy, b0, b1);
+        tile_rows<1, kQ8Inputs>(rows_left(M, m0), xq + m0 * Kp, xs + m0 * ns, K, Kp, w, scale, o, y + m0 * ldy, ldy, b0, b1);
   }
 }
-
 }  // namespace
 
 const KernelSet& avx512vnni_kernels() {

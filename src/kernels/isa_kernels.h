@@ -24,9 +24,9 @@ struct KernelSet {
                             uint16_t* out);
   bool bf16_pair_split = false;
   // int8 x int8 (AVX-512 VNNI only; null elsewhere). quantize_q8: x [M,K] -> xq [M, q8_padded(K)]
-  // bytes q + 128 with q = round(x / d) in blocks of kQ8BlockK along K, d = max|x| / 127 per block
-  // (q = 0 beyond K), and xs [M, q8_blocks(K)] the blocks' d. matmul_int8_q8: as matmul_int8 on
-  // the quantized activations.
+  // signed bytes q = round(x / d) in blocks of kQ8BlockK along K, d = max|x| / 127 per block
+  // (q = 0 beyond K), and xs [M, q8_scales(K)]: the blocks' d, then their 128 * d * sum q.
+  // matmul_int8_q8: as matmul_int8 on the quantized activations.
   void (*quantize_q8)(const float* x, int64_t M, int64_t K, uint8_t* xq, float* xs) = nullptr;
   void (*matmul_int8_q8)(const uint8_t* xq, const float* xs, int64_t M, int64_t K, const int8_t* w,
                          const float* scale, int64_t o0, int64_t o1, float* y, int64_t ldy) = nullptr;
@@ -57,6 +57,8 @@ inline int64_t bf16_hilo_padded(int64_t K) { return (K + 31) / 32 * 32; }
 inline constexpr int64_t kQ8BlockK = 256;
 inline int64_t q8_padded(int64_t K) { return (K + 63) / 64 * 64; }
 inline int64_t q8_blocks(int64_t K) { return (K + kQ8BlockK - 1) / kQ8BlockK; }
+// Floats per row of quantize_q8's xs: a scale and an error term per block.
+inline int64_t q8_scales(int64_t K) { return 2 * q8_blocks(K); }
 
 const KernelSet& scalar_kernels();
 const KernelSet& avx2_kernels();    // needs AVX2 + FMA + F16C

@@ -213,7 +213,7 @@ std::vector<torch::Tensor> skinny(const torch::Tensor& x2, const std::vector<tor
         const int64_t Kp = kernels::q8_padded(K);
         auto xq_t = torch::empty({M * Kp}, torch::kUInt8);
         const uint8_t* xq = xq_t.data_ptr<uint8_t>();
-        std::vector<float> xs(size_t(M * kernels::q8_blocks(K)));
+        std::vector<float> xs(size_t(M * kernels::q8_scales(K)));
         ks.quantize_q8(xp, M, K, xq_t.data_ptr<uint8_t>(), xs.data());
         run([&](size_t i, int64_t o0, int64_t o1, float* y, int64_t ldy) {
           ks.matmul_int8_q8(xq, xs.data(), M, K, ws[i].data_ptr<int8_t>(), scales[i].data_ptr<float>(), o0,
