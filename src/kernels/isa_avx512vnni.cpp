@@ -25,11 +25,11 @@ constexpr int64_t kPrefetchRows = 8;
 constexpr int kQ8Rows = 4;  // weight rows per tile
 constexpr int kChunks = int(kQ8BlockK / 64);  // 64-byte chunks per block
 constexpr int kQ8Inputs = 3;  // input rows per tile
-// K is walked in panels of this many blocks (2048 values), each over all of a call's weight rows:
-// a panel of the quantized activations (16 rows x 2 KB) stays in L1 while the weights stream past,
-// where a whole row of K = 4096 or 11008 (64-176 KB for 16 rows) would come from L2 for every
-// tile. Each panel's sums are added to y.
-constexpr int64_t kPanelBlocks = 2048 / kQ8BlockK;
+// K is walked in panels of this many blocks (4096 values), each over all of a call's weight rows,
+// so a tile's 3 activation rows of a panel (12 KB) stay in L1 while the weights stream past; each
+// panel's sums are added to y. K = 11008 (the 7B down projection) ran 1.06x faster in panels of 4096
+// than whole, 2048 and 1024 slower (docs/benchmarks.md item 17).
+constexpr int64_t kPanelBlocks = 4096 / kQ8BlockK;
 inline int rows_left(int64_t M, int64_t m0) { return M - m0 < kQ8Inputs ? int(M - m0) : kQ8Inputs; }
 
 // x [M,K] float -> xq [M,Kp] (q as signed bytes; 0 beyond K) and xs [M, 2 q8_blocks(K)]: each row's
