@@ -52,6 +52,18 @@ TEST(Eval, AccuracyOnHandMadeAnswersFile) {
 {"question_id": 1, "text": "2"}
 )";
   EXPECT_NE(scoring_error("d.jsonl").find("answered twice"), std::string::npos);
+  // With a limit only the first questions count: c.jsonl's missing answers (2 and 3) are beyond
+  // the first one, a.jsonl's answers beyond it are skipped, b.jsonl's unknown id is still refused.
+  EvalReport first = score_files(dir + "/q.jsonl", dir + "/c.jsonl", 1);
+  EXPECT_EQ(first.overall.total, 1);
+  EXPECT_EQ(first.overall.correct, 1);
+  EvalReport three = score_files(dir + "/q.jsonl", dir + "/a.jsonl", 3);
+  EXPECT_EQ(three.overall.total, 3);
+  EXPECT_EQ(three.overall.correct, 2);
+  const std::string short_of = error_of([&] { score_files(dir + "/q.jsonl", dir + "/c.jsonl", 2); });
+  EXPECT_NE(short_of.find("1 of 2 first questions"), std::string::npos) << short_of;
+  EXPECT_NE(error_of([&] { score_files(dir + "/q.jsonl", dir + "/b.jsonl", 2); }).find("question_id 9"),
+            std::string::npos);
 }
 
 TEST(Eval, AnswerPriorPicksMostFrequentTrainingAnswer) {

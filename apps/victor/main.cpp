@@ -358,13 +358,13 @@ void run_eval(EvalArgs a) {
     std::cout << format_report(r);
     if (!a.opt.answers_out.empty()) std::cout << "answers written to " << a.opt.answers_out << "\n";
     if (!a.compare_answers.empty())
-      std::cout << format_comparison(compare_reports(r, score_files(a.questions, a.compare_answers)),
+      std::cout << format_comparison(compare_reports(r, score_files(a.questions, a.compare_answers, a.opt.limit)),
                                      "this run", a.compare_answers);
   } else if (!a.answers_file.empty()) {
-    auto r = score_files(a.questions, a.answers_file);
+    auto r = score_files(a.questions, a.answers_file, a.opt.limit);
     std::cout << format_report(r);
     if (!a.compare_answers.empty())
-      std::cout << format_comparison(compare_reports(r, score_files(a.questions, a.compare_answers)),
+      std::cout << format_comparison(compare_reports(r, score_files(a.questions, a.compare_answers, a.opt.limit)),
                                      a.answers_file, a.compare_answers);
   } else {
     throw Error("eval: give --model (answer and score) or --answers (score an answers file)");
@@ -667,7 +667,7 @@ int main(int argc, char** argv) {
   c_eval->add_option("--image-folder", ev.opt.image_folder, "Folder of the questions' images (default: the JSONL's folder)");
   c_eval->add_option("--batch-size", ev.opt.batch_size, "Questions per batch")->check(CLI::Range(1, 1024))->capture_default_str();
   c_eval->add_option("--max-new-tokens", ev.opt.max_new_tokens, "Answer length limit")->check(CLI::Range(1, 4096))->capture_default_str();
-  c_eval->add_option("--limit", ev.opt.limit, "Only the first N questions")->check(CLI::Range(0, 100000000));
+  c_eval->add_option("--limit", ev.opt.limit, "Only the first N questions (answered, scored and compared)")->check(CLI::Range(0, 100000000));
   c_eval->add_option("--compare-answers", ev.compare_answers,
                      "Another run's answers JSONL on the same questions: print the accuracy difference with a "
                      "paired 95% bootstrap interval and how often the answers agree")

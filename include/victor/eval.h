@@ -48,7 +48,8 @@ struct AnswerRecord {
 // Scores answers against references (questions without a reference are not scored).
 EvalReport score_answers(const std::vector<AnswerRecord>& answers);
 // Reads an answers JSONL (question_id, text) and a questions JSONL with references, and scores.
-EvalReport score_files(const std::string& questions_jsonl, const std::string& answers_jsonl);
+// limit > 0: only the file's first `limit` questions (answers to later ones are skipped).
+EvalReport score_files(const std::string& questions_jsonl, const std::string& answers_jsonl, int limit = 0);
 
 struct EvalOptions {
   std::string image_folder;  // default: the questions file's folder

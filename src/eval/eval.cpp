@@ -61,8 +61,15 @@ EvalReport score_answers(const std::vector<AnswerRecord>& answers) {
   return r;
 }
 
-EvalReport score_files(const std::string& questions_jsonl, const std::string& answers_jsonl) {
+EvalReport score_files(const std::string& questions_jsonl, const std::string& answers_jsonl, int limit) {
   auto qs = load_questions_jsonl(questions_jsonl);
+  // With a limit, answers to the questions beyond it are skipped (a full run's file scored on the
+  // first N, as `eval --limit N` answers them); ids in no line of the file are still refused.
+  std::set<std::string> beyond;
+  if (limit > 0 && int(qs.size()) > limit) {
+    for (size_t i = size_t(limit); i < qs.size(); ++i) beyond.insert(qs[i].question_id.dump());
+    qs.resize(size_t(limit));
+  }
   std::map<std::string, const EvalQuestion*> by_id;
   for (auto& q : qs) by_id[q.question_id.dump()] = &q;
   std::ifstream in(answers_jsonl);
@@ -83,6 +90,7 @@ EvalReport score_files(const std::string& questions_jsonl, const std::string& an
     if (!j.contains("question_id") || !j.contains("text") || !j["text"].is_string())
       throw Error(answers_jsonl + ":" + std::to_string(n) + ": needs 'question_id' and string 'text'");
     auto it = by_id.find(j["question_id"].dump());
+    if (it == by_id.end() && beyond.count(j["question_id"].dump())) continue;
     if (it == by_id.end())
       throw Error(answers_jsonl + ":" + std::to_string(n) + ": question_id " + j["question_id"].dump() +
                   " is not in " + questions_jsonl);
@@ -101,7 +109,7 @@ EvalReport score_files(const std::string& questions_jsonl, const std::string& an
         break;
       }
     throw Error(answers_jsonl + ": " + std::to_string(by_id.size() - answered.size()) + " of " +
-                std::to_string(by_id.size()) + " questions in " + questions_jsonl +
+                std::to_string(by_id.size()) + (beyond.empty() ? " questions in " : " first questions in ") + questions_jsonl +
                 " have no answer (the first: question_id " + first + "); every question must be answered");
   }
   return score_answers(answers);
