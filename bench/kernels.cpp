@@ -125,6 +125,21 @@ void BM_MatmulWeight(benchmark::State& st) {
 }
 BENCHMARK(BM_MatmulWeight)->ArgsProduct({{0, 1, 2}, {1, 4, 16, 64, 640}})->Unit(benchmark::kMillisecond)->UseRealTime();
 
+// Times x [M,K] times int8 weights [O,K] on the active kernel path, cycling through `copies`
+// quantized matrices so the weights stream from memory; GB/s of int8 weights, labelled by path.
+void time_int8_products(benchmark::State& st, int64_t O, int64_t K, int64_t M, int64_t copies) {
+  std::vector<Int8Matrix> stored;
+  for (int64_t i = 0; i < copies; ++i) stored.push_back(quantize_int8(torch::randn({O, K}) * 0.02));
+  auto x = torch::randn({M, K});
+  size_t i = 0;
+  for (auto _ : st) {
+    benchmark::DoNotOptimize(matmul_weight(x, stored[i].q, stored[i].scale));
+    i = (i + 1) % stored.size();
+  }
+  st.counters["GB/s"] = benchmark::Counter(double(O * K), benchmark::Counter::kIsIterationInvariantRate, benchmark::Counter::kIs1000);
+  st.SetLabel(std::string("int8 ") + kernels::isa_name(kernels::active_isa()));
+}
+
 // int8 weights on every kernel path this CPU has, in one run (arg 0: index into supported_isas(),
 // arg 1: rows): the int8 x int8 VNNI path against widening the weights to float.
 void BM_MatmulInt8PerIsa(benchmark::State& st) {
@@ -136,17 +151,7 @@ void BM_MatmulInt8PerIsa(benchmark::State& st) {
   }
   const kernels::Isa saved = kernels::active_isa();
   kernels::use_isa(isas[size_t(st.range(0))]);
-  const int64_t O = 5632, K = 2048, M = st.range(1), copies = 8;
-  std::vector<Int8Matrix> stored;
-  for (int64_t i = 0; i < copies; ++i) stored.push_back(quantize_int8(torch::randn({O, K}) * 0.02));
-  auto x = torch::randn({M, K});
-  int64_t i = 0;
-  for (auto _ : st) {
-    benchmark::DoNotOptimize(matmul_weight(x, stored[i].q, stored[i].scale));
-    i = (i + 1) % copies;
-  }
-  st.counters["GB/s"] = benchmark::Counter(double(O * K), benchmark::Counter::kIsIterationInvariantRate, benchmark::Counter::kIs1000);
-  st.SetLabel(std::string("int8 ") + kernels::isa_name(kernels::active_isa()));
+  time_int8_products(st, 5632, 2048, st.range(1), 8);
   kernels::use_isa(saved);
 }
 BENCHMARK(BM_MatmulInt8PerIsa)->ArgsProduct({{0, 1, 2, 3, 4}, {1, 4, 8, 16}})->Unit(benchmark::kMillisecond)->UseRealTime();
@@ -157,18 +162,8 @@ BENCHMARK(BM_MatmulInt8PerIsa)->ArgsProduct({{0, 1, 2, 3, 4}, {1, 4, 8, 16}})->U
 // stream from memory.
 void BM_MatmulInt8Shapes(benchmark::State& st) {
   torch::NoGradGuard ng;
-  const int64_t O = st.range(0), K = st.range(1), M = 16;
-  const int64_t copies = std::max<int64_t>(2, (int64_t(256) << 20) / (O * K));
-  std::vector<Int8Matrix> stored;
-  for (int64_t i = 0; i < copies; ++i) stored.push_back(quantize_int8(torch::randn({O, K}) * 0.02));
-  auto x = torch::randn({M, K});
-  int64_t i = 0;
-  for (auto _ : st) {
-    benchmark::DoNotOptimize(matmul_weight(x, stored[size_t(i)].q, stored[size_t(i)].scale));
-    i = (i + 1) % copies;
-  }
-  st.counters["GB/s"] = benchmark::Counter(double(O * K), benchmark::Counter::kIsIterationInvariantRate, benchmark::Counter::kIs1000);
-  st.SetLabel(std::string("int8 ") + kernels::isa_name(kernels::active_isa()));
+  const int64_t O = st.range(0), K = st.range(1);
+  time_int8_products(st, O, K, 16, std::max<int64_t>(2, (int64_t(256) << 20) / (O * K)));
 }
 BENCHMARK(BM_MatmulInt8Shapes)->Args({4096, 4096})->Args({11008, 4096})->Args({4096, 11008})->Args({5632, 2048})->Unit(benchmark::kMillisecond)->UseRealTime();
 

@@ -89,14 +89,13 @@ EvalReport score_files(const std::string& questions_jsonl, const std::string& an
     }
     if (!j.contains("question_id") || !j.contains("text") || !j["text"].is_string())
       throw Error(answers_jsonl + ":" + std::to_string(n) + ": needs 'question_id' and string 'text'");
-    auto it = by_id.find(j["question_id"].dump());
-    if (it == by_id.end() && beyond.count(j["question_id"].dump())) continue;
+    const std::string id = j["question_id"].dump();
+    auto it = by_id.find(id);
+    if (it == by_id.end() && beyond.count(id)) continue;
     if (it == by_id.end())
-      throw Error(answers_jsonl + ":" + std::to_string(n) + ": question_id " + j["question_id"].dump() +
-                  " is not in " + questions_jsonl);
+      throw Error(answers_jsonl + ":" + std::to_string(n) + ": question_id " + id + " is not in " + questions_jsonl);
     if (!answered.insert(it->first).second)
-      throw Error(answers_jsonl + ":" + std::to_string(n) + ": question_id " + j["question_id"].dump() +
-                  " is answered twice");
+      throw Error(answers_jsonl + ":" + std::to_string(n) + ": question_id " + id + " is answered twice");
     answers.push_back({j["question_id"], j["text"].get<std::string>(), it->second->answer, it->second->family});
   }
   // Scoring only the answered questions would report a higher accuracy for a file that skips the

@@ -131,13 +131,12 @@ inline void tile(const uint8_t* xq, const float* xs, int64_t K, int64_t Kp, cons
   const int64_t full = K / kQ8BlockK < b1 ? K / kQ8BlockK : b1;
   for (int64_t b = b0; b < full; ++b) block<RW, MX, true>(xr, xsr, b, rows, b * kQ8BlockK, K, acc);
   if (full < b1) block<RW, MX, false>(xr, xsr, full, rows, full * kQ8BlockK, K, acc);
-  if (b0 == 0) {
-    for (int r = 0; r < RW; ++r)
-      for (int m = 0; m < MX; ++m) y[m * ldy + o + r] = (_mm512_reduce_add_ps(acc[r][m]) - corr[m]) * scale[o + r];
-  } else {
-    for (int r = 0; r < RW; ++r)
-      for (int m = 0; m < MX; ++m) y[m * ldy + o + r] += (_mm512_reduce_add_ps(acc[r][m]) - corr[m]) * scale[o + r];
-  }
+  for (int r = 0; r < RW; ++r)
+    for (int m = 0; m < MX; ++m) {
+      const float v = (_mm512_reduce_add_ps(acc[r][m]) - corr[m]) * scale[o + r];
+      float& out = y[m * ldy + o + r];
+      out = b0 == 0 ? v : out + v;
+    }
 }
 
 // mx (1..MX) input rows: the tile instantiated for exactly that many.

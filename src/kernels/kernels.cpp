@@ -208,13 +208,13 @@ std::vector<torch::Tensor> skinny(const torch::Tensor& x2, const std::vector<tor
       // quantization only adds (1 row 48 vs 58 GB/s, 4 rows 33 vs 39; docs/benchmarks.md item 15).
       if (ks.matmul_int8_q8 && M >= kernels::kQ8MinRows) {  // the activations quantized once, here
         // 64-byte aligned (LibTorch's allocator) with rows of a multiple of 64 bytes: no activation
-        // load straddles two cache lines. A std::vector's 16-byte alignment made every load split
-        // and cost up to 1.6x (docs/benchmarks.md item 17).
+        // load straddles two cache lines. A std::vector's 16-byte alignment let loads split, which
+        // cost up to 1.6x (docs/benchmarks.md item 17).
         const int64_t Kp = kernels::q8_padded(K);
         auto xq_t = torch::empty({M * Kp}, torch::kUInt8);
-        const uint8_t* xq = xq_t.data_ptr<uint8_t>();
+        uint8_t* xq = xq_t.data_ptr<uint8_t>();
         std::vector<float> xs(size_t(M * kernels::q8_scales(K)));
-        ks.quantize_q8(xp, M, K, xq_t.data_ptr<uint8_t>(), xs.data());
+        ks.quantize_q8(xp, M, K, xq, xs.data());
         run([&](size_t i, int64_t o0, int64_t o1, float* y, int64_t ldy) {
           ks.matmul_int8_q8(xq, xs.data(), M, K, ws[i].data_ptr<int8_t>(), scales[i].data_ptr<float>(), o0,
                             o1, y, ldy);
