@@ -24,6 +24,24 @@ void BM_DecodeAttention(benchmark::State& st) {
 }
 BENCHMARK(BM_DecodeAttention)->Arg(72)->Arg(640)->Unit(benchmark::kMicrosecond);
 
+// The decode step's own attention kernel (attend_decode) on the 7B shape: 16 rows, 32 heads of 128
+// (one query head per KV head), a bf16 cache of S keys per row (136 = Victor's mean context at 128
+// new tokens, 704 = plain's). GB/s counts the cache bytes read: the kernel should run at the
+// memory's speed, as the products do.
+void BM_AttendDecode7b(benchmark::State& st) {
+  const int64_t B = 16, H = 32, hd = 128, S = st.range(0), cap = S + 8;
+  auto q = torch::randn({B, H, hd});
+  auto k = torch::randn({B, H, cap, hd}).to(torch::kBFloat16), v = torch::randn({B, H, cap, hd}).to(torch::kBFloat16);
+  std::vector<uint8_t> allowed(size_t(S), 1);
+  std::vector<DecodeKv> rows(static_cast<size_t>(B));
+  for (int64_t b = 0; b < B; ++b)
+    rows[size_t(b)] = {k[b].data_ptr(), v[b].data_ptr(), cap * hd, S, allowed.data()};
+  auto out = torch::empty({B, H, hd});
+  for (auto _ : st) attend_decode(q.data_ptr<float>(), B, H, H, hd, true, rows.data(), out.data_ptr<float>());
+  st.counters["GB/s"] = benchmark::Counter(double(2 * B * H * S * hd * 2), benchmark::Counter::kIsIterationInvariantRate, benchmark::Counter::kIs1000);
+}
+BENCHMARK(BM_AttendDecode7b)->Arg(136)->Arg(704)->Unit(benchmark::kMillisecond)->UseRealTime();
+
 // Prefill attention for the same layer over T tokens.
 void BM_PrefillAttention(benchmark::State& st) {
   torch::NoGradGuard ng;

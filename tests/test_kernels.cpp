@@ -234,46 +234,51 @@ TEST(Kernels, WrongShapesAndMissingScalesAreRefused) {
 }
 
 TEST(Kernels, DecodeAttentionMatchesReferenceOnEveryPath) {
-  // Two rows with different lengths inside a larger capacity, G = 3 query heads per KV head, a
-  // head size that is not a multiple of the vector width, masked keys; float32 and bf16 storage.
+  // Two rows with different lengths inside a larger capacity, G = 3 query heads per KV head, masked
+  // keys; float32 and bf16 storage; head sizes 24 (not a multiple of the vector width), 128 (the 7B
+  // and CLIP-L heads: whole vectors, two dot-product chains) and 200 (more than the 128 dims one
+  // register pass of the weighted values holds, with a partial vector in the second pass).
   torch::manual_seed(9);
-  const int64_t B = 3, H = 6, Hkv = 2, G = H / Hkv, hd = 24, cap = 41;
-  const std::vector<int64_t> lens{37, 1, 5};
-  auto q = torch::randn({B, H, hd});
-  auto k = torch::randn({B, Hkv, cap, hd}) * 2, v = torch::randn({B, Hkv, cap, hd});
-  auto allowed = torch::rand({B, cap}).gt(0.3).to(torch::kUInt8);
-  allowed[0][36] = 1;
-  allowed[1][0] = 1;
-  allowed[2].zero_();  // no key allowed: zeros, never NaN
-  for (auto storage : {torch::kFloat32, torch::kBFloat16}) {
-    auto ks = k.to(storage).contiguous(), vs = v.to(storage).contiguous();
-    // Reference in double over the stored values.
-    auto want = torch::zeros({B, H, hd}, torch::kFloat64);
-    for (int64_t b = 0; b < 2; ++b)
-      for (int64_t h = 0; h < H; ++h) {
-        auto kk = ks[b][h / G].narrow(0, 0, lens[b]).to(torch::kFloat64);
-        auto vv = vs[b][h / G].narrow(0, 0, lens[b]).to(torch::kFloat64);
-        auto sc = at::mv(kk, q[b][h].to(torch::kFloat64)) / std::sqrt(double(hd));
-        sc = sc.masked_fill(allowed[b].narrow(0, 0, lens[b]).eq(0), -INFINITY);
-        want[b][h] = at::mv(vv.t(), torch::softmax(sc, 0));
-      }
-    const int64_t es = ks.element_size();
-    std::vector<DecodeKv> rows;
-    for (int64_t b = 0; b < B; ++b)
-      rows.push_back({static_cast<const char*>(ks.data_ptr()) + b * Hkv * cap * hd * es,
-                      static_cast<const char*>(vs.data_ptr()) + b * Hkv * cap * hd * es, cap * hd, lens[b],
-                      allowed[b].data_ptr<uint8_t>()});
-    for (int threads : {1, 2}) {
-      at::set_num_threads(threads);
-      for (auto isa : kernels::supported_isas()) {
-        IsaScope scope(isa);
-        SCOPED_TRACE(std::string(kernels::isa_name(isa)) + (storage == torch::kBFloat16 ? " bf16" : " f32") +
-                     " threads " + std::to_string(threads));
-        auto out = torch::full({B, H, hd}, 7.f);
-        attend_decode(q.data_ptr<float>(), B, H, Hkv, hd, storage == torch::kBFloat16, rows.data(),
-                      out.data_ptr<float>());
-        EXPECT_LT((out.to(torch::kFloat64) - want).abs().max().item<double>(), 2e-6);
-        EXPECT_TRUE(torch::equal(out[2], torch::zeros({H, hd})));
+  for (const int64_t hd : {24, 128, 200}) {
+    SCOPED_TRACE("hd " + std::to_string(hd));
+    const int64_t B = 3, H = 6, Hkv = 2, G = H / Hkv, cap = 41;
+    const std::vector<int64_t> lens{37, 1, 5};
+    auto q = torch::randn({B, H, hd});
+    auto k = torch::randn({B, Hkv, cap, hd}) * 2, v = torch::randn({B, Hkv, cap, hd});
+    auto allowed = torch::rand({B, cap}).gt(0.3).to(torch::kUInt8);
+    allowed[0][36] = 1;
+    allowed[1][0] = 1;
+    allowed[2].zero_();  // no key allowed: zeros, never NaN
+    for (auto storage : {torch::kFloat32, torch::kBFloat16}) {
+      auto ks = k.to(storage).contiguous(), vs = v.to(storage).contiguous();
+      // Reference in double over the stored values.
+      auto want = torch::zeros({B, H, hd}, torch::kFloat64);
+      for (int64_t b = 0; b < 2; ++b)
+        for (int64_t h = 0; h < H; ++h) {
+          auto kk = ks[b][h / G].narrow(0, 0, lens[b]).to(torch::kFloat64);
+          auto vv = vs[b][h / G].narrow(0, 0, lens[b]).to(torch::kFloat64);
+          auto sc = at::mv(kk, q[b][h].to(torch::kFloat64)) / std::sqrt(double(hd));
+          sc = sc.masked_fill(allowed[b].narrow(0, 0, lens[b]).eq(0), -INFINITY);
+          want[b][h] = at::mv(vv.t(), torch::softmax(sc, 0));
+        }
+      const int64_t es = ks.element_size();
+      std::vector<DecodeKv> rows;
+      for (int64_t b = 0; b < B; ++b)
+        rows.push_back({static_cast<const char*>(ks.data_ptr()) + b * Hkv * cap * hd * es,
+                        static_cast<const char*>(vs.data_ptr()) + b * Hkv * cap * hd * es, cap * hd, lens[b],
+                        allowed[b].data_ptr<uint8_t>()});
+      for (int threads : {1, 2}) {
+        at::set_num_threads(threads);
+        for (auto isa : kernels::supported_isas()) {
+          IsaScope scope(isa);
+          SCOPED_TRACE(std::string(kernels::isa_name(isa)) + (storage == torch::kBFloat16 ? " bf16" : " f32") +
+                       " threads " + std::to_string(threads));
+          auto out = torch::full({B, H, hd}, 7.f);
+          attend_decode(q.data_ptr<float>(), B, H, Hkv, hd, storage == torch::kBFloat16, rows.data(),
+                        out.data_ptr<float>());
+          EXPECT_LT((out.to(torch::kFloat64) - want).abs().max().item<double>(), 2e-6);
+          EXPECT_TRUE(torch::equal(out[2], torch::zeros({H, hd})));
+        }
       }
     }
   }

@@ -57,6 +57,20 @@ inline float sum_lanes(const float* a, int64_t n) {
   return acc[0] + tail;
 }
 
+// Each of G rows of S scores (p[g*S + s]) becomes its softmax over the allowed keys, in place; keys
+// not allowed weigh exactly 0 and a row with none allowed becomes zeros.
+inline void softmax_scores(float* p, int64_t G, int64_t S, const uint8_t* allowed) {
+  for (int64_t g = 0; g < G; ++g) {
+    float* pg = p + g * S;
+    float mx = -1e30f;
+    for (int64_t s = 0; s < S; ++s) mx = pg[s] > mx ? pg[s] : mx;
+    for (int64_t s = 0; s < S; ++s) pg[s] = allowed[s] ? exp_nonpositive(pg[s] - mx) : 0.f;
+    const float sum = sum_lanes(pg, S);
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    for (int64_t s = 0; s < S; ++s) pg[s] *= inv;
+  }
+}
+
 // out[g,:] = sum_s softmax_s(scale * q[g,:] . k[s,:] over allowed s) v[s,:] for the G query heads
 // of one KV head; k and v rows hd apart; keys with allowed[s] == 0 weigh exactly 0 (a row with no
 // allowed key gives zeros). scratch holds G * S + hd floats.
@@ -74,15 +88,7 @@ void attend_impl(const float* q, int64_t G, int64_t hd, const KV* k, const KV* v
     for (int64_t i = 0; i < hd; ++i) row[i] = kv_load(ks[i]);
     for (int64_t g = 0; g < G; ++g) p[g * S + s] = dot_lanes(q + g * hd, row, hd) * scale;
   }
-  for (int64_t g = 0; g < G; ++g) {
-    float* pg = p + g * S;
-    float mx = -1e30f;
-    for (int64_t s = 0; s < S; ++s) mx = pg[s] > mx ? pg[s] : mx;
-    for (int64_t s = 0; s < S; ++s) pg[s] = allowed[s] ? exp_nonpositive(pg[s] - mx) : 0.f;
-    const float sum = sum_lanes(pg, S);
-    const float inv = sum > 0.f ? 1.f / sum : 0.f;
-    for (int64_t s = 0; s < S; ++s) pg[s] *= inv;
-  }
+  softmax_scores(p, G, S, allowed);
   for (int64_t i = 0; i < G * hd; ++i) out[i] = 0.f;
   for (int64_t s = 0; s < S; ++s) {
     if (!allowed[s]) continue;
@@ -110,11 +116,11 @@ void softmax_bf16(float* s, const uint8_t* allowed, int64_t S, uint16_t* out) {
   for (int64_t i = 0; i < S; ++i) out[i] = float_to_bf16_bits(s[i] * inv);
 }
 
-void attend_f32(const float* q, int64_t G, int64_t hd, const float* k, const float* v, int64_t S,
+[[maybe_unused]] void attend_f32(const float* q, int64_t G, int64_t hd, const float* k, const float* v, int64_t S,
                 const uint8_t* allowed, float scale, float* scratch, float* out) {
   attend_impl(q, G, hd, k, v, S, allowed, scale, scratch, out);
 }
-void attend_bf16(const float* q, int64_t G, int64_t hd, const uint16_t* k, const uint16_t* v,
+[[maybe_unused]] void attend_bf16(const float* q, int64_t G, int64_t hd, const uint16_t* k, const uint16_t* v,
                  int64_t S, const uint8_t* allowed, float scale, float* scratch, float* out) {
   attend_impl(q, G, hd, k, v, S, allowed, scale, scratch, out);
 }

@@ -191,13 +191,121 @@ void dequant(const int8_t* w, const float* scale, int64_t K, int64_t o0, int64_t
   }
 }
 
+// Decode attention (attend_impl.h's contract) with the cache rows loaded straight into registers
+// and software prefetch. BM_AttendDecode7b (16 rows, 32 heads of 128, one query head per KV head,
+// bf16 cache): the generic loops read the cache at ~27 GB/s, with or without prefetching, spending
+// their time copying each row to a float buffer and on one FMA chain per key; these loops without
+// prefetch ~22 GB/s (waiting on memory: a (row, head) slab is only S x 256 bytes, read once); with
+// both ~45 GB/s. Every 16 values are loaded and widened in one step, each key's dot product runs
+// in two chains, the weighted values (up to 128 dims) stay in registers across all keys, and the
+// value rows are prefetched during the pass over the keys.
+struct KvF32 {
+  static __m512 load(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+};
+struct KvBf16 {
+  static __m512 load(const uint16_t* p, __mmask16 m) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+  }
+};
+
+inline __mmask16 lanes(int64_t n) { return n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1); }
+
+// out[i0, i0 + 16 N) (clipped at hd) = sum over allowed keys of p[s] * v[s, i0 + ...]: N vectors
+// held in registers for the whole walk over the keys.
+template <int N, class L, class KV>
+inline void weigh_values(const float* p, const KV* v, int64_t S, int64_t hd, int64_t i0,
+                         const uint8_t* allowed, float* out) {
+  __m512 acc[N];
+  __mmask16 m[N];
+  for (int j = 0; j < N; ++j) {
+    acc[j] = _mm512_setzero_ps();
+    m[j] = lanes(hd - i0 - 16 * j);
+  }
+  for (int64_t s = 0; s < S; ++s) {
+    if (!allowed[s]) continue;
+    const __m512 w = _mm512_set1_ps(p[s]);
+    const KV* vs = v + s * hd + i0;
+    for (int j = 0; j < N; ++j) acc[j] = _mm512_fmadd_ps(w, L::load(vs + 16 * j, m[j]), acc[j]);
+  }
+  for (int j = 0; j < N; ++j) _mm512_mask_storeu_ps(out + i0 + 16 * j, m[j], acc[j]);
+}
+
+// A (row, head) slab of the cache is S * hd values, read row after row; hardware prefetchers stop
+// at each 4 KiB page, so each row's lines are asked for this many rows ahead.
+constexpr int64_t kKvAhead = 16;
+template <class KV>
+inline void prefetch_kv_row(const KV* r, int64_t hd) {
+  const char* c = reinterpret_cast<const char*>(r);
+  for (int64_t i = 0; i < hd * int64_t(sizeof(KV)); i += 64) _mm_prefetch(c + i, _MM_HINT_T0);
+}
+
+template <class L, class KV>
+void attend_regs(const float* q, int64_t G, int64_t hd, const KV* k, const KV* v, int64_t S,
+                 const uint8_t* allowed, float scale, float* scratch, float* out) {
+  float* p = scratch;  // [G,S]
+  for (int64_t s = 0; s < kKvAhead && s < S; ++s) {
+    prefetch_kv_row(k + s * hd, hd);
+    prefetch_kv_row(v + s * hd, hd);
+  }
+  for (int64_t s = 0; s < S; ++s) {
+    if (s + kKvAhead < S) {
+      prefetch_kv_row(k + (s + kKvAhead) * hd, hd);
+      prefetch_kv_row(v + (s + kKvAhead) * hd, hd);
+    }
+    if (!allowed[s]) {
+      for (int64_t g = 0; g < G; ++g) p[g * S + s] = -1e30f;
+      continue;
+    }
+    const KV* ks = k + s * hd;
+    for (int64_t g = 0; g < G; ++g) {
+      const float* qg = q + g * hd;
+      __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+      int64_t i = 0;
+      for (; i + 32 <= hd; i += 32) {
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qg + i), L::load(ks + i, 0xffff), a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(qg + i + 16), L::load(ks + i + 16, 0xffff), a1);
+      }
+      for (; i < hd; i += 16) {
+        const __mmask16 m = lanes(hd - i);
+        a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, qg + i), L::load(ks + i, m), a0);
+      }
+      p[g * S + s] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) * scale;
+    }
+  }
+  softmax_scores(p, G, S, allowed);
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t i0 = 0; i0 < hd; i0 += 128) {
+      const float* pg = p + g * S;
+      float* og = out + g * hd;
+      switch ((hd - i0 + 15) / 16) {
+        case 1: weigh_values<1, L>(pg, v, S, hd, i0, allowed, og); break;
+        case 2: weigh_values<2, L>(pg, v, S, hd, i0, allowed, og); break;
+        case 3: weigh_values<3, L>(pg, v, S, hd, i0, allowed, og); break;
+        case 4: weigh_values<4, L>(pg, v, S, hd, i0, allowed, og); break;
+        case 5: weigh_values<5, L>(pg, v, S, hd, i0, allowed, og); break;
+        case 6: weigh_values<6, L>(pg, v, S, hd, i0, allowed, og); break;
+        case 7: weigh_values<7, L>(pg, v, S, hd, i0, allowed, og); break;
+        default: weigh_values<8, L>(pg, v, S, hd, i0, allowed, og); break;
+      }
+    }
+}
+
+void attend_regs_f32(const float* q, int64_t G, int64_t hd, const float* k, const float* v, int64_t S,
+                     const uint8_t* allowed, float scale, float* scratch, float* out) {
+  attend_regs<KvF32>(q, G, hd, k, v, S, allowed, scale, scratch, out);
+}
+void attend_regs_bf16(const float* q, int64_t G, int64_t hd, const uint16_t* k, const uint16_t* v, int64_t S,
+                      const uint8_t* allowed, float scale, float* scratch, float* out) {
+  attend_regs<KvBf16>(q, G, hd, k, v, S, allowed, scale, scratch, out);
+}
+
 }  // namespace
 
 const KernelSet& avx512_kernels() {
   static const KernelSet set = [] {
     KernelSet s{f32, bf16_pairs, int8, dequant, /*bf16_pair_split=*/true};
-    s.attend_f32 = attend_f32;
-    s.attend_bf16 = attend_bf16;
+    s.attend_f32 = attend_regs_f32;
+    s.attend_bf16 = attend_regs_bf16;
     s.softmax_bf16 = softmax_bf16;
     return s;
   }();
