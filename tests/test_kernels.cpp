@@ -235,11 +235,12 @@ TEST(Kernels, WrongShapesAndMissingScalesAreRefused) {
 
 TEST(Kernels, DecodeAttentionMatchesReferenceOnEveryPath) {
   // Two rows with different lengths inside a larger capacity, G = 3 query heads per KV head, masked
-  // keys; float32 and bf16 storage; head sizes 24 (not a multiple of the vector width), 128 (the 7B
-  // and CLIP-L heads: whole vectors, two dot-product chains) and 200 (more than the 128 dims one
-  // register pass of the weighted values holds, with a partial vector in the second pass).
+  // keys; float32 and bf16 storage; head sizes 20 and 24 (not multiples of the vector width: a
+  // partial vector on the AVX2 path, on AVX-512 too for 20), 128 (the 7B and CLIP-L heads: whole
+  // vectors, two dot-product chains) and 202 (more than one register pass of the weighted values
+  // holds, 128 dims on AVX-512 and 64 on AVX2, with a partial vector in the last pass).
   torch::manual_seed(9);
-  for (const int64_t hd : {24, 128, 200}) {
+  for (const int64_t hd : {20, 24, 128, 202}) {
     SCOPED_TRACE("hd " + std::to_string(hd));
     const int64_t B = 3, H = 6, Hkv = 2, G = H / Hkv, cap = 41;
     const std::vector<int64_t> lens{37, 1, 5};

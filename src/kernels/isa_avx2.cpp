@@ -119,13 +119,126 @@ void dequant(const int8_t* w, const float* scale, int64_t K, int64_t o0, int64_t
   }
 }
 
+// Decode attention (attend_impl.h's contract) as isa_avx512.cpp's attend_regs, 8 lanes a vector:
+// cache rows loaded straight into registers, two dot-product chains per key, the weighted values
+// of up to 64 dims in registers across all keys, key and value rows prefetched 16 rows ahead.
+struct KvF32 {
+  static __m256 load(const float* p) { return _mm256_loadu_ps(p); }
+  static __m256 part(const float* p, int n) {
+    const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    return _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(n), idx));
+  }
+};
+struct KvBf16 {
+  static __m256 load(const uint16_t* p) { return Bf16Load::full(p); }
+  static __m256 part(const uint16_t* p, int n) {
+    uint16_t t[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int i = 0; i < n; ++i) t[i] = p[i];
+    return Bf16Load::full(t);
+  }
+};
+inline __m256 part_f32(const float* p, int n) { return KvF32::part(p, n); }
+
+// out[i0, i0 + 8 N) (clipped at hd) = sum over allowed keys of p[s] * v[s, i0 + ...].
+template <int N, class L, class KV>
+inline void weigh_values(const float* p, const KV* v, int64_t S, int64_t hd, int64_t i0,
+                         const uint8_t* allowed, float* out) {
+  const int64_t n = hd - i0 < 8 * N ? hd - i0 : 8 * N;  // dims of this pass
+  const int whole = int(n / 8), rest = int(n % 8);
+  __m256 acc[N];
+  for (int j = 0; j < N; ++j) acc[j] = _mm256_setzero_ps();
+  for (int64_t s = 0; s < S; ++s) {
+    if (!allowed[s]) continue;
+    const __m256 w = _mm256_set1_ps(p[s]);
+    const KV* vs = v + s * hd + i0;
+    for (int j = 0; j < N; ++j) {
+      if (j < whole) acc[j] = _mm256_fmadd_ps(w, L::load(vs + 8 * j), acc[j]);
+      else if (j == whole && rest) acc[j] = _mm256_fmadd_ps(w, L::part(vs + 8 * j, rest), acc[j]);
+    }
+  }
+  float tail[8];
+  for (int j = 0; j < N; ++j) {
+    if (j < whole) {
+      _mm256_storeu_ps(out + i0 + 8 * j, acc[j]);
+    } else if (j == whole && rest) {
+      _mm256_storeu_ps(tail, acc[j]);
+      for (int i = 0; i < rest; ++i) out[i0 + 8 * j + i] = tail[i];
+    }
+  }
+}
+
+constexpr int64_t kKvAhead = 16;  // rows; as isa_avx512.cpp
+template <class KV>
+inline void prefetch_kv_row(const KV* r, int64_t hd) {
+  const char* c = reinterpret_cast<const char*>(r);
+  for (int64_t i = 0; i < hd * int64_t(sizeof(KV)); i += 64) _mm_prefetch(c + i, _MM_HINT_T0);
+}
+
+template <class L, class KV>
+void attend_regs(const float* q, int64_t G, int64_t hd, const KV* k, const KV* v, int64_t S,
+                 const uint8_t* allowed, float scale, float* scratch, float* out) {
+  float* p = scratch;  // [G,S]
+  for (int64_t s = 0; s < kKvAhead && s < S; ++s) {
+    prefetch_kv_row(k + s * hd, hd);
+    prefetch_kv_row(v + s * hd, hd);
+  }
+  for (int64_t s = 0; s < S; ++s) {
+    if (s + kKvAhead < S) {
+      prefetch_kv_row(k + (s + kKvAhead) * hd, hd);
+      prefetch_kv_row(v + (s + kKvAhead) * hd, hd);
+    }
+    if (!allowed[s]) {
+      for (int64_t g = 0; g < G; ++g) p[g * S + s] = -1e30f;
+      continue;
+    }
+    const KV* ks = k + s * hd;
+    for (int64_t g = 0; g < G; ++g) {
+      const float* qg = q + g * hd;
+      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+      int64_t i = 0;
+      for (; i + 16 <= hd; i += 16) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + i), L::load(ks + i), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + i + 8), L::load(ks + i + 8), a1);
+      }
+      for (; i + 8 <= hd; i += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + i), L::load(ks + i), a0);
+      if (i < hd) a1 = _mm256_fmadd_ps(part_f32(qg + i, int(hd - i)), L::part(ks + i, int(hd - i)), a1);
+      p[g * S + s] = hsum(_mm256_add_ps(a0, a1)) * scale;
+    }
+  }
+  softmax_scores(p, G, S, allowed);
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t i0 = 0; i0 < hd; i0 += 64) {
+      const float* pg = p + g * S;
+      float* og = out + g * hd;
+      switch ((hd - i0 + 7) / 8) {
+        case 1: weigh_values<1, L>(pg, v, S, hd, i0, allowed, og); break;
+        case 2: weigh_values<2, L>(pg, v, S, hd, i0, allowed, og); break;
+        case 3: weigh_values<3, L>(pg, v, S, hd, i0, allowed, og); break;
+        case 4: weigh_values<4, L>(pg, v, S, hd, i0, allowed, og); break;
+        case 5: weigh_values<5, L>(pg, v, S, hd, i0, allowed, og); break;
+        case 6: weigh_values<6, L>(pg, v, S, hd, i0, allowed, og); break;
+        case 7: weigh_values<7, L>(pg, v, S, hd, i0, allowed, og); break;
+        default: weigh_values<8, L>(pg, v, S, hd, i0, allowed, og); break;
+      }
+    }
+}
+
+void attend_regs_f32(const float* q, int64_t G, int64_t hd, const float* k, const float* v, int64_t S,
+                     const uint8_t* allowed, float scale, float* scratch, float* out) {
+  attend_regs<KvF32>(q, G, hd, k, v, S, allowed, scale, scratch, out);
+}
+void attend_regs_bf16(const float* q, int64_t G, int64_t hd, const uint16_t* k, const uint16_t* v, int64_t S,
+                      const uint8_t* allowed, float scale, float* scratch, float* out) {
+  attend_regs<KvBf16>(q, G, hd, k, v, S, allowed, scale, scratch, out);
+}
+
 }  // namespace
 
 const KernelSet& avx2_kernels() {
   static const KernelSet set = [] {
     KernelSet s{f32, bf16, int8, dequant};
-    s.attend_f32 = attend_f32;
-    s.attend_bf16 = attend_bf16;
+    s.attend_f32 = attend_regs_f32;
+    s.attend_bf16 = attend_regs_bf16;
     s.softmax_bf16 = softmax_bf16;
     return s;
   }();
