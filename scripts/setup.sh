@@ -10,6 +10,7 @@ packages=(
   nlohmann-json3-dev libstb-dev libjpeg62-turbo-dev libcli11-dev libcpp-httplib-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   dataset-fashion-mnist gnuplot-nox
+  python3-pil python3-numpy
   chromium clang libclang-rt-14-dev
 )
 

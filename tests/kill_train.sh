@@ -22,7 +22,7 @@ args=(--data "$work/g/train.json" --save-every 1 --batch-size 2
 "$VICTOR" train --model "$work/m" "${args[@]}" --max-steps $steps --out "$work/ref" >/dev/null 2>&1 || { echo "FAIL: reference run"; exit 1; }
 
 out="$work/killed"
-survived=0 mid_write=0 before_first=0
+survived=0 mid_write=0 before_first=0 refused=0
 RANDOM=7
 for ((i = 0; i < kills; ++i)); do
   resume=()
@@ -38,11 +38,13 @@ for ((i = 0; i < kills; ++i)); do
   rc=$?
   if [ $rc -ne 137 ] && [ $rc -ne 0 ]; then echo "FAIL: run $i exited $rc: $(cat "$work/err")"; fail=1; break; fi
   [ $rc -eq 0 ] && { echo "note: run $i finished before its kill (${delay_ms} ms)"; break; }
-  ls "$out" 2>/dev/null | grep -q '\.tmp[0-9]*$' && mid_write=$((mid_write + 1))
+  ls -a "$out" 2>/dev/null | grep -qE '\.victor-tmp-[0-9]+-[0-9]+$|^\.victor-incomplete$' && mid_write=$((mid_write + 1))
   if [ ! -f "$out/trainer_state.json" ]; then before_first=$((before_first + 1)); continue; fi
-  # The last complete checkpoint loads and answers.
+  # The last complete checkpoint loads and answers, or (killed after a model file was replaced)
+  # the folder is refused as incomplete until the run resumes: never a mix of two steps.
   if ! "$VICTOR" generate --model "$out" --image "$img" --prompt "How many bags are there?" --max-new-tokens 1 \
        --threads 1 >/dev/null 2>"$work/err"; then
+    if grep -q "incomplete" "$work/err"; then refused=$((refused + 1)); continue; fi
     echo "FAIL: after kill $i ($delay_ms ms) the checkpoint does not load: $(cat "$work/err")"; fail=1; break
   fi
   survived=$((survived + 1))
@@ -51,14 +53,14 @@ resume=()
 [ -f "$out/trainer_state.json" ] && resume=(--resume)
 "$VICTOR" train --model "$work/m" "${args[@]}" --max-steps $steps --out "$out" "${resume[@]}" >/dev/null 2>"$work/err" || { echo "FAIL: final resume: $(cat "$work/err")"; fail=1; }
 if cmp -s "$out/model.safetensors" "$work/ref/model.safetensors"; then
-  echo "ok: $survived kills survived ($mid_write with a checkpoint write in progress, $before_first before the first checkpoint); the resumed run equals the uninterrupted one bit for bit"
+  echo "ok: $survived kills survived ($mid_write with a checkpoint write in progress, $refused of them refused as incomplete until resumed, $before_first before the first checkpoint); the resumed run equals the uninterrupted one bit for bit"
 else
   echo "FAIL: after $survived kills the resumed run's parameters differ from the uninterrupted run's"; fail=1
 fi
 logged=$(grep -o '"step":[0-9]*' "$out/metrics.jsonl" | cut -d: -f2 | tr '\n' ' ')
 expected=$(seq 1 $steps | tr '\n' ' ')
 [ "$logged" = "$expected" ] || { echo "FAIL: metrics.jsonl steps are not 1..$steps once each: $logged"; fail=1; }
-left=$(ls "$out" | grep -E '\.tmp[0-9]+$|^trainer_state-' | tr '\n' ' ')
+left=$(ls -a "$out" | grep -E '\.victor-tmp-|^\.victor-incomplete$|^trainer_state-' | tr '\n' ' ')
 [ "$left" = "trainer_state-$steps.safetensors " ] || { echo "FAIL: stale files left in the output folder: $left"; fail=1; }
 
 # Full disk while saving: files may not grow past 512 KiB (the model is ~1 MB, metrics.jsonl ~130 KB). SIGXFSZ is ignored,
@@ -72,7 +74,7 @@ if [ $rc -eq 0 ]; then echo "FAIL: training into a full disk succeeded"; fail=1;
 if [ $rc -ge 128 ]; then echo "FAIL: full disk crashed the run (exit $rc)"; fail=1; fi
 echo "$errtext" | grep -qiE "write failed.*(too large|no space)" || { echo "FAIL: full disk error unclear: $errtext"; fail=1; }
 [ "$(echo "$errtext" | grep -c .)" -le 2 ] || { echo "FAIL: full disk error is not one line: $errtext"; fail=1; }
-ls "$work/full2" 2>/dev/null | grep -q '\.tmp[0-9]*$' && { echo "FAIL: a temporary file was left behind"; fail=1; }
+ls -a "$work/full2" 2>/dev/null | grep -qE '\.victor-tmp-|^\.victor-incomplete$' && { echo "FAIL: a temporary file or marker was left behind"; fail=1; }
 # The same on resume into the folder that already holds a checkpoint: it must stay as it was.
 errtext=$( (ulimit -f 512; trap '' XFSZ; exec "$VICTOR" train --model "$work/m" "${args[@]}" --max-steps $steps --out "$work/full" \
            --resume 2>&1 >/dev/null) )

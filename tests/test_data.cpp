@@ -77,12 +77,12 @@ TEST(GridVqa, SplitsAreDisjointAndFilesDeterministic) {
   build_gridvqa(small_options(a, 3));
   build_gridvqa(small_options(b, 3));
   for (auto f : {"train.json", "test.jsonl", "meta.json", "grids.jsonl", "text.json", "images/test_000002.png"})
-    EXPECT_EQ(read_file(a + "/" + f), read_file(b + "/" + f)) << f;
+    EXPECT_EQ(read_file(a + "/" + f, FileKind::Dataset), read_file(b + "/" + f, FileKind::Dataset)) << f;
   // Every cell's pixels come from its own split's items, and every test answer matches its grid.
   auto train_items = read_idx_images(kSource + "/train-images-idx3-ubyte.gz");
   auto test_items = read_idx_images(kSource + "/t10k-images-idx3-ubyte.gz");
   std::map<std::string, Grid> grids;
-  std::istringstream in(read_file(a + "/grids.jsonl"));
+  std::istringstream in(read_file(a + "/grids.jsonl", FileKind::Dataset));
   std::string line;
   while (std::getline(in, line)) {
     json j = json::parse(line);
@@ -108,7 +108,7 @@ TEST(GridVqa, SplitsAreDisjointAndFilesDeterministic) {
   // A different seed gives different data.
   auto c = temp_dir("gq_c");
   build_gridvqa(small_options(c, 4));
-  EXPECT_NE(read_file(a + "/test.jsonl"), read_file(c + "/test.jsonl"));
+  EXPECT_NE(read_file(a + "/test.jsonl", FileKind::Dataset), read_file(c + "/test.jsonl", FileKind::Dataset));
 }
 
 // --families restricts every file's questions to those families; bad lists are refused by name.
@@ -126,7 +126,7 @@ TEST(GridVqa, FamiliesOptionAsksOnlyThoseFamilies) {
       auto h = t.human.substr(t.human.rfind('\n') + 1);
       EXPECT_TRUE(h.rfind("What is in", 0) == 0 || h.rfind("Where is", 0) == 0) << h;
     }
-  EXPECT_EQ(json::parse(read_file(a + "/meta.json"))["families"], json({"identify", "locate"}));
+  EXPECT_EQ(json::parse(read_file(a + "/meta.json", FileKind::Dataset))["families"], json({"identify", "locate"}));
   auto message = [&](std::vector<std::string> families) {
     o.families = families;
     try {
@@ -158,7 +158,7 @@ TEST(GridVqa, AFamilyThatCannotAskAboutAGridDrawsAnother) {
   std::set<std::string> asked;
   for (auto& q : load_questions_jsonl(a + "/test.jsonl")) asked.insert(q.image);
   EXPECT_EQ(asked.size(), 20u);  // every test image has at least one question
-  auto text = json::parse(read_file(a + "/text.json"));
+  auto text = json::parse(read_file(a + "/text.json", FileKind::Dataset));
   ASSERT_EQ(text.size(), 40u);
   for (auto& t : text) EXPECT_FALSE(t["conversations"].empty()) << t["id"];
 }
@@ -172,7 +172,7 @@ TEST(GridVqa, TextCorpusAnswersAgreeWithItsDescriptions) {
   none.text_grids = 0;
   build_gridvqa(none);
   for (auto f : {"train.json", "test.jsonl", "grids.jsonl"})
-    EXPECT_EQ(read_file(a + "/" + f), read_file(b + "/" + f)) << f;
+    EXPECT_EQ(read_file(a + "/" + f, FileKind::Dataset), read_file(b + "/" + f, FileKind::Dataset)) << f;
   auto convs = load_llava_json(a + "/text.json");
   ASSERT_EQ(convs.size(), 40u);
   auto index_of = [](const std::string& name) {

@@ -102,7 +102,7 @@ TEST(Distributed, ShuffledAndGroundedStepsAreTheSameOnAnyRankCount) {
   ASSERT_EQ(sh(train_cmd(dir + "/two", extra + "--nproc 2 --batch-size 2 >/dev/null 2>&1")), 0);
   EXPECT_GT(max_rel_diff(dir + "/one", fixture().model), 1e-3);
   EXPECT_LT(max_rel_diff(dir + "/two", dir + "/one"), 2e-5);
-  EXPECT_NE(read_file(dir + "/two/metrics.jsonl").find("ground_mass"), std::string::npos);
+  EXPECT_NE(read_file(dir + "/two/metrics.jsonl", FileKind::Dataset).find("ground_mass"), std::string::npos);
 }
 
 TEST(Distributed, ReproWithTwoRanksTrainsTheModelsOneProcessTrains) {
@@ -123,17 +123,17 @@ TEST(Distributed, ReproWithTwoRanksTrainsTheModelsOneProcessTrains) {
   for (const char* m : {"plain", "victor-m2", "resampler-4"})
     EXPECT_LT(l2_diff_over_moved(dir + "/one/models/" + m, dir + "/two/models/" + m, dir + "/one/models/init"), 1e-3)
         << m;
-  const std::string log = read_file(dir + "/two.log");
+  const std::string log = read_file(dir + "/two.log", FileKind::Dataset);
   EXPECT_NE(log.find("[rank 0] report: " + dir + "/two/report.md"), std::string::npos) << log;
   EXPECT_EQ(log.find("[rank 1] repro:"), std::string::npos) << "rank 1 spoke:\n" << log;
-  const std::string report = read_file(dir + "/two/report.md");
+  const std::string report = read_file(dir + "/two/report.md", FileKind::Dataset);
   EXPECT_NE(report.find("2 data-parallel ranks in the training stages"), std::string::npos);
   for (const char* f : {"answers-plain.jsonl", "answers-fastv-k1-keep0.5.jsonl", "bench.json"})
     EXPECT_TRUE(fs::exists(dir + "/two/" + f)) << f;
   // A batch the ranks cannot share is refused before any work.
   EXPECT_NE(sh(kVictor + args + " --batch-size 3 --out " + dir + "/bad --nproc 2 > " + dir + "/bad.log 2>&1"), 0);
-  EXPECT_NE(read_file(dir + "/bad.log").find("--batch-size 3 does not split over 2 ranks"), std::string::npos)
-      << read_file(dir + "/bad.log");
+  EXPECT_NE(read_file(dir + "/bad.log", FileKind::Dataset).find("--batch-size 3 does not split over 2 ranks"), std::string::npos)
+      << read_file(dir + "/bad.log", FileKind::Dataset);
   EXPECT_FALSE(fs::exists(dir + "/bad/gridvqa"));
 }
 
@@ -156,7 +156,7 @@ TEST(Distributed, TwoRanksStepExactlyAsOneProcessWithTheGlobalBatch) {
     return nlohmann::json::parse(last)["loss"].get<double>();
   };
   EXPECT_NEAR(last_loss(dir + "/two/metrics.jsonl"), last_loss(dir + "/one/metrics.jsonl"), 1e-4);
-  const std::string log = read_file(dir + "/two.log");
+  const std::string log = read_file(dir + "/two.log", FileKind::Dataset);
   EXPECT_NE(log.find("[rank 0] 2 ranks (c10d/Gloo)"), std::string::npos) << log;
   EXPECT_NE(log.find("MB of gradients all-reduced per step"), std::string::npos) << log;
 }
@@ -174,7 +174,7 @@ TEST(Distributed, ResumeWithAnotherWorldSizeEndsEqualToAnUninterruptedRun) {
   // Another global batch cannot continue the same data order: refused by name.
   ASSERT_EQ(sh(train_cmd(dir + "/c", "--batch-size 4 --save-every 1 --stop-after 2 >/dev/null 2>&1")), 0);
   EXPECT_NE(sh(train_cmd(dir + "/c", "--nproc 2 --batch-size 4 --resume > " + dir + "/c.log 2>&1")), 0);
-  const std::string log = read_file(dir + "/c.log");
+  const std::string log = read_file(dir + "/c.log", FileKind::Dataset);
   EXPECT_NE(log.find("global batch is 4 samples per step, this run's 8"), std::string::npos) << log;
 }
 
@@ -192,12 +192,12 @@ TEST(Distributed, AKilledWorkerStopsTheOthersAndTheLastCheckpointLoads) {
   auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
   while (!fs::exists(out + "/trainer_state.json") && std::chrono::steady_clock::now() < deadline)
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
-  ASSERT_TRUE(fs::exists(out + "/trainer_state.json")) << read_file(err);
+  ASSERT_TRUE(fs::exists(out + "/trainer_state.json")) << read_file(err, FileKind::Dataset);
   // The rank-1 worker, by its environment.
   pid_t victim = -1;
   std::ifstream children("/proc/" + std::to_string(launcher) + "/task/" + std::to_string(launcher) + "/children");
   for (pid_t c; children >> c;) {
-    const std::string env = read_file("/proc/" + std::to_string(c) + "/environ");
+    const std::string env = read_file("/proc/" + std::to_string(c) + "/environ", FileKind::Dataset);
     if (env.find(std::string("RANK=1\0", 7)) != std::string::npos && env.find("LOCAL_RANK=1") != std::string::npos)
       victim = c;
   }
@@ -207,7 +207,7 @@ TEST(Distributed, AKilledWorkerStopsTheOthersAndTheLastCheckpointLoads) {
   ASSERT_EQ(waitpid(launcher, &status, 0), launcher);
   ASSERT_TRUE(WIFEXITED(status));
   EXPECT_NE(WEXITSTATUS(status), 0);
-  const std::string log = read_file(err);
+  const std::string log = read_file(err, FileKind::Dataset);
   EXPECT_NE(log.find("victor: error: rank 1 failed (killed by signal 9)"), std::string::npos) << log;
   EXPECT_NO_THROW(Vlm::load(out));
 }
@@ -276,7 +276,7 @@ TEST(Distributed, ClearErrorsForAnUnreachableMasterDisagreeingRanksAndTooLittleD
   const int port = free_port();
   const std::string env1 = "RANK=1 WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=" + std::to_string(port) + " ";
   EXPECT_NE(sh(env1 + train_cmd(dir + "/x", "--batch-size 2 --dist-timeout 2 > " + dir + "/x.log 2>&1")), 0);
-  std::string log = read_file(dir + "/x.log");
+  std::string log = read_file(dir + "/x.log", FileKind::Dataset);
   EXPECT_NE(log.find("rank 1 of 2: cannot join the training group at MASTER_ADDR:MASTER_PORT = 127.0.0.1:" +
                      std::to_string(port)),
             std::string::npos) << log;
@@ -287,10 +287,10 @@ TEST(Distributed, ClearErrorsForAnUnreachableMasterDisagreeingRanksAndTooLittleD
                            " & RANK=1 " + env + train_cmd(dir + "/y", "--batch-size 2 --max-samples 11 --dist-timeout 30 > " + dir + "/y1.log 2>&1") +
                            "; wait)";
   sh(both);
-  log = read_file(dir + "/y0.log") + read_file(dir + "/y1.log");
+  log = read_file(dir + "/y0.log", FileKind::Dataset) + read_file(dir + "/y1.log", FileKind::Dataset);
   EXPECT_NE(log.find("the ranks disagree on the model, data or options"), std::string::npos) << log;
   // More ranks than samples.
   EXPECT_NE(sh(train_cmd(dir + "/z", "--nproc 2 --batch-size 1 --max-samples 1 > " + dir + "/z.log 2>&1")), 0);
-  log = read_file(dir + "/z.log");
+  log = read_file(dir + "/z.log", FileKind::Dataset);
   EXPECT_NE(log.find("world size 2 is larger than the 1 samples"), std::string::npos) << log;
 }

@@ -1,4 +1,7 @@
 // Checkpoint I/O, config, images, tokenizer, npy.
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <cstdlib>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -7,6 +10,7 @@
 #include "victor/data.h"
 #include "victor/error.h"
 #include "victor/image.h"
+#include "victor/model.h"
 #include "victor/npy.h"
 #include "victor/safetensors.h"
 #include "victor/tokenizer.h"
@@ -40,7 +44,7 @@ TEST(Safetensors, RoundTripAndDtypeConversion) {
     EXPECT_TRUE(torch::equal(f.load("b"), b));  // small integers are exact in every dtype
   }
   // Reference bytes: the header is JSON, 8-byte aligned, little-endian length first.
-  std::string raw = read_file(dir + "/t.safetensors");
+  std::string raw = read_file(dir + "/t.safetensors", FileKind::Dataset);
   uint64_t hl = 0;
   for (int i = 7; i >= 0; --i) hl = (hl << 8) | uint8_t(raw[i]);
   EXPECT_EQ((8 + hl) % 8, 0u);
@@ -84,7 +88,7 @@ TEST(Safetensors, ShardedCheckpointLoads) {
   save_checkpoint_tensors(dir, ts, 800);  // 400 bytes each -> several shards
   EXPECT_TRUE(fs::exists(dir + "/model.safetensors.index.json"));
   EXPECT_FALSE(fs::exists(dir + "/model.safetensors"));
-  auto idx = json::parse(read_file(dir + "/model.safetensors.index.json"));
+  auto idx = json::parse(read_file(dir + "/model.safetensors.index.json", FileKind::Dataset));
   std::set<std::string> shards;
   for (auto& [k, v] : idx["weight_map"].items()) shards.insert(v.get<std::string>());
   EXPECT_GE(shards.size(), 2u);
@@ -99,7 +103,7 @@ TEST(Safetensors, CorruptAndTruncatedFilesAreNamed) {
   auto dir = temp_dir("corrupt");
   std::string p = dir + "/m.safetensors";
   save_safetensors(p, {{"weight_x", torch::ones({64})}});
-  std::string good = read_file(p);
+  std::string good = read_file(p, FileKind::Dataset);
   write_bytes(p, good.substr(0, good.size() - 10));  // truncated data
   auto e = error_of([&] { SafetensorsFile f(p); });
   EXPECT_NE(e.find(p), std::string::npos);
@@ -132,7 +136,7 @@ TEST(Checkpoint, MissingTensorAndShapeMismatchAreNamed) {
   EXPECT_NE(e.find(dir), std::string::npos);
 
   m.save(dir);
-  auto cfg = json::parse(read_file(dir + "/config.json"));
+  auto cfg = json::parse(read_file(dir + "/config.json", FileKind::Dataset));
   cfg["text_config"]["intermediate_size"] = 96;
   write_bytes(dir + "/config.json", cfg.dump());
   e = error_of([&] { Vlm::load(dir); });
@@ -277,7 +281,7 @@ std::vector<int64_t> spm_encode(const std::string& model, const std::string& tex
   write_bytes(dir + "/in.txt", text + "\n");
   std::string cmd = "spm_encode --model=" + model + " --output_format=id < " + dir + "/in.txt > " + dir + "/out.txt";
   EXPECT_EQ(std::system(cmd.c_str()), 0);
-  std::istringstream in(read_file(dir + "/out.txt"));
+  std::istringstream in(read_file(dir + "/out.txt", FileKind::Dataset));
   std::vector<int64_t> ids;
   int64_t v;
   while (in >> v) ids.push_back(v);
@@ -375,7 +379,7 @@ TEST(Npy, RoundTrip) {
   auto t = torch::randn({3, 5});
   save_npy(dir + "/a.npy", t);
   EXPECT_TRUE(torch::equal(load_npy(dir + "/a.npy"), t));
-  std::string raw = read_file(dir + "/a.npy");
+  std::string raw = read_file(dir + "/a.npy", FileKind::Dataset);
   EXPECT_EQ(raw.substr(1, 5), "NUMPY");
   EXPECT_NE(raw.find("'shape': (3, 5)"), std::string::npos);
 }
@@ -383,12 +387,12 @@ TEST(Npy, RoundTrip) {
 TEST(Tokenizer, WrongTypesInAddedTokensAreNamedWithTheirFile) {
   auto dir = temp_dir("added_types");
   train_tokenizer(gridvqa_corpus(), dir, 400);
-  const std::string good = read_file(dir + "/added_tokens.json");
+  const std::string good = read_file(dir + "/added_tokens.json", FileKind::Dataset);
   write_bytes(dir + "/added_tokens.json", R"({"<image>": "four hundred"})");
   auto e = error_of([&] { Tokenizer t(dir); });
   EXPECT_NE(e.find("added_tokens.json: token '<image>' must map to an integer id"), std::string::npos) << e;
   write_bytes(dir + "/added_tokens.json", good);
-  const std::string good_cfg = read_file(dir + "/tokenizer_config.json");
+  const std::string good_cfg = read_file(dir + "/tokenizer_config.json", FileKind::Dataset);
   auto cfg = nlohmann::json::parse(good_cfg);
   cfg["added_tokens_decoder"]["x7"] = {{"content", "<zz>"}};
   write_bytes(dir + "/tokenizer_config.json", cfg.dump());
@@ -419,13 +423,13 @@ TEST(Tokenizer, FromBytesReadsWhatTheFolderHolds) {
   auto dir = temp_dir("from_bytes");
   train_tokenizer(gridvqa_corpus(), dir, 400);
   Tokenizer a(dir);
-  Tokenizer b = Tokenizer::from_bytes(read_file(dir + "/tokenizer.model"), "m", read_file(dir + "/added_tokens.json"),
-                                      "a", read_file(dir + "/tokenizer_config.json"), "c");
+  Tokenizer b = Tokenizer::from_bytes(read_file(dir + "/tokenizer.model", FileKind::Dataset), "m", read_file(dir + "/added_tokens.json", FileKind::Dataset),
+                                      "a", read_file(dir + "/tokenizer_config.json", FileKind::Dataset), "c");
   EXPECT_EQ(a.vocab_size(), b.vocab_size());
   const std::string text = "USER: <image>\nwhat color is the square in row 2? ASSISTANT: red</s>";
   EXPECT_EQ(a.encode(text), b.encode(text));
   EXPECT_EQ(a.token_id("<image>"), b.token_id("<image>"));
-  Tokenizer bare = Tokenizer::from_model_bytes(read_file(dir + "/tokenizer.model"), "m");
+  Tokenizer bare = Tokenizer::from_model_bytes(read_file(dir + "/tokenizer.model", FileKind::Dataset), "m");
   EXPECT_NE(bare.encode("<image>"), a.encode("<image>"));  // without the added tokens it is text
 }
 
@@ -465,7 +469,7 @@ TEST(Safetensors, ShardsAreConfinedAndTensorsUnique) {
   for (int i = 0; i < 4; ++i) ts.emplace_back("w" + std::to_string(i), torch::full({100}, float(i)));
   save_checkpoint_tensors(dir, ts, 800);
   const std::string index = dir + "/model.safetensors.index.json";
-  const json good = json::parse(read_file(index));
+  const json good = json::parse(read_file(index, FileKind::Dataset));
   // A shard name that leaves the model folder, an absolute one, one that is not a safetensors file.
   for (const std::string bad : {"../outside.safetensors", "/etc/passwd", "sub/x.safetensors", "config.json"}) {
     json j = good;
@@ -556,7 +560,7 @@ TEST(Image, OnlyDocumentedFormatsAndSizesAreDecoded) {
 }
 
 TEST(Tokenizer, UnsupportedNormalizerAndMalformedBytePiecesAreRefused) {
-  const std::string model = read_file(std::string(VICTOR_SOURCE_DIR) + "/tests/fixtures/victor-m3-k2/tokenizer.model");
+  const std::string model = read_file(std::string(VICTOR_SOURCE_DIR) + "/tests/fixtures/victor-m3-k2/tokenizer.model", FileKind::Dataset);
   EXPECT_NO_THROW(Tokenizer::from_model_bytes(model, "ok.model"));
   // NormalizerSpec { name: "nmt_nfkc" }: victor would split un-normalized text: other ids.
   const std::string nfkc = std::string("\x1a\x0a\x0a\x08", 4) + "nmt_nfkc";
@@ -593,7 +597,7 @@ TEST(Image, JpegDecodesThroughLibjpegAndHostileJpegsAreErrors) {
   auto e = error_of([&] { decode_image(jpg.substr(0, 40), "cut.jpg"); });
   EXPECT_NE(e.find("cut.jpg: not a readable image (JPEG: "), std::string::npos) << e;
   const std::string crafted =
-      read_file(std::string(VICTOR_SOURCE_DIR) + "/tests/fuzz/corpus/image/regression-stb-jpeg-huffman.jpg");
+      read_file(std::string(VICTOR_SOURCE_DIR) + "/tests/fuzz/corpus/image/regression-stb-jpeg-huffman.jpg", FileKind::Dataset);
   e = error_of([&] { decode_image(crafted, "crafted.jpg"); });
   EXPECT_TRUE(e.empty() || e.rfind("crafted.jpg: ", 0) == 0) << e;
 }
@@ -621,7 +625,7 @@ TEST(Image, PngChunksMustLieInsideTheFileBeforeStbAllocates) {
   EXPECT_NE(e.find("cut.png: not a readable image (PNG: truncated before its IEND chunk)"), std::string::npos) << e;
   // The fuzzer's own input: refused, or decoded, never 2 GB.
   const std::string found =
-      read_file(std::string(VICTOR_SOURCE_DIR) + "/tests/fuzz/corpus/image/regression-stb-png-idat-declared-2gb.png");
+      read_file(std::string(VICTOR_SOURCE_DIR) + "/tests/fuzz/corpus/image/regression-stb-png-idat-declared-2gb.png", FileKind::Dataset);
   e = error_of([&] { decode_image(found, "found.png"); });
   EXPECT_TRUE(e.empty() || e.rfind("found.png: ", 0) == 0) << e;
 }
@@ -640,10 +644,210 @@ TEST(Image, ThinStripsAreRefusedBeforePaddingOrResizingThemHuge) {
   p.pad_to_square = false;
   e = error_of([&] { preprocess_image(strip, p); });
   EXPECT_NE(e.find("aspect ratio too extreme"), std::string::npos) << e;
-  const std::string bmp = read_file(std::string(VICTOR_SOURCE_DIR) + "/tests/fuzz/corpus/image/regression-thin-strip-pad.bmp");
+  const std::string bmp = read_file(std::string(VICTOR_SOURCE_DIR) + "/tests/fuzz/corpus/image/regression-thin-strip-pad.bmp", FileKind::Dataset);
   Image img = decode_image(bmp, "strip.bmp");
   EXPECT_EQ(img.width, 24);
   EXPECT_EQ(img.height, 8208);
   p.pad_to_square = true;
   EXPECT_NE(error_of([&] { preprocess_image(img, p); }).find("padded to a square"), std::string::npos);
+}
+
+TEST(Image, JpegCutInsideItsDataIsRefusedAsPilRefusesIt) {
+  Image img;
+  img.width = 64;
+  img.height = 64;
+  for (int i = 0; i < 64 * 64 * 3; ++i) img.rgb.push_back(uint8_t((i * 37) % 251));
+  std::string jpg;
+  auto sink = [](void* ctx, void* data, int size) { static_cast<std::string*>(ctx)->append(static_cast<char*>(data), size_t(size)); };
+  ASSERT_TRUE(stbi_write_jpg_to_func(sink, &jpg, img.width, img.height, 3, img.rgb.data(), 90));
+  EXPECT_EQ(decode_image(jpg, "whole.jpg").width, 64);
+  // Cut at 60%: past the header, inside the entropy-coded data (libjpeg would fill grey).
+  auto e = error_of([&] { decode_image(jpg.substr(0, jpg.size() * 6 / 10), "cut.jpg"); });
+  EXPECT_NE(e.find("cut.jpg: not a readable image (JPEG: truncated"), std::string::npos) << e;
+}
+
+TEST(Image, PngDimensionsComeFromItsHeaderEvenBeyondWhatStbReads) {
+  // A PNG declaring 100000 x 100000 is too large (a 413 in the server), not unreadable (400).
+  std::string png("\x89PNG\r\n\x1a\n\0\0\0\rIHDR\0\x01\x86\xa0\0\x01\x86\xa0\x08\x02\0\0\0\0\0\0\0", 33);
+  int w = 0, h = 0;
+  ASSERT_TRUE(image_dimensions(png, &w, &h));
+  EXPECT_EQ(w, 100000);
+  EXPECT_EQ(h, 100000);
+}
+
+TEST(Files, ReadsOnlyRegularFilesWithinTheirKindsCap) {
+  auto dir = temp_dir("files");
+  write_bytes(dir + "/a.json", "{}");
+  EXPECT_EQ(read_file(dir + "/a.json", FileKind::Json), "{}");
+  EXPECT_NE(error_of([&] { read_file("/dev/zero", FileKind::Image); }).find("/dev/zero: a character device"), std::string::npos);
+  EXPECT_NE(error_of([&] { read_file(dir, FileKind::Json); }).find("a folder"), std::string::npos);
+  ASSERT_EQ(::mkfifo((dir + "/fifo").c_str(), 0600), 0);
+  EXPECT_NE(error_of([&] { read_file(dir + "/fifo", FileKind::Json); }).find("a FIFO"), std::string::npos);  // never blocks
+  fs::create_symlink("/dev/urandom", dir + "/link.png");
+  EXPECT_NE(error_of([&] { read_file(dir + "/link.png", FileKind::Image); }).find("character device"), std::string::npos);
+  // Over the cap: refused from its size, before reading (a sparse file costs no disk).
+  { std::ofstream(dir + "/big.json"); }
+  fs::resize_file(dir + "/big.json", max_file_bytes(FileKind::Json) + 1);
+  EXPECT_NE(error_of([&] { read_file(dir + "/big.json", FileKind::Json); }).find("more than the 64 MiB victor reads for JSON files"),
+            std::string::npos);
+  // A /proc file reports size 0 and is still read whole.
+  EXPECT_NE(read_file("/proc/self/status", FileKind::Log).find("Pid:"), std::string::npos);
+}
+
+TEST(Files, TheSweepTakesOnlyTemporariesOfDeadVictorProcesses) {
+  auto dir = temp_dir("sweep");
+  for (const char* user : {"thesis.tmp2024", "notes.tmp", "a.victor-tmp-", "b.victor-tmp-12", "c.victor-tmp-x-1"})
+    write_bytes(dir + "/" + user, "mine");
+  write_bytes(dir + "/model.safetensors.victor-tmp-999999999-3", "stale");  // no such pid
+  const std::string live = "config.json.victor-tmp-" + std::to_string(::getpid()) + "-0";
+  write_bytes(dir + "/" + live, "being written");
+  EXPECT_FALSE(is_victor_temporary("thesis.tmp2024"));
+  EXPECT_TRUE(is_victor_temporary("model.safetensors.victor-tmp-12-0"));
+  EXPECT_EQ(remove_stale_temporaries(dir), 1);
+  EXPECT_FALSE(fs::exists(dir + "/model.safetensors.victor-tmp-999999999-3"));
+  for (const char* user : {"thesis.tmp2024", "notes.tmp", "a.victor-tmp-", "b.victor-tmp-12", "c.victor-tmp-x-1"})
+    EXPECT_TRUE(fs::exists(dir + "/" + user)) << user;
+  EXPECT_TRUE(fs::exists(dir + "/" + live));
+}
+
+TEST(Files, AModelWriteMarksTheFolderFromItsFirstReplacedFileUntilCommit) {
+  auto dir = temp_dir("mfw");
+  const std::string marker = dir + "/" + kIncompleteMarker;
+  {
+    ModelFolderWrite w(dir);
+    EXPECT_FALSE(fs::exists(marker));  // nothing replaced yet: a failure here leaves the old model
+    write_file_atomic(dir + "/config.json", "{}");
+    EXPECT_TRUE(fs::exists(marker));
+    EXPECT_NE(error_of([&] { check_model_folder_complete(dir); }).find("incomplete"), std::string::npos);
+    {
+      ModelFolderWrite inner(dir);  // Vlm::save inside a checkpoint: shares the outer marker
+      write_file_atomic(dir + "/model.safetensors", "x");
+      inner.commit();
+    }
+    EXPECT_TRUE(fs::exists(marker));
+    w.commit();
+  }
+  EXPECT_FALSE(fs::exists(marker));
+  EXPECT_EQ(error_of([&] { check_model_folder_complete(dir); }), "");
+  {
+    ModelFolderWrite w(dir);
+    write_file_atomic(dir + "/config.json", "{\"a\": 1}");
+  }  // no commit: an exception or a kill mid-write
+  EXPECT_TRUE(fs::exists(marker));
+  EXPECT_NE(error_of([&] { Vlm::load(dir); }).find("incomplete"), std::string::npos);
+  EXPECT_NE(error_of([&] { Tokenizer t(dir); }).find("incomplete"), std::string::npos);
+}
+
+TEST(Files, OutputsNeverLandOnInputsOrInsideAModelFolder) {
+  auto dir = temp_dir("outs");
+  write_bytes(dir + "/q.jsonl", "{}\n");
+  fs::create_hard_link(dir + "/q.jsonl", dir + "/same.jsonl");
+  EXPECT_NE(error_of([&] { refuse_output_over_inputs("--answers-out", dir + "/q.jsonl", {dir + "/q.jsonl"}); })
+                .find("is one of this command's inputs"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] { refuse_output_over_inputs("--answers-out", dir + "/./same.jsonl", {dir + "/q.jsonl"}); }), "");
+  EXPECT_EQ(error_of([&] { refuse_output_over_inputs("--answers-out", dir + "/a.jsonl", {dir + "/q.jsonl"}); }), "");
+  fs::create_directories(dir + "/m");
+  write_bytes(dir + "/m/config.json", "{}");
+  EXPECT_NE(error_of([&] { refuse_output_over_inputs("--json-out", dir + "/m/config.json", {}); }).find("inside the model folder"),
+            std::string::npos);
+  EXPECT_EQ(error_of([&] { refuse_output_over_inputs("--json-out", dir + "/m/new.json", {}); }), "");
+  EXPECT_NE(error_of([&] { refuse_existing_model(dir + "/m", false, "--out"); }).find("--overwrite"), std::string::npos);
+  EXPECT_EQ(error_of([&] { refuse_existing_model(dir + "/m", true, "--out"); }), "");
+}
+
+namespace {
+// A noisy image (the hardest case for resizing) with `channels` 1 (grey), 3 or 4 (RGBA) saved as PNG.
+std::string noisy_png(const std::string& path, int w, int h, int channels, uint32_t seed) {
+  std::vector<uint8_t> px(size_t(w) * h * channels);
+  uint32_t s = seed;
+  for (auto& v : px) {
+    s = s * 1664525u + 1013904223u;
+    v = uint8_t(s >> 24);
+  }
+  EXPECT_TRUE(stbi_write_png(path.c_str(), w, h, channels, px.data(), w * channels));
+  return path;
+}
+}  // namespace
+
+TEST(Image, PreprocessingEqualsThePillowReferenceOfEachProcessor) {
+  // tests/preprocess_reference.py does transformers' steps with PIL and NumPy; victor must give
+  // the same pixels for CLIPImageProcessor (resize + center crop, no pad) and LlavaImageProcessor
+  // with do_pad, on wide, tall, tiny and large images, RGBA and greyscale.
+  if (std::system("/usr/bin/python3 -c 'import PIL, numpy' > /dev/null 2>&1") != 0)
+    GTEST_SKIP() << "Debian's python3-pil and python3-numpy are not installed (scripts/setup.sh installs them)";
+  auto dir = temp_dir("preproc");
+  struct Case {
+    int w, h, channels, shortest;
+  };
+  const Case cases[] = {{143, 97, 3, 56}, {97, 143, 3, 56}, {5, 3, 3, 28}, {1500, 1100, 3, 336},
+                        {120, 80, 4, 56}, {80, 121, 1, 56}, {64, 64, 3, 56}};
+  int n = 0;
+  for (const auto& c : cases) {
+    const std::string png = noisy_png(dir + "/img" + std::to_string(n) + ".png", c.w, c.h, c.channels, uint32_t(n + 1));
+    const Image img = load_image(png);
+    for (bool pad : {false, true}) {
+      PreprocessConfig p;
+      p.shortest_edge = p.crop_size = c.shortest;
+      p.pad_to_square = pad;
+      const std::string npy = dir + "/ref" + std::to_string(n) + (pad ? "p" : "c") + ".npy";
+      const std::string cmd = "/usr/bin/python3 '" + std::string(VICTOR_SOURCE_DIR) + "/tests/preprocess_reference.py' '" + png +
+                              "' '" + npy + "' " + (pad ? "pad" : "crop") + " " + std::to_string(c.shortest) + " " +
+                              std::to_string(c.shortest);
+      ASSERT_EQ(std::system(cmd.c_str()), 0) << cmd;
+      const auto ref = load_npy(npy), got = preprocess_image(img, p);
+      ASSERT_EQ(ref.sizes(), got.sizes()) << c.w << "x" << c.h;
+      // Bit for bit: the same uint8 pixels after PIL's bicubic, the same float32 arithmetic after.
+      const double diff = (ref - got).abs().max().item<double>();
+      EXPECT_EQ(diff, 0.0) << c.w << "x" << c.h << " channels " << c.channels << (pad ? " padded" : " cropped")
+                           << ": max |diff| " << diff << " (" << diff * 0.27 * 255 << " grey levels)";
+    }
+    ++n;
+  }
+}
+
+TEST(Config, ThePreprocessorConfigDecidesPaddingUnlessConfigJsonDoes) {
+  auto dir = temp_dir("procs");
+  ModelConfig base = preset_config("tiny");
+  save_config(base, dir);  // victor's own: image_aspect_ratio "pad" and LlavaImageProcessor do_pad
+  EXPECT_TRUE(load_config(dir).preprocess.pad_to_square);
+  EXPECT_EQ(json::parse(read_file(dir + "/preprocessor_config.json", FileKind::Json))["do_pad"], true);
+  auto with = [&](const json& config_edit, const json& proc) {
+    json cj = config_to_json(base);
+    cj.erase("image_aspect_ratio");
+    cj.update(config_edit);
+    write_bytes(dir + "/config.json", cj.dump());
+    write_bytes(dir + "/preprocessor_config.json", proc.dump());
+    return load_config(dir);
+  };
+  const json clip = {{"image_processor_type", "CLIPImageProcessor"}, {"crop_size", {{"height", 28}, {"width", 28}}},
+                     {"size", {{"shortest_edge", 28}}}};
+  // The llava-1.5-hf layout: CLIPImageProcessor, no image_aspect_ratio: resize + crop, no pad.
+  EXPECT_FALSE(with(json::object(), clip).preprocess.pad_to_square);
+  // The original LLaVA layout's key outranks the processor.
+  EXPECT_TRUE(with({{"image_aspect_ratio", "pad"}}, clip).preprocess.pad_to_square);
+  json llava = clip;
+  llava["image_processor_type"] = "LlavaImageProcessor";
+  EXPECT_FALSE(with(json::object(), llava).preprocess.pad_to_square);  // do_pad defaults to false
+  llava["do_pad"] = true;
+  EXPECT_TRUE(with(json::object(), llava).preprocess.pad_to_square);
+  json c2 = clip;
+  c2["rescale_factor"] = 0.5;
+  c2["do_normalize"] = false;
+  auto p = with(json::object(), c2).preprocess;
+  EXPECT_EQ(p.rescale_factor, 0.5);
+  EXPECT_FALSE(p.do_normalize);
+  // Options victor does not implement are refused by name.
+  auto refused = [&](const char* key, const json& value, const std::string& expect) {
+    json proc = clip;
+    proc[key] = value;
+    const std::string e = error_of([&] { with(json::object(), proc); });
+    EXPECT_NE(e.find(expect), std::string::npos) << key << ": " << e;
+  };
+  refused("image_processor_type", "LlavaNextImageProcessor", "AnyRes");
+  refused("image_processor_type", "SiglipImageProcessor", "'SiglipImageProcessor' is not supported");
+  refused("resample", 2, "resample 2 is not implemented");
+  refused("do_center_crop", false, "do_center_crop false is not implemented");
+  refused("size", {{"height", 28}, {"width", 28}}, "a fixed height x width");
+  refused("crop_size", {{"height", 28}, {"width", 14}}, "not square");
 }

@@ -3,6 +3,7 @@
 #include <arpa/inet.h>
 #include <httplib.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -215,14 +216,18 @@ TEST(ServeApi, LocalFilesOnlyInsideTheAllowedFolder) {
   ServeLimits lim;
   lim.allow_files = root + "/imgs";
   auto body = [](const std::string& path) { return json{{"messages", {user_message("x", {path})}}}.dump(); };
-  EXPECT_EQ(parse_chat_request(body(root + "/imgs/a.png"), lim).images[0].bytes, read_file(root + "/imgs/a.png"));
-  EXPECT_EQ(parse_chat_request(body("a.png"), lim).images[0].bytes, read_file(root + "/imgs/a.png"));
+  EXPECT_EQ(parse_chat_request(body(root + "/imgs/a.png"), lim).images[0].bytes, read_file(root + "/imgs/a.png", FileKind::Dataset));
+  EXPECT_EQ(parse_chat_request(body("a.png"), lim).images[0].bytes, read_file(root + "/imgs/a.png", FileKind::Dataset));
   EXPECT_EQ(parse_chat_request(body("file://" + root + "/imgs/a.png"), lim).images.size(), 1u);
   const std::string field = "messages[0].content[0].image_url.url";
   EXPECT_EQ(expect_api_error([&] { parse_chat_request(body(root + "/secret.png"), lim); }, field), 403);
   EXPECT_EQ(expect_api_error([&] { parse_chat_request(body(root + "/imgs/../secret.png"), lim); }, field), 403);
   EXPECT_EQ(expect_api_error([&] { parse_chat_request(body("../secret.png"), lim); }, field), 403);
   EXPECT_EQ(expect_api_error([&] { parse_chat_request(body(root + "/imgs/none.png"), lim); }, field), 400);
+  // A name that only starts with two dots is inside the folder.
+  save_png(random_image(28, 28, 6), root + "/imgs/..dots.png");
+  EXPECT_EQ(parse_chat_request(body("..dots.png"), lim).images.size(), 1u);
+  EXPECT_EQ(parse_chat_request(body(root + "/imgs/..dots.png"), lim).images.size(), 1u);
 }
 
 TEST(ServeModel, BatchedDecodeOverPerRequestCachesEqualsEachAlone) {
@@ -619,4 +624,152 @@ TEST(ServeHttp, ApiKeyAndCors) {
   ASSERT_TRUE(pre);
   EXPECT_EQ(pre->status, 204);
   EXPECT_NE(pre->get_header_value("Access-Control-Allow-Headers").find("Authorization"), std::string::npos);
+}
+
+// ---- The gate in front of the HTTP library: slow, malformed and abusive clients ----
+
+namespace {
+int connect_local(int port) {
+  const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(uint16_t(port));
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) {
+    ::close(fd);
+    return -1;
+  }
+  return fd;
+}
+
+// Reads until the server closes or `seconds` pass.
+std::string read_reply(int fd, double seconds) {
+  std::string out;
+  const auto end = std::chrono::steady_clock::now() + std::chrono::milliseconds(int64_t(seconds * 1000));
+  for (;;) {
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(end - std::chrono::steady_clock::now()).count();
+    if (left <= 0) break;
+    pollfd p{fd, POLLIN, 0};
+    if (::poll(&p, 1, int(left)) <= 0) break;
+    char buf[4096];
+    const ssize_t n = ::recv(fd, buf, sizeof buf, 0);
+    if (n <= 0) break;
+    out.append(buf, size_t(n));
+  }
+  return out;
+}
+
+// One request on a fresh connection; the reply and how long it took.
+std::pair<std::string, double> gate_exchange(int port, const std::string& request, double seconds = 5) {
+  const auto t0 = std::chrono::steady_clock::now();
+  const int fd = connect_local(port);
+  EXPECT_GE(fd, 0);
+  size_t sent = 0;
+  while (sent < request.size()) {
+    const ssize_t n = ::send(fd, request.data() + sent, request.size() - sent, MSG_NOSIGNAL);
+    if (n <= 0) break;  // the gate may refuse (and close) before the whole request is sent
+    sent += size_t(n);
+  }
+  std::string r = read_reply(fd, seconds);
+  ::close(fd);
+  return {r, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count()};
+}
+
+int status_of(const std::string& reply) {
+  return reply.rfind("HTTP/1.1 ", 0) == 0 && reply.size() >= 12 ? std::atoi(reply.substr(9, 3).c_str()) : 0;
+}
+}  // namespace
+
+TEST(ServeGate, SlowAndMalformedClientsHoldNoWorkerAndAreAnsweredAtOnce) {
+  ServeOptions o;
+  o.gate.header_timeout_seconds = 2;
+  o.limits.max_body_bytes = 1 << 20;
+  LiveServer s("gate", o);
+  const int port = s.server->port();
+  // 200 clients that sent half a request line and then nothing (each would hold a worker of the
+  // HTTP library, 108 by default, for its 60 s read timeout).
+  std::vector<int> slow;
+  for (int i = 0; i < 200; ++i) {
+    const int fd = connect_local(port);
+    ASSERT_GE(fd, 0);
+    ASSERT_EQ(::send(fd, "GET /hea", 8, MSG_NOSIGNAL), 8);
+    slow.push_back(fd);
+  }
+  auto [health, took] = gate_exchange(port, "GET /health HTTP/1.1\r\nHost: x\r\n\r\n");
+  EXPECT_EQ(status_of(health), 200) << health;
+  EXPECT_LT(took, 1.0);
+  // Content-Length that is not a byte count: 400 at once (it waited 60 s for a thread's read).
+  for (const char* cl : {"-1", "18446744073709551616", "12abc", "1, 2"}) {
+    auto [r, t] = gate_exchange(port, std::string("POST /v1/chat/completions HTTP/1.1\r\nContent-Length: ") + cl + "\r\n\r\n");
+    EXPECT_EQ(status_of(r), 400) << cl << ": " << r;
+    EXPECT_LT(t, 1.0) << cl;
+  }
+  // Over the body limit: 413 before a byte of the body, by Content-Length or by a chunk header.
+  auto [big, t_big] = gate_exchange(port, "POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n");
+  EXPECT_EQ(status_of(big), 413) << big;
+  EXPECT_LT(t_big, 1.0);
+  auto [chunked, t_chunked] =
+      gate_exchange(port, "POST /v1/chat/completions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n200000\r\nabc");
+  EXPECT_EQ(status_of(chunked), 413) << chunked;
+  EXPECT_LT(t_chunked, 1.0);
+  // Too many header lines, or too many header bytes: 431.
+  std::string many = "GET /health HTTP/1.1\r\n";
+  for (int i = 0; i < 150; ++i) many += "X-A: b\r\n";
+  EXPECT_EQ(status_of(gate_exchange(port, many + "\r\n").first), 431);
+  std::string huge = "GET /health HTTP/1.1\r\nX-Big: " + std::string(100000, 'a') + "\r\n\r\n";
+  EXPECT_EQ(status_of(gate_exchange(port, huge).first), 431);
+  // Pipelined requests: the first is answered, then the connection closes (never a stale reply).
+  auto [two, t_two] = gate_exchange(port, "GET /health HTTP/1.1\r\nHost: x\r\n\r\nGET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n");
+  EXPECT_EQ(status_of(two), 200);
+  EXPECT_EQ(two.find("HTTP/1.1", 5), std::string::npos) << two;
+  EXPECT_LT(t_two, 2.0);  // closed, not held open
+  // The slow clients get 408 once their head deadline passes, and /metrics counts them.
+  const std::string late = read_reply(slow[0], 4.0);
+  EXPECT_EQ(status_of(late), 408) << late;
+  for (int fd : slow) ::close(fd);
+  auto [metrics, t_m] = gate_exchange(port, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+  EXPECT_NE(metrics.find("victor_http_refused_total{reason=\"header_timeout\"} "), std::string::npos);
+  EXPECT_NE(metrics.find("victor_http_refused_total{reason=\"body_too_large\"} 2"), std::string::npos) << metrics;
+  // A real request still goes through the gate.
+  auto res = s.post({{"messages", {{{"role", "user"}, {"content", "hi"}}}}, {"max_tokens", 2}});
+  ASSERT_TRUE(res);
+  EXPECT_EQ(res->status, 200) << res->body;
+}
+
+TEST(ServeGate, ConnectionCapsAnswer503WithRetryAfter) {
+  ServeOptions o;
+  o.gate.max_connections_per_peer = 4;
+  LiveServer s("gatecap", o);
+  const int port = s.server->port();
+  std::vector<int> held;
+  for (int i = 0; i < 4; ++i) held.push_back(connect_local(port));
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));  // the gate has accepted them
+  auto [r, t] = gate_exchange(port, "GET /health HTTP/1.1\r\nHost: x\r\n\r\n");
+  EXPECT_EQ(status_of(r), 503) << r;
+  EXPECT_NE(r.find("Retry-After: 1"), std::string::npos);
+  for (int fd : held) ::close(fd);
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  EXPECT_EQ(status_of(gate_exchange(port, "GET /health HTTP/1.1\r\nHost: x\r\n\r\n").first), 200);
+}
+
+TEST(ServeGate, ANonStreamingClientThatLeavesCancelsItsRequest) {
+  ServeOptions o;
+  LiveServer s("gone", o);
+  json body = request({user_message("How many bags are there?", {data_url(random_image(28, 28, 43))})}, 900);
+  body["ignore_eos"] = true;
+  const std::string payload = body.dump();
+  const int fd = connect_local(s.server->port());
+  ASSERT_GE(fd, 0);
+  const std::string req = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: " +
+                          std::to_string(payload.size()) + "\r\n\r\n" + payload;
+  ASSERT_EQ(::send(fd, req.data(), req.size(), MSG_NOSIGNAL), ssize_t(req.size()));
+  ASSERT_TRUE(eventually([&] { return s.engine->counters().running == 1; }));
+  ::close(fd);  // no byte of the answer read: the handler only waits, it never writes
+  const auto t0 = std::chrono::steady_clock::now();
+  EXPECT_TRUE(eventually([&] {
+    auto c = s.engine->counters();
+    return c.requests_cancelled == 1 && c.running == 0 && c.kv_bytes_reserved == 0;
+  })) << s.engine->metrics_text();
+  EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 1.5);
+  EXPECT_LT(s.engine->counters().completion_tokens, 900u);
 }

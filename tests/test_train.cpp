@@ -163,7 +163,7 @@ TEST(Train, StopAndResumeEqualsUninterruptedRun) {
   o.out = temp_dir("resume");
   o.stop_after = 3;
   train_model(first, samples, o, "");
-  auto state = json::parse(read_file(o.out + "/trainer_state.json"));
+  auto state = json::parse(read_file(o.out + "/trainer_state.json", FileKind::Dataset));
   EXPECT_EQ(state["step"], 3);
   Vlm second = Vlm::load(o.out);
   o.resume = true;

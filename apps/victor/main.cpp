@@ -3,9 +3,11 @@
 #include <CLI/CLI.hpp>
 #include <signal.h>
 
+#include <cerrno>
 #include <chrono>
 #include <filesystem>
 #include <iostream>
+#include <set>
 #include <thread>
 
 #include "victor/bench.h"
@@ -69,7 +71,7 @@ void set_threads(int n) {
 
 std::vector<std::string> read_lines(const std::string& path) {
   std::vector<std::string> out;
-  std::istringstream in(read_file(path));
+  std::istringstream in(read_file(path, FileKind::Dataset));
   std::string l;
   while (std::getline(in, l))
     if (!l.empty()) out.push_back(l);
@@ -82,7 +84,21 @@ struct InitArgs {
   ReducerChoice reducer;
   int vocab = 512;
   uint64_t seed = 0;
+  bool overwrite = false;
 };
+
+// The folder names of two paths are the same folder (existing or not).
+bool same_folder(const std::string& a, const std::string& b) {
+  std::error_code ec;
+  if (fs::exists(a, ec) && fs::exists(b, ec)) return fs::equivalent(a, b, ec);
+  return fs::weakly_canonical(fs::absolute(a), ec) == fs::weakly_canonical(fs::absolute(b), ec);
+}
+
+void add_overwrite_flag(CLI::App* c, bool& overwrite) {
+  c->add_flag("--overwrite", overwrite,
+              "Replace the model already in --out (without it such a folder is refused); a kill mid-write leaves "
+              "the old model, the new one, or a folder that load refuses as incomplete, never a mix");
+}
 
 // CLI11's Range and PositiveNumber compare, and NaN fails no comparison: `--temperature nan`
 // passed them and surfaced as a raw LibTorch error. Every floating-point option also gets this.
@@ -97,6 +113,58 @@ const CLI::Validator kFinite(
       return {};
     },
     "FINITE");
+
+// An option given as an empty string (`--reducer ''`) is a mistake, not "use the default".
+const CLI::Validator kNonEmpty([](std::string& v) -> std::string { return v.empty() ? "empty value" : ""; }, "");
+
+// CLI11 accepts 18446744073709551616 for a uint64_t (it wraps): a seed is checked by hand.
+const CLI::Validator kUint64(
+    [](std::string& v) -> std::string {
+      if (v.empty() || v.find_first_not_of("0123456789") != std::string::npos)
+        return "'" + v + "' is not a non-negative integer";
+      errno = 0;
+      std::strtoull(v.c_str(), nullptr, 10);
+      if (errno == ERANGE) return "'" + v + "' is larger than 18446744073709551615";
+      return {};
+    },
+    "");
+
+// Every option of every command: no empty values (`--reducer ''`, `--batch 1,,2`), and seeds
+// within 64 bits.
+void check_all_options(CLI::App* app) {
+  for (CLI::Option* o : app->get_options()) {
+    if (o->get_type_size() == 0) continue;  // a flag
+    o->check(kNonEmpty);
+    if (o->get_name() == "--seed") o->check(kUint64);
+  }
+  for (CLI::App* sub : app->get_subcommands([](CLI::App*) { return true; })) check_all_options(sub);
+}
+
+// CLI11 drops empty items from comma lists (`--batch 1,,2` became 1,2): the names of the list
+// options, so main can refuse such a value before parsing.
+void list_option_names(CLI::App* app, std::set<std::string>& names) {
+  for (CLI::Option* o : app->get_options())
+    if (o->get_delimiter() != '\0') names.insert(o->get_name());
+  for (CLI::App* sub : app->get_subcommands([](CLI::App*) { return true; })) list_option_names(sub, names);
+}
+
+// Throws CLI's validation error for a comma list with an empty item.
+void refuse_empty_list_items(CLI::App* app, int argc, char** argv) {
+  std::set<std::string> lists;
+  list_option_names(app, lists);
+  for (int i = 1; i < argc; ++i) {
+    std::string a = argv[i], name = a, value;
+    if (auto eq = a.find('='); a.rfind("--", 0) == 0 && eq != std::string::npos) {
+      name = a.substr(0, eq);
+      value = a.substr(eq + 1);
+    } else if (i + 1 < argc) {
+      value = argv[i + 1];
+    }
+    if (!lists.count(name)) continue;
+    if (value.empty() || value.front() == ',' || value.back() == ',' || value.find(",,") != std::string::npos)
+      throw CLI::ValidationError(name, "'" + value + "' has an empty item");
+  }
+}
 
 const char* const kReducerHelp =
     "Token reducer: none | victor:m=8,k=2[,mask=causal|registers_only] | pool:4 | fastv:k=2,keep=0.5 | "
@@ -126,8 +194,10 @@ void add_reducer_options(CLI::App* c, ReducerChoice& r, bool pool_flag = true) {
 }
 
 void run_init(const InitArgs& a) {
+  refuse_existing_model(a.out, a.overwrite, "--out");
   ModelConfig cfg = preset_config(a.preset);
   std::vector<std::string> corpus = a.corpus.empty() ? gridvqa_corpus() : read_lines(a.corpus);
+  ModelFolderWrite write(a.out);
   int n = train_tokenizer(corpus, a.out, a.vocab, a.tokenizer_type);
   // The real-model presets keep their vocabulary (32064 rows, padded beyond the tokenizer as
   // llava-hf pads 32000 to 32064) so the embedding and LM head cost what they cost there; the
@@ -140,6 +210,7 @@ void run_init(const InitArgs& a) {
   cfg.reducer = a.reducer.resolve(Reducer::none());
   Vlm model = Vlm::random(cfg, a.seed, weight_dtype_from_string(a.dtype));
   model.save(a.out);
+  write.commit();
   std::cout << "wrote " << a.preset << " model to " << a.out << ": "
             << model.parameter_count() / 1e6 << " M parameters (" << a.dtype << ", "
             << model.weight_bytes() / 1048576.0 << " MiB), vocabulary " << cfg.text.vocab_size
@@ -181,6 +252,11 @@ void apply_reducer(Vlm& model, const ReducerChoice& choice, const std::string& i
 
 void run_generate(const GenerateArgs& a) {
   set_threads(a.threads);
+  {
+    std::vector<std::string> inputs = a.images;
+    inputs.insert(inputs.end(), a.calibration.begin(), a.calibration.end());
+    refuse_output_over_inputs("--dump-logits", a.dump_logits, inputs);
+  }
   if (a.prompt.find_first_not_of(" \t\r\n") == std::string::npos)
     throw Error("--prompt: empty prompt");
   std::vector<Image> images;
@@ -274,6 +350,7 @@ struct BenchServeArgs {
 };
 
 void run_bench_serve(BenchServeArgs a, const char* argv0) {
+  refuse_output_over_inputs("--json-out", a.json_out, {});
   std::error_code ec;
   a.opt.victor_binary = fs::read_symlink("/proc/self/exe", ec).string();
   if (ec) a.opt.victor_binary = argv0;
@@ -317,8 +394,13 @@ int launch_workers(int argc, char** argv, int nproc, bool threads_given) {
 }
 
 // --- victor train ---
-void run_train(TrainOptions o, const std::string& parts, int threads) {
+void run_train(TrainOptions o, const std::string& parts, int threads, bool overwrite) {
   set_threads(threads);
+  if (!o.resume && same_folder(o.model_dir, o.out))
+    throw Error("train: --out must differ from --model (the starting checkpoint stays intact; --resume continues "
+                "the run in --out)");
+  if (!o.resume) refuse_existing_model(o.out, overwrite, "--out");
+  refuse_output_over_inputs("--log", o.log, {o.data});
   o.parts = parse_parts(parts);
   TrainReport r = train(o);
   if (const char* rank = std::getenv("RANK"); r.world_size > 1 && rank && std::string(rank) != "0") return;
@@ -346,6 +428,8 @@ struct EvalArgs {
 
 void run_eval(EvalArgs a) {
   set_threads(a.threads);
+  refuse_output_over_inputs("--answers-out", a.opt.answers_out,
+                            {a.questions, a.answers_file, a.compare_answers, a.train_data});
   auto qs = load_questions_jsonl(a.questions);
   if (a.opt.image_folder.empty()) a.opt.image_folder = fs::path(a.questions).parent_path().string();
   if (!a.model.empty()) {
@@ -388,6 +472,7 @@ struct BenchArgs {
 
 void run_bench_cli(BenchArgs a) {
   set_threads(a.threads);
+  refuse_output_over_inputs("--json-out", a.json_out, {});
   if (a.model.empty() == a.preset.empty()) throw Error("bench: give exactly one of --model or --preset");
   ModelConfig cfg;
   std::unique_ptr<Vlm> model;
@@ -435,17 +520,18 @@ void run_bench_cli(BenchArgs a) {
 struct QuantizeArgs {
   std::string model, out, dtype = "int8";
   size_t shard_mb = 0;
+  bool overwrite = false;
 };
 
 void run_quantize(const QuantizeArgs& a) {
-  if (fs::exists(a.out) && fs::equivalent(a.model, a.out))
+  if (same_folder(a.model, a.out))
     throw Error("quantize: --out must differ from --model (the source stays intact)");
+  refuse_existing_model(a.out, a.overwrite, "--out");
   Vlm model = Vlm::load(a.model, weight_dtype_from_string(a.dtype));
+  ModelFolderWrite write(a.out);
   model.save(a.out, a.shard_mb << 20);
-  for (const char* f : {"tokenizer.model", "added_tokens.json", "tokenizer_config.json",
-                        "special_tokens_map.json"})
-    if (fs::exists(fs::path(a.model) / f))
-      write_file_atomic((fs::path(a.out) / f).string(), read_file((fs::path(a.model) / f).string()));
+  copy_tokenizer_files(a.model, a.out);
+  write.commit();
   std::cout << "wrote " << a.dtype << " model to " << a.out << ": " << model.weight_bytes() / 1048576.0
             << " MiB of weights (" << model.parameter_count() / 1e6 << " M parameters)\n";
 }
@@ -456,6 +542,7 @@ struct VisionArgs {
   VisionPretrainOptions opt;
   std::string targets = "cell";
   int threads = default_threads(), limit = 0;
+  bool overwrite = false;
 };
 
 void run_train_vision(const VisionArgs& a) {
@@ -463,14 +550,17 @@ void run_train_vision(const VisionArgs& a) {
   VisionPretrainOptions opt = a.opt;
   opt.per_patch = a.targets == "patch";
   opt.progress = isatty(2);
+  if (same_folder(a.model, a.out))
+    throw Error("train-vision: --out must differ from --model (the starting checkpoint stays intact)");
+  refuse_existing_model(a.out, a.overwrite, "--out");
   Vlm model = Vlm::load(a.model);
   auto train = load_grid_images(a.data, "train", model.config(), a.limit);
   auto test = load_grid_images(a.data, "t10k", model.config());
   auto r = pretrain_vision(model, train, test, opt);
+  ModelFolderWrite write(a.out);
   model.save(a.out);
-  for (const char* f : {"tokenizer.model", "added_tokens.json", "tokenizer_config.json"})
-    if (fs::exists(fs::path(a.model) / f) && fs::absolute(a.model) != fs::absolute(a.out))
-      write_file_atomic((fs::path(a.out) / f).string(), read_file((fs::path(a.model) / f).string()));
+  copy_tokenizer_files(a.model, a.out);
+  write.commit();
   std::cout << "vision tower pretrained: " << r.steps << " steps in " << r.seconds << " s, final loss "
             << r.final_loss << ", test cell accuracy " << 100 * r.test_cell_accuracy << "%, position accuracy "
             << 100 * r.test_position_accuracy << "%, single patch " << 100 * r.test_patch_accuracy << "%";
@@ -503,6 +593,7 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"bpe", "unigram"}));
   c_init->add_option("--seed", init.seed, "Random seed for the weights");
   add_dtype_option(c_init, init.dtype, false);
+  add_overwrite_flag(c_init, init.overwrite);
   add_reducer_options(c_init, init.reducer);
 
   GenerateArgs gen;
@@ -567,6 +658,16 @@ int main(int argc, char** argv) {
   c_serve->add_option("--api-key", sv.opt.api_key, "Require 'Authorization: Bearer KEY' on /v1/* (401 otherwise); also read from VICTOR_API_KEY")
       ->envname("VICTOR_API_KEY");
   c_serve->add_option("--cors", sv.opt.cors_origin, "Access-Control-Allow-Origin to send (e.g. '*' or https://my.app), for pages served elsewhere");
+  c_serve->add_option("--max-connections", sv.opt.gate.max_connections, "Open client connections at most (503 beyond)")
+      ->check(CLI::Range(1, 1000000))->capture_default_str();
+  c_serve->add_option("--max-connections-per-peer", sv.opt.gate.max_connections_per_peer,
+                      "Open connections from one address at most (503 beyond)")
+      ->check(CLI::Range(1, 1000000))->capture_default_str();
+  c_serve->add_option("--header-timeout", sv.opt.gate.header_timeout_seconds,
+                      "Seconds a client has to send its whole request head (408 beyond; a slow client holds no worker)")
+      ->check(CLI::Range(0.1, 3600.0))->check(kFinite)->capture_default_str();
+  c_serve->add_option("--body-timeout", sv.opt.gate.body_timeout_seconds, "Seconds a client has to send its whole request body (408 beyond)")
+      ->check(CLI::Range(0.1, 3600.0))->check(kFinite)->capture_default_str();
   c_serve->add_option("--allow-files", sv.opt.limits.allow_files, "Accept image_url paths to local files inside this folder (off by default)");
 
   BenchServeArgs bs;
@@ -631,6 +732,8 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(0, 1 << 20));
   c_train->add_option("--log", tr.log, "Metrics JSON lines (default OUT/metrics.jsonl)");
   c_train->add_flag("--resume", tr.resume, "Continue exactly where the checkpoint in --out stopped");
+  bool train_overwrite = false;
+  add_overwrite_flag(c_train, train_overwrite);
   int train_nproc = 1;
   add_distributed_options(c_train, train_nproc, tr.dist_timeout_seconds,
                           "Data-parallel workers on this machine (c10d/Gloo; each takes --batch-size per micro-batch, "
@@ -709,6 +812,7 @@ int main(int argc, char** argv) {
   c_quant->add_option("--model", qa.model, "Source checkpoint folder")->required()->check(CLI::ExistingDirectory);
   c_quant->add_option("--out", qa.out, "Output folder (HF layout; int8 scales as <name>_scale tensors)")->required();
   add_dtype_option(c_quant, qa.dtype, false);
+  add_overwrite_flag(c_quant, qa.overwrite);
   c_quant->add_option("--shard-mb", qa.shard_mb, "Split the safetensors into shards of this many MiB (0 = one file)")
       ->check(CLI::Range(0, 1 << 20));
 
@@ -818,9 +922,12 @@ int main(int argc, char** argv) {
   c_tv->add_option("--counts", va.opt.counts, "Also teach how many cells hold each class (true/false)")->capture_default_str();
   c_tv->add_option("--limit", va.limit, "Use only the first N training grids")->check(CLI::Range(0, 10000000));
   c_tv->add_option("--seed", va.opt.seed, "Seed");
+  add_overwrite_flag(c_tv, va.overwrite);
   c_tv->add_option("--threads", va.threads, "CPU threads")->check(CLI::Range(1, 1024));
 
+  check_all_options(&app);
   try {
+    refuse_empty_list_items(&app, argc, argv);
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
@@ -846,7 +953,7 @@ int main(int argc, char** argv) {
     } else if (c_train->parsed()) {
       if (train_nproc > 1 && !std::getenv("RANK"))
         return launch_workers(argc, argv, train_nproc, c_train->count("--threads") > 0);
-      run_train(tr, train_parts, train_threads);
+      run_train(tr, train_parts, train_threads, train_overwrite);
     }
     else if (c_tv->parsed()) run_train_vision(va);
   } catch (const victor::Error& e) {

@@ -44,13 +44,21 @@ struct TextConfig {
 // float32. Int8 is per-output-row symmetric with a float32 scale per row (`<name>_scale`).
 enum class WeightDType { F32, BF16, Int8 };
 
-// LLaVA-1.5 image preprocessing (preprocessor_config.json in Hugging Face folders).
+// LLaVA-1.5 image preprocessing, as the checkpoint's own processor does it
+// (preprocessor_config.json; docs/formats.md lists each key): pad to a square with the mean colour
+// (LlavaImageProcessor's do_pad, or the original LLaVA's image_aspect_ratio "pad"), resize the
+// shortest edge (PIL bicubic), center-crop, rescale, normalize.
 struct PreprocessConfig {
   int shortest_edge = 336;
   int crop_size = 336;
   std::vector<double> image_mean{0.48145466, 0.4578275, 0.40821073};
   std::vector<double> image_std{0.26862954, 0.26130258, 0.27577711};
-  bool pad_to_square = true;  // LLaVA-1.5's image_aspect_ratio = "pad"
+  double rescale_factor = 1.0 / 255.0;
+  bool do_normalize = true;
+  // Without config.json's image_aspect_ratio (the original LLaVA layout, which outranks it), the
+  // processor decides: CLIPImageProcessor never pads, LlavaImageProcessor pads when do_pad.
+  bool pad_to_square = true;
+  bool pad_from_config = false;  // config.json's image_aspect_ratio set pad_to_square
 };
 
 struct ModelConfig {

@@ -61,7 +61,9 @@ struct GenerationResult {
 };
 
 // Builds the LLaVA-1.5 prompt ids for a request (BOS + "USER: <image>\n... ASSISTANT:").
-std::vector<int64_t> prompt_ids(const Tokenizer& tok, const std::string& prompt, size_t n_images);
+// `context_tokens` > 0: a prompt too long to fit in that many tokens is refused before tokenizing.
+std::vector<int64_t> prompt_ids(const Tokenizer& tok, const std::string& prompt, size_t n_images,
+                                int64_t context_tokens = 0);
 
 // Runs a batch of requests to completion (left-padded batch, one prefill, batched decode).
 GenerationResult generate(const Vlm& model, const Tokenizer& tok, const std::vector<Request>& reqs,

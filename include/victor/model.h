@@ -161,7 +161,11 @@ class Vlm {
                     std::optional<WeightDType> dtype = std::nullopt);
   // config.json + safetensors. `dtype` converts the weight matrices on load, tensor by tensor;
   // without it they stay as the checkpoint stores them (float16 checkpoints load as float32).
-  static Vlm load(const std::string& dir, std::optional<WeightDType> dtype = std::nullopt);
+  // A folder an interrupted write left incomplete (files.h) is refused unless
+  // `allow_incomplete`: a training run resuming from its own checkpoint, whose trainer state
+  // holds every parameter.
+  static Vlm load(const std::string& dir, std::optional<WeightDType> dtype = std::nullopt,
+                  bool allow_incomplete = false);
 
   const ModelConfig& config() const { return config_; }
   ModelConfig& mutable_config() { return config_; }

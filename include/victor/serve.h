@@ -25,6 +25,7 @@
 
 #include "victor/generate.h"
 #include "victor/serve_api.h"
+#include "victor/serve_gate.h"
 #include "victor/model.h"
 #include "victor/tokenizer.h"
 
@@ -74,6 +75,7 @@ struct ServeOptions {
   std::string model_name = "victor";
   std::string api_key;      // when set, /v1/* need "Authorization: Bearer <key>" (401 otherwise)
   std::string cors_origin;  // when set, sent as Access-Control-Allow-Origin (browsers elsewhere)
+  GateOptions gate;         // connection caps and deadlines in front of the HTTP library
 };
 
 // One request's life: filled by the HTTP thread, advanced by the engine thread; the HTTP thread

@@ -33,6 +33,9 @@ struct ApiError : std::runtime_error {
 };
 // {"error": {"message", "type", "param", "code"}}
 std::string error_body(const ApiError& e);
+// Logs an internal failure's full text to stderr under a new id ("err-N") and returns the clean
+// message a client may see: no exception text, stack or address leaves the server.
+std::string internal_error(const std::string& stage, const std::exception& e);
 
 struct ChatImage {
   std::string url;    // as sent (a data: URL is not kept: `bytes` holds its content)

@@ -14,7 +14,9 @@ namespace victor {
 
 class Tokenizer {
  public:
-  explicit Tokenizer(const std::string& dir);  // tokenizer.model + added tokens
+  // tokenizer.model + added tokens. A model folder an interrupted write left incomplete is
+  // refused unless `allow_incomplete` (a training run resuming from its own checkpoint).
+  explicit Tokenizer(const std::string& dir, bool allow_incomplete = false);
   // tokenizer.model's bytes alone, no added tokens (`source` names it in errors; the fuzz target).
   static Tokenizer from_model_bytes(const std::string& bytes, const std::string& source);
   // The model plus the texts of added_tokens.json and tokenizer_config.json (either may be empty =
@@ -33,6 +35,9 @@ class Tokenizer {
   int64_t token_id(const std::string& added_token) const;  // throws if unknown
   int sp_size() const;
   int64_t vocab_size() const;  // including added tokens
+  // The most bytes of text one token can stand for: a text longer than n times this cannot fit
+  // in n tokens, so a request too long for the context is refused before it is tokenized.
+  size_t max_bytes_per_token() const;
 
  private:
   struct Piece {
@@ -66,6 +71,9 @@ class Tokenizer {
 // added_tokens.json and tokenizer_config.json into dir. Returns the SentencePiece vocabulary size.
 // BPE keeps GridVQA's words whole ("▁column"), where unigram on so small a corpus splits them
 // into letters and makes every question twice as long.
+// Copies a tokenizer's files (tokenizer.model, added_tokens.json, tokenizer_config.json,
+// special_tokens_map.json: those present) from one folder to another, each atomically.
+void copy_tokenizer_files(const std::string& from, const std::string& to);
 int train_tokenizer(const std::vector<std::string>& corpus_lines, const std::string& dir,
                     int vocab_size, const std::string& model_type = "bpe");
 

@@ -33,7 +33,7 @@ std::vector<Box> parse_boxes(const json& j, size_t turn, const Fail& fail) {
 }  // namespace
 
 std::vector<Conversation> load_llava_json(const std::string& path, std::vector<std::string>* bad) {
-  return parse_llava_json(read_file(path), path, bad);
+  return parse_llava_json(read_file(path, FileKind::Dataset), path, bad);
 }
 
 std::vector<Conversation> parse_llava_json(const std::string& text, const std::string& path,
@@ -125,9 +125,9 @@ std::vector<Conversation> split_turns(const std::vector<Conversation>& convs) {
 std::vector<EvalQuestion> load_questions_jsonl(const std::string& path) {
   std::string text;
   try {
-    text = read_file(path);
-  } catch (const Error&) {
-    throw Error(path + ": cannot open questions file");
+    text = read_file(path, FileKind::Dataset);
+  } catch (const Error& e) {
+    throw Error(std::string(e.what()) + " (questions file)");
   }
   return parse_questions_jsonl(text, path);
 }

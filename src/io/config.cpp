@@ -212,8 +212,60 @@ VisionConfig hf_clip_vision_defaults() {
   return v;
 }
 
+// What victor implements is LLaVA-1.5 (LlavaForConditionalGeneration: a CLIP tower, an MLP
+// projector, a LLaMA language model): any other model type or architecture is refused by name,
+// never loaded as if it were one.
+void check_architecture(const json& j, const std::string& src) {
+  if (j.contains("model_type") && !j["model_type"].is_null()) {
+    std::string mt;
+    get_opt(j, "model_type", mt, src);
+    if (mt != "llava")
+      throw Error(src + ": model_type '" + mt + "' is not supported; victor runs 'llava' (LlavaForConditionalGeneration" +
+                  (mt == "llava_next" ? "); LLaVA-NeXT's AnyRes tiling and image_newline are not implemented yet"
+                                      : ")"));
+  }
+  if (j.contains("architectures") && !j["architectures"].is_null()) {
+    const json& a = j["architectures"];
+    if (!a.is_array()) throw Error(src + ": architectures must be a list of class names");
+    for (auto& name : a)
+      if (!name.is_string() || name.get<std::string>() != "LlavaForConditionalGeneration")
+        throw Error(src + ": architectures " + name.dump() +
+                    " is not supported; victor runs LlavaForConditionalGeneration");
+  }
+  if (j.contains("vision_config") && j["vision_config"].is_object() && j["vision_config"].contains("model_type") &&
+      j["vision_config"]["model_type"] != "clip_vision_model")
+    throw Error(src + ": vision_config.model_type " + j["vision_config"]["model_type"].dump() +
+                " is not supported; victor's vision tower is CLIP's (clip_vision_model)");
+}
+
+// victor_int8 as victor writes it: every key it knows, with the one value it implements.
+void check_quantization(const json& q, const std::string& src) {
+  const std::string w = src + ": quantization_config";
+  if (!q.is_object()) throw Error(w + " must be an object");
+  const json expected = {{"quant_method", "victor_int8"},
+                         {"bits", 8},
+                         {"granularity", "per_output_row"},
+                         {"symmetric", true},
+                         {"scale_suffix", "_scale"}};
+  std::string method;
+  get_opt(q, "quant_method", method, w);
+  if (method != "victor_int8")
+    throw Error(w + ".quant_method '" + method +
+                "' is not supported (victor reads its own 'victor_int8'; quantize a float checkpoint with "
+                "`victor quantize`)");
+  for (auto& [key, value] : q.items()) {
+    if (!expected.contains(key))
+      throw Error(w + "." + key + ": unknown key; victor_int8 has only quant_method, bits, granularity, symmetric, "
+                  "scale_suffix");
+    if (value != expected[key])
+      throw Error(w + "." + key + " " + value.dump() + " is not implemented (victor_int8 means " +
+                  expected[key].dump() + ")");
+  }
+}
+
 ModelConfig config_from_json_checked(const json& j, const std::string& src) {
   if (!j.is_object()) throw Error(src + ": config must be a JSON object");
+  check_architecture(j, src);
   ModelConfig c;
   // Hugging Face class defaults for keys a config.json leaves out.
   c.vision = hf_clip_vision_defaults();
@@ -261,6 +313,7 @@ ModelConfig config_from_json_checked(const json& j, const std::string& src) {
     if (a != "pad" && a != "square")
       throw Error(src + ": image_aspect_ratio '" + a + "' is not supported (pad or square)");
     c.preprocess.pad_to_square = a == "pad";
+    c.preprocess.pad_from_config = true;
   }
   c.preprocess.crop_size = c.vision.image_size;
   c.preprocess.shortest_edge = c.vision.image_size;
@@ -269,13 +322,7 @@ ModelConfig config_from_json_checked(const json& j, const std::string& src) {
   get_opt(j, "torch_dtype", torch_dtype, src);
   if (torch_dtype == "bfloat16") c.weight_dtype = WeightDType::BF16;
   if (j.contains("quantization_config") && !j["quantization_config"].is_null()) {
-    const json& q = j["quantization_config"];
-    std::string method;
-    if (q.is_object()) get_opt(q, "quant_method", method, src + ": quantization_config");
-    if (method != "victor_int8")
-      throw Error(src + ": quantization_config.quant_method '" + method +
-                  "' is not supported (victor reads its own 'victor_int8'; quantize a float "
-                  "checkpoint with `victor quantize`)");
+    check_quantization(j["quantization_config"], src);
     c.weight_dtype = WeightDType::Int8;
   }
   c.reducer = Reducer::from_json(j, src);
@@ -306,15 +353,19 @@ json config_to_json(const ModelConfig& c) {
 
 json preprocess_to_json(const ModelConfig& c) {
   const auto& p = c.preprocess;
-  return {{"image_processor_type", "CLIPImageProcessor"},
+  // LlavaImageProcessor with do_pad says in the processor's own terms what config.json's
+  // image_aspect_ratio says: transformers preprocesses victor's folders as victor does.
+  return {{"image_processor_type", "LlavaImageProcessor"},
+          {"processor_class", "LlavaProcessor"},
+          {"do_pad", p.pad_to_square},
           {"do_resize", true},
           {"size", {{"shortest_edge", p.shortest_edge}}},
           {"resample", 3},
           {"do_center_crop", true},
           {"crop_size", {{"height", p.crop_size}, {"width", p.crop_size}}},
           {"do_rescale", true},
-          {"rescale_factor", 1.0 / 255.0},
-          {"do_normalize", true},
+          {"rescale_factor", p.rescale_factor},
+          {"do_normalize", p.do_normalize},
           {"image_mean", p.image_mean},
           {"image_std", p.image_std},
           {"do_convert_rgb", true}};
@@ -322,15 +373,57 @@ json preprocess_to_json(const ModelConfig& c) {
 
 void apply_preprocess_json(ModelConfig& c, const json& j, const std::string& src) {
   if (!j.is_object()) throw Error(src + ": must be a JSON object");
-  get_opt(j, "image_mean", c.preprocess.image_mean, src);
-  get_opt(j, "image_std", c.preprocess.image_std, src);
-  if (j.contains("size")) {
-    if (j["size"].is_object()) get_opt(j["size"], "shortest_edge", c.preprocess.shortest_edge, src);
-    else get_opt(j, "size", c.preprocess.shortest_edge, src);
+  PreprocessConfig& p = c.preprocess;
+  auto given = [&](const char* key) { return j.contains(key) && !j[key].is_null(); };
+  // The processor class: transformers' LLaVA maps a folder without one to CLIPImageProcessor.
+  std::string type = "CLIPImageProcessor";
+  if (given("image_processor_type")) get_opt(j, "image_processor_type", type, src);
+  if (type.size() > 4 && type.compare(type.size() - 4, 4, "Fast") == 0) type.resize(type.size() - 4);
+  if (type == "LlavaNextImageProcessor" || type == "LlavaOnevisionImageProcessor")
+    throw Error(src + ": image_processor_type '" + type +
+                "' (AnyRes tiling of high-resolution images) is not implemented yet");
+  if (type != "CLIPImageProcessor" && type != "LlavaImageProcessor")
+    throw Error(src + ": image_processor_type '" + type +
+                "' is not supported (CLIPImageProcessor or LlavaImageProcessor)");
+  bool do_pad = false;
+  if (type == "LlavaImageProcessor") get_opt(j, "do_pad", do_pad, src);
+  if (!p.pad_from_config) p.pad_to_square = do_pad;
+  // Steps victor always takes: turning one off is refused, never ignored.
+  for (const char* key : {"do_resize", "do_center_crop", "do_rescale"}) {
+    bool on = true;
+    get_opt(j, key, on, src);
+    if (!on) throw Error(src + ": " + key + " false is not implemented (victor always resizes, center-crops and rescales)");
   }
-  if (j.contains("crop_size")) {
-    if (j["crop_size"].is_object()) get_opt(j["crop_size"], "height", c.preprocess.crop_size, src);
-    else get_opt(j, "crop_size", c.preprocess.crop_size, src);
+  int resample = 3;
+  get_opt(j, "resample", resample, src);
+  if (resample != 3)
+    throw Error(src + ": resample " + std::to_string(resample) +
+                " is not implemented (victor resizes with PIL's bicubic filter, resample 3)");
+  get_opt(j, "rescale_factor", p.rescale_factor, src);
+  if (!(p.rescale_factor > 0) || !std::isfinite(p.rescale_factor))
+    throw Error(src + ": rescale_factor must be a positive number");
+  get_opt(j, "do_normalize", p.do_normalize, src);
+  get_opt(j, "image_mean", p.image_mean, src);
+  get_opt(j, "image_std", p.image_std, src);
+  if (given("size")) {
+    const json& s = j["size"];
+    if (s.is_object() && !s.contains("shortest_edge"))
+      throw Error(src + ": size " + s.dump() + " (a fixed height x width) is not implemented; victor resizes the "
+                  "shortest edge (size.shortest_edge)");
+    if (s.is_object()) get_opt(s, "shortest_edge", p.shortest_edge, src);
+    else get_opt(j, "size", p.shortest_edge, src);
+  }
+  if (given("crop_size")) {
+    const json& s = j["crop_size"];
+    if (s.is_object()) {
+      int h = p.crop_size, w = p.crop_size;
+      get_opt(s, "height", h, src);
+      get_opt(s, "width", w, src);
+      if (h != w) throw Error(src + ": crop_size " + s.dump() + " is not square; the vision tower takes square images");
+      p.crop_size = h;
+    } else {
+      get_opt(j, "crop_size", p.crop_size, src);
+    }
   }
 }
 
@@ -340,7 +433,7 @@ ModelConfig load_config(const std::string& dir) {
   if (!fs::exists(p)) throw Error(p.string() + ": missing (not a model folder?)");
   json j;
   try {
-    j = json::parse(read_file(p.string()));
+    j = json::parse(read_file(p.string(), FileKind::Json));
   } catch (const json::exception& e) {
     throw Error(p.string() + ": malformed JSON: " + e.what());
   }
@@ -349,7 +442,7 @@ ModelConfig load_config(const std::string& dir) {
   if (fs::exists(pp)) {
     json pj;
     try {
-      pj = json::parse(read_file(pp.string()));
+      pj = json::parse(read_file(pp.string(), FileKind::Json));
     } catch (const json::exception& e) {
       throw Error(pp.string() + ": malformed JSON: " + e.what());
     }

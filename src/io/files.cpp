@@ -1,16 +1,20 @@
-// Whole-file reads and atomic writes (temporary name, then rename). No torch: the fuzz build
-// links this file alone.
+// Bounded reads, atomic writes, model folders written as a whole, outputs kept off inputs.
+// No torch: the fuzz build links this file alone.
+#include "victor/files.h"
+
 #include <fcntl.h>
+#include <signal.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
-#include <random>
-#include <sstream>
-#include <vector>
+#include <mutex>
+#include <map>
 
 #include "victor/error.h"
 
@@ -18,12 +22,86 @@ namespace fs = std::filesystem;
 
 namespace victor {
 
-std::string read_file(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw Error(path + ": cannot open file");
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
+uint64_t max_file_bytes(FileKind kind) {
+  constexpr uint64_t MiB = 1 << 20;
+  switch (kind) {
+    case FileKind::Json: return 64 * MiB;  // a sharded 70B index is ~100 KB
+    case FileKind::Tokenizer: return 64 * MiB;  // LLaMA's 0.5 MB, Gemma's 4 MB
+    case FileKind::Image: return 256 * MiB;  // a 16k x 16k PNG compresses far below this
+    case FileKind::Dataset: return 4096 * MiB;  // LLaVA-665k's mix JSON is 1 GB
+    case FileKind::Array: return 4096 * MiB;
+    case FileKind::Log: return 16 * MiB;
+  }
+  return 0;
+}
+
+const char* file_kind_name(FileKind kind) {
+  switch (kind) {
+    case FileKind::Json: return "JSON files";
+    case FileKind::Tokenizer: return "tokenizer models";
+    case FileKind::Image: return "images";
+    case FileKind::Dataset: return "datasets";
+    case FileKind::Array: return "arrays";
+    case FileKind::Log: return "logs";
+  }
+  return "files";
+}
+
+namespace {
+
+const char* file_type_name(mode_t m) {
+  if (S_ISDIR(m)) return "a folder";
+  if (S_ISCHR(m)) return "a character device";
+  if (S_ISBLK(m)) return "a block device";
+  if (S_ISFIFO(m)) return "a FIFO";
+  if (S_ISSOCK(m)) return "a socket";
+  return "not a regular file";
+}
+
+std::string mib(uint64_t bytes) { return std::to_string((bytes + (1 << 20) - 1) >> 20) + " MiB"; }
+
+struct Fd {
+  int fd = -1;
+  ~Fd() {
+    if (fd >= 0) ::close(fd);
+  }
+};
+
+}  // namespace
+
+std::string read_file(const std::string& path, FileKind kind) {
+  // O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused below.
+  Fd f{::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC)};
+  if (f.fd < 0) throw Error(path + ": cannot open file (" + std::strerror(errno) + ")");
+  struct stat st {};
+  if (::fstat(f.fd, &st) != 0) throw Error(path + ": cannot stat file (" + std::strerror(errno) + ")");
+  if (!S_ISREG(st.st_mode))
+    throw Error(path + ": " + file_type_name(st.st_mode) + ", not a regular file; victor reads only regular files");
+  const uint64_t cap = max_file_bytes(kind);
+  if (uint64_t(st.st_size) > cap)
+    throw Error(path + ": " + mib(uint64_t(st.st_size)) + " is more than the " + mib(cap) + " victor reads for " +
+                file_kind_name(kind));
+  std::string out(size_t(st.st_size), '\0');
+  size_t have = 0;
+  // Reads what fstat promised and checks that nothing follows: a file growing under us (or a
+  // /proc file that lies about its size) is read up to the cap, never beyond.
+  for (;;) {
+    if (have == out.size()) {
+      if (out.size() >= cap + 1) break;
+      out.resize(std::min<uint64_t>(cap + 1, std::max<uint64_t>(4096, out.size() * 2)));
+    }
+    const ssize_t n = ::read(f.fd, out.data() + have, out.size() - have);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      throw Error(path + ": read failed (" + std::strerror(errno) + ")");
+    }
+    if (n == 0) break;
+    have += size_t(n);
+  }
+  if (have > cap)
+    throw Error(path + ": more than the " + mib(cap) + " victor reads for " + file_kind_name(kind));
+  out.resize(have);
+  return out;
 }
 
 void write_file_atomic(const std::string& path, const std::string& bytes) {
@@ -37,13 +115,26 @@ namespace {
 // Flushes a file (or folder) to the disk: a rename is only crash-proof against power loss once
 // the data it points at is on disk, and the folder entry after it.
 void sync_path(const std::string& path) {
-  int fd = ::open(path.c_str(), O_RDONLY);
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) return;
   ::fsync(fd);
   ::close(fd);
 }
 
-constexpr const char* kTmpTag = ".tmp";
+// Temporaries are NAME.victor-tmp-PID-N: a tag no user names a file with by accident, and the
+// pid that tells the sweep whether the writer is still alive.
+constexpr const char* kTmpTag = ".victor-tmp-";
+
+std::string temporary_name(const std::string& path) {
+  static std::atomic<uint64_t> counter{0};
+  return path + kTmpTag + std::to_string(::getpid()) + "-" + std::to_string(counter++);
+}
+
+void fail_write(const std::string& path, const std::string& tmp, int err) {
+  std::remove(tmp.c_str());
+  throw Error(path + ": write failed (" + std::string(err ? std::strerror(err) : "disk full?") +
+              "); the previous file, if any, is unchanged");
+}
 
 }  // namespace
 
@@ -51,8 +142,7 @@ void write_file_atomic_streamed(const std::string& path,
                                 const std::function<void(std::ostream&)>& write) {
   fs::path target(path);
   if (target.has_parent_path()) fs::create_directories(target.parent_path());
-  std::random_device rd;
-  std::string tmp = path + kTmpTag + std::to_string(rd() % 1000000);
+  const std::string tmp = temporary_name(path);
   {
     std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
     if (!out) throw Error(path + ": cannot write (temporary " + tmp + "): " + std::strerror(errno));
@@ -71,19 +161,18 @@ void write_file_atomic_streamed(const std::string& path,
     if (!out) {
       const int err = errno;
       out.close();
-      std::remove(tmp.c_str());
-      throw Error(path + ": write failed (" + std::string(err ? std::strerror(err) : "disk full?") +
-                  "); the previous file, if any, is unchanged");
+      fail_write(path, tmp, err);
     }
     out.close();
-    if (out.fail()) {
-      const int err = errno;
-      std::remove(tmp.c_str());
-      throw Error(path + ": write failed (" + std::string(err ? std::strerror(err) : "disk full?") +
-                  "); the previous file, if any, is unchanged");
-    }
+    if (out.fail()) fail_write(path, tmp, errno);
   }
   sync_path(tmp);
+  try {
+    note_folder_change(target.has_parent_path() ? target.parent_path().string() : ".");
+  } catch (...) {
+    std::remove(tmp.c_str());
+    throw;
+  }
   std::error_code ec;
   fs::rename(tmp, target, ec);
   if (ec) {
@@ -93,19 +182,141 @@ void write_file_atomic_streamed(const std::string& path,
   sync_path(target.has_parent_path() ? target.parent_path().string() : ".");
 }
 
+bool is_victor_temporary(const std::string& name) {
+  const size_t at = name.rfind(kTmpTag);
+  if (at == std::string::npos || at == 0) return false;
+  const std::string tail = name.substr(at + std::strlen(kTmpTag));
+  const size_t dash = tail.find('-');
+  if (dash == 0 || dash == std::string::npos || dash + 1 == tail.size()) return false;
+  return tail.find_first_not_of("0123456789-") == std::string::npos && tail.find('-', dash + 1) == std::string::npos;
+}
+
 int remove_stale_temporaries(const std::string& dir) {
   std::vector<fs::path> stale;
   std::error_code ec;
   for (auto it = fs::directory_iterator(dir, ec); !ec && it != fs::directory_iterator(); it.increment(ec)) {
     const std::string name = it->path().filename().string();
-    const size_t at = name.rfind(kTmpTag);
-    if (at == std::string::npos || at + 4 == name.size()) continue;
-    if (name.find_first_not_of("0123456789", at + 4) != std::string::npos) continue;
-    if (it->is_regular_file(ec)) stale.push_back(it->path());
+    if (!is_victor_temporary(name) || !it->is_regular_file(ec)) continue;
+    const std::string tail = name.substr(name.rfind(kTmpTag) + std::strlen(kTmpTag));
+    const long pid = std::strtol(tail.c_str(), nullptr, 10);
+    // Alive (ours included: another thread may be writing it) or not ours to signal: kept.
+    if (pid <= 0 || ::kill(pid_t(pid), 0) == 0 || errno == EPERM) continue;
+    stale.push_back(it->path());
   }
   int removed = 0;
   for (auto& p : stale) removed += fs::remove(p, ec) ? 1 : 0;
   return removed;
+}
+
+// --- model folders ---
+
+bool holds_model(const std::string& dir) {
+  std::error_code ec;
+  if (!fs::is_directory(dir, ec)) return false;
+  for (const char* f : {"config.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.model"})
+    if (fs::exists(fs::path(dir) / f, ec)) return true;
+  return false;
+}
+
+void refuse_existing_model(const std::string& dir, bool overwrite, const std::string& option) {
+  if (overwrite || !holds_model(dir)) return;
+  throw Error(option + " " + dir +
+              ": the folder already holds a model; pass --overwrite to replace it (the old model stays "
+              "intact until the new one is complete)");
+}
+
+namespace {
+std::mutex g_open_mutex;
+// Folders with a model write in progress in this process, and whether the marker is down yet.
+std::map<std::string, bool> g_open_writes;
+
+std::string folder_key(const std::string& dir) {
+  std::error_code ec;
+  auto p = fs::weakly_canonical(fs::absolute(dir), ec);
+  return ec ? fs::absolute(dir).lexically_normal().string() : p.string();
+}
+
+// Puts the marker down before the first file of an open write is replaced (called with the
+// lock held): a write that fails before replacing anything leaves the old model untouched and
+// loadable.
+void mark_locked(const std::string& key, bool& marked) {
+  if (marked) return;
+  const std::string marker = (fs::path(key) / kIncompleteMarker).string();
+  {
+    std::ofstream out(marker, std::ios::trunc);
+    out << "victor is writing a model into this folder (pid " << ::getpid()
+        << "); if this file stays, the write was interrupted and the folder must be written again\n";
+    if (!out) throw Error(key + ": cannot write " + marker);
+  }
+  sync_path(marker);
+  sync_path(key);
+  marked = true;
+}
+}  // namespace
+
+void note_folder_change(const std::string& dir) {
+  const std::string key = folder_key(dir.empty() ? "." : dir);
+  std::lock_guard<std::mutex> lock(g_open_mutex);
+  auto it = g_open_writes.find(key);
+  if (it != g_open_writes.end()) mark_locked(key, it->second);
+}
+
+ModelFolderWrite::ModelFolderWrite(const std::string& dir) : dir_(folder_key(dir)) {
+  std::lock_guard<std::mutex> lock(g_open_mutex);
+  if (g_open_writes.count(dir_)) return;  // an outer write of the same folder owns the marker
+  g_open_writes.emplace(dir_, false);
+  owner_ = true;
+}
+
+void ModelFolderWrite::commit() {
+  if (!owner_ || committed_) return;
+  std::lock_guard<std::mutex> lock(g_open_mutex);
+  if (g_open_writes[dir_]) {
+    std::error_code ec;
+    fs::remove(fs::path(dir_) / kIncompleteMarker, ec);
+    if (ec) throw Error(dir_ + ": cannot remove " + kIncompleteMarker + ": " + ec.message());
+    sync_path(dir_);
+  }
+  g_open_writes.erase(dir_);
+  committed_ = true;
+}
+
+ModelFolderWrite::~ModelFolderWrite() {
+  if (!owner_ || committed_) return;
+  std::lock_guard<std::mutex> lock(g_open_mutex);
+  g_open_writes.erase(dir_);  // the marker, if down, stays: some files were replaced
+}
+
+void check_model_folder_complete(const std::string& dir) {
+  std::error_code ec;
+  if (fs::exists(fs::path(dir) / kIncompleteMarker, ec))
+    throw Error(dir + ": an interrupted write left this model folder incomplete (" + kIncompleteMarker +
+                " is present); write the model again");
+}
+
+// --- outputs ---
+
+namespace {
+bool same_file(const fs::path& a, const fs::path& b) {
+  std::error_code ec;
+  if (fs::exists(a, ec) && fs::exists(b, ec)) return fs::equivalent(a, b, ec);
+  return fs::weakly_canonical(fs::absolute(a), ec) == fs::weakly_canonical(fs::absolute(b), ec);
+}
+}  // namespace
+
+void refuse_output_over_inputs(const std::string& option, const std::string& out,
+                               const std::vector<std::string>& inputs) {
+  if (out.empty()) return;
+  const fs::path o(out);
+  std::error_code ec;
+  if (fs::is_directory(o, ec)) throw Error(option + " " + out + ": is a folder, not a file");
+  for (auto& in : inputs)
+    if (!in.empty() && same_file(o, in))
+      throw Error(option + " " + out + ": is one of this command's inputs (" + in + "); choose another file");
+  const fs::path parent = fs::absolute(o).parent_path();
+  if (holds_model(parent.string()) && fs::exists(o, ec))
+    throw Error(option + " " + out + ": would replace a file inside the model folder " + parent.string() +
+                "; write it elsewhere");
 }
 
 }  // namespace victor

@@ -28,7 +28,9 @@ torch::Tensor preprocess_image(const Image& input, const PreprocessConfig& p) {
   hwc = hwc.narrow(0, rc.top, p.crop_size).narrow(1, rc.left, p.crop_size);
   auto mean = torch::tensor(std::vector<float>(p.image_mean.begin(), p.image_mean.end()));
   auto std = torch::tensor(std::vector<float>(p.image_std.begin(), p.image_std.end()));
-  auto x = (hwc * (1.0f / 255.0f) - mean) / std;  // [H,W,3]
+  // Rescaled in double and rounded once to float32, as transformers' rescale does.
+  auto x = (hwc.to(torch::kFloat64) * p.rescale_factor).to(torch::kFloat32);  // [H,W,3]
+  if (p.do_normalize) x = (x - mean) / std;
   return x.permute({2, 0, 1}).contiguous();
 }
 

@@ -9,6 +9,7 @@
 #include <memory>
 
 #include <jpeglib.h>
+#include <jerror.h>
 
 #include "stb_image.h"
 #include "stb_image_write.h"
@@ -75,7 +76,15 @@ void jpeg_fail(j_common_ptr c) {
   std::longjmp(e->jump, 1);
 }
 
-void jpeg_quiet(j_common_ptr, int) {}  // warnings (e.g. extraneous bytes) are not errors, as in PIL
+// Warnings (e.g. extraneous bytes) are not errors, as in PIL; but a file that ends inside its
+// data is refused as PIL refuses it ("image file is truncated"), not decoded with grey fill.
+void jpeg_quiet(j_common_ptr c, int level) {
+  if (level < 0 && c->err->msg_code == JWRN_JPEG_EOF) {
+    auto* e = reinterpret_cast<JpegError*>(c->err);
+    std::snprintf(e->message, sizeof e->message, "truncated: the file ends inside the image data");
+    std::longjmp(e->jump, 1);
+  }
+}
 
 // Decodes (pixels != nullptr) or reads only the header; the size is checked before any pixel
 // memory is allocated. Returns false with `why` set when libjpeg refuses the data.
@@ -162,6 +171,17 @@ Image decode_image(const std::string& bytes, const std::string& source) {
 
 bool image_dimensions(const std::string& bytes, int* width, int* height) {
   int ch = 0;
+  // A PNG's size is in its IHDR: read there, so a header declaring 100000 x 100000 (which stb's
+  // own limits call unreadable) is known as too large, not as broken.
+  if (is_png(bytes) && bytes.size() >= 24 && bytes.compare(12, 4, "IHDR") == 0) {
+    const auto* p = reinterpret_cast<const unsigned char*>(bytes.data());
+    auto be32 = [&](size_t at) { return uint32_t(p[at]) << 24 | uint32_t(p[at + 1]) << 16 | uint32_t(p[at + 2]) << 8 | p[at + 3]; };
+    const uint32_t w = be32(16), h = be32(20);
+    if (w == 0 || h == 0) return false;
+    *width = int(std::min<uint32_t>(w, uint32_t(std::numeric_limits<int>::max())));
+    *height = int(std::min<uint32_t>(h, uint32_t(std::numeric_limits<int>::max())));
+    return true;
+  }
   if (is_jpeg(bytes)) {
     std::string why;
     return run_jpeg(bytes, width, height, nullptr, &why);
@@ -171,7 +191,7 @@ bool image_dimensions(const std::string& bytes, int* width, int* height) {
                                static_cast<int>(bytes.size()), width, height, &ch) != 0;
 }
 
-Image load_image(const std::string& path) { return decode_image(read_file(path), path); }
+Image load_image(const std::string& path) { return decode_image(read_file(path, FileKind::Image), path); }
 
 std::string encode_png(const Image& img) {
   std::string out;
@@ -218,68 +238,85 @@ double cubic(double x) {
   return 0.0;
 }
 
+// Pillow's 8-bit resampling works in fixed point: each weight times 2^22, rounded away from zero,
+// sums started at half a unit, then shifted down and clipped (Resample.c, PRECISION_BITS).
+constexpr int kPrecisionBits = 32 - 8 - 2;
+
 struct Taps {
   std::vector<int> start;
-  std::vector<std::vector<double>> w;
+  std::vector<std::vector<int32_t>> w;
 };
 
-// Filter taps as PIL computes them: the support widens by the scale when shrinking (antialias).
+// Filter taps exactly as Pillow computes them: the support widens by the scale when shrinking
+// (antialias), the kernel's argument is multiplied by 1 / filterscale, the weights normalized by
+// their sum in double, then made fixed point.
 Taps make_taps(int in, int out) {
   Taps t;
-  double scale = double(in) / out;
-  double fscale = std::max(scale, 1.0);
-  double support = 2.0 * fscale;
+  const double scale = double(in) / out;
+  const double filterscale = std::max(scale, 1.0);
+  const double support = 2.0 * filterscale;
+  const double ss = 1.0 / filterscale;
   for (int i = 0; i < out; ++i) {
-    double center = (i + 0.5) * scale;
-    int lo = std::max(int(center - support + 0.5), 0);
-    int hi = std::min(int(center + support + 0.5), in);
+    const double center = (i + 0.5) * scale;
+    const int lo = std::max(int(center - support + 0.5), 0);
+    const int hi = std::min(int(center + support + 0.5), in);
     std::vector<double> w;
     double sum = 0;
     for (int j = lo; j < hi; ++j) {
-      double v = cubic((j - center + 0.5) / fscale);
+      const double v = cubic((j - center + 0.5) * ss);
       w.push_back(v);
       sum += v;
     }
-    if (sum != 0)
-      for (auto& v : w) v /= sum;
+    std::vector<int32_t> fixed;
+    for (double v : w) {
+      const double k = (sum != 0.0 ? v / sum : v) * double(1 << kPrecisionBits);
+      fixed.push_back(int32_t(k < 0 ? -0.5 + k : 0.5 + k));
+    }
     t.start.push_back(lo);
-    t.w.push_back(std::move(w));
+    t.w.push_back(std::move(fixed));
   }
   return t;
 }
 
-inline double clip255(double v) { return std::min(255.0, std::max(0.0, std::round(v))); }
+inline uint8_t clip8(int64_t acc) {
+  if (acc >= (int64_t(1) << kPrecisionBits << 8)) return 255;
+  if (acc <= 0) return 0;
+  return uint8_t(acc >> kPrecisionBits);
+}
 
 }  // namespace
 
 void resize_bicubic_into(const Image& img, int out_w, int out_h, float* o) {
   if (out_w <= 0 || out_h <= 0) throw Error("resize: output size must be positive");
-  // Horizontal pass then vertical, rounding to 8 bits between passes as PIL does.
-  std::vector<double> mid(size_t(img.height) * out_w * 3);
-  if (out_w == img.width) {
-    for (size_t i = 0; i < mid.size(); ++i) mid[i] = img.rgb[i];
-  } else {
+  // Horizontal pass then vertical, each in Pillow's fixed point and rounded to 8 bits, so the
+  // result equals PIL's Image.resize(..., BICUBIC) bit for bit (the test compares with Pillow).
+  std::vector<uint8_t> mid;
+  const std::vector<uint8_t>* rows = &img.rgb;
+  if (out_w != img.width) {
+    mid.resize(size_t(img.height) * out_w * 3);
     Taps tx = make_taps(img.width, out_w);
     for (int y = 0; y < img.height; ++y)
       for (int x = 0; x < out_w; ++x)
         for (int c = 0; c < 3; ++c) {
-          double acc = 0;
-          for (size_t k = 0; k < tx.w[x].size(); ++k) acc += tx.w[x][k] * img.at(y, tx.start[x] + int(k), c);
-          mid[(size_t(y) * out_w + x) * 3 + c] = clip255(acc);
+          int64_t acc = int64_t(1) << (kPrecisionBits - 1);
+          for (size_t k = 0; k < tx.w[x].size(); ++k) acc += int64_t(tx.w[x][k]) * img.at(y, tx.start[x] + int(k), c);
+          mid[(size_t(y) * out_w + x) * 3 + c] = clip8(acc);
         }
+    rows = &mid;
   }
+  const std::vector<uint8_t>& m = *rows;
   if (out_h == img.height) {
-    for (size_t i = 0; i < mid.size(); ++i) o[i] = float(mid[i]);
+    for (size_t i = 0; i < size_t(out_h) * out_w * 3; ++i) o[i] = float(m[i]);
     return;
   }
   Taps ty = make_taps(img.height, out_h);
   for (int y = 0; y < out_h; ++y)
     for (int x = 0; x < out_w; ++x)
       for (int c = 0; c < 3; ++c) {
-        double acc = 0;
+        int64_t acc = int64_t(1) << (kPrecisionBits - 1);
         for (size_t k = 0; k < ty.w[y].size(); ++k)
-          acc += ty.w[y][k] * mid[(size_t(ty.start[y] + int(k)) * out_w + x) * 3 + c];
-        o[(size_t(y) * out_w + x) * 3 + c] = float(clip255(acc));
+          acc += int64_t(ty.w[y][k]) * m[(size_t(ty.start[y] + int(k)) * out_w + x) * 3 + c];
+        o[(size_t(y) * out_w + x) * 3 + c] = float(clip8(acc));
       }
 }
 

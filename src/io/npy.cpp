@@ -25,7 +25,7 @@ void save_npy(const std::string& path, const torch::Tensor& t) {
 }
 
 torch::Tensor load_npy(const std::string& path) {
-  std::string b = read_file(path);
+  std::string b = read_file(path, FileKind::Array);
   if (b.size() < 10 || b.compare(0, 6, "\x93NUMPY") != 0) throw Error(path + ": not a .npy file");
   size_t hl = static_cast<uint8_t>(b[8]) | (static_cast<uint8_t>(b[9]) << 8);
   if (10 + hl > b.size()) throw Error(path + ": truncated .npy header");

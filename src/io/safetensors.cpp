@@ -47,12 +47,16 @@ struct SafetensorsFile::Mapping {
 };
 
 SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
-  int fd = ::open(path.c_str(), O_RDONLY);
+  int fd = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
   if (fd < 0) throw Error(path + ": cannot open safetensors file: " + std::strerror(errno));
   struct stat st {};
   if (fstat(fd, &st) != 0) {
     ::close(fd);
     throw Error(path + ": cannot stat");
+  }
+  if (!S_ISREG(st.st_mode)) {
+    ::close(fd);
+    throw Error(path + ": not a regular file; victor maps only regular safetensors files");
   }
   map_ = std::make_shared<Mapping>();
   map_->size = static_cast<size_t>(st.st_size);
@@ -117,7 +121,7 @@ TensorStore::TensorStore(const std::string& dir) {
   fs::path single = fs::path(dir) / "model.safetensors";
   std::map<std::string, std::string> declared;  // tensor -> shard file (from the index)
   if (fs::exists(index)) {
-    declared = parse_safetensors_index(read_file(index.string()), index.string());
+    declared = parse_safetensors_index(read_file(index.string(), FileKind::Json), index.string());
     std::set<std::string> shards;
     for (auto& [t, f] : declared) shards.insert(f);
     for (auto& s : shards) {
@@ -263,6 +267,7 @@ void save_checkpoint_tensors(const std::string& dir,
   if (max_shard_bytes == 0 || total <= max_shard_bytes) {
     save_safetensors((fs::path(dir) / "model.safetensors").string(), tensors, dtype, meta);
     std::error_code ec;
+    note_folder_change(dir);
     fs::remove(fs::path(dir) / "model.safetensors.index.json", ec);
     return;
   }
@@ -290,6 +295,7 @@ void save_checkpoint_tensors(const std::string& dir,
   json index = {{"metadata", {{"total_size", total}}}, {"weight_map", weight_map}};
   write_file_atomic((fs::path(dir) / "model.safetensors.index.json").string(), index.dump(2));
   std::error_code ec;
+  note_folder_change(dir);
   fs::remove(fs::path(dir) / "model.safetensors", ec);
 }
 

@@ -5,9 +5,12 @@
 #include <cstdlib>
 #include <filesystem>
 #include <limits>
+#include <queue>
+#include <sstream>
 #include <nlohmann/json.hpp>
 
 #include "victor/error.h"
+#include "victor/process.h"
 
 namespace fs = std::filesystem;
 using json = nlohmann::json;
@@ -184,14 +187,30 @@ void Tokenizer::load_model(const std::string& bytes, const std::string& source) 
   }
 }
 
-Tokenizer::Tokenizer(const std::string& dir) {
+// The files that make a tokenizer folder, as transformers writes them.
+const char* const kTokenizerFiles[] = {"tokenizer.model", "added_tokens.json", "tokenizer_config.json",
+                                       "special_tokens_map.json"};
+
+void copy_tokenizer_files(const std::string& from, const std::string& to) {
+  fs::create_directories(to);
+  for (const char* f : kTokenizerFiles) {
+    const fs::path src = fs::path(from) / f, dst = fs::path(to) / f;
+    std::error_code ec;
+    if (!fs::exists(src) || (fs::exists(dst) && fs::equivalent(src, dst, ec))) continue;
+    write_file_atomic(dst.string(),
+                      read_file(src.string(), std::string(f) == "tokenizer.model" ? FileKind::Tokenizer : FileKind::Json));
+  }
+}
+
+Tokenizer::Tokenizer(const std::string& dir, bool allow_incomplete) {
+  if (!allow_incomplete) check_model_folder_complete(dir);
   fs::path model = fs::path(dir) / "tokenizer.model";
   if (!fs::exists(model)) throw Error(model.string() + ": missing (SentencePiece model required)");
-  load_model(read_file(model.string()), model.string());
+  load_model(read_file(model.string(), FileKind::Tokenizer), model.string());
   fs::path added = fs::path(dir) / "added_tokens.json";
-  if (fs::exists(added)) load_added_tokens(read_file(added.string()), added.string());
+  if (fs::exists(added)) load_added_tokens(read_file(added.string(), FileKind::Json), added.string());
   fs::path cfg = fs::path(dir) / "tokenizer_config.json";
-  if (fs::exists(cfg)) load_tokenizer_config(read_file(cfg.string()), cfg.string());
+  if (fs::exists(cfg)) load_tokenizer_config(read_file(cfg.string(), FileKind::Json), cfg.string());
 }
 
 namespace {
@@ -314,29 +333,53 @@ std::vector<int64_t> Tokenizer::encode_unigram(const std::string& s) const {
 }
 
 std::vector<int64_t> Tokenizer::encode_bpe(const std::string& s) const {
-  // Characters, then repeatedly merge the adjacent pair whose union is the best-scored piece.
-  std::vector<std::string> sym;
+  // Characters, then repeatedly merge the adjacent pair whose union is the best-scored piece
+  // (ties: the leftmost pair), as SentencePiece's BPE does. Symbols are spans of `s` in a linked
+  // list and candidate pairs wait in a heap, checked when popped: O(n log n), where rescanning
+  // every pair after each merge took 13 s for 40 kB of text.
+  struct Sym {
+    size_t start = 0, len = 0;
+    int prev = -1, next = -1;
+  };
+  std::vector<Sym> sym;
   for (size_t i = 0; i < s.size();) {
-    size_t l = std::min(utf8_len(static_cast<unsigned char>(s[i])), s.size() - i);
-    sym.push_back(s.substr(i, l));
+    const size_t l = std::min(utf8_len(static_cast<unsigned char>(s[i])), s.size() - i);
+    sym.push_back({i, l, int(sym.size()) - 1, int(sym.size()) + 1});
     i += l;
   }
-  while (sym.size() > 1) {
-    float best = -std::numeric_limits<float>::infinity();
-    size_t at = sym.size();
-    for (size_t i = 0; i + 1 < sym.size(); ++i) {
-      auto it = index_.find(sym[i] + sym[i + 1]);
-      if (it != index_.end() && pieces_[it->second].score > best) {
-        best = pieces_[it->second].score;
-        at = i;
-      }
-    }
-    if (at == sym.size()) break;
-    sym[at] += sym[at + 1];
-    sym.erase(sym.begin() + at + 1);
+  if (sym.empty()) return {};
+  sym.back().next = -1;
+  struct Cand {
+    float score;
+    int left, right;
+    size_t len;  // the pair's bytes when pushed: a stale candidate no longer matches
+  };
+  auto worse = [&](const Cand& a, const Cand& b) {
+    return a.score != b.score ? a.score < b.score : sym[size_t(a.left)].start > sym[size_t(b.left)].start;
+  };
+  std::priority_queue<Cand, std::vector<Cand>, decltype(worse)> agenda(worse);
+  auto consider = [&](int left, int right) {
+    if (left < 0 || right < 0) return;
+    const size_t len = sym[size_t(left)].len + sym[size_t(right)].len;
+    auto it = index_.find(s.substr(sym[size_t(left)].start, len));
+    if (it != index_.end()) agenda.push({pieces_[size_t(it->second)].score, left, right, len});
+  };
+  for (size_t i = 0; i + 1 < sym.size(); ++i) consider(int(i), int(i + 1));
+  while (!agenda.empty()) {
+    const Cand c = agenda.top();
+    agenda.pop();
+    Sym &l = sym[size_t(c.left)], &r = sym[size_t(c.right)];
+    if (l.len == 0 || r.len == 0 || l.next != c.right || l.len + r.len != c.len) continue;  // stale
+    l.len += r.len;
+    r.len = 0;
+    l.next = r.next;
+    if (r.next >= 0) sym[size_t(r.next)].prev = c.left;
+    consider(l.prev, c.left);
+    consider(c.left, l.next);
   }
   std::vector<int64_t> out;
-  for (auto& t : sym) {
+  for (int i = 0; i >= 0; i = sym[size_t(i)].next) {
+    const std::string t = s.substr(sym[size_t(i)].start, sym[size_t(i)].len);
     auto it = index_.find(t);
     if (it != index_.end()) out.push_back(it->second);
     else push_unknown(t, out);
@@ -368,6 +411,12 @@ std::vector<int64_t> Tokenizer::encode_piece_text(const std::string& text) const
     t = r;
   }
   return model_type_ == 2 ? encode_bpe(t) : encode_unigram(t);
+}
+
+size_t Tokenizer::max_bytes_per_token() const {
+  size_t m = std::max<size_t>(max_piece_bytes_, 4);  // a byte-fallback token stands for one byte
+  for (auto& kv : added_) m = std::max(m, kv.first.size());
+  return m;
 }
 
 std::vector<int64_t> Tokenizer::encode(const std::string& text) const {
@@ -423,10 +472,21 @@ std::string Tokenizer::decode(const std::vector<int64_t>& ids) const {
 }
 
 namespace {
-std::string shell_quote(const std::string& s) {
-  std::string r = "'";
-  for (char c : s) r += c == '\'' ? std::string("'\\''") : std::string(1, c);
-  return r + "'";
+// spm_train's reason for failing: its "Internal: ... [check] reason" line, reduced to the reason
+// ("Vocabulary size is smaller than required_chars. 300 vs 660. Increase vocab_size ...").
+std::string spm_train_reason(const std::string& log) {
+  std::istringstream in(log);
+  std::string line, last;
+  while (std::getline(in, line)) {
+    if (line.find_first_not_of(" \t\r") == std::string::npos ||
+        line.find("Program terminated") != std::string::npos)
+      continue;
+    last = line;
+    if (line.find("Internal:") != std::string::npos || line.find("Check failed") != std::string::npos) break;
+  }
+  if (auto p = last.rfind("] "); p != std::string::npos) last = last.substr(p + 2);
+  if (last.size() > 300) last = last.substr(0, 300) + "...";
+  return last;
 }
 }  // namespace
 
@@ -435,40 +495,49 @@ int train_tokenizer(const std::vector<std::string>& corpus_lines, const std::str
   if (corpus_lines.empty()) throw Error("tokenizer training: empty corpus");
   if (model_type != "bpe" && model_type != "unigram")
     throw Error("tokenizer training: model type '" + model_type + "' is not bpe or unigram");
-  fs::create_directories(dir);
-  std::string corpus_path = (fs::path(dir) / ".tokenizer_corpus.txt").string();
+  // spm_train works in a private folder of ours (no shell, no user path on its command line);
+  // only the finished tokenizer reaches `dir`.
+  std::string tmpl = (fs::temp_directory_path() / "victor-spm-XXXXXX").string();
+  if (!mkdtemp(tmpl.data())) throw Error("tokenizer training: cannot make a temporary folder in " +
+                                         fs::temp_directory_path().string());
+  const fs::path work(tmpl);
+  struct Cleanup {
+    fs::path p;
+    ~Cleanup() {
+      std::error_code ec;
+      fs::remove_all(p, ec);
+    }
+  } cleanup{work};
   std::string text;
   for (auto& l : corpus_lines) text += l + "\n";
-  write_file_atomic(corpus_path, text);
-  std::string prefix = (fs::path(dir) / ".tokenizer_tmp").string();
-  std::string log = (fs::path(dir) / ".tokenizer_train.log").string();
-  std::string cmd = "spm_train --input=" + shell_quote(corpus_path) +
-                    " --model_prefix=" + shell_quote(prefix) +
-                    " --vocab_size=" + std::to_string(vocab_size) +
-                    " --model_type=" + model_type + " --hard_vocab_limit=false --byte_fallback=true"
-                    " --split_digits=true --character_coverage=1.0 --num_threads=1"
-                    " --normalization_rule_name=identity --remove_extra_whitespaces=false"
-                    " --unk_id=0 --bos_id=1 --eos_id=2 --pad_id=-1"
-                    " --max_sentence_length=100000 --shuffle_input_sentence=false > " +
-                    shell_quote(log) + " 2>&1";
-  int rc = std::system(cmd.c_str());
-  fs::remove(corpus_path);
+  write_file_atomic((work / "corpus.txt").string(), text);
+  const std::string log = (work / "train.log").string();
+  // Relative names in its own folder: spm_train records them in the model, which so stays the
+  // same bytes for the same corpus.
+  const int rc = run_program({"spm_train", "--input=corpus.txt", "--model_prefix=tok",
+                              "--vocab_size=" + std::to_string(vocab_size), "--model_type=" + model_type,
+                              "--hard_vocab_limit=false", "--byte_fallback=true", "--split_digits=true",
+                              "--character_coverage=1.0", "--num_threads=1", "--normalization_rule_name=identity",
+                              "--remove_extra_whitespaces=false", "--unk_id=0", "--bos_id=1", "--eos_id=2",
+                              "--pad_id=-1", "--max_sentence_length=100000", "--shuffle_input_sentence=false"},
+                             "", log, work.string());
+  if (rc == 127 && !program_on_path("spm_train"))
+    throw Error("tokenizer training: spm_train not found (Debian's sentencepiece package; scripts/setup.sh installs it)");
   if (rc != 0) {
-    std::string tail;
+    std::string reason;
     try {
-      tail = read_file(log);
-      if (tail.size() > 400) tail = tail.substr(tail.size() - 400);
+      reason = spm_train_reason(read_file(log, FileKind::Log));
     } catch (const Error&) {
     }
-    throw Error("tokenizer training failed (spm_train from Debian's sentencepiece package; exit " +
-                std::to_string(rc) + "): " + tail);
+    throw Error("tokenizer training failed (spm_train, exit " + std::to_string(rc) + ", vocabulary size " +
+                std::to_string(vocab_size) + "): " + reason);
   }
-  fs::remove(log);
-  fs::rename(prefix + ".model", fs::path(dir) / "tokenizer.model");
-  fs::remove(prefix + ".vocab");
-  int n = Tokenizer(dir).sp_size();
+  const fs::path made = work / "made";
+  fs::create_directories(made);
+  fs::rename(work / "tok.model", made / "tokenizer.model");
+  int n = Tokenizer(made.string()).sp_size();
   json added = {{"<image>", n}, {"<pad>", n + 1}};
-  write_file_atomic((fs::path(dir) / "added_tokens.json").string(), added.dump(2) + "\n");
+  write_file_atomic((made / "added_tokens.json").string(), added.dump(2) + "\n");
   json cfg = {{"tokenizer_class", "LlamaTokenizer"},
               {"bos_token", "<s>"},
               {"eos_token", "</s>"},
@@ -480,7 +549,8 @@ int train_tokenizer(const std::vector<std::string>& corpus_lines, const std::str
               {"added_tokens_decoder",
                {{std::to_string(n), {{"content", "<image>"}, {"special", true}}},
                 {std::to_string(n + 1), {{"content", "<pad>"}, {"special", true}}}}}};
-  write_file_atomic((fs::path(dir) / "tokenizer_config.json").string(), cfg.dump(2) + "\n");
+  write_file_atomic((made / "tokenizer_config.json").string(), cfg.dump(2) + "\n");
+  copy_tokenizer_files(made.string(), dir);
   return n;
 }
 

@@ -243,7 +243,8 @@ torch::Tensor load_scale(const TensorStore& store, const std::string& name, int6
 
 }  // namespace
 
-Vlm Vlm::load(const std::string& dir, std::optional<WeightDType> dtype) {
+Vlm Vlm::load(const std::string& dir, std::optional<WeightDType> dtype, bool allow_incomplete) {
+  if (!allow_incomplete) check_model_folder_complete(dir);
   ModelConfig config = load_config(dir);
   const WeightDType to = dtype.value_or(config.weight_dtype);
   Vlm m(config);
@@ -311,6 +312,13 @@ Vlm Vlm::load(const std::string& dir, std::optional<WeightDType> dtype) {
       throw Error(store.file_of(n) + ": tensor '" + n +
                   "' is a bias on a LLaMA projection (attention_bias / mlp_bias), which victor does not apply; "
                   "refusing rather than computing wrong logits");
+    // A tensor of a module victor builds that no parameter takes: the checkpoint has a part
+    // (a layer, a norm, a projector stage) the model would skip.
+    for (const char* module : {"vision_tower.", "multi_modal_projector.", "language_model.", "victor.", "resampler."})
+      if (c.rfind(module, 0) == 0)
+        throw Error(store.file_of(n) + ": tensor '" + n + "' belongs to " + std::string(module, std::strlen(module) - 1) +
+                    " but no part of the model as config.json describes it uses it; refusing rather than "
+                    "computing without it");
     ++ignored;
   }
   if (ignored > 0)
@@ -343,11 +351,12 @@ int64_t Vlm::parameter_count(int part_mask) const {
 }
 
 void Vlm::save(const std::string& dir, size_t max_shard_bytes) const {
-  fs::create_directories(dir);
+  ModelFolderWrite write(dir);  // a no-op inside a caller's write of the same folder
   std::vector<std::pair<std::string, torch::Tensor>> tensors;
   for (auto& p : params_) tensors.emplace_back(p.name, *p.tensor);
   save_checkpoint_tensors(dir, tensors, max_shard_bytes, SaveDtype::Native);
   save_config(config_, dir);
+  write.commit();
 }
 
 void Vlm::set_reducer(const Reducer& r, uint64_t seed, bool replace_registers) {

@@ -35,6 +35,7 @@ namespace {
 // "k=2,keep=0.5" -> {k: "2", keep: "0.5"}; a bare value ("4") is stored under "".
 std::map<std::string, std::string> parse_params(const std::string& spec, const std::string& body) {
   std::map<std::string, std::string> out;
+  if (!body.empty() && body.back() == ',') bad_spec(spec, "empty parameter (a trailing comma)");
   std::stringstream ss(body);
   std::string item;
   while (std::getline(ss, item, ',')) {
@@ -97,19 +98,23 @@ std::string num(double x) {
 }  // namespace
 
 Reducer Reducer::parse(const std::string& spec) {
+  if (spec.empty()) bad_spec(spec, "empty (give none, victor:m=M,k=K, pool:P, fastv:k=K,keep=R, visionzip:... or resampler:N)");
   auto colon = spec.find(':');
   std::string kind = spec.substr(0, colon);
   Params p{spec, colon == std::string::npos ? std::map<std::string, std::string>{}
                                             : parse_params(spec, spec.substr(colon + 1))};
   if (colon != std::string::npos && p.kv.empty()) bad_spec(spec, "nothing after ':'");
   constexpr int big = 1 << 20;
+  // Learned rows (registers, latents) are allocated as [count, hidden]: bounded as the
+  // --registers flag is, so a spec cannot ask for gigabytes before a shape check sees it.
+  constexpr int max_rows = 4096;
   if (kind == "none" || kind == "plain") {
     p.done();
     return none();
   }
   if (kind == "victor") {
     VictorParams v;
-    v.registers = p.integer("m", "m (registers per image)", 0, big);
+    v.registers = p.integer("m", "m (registers per image)", 0, max_rows);
     v.summary_layers = p.integer("k", "k (summary layers)", 0, big);
     if (p.has("mask")) v.mask = [&] {
       std::string m = p.take("mask", "mask");
@@ -122,7 +127,7 @@ Reducer Reducer::parse(const std::string& spec) {
   }
   if (kind == "pool") {
     PoolParams q;
-    q.factor = p.integer(p.has("") ? "" : "p", "the pool factor p (pool:4)", 2, big);
+    q.factor = p.integer(p.has("") ? "" : "p", "the pool factor p (pool:4)", 2, 64);
     p.done();
     return pool(q);
   }
@@ -142,7 +147,7 @@ Reducer Reducer::parse(const std::string& spec) {
   }
   if (kind == "resampler") {
     ResamplerParams q;
-    q.latents = p.integer(p.has("") ? "" : "latents", "latents (learned queries)", 1, big);
+    q.latents = p.integer(p.has("") ? "" : "latents", "latents (learned queries)", 1, max_rows);
     p.done();
     return resampler(q);
   }

@@ -9,6 +9,7 @@
 #include "repro/internal.h"
 #include "victor/blas.h"
 #include "victor/error.h"
+#include "victor/process.h"
 #include "victor/stats.h"
 
 namespace fs = std::filesystem;
@@ -69,40 +70,59 @@ std::vector<double> throughput_ratios(const BenchResult& plain, const BenchResul
 
 namespace {
 
+// A string as a gnuplot single-quoted literal: '' stands for a quote; control characters and
+// backquotes (gnuplot's command substitution) are dropped.
+std::string gp_quote(const std::string& s) {
+  std::string r = "'";
+  for (char c : s) {
+    if (c == '\'') r += "''";
+    else if (c != '`' && static_cast<unsigned char>(c) >= 0x20) r += c;
+  }
+  return r + "'";
+}
+
 // Plots with gnuplot (Debian's gnuplot-nox) when present; returns false when it is not.
 // One line per series (label, points), gnuplot's data blocks separated by two blank lines.
+// gnuplot runs without a shell, on files in a private temporary folder, so no path of the user's
+// reaches its command line or its script; the PNG is renamed into place when complete.
 using Series = std::pair<std::string, std::vector<std::pair<double, double>>>;
 bool plot(const std::string& dir, const std::string& name, const std::string& title, const std::string& ylabel,
           const std::vector<Series>& series, double baseline, const std::string& baseline_label,
           const std::string& xlabel = "registers m", bool log_x = true) {
-  if (series.empty() || std::system("command -v gnuplot > /dev/null 2>&1") != 0) return false;
-  std::string data = (fs::path(dir) / (name + ".dat")).string();
-  std::ofstream(data) << [&] {
-    std::ostringstream o;
-    for (auto& [label, points] : series) {
-      for (auto& [x, y] : points) o << x << " " << y << "\n";
-      o << "\n\n";
-    }
-    return o.str();
-  }();
+  if (series.empty() || !program_on_path("gnuplot")) return false;
+  std::string tmpl = (fs::temp_directory_path() / "victor-plot-XXXXXX").string();
+  if (!mkdtemp(tmpl.data())) return false;
+  const fs::path work(tmpl);
+  std::ostringstream data;
+  for (auto& [label, points] : series) {
+    for (auto& [x, y] : points) data << x << " " << y << "\n";
+    data << "\n\n";
+  }
+  std::ofstream(work / "data.dat") << data.str();
   std::string lines;
   for (size_t i = 0; i < series.size(); ++i)
-    lines += "'" + data + "' index " + std::to_string(i) + " using 1:2 with linespoints lw 2 pt 7 title '" +
-             series[i].first + "', ";
-  std::string png = (fs::path(dir) / (name + ".png")).string();
-  std::string script = (fs::path(dir) / (name + ".gp")).string();
-  std::ofstream(script) << "set terminal png size 640,400\nset output '" << png + ".tmp"
-                        << "'\nset title '" << title << "'\nset xlabel '" << xlabel << "'\nset ylabel '" << ylabel
-                        << "'\nset grid\nset key outside right\n"
-                        << (log_x ? "set logscale x 2\nset xrange [0.5:*]\n" : "")
-                        << "plot " << lines << baseline << " with lines dt 2 lw 2 title '" << baseline_label << "'\n";
-  bool ok = std::system(("gnuplot '" + script + "' > /dev/null 2>&1").c_str()) == 0;
-  if (ok) fs::rename(png + ".tmp", png);
-  fs::remove(data);
-  fs::remove(script);
+    lines += "'data.dat' index " + std::to_string(i) + " using 1:2 with linespoints lw 2 pt 7 title " +
+             gp_quote(series[i].first) + ", ";
+  // noenhanced: labels such as "b16_g2" are text, not subscripts; the key goes below the plot so
+  // the data keeps the canvas.
+  std::ostringstream script;
+  script << "set terminal png size 720,480 noenhanced\nset output 'plot.png'\nset title " << gp_quote(title)
+         << "\nset xlabel " << gp_quote(xlabel) << "\nset ylabel " << gp_quote(ylabel)
+         << "\nset grid\nset key below\n" << (log_x ? "set logscale x 2\nset xrange [0.5:*]\n" : "") << "plot "
+         << lines << baseline << " with lines dt 2 lw 2 title " << gp_quote(baseline_label) << "\n";
+  std::ofstream(work / "plot.gp") << script.str();
+  // gnuplot reads relative names from its working folder: give it the script on stdin after a cd.
+  std::ofstream(work / "main.gp") << "cd " << gp_quote(work.string()) << "\nload 'plot.gp'\n";
+  bool ok = run_program({"gnuplot"}, (work / "main.gp").string()) == 0 && fs::exists(work / "plot.png");
+  std::error_code ec;
+  if (ok) {
+    std::ostringstream png;
+    png << std::ifstream(work / "plot.png", std::ios::binary).rdbuf();
+    write_file_atomic((fs::path(dir) / (name + ".png")).string(), png.str());
+  }
+  fs::remove_all(work, ec);  // our own mkdtemp folder
   return ok;
 }
-
 
 }  // namespace
 

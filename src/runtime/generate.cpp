@@ -21,9 +21,14 @@ int64_t count_kind(const TokenMeta& m, int64_t row, TokenKind k) {
 }
 }  // namespace
 
-std::vector<int64_t> prompt_ids(const Tokenizer& tok, const std::string& prompt, size_t n_images) {
+std::vector<int64_t> prompt_ids(const Tokenizer& tok, const std::string& prompt, size_t n_images,
+                                int64_t context_tokens) {
   if (prompt.find_first_not_of(" \t\r\n") == std::string::npos)
     throw Error("prompt: empty prompt");
+  // Text that cannot fit the context however it is split is refused before it is tokenized.
+  if (context_tokens > 0 && prompt.size() > size_t(context_tokens) * tok.max_bytes_per_token())
+    throw Error("prompt: " + std::to_string(prompt.size()) + " bytes of text cannot fit in the model's context of " +
+                std::to_string(context_tokens) + " tokens");
   size_t found = 0;
   for (size_t p = prompt.find("<image>"); p != std::string::npos; p = prompt.find("<image>", p + 1))
     ++found;
@@ -38,8 +43,14 @@ std::vector<int64_t> prompt_ids(const Tokenizer& tok, const std::string& prompt,
 
 torch::Tensor sample_next(const torch::Tensor& logits_in, const SamplingOptions& opt,
                           at::Generator& gen) {
-  if (opt.temperature <= 0) return logits_in.argmax(-1);
-  auto logits = logits_in / opt.temperature;
+  // A temperature that is zero in float32 (1e-300, 1e-45) is greedy: dividing by it would give
+  // inf - inf = nan in the softmax.
+  const float t = float(opt.temperature);
+  if (t <= 0 || !std::isnormal(t)) return logits_in.argmax(-1);
+  auto logits = logits_in / t;
+  // A small one can still overflow: the same distribution from logits shifted to a maximum of 0
+  // (the best token keeps 0, the others go to -inf at worst, never nan).
+  if (!torch::isfinite(logits).all().item<bool>()) logits = (logits_in - logits_in.amax(-1, true)) / t;
   const int64_t V = logits.size(-1);
   if (opt.top_k > 0 && opt.top_k < V) {
     auto kth = std::get<0>(logits.topk(opt.top_k, -1)).select(-1, opt.top_k - 1).unsqueeze(-1);
@@ -177,7 +188,7 @@ GenerationResult generate(const Vlm& model, const Tokenizer& tok, const std::vec
   std::vector<PromptInput> inputs;
   for (auto& r : reqs) {
     PromptInput in;
-    in.ids = prompt_ids(tok, r.prompt, r.images.size());
+    in.ids = prompt_ids(tok, r.prompt, r.images.size(), cfg.text.max_position_embeddings);
     std::vector<torch::Tensor> px;
     for (auto& img : r.images) px.push_back(preprocess_image(img, cfg.preprocess));
     if (!px.empty()) in.pixels = torch::stack(px, 0);

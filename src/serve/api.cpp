@@ -72,13 +72,14 @@ std::string image_bytes(const std::string& url, const std::string& field, const 
   if (ec) throw ApiError(500, "server_error", "", "--allow-files folder is not readable: " + lim.allow_files);
   const fs::path p = fs::weakly_canonical(fs::path(path).is_absolute() ? fs::path(path) : root / path, ec);
   auto rel = p.lexically_relative(root);
-  if (ec || rel.empty() || rel.native().rfind("..", 0) == 0)
+  // Outside means a first component that IS "..": a file named "..dots.png" is inside.
+  if (ec || rel.empty() || *rel.begin() == "..")
     throw ApiError(403, "invalid_request_error", field, field + ": path is outside the allowed folder");
   if (!fs::is_regular_file(p, ec)) throw bad(field, "no such image file: " + path);
   if (int64_t(fs::file_size(p, ec)) > lim.max_image_bytes)
     throw ApiError(413, "invalid_request_error", field,
                    field + ": image larger than the limit of " + std::to_string(lim.max_image_bytes) + " bytes");
-  return read_file(p.string());
+  return read_file(p.string(), FileKind::Image);
 }
 
 // One message's content: a string, or an array of text / image_url parts. Images become

@@ -149,7 +149,7 @@ BenchServeReport bench_serve(const BenchServeOptions& o) {
   int port = 0;
   for (int i = 0; i < 1200 && port == 0; ++i) {
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
-    const std::string log = read_file(log_path);
+    const std::string log = read_file(log_path, FileKind::Log);
     const size_t at = log.find("on http://");
     if (at != std::string::npos) {
       const size_t colon = log.find(':', at + 10);

@@ -2,6 +2,8 @@
 // Each loop admits up to --prefills-per-step waiting requests (while the KV budget and the batch
 // allow), prefills them, then runs one decode step for every running request; requests leave the
 // batch when done.
+#include <atomic>
+#include <iostream>
 #include <ATen/CPUGeneratorImpl.h>
 
 #include <algorithm>
@@ -78,6 +80,14 @@ void ServeEngine::stop() {
 std::shared_ptr<Job> ServeEngine::make_job(const ChatRequest& r) const {
   const auto& cfg = model_.config();
   auto job = std::make_shared<Job>();
+  // Refused before tokenizing: text that cannot fit the context however it is split.
+  size_t text_bytes = 0;
+  for (auto& t : r.turns) text_bytes += t.human.size() + t.assistant.size();
+  const size_t ctx_bytes = size_t(cfg.text.max_position_embeddings) * tok_.max_bytes_per_token();
+  if (text_bytes > ctx_bytes)
+    throw ApiError(400, "invalid_request_error", "messages",
+                   "messages: " + std::to_string(text_bytes) + " bytes of text cannot fit in the model's context of " +
+                       std::to_string(cfg.text.max_position_embeddings) + " tokens");
   job->input.ids = encode_chat(tok_, r.turns).ids;
   std::vector<torch::Tensor> px;
   for (auto& img : r.images) {
@@ -95,7 +105,11 @@ std::shared_ptr<Job> ServeEngine::make_job(const ChatRequest& r) const {
     } catch (const Error& e) {
       throw ApiError(400, "invalid_request_error", img.field, e.what());
     }
-    px.push_back(preprocess_image(decoded, cfg.preprocess));
+    try {
+      px.push_back(preprocess_image(decoded, cfg.preprocess));
+    } catch (const Error& e) {
+      throw ApiError(413, "invalid_request_error", img.field, img.field + ": " + e.what());
+    }
     job->image_keys.push_back(hash_bytes(img.bytes));
   }
   const int64_t n = int64_t(px.size());
@@ -151,6 +165,16 @@ bool ServeEngine::submit(const std::shared_ptr<Job>& job) {
 EngineCounters ServeEngine::counters() const {
   std::lock_guard<std::mutex> lk(mu_);
   return counters_;
+}
+
+// An internal failure's text (a LibTorch message with its stack and load addresses) goes to the
+// server's log under an id; the client gets the id and a clean sentence.
+std::string internal_error(const std::string& stage, const std::exception& e) {
+  static std::atomic<uint64_t> next{1};
+  const std::string id = "err-" + std::to_string(next++);
+  std::string what = e.what();
+  std::cerr << "victor serve: " << id << ": " << stage << " failed: " << what << "\n";
+  return "internal error during " + stage + " (" + id + " in the server log)";
 }
 
 void ServeEngine::finish(const std::shared_ptr<Job>& job, const std::string& reason, const std::string& error) {
@@ -280,7 +304,7 @@ bool ServeEngine::prefill(const std::shared_ptr<Job>& job) {
     r.decode_start = now;
     if (advance(r, first)) return false;
   } catch (const std::exception& e) {
-    finish(job, "error", std::string("prefill failed: ") + e.what());
+    finish(job, "error", internal_error("prefill", e));
     return false;
   }
   running_.push_back(std::move(r));
@@ -360,7 +384,7 @@ void ServeEngine::loop() {
         }
       } catch (const std::exception& e) {
         for (size_t i = 0; i < running_.size(); ++i) {
-          finish(running_[i].job, "error", std::string("decode failed: ") + e.what());
+          finish(running_[i].job, "error", internal_error("decode", e));
           finished[i] = true;
         }
       }

@@ -102,6 +102,7 @@ std::string sse(const json& j) { return "data: " + dumps(j) + "\n\n"; }
 struct Server::Impl {
   ServeEngine& engine;
   httplib::Server http;
+  std::unique_ptr<Gate> gate;
   std::thread thread;
   explicit Impl(ServeEngine& e) : engine(e) {}
 
@@ -137,7 +138,12 @@ struct Server::Impl {
     const int64_t created = int64_t(std::time(nullptr));
     if (!cr.stream) {
       bool finished = false;
-      while (!finished) job->take(std::chrono::milliseconds(1000), &finished);
+      // The client may leave while it waits: the gate says so, and the work stops (the engine
+      // drops a cancelled job at its next step).
+      while (!finished) {
+        job->take(std::chrono::milliseconds(250), &finished);
+        if (!finished && gate && gate->client_gone(req.remote_port)) job->cancelled = true;
+      }
       std::lock_guard<std::mutex> lk(job->mu);
       if (job->finish_reason != "stop" && job->finish_reason != "length") throw job_error(*job);
       json j = {{"id", id},
@@ -254,8 +260,11 @@ Server::Server(ServeEngine& engine, const std::string& host, int port, int http_
       impl->completions(req, res);
     } catch (const ApiError& e) {
       send_error(res, e);
+    } catch (const Error& e) {
+      // victor's own errors name a problem with the request's content (an image, a prompt).
+      send_error(res, ApiError(400, "invalid_request_error", "", e.what()));
     } catch (const std::exception& e) {
-      send_error(res, ApiError(500, "server_error", "", e.what()));
+      send_error(res, ApiError(500, "server_error", "", internal_error("the request", e)));
     }
   });
   http.Get("/v1/models", [impl](const httplib::Request&, httplib::Response& res) {
@@ -268,7 +277,7 @@ Server::Server(ServeEngine& engine, const std::string& host, int port, int http_
     res.set_content(j.dump(), "application/json");
   });
   http.Get("/metrics", [impl](const httplib::Request&, httplib::Response& res) {
-    res.set_content(impl->engine.metrics_text(), "text/plain; version=0.0.4");
+    res.set_content(impl->engine.metrics_text() + impl->gate->metrics_text(), "text/plain; version=0.0.4");
   });
   http.Get("/", [](const httplib::Request&, httplib::Response& res) {
     res.set_content(kServePage, "text/html; charset=utf-8");
@@ -282,28 +291,33 @@ Server::Server(ServeEngine& engine, const std::string& host, int port, int http_
                                           : "bad request (" + std::to_string(res.status) + ")";
     res.set_content(error_body(ApiError(res.status, "invalid_request_error", "", msg)), "application/json");
   });
-  if (port == 0) {
-    port_ = http.bind_to_any_port(host);
-    if (port_ <= 0) throw Error("serve: cannot listen on " + host + " (any port)");
-  } else {
-    if (!http.bind_to_port(host, port))
-      throw Error("serve: cannot listen on " + host + ":" + std::to_string(port) + " (in use, or not an address of this machine)");
-    port_ = port;
-  }
-  widen_backlog(port_);
+  // cpp-httplib listens on loopback only; clients reach it through the gate (serve_gate.h), which
+  // holds slow and malformed clients itself and bounds heads, bodies and connections.
+  const int http_port = http.bind_to_any_port("127.0.0.1");
+  if (http_port <= 0) throw Error("serve: cannot listen on 127.0.0.1 (any port) for the HTTP library");
+  widen_backlog(http_port);
+  GateOptions g = engine.options().gate;
+  g.max_body_bytes = lim.max_body_bytes;
+  impl_->gate = std::make_unique<Gate>(host, port, http_port, g);
+  port_ = impl_->gate->port();
 }
 
 Server::~Server() { stop(); }
 
-void Server::run() { impl_->http.listen_after_bind(); }
+void Server::run() {
+  impl_->gate->start();
+  impl_->http.listen_after_bind();
+}
 
 void Server::start() {
-  impl_->thread = std::thread([this] { run(); });
+  impl_->thread = std::thread([this] { impl_->http.listen_after_bind(); });
   for (int i = 0; i < 500 && !impl_->http.is_running(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  impl_->gate->start();
 }
 
 void Server::stop() {
   if (!impl_) return;
+  if (impl_->gate) impl_->gate->stop();
   impl_->http.stop();
   if (impl_->thread.joinable()) impl_->thread.join();
 }

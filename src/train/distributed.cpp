@@ -14,7 +14,10 @@
 #include <cstdlib>
 #include <cstring>
 #include <iostream>
+#include <condition_variable>
 #include <map>
+#include <mutex>
+#include <thread>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
@@ -40,8 +43,14 @@ int env_int(const char* name, int fallback, int lo, int hi) {
 
 std::optional<DistEnv> dist_env_from_environment() {
   DistEnv e;
-  e.world_size = env_int("WORLD_SIZE", 1, 1, 1 << 16);
-  if (e.world_size == 1) return std::nullopt;
+  // c10d/Gloo opens a connection per pair of ranks: 4096 ranks of CPU training is far past any
+  // cluster this runs on, and WORLD_SIZE=65536 only waited forever.
+  e.world_size = env_int("WORLD_SIZE", 1, 1, 4096);
+  if (e.world_size == 1) {
+    if (env_int("RANK", 0, 0, 1 << 30) != 0)
+      throw Error(std::string("RANK=") + std::getenv("RANK") + " with WORLD_SIZE=1: the only rank is 0");
+    return std::nullopt;
+  }
   if (!std::getenv("RANK")) throw Error("WORLD_SIZE is " + std::to_string(e.world_size) + " but RANK is not set");
   e.rank = env_int("RANK", 0, 0, e.world_size - 1);
   e.local_rank = env_int("LOCAL_RANK", e.rank, 0, 1 << 16);
@@ -55,9 +64,45 @@ struct Communicator::Impl {
   c10::intrusive_ptr<c10d::ProcessGroupGloo> pg;
 };
 
+namespace {
+// Joining has phases c10d does not bound by its own timeout (rank 0 waiting for workers that
+// never come, a master that accepts and never answers): a watchdog ends the process with one
+// clear line when joining takes longer than --dist-timeout (plus a grace for c10d's own error).
+class JoinWatchdog {
+ public:
+  JoinWatchdog(std::chrono::milliseconds timeout, std::string message) : message_(std::move(message)) {
+    thread_ = std::thread([this, timeout] {
+      std::unique_lock<std::mutex> lk(mu_);
+      if (cv_.wait_for(lk, timeout + std::chrono::seconds(2), [this] { return done_; })) return;
+      std::cerr << "victor: error: " << message_ << "\n" << std::flush;
+      std::_Exit(1);
+    });
+  }
+  ~JoinWatchdog() {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      done_ = true;
+    }
+    cv_.notify_all();
+    thread_.join();
+  }
+
+ private:
+  std::string message_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool done_ = false;
+  std::thread thread_;
+};
+}  // namespace
+
 Communicator::Communicator(const DistEnv& env, std::chrono::milliseconds timeout)
     : env_(env), impl_(std::make_unique<Impl>()) {
   const std::string where = env.master_addr + ":" + std::to_string(env.master_port);
+  JoinWatchdog watchdog(timeout, "rank " + std::to_string(env.rank) + " of " + std::to_string(env.world_size) +
+                                     ": the training group at MASTER_ADDR:MASTER_PORT = " + where +
+                                     " did not form within --dist-timeout " + std::to_string(timeout.count() / 1000) +
+                                     " s (ranks missing, or the master does not answer as c10d)");
   try {
     c10d::TCPStoreOptions o;
     o.port = uint16_t(env.master_port);

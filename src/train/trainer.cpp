@@ -335,22 +335,13 @@ struct AdamState {
   std::vector<torch::Tensor> m, v;
 };
 
-void copy_tokenizer(const std::string& from, const std::string& to) {
-  for (const char* f : {"tokenizer.model", "added_tokens.json", "tokenizer_config.json",
-                        "special_tokens_map.json"}) {
-    fs::path src = fs::path(from) / f;
-    if (fs::exists(src) && fs::absolute(src) != fs::absolute(fs::path(to) / f))
-      write_file_atomic((fs::path(to) / f).string(), read_file(src.string()));
-  }
-}
-
 // Model files, then the full trainer state under a step-tagged name, then trainer_state.json
 // (atomic) pointing at it: a crash at any point leaves a consistent resumable state.
 void save_checkpoint(const Vlm& model, const std::vector<ParamRef*>& trainable, const AdamState& adam,
                      const TrainOptions& o, int step, int total, const std::string& tok_dir) {
-  fs::create_directories(o.out);
+  ModelFolderWrite write(o.out);
   model.save(o.out);
-  copy_tokenizer(tok_dir, o.out);
+  copy_tokenizer_files(tok_dir, o.out);
   std::vector<std::pair<std::string, torch::Tensor>> state;
   for (auto& p : model.params()) state.emplace_back("param." + p.name, *p.tensor);
   for (size_t i = 0; i < trainable.size(); ++i) {
@@ -368,6 +359,7 @@ void save_checkpoint(const Vlm& model, const std::vector<ParamRef*>& trainable, 
             {"global_batch", int64_t(o.batch_size) * o.grad_accum * (o.comm ? o.comm->world_size() : 1)}};
   fs::path sj = fs::path(o.out) / "trainer_state.json";
   write_file_atomic(sj.string(), j.dump(2) + "\n");
+  write.commit();
   // Now that trainer_state.json names the new state, every other state file is garbage: the
   // previous one, and any a killed run wrote but never pointed at (as are stale temporaries).
   std::vector<fs::path> garbage;
@@ -392,7 +384,7 @@ ResumePoint read_resume_point(const fs::path& sj) {
   if (!fs::exists(sj)) throw Error(sj.string() + ": nothing to resume from");
   ResumePoint r;
   try {
-    json j = json::parse(read_file(sj.string()));
+    json j = json::parse(read_file(sj.string(), FileKind::Json));
     r.step = j.at("step").get<int>();
     r.total = j.at("total_steps").get<int>();
     r.state_file = j.at("state_file").get<std::string>();
@@ -733,9 +725,11 @@ TrainReport train(const TrainOptions& opts) {
   if (o.max_samples > 0 && int(convs.size()) > o.max_samples) convs.resize(size_t(o.max_samples));
   // Resume continues from the output folder's own checkpoint.
   std::string start = o.resume ? o.out : o.model_dir;
-  Vlm model = Vlm::load(start);
+  // A run killed mid-checkpoint resumes: the trainer state trainer_state.json names holds every
+  // parameter, so the folder's half-replaced model files are not what it continues from.
+  Vlm model = Vlm::load(start, std::nullopt, /*allow_incomplete=*/o.resume);
   if (!o.resume && o.reducer.any()) model.set_reducer(o.reducer.resolve(model.config().reducer), o.seed);
-  Tokenizer tok(start);
+  Tokenizer tok(start, /*allow_incomplete=*/o.resume);
   std::string folder = o.image_folder.empty() ? fs::path(o.data).parent_path().string() : o.image_folder;
   auto samples = prepare_samples(convs, tok, model.config(), folder, o.skip_bad, &bad);
   if (!bad.empty() && writer) {
