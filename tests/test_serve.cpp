@@ -7,6 +7,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <thread>
@@ -772,4 +773,48 @@ TEST(ServeGate, ANonStreamingClientThatLeavesCancelsItsRequest) {
   })) << s.engine->metrics_text();
   EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 1.5);
   EXPECT_LT(s.engine->counters().completion_tokens, 900u);
+}
+
+TEST(ServeEngine, ImagesInFlightStayWithinTheirMemoryBudget) {
+  // Eight requests with a 300 x 300 image each decode at once; the budget holds two images'
+  // worth: the bytes held never exceed it, and an image that alone needs more is a 413.
+  ServeFixture f("imgbudget", Reducer::none());
+  ServeOptions o;
+  int64_t one = 0;
+  {
+    ServeOptions probe;
+    probe.image_memory_bytes = 1;
+    ServeEngine e(*f.model, *f.tok, probe);
+    ChatRequest r = parse_chat_request(
+        json{{"messages", {user_message("hi", {data_url(random_image(300, 300, 1))})}}}.dump(), probe.limits);
+    int status = 0;
+    std::string msg;
+    try {
+      e.make_job(r);
+    } catch (const ApiError& err) {
+      status = err.status;
+      msg = err.what();
+    }
+    EXPECT_EQ(status, 413);
+    ASSERT_NE(msg.find("--image-memory-mb"), std::string::npos) << msg;
+    one = (std::stoll(msg.substr(msg.find("needs ") + 6)) + 1) << 20;  // MiB, rounded up
+    e.stop();
+  }
+  o.image_memory_bytes = std::max<int64_t>(2 * one + (2 << 20), 4 << 20);
+  ServeEngine engine(*f.model, *f.tok, o);
+  std::vector<std::thread> ts;
+  std::atomic<int> ok{0};
+  for (int i = 0; i < 8; ++i)
+    ts.emplace_back([&, i] {
+      ChatRequest r = parse_chat_request(
+          json{{"messages", {user_message("hi", {data_url(random_image(300, 300, uint32_t(i + 2)))})}}}.dump(), o.limits);
+      if (engine.make_job(r)) ++ok;
+    });
+  for (auto& t : ts) t.join();
+  const auto c = engine.counters();
+  EXPECT_EQ(ok.load(), 8);
+  EXPECT_GT(c.image_bytes_peak, 0);
+  EXPECT_LE(c.image_bytes_peak, o.image_memory_bytes);
+  EXPECT_EQ(c.image_bytes_in_flight, 0);
+  engine.stop();
 }

@@ -301,7 +301,7 @@ void run_generate(const GenerateArgs& a) {
 struct ServeArgs {
   std::string model, dtype = "auto", kv_dtype = "f32", host = "127.0.0.1", name;
   int port = 8080, threads = default_threads(), http_threads = 0;
-  double kv_budget_mb = 2048, image_cache_mb = 256, max_body_mb = 64, max_image_mb = 20;
+  double kv_budget_mb = 2048, image_cache_mb = 256, max_body_mb = 64, max_image_mb = 20, image_memory_mb = 512;
   ReducerChoice reducer;
   ServeOptions opt;
 };
@@ -323,6 +323,7 @@ void run_serve(ServeArgs a) {
   o.kv_dtype = kv_dtype_from_string(a.kv_dtype);
   o.kv_budget_bytes = int64_t(a.kv_budget_mb * 1048576.0);
   o.image_cache_bytes = int64_t(a.image_cache_mb * 1048576.0);
+  o.image_memory_bytes = int64_t(a.image_memory_mb * 1048576.0);
   o.limits.max_body_bytes = int64_t(a.max_body_mb * 1048576.0);
   o.limits.max_image_bytes = int64_t(a.max_image_mb * 1048576.0);
   o.model_name = a.name.empty() ? fs::path(a.model).lexically_normal().filename().string() : a.name;
@@ -658,6 +659,10 @@ int main(int argc, char** argv) {
   c_serve->add_option("--api-key", sv.opt.api_key, "Require 'Authorization: Bearer KEY' on /v1/* (401 otherwise); also read from VICTOR_API_KEY")
       ->envname("VICTOR_API_KEY");
   c_serve->add_option("--cors", sv.opt.cors_origin, "Access-Control-Allow-Origin to send (e.g. '*' or https://my.app), for pages served elsewhere");
+  c_serve->add_option("--image-memory-mb", sv.image_memory_mb,
+                      "Memory that decoding and preprocessing the images of requests in flight may hold at once; a "
+                      "request waits for its share (413 for an image that alone needs more)")
+      ->check(CLI::Range(1.0, 1e7))->check(kFinite)->capture_default_str();
   c_serve->add_option("--max-connections", sv.opt.gate.max_connections, "Open client connections at most (503 beyond)")
       ->check(CLI::Range(1, 1000000))->capture_default_str();
   c_serve->add_option("--max-connections-per-peer", sv.opt.gate.max_connections_per_peer,

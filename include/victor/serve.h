@@ -76,6 +76,9 @@ struct ServeOptions {
   std::string api_key;      // when set, /v1/* need "Authorization: Bearer <key>" (401 otherwise)
   std::string cors_origin;  // when set, sent as Access-Control-Allow-Origin (browsers elsewhere)
   GateOptions gate;         // connection caps and deadlines in front of the HTTP library
+  // Bytes that decoding and preprocessing the images of requests in flight may hold at once
+  // (decoded pixels, the padded square, the resize's buffers); a request waits for its share.
+  int64_t image_memory_bytes = 512ll << 20;
 };
 
 // One request's life: filled by the HTTP thread, advanced by the engine thread; the HTTP thread
@@ -118,6 +121,7 @@ struct EngineCounters {
   uint64_t image_cache_hits = 0, image_cache_misses = 0;
   uint64_t decode_steps = 0;
   int64_t kv_bytes_in_use = 0, kv_bytes_reserved = 0, image_cache_bytes = 0;
+  int64_t image_bytes_in_flight = 0, image_bytes_peak = 0;  // under --image-memory-mb
   int64_t queue_length = 0, running = 0, max_running_seen = 0;
 };
 
@@ -154,6 +158,8 @@ class ServeEngine {
   // Appends a sampled token; returns true when the job is finished.
   bool advance(Running& r, int64_t token);
   void finish(const std::shared_ptr<Job>& job, const std::string& reason, const std::string& error = "");
+  // Decodes and preprocesses one image within the image memory budget (waits for room).
+  torch::Tensor decode_within_budget(const ChatImage& img) const;
   torch::Tensor image_embeds(const Job& job, bool* all_cached);
 
   const Vlm& model_;
@@ -167,6 +173,7 @@ class ServeEngine {
   Histogram ttft_{{0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60}};
   Histogram tps_{{1, 2, 5, 10, 20, 50, 100, 200, 500}};
   bool stop_ = false;
+  mutable std::condition_variable image_room_;  // with mu_: image_bytes_in_flight went down
   // The image cache: key -> encoded image [1,N,d]; LRU order in `lru_` (front = newest).
   std::list<uint64_t> lru_;
   std::unordered_map<uint64_t, std::pair<torch::Tensor, std::list<uint64_t>::iterator>> images_;
