@@ -81,26 +81,30 @@ std::string read_file(const std::string& path, FileKind kind) {
   if (uint64_t(st.st_size) > cap)
     throw Error(path + ": " + mib(uint64_t(st.st_size)) + " is more than the " + mib(cap) + " victor reads for " +
                 file_kind_name(kind));
+  auto read_some = [&](char* dst, size_t n) {
+    for (;;) {
+      const ssize_t got = ::read(f.fd, dst, n);
+      if (got >= 0) return size_t(got);
+      if (errno != EINTR) throw Error(path + ": read failed (" + std::strerror(errno) + ")");
+    }
+  };
+  // What fstat promised, in one buffer of that size (a 1 GB dataset is never held twice)...
   std::string out(size_t(st.st_size), '\0');
   size_t have = 0;
-  // Reads what fstat promised and checks that nothing follows: a file growing under us (or a
-  // /proc file that lies about its size) is read up to the cap, never beyond.
-  for (;;) {
-    if (have == out.size()) {
-      if (out.size() >= cap + 1) break;
-      out.resize(std::min<uint64_t>(cap + 1, std::max<uint64_t>(4096, out.size() * 2)));
-    }
-    const ssize_t n = ::read(f.fd, out.data() + have, out.size() - have);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      throw Error(path + ": read failed (" + std::strerror(errno) + ")");
-    }
-    if (n == 0) break;
-    have += size_t(n);
+  while (have < out.size()) {
+    const size_t got = read_some(out.data() + have, out.size() - have);
+    if (got == 0) break;  // the file shrank
+    have += got;
   }
-  if (have > cap)
-    throw Error(path + ": more than the " + mib(cap) + " victor reads for " + file_kind_name(kind));
   out.resize(have);
+  // ...then whatever follows (a file growing under us, a /proc file that reports size 0), in
+  // chunks, never beyond the cap.
+  char chunk[1 << 16];
+  for (size_t got; (got = read_some(chunk, sizeof chunk)) > 0;) {
+    if (out.size() + got > cap)
+      throw Error(path + ": more than the " + mib(cap) + " victor reads for " + file_kind_name(kind));
+    out.append(chunk, got);
+  }
   return out;
 }
 
