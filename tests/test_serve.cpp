@@ -81,6 +81,20 @@ GenerationResult reference(const ServeFixture& f, const std::string& prompt, con
   return generate(*f.model, *f.tok, {Request{prompt, images}}, o);
 }
 
+// A plain TCP connection to the server on loopback (-1 when refused).
+int connect_local(int port) {
+  const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(uint16_t(port));
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) {
+    ::close(fd);
+    return -1;
+  }
+  return fd;
+}
+
 int expect_api_error(const std::function<void()>& fn, const std::string& param) {
   try {
     fn();
@@ -573,13 +587,8 @@ TEST(ServeHttp, ClientThatDisconnectsMidStreamFreesItsCache) {
   json body = request({user_message("How many bags are there?", {data_url(random_image(28, 28, 41))})}, 900);
   body["stream"] = true;
   const std::string payload = body.dump();
-  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  const int fd = connect_local(s.server->port());
   ASSERT_GE(fd, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_port = htons(uint16_t(s.server->port()));
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  ASSERT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
   std::string req = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: " +
                     std::to_string(payload.size()) + "\r\n\r\n" + payload;
   ASSERT_EQ(::send(fd, req.data(), req.size(), 0), ssize_t(req.size()));
@@ -630,19 +639,6 @@ TEST(ServeHttp, ApiKeyAndCors) {
 // ---- The gate in front of the HTTP library: slow, malformed and abusive clients ----
 
 namespace {
-int connect_local(int port) {
-  const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_port = htons(uint16_t(port));
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  if (::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) {
-    ::close(fd);
-    return -1;
-  }
-  return fd;
-}
-
 // Reads until the server closes or `seconds` pass.
 std::string read_reply(int fd, double seconds) {
   std::string out;

@@ -87,13 +87,6 @@ struct InitArgs {
   bool overwrite = false;
 };
 
-// The folder names of two paths are the same folder (existing or not).
-bool same_folder(const std::string& a, const std::string& b) {
-  std::error_code ec;
-  if (fs::exists(a, ec) && fs::exists(b, ec)) return fs::equivalent(a, b, ec);
-  return fs::weakly_canonical(fs::absolute(a), ec) == fs::weakly_canonical(fs::absolute(b), ec);
-}
-
 void add_overwrite_flag(CLI::App* c, bool& overwrite) {
   c->add_flag("--overwrite", overwrite,
               "Replace the model already in --out (without it such a folder is refused); a kill mid-write leaves "
@@ -397,7 +390,7 @@ int launch_workers(int argc, char** argv, int nproc, bool threads_given) {
 // --- victor train ---
 void run_train(TrainOptions o, const std::string& parts, int threads, bool overwrite) {
   set_threads(threads);
-  if (!o.resume && same_folder(o.model_dir, o.out))
+  if (!o.resume && same_path(o.model_dir, o.out))
     throw Error("train: --out must differ from --model (the starting checkpoint stays intact; --resume continues "
                 "the run in --out)");
   if (!o.resume) refuse_existing_model(o.out, overwrite, "--out");
@@ -525,7 +518,7 @@ struct QuantizeArgs {
 };
 
 void run_quantize(const QuantizeArgs& a) {
-  if (same_folder(a.model, a.out))
+  if (same_path(a.model, a.out))
     throw Error("quantize: --out must differ from --model (the source stays intact)");
   refuse_existing_model(a.out, a.overwrite, "--out");
   Vlm model = Vlm::load(a.model, weight_dtype_from_string(a.dtype));
@@ -551,7 +544,7 @@ void run_train_vision(const VisionArgs& a) {
   VisionPretrainOptions opt = a.opt;
   opt.per_patch = a.targets == "patch";
   opt.progress = isatty(2);
-  if (same_folder(a.model, a.out))
+  if (same_path(a.model, a.out))
     throw Error("train-vision: --out must differ from --model (the starting checkpoint stays intact)");
   refuse_existing_model(a.out, a.overwrite, "--out");
   Vlm model = Vlm::load(a.model);

@@ -72,6 +72,9 @@ void note_folder_change(const std::string& dir);
 void check_model_folder_complete(const std::string& dir);
 
 // --- outputs ---
+// The two paths name the same file or folder: by inode when both exist (links included), else by
+// their normalized absolute forms.
+bool same_path(const std::string& a, const std::string& b);
 // Refuses an output file (`option` names its flag) that is one of the command's inputs (the same
 // file by path or by inode) or that would replace a file inside a model folder.
 void refuse_output_over_inputs(const std::string& option, const std::string& out,

@@ -300,13 +300,11 @@ void check_model_folder_complete(const std::string& dir) {
 
 // --- outputs ---
 
-namespace {
-bool same_file(const fs::path& a, const fs::path& b) {
+bool same_path(const std::string& a, const std::string& b) {
   std::error_code ec;
   if (fs::exists(a, ec) && fs::exists(b, ec)) return fs::equivalent(a, b, ec);
   return fs::weakly_canonical(fs::absolute(a), ec) == fs::weakly_canonical(fs::absolute(b), ec);
 }
-}  // namespace
 
 void refuse_output_over_inputs(const std::string& option, const std::string& out,
                                const std::vector<std::string>& inputs) {
@@ -315,7 +313,7 @@ void refuse_output_over_inputs(const std::string& option, const std::string& out
   std::error_code ec;
   if (fs::is_directory(o, ec)) throw Error(option + " " + out + ": is a folder, not a file");
   for (auto& in : inputs)
-    if (!in.empty() && same_file(o, in))
+    if (!in.empty() && same_path(out, in))
       throw Error(option + " " + out + ": is one of this command's inputs (" + in + "); choose another file");
   const fs::path parent = fs::absolute(o).parent_path();
   if (holds_model(parent.string()) && fs::exists(o, ec))
