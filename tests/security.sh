@@ -3,7 +3,7 @@
 # data, bounded reads, kills that never leave a mix of two models, refusals by name.
 #   tests/security.sh VICTOR [KILLS]
 set -u
-VICTOR="$1"
+VICTOR="$(cd "$(dirname "$1")" && pwd)/$(basename "$1")"  # absolute: the script cd-s into its work folder
 kills="${2:-12}"
 base=$(mktemp -d)
 trap 'rm -rf "$base"' EXIT
