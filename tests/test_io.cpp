@@ -754,6 +754,8 @@ TEST(Files, OutputsNeverLandOnInputsOrInsideAModelFolder) {
   EXPECT_EQ(error_of([&] { refuse_output_over_inputs("--json-out", dir + "/m/new.json", {}); }), "");
   EXPECT_NE(error_of([&] { refuse_existing_model(dir + "/m", false, "--out"); }).find("--overwrite"), std::string::npos);
   EXPECT_EQ(error_of([&] { refuse_existing_model(dir + "/m", true, "--out"); }), "");
+  write_bytes(dir + "/m/" + kIncompleteMarker, "");  // an interrupted write: nothing that loads
+  EXPECT_EQ(error_of([&] { refuse_existing_model(dir + "/m", false, "--out"); }), "");
 }
 
 namespace {

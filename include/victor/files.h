@@ -43,7 +43,7 @@ bool is_victor_temporary(const std::string& filename);
 // A folder holds a model when it has config.json, weights or tokenizer.model.
 bool holds_model(const std::string& dir);
 // Refuses to write a model into `dir` when it already holds one, unless `overwrite`; `option`
-// names the flag in the message (e.g. "--out").
+// names the flag in the message (e.g. "--out"). A folder marked incomplete is not refused.
 void refuse_existing_model(const std::string& dir, bool overwrite, const std::string& option);
 
 // Writing a model into a folder as one unit: the marker file .victor-incomplete exists from

@@ -224,6 +224,10 @@ bool holds_model(const std::string& dir) {
 
 void refuse_existing_model(const std::string& dir, bool overwrite, const std::string& option) {
   if (overwrite || !holds_model(dir)) return;
+  // A folder an interrupted write left marked incomplete holds no model that loads: writing it
+  // again (a training run killed inside its first checkpoint, rerun) loses nothing.
+  std::error_code ec;
+  if (fs::exists(fs::path(dir) / kIncompleteMarker, ec)) return;
   throw Error(option + " " + dir +
               ": the folder already holds a model; pass --overwrite to replace it (the old model stays "
               "intact until the new one is complete)");
