@@ -54,6 +54,31 @@ expect_error "reducer and shorthand" "one or the other" "$VICTOR" generate --mod
 expect_error "training-free reducer in training" "training-free" "$VICTOR" train --model "$work/m" --data "$work/g/train.json" --out "$work/t" --reducer fastv:k=2,keep=0.5 --max-steps 1
 expect_error "other register count" "8 trained registers" "$VICTOR" train --model "$work/v" --data "$work/g/train.json" --out "$work/t" --registers 4 --max-steps 1
 
+# LLaVA-NeXT: a tiny AnyRes model answers about an 84-pixel GridVQA image (2 x 2 crops) with each NeXT reducer; the cap
+# cuts the visual rows (--stats shows them); bench and eval run on it; refusals name the cause.
+"$VICTOR" init --preset llava-next-tiny --out "$work/n" >/dev/null || { echo "FAIL: init llava-next-tiny"; exit 1; }
+"$VICTOR" data gridvqa --out "$work/g3" --grid 3 --train-images 1 --test-images 1 >/dev/null || { echo "FAIL: gridvqa 3"; exit 1; }
+wide="$work/g3/images/test_000000.png"
+full=$("$VICTOR" generate --model "$work/n" --image "$wide" --prompt "How many bags are there?" --max-new-tokens 3 --stats 2>&1) \
+  || { echo "FAIL: generate on llava-next-tiny: $full"; fail=1; }
+capped=$("$VICTOR" generate --model "$work/n" --image "$wide" --prompt "How many bags are there?" --max-new-tokens 3 --stats --max-crops 1 2>&1) \
+  || { echo "FAIL: generate --max-crops 1: $capped"; fail=1; }
+v_full=$(echo "$full" | sed -n 's/.*prompt text, \([0-9]*\) visual.*/\1/p')
+v_cap=$(echo "$capped" | sed -n 's/.*prompt text, \([0-9]*\) visual.*/\1/p')
+if [ -z "$v_full" ] || [ -z "$v_cap" ] || [ "$v_cap" -ge "$v_full" ]; then
+  echo "FAIL: --max-crops did not cut the visual rows ($v_full -> $v_cap)"; fail=1; else echo "ok (NeXT cap): $v_full -> $v_cap visual rows"; fi
+for r in victor:m=4,k=1 fastv:k=2,keep=0.5 pool:2; do
+  "$VICTOR" generate --model "$work/n" --image "$wide" --prompt "Is there a bag?" --max-new-tokens 2 --reducer "$r" >/dev/null 2>&1 \
+    || { echo "FAIL: NeXT generate --reducer $r"; fail=1; }
+done
+out=$("$VICTOR" bench --model "$work/n" --reducer victor:m=4,k=1 --batch 1 --gen 2 --repeats 1 --image-size 50x30 2>/dev/null) \
+  || { echo "FAIL: NeXT bench"; fail=1; }
+echo "$out" | grep -q "^victor m=4 k=1 " || { echo "FAIL: NeXT bench table: $out"; fail=1; }
+"$VICTOR" eval --model "$work/n" --questions "$work/g3/test.jsonl" --limit 2 --max-new-tokens 2 >/dev/null 2>&1 || { echo "FAIL: NeXT eval"; fail=1; }
+expect_error "NeXT visionzip" "not implemented on LLaVA-NeXT" "$VICTOR" generate --model "$work/n" --image "$wide" --prompt "hi" --reducer visionzip:dominant=4,contextual=2
+expect_error "cap below a base view" "max-image-tokens 5 is below" "$VICTOR" generate --model "$work/n" --image "$wide" --prompt "hi" --max-image-tokens 5
+expect_error "cap on LLaVA-1.5" "LLaVA-1.5" "$VICTOR" generate --model "$work/m" --image "$img" --prompt "hi" --max-crops 1
+
 echo "not an image" > "$work/bad.png"
 expect_error "missing model" "not found" "$VICTOR" generate --model "$work/nope" --image "$img" --prompt "hi"
 expect_error "not an image" "bad.png.*not a readable image" "$VICTOR" generate --model "$work/m" --image "$work/bad.png" --prompt "hi"

@@ -102,7 +102,8 @@ refuse_config() {  # refuse_config "what" "pattern" jq-free python edit
   expect_error "$1" "$2" "$VICTOR" generate --model "$work/cfg" --image "$img" --prompt hi
   rm -rf "$work/cfg"
 }
-refuse_config "LLaVA-NeXT folder" "model_type 'llava_next' is not supported" "j['model_type']='llava_next'; j['architectures']=['LlavaNextForConditionalGeneration']"
+refuse_config "unknown model type" "model_type 'llava_onevision' is not supported" "j['model_type']='llava_onevision'"
+refuse_config "LLaVA-NeXT without pinpoints" "image_grid_pinpoints is missing" "j['model_type']='llava_next'; j['architectures']=['LlavaNextForConditionalGeneration']"
 refuse_config "unknown architecture" "architectures \"Qwen2VLForConditionalGeneration\"" "j['architectures']=['Qwen2VLForConditionalGeneration']"
 refuse_config "4-bit quantization_config" "quant_method 'gptq'" "j['quantization_config']={'quant_method':'gptq','bits':4}"
 refuse_config "victor_int8 with bits 4" "bits 4 is not implemented" "j['quantization_config']={'quant_method':'victor_int8','bits':4}"

@@ -808,6 +808,49 @@ TEST(Image, PreprocessingEqualsThePillowReferenceOfEachProcessor) {
   }
 }
 
+TEST(Image, AnyResPreprocessingEqualsThePillowReferenceOfLlavaNextImageProcessor) {
+  // LLaVA-NeXT: the base view and every crop of the chosen pinpoint, bit for bit, on wide, tall,
+  // tiny, huge, RGBA and greyscale images, with llava-v1.6's pinpoints (scaled to 56-pixel views)
+  // and an uneven list.
+  if (std::system("/usr/bin/python3 -c 'import PIL, numpy' > /dev/null 2>&1") != 0)
+    GTEST_SKIP() << "Debian's python3-pil and python3-numpy are not installed (scripts/setup.sh installs them)";
+  auto dir = temp_dir("anyres");
+  struct Case {
+    int w, h, channels;
+  };
+  const Case cases[] = {{143, 97, 3}, {97, 143, 3}, {5, 3, 3}, {1500, 1100, 3}, {120, 80, 4},
+                        {80, 121, 1},  {300, 40, 3}, {56, 56, 3}, {112, 112, 3}};
+  ModelConfig c = preset_config("llava-next-tiny");
+  c.vision.image_size = 56;
+  c.vision.patch_size = 14;
+  c.preprocess.crop_size = c.preprocess.shortest_edge = 56;
+  for (const auto& pins : {std::vector<Pinpoint>{{56, 112}, {112, 56}, {112, 112}, {168, 56}, {56, 168}},
+                           std::vector<Pinpoint>{{168, 112}, {56, 56}, {112, 224}}}) {
+    c.image_grid_pinpoints = pins;
+    c.validate();
+    std::string pj = "[";
+    for (auto& p : pins) pj += (pj.size() > 1 ? "," : "") + std::string("[") + std::to_string(p[0]) + "," + std::to_string(p[1]) + "]";
+    pj += "]";
+    int n = 0;
+    for (const auto& k : cases) {
+      const std::string png = noisy_png(dir + "/img" + std::to_string(n) + ".png", k.w, k.h, k.channels, uint32_t(n + 7));
+      const std::string npy = dir + "/ref" + std::to_string(n) + ".npy";
+      const std::string cmd = "/usr/bin/python3 '" + std::string(VICTOR_SOURCE_DIR) + "/tests/preprocess_reference.py' '" +
+                              png + "' '" + npy + "' anyres 56 56 '" + pj + "'";
+      ASSERT_EQ(std::system(cmd.c_str()), 0) << cmd;
+      const auto ref = load_npy(npy);
+      const PreparedImage got = prepare_image(load_image(png), c);
+      ASSERT_EQ(ref.sizes(), got.pixels.sizes()) << k.w << "x" << k.h << " pinpoints " << pj;
+      EXPECT_EQ(got.layout.views(), ref.size(0));
+      EXPECT_EQ(got.layout.width, k.w);
+      EXPECT_EQ(got.layout.height, k.h);
+      const double diff = (ref - got.pixels).abs().max().item<double>();
+      EXPECT_EQ(diff, 0.0) << k.w << "x" << k.h << " channels " << k.channels << " pinpoints " << pj;
+      ++n;
+    }
+  }
+}
+
 TEST(Config, ThePreprocessorConfigDecidesPaddingUnlessConfigJsonDoes) {
   auto dir = temp_dir("procs");
   ModelConfig base = preset_config("tiny");

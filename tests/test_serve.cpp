@@ -31,7 +31,7 @@ struct ServeFixture {
   std::string dir;
   std::unique_ptr<Tokenizer> tok;
   std::unique_ptr<Vlm> model;
-  ServeFixture(const std::string& name, const Reducer& reducer) {
+  ServeFixture(const std::string& name, const Reducer& reducer, bool next = false) {
     dir = temp_dir("serve_" + name);
     train_tokenizer(gridvqa_corpus(), dir, 400);
     tok = std::make_unique<Tokenizer>(dir);
@@ -40,6 +40,7 @@ struct ServeFixture {
     cfg.image_token_index = tok->token_id("<image>");
     cfg.pad_token_id = tok->token_id("<pad>");
     cfg.reducer = reducer;
+    if (next) cfg.image_grid_pinpoints = preset_config("llava-next-tiny").image_grid_pinpoints, cfg.preprocess.pad_to_square = false;
     model = std::make_unique<Vlm>(Vlm::random(cfg, 11));
   }
 };
@@ -341,6 +342,54 @@ TEST(ServeEngine, ContinuousBatchingEqualsGenerateAloneAndCachesImages) {
   EXPECT_EQ(c.image_cache_hits, 3u);
   EXPECT_EQ(c.requests_ok, 6u);
   EXPECT_TRUE(eventually([&] { return engine.counters().kv_bytes_in_use == 0 && engine.counters().kv_bytes_reserved == 0; }));
+}
+
+TEST(ServeEngine, LlavaNextRequestsEqualGenerateAndTheirCapStaysUnderTheServers) {
+  // LLaVA-NeXT through the server: packed images batched with each other equal `generate`; a
+  // request's max_crops picks fewer views (fewer prompt rows, its own image-cache entry); a cap
+  // above the server's ceiling gets the ceiling.
+  ServeFixture f("next", Reducer::parse("victor:m=2,k=2"), /*next=*/true);
+  ServeOptions o;
+  o.max_batch = 4;
+  ServeEngine engine(*f.model, *f.tok, o);
+  std::vector<Image> imgs = {random_image(56, 56, 20), random_image(50, 18, 21)};
+  std::vector<std::shared_ptr<Job>> jobs;
+  for (int i = 0; i < 3; ++i) {
+    ChatRequest r = parse_chat_request(request({user_message("How many bags are there?", {data_url(imgs[i % 2])})}, 5).dump(), o.limits);
+    jobs.push_back(engine.make_job(r));
+  }
+  ChatRequest capped = parse_chat_request(request({user_message("How many bags are there?", {data_url(imgs[0])})}, 5).dump(), o.limits);
+  capped.max_crops = 1;  // no pinpoint of the tiny shape has one crop: the base view alone
+  jobs.push_back(engine.make_job(capped));
+  EXPECT_LT(jobs[3]->prompt_rows, jobs[0]->prompt_rows);
+  EXPECT_EQ(jobs[3]->input.layouts[0].views(), 1);
+  EXPECT_EQ(jobs[0]->input.layouts[0].views(), 5);
+  for (auto& j : jobs) ASSERT_TRUE(engine.submit(j));
+  for (auto& j : jobs) {
+    bool done = false;
+    while (!done) j->take(std::chrono::milliseconds(100), &done);
+  }
+  for (int i = 0; i < 3; ++i)
+    EXPECT_EQ(jobs[i]->tokens, reference(f, "How many bags are there?", {imgs[i % 2]}, 5).tokens[0]) << i;
+  Vlm base_only(*f.model);
+  base_only.mutable_config().preprocess.max_crops = 1;
+  SamplingOptions so;
+  so.max_new_tokens = 5;
+  EXPECT_EQ(jobs[3]->tokens, generate(base_only, *f.tok, {Request{"How many bags are there?", {imgs[0]}}}, so).tokens[0]);
+  auto c = engine.counters();
+  EXPECT_EQ(c.vision_runs, 3u);  // image 0 in full and capped, image 1; the third request hit the cache
+  EXPECT_EQ(c.image_cache_hits, 1u);
+  // The server's own ceiling bounds a request that asks for more.
+  ServeEngine ceiling_engine(base_only, *f.tok, o);
+  ChatRequest more = parse_chat_request(request({user_message("Is there a bag?", {data_url(imgs[0])})}, 2).dump(), o.limits);
+  more.max_crops = 4;
+  EXPECT_EQ(ceiling_engine.make_job(more)->input.layouts[0].views(), 1);
+  // On a LLaVA-1.5 model the cap is refused by name.
+  ServeFixture plain("next_plain", Reducer::none());
+  ServeEngine e15(*plain.model, *plain.tok, o);
+  ChatRequest bad = parse_chat_request(request({user_message("Is there a bag?", {data_url(imgs[0])})}, 2).dump(), o.limits);
+  bad.max_image_tokens = 100;
+  EXPECT_EQ(expect_api_error([&] { e15.make_job(bad); }, "max_image_tokens"), 400);
 }
 
 TEST(ServeEngine, ImageCacheEvictsTheLeastRecentlyUsed) {

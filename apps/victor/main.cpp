@@ -186,6 +186,33 @@ void add_reducer_options(CLI::App* c, ReducerChoice& r, bool pool_flag = true) {
         ->check(CLI::Range(1, 64));
 }
 
+// LLaVA-NeXT's image-token bill: a cap that picks fewer crops (a smaller pinpoint, or the base
+// view alone). Run-time settings: they change which views are made, not the model.
+struct ImageCap {
+  int max_crops = 0, max_image_tokens = 0;
+};
+
+void add_cap_options(CLI::App* c, ImageCap& cap) {
+  c->add_option("--max-crops", cap.max_crops,
+                "LLaVA-NeXT: crops per image at most (chooses among the checkpoint's pinpoints; 0 = no cap, "
+                "and the base view alone when none fits)")
+      ->check(CLI::Range(0, 64));
+  c->add_option("--max-image-tokens", cap.max_image_tokens,
+                "LLaVA-NeXT: rows per image in the language model at most (base view, crops, newlines; 0 = no cap)")
+      ->check(CLI::Range(0, 1 << 20));
+}
+
+void apply_cap(Vlm& model, const ImageCap& cap) {
+  if (cap.max_crops == 0 && cap.max_image_tokens == 0) return;
+  if (!model.config().is_next())
+    throw Error("--max-crops / --max-image-tokens: this model is LLaVA-1.5 (one view per image); the cap applies to "
+                "LLaVA-NeXT's AnyRes crops");
+  auto& p = model.mutable_config().preprocess;
+  p.max_crops = cap.max_crops;
+  p.max_image_tokens = cap.max_image_tokens;
+  model.config().validate();
+}
+
 void run_init(const InitArgs& a) {
   refuse_existing_model(a.out, a.overwrite, "--out");
   ModelConfig cfg = preset_config(a.preset);
@@ -196,7 +223,7 @@ void run_init(const InitArgs& a) {
   // llava-hf pads 32000 to 32064) so the embedding and LM head cost what they cost there; the
   // training presets shrink it to the tokenizer, padded to a multiple of 64 the same way.
   const int padded = ((n + 2 + 63) / 64) * 64;
-  const bool real_shape = a.preset == "clip-l-1b" || a.preset == "llava-7b";
+  const bool real_shape = a.preset == "clip-l-1b" || a.preset == "llava-7b" || a.preset == "llava-next-7b";
   cfg.text.vocab_size = real_shape ? std::max(cfg.text.vocab_size, padded) : padded;
   cfg.image_token_index = n;
   cfg.pad_token_id = n + 1;
@@ -208,13 +235,14 @@ void run_init(const InitArgs& a) {
             << model.parameter_count() / 1e6 << " M parameters (" << a.dtype << ", "
             << model.weight_bytes() / 1048576.0 << " MiB), vocabulary " << cfg.text.vocab_size
             << " (SentencePiece " << n << " + <image>, <pad>), "
-            << cfg.visual_tokens_per_image() << " visual tokens per image";
+            << cfg.visual_tokens_per_image() << " visual tokens per " << (cfg.is_next() ? "view" : "image");
   if (!cfg.reducer.is_none()) std::cout << ", token reducer " << cfg.reducer.spec();
   std::cout << "\n";
 }
 
 // --- victor generate ---
 struct GenerateArgs {
+  ImageCap cap;
   std::string model, prompt, dump_logits, register_init = "random", dtype = "auto", kv_dtype = "f32";
   std::vector<std::string> images, calibration;
   SamplingOptions sampling;
@@ -238,8 +266,8 @@ void apply_reducer(Vlm& model, const ReducerChoice& choice, const std::string& i
   if (want > 0 && have != want && init == "mean") {
     if (calibration.empty()) throw Error("--register-init mean needs --calibration-images");
     std::vector<torch::Tensor> px;
-    for (auto& p : calibration) px.push_back(preprocess_image(load_image(p), model.config().preprocess));
-    model.init_registers_mean(torch::stack(px, 0), seed);
+    for (auto& p : calibration) px.push_back(prepare_image(load_image(p), model.config()).pixels);
+    model.init_registers_mean(torch::cat(px, 0), seed);
   }
 }
 
@@ -259,6 +287,7 @@ void run_generate(const GenerateArgs& a) {
   const double load_seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t_load).count();
   apply_reducer(model, a.reducer, a.register_init, a.calibration, a.sampling.seed);
+  apply_cap(model, a.cap);
   Tokenizer tok(a.model);
   SamplingOptions opt = a.sampling;
   opt.keep_logits = !a.dump_logits.empty();
@@ -279,10 +308,10 @@ void run_generate(const GenerateArgs& a) {
       // The first encode above ran cold (first touch of the weights, thread pool, allocator);
       // a second one shows the steady state a server sees.
       std::vector<torch::Tensor> px;
-      for (auto& img : images) px.push_back(preprocess_image(img, model.config().preprocess));
+      for (auto& img : images) px.push_back(prepare_image(img, model.config()).pixels);
       torch::NoGradGuard ng;
       auto t0 = std::chrono::steady_clock::now();
-      model.encode_images(torch::stack(px, 0));
+      model.encode_images(torch::cat(px, 0));
       std::cerr << "vision tower: cold " << res.stats.vision_seconds << " s, warm "
                 << std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count()
                 << " s\n";
@@ -292,6 +321,7 @@ void run_generate(const GenerateArgs& a) {
 
 // --- victor serve ---
 struct ServeArgs {
+  ImageCap cap;
   std::string model, dtype = "auto", kv_dtype = "f32", host = "127.0.0.1", name;
   int port = 8080, threads = default_threads(), http_threads = 0;
   double kv_budget_mb = 2048, image_cache_mb = 256, max_body_mb = 64, max_image_mb = 20, image_memory_mb = 512;
@@ -311,6 +341,7 @@ void run_serve(ServeArgs a) {
   signal(SIGPIPE, SIG_IGN);  // a client that hangs up is noticed by a failed write, not a signal
   Vlm model = Vlm::load(a.model, parse_dtype(a.dtype));
   apply_reducer(model, a.reducer, "random", {}, 0);
+  apply_cap(model, a.cap);
   Tokenizer tok(a.model);
   ServeOptions o = a.opt;
   o.kv_dtype = kv_dtype_from_string(a.kv_dtype);
@@ -413,6 +444,7 @@ void run_train(TrainOptions o, const std::string& parts, int threads, bool overw
 
 // --- victor eval ---
 struct EvalArgs {
+  ImageCap cap;
   std::string model, questions, answers_file, train_data, compare_answers;
   EvalOptions opt;
   int threads = default_threads();
@@ -429,6 +461,7 @@ void run_eval(EvalArgs a) {
   if (!a.model.empty()) {
     Vlm model = Vlm::load(a.model, parse_dtype(a.dtype));
     apply_reducer(model, a.reducer, "random", {}, 0);
+    apply_cap(model, a.cap);
     a.opt.kv_dtype = kv_dtype_from_string(a.kv_dtype);
     Tokenizer tok(a.model);
     a.opt.model_id = fs::path(a.model).filename().string();
@@ -455,6 +488,8 @@ void run_eval(EvalArgs a) {
 
 // --- victor bench ---
 struct BenchArgs {
+  ImageCap cap;
+  std::string image_size = "672x672";
   std::string model, preset, json_out, mask = "causal", dtype = "auto", kv_dtype = "f32";
   std::vector<std::string> reducers;
   std::vector<int> sweep_registers, sweep_layers, pools;
@@ -478,10 +513,20 @@ void run_bench_cli(BenchArgs a) {
     std::cerr << "bench: random " << a.preset << " weights (" << model->parameter_count() / 1e9
               << " B parameters)\n";
   }
+  apply_cap(*model, a.cap);
   std::cerr << "bench: " << to_string(model->config().weight_dtype) << " weights, "
             << model->weight_bytes() / 1048576.0 << " MiB\n";
   a.opt.seed = a.seed;
   a.opt.kv_dtype = kv_dtype_from_string(a.kv_dtype);
+  {
+    int w = 0, h = 0;
+    char x = 0, extra = 0;
+    if (std::sscanf(a.image_size.c_str(), "%d%c%d%c", &w, &x, &h, &extra) != 3 || x != 'x' || w < 1 || h < 1 ||
+        w > 16384 || h > 16384)
+      throw Error("--image-size '" + a.image_size + "': expected WIDTHxHEIGHT, each 1..16384 (e.g. 672x672)");
+    a.opt.image_width = w;
+    a.opt.image_height = h;
+  }
   if (a.llm_only) {
     const int gen = *std::max_element(a.opt.gen_tokens.begin(), a.opt.gen_tokens.end());
     auto r = run_llm_bench(*model, a.opt.prompt_tokens, gen, a.opt.repeats, a.seed);
@@ -576,8 +621,8 @@ int main(int argc, char** argv) {
 
   InitArgs init;
   auto* c_init = app.add_subcommand("init", "Write a randomly initialised checkpoint (HF LLaVA layout)");
-  c_init->add_option("--preset", init.preset, "Model shape: tiny | small | clip-l-1b | llava-7b")
-      ->check(CLI::IsMember({"tiny", "small", "clip-l-1b", "llava-7b"}));
+  c_init->add_option("--preset", init.preset, "Model shape: tiny | small | clip-l-1b | llava-7b | llava-next-tiny | llava-next-7b")
+      ->check(CLI::IsMember({"tiny", "small", "clip-l-1b", "llava-7b", "llava-next-tiny", "llava-next-7b"}));
   c_init->add_option("--out", init.out, "Output folder")->required();
   c_init->add_option("--corpus", init.corpus, "Text file to train the tokenizer on (default: GridVQA's vocabulary)")
       ->check(CLI::ExistingFile);
@@ -612,6 +657,7 @@ int main(int argc, char** argv) {
   add_kv_dtype_option(c_gen, gen.kv_dtype);
   c_gen->add_option("--dump-logits", gen.dump_logits, "Save every step's logits as .npy [steps, vocab]");
   add_reducer_options(c_gen, gen.reducer);
+  add_cap_options(c_gen, gen.cap);
   c_gen->add_option("--register-init", gen.register_init,
                     "New registers: random (std 0.02) | mean (of calibration images' visual tokens)")
       ->check(CLI::IsMember({"random", "mean"}));
@@ -630,6 +676,7 @@ int main(int argc, char** argv) {
   add_dtype_option(c_serve, sv.dtype);
   add_kv_dtype_option(c_serve, sv.kv_dtype);
   add_reducer_options(c_serve, sv.reducer);
+  add_cap_options(c_serve, sv.cap);
   c_serve->add_option("--kv-budget-mb", sv.kv_budget_mb, "KV cache the admitted requests may reserve (their worst case); more wait in the queue")
       ->check(CLI::Range(0.001, 1e7))->check(kFinite)->capture_default_str();
   c_serve->add_option("--image-cache-mb", sv.image_cache_mb, "Encoded images kept by hash of their bytes (LRU; 0 = off)")
@@ -776,16 +823,19 @@ int main(int argc, char** argv) {
   c_eval->add_option("--train-data", ev.train_data, "LLaVA JSON to compute the answer-prior baseline from")->check(CLI::ExistingFile);
   c_eval->add_option("--threads", ev.threads, "CPU threads")->check(CLI::Range(1, 1024));
   add_reducer_options(c_eval, ev.reducer);
+  add_cap_options(c_eval, ev.cap);
   add_dtype_option(c_eval, ev.dtype);
   add_kv_dtype_option(c_eval, ev.kv_dtype);
 
   BenchArgs bn;
   auto* c_bench = app.add_subcommand("bench", "Measure plain vs Victor (vision, TTFT, decode, requests/s, KV, memory)");
   c_bench->add_option("--model", bn.model, "Checkpoint folder (its own m and k are one configuration)");
-  c_bench->add_option("--preset", bn.preset, "Random weights of a preset shape: tiny | small | clip-l-1b | llava-7b")
-      ->check(CLI::IsMember({"tiny", "small", "clip-l-1b", "llava-7b"}));
+  c_bench->add_option("--preset", bn.preset, "Random weights of a preset shape: tiny | small | clip-l-1b | llava-7b | llava-next-tiny | llava-next-7b")
+      ->check(CLI::IsMember({"tiny", "small", "clip-l-1b", "llava-7b", "llava-next-tiny", "llava-next-7b"}));
   add_dtype_option(c_bench, bn.dtype);
   add_kv_dtype_option(c_bench, bn.kv_dtype);
+  add_cap_options(c_bench, bn.cap);
+  c_bench->add_option("--image-size", bn.image_size, "LLaVA-NeXT: the benchmark image, WIDTHxHEIGHT (default 672x672)");
   c_bench->add_option("--reducer", bn.reducers,
                       "A reducer to measure beside plain (repeat for several): victor:m=8,k=2 | pool:4 | "
                       "fastv:k=2,keep=0.25 | visionzip:dominant=16,contextual=4");

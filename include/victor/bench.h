@@ -21,6 +21,9 @@ struct BenchOptions {
   std::vector<int> batches{1, 16};
   std::vector<int> gen_tokens{2, 128};
   int prompt_tokens = 64;  // text tokens around the image
+  // LLaVA-NeXT: the benchmark image's size (its crops follow from it; 672 x 672 is llava-v1.6's
+  // largest square pinpoint: 2,880 patches in five views).
+  int image_width = 672, image_height = 672;
   int repeats = 3;
   uint64_t seed = 0;
   torch::ScalarType kv_dtype = torch::kFloat32;  // KV-cache storage for every configuration

@@ -2,6 +2,7 @@
 // Hugging Face LLaVA layout plus Victor's keys), validated once on load.
 #pragma once
 #include <nlohmann/json.hpp>
+#include <array>
 #include <string>
 #include <vector>
 
@@ -34,6 +35,9 @@ struct TextConfig {
   double rope_theta = 10000.0;
   bool tie_word_embeddings = false;
   std::string hidden_act = "silu";
+  // "llama" (Vicuna) or "mistral" (LLaMA's math with GQA; a sliding window shorter than the
+  // context is refused, never ignored).
+  std::string model_type = "llama";
   int bos_token_id = 1;
   int eos_token_id = 2;
   int head_dim() const { return num_attention_heads > 0 ? hidden_size / num_attention_heads : 0; }  // 0: invalid (validate() refuses)
@@ -59,6 +63,24 @@ struct PreprocessConfig {
   // processor decides: CLIPImageProcessor never pads, LlavaImageProcessor pads when do_pad.
   bool pad_to_square = true;
   bool pad_from_config = false;  // config.json's image_aspect_ratio set pad_to_square
+  // A cap on LLaVA-NeXT's image-token bill (run-time settings, never saved): at most this many
+  // crops, at most this many rows per image in the language model; 0 = no cap. The cap chooses
+  // among the checkpoint's pinpoints (or the base view alone), never a resolution it was not
+  // trained with.
+  int max_crops = 0;
+  int max_image_tokens = 0;
+};
+
+// LLaVA-NeXT's AnyRes (LlavaNextForConditionalGeneration): the candidate resolutions of
+// image_grid_pinpoints, each (height, width) in pixels, multiples of the tower's image size.
+using Pinpoint = std::array<int, 2>;
+
+// How one image became views for the vision tower: its original size and, on LLaVA-NeXT, the grid
+// of crops of the chosen resolution (0 x 0: the base view alone; LLaVA-1.5 always).
+struct ImageLayout {
+  int height = 0, width = 0;
+  int grid_rows = 0, grid_cols = 0;
+  int views() const { return 1 + grid_rows * grid_cols; }
 };
 
 struct ModelConfig {
@@ -72,12 +94,17 @@ struct ModelConfig {
   std::string projector_hidden_act = "gelu";
   int vision_feature_layer = -2;
   std::string vision_feature_select_strategy = "default";
+  // Non-empty: LLaVA-NeXT (image_grid_pinpoints, image_newline, AnyRes preprocessing); empty:
+  // LLaVA-1.5 (one view per image).
+  std::vector<Pinpoint> image_grid_pinpoints;
+  bool is_next() const { return !image_grid_pinpoints.empty(); }
   // Storage of the weight matrices: config.json's torch_dtype ("float32" / "bfloat16") and, for
   // int8, a quantization_config with quant_method "victor_int8".
   WeightDType weight_dtype = WeightDType::F32;
 
   int num_layers() const { return text.num_hidden_layers; }
-  // Visual rows one image contributes to the language model (after the reducer's pre-LLM step).
+  // Visual rows one image contributes to the language model (after the reducer's pre-LLM step);
+  // on LLaVA-NeXT, those of one view (an image's own count depends on its size: next_image_rows).
   int visual_tokens_per_image() const { return reducer.visual_rows(*this); }
   // Vision layers that must run to produce the selected features.
   int vision_layers_needed() const;
@@ -98,7 +125,9 @@ std::string to_string(WeightDType d);  // f32, bf16, int8
 WeightDType weight_dtype_from_string(const std::string& s, const std::string& what = "--dtype");
 
 // Ready-made shapes: "tiny" (tests), "small" (GridVQA), "clip-l-1b" (CLIP ViT-L/14-336 + a
-// TinyLlama-1.1B-shaped LLaMA), "llava-7b" (the paper's own: CLIP ViT-L/14-336 + Vicuna-7B shape).
+// TinyLlama-1.1B-shaped LLaMA), "llava-7b" (the paper's own: CLIP ViT-L/14-336 + Vicuna-7B shape),
+// "llava-next-tiny" (tests) and "llava-next-7b" (llava-v1.6-vicuna-7b: llava-7b with AnyRes and
+// llava-v1.6's pinpoints).
 ModelConfig preset_config(const std::string& name);
 
 }  // namespace victor

@@ -81,6 +81,17 @@ torch::Tensor sample_next(const torch::Tensor& logits, const SamplingOptions& op
 int64_t kv_bytes_formula(const ModelConfig& c, int64_t text, int64_t images, int64_t generated,
                          int64_t element_bytes = 4);
 double prefill_flops(const ModelConfig& c, int64_t text, int64_t images);
+// Each image's rows entering the LLM under `c` (LLaVA-NeXT: by its layout), in order, and the
+// views the tower runs on.
+std::vector<int64_t> visual_rows_of(const ModelConfig& c, const PromptInput& in);
+int64_t views_of(const PromptInput& in);
+// The formulas above for images of their own lengths.
+int64_t kv_bytes_formula(const ModelConfig& c, int64_t text, const std::vector<int64_t>& visual, int64_t generated,
+                         int64_t element_bytes);
+double prefill_flops(const ModelConfig& c, int64_t text, const std::vector<int64_t>& visual, int64_t views);
+// Adds an image to a prompt input: its views (prepare_image) appended to the pixels, its layout
+// to the layouts.
+void add_image(PromptInput& in, const Image& img, const ModelConfig& c);
 ModelConfig without_reducer(const ModelConfig& c);
 
 std::string format_stats(const GenerationStats& s);

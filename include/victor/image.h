@@ -11,4 +11,15 @@ torch::Tensor resize_bicubic(const Image& img, int out_w, int out_h);
 // Full LLaVA-1.5 preprocessing: [3, crop, crop] float, normalized.
 torch::Tensor preprocess_image(const Image& img, const PreprocessConfig& p);
 
+// An image ready for the vision tower: its views [views,3,S,S] and how they were cut.
+struct PreparedImage {
+  torch::Tensor pixels;
+  ImageLayout layout;
+};
+// The checkpoint's own preprocessing: LLaVA-1.5's one view (preprocess_image), or LLaVA-NeXT's
+// AnyRes as LlavaNextImageProcessor does it: the base view (the whole image resized to
+// shortest_edge x shortest_edge), then the crops, row by row, of the image resized into the chosen
+// pinpoint (aspect kept, PIL bicubic) and padded with black to it, centred.
+PreparedImage prepare_image(const Image& img, const ModelConfig& c);
+
 }  // namespace victor

@@ -46,4 +46,31 @@ ResizeCrop resize_crop(int width, int height, const PreprocessConfig& p);
 bool box_in_input(const std::array<float, 4>& box, int width, int height, const PreprocessConfig& p,
                   std::array<float, 4>* out);
 
+// --- LLaVA-NeXT's AnyRes geometry (transformers' image_processing_utils / modeling_llava_next) ---
+
+// select_best_resolution: the pinpoint (height, width) keeping the most of the image's pixels when
+// it is scaled to fit, ties broken by the least wasted area, then by the earlier entry.
+Pinpoint select_best_resolution(int height, int width, const std::vector<Pinpoint>& pinpoints);
+// get_patch_output_size: the image's size (height, width) scaled to fit `target`, aspect kept.
+std::array<int, 2> patch_output_size(int height, int width, const Pinpoint& target);
+// unpad_image on a cur_h x cur_w feature grid of an orig_h x orig_w image: the rows and columns
+// that show the image (the padding of resize-and-pad removed, with transformers' rounding).
+struct GridRegion {
+  int top, height, left, width;
+};
+GridRegion unpad_region(int cur_h, int cur_w, int orig_h, int orig_w);
+// Rows one image gives the language model on LLaVA-NeXT with `side` x `side` features per view:
+// the base view, then the crops' grid unpadded with an image_newline after each of its rows (the
+// base view alone: its features and one newline).
+int64_t next_packed_rows(const ImageLayout& layout, int side);
+// Rows one image of this layout gives the language model before any decoder layer: LLaVA-NeXT's
+// packed rows, or LLaVA-1.5's visual_tokens_per_image.
+int64_t image_rows(const ModelConfig& c, const ImageLayout& layout);
+// Features per side of one view after the reducer's pre-LLM step (pooling shrinks it).
+int next_view_side(const ModelConfig& c);
+// The layout of a width x height image on `c` (LLaVA-1.5: the base view alone): the best pinpoint
+// among those within the cap (preprocess.max_crops / max_image_tokens), the base view alone when
+// none is; an error when even that exceeds max_image_tokens.
+ImageLayout image_layout(int width, int height, const ModelConfig& c);
+
 }  // namespace victor

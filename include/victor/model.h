@@ -64,6 +64,7 @@ struct ResamplerW {
 struct VlmWeights {
   VisionW vision;
   LinearW proj1, proj2;
+  torch::Tensor image_newline;  // [d_text]: LLaVA-NeXT's row separator (undefined on LLaVA-1.5)
   LlamaW llm;
   torch::Tensor registers;  // [m, d_text]
   ResamplerW resampler;
@@ -136,7 +137,13 @@ struct ForwardOutput {
 struct PromptInput {
   std::vector<int64_t> ids;
   std::vector<int64_t> targets;  // optional, same length as ids: target for the NEXT token, -100
-  torch::Tensor pixels;          // [n_images,3,S,S] or undefined
+  // The views of every image, in order: [views,3,S,S] or undefined. Without layouts each view is
+  // one image (LLaVA-1.5); with them (LLaVA-NeXT, one per image) image i owns layouts[i].views().
+  torch::Tensor pixels;
+  std::vector<ImageLayout> layouts;
+  int64_t images() const {
+    return !layouts.empty() ? int64_t(layouts.size()) : (pixels.defined() ? pixels.size(0) : 0);
+  }
   // Trailing ids that were generated, not prompted (a full recompute of a decode): FastV ranks by
   // the last prompt token, before them.
   int64_t generated = 0;
@@ -188,15 +195,25 @@ class Vlm {
   void init_registers_mean(const torch::Tensor& pixels, uint64_t seed);
   void set_trainable(const std::vector<Part>& parts);
 
-  // Vision tower + projector: [n,3,S,S] -> [n,N,d_text].
+  // Vision tower + projector: [n,3,S,S] -> [n,N,d_text] (one row per view).
   torch::Tensor encode_images(const torch::Tensor& pixels) const;
+  // Each image of the rows, in order, as the rows it gives the language model [N_i,d_text]: its
+  // views through the tower in one batch, then (LLaVA-NeXT) packed as pack_image does.
+  std::vector<torch::Tensor> encode_prompt_images(const std::vector<PromptInput>& rows) const;
+  // LLaVA-NeXT's pack_image_features for one image: views [v,n,d] (base first, then the crops row
+  // by row) -> base features, then the crops' grid unpadded to the image's aspect ratio with
+  // image_newline after each row. LLaVA-1.5 (no layout grid, no newline): the view itself.
+  torch::Tensor pack_image(const torch::Tensor& views, const ImageLayout& layout) const;
   // [n,N,d_vision]: the selected layer's patch features (VisionZip's dominant + contextual
   // tokens when that is the reducer).
   torch::Tensor vision_features(const torch::Tensor& pixels, VisionTrace* trace = nullptr) const;
   torch::Tensor project(const torch::Tensor& features) const;        // projector only
 
-  // Expands each image placeholder into N visual rows + m registers and pads the batch
-  // (left for generation, right for training). image_embeds: [n_total,N,d] in order.
+  // Expands each image placeholder into its visual rows + m registers and pads the batch
+  // (left for generation, right for training). image_embeds: one [N_i,d] per image, in order.
+  SequenceBatch assemble(const std::vector<PromptInput>& rows, const std::vector<torch::Tensor>& image_embeds,
+                         bool pad_left) const;
+  // The same with [n_total,N,d] (every image the same length, as on LLaVA-1.5).
   SequenceBatch assemble(const std::vector<PromptInput>& rows, const torch::Tensor& image_embeds,
                          bool pad_left) const;
   SequenceBatch assemble(const std::vector<PromptInput>& rows, bool pad_left) const;

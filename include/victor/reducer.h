@@ -108,6 +108,10 @@ class Reducer {
   int64_t kv_rows(const ModelConfig& c, int64_t text, int64_t images, int64_t generated) const;
   // Prefill FLOPs of the LLM (vision tower and projector included).
   double prefill_flops(const ModelConfig& c, int64_t text, int64_t images) const;
+  // The same for images of their own lengths (LLaVA-NeXT): `visual` holds each image's rows
+  // entering the LLM (image_rows), `views` the views the tower ran on.
+  int64_t kv_rows(const ModelConfig& c, int64_t text, const std::vector<int64_t>& visual, int64_t generated) const;
+  double prefill_flops(const ModelConfig& c, int64_t text, const std::vector<int64_t>& visual, int64_t views) const;
 
   // config.json: Victor keeps its historic top-level keys (num_registers, summary_layers,
   // register_mask), pooling its `visual_pool`; the others write a `token_reducer` spec.

@@ -85,7 +85,7 @@ struct ServeOptions {
 // waits on `cv` for text.
 struct Job {
   // Input (set before submit).
-  PromptInput input;                  // ids with one image token per image, pixels [n,3,S,S]
+  PromptInput input;                  // ids with one image token per image, the images' views
   std::vector<uint64_t> image_keys;   // hash of each image's bytes (the image cache's key)
   SamplingOptions sampling;
   std::vector<std::string> stop;
@@ -159,8 +159,8 @@ class ServeEngine {
   bool advance(Running& r, int64_t token);
   void finish(const std::shared_ptr<Job>& job, const std::string& reason, const std::string& error = "");
   // Decodes and preprocesses one image within the image memory budget (waits for room).
-  torch::Tensor decode_within_budget(const ChatImage& img) const;
-  torch::Tensor image_embeds(const Job& job, bool* all_cached);
+  PreparedImage decode_within_budget(const ChatImage& img, const ModelConfig& cfg) const;
+  std::vector<torch::Tensor> image_embeds(const Job& job, bool* all_cached);
 
   const Vlm& model_;
   const Tokenizer& tok_;

@@ -56,6 +56,9 @@ struct ChatRequest {
   bool stream = false;
   bool include_usage = false;  // stream_options.include_usage
   bool ignore_eos = false;     // extension (vLLM, llama.cpp): run to max_tokens (benchmarks)
+  // Extensions, LLaVA-NeXT: this request's cap on the image-token bill (0 = the server's own;
+  // never above the server's --max-crops / --max-image-tokens).
+  int max_crops = 0, max_image_tokens = 0;
 };
 
 // Parses and validates a chat-completions body. Images are decoded from data: URLs (base64) or

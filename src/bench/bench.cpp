@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <sstream>
 
@@ -55,7 +56,8 @@ double median(std::vector<double> v) {
 
 // A prompt of `text` tokens (random ids below the specials), with one image after the first eight
 // when `pixels` is defined.
-PromptInput synthetic_prompt(const ModelConfig& c, int text, uint64_t seed, const torch::Tensor& pixels) {
+PromptInput synthetic_prompt(const ModelConfig& c, int text, uint64_t seed, const torch::Tensor& pixels,
+                             const std::vector<ImageLayout>& layouts = {}) {
   PromptInput p;
   uint64_t s = seed * 6364136223846793005ull + 1442695040888963407ull;
   const int64_t hi = std::min<int64_t>(c.image_token_index, c.text.vocab_size) - 3;
@@ -66,6 +68,7 @@ PromptInput synthetic_prompt(const ModelConfig& c, int text, uint64_t seed, cons
     p.ids.push_back(3 + int64_t((s >> 33) % uint64_t(std::max<int64_t>(1, hi))));
   }
   p.pixels = pixels;
+  p.layouts = layouts;
   return p;
 }
 
@@ -86,7 +89,21 @@ std::vector<BenchResult> run_bench(const Vlm& base, const std::vector<BenchConfi
   }
   torch::manual_seed(opt.seed);
   const int S = bc.vision.image_size;
-  auto pixels = torch::randn({1, 3, S, S});
+  torch::Tensor pixels = torch::randn({1, 3, S, S});
+  std::vector<ImageLayout> layouts;  // LLaVA-NeXT: the image's AnyRes layout
+  if (bc.is_next()) {
+    // A random image of the asked size, preprocessed as the checkpoint's processor does (its
+    // crops depend on the size: 672 x 672 takes four crops and the base view, 2,928 rows).
+    Image img;
+    img.width = opt.image_width;
+    img.height = opt.image_height;
+    img.rgb.resize(size_t(img.width) * img.height * 3);
+    auto bytes = torch::randint(0, 256, {int64_t(img.rgb.size())}, torch::kUInt8);
+    std::memcpy(img.rgb.data(), bytes.data_ptr<uint8_t>(), img.rgb.size());
+    PreparedImage prepared = prepare_image(img, bc);
+    pixels = prepared.pixels;
+    layouts = {prepared.layout};
+  }
   const int max_gen = *std::max_element(opt.gen_tokens.begin(), opt.gen_tokens.end());
   struct Samples {
     std::vector<double> vision, ttft, decode;
@@ -106,12 +123,12 @@ std::vector<BenchResult> run_bench(const Vlm& base, const std::vector<BenchConfi
   warm.kv_dtype = opt.kv_dtype;
   auto batch_rows = [&](int b) {  // the timed batches' requests (seeds 100, 101, ...)
     std::vector<PromptInput> rows;
-    for (int i = 0; i < b; ++i) rows.push_back(synthetic_prompt(bc, opt.prompt_tokens, 100 + i, pixels));
+    for (int i = 0; i < b; ++i) rows.push_back(synthetic_prompt(bc, opt.prompt_tokens, 100 + i, pixels, layouts));
     return rows;
   };
   const int max_batch = opt.batches.empty() ? 1 : *std::max_element(opt.batches.begin(), opt.batches.end());
   for (auto& m : models) {
-    generate_ids(m, {synthetic_prompt(bc, opt.prompt_tokens, 1, pixels)}, -1, warm);
+    generate_ids(m, {synthetic_prompt(bc, opt.prompt_tokens, 1, pixels, layouts)}, -1, warm);
     if (max_batch > 1) generate_ids(m, batch_rows(max_batch), -1, warm);
   }
   for (int r = 0; r < opt.repeats; ++r) {
@@ -125,7 +142,7 @@ std::vector<BenchResult> run_bench(const Vlm& base, const std::vector<BenchConfi
       SamplingOptions so;
       so.max_new_tokens = max_gen;
       so.kv_dtype = opt.kv_dtype;
-      auto one = generate_ids(m, {synthetic_prompt(bc, opt.prompt_tokens, 2, pixels)}, -1, so);
+      auto one = generate_ids(m, {synthetic_prompt(bc, opt.prompt_tokens, 2, pixels, layouts)}, -1, so);
       s.ttft.push_back(one.stats.ttft_seconds);
       s.decode.push_back(one.stats.decode_tokens_per_second);
       s.kv = one.stats.kv_bytes;
@@ -151,7 +168,8 @@ std::vector<BenchResult> run_bench(const Vlm& base, const std::vector<BenchConfi
     BenchResult r;
     r.name = configs[ci].name();
     r.reducer = mc.reducer.spec();
-    r.visual_tokens = mc.visual_tokens_per_image();
+    const PromptInput probe = synthetic_prompt(mc, opt.prompt_tokens, 2, pixels, layouts);
+    r.visual_tokens = int(visual_rows_of(mc, probe)[0]);
     r.inserted_tokens = mc.reducer.inserted_rows();
     r.vision_seconds = median(samples[ci].vision);
     r.ttft_seconds = median(samples[ci].ttft);
@@ -159,7 +177,8 @@ std::vector<BenchResult> run_bench(const Vlm& base, const std::vector<BenchConfi
     for (auto& [k, v] : samples[ci].rps) r.requests_per_second[k] = median(v);
     r.requests_per_second_runs = samples[ci].rps;
     r.kv_bytes = samples[ci].kv;
-    r.kv_bytes_formula = kv_bytes_formula(mc, opt.prompt_tokens, 1, max_gen - 1, int64_t(c10::elementSize(opt.kv_dtype)));
+    r.kv_bytes_formula = kv_bytes_formula(mc, opt.prompt_tokens, visual_rows_of(mc, probe), max_gen - 1,
+                                          int64_t(c10::elementSize(opt.kv_dtype)));
     r.peak_rss_bytes = samples[ci].peak;
     r.prefill_gflops = samples[ci].gflops;
     out.push_back(r);

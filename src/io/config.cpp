@@ -135,6 +135,19 @@ void ModelConfig::validate() const {
   require(preprocess.image_mean.size() == 3 && preprocess.image_std.size() == 3,
           "preprocessor_config.image_mean/image_std", "must have 3 entries");
   for (double s : preprocess.image_std) require(s > 0, "preprocessor_config.image_std", "must be > 0");
+  if (is_next()) {
+    for (auto& p : image_grid_pinpoints)
+      require(p[0] > 0 && p[1] > 0 && p[0] % v.image_size == 0 && p[1] % v.image_size == 0 &&
+                  int64_t(p[0] / v.image_size) * (p[1] / v.image_size) <= 64,
+              "image_grid_pinpoints",
+              "entry [" + std::to_string(p[0]) + ", " + std::to_string(p[1]) + "] must be multiples of vision_config.image_size (" +
+                  std::to_string(v.image_size) + ") with at most 64 crops");
+    require(vision_feature_select_strategy == "default", "vision_feature_select_strategy",
+            "must be 'default' on LLaVA-NeXT (its crops are packed as a grid of patches, without class tokens)");
+    require(preprocess.shortest_edge == preprocess.crop_size, "preprocessor_config.size.shortest_edge",
+            "must equal crop_size on LLaVA-NeXT (the base view is resized to shortest_edge squared, the crops are crop_size)");
+  }
+  require(preprocess.max_crops >= 0 && preprocess.max_image_tokens >= 0, "image token cap", "must be >= 0");
 }
 
 namespace {
@@ -212,30 +225,60 @@ VisionConfig hf_clip_vision_defaults() {
   return v;
 }
 
-// What victor implements is LLaVA-1.5 (LlavaForConditionalGeneration: a CLIP tower, an MLP
-// projector, a LLaMA language model): any other model type or architecture is refused by name,
-// never loaded as if it were one.
-void check_architecture(const json& j, const std::string& src) {
+// What victor implements: LLaVA-1.5 (LlavaForConditionalGeneration) and LLaVA-NeXT
+// (LlavaNextForConditionalGeneration), a CLIP tower, an MLP projector, a LLaMA/Mistral language
+// model. Any other model type or architecture is refused by name, never loaded as if it were one.
+// Returns true for LLaVA-NeXT.
+bool check_architecture(const json& j, const std::string& src) {
+  bool next = false, named = false;
   if (j.contains("model_type") && !j["model_type"].is_null()) {
     std::string mt;
     get_opt(j, "model_type", mt, src);
-    if (mt != "llava")
-      throw Error(src + ": model_type '" + mt + "' is not supported; victor runs 'llava' (LlavaForConditionalGeneration" +
-                  (mt == "llava_next" ? "); LLaVA-NeXT's AnyRes tiling and image_newline are not implemented yet"
-                                      : ")"));
+    if (mt != "llava" && mt != "llava_next")
+      throw Error(src + ": model_type '" + mt +
+                  "' is not supported; victor runs 'llava' (LlavaForConditionalGeneration) and 'llava_next' "
+                  "(LlavaNextForConditionalGeneration)");
+    next = mt == "llava_next";
+    named = true;
   }
   if (j.contains("architectures") && !j["architectures"].is_null()) {
     const json& a = j["architectures"];
     if (!a.is_array()) throw Error(src + ": architectures must be a list of class names");
-    for (auto& name : a)
-      if (!name.is_string() || name.get<std::string>() != "LlavaForConditionalGeneration")
+    for (auto& name : a) {
+      const std::string n = name.is_string() ? name.get<std::string>() : "";
+      if (n != "LlavaForConditionalGeneration" && n != "LlavaNextForConditionalGeneration")
         throw Error(src + ": architectures " + name.dump() +
-                    " is not supported; victor runs LlavaForConditionalGeneration");
+                    " is not supported; victor runs LlavaForConditionalGeneration and LlavaNextForConditionalGeneration");
+      const bool is_next = n == "LlavaNextForConditionalGeneration";
+      if (named && is_next != next)
+        throw Error(src + ": architectures " + name.dump() + " contradicts model_type '" +
+                    (next ? "llava_next" : "llava") + "'");
+      next = is_next;
+      named = true;
+    }
   }
   if (j.contains("vision_config") && j["vision_config"].is_object() && j["vision_config"].contains("model_type") &&
       j["vision_config"]["model_type"] != "clip_vision_model")
     throw Error(src + ": vision_config.model_type " + j["vision_config"]["model_type"].dump() +
                 " is not supported; victor's vision tower is CLIP's (clip_vision_model)");
+  return next;
+}
+
+// image_grid_pinpoints: a non-empty list of [height, width] pairs of positive integers.
+std::vector<Pinpoint> read_pinpoints(const json& j, const std::string& where) {
+  if (!j.is_array() || j.empty())
+    throw Error(where + " must be a non-empty list of [height, width] pairs, got " + j.dump().substr(0, 200));
+  if (j.size() > 256) throw Error(where + " has " + std::to_string(j.size()) + " entries (at most 256)");
+  std::vector<Pinpoint> out;
+  for (auto& e : j) {
+    if (!e.is_array() || e.size() != 2 || !e[0].is_number_integer() || !e[1].is_number_integer() ||
+        e[0].get<int64_t>() <= 0 || e[1].get<int64_t>() <= 0 || e[0].get<int64_t>() > 16384 ||
+        e[1].get<int64_t>() > 16384)
+      throw Error(where + ": entry " + e.dump().substr(0, 100) +
+                  " is not a [height, width] pair of positive integers (at most 16384)");
+    out.push_back({int(e[0].get<int64_t>()), int(e[1].get<int64_t>())});
+  }
+  return out;
 }
 
 // victor_int8 as victor writes it: every key it knows, with the one value it implements.
@@ -265,7 +308,7 @@ void check_quantization(const json& q, const std::string& src) {
 
 ModelConfig config_from_json_checked(const json& j, const std::string& src) {
   if (!j.is_object()) throw Error(src + ": config must be a JSON object");
-  check_architecture(j, src);
+  const bool next = check_architecture(j, src);
   ModelConfig c;
   // Hugging Face class defaults for keys a config.json leaves out.
   c.vision = hf_clip_vision_defaults();
@@ -283,9 +326,11 @@ ModelConfig config_from_json_checked(const json& j, const std::string& src) {
     const json& t = j["text_config"];
     std::string w = src + ": text_config";
     if (!t.is_object()) throw Error(w + " must be an object");
-    if (t.contains("model_type") && t["model_type"] != "llama")
-      throw Error(w + ".model_type: only 'llama' language towers are supported, got " +
+    if (t.contains("model_type") && t["model_type"] != "llama" && t["model_type"] != "mistral")
+      throw Error(w + ".model_type: only 'llama' and 'mistral' language towers are supported, got " +
                   t["model_type"].dump());
+    if (t.contains("model_type")) c.text.model_type = t["model_type"].get<std::string>();
+    if (c.text.model_type == "mistral") c.text.max_position_embeddings = 4096 * 32;  // MistralConfig's default
     text_fields(c.text, [&](const char* key, auto& field) { get_opt(t, key, field, w); });
     if (!t.contains("num_key_value_heads") || t["num_key_value_heads"].is_null())
       c.text.num_key_value_heads = c.text.num_attention_heads;
@@ -302,21 +347,47 @@ ModelConfig config_from_json_checked(const json& j, const std::string& src) {
     get_opt(t, "head_dim", head_dim, w);
     if (head_dim != c.text.head_dim())
       throw Error(w + ".head_dim: must equal hidden_size / num_attention_heads");
+    // Mistral's sliding window: attention over at most that many keys. A window at least as long
+    // as the context never changes the math; a shorter one would, and is not implemented.
+    // MistralConfig's default window is 4096 (a key left out means that); null means none.
+    const bool has_window = c.text.model_type == "mistral" ? !(t.contains("sliding_window") && t["sliding_window"].is_null())
+                                                          : t.contains("sliding_window") && !t["sliding_window"].is_null();
+    if (has_window) {
+      int window = 4096;
+      get_opt(t, "sliding_window", window, w);
+      if (window < c.text.max_position_embeddings)
+        throw Error(w + ".sliding_window " + std::to_string(window) + " is shorter than max_position_embeddings " +
+                    std::to_string(c.text.max_position_embeddings) +
+                    ": sliding-window attention is not implemented (it would change the logits of longer prompts)");
+    }
   }
   if (j.contains("vision_feature_layer") && j["vision_feature_layer"].is_array())
     throw Error(src + ": vision_feature_layer as a list (multi-layer features) is not supported");
   top_fields(c, [&](const char* key, auto& field) { get_opt(j, key, field, src); });
   get_opt(j, "image_token_id", c.image_token_index, src);  // newer transformers' name for it
+  if (next) {
+    if (!j.contains("image_grid_pinpoints") || j["image_grid_pinpoints"].is_null())
+      throw Error(src + ": image_grid_pinpoints is missing (a LLaVA-NeXT config lists its AnyRes resolutions)");
+    c.image_grid_pinpoints = read_pinpoints(j["image_grid_pinpoints"], src + ": image_grid_pinpoints");
+    if (j.contains("multimodal_projector_bias") && j["multimodal_projector_bias"] == false)
+      throw Error(src + ": multimodal_projector_bias false is not implemented (the projector has biases)");
+  } else if (j.contains("image_grid_pinpoints") && !j["image_grid_pinpoints"].is_null()) {
+    throw Error(src + ": image_grid_pinpoints belongs to LLaVA-NeXT, but the config says LLaVA-1.5 "
+                "(LlavaForConditionalGeneration)");
+  }
   if (j.contains("image_aspect_ratio") && !j["image_aspect_ratio"].is_null()) {
     std::string a;
     get_opt(j, "image_aspect_ratio", a, src);
-    if (a != "pad" && a != "square")
+    if (next && a != "anyres")
+      throw Error(src + ": image_aspect_ratio '" + a + "' contradicts LLaVA-NeXT's AnyRes (image_grid_pinpoints)");
+    if (!next && a != "pad" && a != "square")
       throw Error(src + ": image_aspect_ratio '" + a + "' is not supported (pad or square)");
     c.preprocess.pad_to_square = a == "pad";
-    c.preprocess.pad_from_config = true;
+    c.preprocess.pad_from_config = !next;
   }
   c.preprocess.crop_size = c.vision.image_size;
   c.preprocess.shortest_edge = c.vision.image_size;
+  if (next) c.preprocess.pad_to_square = false;  // AnyRes pads to the chosen pinpoint, never to a square
   // Checkpoints in float16 load as float32 unless --dtype says otherwise; bfloat16 stays bfloat16.
   std::string torch_dtype;
   get_opt(j, "torch_dtype", torch_dtype, src);
@@ -332,10 +403,15 @@ ModelConfig config_from_json_checked(const json& j, const std::string& src) {
 
 json config_to_json(const ModelConfig& c) {
   json j;
-  j["architectures"] = {"LlavaForConditionalGeneration"};
-  j["model_type"] = "llava";
+  j["architectures"] = {c.is_next() ? "LlavaNextForConditionalGeneration" : "LlavaForConditionalGeneration"};
+  j["model_type"] = c.is_next() ? "llava_next" : "llava";
   top_fields(c, [&](const char* key, const auto& field) { j[key] = field; });
-  j["image_aspect_ratio"] = c.preprocess.pad_to_square ? "pad" : "square";
+  if (c.is_next()) {
+    j["image_grid_pinpoints"] = json::array();
+    for (auto& p : c.image_grid_pinpoints) j["image_grid_pinpoints"].push_back({p[0], p[1]});
+  } else {
+    j["image_aspect_ratio"] = c.preprocess.pad_to_square ? "pad" : "square";
+  }
   j["torch_dtype"] = c.weight_dtype == WeightDType::BF16 ? "bfloat16" : "float32";
   if (c.weight_dtype == WeightDType::Int8)
     j["quantization_config"] = {{"quant_method", "victor_int8"},
@@ -345,14 +421,34 @@ json config_to_json(const ModelConfig& c) {
                                 {"scale_suffix", "_scale"}};
   json& v = j["vision_config"] = {{"model_type", "clip_vision_model"}};
   vision_fields(c.vision, [&](const char* key, const auto& field) { v[key] = field; });
-  json& t = j["text_config"] = {{"model_type", "llama"}};
+  json& t = j["text_config"] = {{"model_type", c.text.model_type}};
   text_fields(c.text, [&](const char* key, const auto& field) { t[key] = field; });
+  if (c.text.model_type == "mistral") t["sliding_window"] = nullptr;
   c.reducer.to_json(j);
   return j;
 }
 
 json preprocess_to_json(const ModelConfig& c) {
   const auto& p = c.preprocess;
+  if (c.is_next()) {
+    json pins = json::array();
+    for (auto& q : c.image_grid_pinpoints) pins.push_back({q[0], q[1]});
+    return {{"image_processor_type", "LlavaNextImageProcessor"},
+            {"processor_class", "LlavaNextProcessor"},
+            {"image_grid_pinpoints", pins},
+            {"do_pad", true},
+            {"do_resize", true},
+            {"size", {{"shortest_edge", p.shortest_edge}}},
+            {"resample", 3},
+            {"do_center_crop", true},
+            {"crop_size", {{"height", p.crop_size}, {"width", p.crop_size}}},
+            {"do_rescale", true},
+            {"rescale_factor", p.rescale_factor},
+            {"do_normalize", p.do_normalize},
+            {"image_mean", p.image_mean},
+            {"image_std", p.image_std},
+            {"do_convert_rgb", true}};
+  }
   // LlavaImageProcessor with do_pad says in the processor's own terms what config.json's
   // image_aspect_ratio says: transformers preprocesses victor's folders as victor does.
   return {{"image_processor_type", "LlavaImageProcessor"},
@@ -379,15 +475,24 @@ void apply_preprocess_json(ModelConfig& c, const json& j, const std::string& src
   std::string type = "CLIPImageProcessor";
   if (given("image_processor_type")) get_opt(j, "image_processor_type", type, src);
   if (type.size() > 4 && type.compare(type.size() - 4, 4, "Fast") == 0) type.resize(type.size() - 4);
-  if (type == "LlavaNextImageProcessor" || type == "LlavaOnevisionImageProcessor")
+  if (type != "CLIPImageProcessor" && type != "LlavaImageProcessor" && type != "LlavaNextImageProcessor")
     throw Error(src + ": image_processor_type '" + type +
-                "' (AnyRes tiling of high-resolution images) is not implemented yet");
-  if (type != "CLIPImageProcessor" && type != "LlavaImageProcessor")
-    throw Error(src + ": image_processor_type '" + type +
-                "' is not supported (CLIPImageProcessor or LlavaImageProcessor)");
-  bool do_pad = false;
-  if (type == "LlavaImageProcessor") get_opt(j, "do_pad", do_pad, src);
-  if (!p.pad_from_config) p.pad_to_square = do_pad;
+                "' is not supported (CLIPImageProcessor, LlavaImageProcessor or LlavaNextImageProcessor)");
+  if ((type == "LlavaNextImageProcessor") != c.is_next())
+    throw Error(src + ": image_processor_type '" + type + "' does not match the model (" +
+                (c.is_next() ? "LLaVA-NeXT needs LlavaNextImageProcessor" : "LLaVA-1.5 cannot use AnyRes tiling") + ")");
+  if (type == "LlavaNextImageProcessor") {
+    // AnyRes never pads to a square (its do_pad pads a batch's crop lists, a no-op here). The
+    // processor tiles with its own pinpoints and the model packs with config.json's: they must agree.
+    if (given("image_grid_pinpoints") &&
+        read_pinpoints(j["image_grid_pinpoints"], src + ": image_grid_pinpoints") != c.image_grid_pinpoints)
+      throw Error(src + ": image_grid_pinpoints differ from config.json's (the crops would not match the packing)");
+    p.pad_to_square = false;
+  } else {
+    bool do_pad = false;
+    if (type == "LlavaImageProcessor") get_opt(j, "do_pad", do_pad, src);
+    if (!p.pad_from_config) p.pad_to_square = do_pad;
+  }
   // Steps victor always takes: turning one off is refused, never ignored.
   for (const char* key : {"do_resize", "do_center_crop", "do_rescale"}) {
     bool on = true;
@@ -514,9 +619,19 @@ ModelConfig preset_config(const std::string& name) {
     c.text.num_attention_heads = 32;
     c.text.num_key_value_heads = 32;
     c.text.max_position_embeddings = 4096;
+  } else if (name == "llava-next-tiny") {
+    // The tiny shape with AnyRes: llava-v1.6's pinpoints scaled from 336 to its 28-pixel views.
+    c = preset_config("tiny");
+    c.image_grid_pinpoints = {{28, 56}, {56, 28}, {56, 56}, {84, 28}, {28, 84}};
+  } else if (name == "llava-next-7b") {
+    // llava-v1.6-vicuna-7b: LLaVA-1.5-7B's shapes, AnyRes over llava-v1.6's five pinpoints (up to
+    // four 336-pixel crops plus the base view: 2,880 patches, 2,928 rows with the newlines).
+    c = preset_config("llava-7b");
+    c.image_grid_pinpoints = {{336, 672}, {672, 336}, {672, 672}, {1008, 336}, {336, 1008}};
   } else {
-    throw Error("unknown preset '" + name + "' (tiny, small, clip-l-1b, llava-7b)");
+    throw Error("unknown preset '" + name + "' (tiny, small, clip-l-1b, llava-7b, llava-next-tiny, llava-next-7b)");
   }
+  if (c.is_next()) c.preprocess.pad_to_square = false;
   c.preprocess.crop_size = c.vision.image_size;
   c.preprocess.shortest_edge = c.vision.image_size;
   return c;

@@ -359,3 +359,94 @@ bool box_in_input(const std::array<float, 4>& box, int width, int height, const 
 }
 
 }  // namespace victor
+
+namespace victor {
+
+Pinpoint select_best_resolution(int height, int width, const std::vector<Pinpoint>& pinpoints) {
+  if (height <= 0 || width <= 0) throw Error("AnyRes: the image is empty");
+  if (pinpoints.empty()) throw Error("AnyRes: no image_grid_pinpoints to choose from");
+  // As transformers computes it, in doubles with the downscaled size truncated to whole pixels.
+  Pinpoint best = pinpoints[0];
+  int64_t best_effective = 0;
+  int64_t best_wasted = std::numeric_limits<int64_t>::max();
+  for (const Pinpoint& p : pinpoints) {
+    const double scale = std::min(double(p[1]) / width, double(p[0]) / height);
+    const int64_t dw = int64_t(width * scale), dh = int64_t(height * scale);
+    const int64_t effective = std::min(dw * dh, int64_t(width) * height);
+    const int64_t wasted = int64_t(p[0]) * p[1] - effective;
+    if (effective > best_effective || (effective == best_effective && wasted < best_wasted)) {
+      best_effective = effective;
+      best_wasted = wasted;
+      best = p;
+    }
+  }
+  return best;
+}
+
+std::array<int, 2> patch_output_size(int height, int width, const Pinpoint& target) {
+  const double scale_w = double(target[1]) / width, scale_h = double(target[0]) / height;
+  if (scale_w < scale_h)
+    return {std::min(int(std::ceil(height * scale_w)), target[0]), target[1]};
+  return {target[0], std::min(int(std::ceil(width * scale_h)), target[1])};
+}
+
+GridRegion unpad_region(int cur_h, int cur_w, int orig_h, int orig_w) {
+  // Python's int(round(x, 7)): rounded to 7 decimals, then truncated.
+  auto round7 = [](double x) { return int(std::floor(std::nearbyint(x * 1e7) / 1e7)); };
+  const double original_aspect = double(orig_w) / orig_h, current_aspect = double(cur_w) / cur_h;
+  if (original_aspect > current_aspect) {
+    const int new_h = round7(orig_h * (double(cur_w) / orig_w));
+    const int pad = (cur_h - new_h) / 2;
+    return {pad, cur_h - 2 * pad, 0, cur_w};
+  }
+  const int new_w = round7(orig_w * (double(cur_h) / orig_h));
+  const int pad = (cur_w - new_w) / 2;
+  return {0, cur_h, pad, cur_w - 2 * pad};
+}
+
+int64_t next_packed_rows(const ImageLayout& l, int side) {
+  const int64_t base = int64_t(side) * side;
+  if (l.grid_rows == 0 || l.grid_cols == 0) return base + 1;
+  const GridRegion r = unpad_region(l.grid_rows * side, l.grid_cols * side, l.height, l.width);
+  return base + int64_t(r.height) * (r.width + 1);
+}
+
+int64_t image_rows(const ModelConfig& c, const ImageLayout& l) {
+  return c.is_next() ? next_packed_rows(l, next_view_side(c)) : c.visual_tokens_per_image();
+}
+
+int next_view_side(const ModelConfig& c) {
+  const int side = c.vision.image_size / c.vision.patch_size;
+  return c.reducer.kind() == ReducerKind::Pool ? side / c.reducer.pool_params().factor : side;
+}
+
+ImageLayout image_layout(int width, int height, const ModelConfig& c) {
+  if (width <= 0 || height <= 0)
+    throw Error("image of " + std::to_string(width) + " x " + std::to_string(height) + " pixels is empty");
+  ImageLayout l;
+  l.height = height;
+  l.width = width;
+  if (!c.is_next()) return l;
+  const auto& p = c.preprocess;
+  const int S = c.vision.image_size, side = next_view_side(c);
+  std::vector<Pinpoint> allowed;
+  for (const Pinpoint& q : c.image_grid_pinpoints) {
+    ImageLayout t = l;
+    t.grid_rows = q[0] / S;
+    t.grid_cols = q[1] / S;
+    if (p.max_crops > 0 && t.grid_rows * t.grid_cols > p.max_crops) continue;
+    if (p.max_image_tokens > 0 && next_packed_rows(t, side) > p.max_image_tokens) continue;
+    allowed.push_back(q);
+  }
+  if (!allowed.empty()) {
+    const Pinpoint best = select_best_resolution(height, width, allowed);
+    l.grid_rows = best[0] / S;
+    l.grid_cols = best[1] / S;
+  } else if (p.max_image_tokens > 0 && next_packed_rows(l, side) > p.max_image_tokens) {
+    throw Error("--max-image-tokens " + std::to_string(p.max_image_tokens) + " is below the " +
+                std::to_string(next_packed_rows(l, side)) + " rows of one image's base view alone");
+  }
+  return l;
+}
+
+}  // namespace victor

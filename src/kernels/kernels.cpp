@@ -253,6 +253,24 @@ std::atomic<int64_t> g_attention_block{0};
 
 void set_attention_block_rows(int64_t rows) { g_attention_block.store(std::max<int64_t>(0, rows)); }
 
+namespace {
+// c = alpha * a @ b on bf16 operands with float32 accumulation: oneDNN's bf16 GEMM where the CPU
+// has one (AVX-512), else LibTorch in float32 on the same bf16 values (an AVX2-only CPU, where
+// oneDNN 2.6 builds no bf16 matmul at all: same products, slower).
+void matmul_bf16_any(const onednn::View& a, const uint16_t* ad, const onednn::View& b, const uint16_t* bd,
+                     const onednn::View& c, float* cd, float alpha) {
+  if (onednn::bf16_fast()) return onednn::matmul_bf16_f32(a, ad, b, bd, c, cd, alpha);
+  auto view = [](const onednn::View& v, const void* d, torch::ScalarType t) {
+    return torch::from_blob(const_cast<void*>(d), v.dims, v.strides, torch::TensorOptions().dtype(t));
+  };
+  auto x = view(a, ad, torch::kBFloat16).to(torch::kFloat32), y = view(b, bd, torch::kBFloat16).to(torch::kFloat32);
+  auto out = view(c, cd, torch::kFloat32);
+  auto r = torch::matmul(x, y);
+  if (alpha != 1.f) r.mul_(alpha);
+  out.copy_(r);
+}
+}  // namespace
+
 torch::Tensor attention_bf16(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                              const torch::Tensor& allowed) {
   if (q.dim() != 4 || k.dim() != 4 || v.dim() != 4 || k.sizes() != v.sizes() || k.size(0) != q.size(0) ||
@@ -288,8 +306,8 @@ torch::Tensor attention_bf16(const torch::Tensor& q, const torch::Tensor& k, con
       const View qv{{Hkv, G, n, hd}, {G * qb.stride(1), qb.stride(1), qb.stride(2), 1}};
       const View kv{{Hkv, 1, hd, S}, {kb.stride(1), kb.stride(1), 1, kb.stride(2)}};
       const View sv{{Hkv, G, n, S}, {G * n * S, n * S, S, 1}};
-      onednn::matmul_bf16_f32(qv, bits(qb) + b * qb.stride(0) + t0 * qb.stride(2), kv,
-                              bits(kb) + b * kb.stride(0), sv, sp, scale);
+      matmul_bf16_any(qv, bits(qb) + b * qb.stride(0) + t0 * qb.stride(2), kv, bits(kb) + b * kb.stride(0), sv, sp,
+                      scale);
       const uint8_t* arow = al.defined() ? al.data_ptr<uint8_t>() + (b * T + t0) * S : nullptr;
       const int64_t rows = H * n;
       over_chunks(rows, std::max<int64_t>(1, rows / (8 * std::max(1, at::get_num_threads()))),
@@ -301,8 +319,8 @@ torch::Tensor attention_bf16(const torch::Tensor& q, const torch::Tensor& k, con
       const View pv{{Hkv, G, n, S}, {G * n * S, n * S, S, 1}};
       const View vv{{Hkv, 1, S, hd}, {vb.stride(1), vb.stride(1), vb.stride(2), 1}};
       const View ov{{Hkv, G, n, hd}, {G * T * hd, T * hd, hd, 1}};
-      onednn::matmul_bf16_f32(pv, pp, vv, bits(vb) + b * vb.stride(0), ov,
-                              out.data_ptr<float>() + b * H * T * hd + t0 * hd, 1.f);
+      matmul_bf16_any(pv, pp, vv, bits(vb) + b * vb.stride(0), ov, out.data_ptr<float>() + b * H * T * hd + t0 * hd,
+                      1.f);
     }
   }
   return out;

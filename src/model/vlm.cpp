@@ -11,6 +11,7 @@
 
 #include "internal.h"
 #include "victor/error.h"
+#include "victor/image_io.h"
 #include "victor/kernels.h"
 #include "victor/ops.h"
 #include "victor/safetensors.h"
@@ -36,6 +37,7 @@ std::string canonical_tensor_name(const std::string& n) {
   if (starts("model.vision_tower.")) return n.substr(6);
   if (starts("model.multi_modal_projector.")) return n.substr(6);
   if (starts("model.victor.")) return n.substr(6);
+  if (n == "model.image_newline") return "image_newline";
   return n;
 }
 
@@ -99,6 +101,7 @@ void Vlm::declare_params() {
   add("multi_modal_projector.linear_1.bias", {d}, Part::Projector, w_.proj1.bias);
   matrix("multi_modal_projector.linear_2.weight", d, d, Part::Projector, w_.proj2);
   add("multi_modal_projector.linear_2.bias", {d}, Part::Projector, w_.proj2.bias);
+  if (config_.is_next()) add("image_newline", {d}, Part::Projector, w_.image_newline);
 
   auto& lw = w_.llm;
   lw.layers.resize(t.num_hidden_layers);
@@ -314,7 +317,8 @@ Vlm Vlm::load(const std::string& dir, std::optional<WeightDType> dtype, bool all
                   "refusing rather than computing wrong logits");
     // A tensor of a module victor builds that no parameter takes: the checkpoint has a part
     // (a layer, a norm, a projector stage) the model would skip.
-    for (const char* module : {"vision_tower.", "multi_modal_projector.", "language_model.", "victor.", "resampler."})
+    for (const char* module : {"vision_tower.", "multi_modal_projector.", "language_model.", "victor.", "resampler.",
+                               "image_newline"})
       if (c.rfind(module, 0) == 0)
         throw Error(store.file_of(n) + ": tensor '" + n + "' belongs to " + std::string(module, std::strlen(module) - 1) +
                     " but no part of the model as config.json describes it uses it; refusing rather than "
@@ -436,6 +440,59 @@ torch::Tensor Vlm::encode_images(const torch::Tensor& pixels) const {
   return project(vision_features(pixels));
 }
 
+torch::Tensor Vlm::pack_image(const torch::Tensor& views, const ImageLayout& l) const {
+  if (!config_.is_next()) return views.squeeze(0);
+  if (views.dim() != 3 || views.size(0) != l.views())
+    throw Error("pack_image: expected the " + std::to_string(l.views()) + " views of a " +
+                std::to_string(l.grid_rows) + " x " + std::to_string(l.grid_cols) + " crop grid");
+  const int64_t n = views.size(1), d = views.size(2);
+  const int64_t side = next_view_side(config_);
+  if (side * side != n) throw Error("pack_image: " + std::to_string(n) + " features per view are not a square grid");
+  const auto nl = w_.image_newline.to(views.scalar_type());
+  if (l.grid_rows == 0) return torch::cat({views[0], nl.view({1, d})}, 0);
+  // [rows*cols, side, side, d] -> one [rows*side, cols*side, d] grid, crops placed row by row.
+  auto grid = views.narrow(0, 1, l.views() - 1)
+                  .reshape({l.grid_rows, l.grid_cols, side, side, d})
+                  .permute({0, 2, 1, 3, 4})
+                  .reshape({l.grid_rows * side, l.grid_cols * side, d});
+  const GridRegion r = unpad_region(int(grid.size(0)), int(grid.size(1)), l.height, l.width);
+  grid = grid.narrow(0, r.top, r.height).narrow(1, r.left, r.width);
+  auto newline = nl.view({1, 1, d}).expand({r.height, 1, d});
+  auto rows = torch::cat({grid, newline}, 1).reshape({int64_t(r.height) * (r.width + 1), d});
+  return torch::cat({views[0], rows}, 0);
+}
+
+std::vector<torch::Tensor> Vlm::encode_prompt_images(const std::vector<PromptInput>& rows) const {
+  std::vector<torch::Tensor> px;
+  std::vector<ImageLayout> layouts;
+  for (auto& r : rows) {
+    if (!r.pixels.defined() || r.pixels.size(0) == 0) continue;
+    px.push_back(r.pixels);
+    if (config_.is_next()) {
+      if (r.layouts.empty()) throw Error("LLaVA-NeXT: an image came without its AnyRes layout (use prepare_image)");
+      int64_t views = 0;
+      for (auto& l : r.layouts) views += l.views();
+      if (views != r.pixels.size(0))
+        throw Error("LLaVA-NeXT: the layouts describe " + std::to_string(views) + " views, the pixels hold " +
+                    std::to_string(r.pixels.size(0)));
+      layouts.insert(layouts.end(), r.layouts.begin(), r.layouts.end());
+    } else if (!r.layouts.empty()) {
+      for (auto& l : r.layouts)
+        if (l.views() != 1) throw Error("LLaVA-1.5 takes one view per image, got an AnyRes layout");
+    }
+  }
+  std::vector<torch::Tensor> out;
+  if (px.empty()) return out;
+  torch::Tensor all = encode_images(px.size() == 1 ? px[0] : torch::cat(px, 0));  // [views,N,d]
+  if (!config_.is_next()) return all.unbind(0);
+  int64_t at = 0;
+  for (auto& l : layouts) {
+    out.push_back(pack_image(all.narrow(0, at, l.views()), l));
+    at += l.views();
+  }
+  return out;
+}
+
 namespace {
 
 // The resampler block over projected visual tokens x [n,N,d] -> [n,latents,d].
@@ -477,20 +534,20 @@ torch::Tensor Vlm::embed_tokens(const torch::Tensor& ids) const {
 torch::Tensor Vlm::logits(const torch::Tensor& hidden) const { return dense(hidden, w_.llm.lm_head); }
 
 SequenceBatch Vlm::assemble(const std::vector<PromptInput>& rows, bool pad_left) const {
-  std::vector<torch::Tensor> px;
-  for (auto& r : rows)
-    if (r.pixels.defined() && r.pixels.size(0) > 0) px.push_back(r.pixels);
-  torch::Tensor embeds = px.empty() ? torch::Tensor() : encode_images(torch::cat(px, 0));
-  return assemble(rows, embeds, pad_left);
+  return assemble(rows, encode_prompt_images(rows), pad_left);
 }
 
 SequenceBatch Vlm::assemble(const std::vector<PromptInput>& rows, const torch::Tensor& image_embeds,
                             bool pad_left) const {
+  return assemble(rows, image_embeds.defined() ? image_embeds.unbind(0) : std::vector<torch::Tensor>{}, pad_left);
+}
+
+SequenceBatch Vlm::assemble(const std::vector<PromptInput>& rows, const std::vector<torch::Tensor>& image_embeds,
+                            bool pad_left) const {
   const int64_t B = rows.size(), d = config_.text.hidden_size;
   const int64_t image_id = config_.image_token_index;
   const int64_t m = config_.reducer.inserted_rows();
-  const int64_t n_images = image_embeds.defined() ? image_embeds.size(0) : 0;
-  const int64_t N = n_images ? image_embeds.size(1) : 0;
+  const int64_t n_images = int64_t(image_embeds.size());
   struct Row {
     std::vector<torch::Tensor> pieces;
     std::vector<int64_t> kind, group, target;
@@ -508,7 +565,10 @@ SequenceBatch Vlm::assemble(const std::vector<PromptInput>& rows, const torch::T
       if (r.ids[i] == image_id) {
         if (image_cursor >= n_images)
           throw Error("prompt has more <image> tokens than images (row " + std::to_string(b) + ")");
-        out.pieces.push_back(image_embeds[image_cursor++]);
+        const torch::Tensor& e = image_embeds[image_cursor++];
+        if (e.dim() != 2 || e.size(1) != d) throw Error("assemble: an image's rows must be [N," + std::to_string(d) + "]");
+        const int64_t N = e.size(0);
+        out.pieces.push_back(e);
         out.kind.insert(out.kind.end(), N, int64_t(TokenKind::Visual));
         out.group.insert(out.group.end(), N, group);
         out.target.insert(out.target.end(), N, -100);

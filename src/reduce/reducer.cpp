@@ -219,6 +219,9 @@ void require(bool ok, const std::string& spec, const std::string& why) {
 void Reducer::validate(const ModelConfig& c) const {
   const int L = c.num_layers(), side = c.vision.image_size / c.vision.patch_size;
   const std::string s = spec();
+  if (c.is_next())
+    require(kind_ != ReducerKind::VisionZip && kind_ != ReducerKind::Resampler, s,
+            "is not implemented on LLaVA-NeXT yet (none, victor, fastv and pool are)");
   switch (kind_) {
     case ReducerKind::None: return;
     case ReducerKind::Victor:
@@ -294,23 +297,35 @@ RegisterMask Reducer::mask() const {
 }
 
 int64_t Reducer::kv_rows(const ModelConfig& c, int64_t text, int64_t images, int64_t generated) const {
-  const int64_t L = c.num_layers(), N = visual_rows(c), base = text + generated;
+  return kv_rows(c, text, std::vector<int64_t>(size_t(std::max<int64_t>(images, 0)), visual_rows(c)), generated);
+}
+
+double Reducer::prefill_flops(const ModelConfig& c, int64_t text, int64_t images) const {
+  return prefill_flops(c, text, std::vector<int64_t>(size_t(std::max<int64_t>(images, 0)), visual_rows(c)), images);
+}
+
+int64_t Reducer::kv_rows(const ModelConfig& c, int64_t text, const std::vector<int64_t>& visual,
+                         int64_t generated) const {
+  const int64_t L = c.num_layers(), base = text + generated, images = int64_t(visual.size());
+  int64_t N = 0, kept = 0;  // visual rows of all images, and those past FastV's prune
+  for (int64_t n : visual) N += n, kept += kept_after_prune(int(n));
   switch (kind_) {
     case ReducerKind::Victor: {
       const int64_t k = drop_layer(c), m = victor_.registers;
       const int64_t late = base + images * m;
-      const int64_t early = victor_.mask == RegisterMask::Causal ? late + images * N : late;
+      const int64_t early = victor_.mask == RegisterMask::Causal ? late + N : late;
       return k * early + (L - k) * late;
     }
     case ReducerKind::FastV: {
       const int64_t K = std::min<int64_t>(fastv_.layer, L);
-      return K * (base + images * N) + (L - K) * (base + images * kept_after_prune(int(N)));
+      return K * (base + N) + (L - K) * (base + kept);
     }
-    default: return L * (base + images * N);
+    default: return L * (base + N);
   }
 }
 
-double Reducer::prefill_flops(const ModelConfig& c, int64_t text, int64_t images) const {
+double Reducer::prefill_flops(const ModelConfig& c, int64_t text, const std::vector<int64_t>& visual,
+                              int64_t views) const {
   const auto& t = c.text;
   const double d = t.hidden_size, H = t.num_attention_heads, Hkv = t.num_key_value_heads;
   const double hd = t.head_dim(), F = t.intermediate_size;
@@ -319,25 +334,28 @@ double Reducer::prefill_flops(const ModelConfig& c, int64_t text, int64_t images
   };
   const auto& v = c.vision;
   const double Tv = v.num_patches() + 1, D = v.hidden_size, I = v.intermediate_size;
-  // The tower runs on every patch; the projector on every selected feature (pooling follows it).
-  double vision = images * (c.vision_layers_needed() * (2 * Tv * (4 * D * D + 2 * D * I) + 4 * Tv * Tv * D) +
-                            2.0 * full_visual_rows(c) * (D * d + d * d));
+  const int64_t images = int64_t(visual.size());
+  // The tower runs on every patch of every view; the projector on every selected feature (pooling
+  // follows it).
+  double vision = views * (c.vision_layers_needed() * (2 * Tv * (4 * D * D + 2 * D * I) + 4 * Tv * Tv * D) +
+                           2.0 * full_visual_rows(c) * (D * d + d * d));
   if (kind_ == ReducerKind::Resampler) {  // q, o and the 4d MLP on the latents; k, v on the tokens
     const double Q = resampler_.latents, Nf = full_visual_rows(c);
     vision += images * (2 * Q * (2 * d * d + 8 * d * d) + 2 * Nf * 2 * d * d + 4 * Q * Nf * d);
   }
-  const int64_t L = c.num_layers(), N = visual_rows(c);
+  const int64_t L = c.num_layers();
+  int64_t N = 0, kept = 0;
+  for (int64_t n : visual) N += n, kept += kept_after_prune(int(n));
   switch (kind_) {
     case ReducerKind::Victor: {
       const int64_t k = drop_layer(c), m = victor_.registers;
-      return vision + k * layer(double(text + images * (N + m))) + (L - k) * layer(double(text + images * m));
+      return vision + k * layer(double(text + N + images * m)) + (L - k) * layer(double(text + images * m));
     }
     case ReducerKind::FastV: {
       const int64_t K = std::min<int64_t>(fastv_.layer, L);
-      return vision + K * layer(double(text + images * N)) +
-             (L - K) * layer(double(text + images * kept_after_prune(int(N))));
+      return vision + K * layer(double(text + N)) + (L - K) * layer(double(text + kept));
     }
-    default: return vision + L * layer(double(text + images * N));
+    default: return vision + L * layer(double(text + N));
   }
 }
 

@@ -85,6 +85,34 @@ double prefill_flops(const ModelConfig& c, int64_t text, int64_t images) {
   return c.reducer.prefill_flops(c, text, images);
 }
 
+std::vector<int64_t> visual_rows_of(const ModelConfig& c, const PromptInput& in) {
+  std::vector<int64_t> out;
+  if (!in.layouts.empty()) {
+    for (auto& l : in.layouts) out.push_back(image_rows(c, l));
+  } else {
+    out.assign(size_t(in.images()), c.visual_tokens_per_image());
+  }
+  return out;
+}
+
+int64_t views_of(const PromptInput& in) { return in.pixels.defined() ? in.pixels.size(0) : 0; }
+
+int64_t kv_bytes_formula(const ModelConfig& c, int64_t text, const std::vector<int64_t>& visual, int64_t generated,
+                         int64_t element_bytes) {
+  const int64_t per_row = 2 * int64_t(c.text.num_key_value_heads) * c.text.head_dim() * element_bytes;
+  return per_row * c.reducer.kv_rows(c, text, visual, generated);
+}
+
+double prefill_flops(const ModelConfig& c, int64_t text, const std::vector<int64_t>& visual, int64_t views) {
+  return c.reducer.prefill_flops(c, text, visual, views);
+}
+
+void add_image(PromptInput& in, const Image& img, const ModelConfig& c) {
+  PreparedImage p = prepare_image(img, c);
+  in.pixels = in.pixels.defined() && in.pixels.size(0) > 0 ? torch::cat({in.pixels, p.pixels}, 0) : p.pixels;
+  if (c.is_next()) in.layouts.push_back(p.layout);
+}
+
 ModelConfig without_reducer(const ModelConfig& c) {
   ModelConfig p = c;
   p.reducer = Reducer::none();
@@ -114,11 +142,7 @@ GenerationResult generate_ids(const Vlm& model, const std::vector<PromptInput>& 
   st.reduce_layer = cfg.reducer.prune_layer() ? *cfg.reducer.prune_layer() : cfg.reducer.drop_layer(cfg);
   auto t0 = Clock::now();
 
-  std::vector<torch::Tensor> px;
-  for (auto& r : inputs)
-    if (r.pixels.defined() && r.pixels.size(0) > 0) px.push_back(r.pixels);
-  torch::Tensor image_embeds;
-  if (!px.empty()) image_embeds = model.encode_images(torch::cat(px, 0));
+  std::vector<torch::Tensor> image_embeds = model.encode_prompt_images(inputs);
   st.vision_seconds = seconds_since(t0);
   SequenceBatch batch = model.assemble(inputs, image_embeds, /*pad_left=*/true);
   const int64_t max_pos = cfg.text.max_position_embeddings;
@@ -131,8 +155,15 @@ GenerationResult generate_ids(const Vlm& model, const std::vector<PromptInput>& 
   st.visual_tokens = count_kind(batch.meta, 0, TokenKind::Visual);
   st.register_tokens = count_kind(batch.meta, 0, TokenKind::Register);
   st.tokens_before_drop = st.prompt_tokens + st.visual_tokens + st.register_tokens;
-  const int64_t images = inputs[0].pixels.defined() ? inputs[0].pixels.size(0) : 0;
-  st.tokens_after_drop = st.prompt_tokens + images * cfg.reducer.rows_past_reduction(cfg);
+  // Rows each image still holds past the reduction: FastV's kept rows, Victor's registers alone,
+  // or all of them.
+  st.tokens_after_drop = st.prompt_tokens;
+  for (int64_t n : visual_rows_of(cfg, inputs[0])) {
+    const auto& r = cfg.reducer;
+    st.tokens_after_drop += r.inserted_rows() + (r.prune_layer()                          ? r.kept_after_prune(int(n))
+                                                 : r.drop_layer(cfg) < cfg.num_layers() ? 0
+                                                                                        : n);
+  }
 
   auto [cache, logits] = model.prefill(batch, opt.kv_dtype, opt.max_new_tokens);
 
@@ -170,12 +201,12 @@ GenerationResult generate_ids(const Vlm& model, const std::vector<PromptInput>& 
   st.kv_bytes = cache.bytes();
   for (int64_t b = 0; b < B; ++b) {
     int64_t text = count_kind(batch.meta, b, TokenKind::Text);
-    int64_t images = inputs[b].pixels.defined() ? inputs[b].pixels.size(0) : 0;
-    st.kv_bytes_plain += kv_bytes_formula(without_reducer(cfg), text, images, fed,
+    const ModelConfig plain = without_reducer(cfg);
+    st.kv_bytes_plain += kv_bytes_formula(plain, text, visual_rows_of(plain, inputs[b]), fed,
                                           int64_t(c10::elementSize(opt.kv_dtype)));
     if (b == 0) {
-      st.prefill_gflops = prefill_flops(cfg, text, images) / 1e9;
-      st.prefill_gflops_plain = prefill_flops(without_reducer(cfg), text, images) / 1e9;
+      st.prefill_gflops = prefill_flops(cfg, text, visual_rows_of(cfg, inputs[b]), views_of(inputs[b])) / 1e9;
+      st.prefill_gflops_plain = prefill_flops(plain, text, visual_rows_of(plain, inputs[b]), views_of(inputs[b])) / 1e9;
     }
   }
   if (opt.keep_logits) res.step_logits = torch::stack(kept_logits, 0);
@@ -189,9 +220,7 @@ GenerationResult generate(const Vlm& model, const Tokenizer& tok, const std::vec
   for (auto& r : reqs) {
     PromptInput in;
     in.ids = prompt_ids(tok, r.prompt, r.images.size(), cfg.text.max_position_embeddings);
-    std::vector<torch::Tensor> px;
-    for (auto& img : r.images) px.push_back(preprocess_image(img, cfg.preprocess));
-    if (!px.empty()) in.pixels = torch::stack(px, 0);
+    for (auto& img : r.images) add_image(in, img, cfg);
     inputs.push_back(std::move(in));
   }
   GenerationResult res = generate_ids(model, inputs, opt.ignore_eos ? -1 : tok.eos_id(), opt);

@@ -282,6 +282,8 @@ ChatRequest parse_chat_request(const std::string& body, const ServeLimits& lim) 
     if (!j["ignore_eos"].is_boolean()) throw bad("ignore_eos", "must be true or false");
     r.ignore_eos = j["ignore_eos"].get<bool>();
   }
+  if (opt("max_crops")) r.max_crops = int(integer(j["max_crops"], "max_crops", 1, 64));
+  if (opt("max_image_tokens")) r.max_image_tokens = int(integer(j["max_image_tokens"], "max_image_tokens", 1, 1 << 20));
   if (opt("stream_options")) {
     const auto& so = j["stream_options"];
     if (!so.is_object()) throw bad("stream_options", "must be an object");

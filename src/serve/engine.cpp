@@ -85,7 +85,20 @@ namespace {
 // inflates a PNG into one buffer, unfilters it into a second, victor copies it into a third:
 // three times the RGB bytes, measured), the padded square, the resize's horizontal pass and its
 // float output, the rescale's double copy.
-int64_t preprocess_bytes(int w, int h, const PreprocessConfig& p) {
+int64_t preprocess_bytes(int w, int h, const ModelConfig& c) {
+  const PreprocessConfig& p = c.preprocess;
+  if (c.is_next()) {
+    // Decoded RGB, the base view's resize, the chosen pinpoint's resize and black canvas (floats),
+    // and the normalized views (with a temporary each).
+    const ImageLayout l = image_layout(w, h, c);  // throws when the cap leaves nothing
+    const int64_t S = p.crop_size, E = p.shortest_edge;
+    int64_t total = 3 * int64_t(w) * h + E * int64_t(h) * 3 + E * E * 3 * 4;
+    if (l.grid_rows > 0) {
+      const int64_t bh = l.grid_rows * S, bw = l.grid_cols * S;
+      total += bw * int64_t(h) * 3 + bh * bw * 3 * 4 * 2;
+    }
+    return total + int64_t(l.views()) * S * S * 3 * 4 * 3;
+  }
   int64_t pw = w, ph = h, total = 3 * int64_t(w) * h * 3;
   if (p.pad_to_square && w != h) {
     pw = ph = std::max(w, h);
@@ -98,8 +111,7 @@ int64_t preprocess_bytes(int w, int h, const PreprocessConfig& p) {
 }
 }  // namespace
 
-torch::Tensor ServeEngine::decode_within_budget(const ChatImage& img) const {
-  const auto& cfg = model_.config();
+PreparedImage ServeEngine::decode_within_budget(const ChatImage& img, const ModelConfig& cfg) const {
   int w = 0, h = 0;
   if (!image_dimensions(img.bytes, &w, &h))
     throw ApiError(400, "invalid_request_error", img.field,
@@ -110,7 +122,7 @@ torch::Tensor ServeEngine::decode_within_budget(const ChatImage& img) const {
                        " pixels is over the limit of " + std::to_string(opt_.limits.max_image_pixels) + " pixels");
   int64_t need = 0;
   try {
-    need = preprocess_bytes(w, h, cfg.preprocess);
+    need = preprocess_bytes(w, h, cfg);
   } catch (const Error& e) {
     throw ApiError(413, "invalid_request_error", img.field, img.field + ": " + e.what());
   }
@@ -154,14 +166,24 @@ torch::Tensor ServeEngine::decode_within_budget(const ChatImage& img) const {
     throw ApiError(400, "invalid_request_error", img.field, e.what());
   }
   try {
-    return preprocess_image(decoded, cfg.preprocess);
+    return prepare_image(decoded, cfg);
   } catch (const Error& e) {
     throw ApiError(413, "invalid_request_error", img.field, img.field + ": " + e.what());
   }
 }
 
 std::shared_ptr<Job> ServeEngine::make_job(const ChatRequest& r) const {
-  const auto& cfg = model_.config();
+  // The request's own image-token cap, within the server's (LLaVA-NeXT).
+  ModelConfig cfg = model_.config();
+  if (r.max_crops || r.max_image_tokens) {
+    if (!cfg.is_next())
+      throw ApiError(400, "invalid_request_error", r.max_crops ? "max_crops" : "max_image_tokens",
+                     std::string(r.max_crops ? "max_crops" : "max_image_tokens") +
+                         ": this model is LLaVA-1.5 (one view per image); the cap applies to LLaVA-NeXT's crops");
+    auto tighter = [](int server, int asked) { return asked == 0 ? server : server == 0 ? asked : std::min(server, asked); };
+    cfg.preprocess.max_crops = tighter(cfg.preprocess.max_crops, r.max_crops);
+    cfg.preprocess.max_image_tokens = tighter(cfg.preprocess.max_image_tokens, r.max_image_tokens);
+  }
   auto job = std::make_shared<Job>();
   // Refused before tokenizing: text that cannot fit the context however it is split.
   size_t text_bytes = 0;
@@ -174,13 +196,20 @@ std::shared_ptr<Job> ServeEngine::make_job(const ChatRequest& r) const {
   job->input.ids = encode_chat(tok_, r.turns).ids;
   std::vector<torch::Tensor> px;
   for (auto& img : r.images) {
-    px.push_back(decode_within_budget(img));
-    job->image_keys.push_back(hash_bytes(img.bytes));
+    PreparedImage p = decode_within_budget(img, cfg);
+    px.push_back(p.pixels);
+    if (cfg.is_next()) job->input.layouts.push_back(p.layout);
+    // The cache holds an image's packed rows: the same bytes under another cap are another entry.
+    const ImageLayout& l = p.layout;
+    job->image_keys.push_back(hash_bytes(img.bytes) ^ (uint64_t(l.grid_rows) * 0x9E3779B97F4A7C15ull) ^
+                              (uint64_t(l.grid_cols) * 0xC2B2AE3D27D4EB4Full));
   }
-  const int64_t n = int64_t(px.size());
-  if (n > 0) job->input.pixels = torch::stack(px, 0);
+  const int64_t n = int64_t(r.images.size());
+  if (n > 0) job->input.pixels = torch::cat(px, 0);
   job->text_tokens = int64_t(job->input.ids.size()) - n;
-  job->prompt_rows = job->text_tokens + n * (cfg.reducer.visual_rows(cfg) + cfg.reducer.inserted_rows());
+  const std::vector<int64_t> visual = visual_rows_of(cfg, job->input);
+  job->prompt_rows = job->text_tokens + n * cfg.reducer.inserted_rows();
+  for (int64_t v : visual) job->prompt_rows += v;
   const int64_t ctx = cfg.text.max_position_embeddings;
   if (job->prompt_rows >= ctx)
     throw ApiError(400, "invalid_request_error", "messages",
@@ -202,7 +231,7 @@ std::shared_ptr<Job> ServeEngine::make_job(const ChatRequest& r) const {
   job->stop = r.stop;
   job->ignore_eos = r.ignore_eos;
   job->kv_reserved =
-      kv_bytes_formula(cfg, job->text_tokens, n, max_new, int64_t(c10::elementSize(opt_.kv_dtype)));
+      kv_bytes_formula(cfg, job->text_tokens, visual, max_new, int64_t(c10::elementSize(opt_.kv_dtype)));
   if (job->kv_reserved > opt_.kv_budget_bytes)
     throw ApiError(400, "invalid_request_error", "max_tokens",
                    "max_tokens: this request needs " + mib(job->kv_reserved) +
@@ -271,13 +300,17 @@ void ServeEngine::finish(const std::shared_ptr<Job>& job, const std::string& rea
   job->cv.notify_all();
 }
 
-torch::Tensor ServeEngine::image_embeds(const Job& job, bool* all_cached) {
+std::vector<torch::Tensor> ServeEngine::image_embeds(const Job& job, bool* all_cached) {
   *all_cached = true;
-  if (!job.input.pixels.defined() || job.input.pixels.size(0) == 0) return torch::Tensor();
   std::vector<torch::Tensor> out;
+  if (!job.input.pixels.defined() || job.input.pixels.size(0) == 0) return out;
+  int64_t view = 0;  // the first view of image i
   uint64_t hits = 0, misses = 0;
   for (size_t i = 0; i < job.image_keys.size(); ++i) {
     const uint64_t key = job.image_keys[i];
+    const ImageLayout layout = job.input.layouts.empty() ? ImageLayout{} : job.input.layouts[i];
+    const int64_t first = view;
+    view += layout.views();
     auto it = images_.find(key);
     if (it != images_.end()) {
       lru_.splice(lru_.begin(), lru_, it->second.second);
@@ -287,7 +320,8 @@ torch::Tensor ServeEngine::image_embeds(const Job& job, bool* all_cached) {
     }
     *all_cached = false;
     ++misses;
-    auto e = model_.encode_images(job.input.pixels.narrow(0, int64_t(i), 1));  // [1,N,d]
+    // The image's packed rows [N,d] (LLaVA-NeXT: base view, crops and newlines).
+    auto e = model_.pack_image(model_.encode_images(job.input.pixels.narrow(0, first, layout.views())), layout);
     out.push_back(e);
     const int64_t bytes = e.numel() * int64_t(e.element_size());
     if (bytes <= opt_.image_cache_bytes) {
@@ -307,7 +341,7 @@ torch::Tensor ServeEngine::image_embeds(const Job& job, bool* all_cached) {
   counters_.image_cache_hits += hits;
   counters_.image_cache_misses += misses;
   counters_.vision_runs += misses;
-  return torch::cat(out, 0);
+  return out;
 }
 
 bool ServeEngine::advance(Running& r, int64_t token) {
@@ -348,7 +382,7 @@ bool ServeEngine::prefill(const std::shared_ptr<Job>& job) {
   r.job = job;
   try {
     bool cached = false;
-    torch::Tensor embeds = image_embeds(*job, &cached);
+    std::vector<torch::Tensor> embeds = image_embeds(*job, &cached);
     SequenceBatch batch = model_.assemble({job->input}, embeds, /*pad_left=*/true);
     auto [cache, logits] = model_.prefill(batch, opt_.kv_dtype, job->sampling.max_new_tokens);
     r.cache = std::move(cache);

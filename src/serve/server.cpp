@@ -39,17 +39,24 @@ void send_error(httplib::Response& res, const ApiError& e) {
 json victor_figures(const ServeEngine& engine, const Job& job) {
   const auto& cfg = engine.model().config();
   const ModelConfig plain = without_reducer(cfg);
-  const int64_t images = job.input.pixels.defined() ? job.input.pixels.size(0) : 0;
+  const int64_t images = job.input.images();
   const int64_t generated = int64_t(job.tokens.size());
   const int64_t el = int64_t(c10::elementSize(engine.options().kv_dtype));
-  const int64_t llm_visual = images * (cfg.reducer.rows_past_reduction(cfg) - cfg.reducer.inserted_rows());
+  const auto& r = cfg.reducer;
+  const std::vector<int64_t> visual = visual_rows_of(cfg, job.input), visual_plain = visual_rows_of(plain, job.input);
+  int64_t in = 0, to_llm = 0, after = 0;
+  for (int64_t v : visual_plain) in += v;
+  for (int64_t v : visual) {
+    to_llm += v + r.inserted_rows();
+    after += r.prune_layer() ? r.kept_after_prune(int(v)) : r.drop_layer(cfg) < cfg.num_layers() ? 0 : v;
+  }
   return {{"reducer", cfg.reducer.name()},
           {"images", images},
-          {"visual_tokens_in", images * plain.visual_tokens_per_image()},
-          {"visual_tokens_to_llm", images * (cfg.reducer.visual_rows(cfg) + cfg.reducer.inserted_rows())},
-          {"visual_tokens_after_reduction", llm_visual},
+          {"visual_tokens_in", in},
+          {"visual_tokens_to_llm", to_llm},
+          {"visual_tokens_after_reduction", after},
           {"kv_bytes", job.kv_bytes},
-          {"kv_bytes_plain", kv_bytes_formula(plain, job.text_tokens, images, std::max<int64_t>(generated - 1, 0), el)},
+          {"kv_bytes_plain", kv_bytes_formula(plain, job.text_tokens, visual_plain, std::max<int64_t>(generated - 1, 0), el)},
           {"time_to_first_token_seconds", job.ttft_seconds},
           {"decode_tokens_per_second", generated > 1 && job.decode_seconds > 0 ? (generated - 1) / job.decode_seconds : 0.0},
           {"image_cache_hit", images > 0 && job.vision_cached}};

@@ -50,6 +50,7 @@ std::vector<TrainSample> prepare_samples(const std::vector<Conversation>& convs,
   struct Loaded {
     torch::Tensor pixels;
     int width = 0, height = 0;
+    ImageLayout layout;
   };
   std::unordered_map<std::string, Loaded> loaded;  // image path -> pixels
   Progress bar("loading", int64_t(convs.size()), isatty(2) && convs.size() > 200);
@@ -70,15 +71,18 @@ std::vector<TrainSample> prepare_samples(const std::vector<Conversation>& convs,
       for (auto id : chat.ids) images += id == cfg.image_token_index;
       if (images > 0 && c.image.empty()) throw Error("sample '" + c.id + "': <image> but no image");
       int64_t length = int64_t(chat.ids.size()) + images * (image_rows - 1);
-      if (length > cfg.text.max_position_embeddings)
+      if (length > cfg.text.max_position_embeddings && !cfg.is_next())
         throw Error("sample '" + c.id + "': " + std::to_string(length) +
                     " tokens exceed the context (max_position_embeddings " +
                     std::to_string(cfg.text.max_position_embeddings) + ")");
+      if (images > 1 && cfg.is_next())
+        throw Error("sample '" + c.id + "': several <image> tokens for one image file (LLaVA-NeXT training takes one)");
       if (images > 0) {
         fs::path p = fs::path(image_folder) / c.image;
         auto seen = loaded.find(p.string());
         if (seen != loaded.end()) {
           s.input.pixels = seen->second.pixels;  // one tensor per image, shared by its samples
+          if (cfg.is_next()) s.input.layouts = {seen->second.layout};
         } else {
           if (!fs::exists(p)) throw Error("sample '" + c.id + "': image not found: " + p.string());
           Image img;
@@ -87,10 +91,22 @@ std::vector<TrainSample> prepare_samples(const std::vector<Conversation>& convs,
           } catch (const Error& e) {
             throw Error("sample '" + c.id + "': " + e.what());
           }
-          s.input.pixels = preprocess_image(img, cfg.preprocess).unsqueeze(0);
-          seen = loaded.emplace(p.string(), Loaded{s.input.pixels, img.width, img.height}).first;
+          PreparedImage prepared = prepare_image(img, cfg);
+          s.input.pixels = prepared.pixels;
+          if (cfg.is_next()) s.input.layouts = {prepared.layout};
+          seen = loaded.emplace(p.string(), Loaded{s.input.pixels, img.width, img.height, prepared.layout}).first;
         }
-        if (std::any_of(c.turns.begin(), c.turns.end(), [](const Turn& t) { return t.grounded; }))
+        if (cfg.is_next()) {
+          length = int64_t(chat.ids.size()) - 1 + victor::image_rows(cfg, seen->second.layout) + cfg.reducer.inserted_rows();
+          if (length > cfg.text.max_position_embeddings)
+            throw Error("sample '" + c.id + "': " + std::to_string(length) +
+                        " rows exceed the context (max_position_embeddings " +
+                        std::to_string(cfg.text.max_position_embeddings) + ")");
+        }
+        const bool grounded = std::any_of(c.turns.begin(), c.turns.end(), [](const Turn& t) { return t.grounded; });
+        if (grounded && cfg.is_next())
+          throw Error("sample '" + c.id + "': grounded turns (boxes) are not implemented on LLaVA-NeXT's crops yet");
+        if (grounded)
           for (const Turn& t : c.turns) {
             TurnGrounding g{t.grounded, {}};
             for (const Box& b : t.boxes) {
@@ -553,7 +569,11 @@ TrainReport train_model(Vlm& model, const std::vector<TrainSample>& samples, con
       for (auto& r : rows)
         if (r.pixels.defined()) px.push_back(r.pixels);
       torch::Tensor embeds, visual_order;
-      if (!px.empty()) {
+      std::vector<torch::Tensor> packed;  // LLaVA-NeXT: each image's packed rows (no feature cache)
+      if (model.config().is_next()) {
+        if (o.shuffle_visual) throw Error("--shuffle-visual is not implemented on LLaVA-NeXT (its rows are a packed grid)");
+        packed = model.encode_prompt_images(rows);
+      } else if (!px.empty()) {
         if (vision_trained) {
           embeds = model.encode_images(torch::cat(px, 0));
         } else {
@@ -563,7 +583,8 @@ TrainReport train_model(Vlm& model, const std::vector<TrainSample>& samples, con
           embeds = shuffle_tokens(embeds, o.seed * 1000003ull + uint64_t(step) * uint64_t(o.grad_accum) + uint64_t(a),
                                   &visual_order, int64_t(rank) * o.batch_size);
       }
-      SequenceBatch batch = model.assemble(rows, embeds, /*pad_left=*/false);
+      SequenceBatch batch = model.config().is_next() ? model.assemble(rows, packed, /*pad_left=*/false)
+                                                     : model.assemble(rows, embeds, /*pad_left=*/false);
       ForwardTrace trace;
       torch::Tensor probs;
       if (grounding)

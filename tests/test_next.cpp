@@ -1,0 +1,360 @@
+// LLaVA-NeXT: AnyRes geometry against hand-worked cases, the packing against transformers'
+// formulation, every reducer's incremental decode, Victor off, the cap, and a llava-hf folder.
+#include <nlohmann/json.hpp>
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+
+#include "helpers.h"
+#include "victor/files.h"
+#include "victor/generate.h"
+#include "victor/image.h"
+#include "victor/safetensors.h"
+
+using namespace victor;
+using namespace victor::test;
+using json = nlohmann::json;
+namespace fs = std::filesystem;
+
+namespace {
+
+const std::vector<Pinpoint> kV16 = {{336, 672}, {672, 336}, {672, 672}, {1008, 336}, {336, 1008}};
+
+// The tiny test shape with AnyRes (28-pixel views of 4 x 4 patches; llava-v1.6's pinpoints / 12).
+ModelConfig next_config(int registers = 0, int summary_layers = -1) {
+  ModelConfig c = tiny_config(registers, summary_layers);
+  c.image_grid_pinpoints = preset_config("llava-next-tiny").image_grid_pinpoints;
+  c.preprocess.pad_to_square = false;
+  c.validate();
+  return c;
+}
+
+Image random_image(int w, int h, uint64_t seed) {
+  Image img;
+  img.width = w;
+  img.height = h;
+  torch::manual_seed(seed);
+  auto t = torch::randint(0, 256, {int64_t(w) * h * 3}, torch::kUInt8);
+  img.rgb.assign(t.data_ptr<uint8_t>(), t.data_ptr<uint8_t>() + t.numel());
+  return img;
+}
+
+PromptInput next_prompt(const ModelConfig& c, const std::vector<Image>& images) {
+  PromptInput p;
+  p.ids = {1, 5, 6};
+  for (auto& img : images) {
+    p.ids.push_back(c.image_token_index);
+    add_image(p, img, c);
+  }
+  for (int64_t t : {7, 8, 9, 10}) p.ids.push_back(t);
+  return p;
+}
+
+// LlavaNextProcessor._get_number_of_features, transcribed: the <image> tokens the processor expands
+// one image into (base view without the class token, unpadded crops, one newline per row).
+int64_t processor_image_tokens(int orig_h, int orig_w, const std::vector<Pinpoint>& pins, int size, int patch) {
+  const Pinpoint best = select_best_resolution(orig_h, orig_w, pins);
+  const int scale_h = best[0] / size, scale_w = best[1] / size;
+  const int patches = size / patch;
+  int cur_h = patches * scale_h, cur_w = patches * scale_w;
+  const double original_aspect = double(orig_w) / orig_h, current_aspect = double(cur_w) / cur_h;
+  if (original_aspect > current_aspect) {
+    const int new_h = int(std::floor(std::nearbyint(orig_h * (double(cur_w) / orig_w) * 1e7) / 1e7));
+    cur_h -= ((cur_h - new_h) / 2) * 2;
+  } else {
+    const int new_w = int(std::floor(std::nearbyint(orig_w * (double(cur_h) / orig_h) * 1e7) / 1e7));
+    cur_w -= ((cur_w - new_w) / 2) * 2;
+  }
+  return int64_t(cur_h) * cur_w + cur_h + patches * patches;
+}
+
+}  // namespace
+
+TEST(Next, BestResolutionOnHandWorkedCases) {
+  // 640 x 480: 672 x 672 keeps all 307,200 pixels (672 x 336 keeps 448 x 336 of them).
+  EXPECT_EQ(select_best_resolution(480, 640, kV16), (Pinpoint{672, 672}));
+  EXPECT_EQ(select_best_resolution(640, 480, kV16), (Pinpoint{672, 672}));
+  // A 336 x 336 image: 336 x 672 and 672 x 336 both keep it all and waste as much: the earlier wins.
+  EXPECT_EQ(select_best_resolution(336, 336, kV16), (Pinpoint{336, 672}));
+  EXPECT_EQ(select_best_resolution(336, 336, {{672, 336}, {336, 672}}), (Pinpoint{672, 336}));
+  // Extreme aspect ratios: a 2000 x 100 strip takes 1 x 3 crops (1008 x 50 kept), a 100 x 2000 one 3 x 1.
+  EXPECT_EQ(select_best_resolution(100, 2000, kV16), (Pinpoint{336, 1008}));
+  EXPECT_EQ(select_best_resolution(2000, 100, kV16), (Pinpoint{1008, 336}));
+  // A tiny image fits every pinpoint whole: the least waste (the first 336 x 672) wins.
+  EXPECT_EQ(select_best_resolution(3, 5, kV16), (Pinpoint{336, 672}));
+  // get_patch_output_size rounds up: 143 x 97 into 672 x 336 -> 336 high, ceil(143 * 336 / 97) = 496 wide.
+  EXPECT_EQ(patch_output_size(97, 143, {336, 672}), (std::array<int, 2>{336, 496}));
+  EXPECT_EQ(patch_output_size(480, 640, {672, 672}), (std::array<int, 2>{504, 672}));
+}
+
+TEST(Next, UnpaddingOnHandWorkedCases) {
+  // 640 x 480 on a 48 x 48 grid: 36 rows show the image, 6 of padding above and below.
+  GridRegion r = unpad_region(48, 48, 480, 640);
+  EXPECT_EQ(r.top, 6);
+  EXPECT_EQ(r.height, 36);
+  EXPECT_EQ(r.left, 0);
+  EXPECT_EQ(r.width, 48);
+  r = unpad_region(48, 48, 640, 480);  // tall: columns trimmed
+  EXPECT_EQ(r.left, 6);
+  EXPECT_EQ(r.width, 36);
+  EXPECT_EQ(r.height, 48);
+  // Odd padding: 201 x 100 -> 23.88 rows, int() = 23, padding (48 - 23) // 2 = 12 each side: 24 rows
+  // stay (transformers slices [12 : 48 - 12]).
+  r = unpad_region(48, 48, 100, 201);
+  EXPECT_EQ(r.top, 12);
+  EXPECT_EQ(r.height, 24);
+  // round(x, 7) before int(): 3 x 7 on a 24 x 48 grid (aspect 2.333 > 2): 48 * 3 / 7 = 20.571.. -> 20,
+  // padding 2: 20 rows.
+  r = unpad_region(24, 48, 3, 7);
+  EXPECT_EQ(r.height, 20);
+  // A square image on a square grid keeps everything.
+  r = unpad_region(48, 48, 500, 500);
+  EXPECT_EQ(r.height, 48);
+  EXPECT_EQ(r.width, 48);
+  // Rows given to the language model by llava-v1.6 (24 x 24 features per view).
+  EXPECT_EQ(next_packed_rows({480, 640, 2, 2}, 24), 576 + 36 * 49);  // 2,340
+  EXPECT_EQ(next_packed_rows({672, 672, 2, 2}, 24), 576 + 48 * 49);  // 2,928: five views' 2,880 + 48 newlines
+  EXPECT_EQ(next_packed_rows({100, 100, 0, 0}, 24), 577);           // base view alone + one newline
+}
+
+TEST(Next, PackedLengthEqualsTheProcessorsImageTokenCount) {
+  // For many sizes (llava-v1.6's geometry: 336-pixel views of 24 x 24 patches), the rows the packing
+  // gives equal the <image> tokens LlavaNextProcessor expands to.
+  ModelConfig c = preset_config("llava-next-7b");
+  int checked = 0;
+  for (int h : {1, 3, 97, 336, 480, 500, 640, 672, 1000, 1111, 2000, 4000})
+    for (int w : {1, 7, 143, 336, 480, 640, 672, 999, 1500, 3000}) {
+      ImageLayout l = image_layout(w, h, c);
+      ASSERT_GT(l.grid_rows, 0);
+      EXPECT_EQ(next_packed_rows(l, 24), processor_image_tokens(h, w, kV16, 336, 14)) << w << "x" << h;
+      ++checked;
+    }
+  EXPECT_EQ(checked, 120);
+  // And the model's packing really gives that many rows (tiny shape: 4 x 4 patches per view).
+  ModelConfig t = next_config();
+  Vlm m = Vlm::random(t, 3);
+  for (auto [w, h] : {std::pair{50, 30}, {30, 50}, {28, 28}, {90, 20}, {7, 61}}) {
+    auto p = next_prompt(t, {random_image(w, h, 1)});
+    auto e = m.encode_prompt_images({p});
+    ASSERT_EQ(e.size(), 1u);
+    EXPECT_EQ(e[0].size(0), processor_image_tokens(h, w, t.image_grid_pinpoints, 28, 7)) << w << "x" << h;
+    EXPECT_EQ(e[0].size(0), visual_rows_of(t, p)[0]);
+  }
+}
+
+TEST(Next, PackingEqualsTransformersPackImageFeatures) {
+  // transformers' formulation, channel-first: view(rows, cols, h, w, d).permute(4, 0, 2, 1, 3),
+  // flatten, unpad_image, newline column appended, flatten(1, 2).transpose(0, 1), base view first.
+  ModelConfig c = next_config();
+  Vlm m = Vlm::random(c, 4);
+  for (auto [w, h] : {std::pair{50, 30}, {30, 50}, {90, 20}, {28, 28}}) {
+    PromptInput p = next_prompt(c, {random_image(w, h, 2)});
+    const ImageLayout l = p.layouts[0];
+    torch::NoGradGuard ng;
+    auto views = m.encode_images(p.pixels);  // [v,16,d]
+    const int64_t side = 4, d = views.size(2);
+    auto f = views.narrow(0, 1, l.views() - 1).reshape({l.grid_rows, l.grid_cols, side, side, d});
+    f = f.permute({4, 0, 2, 1, 3}).contiguous().flatten(1, 2).flatten(2, 3);  // [d, H, W]
+    const int64_t H = f.size(1), W = f.size(2);
+    const double oa = double(w) / h, ca = double(W) / H;
+    if (oa > ca) {
+      const int64_t nh = int64_t(std::floor(std::nearbyint(h * (double(W) / w) * 1e7) / 1e7)), pad = (H - nh) / 2;
+      f = f.slice(1, pad, H - pad);
+    } else {
+      const int64_t nw = int64_t(std::floor(std::nearbyint(w * (double(H) / h) * 1e7) / 1e7)), pad = (W - nw) / 2;
+      f = f.slice(2, pad, W - pad);
+    }
+    auto nl = m.weights().image_newline.view({d, 1, 1}).expand({d, f.size(1), 1});
+    f = torch::cat({f, nl}, -1).flatten(1, 2).transpose(0, 1);
+    auto want = torch::cat({views[0], f}, 0);
+    auto got = m.pack_image(views, l);
+    ASSERT_EQ(got.sizes(), want.sizes()) << w << "x" << h;
+    EXPECT_TRUE(torch::equal(got, want)) << w << "x" << h;
+  }
+}
+
+TEST(Next, IncrementalDecodeEqualsFullRecomputeForEveryReducer) {
+  // Three non-square images (a 2 x 1 grid, a 1 x 2 one and a 2 x 2 one unpadded), every reducer
+  // NeXT runs.
+  std::vector<Reducer> reducers = {Reducer::none(), Reducer::parse("victor:m=2,k=2"),
+                                   Reducer::parse("victor:m=3,k=1,mask=registers_only"), Reducer::parse("fastv:k=2,keep=0.5"),
+                                   Reducer::parse("pool:2")};
+  for (const Reducer& r : reducers) {
+    ModelConfig c = next_config();
+    c.reducer = r;
+    c.validate();
+    Vlm m = Vlm::random(c, 5);
+    auto p = next_prompt(c, {random_image(18, 50, 3), random_image(50, 18, 4), random_image(60, 31, 5)});
+    ASSERT_EQ(p.layouts.size(), 3u);
+    EXPECT_EQ(p.layouts[0].grid_rows, 2);
+    EXPECT_EQ(p.layouts[0].grid_cols, 1);
+    EXPECT_EQ(p.layouts[1].grid_rows, 1);
+    EXPECT_EQ(p.layouts[1].grid_cols, 2);
+    EXPECT_EQ(p.layouts[2].views(), 5);
+    SCOPED_TRACE(r.spec());
+    check_incremental_equals_full(m, p, 5);
+  }
+}
+
+TEST(Next, VictorOffEqualsPlainNextExactly) {
+  Vlm plain = Vlm::random(next_config(), 6);
+  Vlm had = Vlm::random(next_config(3, 2), 6);  // registers declared last: the same other weights
+  auto p = next_prompt(plain.config(), {random_image(45, 25, 5)});
+  EXPECT_FALSE(torch::equal(last_logits(plain, {p}), last_logits(had, {p})));
+  // m = 0 and k past the last layer: the plain model, bit for bit.
+  had.set_reducer(Reducer::victor({0, 4, RegisterMask::Causal}), 0, /*replace_registers=*/true);
+  EXPECT_TRUE(torch::equal(last_logits(plain, {p}), last_logits(had, {p})));
+  // And the visual rows Victor drops include the newlines: after layer k only text and registers.
+  Vlm v = Vlm::random(next_config(2, 1), 6);
+  ForwardTrace trace;
+  torch::NoGradGuard ng;
+  v.forward(v.assemble({p}, true), nullptr, &trace);
+  const int64_t text = int64_t(p.ids.size()) - 1;
+  EXPECT_EQ(trace.tokens_per_layer[0], text + visual_rows_of(v.config(), p)[0] + 2);
+  EXPECT_EQ(trace.tokens_per_layer[1], text + 2);
+}
+
+TEST(Next, TheCapChoosesFewerCrops) {
+  ModelConfig c = preset_config("llava-next-7b");
+  EXPECT_EQ(image_layout(640, 480, c).views(), 5);
+  c.preprocess.max_crops = 2;
+  ImageLayout l = image_layout(640, 480, c);  // 672 x 336 is the best of the two-crop pinpoints
+  EXPECT_EQ(l.grid_rows, 1);
+  EXPECT_EQ(l.grid_cols, 2);
+  c.preprocess.max_crops = 0;
+  // 2 x 2 gives 2,340 rows; 1 x 2 gives 576 + 24 x (32 + 1) = 1,368 (unpadded to 32 of 48 columns).
+  c.preprocess.max_image_tokens = 1500;
+  l = image_layout(640, 480, c);
+  EXPECT_EQ(l.views(), 3);
+  EXPECT_EQ(next_packed_rows(l, 24), 1368);
+  c.preprocess.max_image_tokens = 1300;  // 2 x 1 fits: 576 + 18 x 25 = 1,026 (18 of 48 rows show the image)
+  l = image_layout(640, 480, c);
+  EXPECT_EQ(l.grid_rows, 2);
+  EXPECT_EQ(next_packed_rows(l, 24), 1026);
+  c.preprocess.max_image_tokens = 1000;  // below every pinpoint: the base view alone (577 rows)
+  l = image_layout(640, 480, c);
+  EXPECT_EQ(l.views(), 1);
+  EXPECT_EQ(next_packed_rows(l, 24), 577);
+  c.preprocess.max_image_tokens = 500;  // below one base view
+  EXPECT_NE(error_of([&] { image_layout(640, 480, c); }).find("--max-image-tokens 500"), std::string::npos);
+  // The stats see the capped count: fewer rows, less KV.
+  ModelConfig t = next_config();
+  Vlm m = Vlm::random(t, 7);
+  auto p = next_prompt(t, {random_image(56, 56, 6)});
+  m.mutable_config().preprocess.max_crops = 1;
+  auto capped = next_prompt(m.config(), {random_image(56, 56, 6)});
+  EXPECT_EQ(p.layouts[0].views(), 5);
+  EXPECT_EQ(capped.layouts[0].views(), 1);  // no pinpoint of the tiny shape has a single crop
+  SamplingOptions o;
+  o.max_new_tokens = 2;
+  auto full = generate_ids(Vlm::random(t, 7), {p}, -1, o), cut = generate_ids(m, {capped}, -1, o);
+  EXPECT_EQ(full.stats.visual_tokens, processor_image_tokens(56, 56, t.image_grid_pinpoints, 28, 7));
+  EXPECT_LT(cut.stats.visual_tokens, full.stats.visual_tokens);
+  EXPECT_LT(cut.stats.kv_bytes, full.stats.kv_bytes);
+  EXPECT_EQ(cut.stats.kv_bytes, kv_bytes_formula(m.config(), int64_t(p.ids.size()) - 1, visual_rows_of(m.config(), capped), 1, 4));
+}
+
+TEST(Next, ConfigsAndFoldersAreRefusedByName) {
+  json good = config_to_json(next_config());
+  EXPECT_EQ(good["architectures"][0], "LlavaNextForConditionalGeneration");
+  EXPECT_EQ(config_from_json(good, "config.json").image_grid_pinpoints, next_config().image_grid_pinpoints);
+  auto refused = [&](json j) { return error_of([&] { config_from_json(j, "config.json").validate(); }); };
+  json j = good;
+  j.erase("image_grid_pinpoints");
+  EXPECT_NE(refused(j).find("image_grid_pinpoints is missing"), std::string::npos);
+  for (json bad : {json("672"), json::array(), json{{28}}, json{{0, 28}}, json{{28, -56}}, json{{"28", 56}}}) {
+    j = good;
+    j["image_grid_pinpoints"] = bad;
+    EXPECT_NE(refused(j).find("image_grid_pinpoints"), std::string::npos) << bad.dump();
+  }
+  j = good;
+  j["image_grid_pinpoints"] = {{28, 50}};  // not a multiple of the 28-pixel view
+  EXPECT_NE(refused(j).find("multiples of vision_config.image_size"), std::string::npos);
+  j = good;
+  j["vision_feature_select_strategy"] = "full";
+  EXPECT_NE(refused(j).find("vision_feature_select_strategy"), std::string::npos);
+  j = good;
+  j["model_type"] = "llava";
+  EXPECT_NE(refused(j).find("contradicts"), std::string::npos);
+  j = good;
+  j["text_config"]["model_type"] = "mistral";
+  j["text_config"]["max_position_embeddings"] = 32768;
+  j["text_config"]["sliding_window"] = 4096;
+  EXPECT_NE(refused(j).find("sliding_window 4096"), std::string::npos);
+  j["text_config"].erase("sliding_window");  // MistralConfig's default window is 4096 too
+  EXPECT_NE(refused(j).find("sliding_window"), std::string::npos);
+  j["text_config"]["sliding_window"] = nullptr;  // none: Mistral's math is LLaMA's with GQA
+  EXPECT_EQ(refused(j), "");
+  j = good;
+  j["token_reducer"] = "visionzip:dominant=4,contextual=2";
+  EXPECT_NE(refused(j).find("not implemented on LLaVA-NeXT"), std::string::npos);
+  // A LLaVA-1.5 config with pinpoints is a contradiction, not a silent NeXT.
+  json l15 = config_to_json(tiny_config());
+  l15["image_grid_pinpoints"] = {{28, 56}};
+  EXPECT_NE(refused(l15).find("belongs to LLaVA-NeXT"), std::string::npos);
+
+  // A folder without image_newline, or whose processor's pinpoints differ from config.json's.
+  auto dir = temp_dir("next_refuse");
+  Vlm m = Vlm::random(next_config(), 8);
+  m.save(dir);
+  json proc = json::parse(read_file(dir + "/preprocessor_config.json", FileKind::Json));
+  EXPECT_EQ(proc["image_processor_type"], "LlavaNextImageProcessor");
+  proc["image_grid_pinpoints"] = {{28, 56}};
+  write_file_atomic(dir + "/preprocessor_config.json", proc.dump());
+  EXPECT_NE(error_of([&] { Vlm::load(dir); }).find("differ from config.json"), std::string::npos);
+  m.save(dir);
+  SafetensorsFile f(dir + "/model.safetensors");
+  std::vector<std::pair<std::string, torch::Tensor>> ts;
+  for (auto& [n, i] : f.tensors())
+    if (n != "image_newline") ts.emplace_back(n, f.load(n).clone());
+  auto dir2 = temp_dir("next_refuse2");
+  save_checkpoint_tensors(dir2, ts);
+  fs::copy(dir + "/config.json", dir2 + "/config.json");
+  EXPECT_NE(error_of([&] { Vlm::load(dir2); }).find("image_newline"), std::string::npos);
+}
+
+TEST(Next, LlavaHfFolderLoadsUnconvertedAndGenerates) {
+  // The 2025 hub layout (model.language_model.*, model.vision_tower.*, model.image_newline,
+  // lm_head), sharded, as transformers' LlavaNextForConditionalGeneration saves it; then bf16.
+  auto dir = temp_dir("next_hf");
+  ModelConfig c = next_config();
+  Vlm m = Vlm::random(c, 9);
+  m.save(dir);
+  SafetensorsFile f(dir + "/model.safetensors");
+  std::vector<std::pair<std::string, torch::Tensor>> ts;
+  for (auto& [n, i] : f.tensors()) {
+    std::string r = n;
+    if (r.rfind("language_model.model.", 0) == 0) r = "model.language_model." + r.substr(21);
+    else if (r == "language_model.lm_head.weight") r = "lm_head.weight";
+    else if (r.rfind("vision_tower.", 0) == 0 || r.rfind("multi_modal_projector.", 0) == 0 || r == "image_newline")
+      r = "model." + r;
+    ts.emplace_back(r, f.load(n).clone());
+  }
+  auto hf = temp_dir("next_hf2");
+  save_checkpoint_tensors(hf, ts, 100000);
+  fs::copy(dir + "/config.json", hf + "/config.json");
+  fs::copy(dir + "/preprocessor_config.json", hf + "/preprocessor_config.json");
+  Vlm l = Vlm::load(hf);
+  ASSERT_TRUE(l.config().is_next());
+  auto p = next_prompt(c, {random_image(70, 33, 10)});
+  EXPECT_TRUE(torch::equal(last_logits(m, {p}), last_logits(l, {p})));
+  SamplingOptions o;
+  o.max_new_tokens = 4;
+  o.ignore_eos = true;
+  auto a = generate_ids(m, {p}, -1, o), b = generate_ids(l, {p}, -1, o);
+  EXPECT_EQ(a.tokens, b.tokens);
+  EXPECT_EQ(a.tokens[0].size(), 4u);
+  // bf16 and int8 storage round-trip through save/load and still generate.
+  for (auto dt : {WeightDType::BF16, WeightDType::Int8}) {
+    Vlm q(l);
+    q.set_weight_dtype(dt);
+    auto qd = temp_dir(std::string("next_q") + to_string(dt));
+    q.save(qd);
+    Vlm ql = Vlm::load(qd);
+    EXPECT_EQ(ql.config().weight_dtype, dt);
+    EXPECT_TRUE(ql.config().is_next());
+    EXPECT_TRUE(torch::equal(last_logits(q, {p}), last_logits(ql, {p}))) << to_string(dt);
+    EXPECT_EQ(generate_ids(ql, {p}, -1, o).tokens[0].size(), 4u);
+  }
+}
