@@ -67,7 +67,7 @@ v_full=$(echo "$full" | sed -n 's/.*prompt text, \([0-9]*\) visual.*/\1/p')
 v_cap=$(echo "$capped" | sed -n 's/.*prompt text, \([0-9]*\) visual.*/\1/p')
 if [ -z "$v_full" ] || [ -z "$v_cap" ] || [ "$v_cap" -ge "$v_full" ]; then
   echo "FAIL: --max-crops did not cut the visual rows ($v_full -> $v_cap)"; fail=1; else echo "ok (NeXT cap): $v_full -> $v_cap visual rows"; fi
-for r in victor:m=4,k=1 fastv:k=2,keep=0.5 pool:2; do
+for r in victor:m=4,k=1 fastv:k=2,keep=0.5 pool:2 visionzip:dominant=4,contextual=2; do
   "$VICTOR" generate --model "$work/n" --image "$wide" --prompt "Is there a bag?" --max-new-tokens 2 --reducer "$r" >/dev/null 2>&1 \
     || { echo "FAIL: NeXT generate --reducer $r"; fail=1; }
 done
@@ -75,7 +75,7 @@ out=$("$VICTOR" bench --model "$work/n" --reducer victor:m=4,k=1 --batch 1 --gen
   || { echo "FAIL: NeXT bench"; fail=1; }
 echo "$out" | grep -q "^victor m=4 k=1 " || { echo "FAIL: NeXT bench table: $out"; fail=1; }
 "$VICTOR" eval --model "$work/n" --questions "$work/g3/test.jsonl" --limit 2 --max-new-tokens 2 >/dev/null 2>&1 || { echo "FAIL: NeXT eval"; fail=1; }
-expect_error "NeXT visionzip" "not implemented on LLaVA-NeXT" "$VICTOR" generate --model "$work/n" --image "$wide" --prompt "hi" --reducer visionzip:dominant=4,contextual=2
+expect_error "NeXT resampler" "not implemented on LLaVA-NeXT" "$VICTOR" generate --model "$work/n" --image "$wide" --prompt "hi" --reducer resampler:latents=4
 expect_error "cap below a base view" "max-image-tokens 5 is below" "$VICTOR" generate --model "$work/n" --image "$wide" --prompt "hi" --max-image-tokens 5
 expect_error "cap on LLaVA-1.5" "LLaVA-1.5" "$VICTOR" generate --model "$work/m" --image "$img" --prompt "hi" --max-crops 1
 

@@ -174,12 +174,46 @@ TEST(Next, PackingEqualsTransformersPackImageFeatures) {
   }
 }
 
+TEST(Next, VisionZipPacksAsItsOwnNextCodeDoes) {
+  // VisionZip's LLaVA-NeXT packing (restore_image_features_sorted): the base view's kept tokens,
+  // then each crop's dominant tokens put back on the whole crop grid and read in raster order,
+  // then every crop's contextual tokens; no unpadding, no newlines.
+  ModelConfig c = next_config();
+  c.reducer = Reducer::parse("visionzip:dominant=5,contextual=3");
+  c.validate();
+  Vlm m = Vlm::random(c, 12);
+  for (auto [w, h] : {std::pair{50, 18}, {18, 50}, {56, 56}}) {
+    PromptInput p = next_prompt(c, {random_image(w, h, 7)});
+    const ImageLayout l = p.layouts[0];
+    torch::NoGradGuard ng;
+    VisionTrace tr;
+    auto views = m.project(m.vision_features(p.pixels, &tr));  // [v,8,d]
+    const int64_t side = 4, d = views.size(2), crops = l.views() - 1;
+    auto grid = torch::zeros({l.grid_rows, side, l.grid_cols, side, d});
+    auto mask = torch::zeros({l.grid_rows, side, l.grid_cols, side}, torch::kBool);
+    for (int64_t k = 0; k < crops; ++k)
+      for (int64_t j = 0; j < 5; ++j) {
+        const int64_t idx = tr.dominant[1 + k][j].item<int64_t>();
+        grid[k / l.grid_cols][idx / side][k % l.grid_cols][idx % side] = views[1 + k][j];
+        mask[k / l.grid_cols][idx / side][k % l.grid_cols][idx % side] = true;
+      }
+    auto dom = grid.reshape({-1, d}).index({mask.flatten()});
+    auto ctx = views.narrow(0, 1, crops).narrow(1, 5, 3).reshape({-1, d});
+    auto want = torch::cat({views[0], dom, ctx}, 0);
+    auto got = m.encode_prompt_images({p})[0];
+    ASSERT_EQ(got.sizes(), want.sizes()) << w << "x" << h;
+    EXPECT_EQ(got.size(0), int64_t(l.views()) * 8);
+    EXPECT_EQ(got.size(0), visual_rows_of(c, p)[0]);
+    EXPECT_TRUE(torch::allclose(got, want, 1e-6, 1e-6)) << w << "x" << h;
+  }
+}
+
 TEST(Next, IncrementalDecodeEqualsFullRecomputeForEveryReducer) {
   // Three non-square images (a 2 x 1 grid, a 1 x 2 one and a 2 x 2 one unpadded), every reducer
   // NeXT runs.
   std::vector<Reducer> reducers = {Reducer::none(), Reducer::parse("victor:m=2,k=2"),
                                    Reducer::parse("victor:m=3,k=1,mask=registers_only"), Reducer::parse("fastv:k=2,keep=0.5"),
-                                   Reducer::parse("pool:2")};
+                                   Reducer::parse("pool:2"), Reducer::parse("visionzip:dominant=5,contextual=3")};
   for (const Reducer& r : reducers) {
     ModelConfig c = next_config();
     c.reducer = r;
@@ -287,7 +321,7 @@ TEST(Next, ConfigsAndFoldersAreRefusedByName) {
   j["text_config"]["sliding_window"] = nullptr;  // none: Mistral's math is LLaMA's with GQA
   EXPECT_EQ(refused(j), "");
   j = good;
-  j["token_reducer"] = "visionzip:dominant=4,contextual=2";
+  j["token_reducer"] = "resampler:latents=4";
   EXPECT_NE(refused(j).find("not implemented on LLaVA-NeXT"), std::string::npos);
   // A LLaVA-1.5 config with pinpoints is a contradiction, not a silent NeXT.
   json l15 = config_to_json(tiny_config());

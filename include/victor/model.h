@@ -203,7 +203,13 @@ class Vlm {
   // LLaVA-NeXT's pack_image_features for one image: views [v,n,d] (base first, then the crops row
   // by row) -> base features, then the crops' grid unpadded to the image's aspect ratio with
   // image_newline after each row. LLaVA-1.5 (no layout grid, no newline): the view itself.
-  torch::Tensor pack_image(const torch::Tensor& views, const ImageLayout& layout) const;
+  // Under VisionZip, `dominant` [v,dominant] holds each view's kept patch indices, and the packing
+  // is VisionZip's own for NeXT: the base view's tokens, the crops' dominant tokens in raster order
+  // of the whole crop grid (no unpadding, no newlines), then the crops' contextual tokens.
+  torch::Tensor pack_image(const torch::Tensor& views, const ImageLayout& layout,
+                           const torch::Tensor& dominant = torch::Tensor()) const;
+  // One image's views [v,3,S,S] through the tower and projector, packed: [N,d_text].
+  torch::Tensor encode_image(const torch::Tensor& views, const ImageLayout& layout) const;
   // [n,N,d_vision]: the selected layer's patch features (VisionZip's dominant + contextual
   // tokens when that is the reducer).
   torch::Tensor vision_features(const torch::Tensor& pixels, VisionTrace* trace = nullptr) const;

@@ -412,7 +412,10 @@ int64_t next_packed_rows(const ImageLayout& l, int side) {
 }
 
 int64_t image_rows(const ModelConfig& c, const ImageLayout& l) {
-  return c.is_next() ? next_packed_rows(l, next_view_side(c)) : c.visual_tokens_per_image();
+  if (!c.is_next()) return c.visual_tokens_per_image();
+  // VisionZip packs each view's kept tokens without unpadding or newlines (its own NeXT packing).
+  if (c.reducer.kind() == ReducerKind::VisionZip) return int64_t(l.views()) * c.visual_tokens_per_image();
+  return next_packed_rows(l, next_view_side(c));
 }
 
 int next_view_side(const ModelConfig& c) {
@@ -428,23 +431,23 @@ ImageLayout image_layout(int width, int height, const ModelConfig& c) {
   l.width = width;
   if (!c.is_next()) return l;
   const auto& p = c.preprocess;
-  const int S = c.vision.image_size, side = next_view_side(c);
+  const int S = c.vision.image_size;
   std::vector<Pinpoint> allowed;
   for (const Pinpoint& q : c.image_grid_pinpoints) {
     ImageLayout t = l;
     t.grid_rows = q[0] / S;
     t.grid_cols = q[1] / S;
     if (p.max_crops > 0 && t.grid_rows * t.grid_cols > p.max_crops) continue;
-    if (p.max_image_tokens > 0 && next_packed_rows(t, side) > p.max_image_tokens) continue;
+    if (p.max_image_tokens > 0 && image_rows(c, t) > p.max_image_tokens) continue;
     allowed.push_back(q);
   }
   if (!allowed.empty()) {
     const Pinpoint best = select_best_resolution(height, width, allowed);
     l.grid_rows = best[0] / S;
     l.grid_cols = best[1] / S;
-  } else if (p.max_image_tokens > 0 && next_packed_rows(l, side) > p.max_image_tokens) {
+  } else if (p.max_image_tokens > 0 && image_rows(c, l) > p.max_image_tokens) {
     throw Error("--max-image-tokens " + std::to_string(p.max_image_tokens) + " is below the " +
-                std::to_string(next_packed_rows(l, side)) + " rows of one image's base view alone");
+                std::to_string(image_rows(c, l)) + " rows of one image's base view alone");
   }
   return l;
 }

@@ -440,12 +440,28 @@ torch::Tensor Vlm::encode_images(const torch::Tensor& pixels) const {
   return project(vision_features(pixels));
 }
 
-torch::Tensor Vlm::pack_image(const torch::Tensor& views, const ImageLayout& l) const {
+torch::Tensor Vlm::pack_image(const torch::Tensor& views, const ImageLayout& l, const torch::Tensor& dominant) const {
   if (!config_.is_next()) return views.squeeze(0);
   if (views.dim() != 3 || views.size(0) != l.views())
     throw Error("pack_image: expected the " + std::to_string(l.views()) + " views of a " +
                 std::to_string(l.grid_rows) + " x " + std::to_string(l.grid_cols) + " crop grid");
   const int64_t n = views.size(1), d = views.size(2);
+  if (config_.reducer.kind() == ReducerKind::VisionZip) {
+    if (!dominant.defined() || dominant.size(0) != l.views())
+      throw Error("pack_image: VisionZip needs each view's dominant patch indices");
+    if (l.grid_rows == 0) return views[0];
+    const int64_t side = config_.vision.image_size / config_.vision.patch_size, nd = dominant.size(1);
+    const int64_t W = int64_t(l.grid_cols) * side;
+    // Each crop's dominant tokens at their place in the whole grid, read in raster order.
+    auto crops = dominant.narrow(0, 1, l.views() - 1).to(torch::kInt64);  // [c,nd]
+    auto crop = torch::arange(l.views() - 1, torch::kInt64).unsqueeze(1);
+    auto row = crop.div(l.grid_cols, "floor") * side + crops.div(side, "floor");
+    auto col = crop.remainder(l.grid_cols) * side + crops.remainder(side);
+    auto order = std::get<1>((row * W + col).flatten().sort());
+    auto dom = views.narrow(0, 1, l.views() - 1).narrow(1, 0, nd).reshape({-1, d}).index_select(0, order);
+    auto ctx = views.narrow(0, 1, l.views() - 1).narrow(1, nd, n - nd).reshape({-1, d});
+    return torch::cat({views[0], dom, ctx}, 0);
+  }
   const int64_t side = next_view_side(config_);
   if (side * side != n) throw Error("pack_image: " + std::to_string(n) + " features per view are not a square grid");
   const auto nl = w_.image_newline.to(views.scalar_type());
@@ -460,6 +476,15 @@ torch::Tensor Vlm::pack_image(const torch::Tensor& views, const ImageLayout& l) 
   auto newline = nl.view({1, 1, d}).expand({r.height, 1, d});
   auto rows = torch::cat({grid, newline}, 1).reshape({int64_t(r.height) * (r.width + 1), d});
   return torch::cat({views[0], rows}, 0);
+}
+
+torch::Tensor Vlm::encode_image(const torch::Tensor& views, const ImageLayout& layout) const {
+  if (config_.is_next() && config_.reducer.kind() == ReducerKind::VisionZip) {
+    VisionTrace tr;
+    auto f = project(vision_features(views, &tr));
+    return pack_image(f, layout, tr.dominant);
+  }
+  return pack_image(encode_images(views), layout);
 }
 
 std::vector<torch::Tensor> Vlm::encode_prompt_images(const std::vector<PromptInput>& rows) const {
@@ -483,11 +508,15 @@ std::vector<torch::Tensor> Vlm::encode_prompt_images(const std::vector<PromptInp
   }
   std::vector<torch::Tensor> out;
   if (px.empty()) return out;
-  torch::Tensor all = encode_images(px.size() == 1 ? px[0] : torch::cat(px, 0));  // [views,N,d]
-  if (!config_.is_next()) return all.unbind(0);
+  const torch::Tensor pixels = px.size() == 1 ? px[0] : torch::cat(px, 0);
+  if (!config_.is_next()) return encode_images(pixels).unbind(0);
+  // Every view of every image through the tower in one batch, then packed image by image.
+  VisionTrace tr;
+  const bool zip = config_.reducer.kind() == ReducerKind::VisionZip;
+  torch::Tensor all = zip ? project(vision_features(pixels, &tr)) : encode_images(pixels);  // [views,N,d]
   int64_t at = 0;
   for (auto& l : layouts) {
-    out.push_back(pack_image(all.narrow(0, at, l.views()), l));
+    out.push_back(pack_image(all.narrow(0, at, l.views()), l, zip ? tr.dominant.narrow(0, at, l.views()) : torch::Tensor()));
     at += l.views();
   }
   return out;

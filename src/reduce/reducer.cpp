@@ -220,8 +220,8 @@ void Reducer::validate(const ModelConfig& c) const {
   const int L = c.num_layers(), side = c.vision.image_size / c.vision.patch_size;
   const std::string s = spec();
   if (c.is_next())
-    require(kind_ != ReducerKind::VisionZip && kind_ != ReducerKind::Resampler, s,
-            "is not implemented on LLaVA-NeXT yet (none, victor, fastv and pool are)");
+    require(kind_ != ReducerKind::Resampler, s,
+            "is not implemented on LLaVA-NeXT yet (none, victor, fastv, pool and visionzip are)");
   switch (kind_) {
     case ReducerKind::None: return;
     case ReducerKind::Victor:

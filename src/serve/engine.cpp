@@ -321,7 +321,7 @@ std::vector<torch::Tensor> ServeEngine::image_embeds(const Job& job, bool* all_c
     *all_cached = false;
     ++misses;
     // The image's packed rows [N,d] (LLaVA-NeXT: base view, crops and newlines).
-    auto e = model_.pack_image(model_.encode_images(job.input.pixels.narrow(0, first, layout.views())), layout);
+    auto e = model_.encode_image(job.input.pixels.narrow(0, first, layout.views()), layout);
     out.push_back(e);
     const int64_t bytes = e.numel() * int64_t(e.element_size());
     if (bytes <= opt_.image_cache_bytes) {
