@@ -75,6 +75,11 @@ out=$("$VICTOR" bench --model "$work/n" --reducer victor:m=4,k=1 --batch 1 --gen
   || { echo "FAIL: NeXT bench"; fail=1; }
 echo "$out" | grep -q "^victor m=4 k=1 " || { echo "FAIL: NeXT bench table: $out"; fail=1; }
 "$VICTOR" eval --model "$work/n" --questions "$work/g3/test.jsonl" --limit 2 --max-new-tokens 2 >/dev/null 2>&1 || { echo "FAIL: NeXT eval"; fail=1; }
+"$VICTOR" train --model "$work/n" --data "$work/g3/train.json" --out "$work/nt" --max-steps 2 --batch-size 1 --registers 2 --summary-layers 1 >/dev/null 2>&1 \
+  || { echo "FAIL: NeXT train"; fail=1; }
+"$VICTOR" generate --model "$work/nt" --image "$wide" --prompt "Is there a bag?" --max-new-tokens 2 >/dev/null 2>&1 || { echo "FAIL: trained NeXT model"; fail=1; }
+"$VICTOR" quantize --model "$work/n" --out "$work/nq" --dtype int8 >/dev/null 2>&1 || { echo "FAIL: NeXT quantize"; fail=1; }
+"$VICTOR" generate --model "$work/nq" --image "$wide" --prompt "Is there a bag?" --max-new-tokens 2 >/dev/null 2>&1 || { echo "FAIL: quantized NeXT model"; fail=1; }
 expect_error "NeXT resampler" "not implemented on LLaVA-NeXT" "$VICTOR" generate --model "$work/n" --image "$wide" --prompt "hi" --reducer resampler:latents=4
 expect_error "cap below a base view" "max-image-tokens 5 is below" "$VICTOR" generate --model "$work/n" --image "$wide" --prompt "hi" --max-image-tokens 5
 expect_error "cap on LLaVA-1.5" "LLaVA-1.5" "$VICTOR" generate --model "$work/m" --image "$img" --prompt "hi" --max-crops 1

@@ -103,10 +103,10 @@ std::vector<TrainSample> prepare_samples(const std::vector<Conversation>& convs,
                         " rows exceed the context (max_position_embeddings " +
                         std::to_string(cfg.text.max_position_embeddings) + ")");
         }
+        // Boxes are mapped through LLaVA-1.5's single view; on LLaVA-NeXT's crops they are not
+        // (yet): kept out of the samples, and --ground-weight refused by train_model.
         const bool grounded = std::any_of(c.turns.begin(), c.turns.end(), [](const Turn& t) { return t.grounded; });
-        if (grounded && cfg.is_next())
-          throw Error("sample '" + c.id + "': grounded turns (boxes) are not implemented on LLaVA-NeXT's crops yet");
-        if (grounded)
+        if (grounded && !cfg.is_next())
           for (const Turn& t : c.turns) {
             TurnGrounding g{t.grounded, {}};
             for (const Box& b : t.boxes) {
@@ -447,6 +447,9 @@ TrainReport train_model(Vlm& model, const std::vector<TrainSample>& samples, con
       std::find(o.parts.begin(), o.parts.end(), Part::Vision) != o.parts.end();
   FeatureCache features(vision_trained ? 0 : o.feature_cache_mb);
   const bool grounding = o.ground_weight > 0;
+  if (grounding && model.config().is_next())
+    throw Error("--ground-weight: grounded attention is not implemented on LLaVA-NeXT (its boxes would have to be "
+                "mapped onto the crops and the base view)");
   torch::Tensor centres;
   if (grounding) {
     try {
