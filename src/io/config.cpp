@@ -264,6 +264,12 @@ bool check_architecture(const json& j, const std::string& src) {
   return next;
 }
 
+json pinpoints_json(const std::vector<Pinpoint>& pins) {
+  json out = json::array();
+  for (auto& p : pins) out.push_back({p[0], p[1]});
+  return out;
+}
+
 // image_grid_pinpoints: a non-empty list of [height, width] pairs of positive integers.
 std::vector<Pinpoint> read_pinpoints(const json& j, const std::string& where) {
   if (!j.is_array() || j.empty())
@@ -407,8 +413,7 @@ json config_to_json(const ModelConfig& c) {
   j["model_type"] = c.is_next() ? "llava_next" : "llava";
   top_fields(c, [&](const char* key, const auto& field) { j[key] = field; });
   if (c.is_next()) {
-    j["image_grid_pinpoints"] = json::array();
-    for (auto& p : c.image_grid_pinpoints) j["image_grid_pinpoints"].push_back({p[0], p[1]});
+    j["image_grid_pinpoints"] = pinpoints_json(c.image_grid_pinpoints);
   } else {
     j["image_aspect_ratio"] = c.preprocess.pad_to_square ? "pad" : "square";
   }
@@ -430,14 +435,8 @@ json config_to_json(const ModelConfig& c) {
 
 json preprocess_to_json(const ModelConfig& c) {
   const auto& p = c.preprocess;
-  if (c.is_next()) {
-    json pins = json::array();
-    for (auto& q : c.image_grid_pinpoints) pins.push_back({q[0], q[1]});
-    return {{"image_processor_type", "LlavaNextImageProcessor"},
-            {"processor_class", "LlavaNextProcessor"},
-            {"image_grid_pinpoints", pins},
-            {"do_pad", true},
-            {"do_resize", true},
+  // The steps every processor victor writes shares; the type and its own keys follow.
+  json j = {{"do_resize", true},
             {"size", {{"shortest_edge", p.shortest_edge}}},
             {"resample", 3},
             {"do_center_crop", true},
@@ -448,23 +447,19 @@ json preprocess_to_json(const ModelConfig& c) {
             {"image_mean", p.image_mean},
             {"image_std", p.image_std},
             {"do_convert_rgb", true}};
+  if (c.is_next()) {
+    j["image_processor_type"] = "LlavaNextImageProcessor";
+    j["processor_class"] = "LlavaNextProcessor";
+    j["image_grid_pinpoints"] = pinpoints_json(c.image_grid_pinpoints);
+    j["do_pad"] = true;
+    return j;
   }
   // LlavaImageProcessor with do_pad says in the processor's own terms what config.json's
   // image_aspect_ratio says: transformers preprocesses victor's folders as victor does.
-  return {{"image_processor_type", "LlavaImageProcessor"},
-          {"processor_class", "LlavaProcessor"},
-          {"do_pad", p.pad_to_square},
-          {"do_resize", true},
-          {"size", {{"shortest_edge", p.shortest_edge}}},
-          {"resample", 3},
-          {"do_center_crop", true},
-          {"crop_size", {{"height", p.crop_size}, {"width", p.crop_size}}},
-          {"do_rescale", true},
-          {"rescale_factor", p.rescale_factor},
-          {"do_normalize", p.do_normalize},
-          {"image_mean", p.image_mean},
-          {"image_std", p.image_std},
-          {"do_convert_rgb", true}};
+  j["image_processor_type"] = "LlavaImageProcessor";
+  j["processor_class"] = "LlavaProcessor";
+  j["do_pad"] = p.pad_to_square;
+  return j;
 }
 
 void apply_preprocess_json(ModelConfig& c, const json& j, const std::string& src) {
