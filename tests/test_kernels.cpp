@@ -6,6 +6,7 @@
 
 #include "helpers.h"
 #include "victor/error.h"
+#include "victor/files.h"
 #include "victor/generate.h"
 #include "victor/kernels.h"
 #include "victor/safetensors.h"
@@ -123,6 +124,115 @@ TEST(Kernels, EveryPathMatchesReferenceOnOddShapes) {
   }
 }
 
+namespace {
+
+// The activations as the int4 product sees them, computed independently: blocks of 32 along K,
+// d = max|x| / 127, q = round-half-even(x / d); returns q * d [M,K] and d / 2 per element.
+std::pair<torch::Tensor, torch::Tensor> q32_activations(const torch::Tensor& x) {
+  const int64_t B = kInt4Group, M = x.size(0), K = x.size(1), Kp = (K + B - 1) / B * B;
+  auto blocks = torch::constant_pad_nd(x, {0, Kp - K}).view({M, Kp / B, B});
+  auto d = blocks.abs().amax(2, true) / 127.0f;
+  auto id = torch::where(d.gt(0), torch::reciprocal(d), torch::zeros_like(d));
+  auto q = torch::round(blocks * id).clamp(-127, 127);
+  auto xq = (q * d).view({M, Kp}).narrow(1, 0, K);
+  auto half = (d / 2).expand({M, Kp / B, B}).reshape({M, Kp}).narrow(1, 0, K).contiguous();
+  return {xq, half};
+}
+
+}  // namespace
+
+TEST(Kernels, Int4EveryPathMatchesReferenceOnOddShapes) {
+  torch::manual_seed(17);
+  for (auto isa : kernels::supported_isas()) {
+    IsaScope scope(isa);
+    for (int64_t M : {1, 2, 3, 5, 16})
+      for (int64_t K : {1, 7, 31, 32, 33, 100, 600, 4200})
+        for (int64_t O : {1, 3, 5, 37}) {
+          SCOPED_TRACE(std::string(kernels::isa_name(isa)) + " M=" + std::to_string(M) + " K=" + std::to_string(K) +
+                       " O=" + std::to_string(O));
+          auto x = torch::randn({M, K});
+          auto w = torch::randn({O, K});
+          auto qm = quantize_int4(w);
+          auto deq = dequantize_int4(qm.q, qm.scale, K);
+          auto y = matmul_weight(x, qm.q, qm.scale);
+          auto [xq, half] = q32_activations(x);
+          // The quantized activations times the stored weights: exact integer sums per group, so
+          // only float rounding of the scaled sums and the +8 offset's correction remain.
+          EXPECT_LT(max_sum_err(y, reference(xq, deq), x, deq), 1e-5);
+          // Against the float activations: within half an activation step per element.
+          auto err = (y.to(torch::kFloat64) - reference(x, deq)).abs();
+          auto bound = reference(half, deq.abs()) * (1 + 1e-3) + 1e-5 * (reference(x.abs(), deq.abs()).max().item<double>());
+          EXPECT_TRUE(err.le(bound).all().item<bool>()) << "largest error over bound " << (err / bound).max().item<double>();
+        }
+  }
+}
+
+TEST(Kernels, Int4LongProductsWidenTheStoredValuesExactly) {
+  // More rows than the streaming kernels take: the weight is widened (on every path's dequant
+  // kernel) to exactly dequantize_int4's values, then the float32 GEMM (no bf16 GEMM forced) or
+  // oneDNN's bf16 one.
+  torch::manual_seed(18);
+  auto x = torch::randn({skinny_rows_limit() + 9, 70});
+  auto w = torch::randn({45, 70});
+  auto qm = quantize_int4(w);
+  auto deq = dequantize_int4(qm.q, qm.scale, 70);
+  for (auto isa : kernels::supported_isas()) {
+    SCOPED_TRACE(kernels::isa_name(isa));
+    IsaScope scope(isa);
+    force_bf16_gemm_off(true);
+    EXPECT_TRUE(torch::equal(matmul_weight(x, qm.q, qm.scale), at::mm(x, deq.t())));
+    force_bf16_gemm_off(false);
+    EXPECT_LT(max_rel_err(matmul_weight(x, qm.q, qm.scale), reference(x, deq)), 2e-2);
+  }
+}
+
+TEST(Kernels, Int4QuantizationIsGroupwiseWithinHalfAStep) {
+  // A hand-worked group: values (k % 16) - 8. Its largest magnitude is -8, so d = 1, q = w, stored
+  // n = k % 16: byte j holds n[j] = j low and n[16 + j] = j high, 0x11 * j.
+  auto ramp = (torch::arange(32) % 16 - 8).to(torch::kFloat32).view({1, 32});
+  auto hand = quantize_int4(ramp);
+  ASSERT_EQ(hand.q.scalar_type(), torch::kUInt8);
+  ASSERT_EQ(hand.scale.scalar_type(), torch::kFloat16);
+  EXPECT_EQ(hand.q.sizes(), (std::vector<int64_t>{1, 16}));
+  EXPECT_EQ(hand.scale.item<float>(), 1.f);
+  for (int j = 0; j < 16; ++j) EXPECT_EQ(hand.q[0][j].item<int>(), 0x11 * j) << j;
+  EXPECT_TRUE(torch::equal(dequantize_int4(hand.q, hand.scale, 32), ramp));
+
+  torch::manual_seed(19);
+  const int64_t O = 9, K = 50;  // two groups, the second padded (18 values)
+  auto w = torch::randn({O, K});
+  w[3].zero_();                    // an all-zero row stays exactly zero
+  w[4].mul_(1000.0);               // groups have their own scale
+  w[5].narrow(0, 32, 18).mul_(1e-3);
+  auto qm = quantize_int4(w);
+  ASSERT_EQ(qm.q.sizes(), (std::vector<int64_t>{O, int4_row_bytes(K)}));
+  ASSERT_EQ(qm.scale.sizes(), (std::vector<int64_t>{O, 2}));
+  auto deq = dequantize_int4(qm.q, qm.scale, K);
+  auto ds = qm.scale.to(torch::kFloat32);  // [O,2], signed: d = m / -8
+  auto per = [&](const torch::Tensor& t) {
+    return torch::cat({t.narrow(1, 0, 1).expand({O, 32}), t.narrow(1, 1, 1).expand({O, K - 32})}, 1);
+  };
+  auto step = per(ds.abs()), sd = per(ds);
+  // Half a step, except values past 7.5 steps on the side opposite m: q clamps at 7 (Q4_0's
+  // range is -8..7), up to one step off.
+  auto clamped = (w / torch::where(sd.ne(0), sd, torch::ones_like(sd))).gt(7.5);
+  auto bound = torch::where(clamped, step, step * 0.5) * (1 + 1e-3) + 1e-7;
+  EXPECT_TRUE((deq - w).abs().le(bound).all().item<bool>())
+      << "largest error over bound " << ((deq - w).abs() / bound).max().item<double>();
+  EXPECT_GT(clamped.sum().item<int64_t>(), 0) << "the test covers the clamp";
+  EXPECT_EQ(deq[3].abs().sum().item<float>(), 0.f);
+  // The value of largest magnitude in each group comes back exactly (it is -8 steps).
+  for (int64_t o : {0, 4, 6})
+    for (int64_t g = 0; g < 2; ++g) {
+      auto part = w[o].narrow(0, g * 32, g ? K - 32 : 32);
+      const int64_t i = part.abs().argmax().item<int64_t>();
+      EXPECT_NEAR(deq[o][g * 32 + i].item<float>(), part[i].item<float>(), std::abs(part[i].item<float>()) * 1e-3);
+    }
+  // Padding beyond K stores zeros (nibble 8): values 50..63 are the high nibbles of the second
+  // group's bytes 2..15 (bytes 0 and 1 hold values 48 and 49 there).
+  for (int64_t j = 2; j < 16; ++j) EXPECT_EQ(qm.q[0][16 + j].item<int>() >> 4, 8) << j;
+}
+
 TEST(Kernels, ThreadedRowSplitAndBatchShapesAgree) {
   // Enough rows that every thread gets a share, leading dims folded, batch 1 and 16.
   torch::manual_seed(8);
@@ -218,12 +328,15 @@ TEST(Kernels, EmbeddingRowsDecodeEachStorage) {
   auto table = torch::randn({20, 12});
   auto ids = torch::tensor({{3, 0}, {19, 3}}, torch::kInt64);
   auto want = table.index_select(0, ids.reshape({-1})).view({2, 2, 12});
-  EXPECT_TRUE(torch::equal(embedding_rows(table, {}, ids), want));
+  EXPECT_TRUE(torch::equal(embedding_rows(table, {}, ids, 12), want));
   auto tb = table.to(torch::kBFloat16);
-  EXPECT_TRUE(torch::equal(embedding_rows(tb, {}, ids), tb.to(torch::kFloat32).index_select(0, ids.reshape({-1})).view({2, 2, 12})));
+  EXPECT_TRUE(torch::equal(embedding_rows(tb, {}, ids, 12), tb.to(torch::kFloat32).index_select(0, ids.reshape({-1})).view({2, 2, 12})));
   auto qm = quantize_int8(table);
   auto deq = dequantize_int8(qm.q, qm.scale);
-  EXPECT_TRUE(torch::allclose(embedding_rows(qm.q, qm.scale, ids), deq.index_select(0, ids.reshape({-1})).view({2, 2, 12})));
+  EXPECT_TRUE(torch::allclose(embedding_rows(qm.q, qm.scale, ids, 12), deq.index_select(0, ids.reshape({-1})).view({2, 2, 12})));
+  auto q4 = quantize_int4(table);
+  auto deq4 = dequantize_int4(q4.q, q4.scale, 12);
+  EXPECT_TRUE(torch::equal(embedding_rows(q4.q, q4.scale, ids, 12), deq4.index_select(0, ids.reshape({-1})).view({2, 2, 12})));
 }
 
 TEST(Kernels, WrongShapesAndMissingScalesAreRefused) {
@@ -231,6 +344,13 @@ TEST(Kernels, WrongShapesAndMissingScalesAreRefused) {
   EXPECT_THROW(matmul_weight(x, torch::randn({4, 9})), std::runtime_error);
   EXPECT_THROW(matmul_weight(x, torch::zeros({4, 8}, torch::kInt8)), std::runtime_error);
   EXPECT_THROW(matmul_weight(x, torch::zeros({4, 8}, torch::kInt8), torch::ones({3})), std::runtime_error);
+  // int4: 8 columns pack into one group of 16 bytes with one float16 scale a row.
+  auto q4 = quantize_int4(torch::randn({4, 8}));
+  EXPECT_NO_THROW(matmul_weight(x, q4.q, q4.scale));
+  EXPECT_THROW(matmul_weight(x, q4.q), std::runtime_error);
+  EXPECT_THROW(matmul_weight(x, q4.q, q4.scale.to(torch::kFloat32)), std::runtime_error);
+  EXPECT_THROW(matmul_weight(x, q4.q, torch::ones({4, 2}, torch::kFloat16)), std::runtime_error);
+  EXPECT_THROW(matmul_weight(torch::randn({2, 40}), q4.q, q4.scale), std::runtime_error);
 }
 
 TEST(Kernels, DecodeAttentionMatchesReferenceOnEveryPath) {
@@ -407,13 +527,20 @@ TEST(Dtype, IncrementalDecodeEqualsFullRecomputeForEachStorage) {
   auto isas = kernels::supported_isas();
   if (isas.back() == kernels::Isa::Avx512Vnni) isas.pop_back();
   IsaScope float_activations(isas.back());
-  for (auto dt : {WeightDType::BF16, WeightDType::Int8})
+  for (auto dt : {WeightDType::BF16, WeightDType::Int8, WeightDType::Int4})
     for (int k : {-1, 2}) {  // plain, and Victor with its drop and shortened caches
       SCOPED_TRACE(to_string(dt) + " k=" + std::to_string(k));
+      // int4's streaming product always quantizes its activations in 32-blocks: the ~1e-7
+      // differences between the decode and the recompute attention then flip roundings (3e-3 in
+      // the logits by step 2). With float activations (every product widened, float32 GEMM) the
+      // cache logic of int4 storage is held to the same 1e-4 as the others.
+      SkinnyScope widened(dt == WeightDType::Int4 ? 0 : 1 << 20);
+      force_bf16_gemm_off(dt == WeightDType::Int4);
       auto cfg = tiny_config(k < 0 ? 0 : 2, k);
       Vlm m = Vlm::random(cfg, 31, dt);
       ASSERT_EQ(m.config().weight_dtype, dt);
       check_incremental_equals_full(m, prompt(cfg, {5, 6, 7}, {8, 9}, random_pixels(1, 28, 1)), 6);
+      force_bf16_gemm_off(false);
     }
 }
 
@@ -434,18 +561,21 @@ TEST(Dtype, LowPrecisionLogitsStayCloseToFloat32) {
   for (int64_t limit : {skinny_rows_limit(), int64_t(0), int64_t(-1), int64_t(1 << 20)}) {
     SkinnyScope scope(std::max<int64_t>(0, limit));
     force_bf16_gemm_off(limit < 0);
-    for (auto dt : {WeightDType::BF16, WeightDType::Int8}) {
+    for (auto dt : {WeightDType::BF16, WeightDType::Int8, WeightDType::Int4}) {
       Vlm low(f32);
       low.set_weight_dtype(dt);
       auto got = last_logits(low, {p});
       const double err = (got - want).abs().max().item<double>() / spread;
       std::cerr << to_string(dt) << " limit " << limit << " max logit error / logit spread: " << err << "\n";
-      EXPECT_LT(err, dt == WeightDType::BF16 ? 0.02 : 0.03) << to_string(dt);
+      // int4 (measured 0.095 on this random model: groups of 32 gaussian values, a step of ~0.3
+      // sigma, ten times int8's per-row step) gets its own bound.
+      EXPECT_LT(err, dt == WeightDType::BF16 ? 0.02 : dt == WeightDType::Int8 ? 0.03 : 0.15) << to_string(dt);
       EXPECT_GT(err, 0.0) << "the weights really were converted";
       auto px = random_pixels(2, 28, 5);
       auto fw = f32.vision_features(px), fl = low.vision_features(px);
       const double ferr = ((fl - fw).abs().max() / fw.abs().max()).item<double>();
-      EXPECT_LT(ferr, 0.03) << to_string(dt) << " vision features";
+      std::cerr << "  vision features " << ferr << "\n";
+      EXPECT_LT(ferr, dt == WeightDType::Int4 ? 0.01 : 0.03) << to_string(dt) << " vision features";
     }
   }
   force_bf16_gemm_off(false);
@@ -485,7 +615,8 @@ TEST(Dtype, GreedyTokensAgreeWithFloat32OverHundredsOfSteps) {
   // Int8 twice: the full forward on oneDNN's bf16 GEMM (default limit), and on the streaming
   // kernels, where a VNNI CPU multiplies 256-block int8 activations.
   for (auto [dt, limit] : {std::pair{WeightDType::BF16, skinny_rows_limit()}, std::pair{WeightDType::Int8, skinny_rows_limit()},
-                           std::pair{WeightDType::Int8, int64_t(1 << 20)}}) {
+                           std::pair{WeightDType::Int8, int64_t(1 << 20)}, std::pair{WeightDType::Int4, skinny_rows_limit()},
+                           std::pair{WeightDType::Int4, int64_t(1 << 20)}}) {
     SkinnyScope scope(limit);
     Vlm low(f32);
     low.set_weight_dtype(dt);
@@ -495,8 +626,10 @@ TEST(Dtype, GreedyTokensAgreeWithFloat32OverHundredsOfSteps) {
     const double worst_margin = same.all().item<bool>() ? 0.0 : margin.masked_select(same.logical_not()).max().item<double>();
     std::cerr << to_string(dt) << " limit " << limit << ": greedy agreement " << agree << " over " << steps
               << " steps; largest float32 margin (share of the logit spread) at a disagreement " << worst_margin << "\n";
-    EXPECT_GE(agree, 0.95) << to_string(dt);
-    EXPECT_LT(worst_margin, dt == WeightDType::BF16 ? 0.02 : 0.03) << to_string(dt);
+    // int4 on random weights (measured: 0.67-0.69 agreement, largest margin 0.127): a random
+    // model's logits are near ties everywhere, and int4's per-weight noise is ~10x int8's.
+    EXPECT_GE(agree, dt == WeightDType::Int4 ? 0.6 : 0.95) << to_string(dt);
+    EXPECT_LT(worst_margin, dt == WeightDType::BF16 ? 0.02 : dt == WeightDType::Int8 ? 0.03 : 0.2) << to_string(dt);
   }
 }
 
@@ -504,7 +637,7 @@ TEST(Dtype, QuantizedFolderRoundTripsAndLoadsDirectly) {
   auto cfg = tiny_config(2, 2);
   Vlm m = Vlm::random(cfg, 33);
   const std::string dir = temp_dir("dtype_roundtrip");
-  for (auto dt : {WeightDType::BF16, WeightDType::Int8}) {
+  for (auto dt : {WeightDType::BF16, WeightDType::Int8, WeightDType::Int4}) {
     SCOPED_TRACE(to_string(dt));
     Vlm q(m);
     q.set_weight_dtype(dt);
@@ -519,7 +652,13 @@ TEST(Dtype, QuantizedFolderRoundTripsAndLoadsDirectly) {
       EXPECT_EQ(a.scalar_type(), b.scalar_type()) << q.params()[i].name;
       EXPECT_TRUE(torch::equal(a, b)) << q.params()[i].name;
     }
-    EXPECT_LT(back.weight_bytes(), m.weight_bytes() * (dt == WeightDType::Int8 ? 0.4 : 0.6));
+    std::cerr << to_string(dt) << " weight bytes / f32: " << double(back.weight_bytes()) / m.weight_bytes() << "\n";
+    EXPECT_LT(back.weight_bytes(), m.weight_bytes() * (dt == WeightDType::Int4 ? 0.3 : dt == WeightDType::Int8 ? 0.4 : 0.6));
+    // Parameters count values, not bytes (int4 packs two a byte); the scales are counted beside.
+    int64_t scales = 0;
+    for (auto& p : back.params())
+      if (p.name.size() > 6 && p.name.compare(p.name.size() - 6, 6, "_scale") == 0) scales += p.tensor->numel();
+    EXPECT_EQ(back.parameter_count() - scales, m.parameter_count());
     auto p = prompt(cfg, {5, 6}, {8}, random_pixels(1, 28, 3));
     EXPECT_TRUE(torch::equal(last_logits(back, {p}), last_logits(q, {p})));
     // Loading with another dtype converts on the way in (int8 -> f32 dequantizes exactly).
@@ -578,6 +717,51 @@ TEST(Dtype, CorruptOrMismatchedScalesAreRefusedByName) {
   });
   EXPECT_NE(message(d5).find("not int8"), std::string::npos) << message(d5);
   for (auto& d : {d1, d2, d3, d4, d5}) std::filesystem::remove_all(d);
+}
+
+TEST(Dtype, CorruptOrMismatchedInt4ScalesAreRefusedByName) {
+  auto cfg = tiny_config();
+  Vlm m = Vlm::random(cfg, 34, WeightDType::Int4);
+  const std::string wname = "language_model.model.layers.1.mlp.up_proj.weight", name = wname + "_scale";
+  const int64_t rows = cfg.text.intermediate_size, cols = cfg.text.hidden_size;
+  std::vector<std::string> dirs;
+  auto message_with = [&](const std::function<void(std::map<std::string, torch::Tensor>&)>& edit) {
+    const std::string dir = temp_dir("dtype_corrupt4");
+    dirs.push_back(dir);
+    m.save(dir);
+    std::map<std::string, torch::Tensor> ts;
+    for (auto& p : m.params()) ts[p.name] = *p.tensor;
+    edit(ts);
+    save_safetensors(dir + "/model.safetensors", {ts.begin(), ts.end()}, SaveDtype::Native);
+    return error_of([&] { Vlm::load(dir); });
+  };
+  // Loads as saved.
+  EXPECT_EQ(message_with([](auto&) {}), "");
+  auto e1 = message_with([&](auto& ts) { ts[name] = torch::ones({rows, int4_groups(cols) + 1}, torch::kFloat16); });
+  EXPECT_NE(e1.find(name), std::string::npos) << e1;
+  EXPECT_NE(e1.find("group"), std::string::npos) << e1;
+  auto e2 = message_with([&](auto& ts) { ts[name] = ts[name].to(torch::kFloat32); });
+  EXPECT_NE(e2.find("F16"), std::string::npos) << e2;
+  auto e3 = message_with([&](auto& ts) { ts[name] = ts[name].clone(); ts[name][2][0] = INFINITY; });
+  EXPECT_NE(e3.find("corrupt"), std::string::npos) << e3;
+  auto e4 = message_with([&](auto& ts) { ts.erase(name); });
+  EXPECT_NE(e4.find("int4 but its scale"), std::string::npos) << e4;
+  // A packed weight of the wrong width (another K) is refused with its shape.
+  auto e5 = message_with([&](auto& ts) { ts[wname] = torch::zeros({rows, int4_row_bytes(cols) + 16}, torch::kUInt8); });
+  EXPECT_NE(e5.find(wname), std::string::npos) << e5;
+  EXPECT_NE(e5.find("packed two a byte"), std::string::npos) << e5;
+  for (auto& d : dirs) std::filesystem::remove_all(d);
+  // config.json's quantization_config: a key changing the math is refused by name.
+  const std::string dir = temp_dir("dtype_q4cfg");
+  m.save(dir);
+  auto j = nlohmann::json::parse(read_file(dir + "/config.json", FileKind::Json));
+  EXPECT_EQ(j["quantization_config"]["quant_method"], "victor_int4");
+  EXPECT_EQ(j["quantization_config"]["group_size"], kInt4Group);
+  j["quantization_config"]["group_size"] = 64;
+  write_file_atomic(dir + "/config.json", j.dump());
+  const std::string e6 = error_of([&] { Vlm::load(dir); });
+  EXPECT_NE(e6.find("group_size"), std::string::npos) << e6;
+  std::filesystem::remove_all(dir);
 }
 
 TEST(Dtype, LowPrecisionModelsRefuseTraining) {

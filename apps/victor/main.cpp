@@ -57,10 +57,11 @@ void add_kv_dtype_option(CLI::App* c, std::string& kv) {
 void add_dtype_option(CLI::App* c, std::string& dtype, bool with_auto = true) {
   c->add_option("--dtype", dtype,
                 with_auto ? "Weight storage: auto (as the checkpoint stores them) | f32 | bf16 | int8 "
-                            "(per-row symmetric)"
-                          : "Weight storage: f32 | bf16 | int8 (per-row symmetric)")
-      ->check(with_auto ? CLI::IsMember({"auto", "f32", "bf16", "int8"})
-                        : CLI::IsMember({"f32", "bf16", "int8"}))
+                            "(per-row symmetric) | int4 (groups of 32, float16 scales: Q4_0's bits)"
+                          : "Weight storage: f32 | bf16 | int8 (per-row symmetric) | int4 (groups of 32, float16 "
+                            "scales: Q4_0's bits)")
+      ->check(with_auto ? CLI::IsMember({"auto", "f32", "bf16", "int8", "int4"})
+                        : CLI::IsMember({"f32", "bf16", "int8", "int4"}))
       ->capture_default_str();
 }
 
@@ -856,9 +857,9 @@ int main(int argc, char** argv) {
   c_bench->add_option("--json-out", bn.json_out, "Also write the JSON to this file");
 
   QuantizeArgs qa;
-  auto* c_quant = app.add_subcommand("quantize", "Convert a checkpoint's weight matrices to int8 or bf16 (loads directly)");
+  auto* c_quant = app.add_subcommand("quantize", "Convert a checkpoint's weight matrices to int8, int4 or bf16 (loads directly)");
   c_quant->add_option("--model", qa.model, "Source checkpoint folder")->required()->check(CLI::ExistingDirectory);
-  c_quant->add_option("--out", qa.out, "Output folder (HF layout; int8 scales as <name>_scale tensors)")->required();
+  c_quant->add_option("--out", qa.out, "Output folder (HF layout; int8/int4 scales as <name>_scale tensors)")->required();
   add_dtype_option(c_quant, qa.dtype, false);
   add_overwrite_flag(c_quant, qa.overwrite);
   c_quant->add_option("--shard-mb", qa.shard_mb, "Split the safetensors into shards of this many MiB (0 = one file)")

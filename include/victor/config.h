@@ -45,8 +45,10 @@ struct TextConfig {
 
 // How the weight matrices (every linear layer, the embedding and the LM head) are held in memory
 // and on disk. Norms, biases, position embeddings, the patch convolution and the registers stay
-// float32. Int8 is per-output-row symmetric with a float32 scale per row (`<name>_scale`).
-enum class WeightDType { F32, BF16, Int8 };
+// float32. Int8 is per-output-row symmetric with a float32 scale per row (`<name>_scale`); Int4
+// is group-wise symmetric, 32 values along K a group, with a float16 scale per group
+// (`<name>_scale`, [rows, groups]; victor/kernels.h's Int4Matrix).
+enum class WeightDType { F32, BF16, Int8, Int4 };
 
 // LLaVA-1.5 image preprocessing, as the checkpoint's own processor does it
 // (preprocessor_config.json; docs/formats.md lists each key): pad to a square with the mean colour
@@ -120,8 +122,8 @@ void apply_preprocess_json(ModelConfig& c, const nlohmann::json& j, const std::s
 ModelConfig load_config(const std::string& dir);
 void save_config(const ModelConfig& c, const std::string& dir);
 
-std::string to_string(WeightDType d);  // f32, bf16, int8
-// Accepts f32|bf16|int8 (and float32|bfloat16); the error names `what` (an option or key).
+std::string to_string(WeightDType d);  // f32, bf16, int8, int4
+// Accepts f32|bf16|int8|int4 (and float32|bfloat16); the error names `what` (an option or key).
 WeightDType weight_dtype_from_string(const std::string& s, const std::string& what = "--dtype");
 
 // Ready-made shapes: "tiny" (tests), "small" (GridVQA), "clip-l-1b" (CLIP ViT-L/14-336 + a

@@ -44,7 +44,28 @@ Int8Matrix quantize_int8(const torch::Tensor& w);
 torch::Tensor dequantize_int8(const torch::Tensor& q, const torch::Tensor& scale,
                               torch::ScalarType out = torch::kFloat32);
 
-// y = x W^T, x [...,K] float32, W [O,K] float32 / bfloat16 / int8 (then `scale` [O]); y float32.
+// Group-wise symmetric int4 (as ggml's Q4_0): groups of kInt4Group values along K, each with a
+// float16 scale d = m / -8 (m the group's value of largest magnitude, so it maps to -8 exactly),
+// q = clamp(round(w / d), -8, 7). Stored as q uint8 [O, ceil(K/32) * 16] (two values a byte: byte j
+// of group g holds value 32g + j in its low nibble and 32g + 16 + j in its high one, each as q + 8;
+// K padded with zeros to whole groups) and scale float16 [O, ceil(K/32)].
+inline constexpr int64_t kInt4Group = 32;
+inline int64_t int4_row_bytes(int64_t K) { return (K + kInt4Group - 1) / kInt4Group * (kInt4Group / 2); }
+inline int64_t int4_groups(int64_t K) { return (K + kInt4Group - 1) / kInt4Group; }
+struct Int4Matrix {
+  torch::Tensor q;      // [O, int4_row_bytes(K)] uint8
+  torch::Tensor scale;  // [O, int4_groups(K)] float16
+};
+Int4Matrix quantize_int4(const torch::Tensor& w);
+// The stored values as [O,K] `out` (exactly q * float(scale) in float32 before any cast).
+torch::Tensor dequantize_int4(const torch::Tensor& q, const torch::Tensor& scale, int64_t K,
+                              torch::ScalarType out = torch::kFloat32);
+// Any stored weight (float32, bf16, int8 + scale, int4 + scale) as float32 [O,K].
+torch::Tensor weight_as_float(const torch::Tensor& w, const torch::Tensor& scale, int64_t K);
+
+// y = x W^T, x [...,K] float32, W [O,K] float32 / bfloat16 / int8 (then `scale` [O]) / int4 (W uint8
+// and `scale` float16 as Int4Matrix: few rows multiply 32-block int8 activations, as llama.cpp's
+// Q4_0 x Q8_0; more rows widen W for the GEMM); y float32.
 torch::Tensor matmul_weight(const torch::Tensor& x, const torch::Tensor& w,
                             const torch::Tensor& scale = torch::Tensor());
 // Whether the bf16 products below run through oneDNN (its optimized bf16 matmul exists for this
@@ -103,8 +124,9 @@ torch::Tensor attention_bf16(const torch::Tensor& q, const torch::Tensor& k, con
 // shrink it to check the blocks join up.
 void set_attention_block_rows(int64_t rows);
 
-// Rows `ids` of an embedding table stored like a weight, as float32 [...,K].
+// Rows `ids` of an embedding table stored like a weight, as float32 [...,K]; K is the table's
+// width (needed for int4 tables, whose packed rows do not say it).
 torch::Tensor embedding_rows(const torch::Tensor& table, const torch::Tensor& scale,
-                             const torch::Tensor& ids);
+                             const torch::Tensor& ids, int64_t K);
 
 }  // namespace victor

@@ -18,6 +18,7 @@ std::string to_string(WeightDType d) {
     case WeightDType::F32: return "f32";
     case WeightDType::BF16: return "bf16";
     case WeightDType::Int8: return "int8";
+    case WeightDType::Int4: return "int4";
   }
   return "?";
 }
@@ -26,7 +27,8 @@ WeightDType weight_dtype_from_string(const std::string& s, const std::string& wh
   if (s == "f32" || s == "float32") return WeightDType::F32;
   if (s == "bf16" || s == "bfloat16") return WeightDType::BF16;
   if (s == "int8") return WeightDType::Int8;
-  throw Error(what + ": unknown weight dtype '" + s + "' (expected f32, bf16 or int8)");
+  if (s == "int4") return WeightDType::Int4;
+  throw Error(what + ": unknown weight dtype '" + s + "' (expected f32, bf16, int8 or int4)");
 }
 
 int ModelConfig::vision_layers_needed() const {
@@ -288,28 +290,42 @@ std::vector<Pinpoint> read_pinpoints(const json& j, const std::string& where) {
 }
 
 // victor_int8 as victor writes it: every key it knows, with the one value it implements.
-void check_quantization(const json& q, const std::string& src) {
+// victor's own quantization_config for each quantized storage: every key it writes, with the one
+// value it implements.
+json quantization_json(WeightDType d) {
+  if (d == WeightDType::Int4)
+    return {{"quant_method", "victor_int4"}, {"bits", 4},           {"granularity", "group"},
+            {"group_size", 32 /* kernels::kInt4Group */},{"symmetric", true},   {"scale_dtype", "float16"},
+            {"scale_suffix", "_scale"}};
+  return {{"quant_method", "victor_int8"},
+          {"bits", 8},
+          {"granularity", "per_output_row"},
+          {"symmetric", true},
+          {"scale_suffix", "_scale"}};
+}
+
+WeightDType check_quantization(const json& q, const std::string& src) {
   const std::string w = src + ": quantization_config";
   if (!q.is_object()) throw Error(w + " must be an object");
-  const json expected = {{"quant_method", "victor_int8"},
-                         {"bits", 8},
-                         {"granularity", "per_output_row"},
-                         {"symmetric", true},
-                         {"scale_suffix", "_scale"}};
   std::string method;
   get_opt(q, "quant_method", method, w);
-  if (method != "victor_int8")
+  if (method != "victor_int8" && method != "victor_int4")
     throw Error(w + ".quant_method '" + method +
-                "' is not supported (victor reads its own 'victor_int8'; quantize a float checkpoint with "
-                "`victor quantize`)");
+                "' is not supported (victor reads its own 'victor_int8' and 'victor_int4'; quantize a float "
+                "checkpoint with `victor quantize`)");
+  const WeightDType d = method == "victor_int4" ? WeightDType::Int4 : WeightDType::Int8;
+  const json expected = quantization_json(d);
   for (auto& [key, value] : q.items()) {
-    if (!expected.contains(key))
-      throw Error(w + "." + key + ": unknown key; victor_int8 has only quant_method, bits, granularity, symmetric, "
-                  "scale_suffix");
+    if (!expected.contains(key)) {
+      std::string keys;
+      for (auto& [k, v] : expected.items()) keys += (keys.empty() ? "" : ", ") + k;
+      throw Error(w + "." + key + ": unknown key; " + method + " has only " + keys);
+    }
     if (value != expected[key])
-      throw Error(w + "." + key + " " + value.dump() + " is not implemented (victor_int8 means " +
+      throw Error(w + "." + key + " " + value.dump() + " is not implemented (" + method + " means " +
                   expected[key].dump() + ")");
   }
+  return d;
 }
 
 ModelConfig config_from_json_checked(const json& j, const std::string& src) {
@@ -399,8 +415,7 @@ ModelConfig config_from_json_checked(const json& j, const std::string& src) {
   get_opt(j, "torch_dtype", torch_dtype, src);
   if (torch_dtype == "bfloat16") c.weight_dtype = WeightDType::BF16;
   if (j.contains("quantization_config") && !j["quantization_config"].is_null()) {
-    check_quantization(j["quantization_config"], src);
-    c.weight_dtype = WeightDType::Int8;
+    c.weight_dtype = check_quantization(j["quantization_config"], src);
   }
   c.reducer = Reducer::from_json(j, src);
   return c;
@@ -418,12 +433,8 @@ json config_to_json(const ModelConfig& c) {
     j["image_aspect_ratio"] = c.preprocess.pad_to_square ? "pad" : "square";
   }
   j["torch_dtype"] = c.weight_dtype == WeightDType::BF16 ? "bfloat16" : "float32";
-  if (c.weight_dtype == WeightDType::Int8)
-    j["quantization_config"] = {{"quant_method", "victor_int8"},
-                                {"bits", 8},
-                                {"granularity", "per_output_row"},
-                                {"symmetric", true},
-                                {"scale_suffix", "_scale"}};
+  if (c.weight_dtype == WeightDType::Int8 || c.weight_dtype == WeightDType::Int4)
+    j["quantization_config"] = quantization_json(c.weight_dtype);
   json& v = j["vision_config"] = {{"model_type", "clip_vision_model"}};
   vision_fields(c.vision, [&](const char* key, const auto& field) { v[key] = field; });
   json& t = j["text_config"] = {{"model_type", c.text.model_type}};

@@ -202,7 +202,7 @@ torch::ScalarType stored_type(SaveDtype dtype, torch::ScalarType own) {
     case SaveDtype::BF16: return torch::kBFloat16;
     case SaveDtype::Native: break;
   }
-  if (own == torch::kBFloat16 || own == torch::kFloat16 || own == torch::kInt8) return own;
+  if (own == torch::kBFloat16 || own == torch::kFloat16 || own == torch::kInt8 || own == torch::kUInt8) return own;
   return torch::kFloat32;
 }
 
@@ -211,6 +211,7 @@ const char* dtype_name(torch::ScalarType t) {
     case torch::kFloat16: return "F16";
     case torch::kBFloat16: return "BF16";
     case torch::kInt8: return "I8";
+    case torch::kUInt8: return "U8";
     default: return "F32";
   }
 }

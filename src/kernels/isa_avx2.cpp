@@ -232,6 +232,147 @@ void attend_regs_bf16(const float* q, int64_t G, int64_t hd, const uint16_t* k, 
   attend_regs<KvBf16>(q, G, hd, k, v, S, allowed, scale, scratch, out);
 }
 
+// int4 weights (isa_kernels.h's layout) against 32-block int8 activations. Per group: the 16
+// bytes become 32 unsigned nibbles in value order (low nibbles, then high ones), VPMADDUBSW
+// multiplies them by the signed activations (pairs of products fit int16: 2 * 15 * 127), VPMADDWD
+// by ones sums to 8 int32 lanes, and one FMA scales them by the weight's and the activations'
+// scales. The nibbles' +8 offset comes off at the end: sum_g scale[o,g] * xc[m,g].
+inline __m256i nibbles(const uint8_t* p) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i low = _mm_set1_epi8(0x0f);
+  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), low), _mm_and_si128(b, low));
+}
+
+inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
+
+// sum_g half(s[g]) * c[g] over G groups.
+inline float scale_dot(const uint16_t* s, const float* c, int64_t G) {
+  __m256 a = _mm256_setzero_ps();
+  int64_t g = 0;
+  for (; g + 8 <= G; g += 8)
+    a = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + g))),
+                        _mm256_loadu_ps(c + g), a);
+  float r = hsum(a);
+  for (; g < G; ++g) r += half_to_float(s[g]) * c[g];
+  return r;
+}
+
+template <int RW, int MX>
+inline void tile_int4(const int8_t* xq, const float* xd, const float* xc, int64_t Kp, int64_t G, const uint8_t* w,
+                      int64_t rb, const uint16_t* scale, int64_t o, float* y, int64_t ldy) {
+  __m256 acc[RW][MX];
+  for (int r = 0; r < RW; ++r)
+    for (int m = 0; m < MX; ++m) acc[r][m] = _mm256_setzero_ps();
+  const __m256i ones = _mm256_set1_epi16(1);
+  const uint8_t* rows[RW];
+  const uint16_t* sc[RW];
+  for (int r = 0; r < RW; ++r) {
+    rows[r] = w + (o + r) * rb;
+    sc[r] = scale + (o + r) * G;
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    __m256i wv[RW];
+    float ws[RW];
+    for (int r = 0; r < RW; ++r) {
+      wv[r] = nibbles(rows[r] + g * (kInt4GroupK / 2));
+      ws[r] = half_to_float(sc[r][g]);
+    }
+    for (int m = 0; m < MX; ++m) {
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * Kp + g * kInt4GroupK));
+      const float dx = xd[m * G + g];
+      for (int r = 0; r < RW; ++r) {
+        const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(wv[r], xv), ones);
+        acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(ws[r] * dx), acc[r][m]);
+      }
+    }
+  }
+  for (int r = 0; r < RW; ++r)
+    for (int m = 0; m < MX; ++m) y[m * ldy + o + r] = hsum(acc[r][m]) - scale_dot(sc[r], xc + m * G, G);
+}
+
+template <int RW>
+inline void tile_int4_rows(int mx, const int8_t* xq, const float* xd, const float* xc, int64_t Kp, int64_t G,
+                           const uint8_t* w, int64_t rb, const uint16_t* scale, int64_t o, float* y, int64_t ldy) {
+  if (mx == 1) tile_int4<RW, 1>(xq, xd, xc, Kp, G, w, rb, scale, o, y, ldy);
+  else tile_int4<RW, 2>(xq, xd, xc, Kp, G, w, rb, scale, o, y, ldy);
+}
+
+void matmul_int4(const int8_t* xq, const float* xd, const float* xc, int64_t M, int64_t K, const uint8_t* w,
+                 const uint16_t* scale, int64_t o0, int64_t o1, float* y, int64_t ldy) {
+  const int64_t G = int4_groups(K), Kp = int4_padded(K), rb = int4_row_bytes(K);
+  int64_t o = o0;
+  for (; o + 4 <= o1; o += 4)
+    for (int64_t m0 = 0; m0 < M; m0 += 2)
+      tile_int4_rows<4>(rows_left(M, m0), xq + m0 * Kp, xd + m0 * G, xc + m0 * G, Kp, G, w, rb, scale, o,
+                        y + m0 * ldy, ldy);
+  for (; o < o1; ++o)
+    for (int64_t m0 = 0; m0 < M; m0 += 2)
+      tile_int4_rows<1>(rows_left(M, m0), xq + m0 * Kp, xd + m0 * G, xc + m0 * G, Kp, G, w, rb, scale, o,
+                        y + m0 * ldy, ldy);
+}
+
+// 32-blocks of int8 activations (isa_kernels.h's quantize_q8_32): the same values as the scalar
+// set's (max|x| / 127, round half to even), whole blocks in registers.
+void quantize_q8_32(const float* x, int64_t M, int64_t K, int8_t* xq, float* xd, float* xc) {
+  const int64_t G = int4_groups(K), Kp = int4_padded(K);
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t k0 = g * kInt4GroupK, n = K - k0 < kInt4GroupK ? K - k0 : kInt4GroupK;
+      float buf[kInt4GroupK];
+      const float* xs = x + m * K + k0;
+      if (n < kInt4GroupK) {  // the last, partial block: zeros beyond K
+        for (int64_t i = 0; i < kInt4GroupK; ++i) buf[i] = i < n ? xs[i] : 0.f;
+        xs = buf;
+      }
+      __m256 v[4];
+      __m256 amax = _mm256_setzero_ps();
+      for (int i = 0; i < 4; ++i) {
+        v[i] = _mm256_loadu_ps(xs + 8 * i);
+        amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
+      }
+      __m128 h = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+      h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+      h = _mm_max_ss(h, _mm_movehdup_ps(h));
+      const float d = _mm_cvtss_f32(h) / 127.f, id = d > 0.f ? 1.f / d : 0.f;
+      const __m256 idv = _mm256_set1_ps(id);
+      __m256i q[4];
+      for (int i = 0; i < 4; ++i) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], idv));  // nearest even
+      const __m256i sum32 = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+      __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum32), _mm256_extracti128_si256(sum32, 1));
+      s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+      s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+      // int32 -> int8 in order: the packs interleave 128-bit lanes, the permute puts them back.
+      const __m256i p16a = _mm256_packs_epi32(q[0], q[1]), p16b = _mm256_packs_epi32(q[2], q[3]);
+      const __m256i p8 = _mm256_packs_epi16(p16a, p16b);
+      const __m256i ordered = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + m * Kp + k0), ordered);
+      xd[m * G + g] = d;
+      xc[m * G + g] = 8.f * d * float(_mm_cvtsi128_si32(s4));
+    }
+}
+
+void dequant_int4_f32(const uint8_t* w, const uint16_t* scale, int64_t K, int64_t o0, int64_t o1, float* out) {
+  const int64_t G = int4_groups(K), rb = int4_row_bytes(K);
+  const __m256i eight = _mm256_set1_epi32(8);
+  for (int64_t o = o0; o < o1; ++o)
+    for (int64_t g = 0; g < G; ++g) {
+      const __m256i n = nibbles(w + o * rb + g * (kInt4GroupK / 2));
+      const __m256 s = _mm256_set1_ps(half_to_float(scale[o * G + g]));
+      float buf[kInt4GroupK];
+      const int64_t k0 = g * kInt4GroupK, cnt = K - k0 < kInt4GroupK ? K - k0 : kInt4GroupK;
+      float* dst = cnt == kInt4GroupK ? out + o * K + k0 : buf;
+      alignas(32) uint8_t bytes[32];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(bytes), n);
+      for (int i = 0; i < 4; ++i) {
+        const __m256i v = _mm256_sub_epi32(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes + 8 * i))), eight);
+        _mm256_storeu_ps(dst + 8 * i, _mm256_mul_ps(_mm256_cvtepi32_ps(v), s));
+      }
+      if (dst == buf)
+        for (int64_t i = 0; i < cnt; ++i) out[o * K + k0 + i] = buf[i];
+    }
+}
+
 }  // namespace
 
 const KernelSet& avx2_kernels() {
@@ -240,6 +381,9 @@ const KernelSet& avx2_kernels() {
     s.attend_f32 = attend_regs_f32;
     s.attend_bf16 = attend_regs_bf16;
     s.softmax_bf16 = softmax_bf16;
+    s.quantize_q8_32 = quantize_q8_32;
+    s.matmul_int4 = matmul_int4;
+    s.dequant_int4_f32 = dequant_int4_f32;
     return s;
   }();
   return set;

@@ -307,6 +307,10 @@ const KernelSet& avx512_kernels() {
     s.attend_f32 = attend_regs_f32;
     s.attend_bf16 = attend_regs_bf16;
     s.softmax_bf16 = softmax_bf16;
+    // int4: AVX2's kernels (every AVX-512 CPU has AVX2, FMA and F16C); an AVX-512 version is not written yet.
+    s.quantize_q8_32 = avx2_kernels().quantize_q8_32;
+    s.matmul_int4 = avx2_kernels().matmul_int4;
+    s.dequant_int4_f32 = avx2_kernels().dequant_int4_f32;
     return s;
   }();
   return set;

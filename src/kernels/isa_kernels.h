@@ -47,7 +47,30 @@ struct KernelSet {
   // One row of prefill attention's softmax (attend_impl.h): scores s [S] (overwritten) over the
   // entries with allowed[i] != 0 (allowed null: all) -> probabilities as bf16 bits.
   void (*softmax_bf16)(float* s, const uint8_t* allowed, int64_t S, uint16_t* out) = nullptr;
+  // int4 weights (every set has them; the AVX-512 sets take AVX2's). W [O,K] is stored as
+  // int4_row_bytes(K) bytes a row and int4_groups(K) float16 scales a row (int4 layout below).
+  // quantize_q8_32: x [M,K] -> xq [M, int4_padded(K)] int8 in 32-blocks along K (q = round(x / d),
+  // d = max|x| / 127, 0 beyond K), xd [M, G] the blocks' d and xc [M, G] = 8 * d * sum(q) (the
+  // weights' +8 offset, taken out once per block instead of once per product).
+  // matmul_int4: y[m*ldy + o] = sum over groups g of scale[o,g] * xd[m,g] * sum_j n[o,g,j] * xq[m,g,j]
+  // minus sum_g scale[o,g] * xc[m,g], n the stored nibbles (0..15): the quantized activations
+  // times the int4 weights, exactly in integers within a group.
+  void (*quantize_q8_32)(const float* x, int64_t M, int64_t K, int8_t* xq, float* xd, float* xc) = nullptr;
+  void (*matmul_int4)(const int8_t* xq, const float* xd, const float* xc, int64_t M, int64_t K, const uint8_t* w,
+                      const uint16_t* scale, int64_t o0, int64_t o1, float* y, int64_t ldy) = nullptr;
+  // Rows [o0,o1) of an int4 W as float32: out[o*K + k] = (n - 8) * scale[o, k / 32].
+  void (*dequant_int4_f32)(const uint8_t* w, const uint16_t* scale, int64_t K, int64_t o0, int64_t o1,
+                           float* out) = nullptr;
 };
+
+// int4 layout (kernels::kInt4Group in victor/kernels.h): groups of 32 values along K, each stored
+// as 16 bytes, byte j holding value 32g + j in its low nibble and 32g + 16 + j in its high one,
+// as n = q + 8 (q in -8..7), with one float16 scale per group: w = q * scale. K is padded to
+// whole groups with zeros (n = 8). The same bits as ggml's Q4_0 blocks, scales kept apart.
+inline constexpr int64_t kInt4GroupK = 32;
+inline int64_t int4_groups(int64_t K) { return (K + kInt4GroupK - 1) / kInt4GroupK; }
+inline int64_t int4_padded(int64_t K) { return int4_groups(K) * kInt4GroupK; }
+inline int64_t int4_row_bytes(int64_t K) { return int4_groups(K) * (kInt4GroupK / 2); }
 
 // K rounded up to the 32 bf16 values a VDPBF16PS reads.
 inline int64_t bf16_hilo_padded(int64_t K) { return (K + 31) / 32 * 32; }
@@ -73,6 +96,25 @@ inline uint16_t float_to_bf16_bits(float f) {
   if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);
   u += 0x7fffu + ((u >> 16) & 1u);
   return uint16_t(u >> 16);
+}
+// IEEE half bits -> float (subnormals, infinities and NaN included), for the scalar paths.
+inline float half_bits_to_float(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+  uint32_t u;
+  if (exp == 0x1f) {
+    u = sign | 0x7f800000u | (man << 13);
+  } else if (exp != 0) {
+    u = sign | ((exp + 112) << 23) | (man << 13);
+  } else if (man == 0) {
+    u = sign;
+  } else {  // subnormal: man * 2^-24
+    float f = float(man) * (1.0f / 16777216.0f);
+    __builtin_memcpy(&u, &f, 4);
+    u |= sign;
+  }
+  float f;
+  __builtin_memcpy(&f, &u, 4);
+  return f;
 }
 inline float bf16_bits_to_float(uint16_t b) {
   uint32_t u = uint32_t(b) << 16;

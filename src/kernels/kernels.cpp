@@ -18,6 +18,7 @@ namespace victor {
 namespace kernels {
 
 static_assert(kQ8Block == kQ8BlockK, "victor/kernels.h and isa_kernels.h disagree on the int8 x int8 block");
+static_assert(kInt4Group == kInt4GroupK, "victor/kernels.h and isa_kernels.h disagree on the int4 group");
 
 const char* isa_name(Isa isa) {
   switch (isa) {
@@ -109,6 +110,15 @@ using kernels::active_set;
 void check_weight(const torch::Tensor& w, const torch::Tensor& scale, int64_t K) {
   if (w.dim() != 2 || !w.is_contiguous())
     throw Error("matmul_weight: weight must be a contiguous [out,in] matrix");
+  if (w.scalar_type() == torch::kUInt8) {
+    if (w.size(1) != int4_row_bytes(K))
+      throw Error("matmul_weight: input has " + std::to_string(K) + " features, an int4 weight for it has " +
+                  std::to_string(int4_row_bytes(K)) + " bytes a row, not " + std::to_string(w.size(1)));
+    if (!scale.defined() || scale.scalar_type() != torch::kFloat16 || scale.dim() != 2 ||
+        scale.size(0) != w.size(0) || scale.size(1) != int4_groups(K) || !scale.is_contiguous())
+      throw Error("matmul_weight: an int4 weight needs a float16 scale [rows, groups]");
+    return;
+  }
   if (w.size(1) != K)
     throw Error("matmul_weight: input has " + std::to_string(K) + " features, weight expects " +
                 std::to_string(w.size(1)));
@@ -226,9 +236,35 @@ std::vector<torch::Tensor> skinny(const torch::Tensor& x2, const std::vector<tor
       });
       break;
     }
+    case torch::kUInt8: {  // int4: the activations quantized in 32-blocks once, here
+      const int64_t G = kernels::int4_groups(K);
+      auto xq_t = torch::empty({M * kernels::int4_padded(K)}, torch::kInt8);
+      auto xs_t = torch::empty({2 * M * G}, torch::kFloat32);
+      int8_t* xq = xq_t.data_ptr<int8_t>();
+      float* xd = xs_t.data_ptr<float>();
+      float* xc = xd + M * G;
+      ks.quantize_q8_32(xp, M, K, xq, xd, xc);
+      run([&](size_t i, int64_t o0, int64_t o1, float* y, int64_t ldy) {
+        ks.matmul_int4(xq, xd, xc, M, K, ws[i].data_ptr<uint8_t>(),
+                       reinterpret_cast<const uint16_t*>(scales[i].data_ptr<at::Half>()), o0, o1, y, ldy);
+      });
+      break;
+    }
     default: throw Error("matmul_weight: unsupported weight dtype");
   }
   return ys;
+}
+
+// An int4 W [O, K] as float32, rows on the kernels' threads.
+torch::Tensor int4_to_f32(const torch::Tensor& q, const torch::Tensor& scale, int64_t K) {
+  const int64_t O = q.size(0);
+  auto out = torch::empty({O, K}, torch::kFloat32);
+  const auto& ks = active_set();
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  const auto* sp = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>());
+  float* op = out.data_ptr<float>();
+  over_rows(O, [&](int64_t a, int64_t b) { ks.dequant_int4_f32(qp, sp, K, a, b, op); });
+  return out;
 }
 
 torch::Tensor int8_to_bf16(const torch::Tensor& q, const torch::Tensor& scale) {
@@ -329,6 +365,40 @@ torch::Tensor attention_bf16(const torch::Tensor& q, const torch::Tensor& k, con
 int64_t skinny_rows_limit() { return g_skinny_rows.load(std::memory_order_relaxed); }
 void set_skinny_rows_limit(int64_t rows) { g_skinny_rows.store(std::max<int64_t>(0, rows)); }
 
+Int4Matrix quantize_int4(const torch::Tensor& w_in) {
+  if (w_in.dim() != 2) throw Error("quantize_int4: expected a matrix");
+  const int64_t O = w_in.size(0), K = w_in.size(1), G = int4_groups(K);
+  auto w = torch::constant_pad_nd(w_in.detach().to(torch::kFloat32), {0, G * kInt4Group - K}).view({O, G, kInt4Group});
+  // The value of largest magnitude, with its sign: d = m / -8 maps it to -8 exactly and the rest
+  // into [-8, 8] (8 itself, only for -m, clamps to 7).
+  auto m = w.gather(2, w.abs().argmax(2, /*keepdim=*/true));  // [O,G,1]
+  auto d16 = (m / -8.0).to(torch::kFloat16);
+  auto d = d16.to(torch::kFloat32);
+  auto id = torch::where(d.ne(0), torch::reciprocal(d), torch::zeros_like(d));
+  auto n = (torch::round(w * id) + 8).clamp(0, 15).to(torch::kUInt8);  // [O,G,32]
+  auto lo = n.narrow(2, 0, kInt4Group / 2), hi = n.narrow(2, kInt4Group / 2, kInt4Group / 2);
+  auto packed = lo.bitwise_or(hi.bitwise_left_shift(4)).reshape({O, G * kInt4Group / 2}).contiguous();
+  return {packed, d16.view({O, G}).contiguous()};
+}
+
+torch::Tensor dequantize_int4(const torch::Tensor& q, const torch::Tensor& scale, int64_t K, torch::ScalarType out) {
+  const int64_t O = q.size(0), G = int4_groups(K);
+  if (q.dim() != 2 || q.size(1) != int4_row_bytes(K) || scale.dim() != 2 || scale.size(0) != O || scale.size(1) != G)
+    throw Error("dequantize_int4: packed [" + std::to_string(q.size(0)) + "," + std::to_string(q.size(-1)) +
+                "] with scale of " + std::to_string(scale.numel()) + " entries is not an int4 matrix of " +
+                std::to_string(K) + " columns");
+  auto b = q.view({O, G, kInt4Group / 2});
+  auto n = torch::cat({b.bitwise_and(15), b.bitwise_right_shift(4)}, 2).to(torch::kFloat32) - 8;  // [O,G,32]
+  auto f = (n * scale.to(torch::kFloat32).unsqueeze(2)).view({O, G * kInt4Group}).narrow(1, 0, K);
+  return f.to(out).contiguous();
+}
+
+torch::Tensor weight_as_float(const torch::Tensor& w, const torch::Tensor& scale, int64_t K) {
+  if (w.scalar_type() == torch::kUInt8) return dequantize_int4(w, scale, K);
+  if (w.scalar_type() == torch::kInt8) return dequantize_int8(w, scale);
+  return w.to(torch::kFloat32);
+}
+
 Int8Matrix quantize_int8(const torch::Tensor& w_in) {
   if (w_in.dim() != 2) throw Error("quantize_int8: expected a matrix");
   auto w = w_in.detach().to(torch::kFloat32);
@@ -355,7 +425,9 @@ torch::Tensor gemm_bf16(const torch::Tensor& x2, const torch::Tensor& w, const t
                         const torch::Tensor& bias, onednn::Act act) {
   const int64_t M = x2.size(0), K = x2.size(1), O = w.size(0);
   const auto xb = x2.to(torch::kBFloat16).contiguous();
-  const auto wb = w.scalar_type() == torch::kInt8 ? int8_to_bf16(w, scale) : w.contiguous();
+  const auto wb = w.scalar_type() == torch::kInt8    ? int8_to_bf16(w, scale)
+                  : w.scalar_type() == torch::kUInt8 ? int4_to_f32(w, scale, K).to(torch::kBFloat16)
+                                                     : w.contiguous();
   const auto b = bias.defined() ? bias.contiguous() : bias;
   auto y = torch::empty({M, O}, torch::kFloat32);
   if (M == 0) return y;
@@ -386,7 +458,9 @@ torch::Tensor matmul_weight(const torch::Tensor& x, const torch::Tensor& w,
     // mm runs on one core at a fraction of the speed: a 7B int8 prefill of 3,000 rows took
     // minutes per layer group on an AVX2 EPYC): the weight widened to float32 for the BLAS's
     // threaded sgemm. The widening reads the weight once; the product reads it M times.
-    auto wf = w.scalar_type() == torch::kInt8 ? dequantize_int8(w, scale, torch::kFloat32) : w.to(torch::kFloat32);
+    auto wf = w.scalar_type() == torch::kInt8    ? dequantize_int8(w, scale, torch::kFloat32)
+              : w.scalar_type() == torch::kUInt8 ? int4_to_f32(w, scale, K)
+                                                 : w.to(torch::kFloat32);
     y = at::mm(x2.to(torch::kFloat32), wf.t());
   }
   return y.reshape(shape);
@@ -485,8 +559,13 @@ void attend_decode(const float* q, int64_t B, int64_t H, int64_t Hkv, int64_t hd
 }
 
 torch::Tensor embedding_rows(const torch::Tensor& table, const torch::Tensor& scale,
-                             const torch::Tensor& ids) {
+                             const torch::Tensor& ids, int64_t K) {
   auto flat = ids.reshape({-1});
+  if (table.scalar_type() == torch::kUInt8) {
+    auto shape = ids.sizes().vec();
+    shape.push_back(K);
+    return dequantize_int4(torch::index_select(table, 0, flat), torch::index_select(scale, 0, flat), K).view(shape);
+  }
   auto rows = torch::index_select(table, 0, flat).to(torch::kFloat32);
   if (table.scalar_type() == torch::kInt8) rows.mul_(torch::index_select(scale, 0, flat).unsqueeze(1));
   auto shape = ids.sizes().vec();

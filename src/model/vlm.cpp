@@ -56,15 +56,17 @@ void Vlm::declare_params() {
   const int64_t D = v.hidden_size, I = v.intermediate_size, P = v.patch_size;
   const int64_t d = t.hidden_size, H = t.num_attention_heads, Hkv = t.num_key_value_heads;
   const int64_t hd = t.head_dim(), F = t.intermediate_size, V = t.vocab_size;
-  const bool int8 = config_.weight_dtype == WeightDType::Int8;
+  const WeightDType wdt = config_.weight_dtype;
   auto add = [&](const std::string& name, std::vector<int64_t> shape, Part part, torch::Tensor& ref,
                  bool optional = false) {
     params_.push_back({name, std::move(shape), part, &ref, optional});
   };
-  // A weight matrix, stored in the model's dtype; int8 adds its per-row scale right after it.
+  // A weight matrix, stored in the model's dtype; int8 adds its per-row scale right after it,
+  // int4 its per-group scales.
   auto matrix = [&](const std::string& name, int64_t out, int64_t in, Part part, LinearW& w) {
     params_.push_back({name, {out, in}, part, &w.weight, false, &w.scale});
-    if (int8) add(name + "_scale", {out}, part, w.scale);
+    if (wdt == WeightDType::Int8) add(name + "_scale", {out}, part, w.scale);
+    if (wdt == WeightDType::Int4) add(name + "_scale", {out, int4_groups(in)}, part, w.scale);
   };
   auto& vw = w_.vision;
   vw.layers.resize(v.num_hidden_layers);
@@ -162,26 +164,46 @@ void init_param(const ParamRef& p, at::Generator& gen) {
 
 namespace {
 
-// A weight matrix converted to `to` (quantized, dequantized or cast) and placed in huge-page
-// memory. `scale` is its int8 scale slot (defined exactly when the result is int8).
-void convert_matrix(torch::Tensor& w, torch::Tensor& scale, WeightDType to) {
-  const bool is_int8 = w.scalar_type() == torch::kInt8;
+WeightDType stored_dtype(const torch::Tensor& w) {
+  switch (w.scalar_type()) {
+    case torch::kInt8: return WeightDType::Int8;
+    case torch::kUInt8: return WeightDType::Int4;
+    case torch::kBFloat16: return WeightDType::BF16;
+    default: return WeightDType::F32;
+  }
+}
+
+// A weight matrix of K columns converted to `to` (quantized, dequantized or cast) and placed in
+// huge-page memory. `scale` is its scale slot (defined exactly when the result is int8 or int4).
+// int8 <-> int4 goes through float32 (requantized from the stored values).
+void convert_matrix(torch::Tensor& w, torch::Tensor& scale, WeightDType to, int64_t K) {
+  const WeightDType from = stored_dtype(w);
+  if (from == to && (from != WeightDType::F32 || w.scalar_type() == torch::kFloat32)) {
+    w = in_huge_pages(w);
+    return;
+  }
+  const bool quantized = from == WeightDType::Int8 || from == WeightDType::Int4;
   switch (to) {
     case WeightDType::F32:
-      w = is_int8 ? dequantize_int8(w, scale) : w.to(torch::kFloat32);
+      w = weight_as_float(w, scale, K);
       scale = torch::Tensor();
       break;
     case WeightDType::BF16:
-      w = (is_int8 ? dequantize_int8(w, scale, torch::kBFloat16) : w.to(torch::kBFloat16)).contiguous();
+      w = (quantized ? weight_as_float(w, scale, K) : w).to(torch::kBFloat16).contiguous();
       scale = torch::Tensor();
       break;
-    case WeightDType::Int8:
-      if (!is_int8) {
-        auto q = quantize_int8(w);
-        w = q.q;
-        scale = q.scale;
-      }
+    case WeightDType::Int8: {
+      auto q = quantize_int8(quantized ? weight_as_float(w, scale, K) : w);
+      w = q.q;
+      scale = q.scale;
       break;
+    }
+    case WeightDType::Int4: {
+      auto q = quantize_int4(quantized ? weight_as_float(w, scale, K) : w);
+      w = q.q;
+      scale = q.scale;
+      break;
+    }
   }
   w = in_huge_pages(w);
 }
@@ -209,7 +231,7 @@ Vlm Vlm::random(const ModelConfig& config, uint64_t seed, std::optional<WeightDT
   auto gen = at::detail::createCPUGenerator(seed);
   for (auto& p : m.params_) {
     init_param(p, gen);
-    if (p.is_matrix()) convert_matrix(*p.tensor, *p.scale, to);
+    if (p.is_matrix()) convert_matrix(*p.tensor, *p.scale, to, p.shape[1]);
   }
   if (c.text.tie_word_embeddings) m.w_.llm.lm_head = m.w_.llm.embed_tokens;
   m.config_.weight_dtype = to;
@@ -226,14 +248,32 @@ std::string shape_str(const std::vector<int64_t>& s) {
   return r + "]";
 }
 
-// The int8 scale stored next to matrix `name`, checked: float, one finite non-negative entry per
-// row. Mismatched or corrupt scales would silently scale every output of the layer.
-torch::Tensor load_scale(const TensorStore& store, const std::string& name, int64_t rows) {
+// The scale stored next to quantized matrix `name` ([rows, cols]), checked: for int8 float32, one
+// finite non-negative entry per row; for int4 float16, one finite entry per row and group of
+// kInt4Group columns (the sign is the group's own). Mismatched or corrupt scales would silently
+// scale every output of the layer.
+torch::Tensor load_scale(const TensorStore& store, const std::string& name, int64_t rows, int64_t cols, bool int4) {
   const std::string sname = name + "_scale";
+  const char* what = int4 ? "int4" : "int8";
   if (!store.contains(sname))
-    throw Error(store.file_of(name) + ": tensor '" + name + "' is int8 but its scale '" + sname +
+    throw Error(store.file_of(name) + ": tensor '" + name + "' is " + what + " but its scale '" + sname +
                 "' is missing");
   const auto& info = store.info(sname);
+  if (int4) {
+    const std::vector<int64_t> want{rows, int4_groups(cols)};
+    if (info.shape != want)
+      throw Error(store.file_of(sname) + ": scale tensor '" + sname + "' has shape " + shape_str(info.shape) +
+                  " but its int4 matrix of " + std::to_string(rows) + " rows and " + std::to_string(cols) +
+                  " columns needs " + shape_str(want) + " (one per row and group of " + std::to_string(kInt4Group) +
+                  ")");
+    if (info.dtype != "F16")
+      throw Error(store.file_of(sname) + ": scale tensor '" + sname + "' has dtype " + info.dtype +
+                  "; int4 scales are F16");
+    auto scale = store.load_raw(sname).contiguous().clone();
+    if (!torch::isfinite(scale.to(torch::kFloat32)).all().item<bool>())
+      throw Error(store.file_of(sname) + ": scale tensor '" + sname + "' is corrupt (NaN or infinite entries)");
+    return scale;
+  }
   if (info.shape != std::vector<int64_t>{rows})
     throw Error(store.file_of(sname) + ": scale tensor '" + sname + "' has shape " +
                 shape_str(info.shape) + " but its matrix has " + std::to_string(rows) + " rows");
@@ -270,30 +310,35 @@ Vlm Vlm::load(const std::string& dir, std::optional<WeightDType> dtype, bool all
                                              : ""));
     }
     const auto& info = store.info(it->second);
-    if (info.shape != p.shape)
+    // An int4 matrix is stored packed: two values a byte, K padded to whole groups.
+    const bool stored_int4 = p.is_matrix() && info.dtype == "U8";
+    const std::vector<int64_t> stored_shape =
+        stored_int4 ? std::vector<int64_t>{p.shape[0], int4_row_bytes(p.shape[1])} : p.shape;
+    if (info.shape != stored_shape)
       throw Error(store.file_of(it->second) + ": tensor '" + it->second + "' has shape " +
-                  shape_str(info.shape) + " but config.json implies " + shape_str(p.shape));
+                  shape_str(info.shape) + " but config.json implies " + shape_str(stored_shape) +
+                  (stored_int4 ? " (int4: " + std::to_string(p.shape[1]) + " columns packed two a byte)" : ""));
     used.insert(it->second);
     if (!p.is_matrix()) {
       *p.tensor = store.load(it->second);
       continue;
     }
     const bool stored_int8 = info.dtype == "I8";
-    if (!stored_int8 && info.dtype != "F32" && info.dtype != "BF16" && info.dtype != "F16")
+    if (!stored_int8 && !stored_int4 && info.dtype != "F32" && info.dtype != "BF16" && info.dtype != "F16")
       throw Error(store.file_of(it->second) + ": weight '" + it->second + "' has dtype " +
-                  info.dtype + " (expected F32, BF16, F16 or I8)");
-    if (!stored_int8 && store.contains(it->second + "_scale"))
+                  info.dtype + " (expected F32, BF16, F16, I8 or U8 (int4))");
+    if (!stored_int8 && !stored_int4 && store.contains(it->second + "_scale"))
       throw Error(store.file_of(it->second) + ": weight '" + it->second + "' has a scale '" +
-                  it->second + "_scale' but is stored as " + info.dtype + ", not int8");
+                  it->second + "_scale' but is stored as " + info.dtype + ", not int8 or int4");
     // Native dtype, memory-mapped in place when it is already the target.
     torch::Tensor w = store.load_raw(it->second);
     torch::Tensor scale;
-    if (stored_int8) {
-      scale = load_scale(store, it->second, p.shape[0]);
+    if (stored_int8 || stored_int4) {
+      scale = load_scale(store, it->second, p.shape[0], p.shape[1], stored_int4);
       used.insert(it->second + "_scale");
     }
     const void* mapped = w.data_ptr();
-    convert_matrix(w, scale, to);
+    convert_matrix(w, scale, to, p.shape[1]);
     // The matrix now lives in its own (huge-page) copy: the file's pages it was read from would
     // otherwise stay resident beside it, and peak memory was twice the weights.
     if (w.data_ptr() != mapped) store.release_pages(it->second);
@@ -334,7 +379,7 @@ Vlm Vlm::load(const std::string& dir, std::optional<WeightDType> dtype, bool all
 
 void Vlm::set_weight_dtype(WeightDType dtype) {
   for (auto& p : params_)
-    if (p.is_matrix()) convert_matrix(*p.tensor, *p.scale, dtype);
+    if (p.is_matrix()) convert_matrix(*p.tensor, *p.scale, dtype, p.shape[1]);
   if (config_.text.tie_word_embeddings) w_.llm.lm_head = w_.llm.embed_tokens;
   config_.weight_dtype = dtype;
   declare_params();
@@ -349,8 +394,11 @@ int64_t Vlm::weight_bytes() const {
 
 int64_t Vlm::parameter_count(int part_mask) const {
   int64_t n = 0;
-  for (auto& p : params_)
-    if (part_mask < 0 || (part_mask & (1 << int(p.part)))) n += p.tensor->numel();
+  for (auto& p : params_) {
+    if (part_mask >= 0 && !(part_mask & (1 << int(p.part)))) continue;
+    // A matrix counts its values, however it is stored (int4 packs two a byte).
+    n += p.is_matrix() ? p.shape[0] * p.shape[1] : p.tensor->numel();
+  }
   return n;
 }
 
@@ -387,7 +435,7 @@ void Vlm::set_reducer(const Reducer& r, uint64_t seed, bool replace_registers) {
   for (auto& p : params_) {
     if (p.part != Part::Registers || p.tensor->defined() || is_scale_of_matrix(p)) continue;
     init_param(p, gen);
-    if (p.is_matrix()) convert_matrix(*p.tensor, *p.scale, config_.weight_dtype);
+    if (p.is_matrix()) convert_matrix(*p.tensor, *p.scale, config_.weight_dtype, p.shape[1]);
   }
 }
 
@@ -557,7 +605,7 @@ torch::Tensor Vlm::embed_tokens(const torch::Tensor& ids) const {
   const int64_t V = config_.text.vocab_size;
   if (ids.numel() > 0 && (ids.min().item<int64_t>() < 0 || ids.max().item<int64_t>() >= V))
     throw Error("token id out of range for vocab_size " + std::to_string(V));
-  return embedding_rows(w_.llm.embed_tokens.weight, w_.llm.embed_tokens.scale, ids);
+  return embedding_rows(w_.llm.embed_tokens.weight, w_.llm.embed_tokens.scale, ids, config_.text.hidden_size);
 }
 
 torch::Tensor Vlm::logits(const torch::Tensor& hidden) const { return dense(hidden, w_.llm.lm_head); }
