@@ -113,7 +113,8 @@ BENCHMARK(BM_PeakGemmF32)->Unit(benchmark::kMillisecond)->UseRealTime();
 // y = x W^T on 1B-class MLP matrices (5632 x 2048) for each weight storage and row count:
 // 1-16 rows use victor's streaming kernels (GB/s of weights), more the bf16 GEMM (GFLOP/s).
 // Eight distinct matrices in turn (>= 92 MiB, beyond the caches), as a model's layers stream.
-// Arg 0: storage (0 f32, 1 bf16, 2 int8), arg 1: rows.
+// Arg 0: storage (0 f32, 1 bf16, 2 int8, 3 int4), arg 1: rows. GB/s counts the stored bytes (int4:
+// the packed values and their float16 scales).
 void BM_MatmulWeight(benchmark::State& st) {
   torch::NoGradGuard ng;
   const int64_t O = 5632, K = 2048, M = st.range(1), copies = 8;
@@ -127,6 +128,11 @@ void BM_MatmulWeight(benchmark::State& st) {
       w = q.q;
       s = q.scale;
     }
+    if (st.range(0) == 3) {
+      auto q = quantize_int4(w);
+      w = q.q;
+      s = q.scale;
+    }
     stored.push_back(w);
     scales.push_back(s);
   }
@@ -136,12 +142,14 @@ void BM_MatmulWeight(benchmark::State& st) {
     benchmark::DoNotOptimize(matmul_weight(x, stored[i], scales[i]));
     i = (i + 1) % copies;
   }
-  const double bytes = double(stored[0].numel()) * stored[0].element_size();
+  const double bytes = double(stored[0].numel()) * stored[0].element_size() +
+                       (st.range(0) == 3 ? double(scales[0].numel()) * 2 : 0.0);
   st.counters["GB/s"] = benchmark::Counter(bytes, benchmark::Counter::kIsIterationInvariantRate, benchmark::Counter::kIs1000);
   st.counters["GFLOP/s"] = benchmark::Counter(2.0 * M * O * K, benchmark::Counter::kIsIterationInvariantRate, benchmark::Counter::kIs1000);
-  st.SetLabel(std::string(st.range(0) == 0 ? "f32" : st.range(0) == 1 ? "bf16" : "int8") + " " + kernels::isa_name(kernels::active_isa()));
+  static const char* names[] = {"f32", "bf16", "int8", "int4"};
+  st.SetLabel(std::string(names[st.range(0)]) + " " + kernels::isa_name(kernels::active_isa()));
 }
-BENCHMARK(BM_MatmulWeight)->ArgsProduct({{0, 1, 2}, {1, 4, 16, 64, 640}})->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_MatmulWeight)->ArgsProduct({{0, 1, 2, 3}, {1, 4, 16, 64, 640}})->Unit(benchmark::kMillisecond)->UseRealTime();
 
 // Times x [M,K] times int8 weights [O,K] on the active kernel path, cycling through `copies`
 // quantized matrices so the weights stream from memory; GB/s of int8 weights, labelled by path.

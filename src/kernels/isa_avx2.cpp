@@ -232,15 +232,24 @@ void attend_regs_bf16(const float* q, int64_t G, int64_t hd, const uint16_t* k, 
   attend_regs<KvBf16>(q, G, hd, k, v, S, allowed, scale, scratch, out);
 }
 
-// int4 weights (isa_kernels.h's layout) against 32-block int8 activations. Per group: the 16
-// bytes become 32 unsigned nibbles in value order (low nibbles, then high ones), VPMADDUBSW
-// multiplies them by the signed activations (pairs of products fit int16: 2 * 15 * 127), VPMADDWD
-// by ones sums to 8 int32 lanes, and one FMA scales them by the weight's and the activations'
-// scales. The nibbles' +8 offset comes off at the end: sum_g scale[o,g] * xc[m,g].
-inline __m256i nibbles(const uint8_t* p) {
+// int4 weights (isa_kernels.h's layout) against 32-block int8 activations, two groups at a time:
+// one 32-byte load holds a pair of groups' weights; its low nibbles meet the pair's first 16
+// activations of each group, its high nibbles the last 16 (quantize_q8_32 lays them out so), two
+// VPMADDUBSW (unsigned nibbles times signed activations: pairs of products fit int16, 2 * 15 * 127,
+// and so do two of them added) and one VPMADDWD leave group 2p in lanes 0-3 and 2p+1 in lanes 4-7,
+// and one FMA scales each half by its weight scale times its activation scale (taken from a vector
+// of 8 groups' products by one permute). The nibbles' +8 offset comes off at the end:
+// sum_g scale[o,g] * xc[m,g].
+inline __m128i nibbles_lo_hi(const uint8_t* p, __m128i* hi) {
   const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   const __m128i low = _mm_set1_epi8(0x0f);
-  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), low), _mm_and_si128(b, low));
+  *hi = _mm_and_si128(_mm_srli_epi16(b, 4), low);
+  return _mm_and_si128(b, low);
+}
+inline __m256i nibbles(const uint8_t* p) {  // one group's 32 values in order
+  __m128i hi;
+  const __m128i lo = nibbles_lo_hi(p, &hi);
+  return _mm256_set_m128i(hi, lo);
 }
 
 inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
@@ -257,32 +266,72 @@ inline float scale_dot(const uint16_t* s, const float* c, int64_t G) {
   return r;
 }
 
+constexpr int64_t kInt4Ahead = 1024;  // bytes of each weight row prefetched ahead (256-1024: same speed)
+
 template <int RW, int MX>
 inline void tile_int4(const int8_t* xq, const float* xd, const float* xc, int64_t Kp, int64_t G, const uint8_t* w,
                       int64_t rb, const uint16_t* scale, int64_t o, float* y, int64_t ldy) {
   __m256 acc[RW][MX];
   for (int r = 0; r < RW; ++r)
     for (int m = 0; m < MX; ++m) acc[r][m] = _mm256_setzero_ps();
-  const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i low = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
   const uint8_t* rows[RW];
   const uint16_t* sc[RW];
   for (int r = 0; r < RW; ++r) {
     rows[r] = w + (o + r) * rb;
     sc[r] = scale + (o + r) * G;
   }
-  for (int64_t g = 0; g < G; ++g) {
-    __m256i wv[RW];
-    float ws[RW];
-    for (int r = 0; r < RW; ++r) {
-      wv[r] = nibbles(rows[r] + g * (kInt4GroupK / 2));
-      ws[r] = half_to_float(sc[r][g]);
-    }
+  // One pair `pp` of groups, scales in `sd` (lanes 0-3 and 4-7 as the products' halves).
+  auto pair = [&](int64_t pp, const __m256* sd) {
+    __m256i xa[MX], xb[MX];
     for (int m = 0; m < MX; ++m) {
-      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * Kp + g * kInt4GroupK));
-      const float dx = xd[m * G + g];
-      for (int r = 0; r < RW; ++r) {
-        const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(wv[r], xv), ones);
-        acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(ws[r] * dx), acc[r][m]);
+      xa[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * Kp + pp * 64));
+      xb[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * Kp + pp * 64 + 32));
+    }
+    for (int r = 0; r < RW; ++r) {
+      _mm_prefetch(reinterpret_cast<const char*>(rows[r] + pp * 32) + kInt4Ahead, _MM_HINT_T0);
+      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[r] + pp * 32));
+      const __m256i lo = _mm256_and_si256(b, low), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low);
+      for (int m = 0; m < MX; ++m) {
+        const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xa[m]), _mm256_maddubs_epi16(hi, xb[m]));
+        acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones)), sd[r * MX + m], acc[r][m]);
+      }
+    }
+  };
+  const int64_t pairs = G / 2, blocks = pairs / 4;
+  for (int64_t bk = 0; bk < blocks; ++bk) {  // 8 groups: their scale products once
+    const int64_t g8 = bk * 8;
+    __m256 s8[RW * MX];
+    for (int r = 0; r < RW; ++r) {
+      const __m256 ws = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc[r] + g8)));
+      for (int m = 0; m < MX; ++m) s8[r * MX + m] = _mm256_mul_ps(ws, _mm256_loadu_ps(xd + m * G + g8));
+    }
+    for (int k = 0; k < 4; ++k) {
+      const __m256i idx = _mm256_setr_epi32(2 * k, 2 * k, 2 * k, 2 * k, 2 * k + 1, 2 * k + 1, 2 * k + 1, 2 * k + 1);
+      __m256 sd[RW * MX];
+      for (int i = 0; i < RW * MX; ++i) sd[i] = _mm256_permutevar8x32_ps(s8[i], idx);
+      pair(bk * 4 + k, sd);
+    }
+  }
+  for (int64_t pp = blocks * 4; pp < pairs; ++pp) {  // the last pairs, scales from scalars
+    __m256 sd[RW * MX];
+    for (int r = 0; r < RW; ++r)
+      for (int m = 0; m < MX; ++m) {
+        const float a = half_to_float(sc[r][2 * pp]) * xd[m * G + 2 * pp];
+        const float b = half_to_float(sc[r][2 * pp + 1]) * xd[m * G + 2 * pp + 1];
+        sd[r * MX + m] = _mm256_set_m128(_mm_set1_ps(b), _mm_set1_ps(a));
+      }
+    pair(pp, sd);
+  }
+  if (G % 2) {  // an odd last group, its activations in order
+    const int64_t g = G - 1;
+    for (int r = 0; r < RW; ++r) {
+      const __m256i wv = nibbles(rows[r] + g * (kInt4GroupK / 2));
+      for (int m = 0; m < MX; ++m) {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * Kp + g * kInt4GroupK));
+        const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, xv), ones);
+        acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(half_to_float(sc[r][g]) * xd[m * G + g]),
+                                    acc[r][m]);
       }
     }
   }
@@ -290,66 +339,83 @@ inline void tile_int4(const int8_t* xq, const float* xd, const float* xc, int64_
     for (int m = 0; m < MX; ++m) y[m * ldy + o + r] = hsum(acc[r][m]) - scale_dot(sc[r], xc + m * G, G);
 }
 
-template <int RW>
-inline void tile_int4_rows(int mx, const int8_t* xq, const float* xd, const float* xc, int64_t Kp, int64_t G,
-                           const uint8_t* w, int64_t rb, const uint16_t* scale, int64_t o, float* y, int64_t ldy) {
-  if (mx == 1) tile_int4<RW, 1>(xq, xd, xc, Kp, G, w, rb, scale, o, y, ldy);
-  else tile_int4<RW, 2>(xq, xd, xc, Kp, G, w, rb, scale, o, y, ldy);
-}
-
 void matmul_int4(const int8_t* xq, const float* xd, const float* xc, int64_t M, int64_t K, const uint8_t* w,
                  const uint16_t* scale, int64_t o0, int64_t o1, float* y, int64_t ldy) {
   const int64_t G = int4_groups(K), Kp = int4_padded(K), rb = int4_row_bytes(K);
+  auto rows = [&](int64_t m0, int64_t o, int rw) {
+    const int mx = rows_left(M, m0);
+    const int8_t* xm = xq + m0 * Kp;
+    const float *dm = xd + m0 * G, *cm = xc + m0 * G;
+    float* ym = y + m0 * ldy;
+    if (rw == 4 && mx == 1) tile_int4<4, 1>(xm, dm, cm, Kp, G, w, rb, scale, o, ym, ldy);
+    else if (rw == 4) tile_int4<4, 2>(xm, dm, cm, Kp, G, w, rb, scale, o, ym, ldy);
+    else if (mx == 1) tile_int4<1, 1>(xm, dm, cm, Kp, G, w, rb, scale, o, ym, ldy);
+    else tile_int4<1, 2>(xm, dm, cm, Kp, G, w, rb, scale, o, ym, ldy);
+  };
   int64_t o = o0;
   for (; o + 4 <= o1; o += 4)
-    for (int64_t m0 = 0; m0 < M; m0 += 2)
-      tile_int4_rows<4>(rows_left(M, m0), xq + m0 * Kp, xd + m0 * G, xc + m0 * G, Kp, G, w, rb, scale, o,
-                        y + m0 * ldy, ldy);
+    for (int64_t m0 = 0; m0 < M; m0 += 2) rows(m0, o, 4);
   for (; o < o1; ++o)
-    for (int64_t m0 = 0; m0 < M; m0 += 2)
-      tile_int4_rows<1>(rows_left(M, m0), xq + m0 * Kp, xd + m0 * G, xc + m0 * G, Kp, G, w, rb, scale, o,
-                        y + m0 * ldy, ldy);
+    for (int64_t m0 = 0; m0 < M; m0 += 2) rows(m0, o, 1);
 }
 
 // 32-blocks of int8 activations (isa_kernels.h's quantize_q8_32): the same values as the scalar
-// set's (max|x| / 127, round half to even), whole blocks in registers.
+// set's (max|x| / 127, round half to even), laid out by xq_pos.
+inline __m256i quantize_block(const float* xs, int64_t n, float* d_out, int* sum_out) {
+  float buf[kInt4GroupK];
+  if (n < kInt4GroupK) {  // the last, partial block: zeros beyond K
+    for (int64_t i = 0; i < kInt4GroupK; ++i) buf[i] = i < n ? xs[i] : 0.f;
+    xs = buf;
+  }
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  __m256 v[4];
+  __m256 amax = _mm256_setzero_ps();
+  for (int i = 0; i < 4; ++i) {
+    v[i] = _mm256_loadu_ps(xs + 8 * i);
+    amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
+  }
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_max_ss(h, _mm_movehdup_ps(h));
+  const float d = _mm_cvtss_f32(h) / 127.f, id = d > 0.f ? 1.f / d : 0.f;
+  const __m256 idv = _mm256_set1_ps(id);
+  __m256i q[4];
+  for (int i = 0; i < 4; ++i) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], idv));  // nearest even
+  const __m256i sum32 = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+  __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum32), _mm256_extracti128_si256(sum32, 1));
+  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+  *d_out = d;
+  *sum_out = _mm_cvtsi128_si32(s4);
+  // int32 -> int8 in order: the packs interleave 128-bit lanes, the permute puts them back.
+  const __m256i p8 = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+  return _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
 void quantize_q8_32(const float* x, int64_t M, int64_t K, int8_t* xq, float* xd, float* xc) {
   const int64_t G = int4_groups(K), Kp = int4_padded(K);
-  const __m256 sign = _mm256_set1_ps(-0.f);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t g = 0; g < G; ++g) {
-      const int64_t k0 = g * kInt4GroupK, n = K - k0 < kInt4GroupK ? K - k0 : kInt4GroupK;
-      float buf[kInt4GroupK];
-      const float* xs = x + m * K + k0;
-      if (n < kInt4GroupK) {  // the last, partial block: zeros beyond K
-        for (int64_t i = 0; i < kInt4GroupK; ++i) buf[i] = i < n ? xs[i] : 0.f;
-        xs = buf;
+  for (int64_t m = 0; m < M; ++m) {
+    int8_t* row = xq + m * Kp;
+    for (int64_t g = 0; g < G;) {
+      const int64_t k0 = g * kInt4GroupK;
+      float d0, d1;
+      int s0, s1;
+      const __m256i v0 = quantize_block(x + m * K + k0, K - k0, &d0, &s0);
+      xd[m * G + g] = d0;
+      xc[m * G + g] = 8.f * d0 * float(s0);
+      if (g + 1 >= G) {  // an odd last block stays in order
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(row + k0), v0);
+        g += 1;
+        continue;
       }
-      __m256 v[4];
-      __m256 amax = _mm256_setzero_ps();
-      for (int i = 0; i < 4; ++i) {
-        v[i] = _mm256_loadu_ps(xs + 8 * i);
-        amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
-      }
-      __m128 h = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
-      h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-      h = _mm_max_ss(h, _mm_movehdup_ps(h));
-      const float d = _mm_cvtss_f32(h) / 127.f, id = d > 0.f ? 1.f / d : 0.f;
-      const __m256 idv = _mm256_set1_ps(id);
-      __m256i q[4];
-      for (int i = 0; i < 4; ++i) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], idv));  // nearest even
-      const __m256i sum32 = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
-      __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum32), _mm256_extracti128_si256(sum32, 1));
-      s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
-      s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
-      // int32 -> int8 in order: the packs interleave 128-bit lanes, the permute puts them back.
-      const __m256i p16a = _mm256_packs_epi32(q[0], q[1]), p16b = _mm256_packs_epi32(q[2], q[3]);
-      const __m256i p8 = _mm256_packs_epi16(p16a, p16b);
-      const __m256i ordered = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + m * Kp + k0), ordered);
-      xd[m * G + g] = d;
-      xc[m * G + g] = 8.f * d * float(_mm_cvtsi128_si32(s4));
+      const __m256i v1 = quantize_block(x + m * K + k0 + kInt4GroupK, K - k0 - kInt4GroupK, &d1, &s1);
+      xd[m * G + g + 1] = d1;
+      xc[m * G + g + 1] = 8.f * d1 * float(s1);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(row + k0), _mm256_permute2x128_si256(v0, v1, 0x20));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(row + k0 + 32), _mm256_permute2x128_si256(v0, v1, 0x31));
+      g += 2;
     }
+  }
 }
 
 void dequant_int4_f32(const uint8_t* w, const uint16_t* scale, int64_t K, int64_t o0, int64_t o1, float* out) {

@@ -50,8 +50,9 @@ struct KernelSet {
   // int4 weights (every set has them; the AVX-512 sets take AVX2's). W [O,K] is stored as
   // int4_row_bytes(K) bytes a row and int4_groups(K) float16 scales a row (int4 layout below).
   // quantize_q8_32: x [M,K] -> xq [M, int4_padded(K)] int8 in 32-blocks along K (q = round(x / d),
-  // d = max|x| / 127, 0 beyond K), xd [M, G] the blocks' d and xc [M, G] = 8 * d * sum(q) (the
-  // weights' +8 offset, taken out once per block instead of once per product).
+  // d = max|x| / 127, 0 beyond K; value j of block g at xq_pos(G, g, j), so a 32-byte load of two
+  // groups' packed weights meets its activations), xd [M, G] the blocks' d and xc [M, G] =
+  // 8 * d * sum(q) (the weights' +8 offset, taken out once per block instead of once per product).
   // matmul_int4: y[m*ldy + o] = sum over groups g of scale[o,g] * xd[m,g] * sum_j n[o,g,j] * xq[m,g,j]
   // minus sum_g scale[o,g] * xc[m,g], n the stored nibbles (0..15): the quantized activations
   // times the int4 weights, exactly in integers within a group.
@@ -71,6 +72,13 @@ inline constexpr int64_t kInt4GroupK = 32;
 inline int64_t int4_groups(int64_t K) { return (K + kInt4GroupK - 1) / kInt4GroupK; }
 inline int64_t int4_padded(int64_t K) { return int4_groups(K) * kInt4GroupK; }
 inline int64_t int4_row_bytes(int64_t K) { return int4_groups(K) * (kInt4GroupK / 2); }
+// Where quantize_q8_32 puts value j of activation block g (of G): blocks go in pairs of 64 bytes,
+// [g0 0..15][g1 0..15][g0 16..31][g1 16..31], matching the low nibbles then the high ones of the
+// pair's 32 weight bytes; an odd last block stays in order.
+inline int64_t xq_pos(int64_t G, int64_t g, int64_t j) {
+  if ((g | 1) >= G) return g * kInt4GroupK + j;
+  return (g / 2) * 2 * kInt4GroupK + (j < 16 ? 0 : 32) + (g % 2) * 16 + (j % 16);
+}
 
 // K rounded up to the 32 bf16 values a VDPBF16PS reads.
 inline int64_t bf16_hilo_padded(int64_t K) { return (K + 31) / 32 * 32; }

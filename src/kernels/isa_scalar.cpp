@@ -49,10 +49,10 @@ void quantize_q8_32(const float* x, int64_t M, int64_t K, int8_t* xq, float* xd,
       for (int64_t i = 0; i < n; ++i) amax = abs_f(xs[i]) > amax ? abs_f(xs[i]) : amax;
       const float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
       int sum = 0;
-      int8_t* q = xq + m * Kp + k0;
+      int8_t* q = xq + m * Kp;
       for (int64_t i = 0; i < kInt4GroupK; ++i) {
         const int v = i < n ? int(__builtin_rintf(xs[i] * id)) : 0;
-        q[i] = int8_t(v);
+        q[xq_pos(G, g, i)] = int8_t(v);
         sum += v;
       }
       xd[m * G + g] = d;
@@ -68,9 +68,10 @@ void matmul_int4(const int8_t* xq, const float* xd, const float* xc, int64_t M, 
       float acc = 0.f, corr = 0.f;
       for (int64_t g = 0; g < G; ++g) {
         const uint8_t* b = w + o * rb + g * (kInt4GroupK / 2);
-        const int8_t* q = xq + m * Kp + g * kInt4GroupK;
+        const int8_t* q = xq + m * Kp;
         int dot = 0;
-        for (int64_t j = 0; j < kInt4GroupK / 2; ++j) dot += (b[j] & 15) * q[j] + (b[j] >> 4) * q[j + 16];
+        for (int64_t j = 0; j < kInt4GroupK / 2; ++j)
+          dot += (b[j] & 15) * q[xq_pos(G, g, j)] + (b[j] >> 4) * q[xq_pos(G, g, j + 16)];
         const float s = half_bits_to_float(scale[o * G + g]);
         acc += s * xd[m * G + g] * float(dot);
         corr += s * xc[m * G + g];

@@ -1,0 +1,105 @@
+#!/usr/bin/env python3
+"""Writes the language model of a float32 victor (llava-hf layout) folder as a llama.cpp GGUF file,
+for side-by-side benchmarks on the same weights (docs/benchmarks.md). Uses llama.cpp's own gguf-py
+(PYTHONPATH=<llama.cpp>/gguf-py) and NumPy; the tokenizer is a placeholder vocabulary of the model's
+size (llama-bench times token ids, not text). Quantize the result with llama-quantize.
+
+  python3 scripts/victor_to_gguf.py MODEL_DIR OUT.gguf
+"""
+import json
+import os
+import struct
+import sys
+
+import numpy as np
+import gguf
+
+
+def tensors(folder):
+    """name -> float32 array, over every *.safetensors file of the folder (memory-mapped)."""
+    out = {}
+    for f in sorted(os.listdir(folder)):
+        if not f.endswith(".safetensors"):
+            continue
+        path = os.path.join(folder, f)
+        with open(path, "rb") as fh:
+            n = struct.unpack("<Q", fh.read(8))[0]
+            header = json.loads(fh.read(n))
+        base = 8 + n
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            if info["dtype"] != "F32":
+                sys.exit(f"{path}: tensor {name} is {info['dtype']}; write the folder with --dtype f32")
+            b, e = info["data_offsets"]
+            out[name] = np.memmap(path, dtype=np.float32, mode="r", offset=base + b,
+                                  shape=tuple(info["shape"]))
+    return out
+
+
+def permute(w, heads):
+    # Hugging Face's LLaMA keeps each head's rotary pairs as halves; GGUF interleaves them.
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def main():
+    if len(sys.argv) != 3:
+        sys.exit(__doc__)
+    folder, out = sys.argv[1], sys.argv[2]
+    cfg = json.load(open(os.path.join(folder, "config.json")))
+    t = cfg["text_config"]
+    d, L, H = t["hidden_size"], t["num_hidden_layers"], t["num_attention_heads"]
+    Hkv, V = t.get("num_key_value_heads", H), t["vocab_size"]
+    ts = tensors(folder)
+    p = "language_model.model."
+    w = gguf.GGUFWriter(out, "llama")
+    w.add_name("victor-random")
+    w.add_context_length(t.get("max_position_embeddings", 2048))
+    w.add_embedding_length(d)
+    w.add_block_count(L)
+    w.add_feed_forward_length(t["intermediate_size"])
+    w.add_head_count(H)
+    w.add_head_count_kv(Hkv)
+    w.add_rope_dimension_count(d // H)
+    w.add_rope_freq_base(float(t.get("rope_theta", 10000.0)))
+    w.add_layer_norm_rms_eps(float(t.get("rms_norm_eps", 1e-5)))
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_vocab_size(V)
+    w.add_tokenizer_model("llama")
+    toks = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    toks += [f"t{i}" for i in range(V - len(toks))]
+    w.add_token_list(toks[:V])
+    w.add_token_scores([0.0] * V)
+    types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
+    types += [gguf.TokenType.BYTE] * 256 + [gguf.TokenType.NORMAL] * (V - 259)
+    w.add_token_types(types[:V])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+
+    def add(name, arr):
+        w.add_tensor(name, np.ascontiguousarray(arr, dtype=np.float32))
+
+    add("token_embd.weight", ts[p + "embed_tokens.weight"])
+    add("output_norm.weight", ts[p + "norm.weight"])
+    head = ts.get("language_model.lm_head.weight", ts[p + "embed_tokens.weight"])
+    add("output.weight", head)
+    for i in range(L):
+        q = f"{p}layers.{i}."
+        add(f"blk.{i}.attn_norm.weight", ts[q + "input_layernorm.weight"])
+        add(f"blk.{i}.attn_q.weight", permute(ts[q + "self_attn.q_proj.weight"], H))
+        add(f"blk.{i}.attn_k.weight", permute(ts[q + "self_attn.k_proj.weight"], Hkv))
+        add(f"blk.{i}.attn_v.weight", ts[q + "self_attn.v_proj.weight"])
+        add(f"blk.{i}.attn_output.weight", ts[q + "self_attn.o_proj.weight"])
+        add(f"blk.{i}.ffn_norm.weight", ts[q + "post_attention_layernorm.weight"])
+        add(f"blk.{i}.ffn_gate.weight", ts[q + "mlp.gate_proj.weight"])
+        add(f"blk.{i}.ffn_up.weight", ts[q + "mlp.up_proj.weight"])
+        add(f"blk.{i}.ffn_down.weight", ts[q + "mlp.down_proj.weight"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file(progress=False)
+    w.close()
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
