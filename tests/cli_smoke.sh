@@ -107,4 +107,19 @@ expect_error "serve: bad --allow-files" "allow-files" "$VICTOR" serve --model "$
 expect_error "serve: bad reducer" "fastv" "$VICTOR" serve --model "$work/m" --port 0 --reducer fastv:k=99
 expect_error "serve: bad kv dtype" "kv-dtype" "$VICTOR" serve --model "$work/m" --port 0 --kv-dtype f8
 expect_error "bench-serve: no model" "config.json" "$VICTOR" bench-serve --model "$work/nope"
+
+# int4 weights and per-part storage: quantize, then generate and eval load the folders as written.
+"$VICTOR" quantize --model "$work/m" --out "$work/q4" --dtype int4 >/dev/null 2>&1 || { echo "FAIL: int4 quantize"; fail=1; }
+grep -q '"victor_int4"' "$work/q4/config.json" || { echo "FAIL: int4 config.json"; fail=1; }
+out=$("$VICTOR" generate --model "$work/q4" --image "$img" --prompt "Is there a bag?" --max-new-tokens 2 --stats 2>&1)
+echo "$out" | grep -q "weights: int4" || { echo "FAIL: int4 generate: $out"; fail=1; }
+"$VICTOR" quantize --model "$work/m" --out "$work/qp" --dtype llm=int4,vision=bf16,projector=bf16 >/dev/null 2>&1 \
+  || { echo "FAIL: per-part quantize"; fail=1; }
+out=$("$VICTOR" generate --model "$work/qp" --image "$img" --prompt "Is there a bag?" --max-new-tokens 2 --stats 2>&1)
+echo "$out" | grep -q "weights: llm=int4,vision=bf16,projector=bf16" || { echo "FAIL: per-part generate: $out"; fail=1; }
+out=$("$VICTOR" generate --model "$work/m" --dtype vision=int8 --image "$img" --prompt "Is there a bag?" --max-new-tokens 2 --stats 2>&1)
+echo "$out" | grep -q "weights: llm=f32,vision=int8,projector=f32" || { echo "FAIL: per-part load: $out"; fail=1; }
+expect_error "dtype: unknown part" "unknown part 'gpu'" "$VICTOR" generate --model "$work/m" --image "$img" --prompt "hi" --dtype gpu=int4
+expect_error "dtype: unknown storage" "int3" "$VICTOR" quantize --model "$work/m" --out "$work/q3" --dtype llm=int3
+expect_error "dtype: part twice" "twice" "$VICTOR" bench --preset tiny --dtype llm=int4,llm=int8
 exit $fail

@@ -41,11 +41,8 @@ int default_threads() {
   return int(std::max(1u, std::thread::hardware_concurrency()));
 }
 
-// --dtype: "auto" keeps what the checkpoint stores.
-std::optional<WeightDType> parse_dtype(const std::string& s) {
-  if (s == "auto") return std::nullopt;
-  return weight_dtype_from_string(s);
-}
+// --dtype: one storage for every part, PART=DTYPE items, or "auto" (keep what the checkpoint stores).
+WeightFormat parse_dtype(const std::string& s) { return weight_format_from_string(s); }
 
 void add_kv_dtype_option(CLI::App* c, std::string& kv) {
   c->add_option("--kv-dtype", kv,
@@ -56,12 +53,23 @@ void add_kv_dtype_option(CLI::App* c, std::string& kv) {
 
 void add_dtype_option(CLI::App* c, std::string& dtype, bool with_auto = true) {
   c->add_option("--dtype", dtype,
-                with_auto ? "Weight storage: auto (as the checkpoint stores them) | f32 | bf16 | int8 "
-                            "(per-row symmetric) | int4 (groups of 32, float16 scales: Q4_0's bits)"
-                          : "Weight storage: f32 | bf16 | int8 (per-row symmetric) | int4 (groups of 32, float16 "
-                            "scales: Q4_0's bits)")
-      ->check(with_auto ? CLI::IsMember({"auto", "f32", "bf16", "int8", "int4"})
-                        : CLI::IsMember({"f32", "bf16", "int8", "int4"}))
+                std::string("Weight storage: ") + (with_auto ? "auto (as the checkpoint stores them) | " : "") +
+                    "f32 | bf16 | int8 (per-row symmetric) | int4 (groups of 32, float16 scales: Q4_0's bits), "
+                    "for every part, or per part as PART=DTYPE,... with PART llm | vision | projector "
+                    "(e.g. llm=int4,vision=bf16,projector=bf16; parts left out keep theirs)")
+      ->check(
+          [with_auto](const std::string& v) {
+            if (!with_auto && v == "auto") return std::string("auto is not a storage here");
+            try {
+              weight_format_from_string(v);
+            } catch (const std::exception& e) {
+              std::string m = e.what();  // CLI11 names the option itself
+              if (m.rfind("--dtype", 0) == 0) m.erase(0, m.find_first_not_of(": ", 7));
+              return m;
+            }
+            return std::string();
+          },
+          "DTYPE")
       ->capture_default_str();
 }
 
@@ -229,11 +237,11 @@ void run_init(const InitArgs& a) {
   cfg.image_token_index = n;
   cfg.pad_token_id = n + 1;
   cfg.reducer = a.reducer.resolve(Reducer::none());
-  Vlm model = Vlm::random(cfg, a.seed, weight_dtype_from_string(a.dtype));
+  Vlm model = Vlm::random(cfg, a.seed, weight_format_from_string(a.dtype));
   model.save(a.out);
   write.commit();
   std::cout << "wrote " << a.preset << " model to " << a.out << ": "
-            << model.parameter_count() / 1e6 << " M parameters (" << a.dtype << ", "
+            << model.parameter_count() / 1e6 << " M parameters (" << model.config().weight_format() << ", "
             << model.weight_bytes() / 1048576.0 << " MiB), vocabulary " << cfg.text.vocab_size
             << " (SentencePiece " << n << " + <image>, <pad>), "
             << cfg.visual_tokens_per_image() << " visual tokens per " << (cfg.is_next() ? "view" : "image");
@@ -302,7 +310,7 @@ void run_generate(const GenerateArgs& a) {
   }
   if (a.stats) {
     std::cerr << format_stats(res.stats);
-    std::cerr << "weights: " << to_string(model.config().weight_dtype) << ", "
+    std::cerr << "weights: " << model.config().weight_format() << ", "
               << model.weight_bytes() / 1048576.0 << " MiB, loaded in " << load_seconds << " s; kernels "
               << kernels::isa_name(kernels::active_isa()) << "\n";
     if (!images.empty()) {
@@ -358,7 +366,7 @@ void run_serve(ServeArgs a) {
   ServeEngine engine(model, tok, o);
   Server server(engine, a.host, a.port, a.http_threads);
   const auto& cfg = model.config();
-  std::cerr << "victor serve: " << o.model_name << " (" << to_string(cfg.weight_dtype) << " weights, "
+  std::cerr << "victor serve: " << o.model_name << " (" << cfg.weight_format() << " weights, "
             << model.weight_bytes() / 1048576.0 << " MiB; reducer " << cfg.reducer.name() << "; KV budget "
             << a.kv_budget_mb << " MiB) on http://" << a.host << ":" << server.port() << "/\n";
   server.start();
@@ -515,7 +523,7 @@ void run_bench_cli(BenchArgs a) {
               << " B parameters)\n";
   }
   apply_cap(*model, a.cap);
-  std::cerr << "bench: " << to_string(model->config().weight_dtype) << " weights, "
+  std::cerr << "bench: " << model->config().weight_format() << " weights, "
             << model->weight_bytes() / 1048576.0 << " MiB\n";
   a.opt.seed = a.seed;
   a.opt.kv_dtype = kv_dtype_from_string(a.kv_dtype);
@@ -533,7 +541,7 @@ void run_bench_cli(BenchArgs a) {
     auto r = run_llm_bench(*model, a.opt.prompt_tokens, gen, a.opt.repeats, a.seed);
     std::printf("language model alone (%s weights, %d threads): pp%d %.2f tokens/s [%.2f, %.2f], "
                 "tg%d %.2f tokens/s [%.2f, %.2f] (medians of %d, [min, max]); peak RSS %.0f MiB\n",
-                to_string(model->config().weight_dtype).c_str(), at::get_num_threads(), r.prompt,
+                model->config().weight_format().c_str(), at::get_num_threads(), r.prompt,
                 r.prefill_tokens_per_second, r.prefill_min, r.prefill_max, r.gen - 1,
                 r.decode_tokens_per_second, r.decode_min, r.decode_max, r.repeats,
                 r.peak_rss_bytes / 1048576.0);
@@ -567,12 +575,12 @@ void run_quantize(const QuantizeArgs& a) {
   if (same_path(a.model, a.out))
     throw Error("quantize: --out must differ from --model (the source stays intact)");
   refuse_existing_model(a.out, a.overwrite, "--out");
-  Vlm model = Vlm::load(a.model, weight_dtype_from_string(a.dtype));
+  Vlm model = Vlm::load(a.model, weight_format_from_string(a.dtype));
   ModelFolderWrite write(a.out);
   model.save(a.out, a.shard_mb << 20);
   copy_tokenizer_files(a.model, a.out);
   write.commit();
-  std::cout << "wrote " << a.dtype << " model to " << a.out << ": " << model.weight_bytes() / 1048576.0
+  std::cout << "wrote " << model.config().weight_format() << " model to " << a.out << ": " << model.weight_bytes() / 1048576.0
             << " MiB of weights (" << model.parameter_count() / 1e6 << " M parameters)\n";
 }
 

@@ -3,6 +3,7 @@
 #pragma once
 #include <nlohmann/json.hpp>
 #include <array>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -49,6 +50,21 @@ struct TextConfig {
 // is group-wise symmetric, 32 values along K a group, with a float16 scale per group
 // (`<name>_scale`, [rows, groups]; victor/kernels.h's Int4Matrix).
 enum class WeightDType { F32, BF16, Int8, Int4 };
+
+// A weight storage per part of the model, as `--dtype` asks for it: `llm` the language model
+// (and the token reducer's own matrices), `vision` the vision tower, `projector` the multimodal
+// projector. An unset part keeps what it is (the checkpoint's storage on load; f32 for new random
+// weights). llama.cpp keeps the projector in F16 beside a 4-bit language model; victor lets each
+// part choose (docs/benchmarks.md measures the drift of each combination).
+struct WeightFormat {
+  std::optional<WeightDType> llm, vision, projector;
+  static WeightFormat all(WeightDType d) { return {d, d, d}; }
+  static WeightFormat keep() { return {}; }
+};
+// "f32" | "bf16" | "int8" | "int4" (every part), "auto" (keep every part), or a comma list of
+// PART=DTYPE with PART llm | vision | projector (each at most once), e.g. "llm=int4,vision=bf16".
+// Errors name `what` (an option or key) and the offending item.
+WeightFormat weight_format_from_string(const std::string& s, const std::string& what = "--dtype");
 
 // LLaVA-1.5 image preprocessing, as the checkpoint's own processor does it
 // (preprocessor_config.json; docs/formats.md lists each key): pad to a square with the mean colour
@@ -100,9 +116,21 @@ struct ModelConfig {
   // LLaVA-1.5 (one view per image).
   std::vector<Pinpoint> image_grid_pinpoints;
   bool is_next() const { return !image_grid_pinpoints.empty(); }
-  // Storage of the weight matrices: config.json's torch_dtype ("float32" / "bfloat16") and, for
-  // int8, a quantization_config with quant_method "victor_int8".
+  // Storage of the language model's weight matrices (and the token reducer's): config.json's
+  // torch_dtype ("float32" / "bfloat16") and, for int8 / int4, a quantization_config with
+  // quant_method "victor_int8" / "victor_int4". The vision tower's and the projector's, where they
+  // differ, come from config.json's "victor_weight_format" (docs/formats.md).
   WeightDType weight_dtype = WeightDType::F32;
+  WeightDType vision_weight_dtype = WeightDType::F32;
+  WeightDType projector_weight_dtype = WeightDType::F32;
+  bool uniform_weights() const {
+    return vision_weight_dtype == weight_dtype && projector_weight_dtype == weight_dtype;
+  }
+  bool all_f32() const { return uniform_weights() && weight_dtype == WeightDType::F32; }
+  // "int4" when every part shares one storage, else "llm=int4,vision=bf16,projector=bf16".
+  std::string weight_format() const;
+  // Applies the parts `f` sets.
+  void set_weight_format(const WeightFormat& f);
 
   int num_layers() const { return text.num_hidden_layers; }
   // Visual rows one image contributes to the language model (after the reducer's pre-LLM step);

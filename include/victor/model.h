@@ -164,15 +164,22 @@ class Vlm {
   Vlm& operator=(const Vlm&) = delete;
   // Random weights (std 0.02), converted tensor by tensor to `dtype` (so a 7B model never
   // needs its float32 size in memory).
-  static Vlm random(const ModelConfig& config, uint64_t seed,
-                    std::optional<WeightDType> dtype = std::nullopt);
+  static Vlm random(const ModelConfig& config, uint64_t seed, const WeightFormat& format);
+  static Vlm random(const ModelConfig& config, uint64_t seed, std::optional<WeightDType> dtype = std::nullopt) {
+    return random(config, seed, dtype ? WeightFormat::all(*dtype) : WeightFormat::keep());
+  }
   // config.json + safetensors. `dtype` converts the weight matrices on load, tensor by tensor;
   // without it they stay as the checkpoint stores them (float16 checkpoints load as float32).
   // A folder an interrupted write left incomplete (files.h) is refused unless
   // `allow_incomplete`: a training run resuming from its own checkpoint, whose trainer state
   // holds every parameter.
+  // `format` may convert some parts only (WeightFormat: e.g. an int4 language model beside a bf16
+  // vision tower and projector).
+  static Vlm load(const std::string& dir, const WeightFormat& format, bool allow_incomplete = false);
   static Vlm load(const std::string& dir, std::optional<WeightDType> dtype = std::nullopt,
-                  bool allow_incomplete = false);
+                  bool allow_incomplete = false) {
+    return load(dir, dtype ? WeightFormat::all(*dtype) : WeightFormat::keep(), allow_incomplete);
+  }
 
   const ModelConfig& config() const { return config_; }
   ModelConfig& mutable_config() { return config_; }
@@ -181,10 +188,12 @@ class Vlm {
   int64_t parameter_count(int part_mask = -1) const;
 
   // Writes config.json, preprocessor_config.json and model.safetensors (atomic), each tensor in
-  // its storage dtype (F32, BF16, or I8 plus its F32 `_scale`).
+  // its storage dtype (F32, BF16, I8 plus its F32 `_scale`, or U8 int4 plus its F16 `_scale`).
   void save(const std::string& dir, size_t max_shard_bytes = 0) const;
-  // Converts every weight matrix to `dtype` (quantizing or dequantizing as needed).
-  void set_weight_dtype(WeightDType dtype);
+  // Converts every weight matrix to `dtype` (quantizing or dequantizing as needed), or those of
+  // the parts `format` sets.
+  void set_weight_dtype(WeightDType dtype) { set_weight_format(WeightFormat::all(dtype)); }
+  void set_weight_format(const WeightFormat& format);
   // Bytes of all parameters as stored (what the weights cost in memory).
   int64_t weight_bytes() const;
   // Sets the token reducer (validated against the model). Trained registers are kept when the

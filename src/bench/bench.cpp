@@ -265,7 +265,7 @@ json bench_json(const std::vector<BenchResult>& rs, const ModelConfig& cfg, cons
               {"threads", at::get_num_threads()},
               {"blas_core", blas_core_name()},
               {"kernels", kernels::isa_name(kernels::active_isa())},
-              {"weight_dtype", to_string(cfg.weight_dtype)},
+              {"weight_dtype", cfg.weight_format()},
               {"kv_dtype", opt.kv_dtype == torch::kBFloat16 ? "bf16" : "f32"},
               {"configs", json::array()}};
   const BenchResult& p = rs.front();

@@ -1,5 +1,6 @@
 #include "victor/config.h"
 
+#include <algorithm>
 #include <cmath>
 #include <tuple>
 #include <limits>
@@ -29,6 +30,42 @@ WeightDType weight_dtype_from_string(const std::string& s, const std::string& wh
   if (s == "int8") return WeightDType::Int8;
   if (s == "int4") return WeightDType::Int4;
   throw Error(what + ": unknown weight dtype '" + s + "' (expected f32, bf16, int8 or int4)");
+}
+
+WeightFormat weight_format_from_string(const std::string& s, const std::string& what) {
+  if (s == "auto") return WeightFormat::keep();
+  if (s.find('=') == std::string::npos) return WeightFormat::all(weight_dtype_from_string(s, what));
+  WeightFormat f;
+  size_t at = 0;
+  while (at <= s.size()) {
+    const size_t comma = std::min(s.find(',', at), s.size());
+    const std::string item = s.substr(at, comma - at);
+    const size_t eq = item.find('=');
+    if (eq == std::string::npos || eq == 0 || eq + 1 == item.size())
+      throw Error(what + ": '" + item + "' is not PART=DTYPE (PART llm, vision or projector; e.g. llm=int4,vision=bf16)");
+    const std::string part = item.substr(0, eq);
+    std::optional<WeightDType>* slot = part == "llm"         ? &f.llm
+                                       : part == "vision"    ? &f.vision
+                                       : part == "projector" ? &f.projector
+                                                             : nullptr;
+    if (!slot) throw Error(what + ": unknown part '" + part + "' (expected llm, vision or projector)");
+    if (slot->has_value()) throw Error(what + ": part '" + part + "' is given twice");
+    *slot = weight_dtype_from_string(item.substr(eq + 1), what + " " + part);
+    at = comma + 1;
+  }
+  return f;
+}
+
+std::string ModelConfig::weight_format() const {
+  if (uniform_weights()) return to_string(weight_dtype);
+  return "llm=" + to_string(weight_dtype) + ",vision=" + to_string(vision_weight_dtype) +
+         ",projector=" + to_string(projector_weight_dtype);
+}
+
+void ModelConfig::set_weight_format(const WeightFormat& f) {
+  if (f.llm) weight_dtype = *f.llm;
+  if (f.vision) vision_weight_dtype = *f.vision;
+  if (f.projector) projector_weight_dtype = *f.projector;
 }
 
 int ModelConfig::vision_layers_needed() const {
@@ -417,6 +454,25 @@ ModelConfig config_from_json_checked(const json& j, const std::string& src) {
   if (j.contains("quantization_config") && !j["quantization_config"].is_null()) {
     c.weight_dtype = check_quantization(j["quantization_config"], src);
   }
+  c.vision_weight_dtype = c.projector_weight_dtype = c.weight_dtype;
+  // Parts stored unlike the language model: victor's own key, every part named.
+  if (j.contains("victor_weight_format") && !j["victor_weight_format"].is_null()) {
+    const json& f = j["victor_weight_format"];
+    const std::string w = src + ": victor_weight_format";
+    if (!f.is_object()) throw Error(w + " must be an object");
+    for (auto& [key, value] : f.items())
+      if (key != "language_model" && key != "vision_tower" && key != "multi_modal_projector")
+        throw Error(w + "." + key + ": unknown part (expected language_model, vision_tower, multi_modal_projector)");
+    auto part = [&](const char* key) {
+      if (!f.contains(key) || !f[key].is_string()) throw Error(w + "." + key + " must be a dtype string");
+      return weight_dtype_from_string(f[key].get<std::string>(), w + "." + key);
+    };
+    if (part("language_model") != c.weight_dtype)
+      throw Error(w + ".language_model '" + f["language_model"].get<std::string>() +
+                  "' contradicts torch_dtype / quantization_config (" + to_string(c.weight_dtype) + ")");
+    c.vision_weight_dtype = part("vision_tower");
+    c.projector_weight_dtype = part("multi_modal_projector");
+  }
   c.reducer = Reducer::from_json(j, src);
   return c;
 }
@@ -435,6 +491,10 @@ json config_to_json(const ModelConfig& c) {
   j["torch_dtype"] = c.weight_dtype == WeightDType::BF16 ? "bfloat16" : "float32";
   if (c.weight_dtype == WeightDType::Int8 || c.weight_dtype == WeightDType::Int4)
     j["quantization_config"] = quantization_json(c.weight_dtype);
+  if (!c.uniform_weights())
+    j["victor_weight_format"] = {{"language_model", to_string(c.weight_dtype)},
+                                 {"vision_tower", to_string(c.vision_weight_dtype)},
+                                 {"multi_modal_projector", to_string(c.projector_weight_dtype)}};
   json& v = j["vision_config"] = {{"model_type", "clip_vision_model"}};
   vision_fields(c.vision, [&](const char* key, const auto& field) { v[key] = field; });
   json& t = j["text_config"] = {{"model_type", c.text.model_type}};

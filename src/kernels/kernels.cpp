@@ -156,6 +156,8 @@ void over_rows(int64_t O, const F& f) {
   over_chunks(O, std::max<int64_t>(16, (O / (threads * 8) + 15) / 16 * 16), f);
 }
 
+constexpr int64_t kInt4RowBlock = 32;
+
 // y_i = x2 W_i^T for every W_i (one storage, one K), in one pass over their rows: the activations
 // are prepared once (bf16 pair split, int8 quantization) and the threads share one row counter.
 std::vector<torch::Tensor> skinny(const torch::Tensor& x2, const std::vector<torch::Tensor>& ws,
@@ -244,9 +246,14 @@ std::vector<torch::Tensor> skinny(const torch::Tensor& x2, const std::vector<tor
       float* xd = xs_t.data_ptr<float>();
       float* xc = xd + M * G;
       ks.quantize_q8_32(xp, M, K, xq, xd, xc);
+      // Many rows (a prefill): each thread's chunk of weight rows stays in its cache while the
+      // activations pass in blocks of kInt4RowBlock rows.
+      const int64_t Kp = kernels::int4_padded(K);
       run([&](size_t i, int64_t o0, int64_t o1, float* y, int64_t ldy) {
-        ks.matmul_int4(xq, xd, xc, M, K, ws[i].data_ptr<uint8_t>(),
-                       reinterpret_cast<const uint16_t*>(scales[i].data_ptr<at::Half>()), o0, o1, y, ldy);
+        for (int64_t m0 = 0; m0 < M; m0 += kInt4RowBlock)
+          ks.matmul_int4(xq + m0 * Kp, xd + m0 * G, xc + m0 * G, std::min(kInt4RowBlock, M - m0), K,
+                         ws[i].data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(scales[i].data_ptr<at::Half>()),
+                         o0, o1, y + m0 * ldy, ldy);
       });
       break;
     }

@@ -49,6 +49,20 @@ Vlm::Vlm(const ModelConfig& config) : config_(config) {
 Vlm::Vlm(const Vlm& o) : config_(o.config_), w_(o.w_) { declare_params(); }
 Vlm::Vlm(Vlm&& o) noexcept : config_(std::move(o.config_)), w_(std::move(o.w_)) { declare_params(); }
 
+namespace {
+// The storage a part's weight matrices take (the token reducer's follow the language model's).
+WeightDType part_dtype(const ModelConfig& c, Part p) {
+  if (p == Part::Vision) return c.vision_weight_dtype;
+  if (p == Part::Projector) return c.projector_weight_dtype;
+  return c.weight_dtype;
+}
+void copy_weight_dtypes(ModelConfig& to, const ModelConfig& from) {
+  to.weight_dtype = from.weight_dtype;
+  to.vision_weight_dtype = from.vision_weight_dtype;
+  to.projector_weight_dtype = from.projector_weight_dtype;
+}
+}  // namespace
+
 void Vlm::declare_params() {
   params_.clear();
   const auto& v = config_.vision;
@@ -56,7 +70,7 @@ void Vlm::declare_params() {
   const int64_t D = v.hidden_size, I = v.intermediate_size, P = v.patch_size;
   const int64_t d = t.hidden_size, H = t.num_attention_heads, Hkv = t.num_key_value_heads;
   const int64_t hd = t.head_dim(), F = t.intermediate_size, V = t.vocab_size;
-  const WeightDType wdt = config_.weight_dtype;
+
   auto add = [&](const std::string& name, std::vector<int64_t> shape, Part part, torch::Tensor& ref,
                  bool optional = false) {
     params_.push_back({name, std::move(shape), part, &ref, optional});
@@ -65,6 +79,7 @@ void Vlm::declare_params() {
   // int4 its per-group scales.
   auto matrix = [&](const std::string& name, int64_t out, int64_t in, Part part, LinearW& w) {
     params_.push_back({name, {out, in}, part, &w.weight, false, &w.scale});
+    const WeightDType wdt = part_dtype(config_, part);
     if (wdt == WeightDType::Int8) add(name + "_scale", {out}, part, w.scale);
     if (wdt == WeightDType::Int4) add(name + "_scale", {out, int4_groups(in)}, part, w.scale);
   };
@@ -223,18 +238,19 @@ bool is_scale_of_matrix(const ParamRef& p) {
 
 }  // namespace
 
-Vlm Vlm::random(const ModelConfig& config, uint64_t seed, std::optional<WeightDType> dtype) {
+Vlm Vlm::random(const ModelConfig& config, uint64_t seed, const WeightFormat& format) {
+  ModelConfig target = config;
+  target.set_weight_format(format);
   ModelConfig c = config;
-  const WeightDType to = dtype.value_or(config.weight_dtype);
-  c.weight_dtype = WeightDType::F32;
+  c.set_weight_format(WeightFormat::all(WeightDType::F32));
   Vlm m(c);
   auto gen = at::detail::createCPUGenerator(seed);
   for (auto& p : m.params_) {
     init_param(p, gen);
-    if (p.is_matrix()) convert_matrix(*p.tensor, *p.scale, to, p.shape[1]);
+    if (p.is_matrix()) convert_matrix(*p.tensor, *p.scale, part_dtype(target, p.part), p.shape[1]);
   }
   if (c.text.tie_word_embeddings) m.w_.llm.lm_head = m.w_.llm.embed_tokens;
-  m.config_.weight_dtype = to;
+  copy_weight_dtypes(m.config_, target);
   m.declare_params();
   release_freed_heap();  // the float32 originals of converted matrices
   return m;
@@ -286,10 +302,11 @@ torch::Tensor load_scale(const TensorStore& store, const std::string& name, int6
 
 }  // namespace
 
-Vlm Vlm::load(const std::string& dir, std::optional<WeightDType> dtype, bool allow_incomplete) {
+Vlm Vlm::load(const std::string& dir, const WeightFormat& format, bool allow_incomplete) {
   if (!allow_incomplete) check_model_folder_complete(dir);
   ModelConfig config = load_config(dir);
-  const WeightDType to = dtype.value_or(config.weight_dtype);
+  ModelConfig target = config;
+  target.set_weight_format(format);
   Vlm m(config);
   TensorStore store(dir);
   std::map<std::string, std::string> by_canonical;
@@ -338,7 +355,7 @@ Vlm Vlm::load(const std::string& dir, std::optional<WeightDType> dtype, bool all
       used.insert(it->second + "_scale");
     }
     const void* mapped = w.data_ptr();
-    convert_matrix(w, scale, to, p.shape[1]);
+    convert_matrix(w, scale, part_dtype(target, p.part), p.shape[1]);
     // The matrix now lives in its own (huge-page) copy: the file's pages it was read from would
     // otherwise stay resident beside it, and peak memory was twice the weights.
     if (w.data_ptr() != mapped) store.release_pages(it->second);
@@ -346,7 +363,7 @@ Vlm Vlm::load(const std::string& dir, std::optional<WeightDType> dtype, bool all
     *p.scale = scale;
   }
   if (config.text.tie_word_embeddings) m.w_.llm.lm_head = m.w_.llm.embed_tokens;
-  m.config_.weight_dtype = to;
+  copy_weight_dtypes(m.config_, target);
   m.declare_params();
   int ignored = 0;
   for (auto& n : store.names()) {
@@ -377,11 +394,13 @@ Vlm Vlm::load(const std::string& dir, std::optional<WeightDType> dtype, bool all
   return m;
 }
 
-void Vlm::set_weight_dtype(WeightDType dtype) {
+void Vlm::set_weight_format(const WeightFormat& format) {
+  ModelConfig target = config_;
+  target.set_weight_format(format);
   for (auto& p : params_)
-    if (p.is_matrix()) convert_matrix(*p.tensor, *p.scale, dtype, p.shape[1]);
+    if (p.is_matrix()) convert_matrix(*p.tensor, *p.scale, part_dtype(target, p.part), p.shape[1]);
   if (config_.text.tie_word_embeddings) w_.llm.lm_head = w_.llm.embed_tokens;
-  config_.weight_dtype = dtype;
+  copy_weight_dtypes(config_, target);
   declare_params();
   release_freed_heap();
 }
@@ -451,9 +470,9 @@ void Vlm::init_registers_mean(const torch::Tensor& pixels, uint64_t seed) {
 }
 
 void Vlm::set_trainable(const std::vector<Part>& parts) {
-  if (config_.weight_dtype != WeightDType::F32 && !parts.empty())
+  if (!config_.all_f32() && !parts.empty())
     throw Error("training needs float32 weights, but this model holds " +
-                to_string(config_.weight_dtype) +
+                config_.weight_format() +
                 " weights (load it with --dtype f32; training keeps float32 master weights)");
   for (auto& p : params_) {
     bool on = std::find(parts.begin(), parts.end(), p.part) != parts.end();

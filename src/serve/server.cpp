@@ -122,7 +122,7 @@ struct Server::Impl {
             {"victor",
              {{"reducer", cfg.reducer.name()},
               {"reducer_spec", cfg.reducer.spec()},
-              {"weight_dtype", to_string(cfg.weight_dtype)},
+              {"weight_dtype", cfg.weight_format()},
               {"kv_dtype", engine.options().kv_dtype == torch::kBFloat16 ? "bf16" : "f32"},
               {"visual_tokens_per_image", without_reducer(cfg).visual_tokens_per_image()},
               {"context", cfg.text.max_position_embeddings},
