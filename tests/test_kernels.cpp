@@ -146,8 +146,8 @@ TEST(Kernels, Int4EveryPathMatchesReferenceOnOddShapes) {
   for (auto isa : kernels::supported_isas()) {
     IsaScope scope(isa);
     for (int64_t M : {1, 2, 3, 5, 16})
-      for (int64_t K : {1, 7, 31, 32, 33, 100, 600, 4200})
-        for (int64_t O : {1, 3, 5, 37}) {
+      for (int64_t K : {1, 7, 31, 32, 33, 64, 100, 600, 4200})
+        for (int64_t O : {1, 3, 5, 8, 37, 40}) {
           SCOPED_TRACE(std::string(kernels::isa_name(isa)) + " M=" + std::to_string(M) + " K=" + std::to_string(K) +
                        " O=" + std::to_string(O));
           auto x = torch::randn({M, K});
@@ -163,6 +163,15 @@ TEST(Kernels, Int4EveryPathMatchesReferenceOnOddShapes) {
           auto err = (y.to(torch::kFloat64) - reference(x, deq)).abs();
           auto bound = reference(half, deq.abs()) * (1 + 1e-3) + 1e-5 * (reference(x.abs(), deq.abs()).max().item<double>());
           EXPECT_TRUE(err.le(bound).all().item<bool>()) << "largest error over bound " << (err / bound).max().item<double>();
+          // The in-memory tiles of 4 rows (O a multiple of 4, an even number of groups): the same
+          // bytes in another order, the same sums in the same order.
+          auto tiled = int4_interleave(qm.q, K);
+          ASSERT_EQ(tiled.dim(), O % 4 == 0 && int4_groups(K) % 2 == 0 ? 4 : 2);
+          EXPECT_TRUE(torch::equal(int4_file_layout(tiled), qm.q));
+          if (tiled.dim() == 4) {
+            EXPECT_TRUE(torch::equal(matmul_weight(x, tiled, qm.scale), y));
+            EXPECT_TRUE(torch::equal(dequantize_int4(tiled, qm.scale, K), deq));
+          }
         }
   }
 }
@@ -181,6 +190,12 @@ TEST(Kernels, Int4LongProductsWidenTheStoredValuesExactly) {
     IsaScope scope(isa);
     force_bf16_gemm_off(true);
     EXPECT_TRUE(torch::equal(matmul_weight(x, qm.q, qm.scale), at::mm(x, deq.t())));
+    // The in-memory tiles widen to the same values.
+    auto q44 = quantize_int4(w.narrow(0, 0, 44).narrow(1, 0, 64));
+    auto tiled = int4_interleave(q44.q, 64);
+    ASSERT_EQ(tiled.dim(), 4);
+    auto x64 = x.narrow(1, 0, 64).contiguous();
+    EXPECT_TRUE(torch::equal(matmul_weight(x64, tiled, q44.scale), at::mm(x64, dequantize_int4(q44.q, q44.scale, 64).t())));
     force_bf16_gemm_off(false);
     EXPECT_LT(max_rel_err(matmul_weight(x, qm.q, qm.scale), reference(x, deq)), 2e-2);
   }
@@ -730,7 +745,7 @@ TEST(Dtype, CorruptOrMismatchedInt4ScalesAreRefusedByName) {
     dirs.push_back(dir);
     m.save(dir);
     std::map<std::string, torch::Tensor> ts;
-    for (auto& p : m.params()) ts[p.name] = *p.tensor;
+    for (auto& p : m.params()) ts[p.name] = int4_file_layout(*p.tensor);  // as written to disk
     edit(ts);
     save_safetensors(dir + "/model.safetensors", {ts.begin(), ts.end()}, SaveDtype::Native);
     return error_of([&] { Vlm::load(dir); });

@@ -57,6 +57,12 @@ struct Int4Matrix {
   torch::Tensor scale;  // [O, int4_groups(K)] float16
 };
 Int4Matrix quantize_int4(const torch::Tensor& w);
+// In memory, victor holds int4 matrices whose rows are a multiple of 4 and whose groups are even
+// in number interleaved: [O/4, G/2, 4, 32] bytes, a tile of 4 rows' group pairs side by side, so
+// a decode product reads one stream instead of four (the file layout stays [O, G * 16]; every
+// function here takes either). int4_interleave returns other shapes as they are.
+torch::Tensor int4_interleave(const torch::Tensor& q, int64_t K);
+torch::Tensor int4_file_layout(const torch::Tensor& q);
 // The stored values as [O,K] `out` (exactly q * float(scale) in float32 before any cast).
 torch::Tensor dequantize_int4(const torch::Tensor& q, const torch::Tensor& scale, int64_t K,
                               torch::ScalarType out = torch::kFloat32);

@@ -270,7 +270,8 @@ constexpr int64_t kInt4Ahead = 1024;  // bytes of each weight row prefetched ahe
 
 template <int RW, int MX>
 inline void tile_int4(const int8_t* xq, const float* xd, const float* xc, int64_t Kp, int64_t G, const uint8_t* w,
-                      int64_t rb, const uint16_t* scale, int64_t o, float* y, int64_t ldy) {
+                      int64_t K, int64_t il, const uint16_t* scale, int64_t o, float* y, int64_t ldy) {
+  const int64_t ps = il == 1 ? 2 * (kInt4GroupK / 2) : 4 * kInt4GroupK;  // bytes from a row's pair to its next
   __m256 acc[RW][MX];
   for (int r = 0; r < RW; ++r)
     for (int m = 0; m < MX; ++m) acc[r][m] = _mm256_setzero_ps();
@@ -278,7 +279,7 @@ inline void tile_int4(const int8_t* xq, const float* xd, const float* xc, int64_
   const uint8_t* rows[RW];
   const uint16_t* sc[RW];
   for (int r = 0; r < RW; ++r) {
-    rows[r] = w + (o + r) * rb;
+    rows[r] = int4_group(w, K, il, o + r, 0);
     sc[r] = scale + (o + r) * G;
   }
   // One pair `pp` of groups, scales in `sd` (lanes 0-3 and 4-7 as the products' halves).
@@ -289,8 +290,8 @@ inline void tile_int4(const int8_t* xq, const float* xd, const float* xc, int64_
       xb[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * Kp + pp * 64 + 32));
     }
     for (int r = 0; r < RW; ++r) {
-      _mm_prefetch(reinterpret_cast<const char*>(rows[r] + pp * 32) + kInt4Ahead, _MM_HINT_T0);
-      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[r] + pp * 32));
+      _mm_prefetch(reinterpret_cast<const char*>(rows[r] + pp * ps) + kInt4Ahead, _MM_HINT_T0);
+      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[r] + pp * ps));
       const __m256i lo = _mm256_and_si256(b, low), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low);
       for (int m = 0; m < MX; ++m) {
         const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xa[m]), _mm256_maddubs_epi16(hi, xb[m]));
@@ -326,7 +327,7 @@ inline void tile_int4(const int8_t* xq, const float* xd, const float* xc, int64_
   if (G % 2) {  // an odd last group, its activations in order
     const int64_t g = G - 1;
     for (int r = 0; r < RW; ++r) {
-      const __m256i wv = nibbles(rows[r] + g * (kInt4GroupK / 2));
+      const __m256i wv = nibbles(int4_group(w, K, il, o + r, g));
       for (int m = 0; m < MX; ++m) {
         const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * Kp + g * kInt4GroupK));
         const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, xv), ones);
@@ -340,17 +341,17 @@ inline void tile_int4(const int8_t* xq, const float* xd, const float* xc, int64_
 }
 
 void matmul_int4(const int8_t* xq, const float* xd, const float* xc, int64_t M, int64_t K, const uint8_t* w,
-                 const uint16_t* scale, int64_t o0, int64_t o1, float* y, int64_t ldy) {
-  const int64_t G = int4_groups(K), Kp = int4_padded(K), rb = int4_row_bytes(K);
+                 int64_t il, const uint16_t* scale, int64_t o0, int64_t o1, float* y, int64_t ldy) {
+  const int64_t G = int4_groups(K), Kp = int4_padded(K);
   auto rows = [&](int64_t m0, int64_t o, int rw) {
     const int mx = rows_left(M, m0);
     const int8_t* xm = xq + m0 * Kp;
     const float *dm = xd + m0 * G, *cm = xc + m0 * G;
     float* ym = y + m0 * ldy;
-    if (rw == 4 && mx == 1) tile_int4<4, 1>(xm, dm, cm, Kp, G, w, rb, scale, o, ym, ldy);
-    else if (rw == 4) tile_int4<4, 2>(xm, dm, cm, Kp, G, w, rb, scale, o, ym, ldy);
-    else if (mx == 1) tile_int4<1, 1>(xm, dm, cm, Kp, G, w, rb, scale, o, ym, ldy);
-    else tile_int4<1, 2>(xm, dm, cm, Kp, G, w, rb, scale, o, ym, ldy);
+    if (rw == 4 && mx == 1) tile_int4<4, 1>(xm, dm, cm, Kp, G, w, K, il, scale, o, ym, ldy);
+    else if (rw == 4) tile_int4<4, 2>(xm, dm, cm, Kp, G, w, K, il, scale, o, ym, ldy);
+    else if (mx == 1) tile_int4<1, 1>(xm, dm, cm, Kp, G, w, K, il, scale, o, ym, ldy);
+    else tile_int4<1, 2>(xm, dm, cm, Kp, G, w, K, il, scale, o, ym, ldy);
   };
   int64_t o = o0;
   for (; o + 4 <= o1; o += 4)
@@ -418,12 +419,13 @@ void quantize_q8_32(const float* x, int64_t M, int64_t K, int8_t* xq, float* xd,
   }
 }
 
-void dequant_int4_f32(const uint8_t* w, const uint16_t* scale, int64_t K, int64_t o0, int64_t o1, float* out) {
-  const int64_t G = int4_groups(K), rb = int4_row_bytes(K);
+void dequant_int4_f32(const uint8_t* w, int64_t il, const uint16_t* scale, int64_t K, int64_t o0, int64_t o1,
+                      float* out) {
+  const int64_t G = int4_groups(K);
   const __m256i eight = _mm256_set1_epi32(8);
   for (int64_t o = o0; o < o1; ++o)
     for (int64_t g = 0; g < G; ++g) {
-      const __m256i n = nibbles(w + o * rb + g * (kInt4GroupK / 2));
+      const __m256i n = nibbles(int4_group(w, K, il, o, g));
       const __m256 s = _mm256_set1_ps(half_to_float(scale[o * G + g]));
       float buf[kInt4GroupK];
       const int64_t k0 = g * kInt4GroupK, cnt = K - k0 < kInt4GroupK ? K - k0 : kInt4GroupK;

@@ -57,10 +57,11 @@ struct KernelSet {
   // minus sum_g scale[o,g] * xc[m,g], n the stored nibbles (0..15): the quantized activations
   // times the int4 weights, exactly in integers within a group.
   void (*quantize_q8_32)(const float* x, int64_t M, int64_t K, int8_t* xq, float* xd, float* xc) = nullptr;
+  // `il`: the weight's row interleave (1: the file layout; 4: int4_group's tiles).
   void (*matmul_int4)(const int8_t* xq, const float* xd, const float* xc, int64_t M, int64_t K, const uint8_t* w,
-                      const uint16_t* scale, int64_t o0, int64_t o1, float* y, int64_t ldy) = nullptr;
+                      int64_t il, const uint16_t* scale, int64_t o0, int64_t o1, float* y, int64_t ldy) = nullptr;
   // Rows [o0,o1) of an int4 W as float32: out[o*K + k] = (n - 8) * scale[o, k / 32].
-  void (*dequant_int4_f32)(const uint8_t* w, const uint16_t* scale, int64_t K, int64_t o0, int64_t o1,
+  void (*dequant_int4_f32)(const uint8_t* w, int64_t il, const uint16_t* scale, int64_t K, int64_t o0, int64_t o1,
                            float* out) = nullptr;
 };
 
@@ -72,6 +73,16 @@ inline constexpr int64_t kInt4GroupK = 32;
 inline int64_t int4_groups(int64_t K) { return (K + kInt4GroupK - 1) / kInt4GroupK; }
 inline int64_t int4_padded(int64_t K) { return int4_groups(K) * kInt4GroupK; }
 inline int64_t int4_row_bytes(int64_t K) { return int4_groups(K) * (kInt4GroupK / 2); }
+// Group g's 16 bytes of row o. il = 1: the file layout, rows one after another. il = 4 (victor's
+// in-memory layout where O is a multiple of 4 and G even): tiles of 4 rows, [O/4][G/2][4][32], the
+// 32 bytes of a pair of groups of each of the tile's rows side by side, so a 4-row product reads
+// one contiguous stream (llama.cpp's AVX2 path interleaves Q4_0 rows for the same reason).
+inline const uint8_t* int4_group(const uint8_t* w, int64_t K, int64_t il, int64_t o, int64_t g) {
+  const int64_t rb = int4_row_bytes(K);
+  if (il == 1) return w + o * rb + g * (kInt4GroupK / 2);
+  return w + (o / 4) * 4 * rb + (g / 2) * 4 * kInt4GroupK + (o % 4) * kInt4GroupK + (g % 2) * (kInt4GroupK / 2);
+}
+
 // Where quantize_q8_32 puts value j of activation block g (of G): blocks go in pairs of 64 bytes,
 // [g0 0..15][g1 0..15][g0 16..31][g1 16..31], matching the low nibbles then the high ones of the
 // pair's 32 weight bytes; an odd last block stays in order.

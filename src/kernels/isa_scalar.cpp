@@ -61,13 +61,13 @@ void quantize_q8_32(const float* x, int64_t M, int64_t K, int8_t* xq, float* xd,
 }
 
 void matmul_int4(const int8_t* xq, const float* xd, const float* xc, int64_t M, int64_t K, const uint8_t* w,
-                 const uint16_t* scale, int64_t o0, int64_t o1, float* y, int64_t ldy) {
-  const int64_t G = int4_groups(K), Kp = int4_padded(K), rb = int4_row_bytes(K);
+                 int64_t il, const uint16_t* scale, int64_t o0, int64_t o1, float* y, int64_t ldy) {
+  const int64_t G = int4_groups(K), Kp = int4_padded(K);
   for (int64_t o = o0; o < o1; ++o)
     for (int64_t m = 0; m < M; ++m) {
       float acc = 0.f, corr = 0.f;
       for (int64_t g = 0; g < G; ++g) {
-        const uint8_t* b = w + o * rb + g * (kInt4GroupK / 2);
+        const uint8_t* b = int4_group(w, K, il, o, g);
         const int8_t* q = xq + m * Kp;
         int dot = 0;
         for (int64_t j = 0; j < kInt4GroupK / 2; ++j)
@@ -80,12 +80,13 @@ void matmul_int4(const int8_t* xq, const float* xd, const float* xc, int64_t M, 
     }
 }
 
-void dequant_int4_f32(const uint8_t* w, const uint16_t* scale, int64_t K, int64_t o0, int64_t o1, float* out) {
-  const int64_t G = int4_groups(K), rb = int4_row_bytes(K);
+void dequant_int4_f32(const uint8_t* w, int64_t il, const uint16_t* scale, int64_t K, int64_t o0, int64_t o1,
+                      float* out) {
+  const int64_t G = int4_groups(K);
   for (int64_t o = o0; o < o1; ++o)
     for (int64_t k = 0; k < K; ++k) {
       const int64_t g = k / kInt4GroupK, j = k % kInt4GroupK;
-      const uint8_t b = w[o * rb + g * (kInt4GroupK / 2) + j % 16];
+      const uint8_t b = int4_group(w, K, il, o, g)[j % 16];
       const int n = j < 16 ? (b & 15) : (b >> 4);
       out[o * K + k] = float(n - 8) * half_bits_to_float(scale[o * G + g]);
     }

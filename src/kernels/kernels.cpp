@@ -107,15 +107,25 @@ namespace {
 
 using kernels::active_set;
 
+// Rows of a stored weight (an interleaved int4 one is [O/4, G/2, 4, 32]) and its int4 interleave.
+int64_t weight_rows(const torch::Tensor& w) {
+  return w.dim() == 4 && w.scalar_type() == torch::kUInt8 ? w.size(0) * 4 : w.size(0);
+}
+int64_t int4_interleave_of(const torch::Tensor& w) { return w.dim() == 4 ? 4 : 1; }
+
 void check_weight(const torch::Tensor& w, const torch::Tensor& scale, int64_t K) {
-  if (w.dim() != 2 || !w.is_contiguous())
+  if ((w.dim() != 2 && !(w.dim() == 4 && w.scalar_type() == torch::kUInt8)) || !w.is_contiguous())
     throw Error("matmul_weight: weight must be a contiguous [out,in] matrix");
   if (w.scalar_type() == torch::kUInt8) {
-    if (w.size(1) != int4_row_bytes(K))
+    const int64_t O = weight_rows(w);
+    const bool packed = w.dim() == 4 ? w.size(1) * 2 == int4_groups(K) && w.size(2) == 4 && w.size(3) == kInt4Group
+                                     : w.size(1) == int4_row_bytes(K);
+    if (!packed)
       throw Error("matmul_weight: input has " + std::to_string(K) + " features, an int4 weight for it has " +
-                  std::to_string(int4_row_bytes(K)) + " bytes a row, not " + std::to_string(w.size(1)));
-    if (!scale.defined() || scale.scalar_type() != torch::kFloat16 || scale.dim() != 2 ||
-        scale.size(0) != w.size(0) || scale.size(1) != int4_groups(K) || !scale.is_contiguous())
+                  std::to_string(int4_row_bytes(K)) + " bytes a row (in rows or in tiles of 4), not " +
+                  std::to_string(w.size(1)));
+    if (!scale.defined() || scale.scalar_type() != torch::kFloat16 || scale.dim() != 2 || scale.size(0) != O ||
+        scale.size(1) != int4_groups(K) || !scale.is_contiguous())
       throw Error("matmul_weight: an int4 weight needs a float16 scale [rows, groups]");
     return;
   }
@@ -156,8 +166,6 @@ void over_rows(int64_t O, const F& f) {
   over_chunks(O, std::max<int64_t>(16, (O / (threads * 8) + 15) / 16 * 16), f);
 }
 
-constexpr int64_t kInt4RowBlock = 32;
-
 // y_i = x2 W_i^T for every W_i (one storage, one K), in one pass over their rows: the activations
 // are prepared once (bf16 pair split, int8 quantization) and the threads share one row counter.
 std::vector<torch::Tensor> skinny(const torch::Tensor& x2, const std::vector<torch::Tensor>& ws,
@@ -167,8 +175,8 @@ std::vector<torch::Tensor> skinny(const torch::Tensor& x2, const std::vector<tor
   std::vector<torch::Tensor> ys(n);
   std::vector<int64_t> first(n + 1, 0);  // matrix i owns global rows [first[i], first[i+1])
   for (size_t i = 0; i < n; ++i) {
-    ys[i] = torch::empty({M, ws[i].size(0)}, torch::kFloat32);
-    first[i + 1] = first[i] + ws[i].size(0);
+    ys[i] = torch::empty({M, weight_rows(ws[i])}, torch::kFloat32);
+    first[i + 1] = first[i] + weight_rows(ws[i]);
   }
   const float* xp = x2.data_ptr<float>();
   const auto& ks = active_set();
@@ -178,7 +186,7 @@ std::vector<torch::Tensor> skinny(const torch::Tensor& x2, const std::vector<tor
     over_rows(first[n], [&](int64_t a, int64_t b) {
       for (size_t i = 0; i < n; ++i) {
         const int64_t lo = std::max(a, first[i]), hi = std::min(b, first[i + 1]);
-        if (lo < hi) call(i, lo - first[i], hi - first[i], ys[i].data_ptr<float>(), ws[i].size(0));
+        if (lo < hi) call(i, lo - first[i], hi - first[i], ys[i].data_ptr<float>(), weight_rows(ws[i]));
       }
     });
   };
@@ -246,14 +254,9 @@ std::vector<torch::Tensor> skinny(const torch::Tensor& x2, const std::vector<tor
       float* xd = xs_t.data_ptr<float>();
       float* xc = xd + M * G;
       ks.quantize_q8_32(xp, M, K, xq, xd, xc);
-      // Many rows (a prefill): each thread's chunk of weight rows stays in its cache while the
-      // activations pass in blocks of kInt4RowBlock rows.
-      const int64_t Kp = kernels::int4_padded(K);
       run([&](size_t i, int64_t o0, int64_t o1, float* y, int64_t ldy) {
-        for (int64_t m0 = 0; m0 < M; m0 += kInt4RowBlock)
-          ks.matmul_int4(xq + m0 * Kp, xd + m0 * G, xc + m0 * G, std::min(kInt4RowBlock, M - m0), K,
-                         ws[i].data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(scales[i].data_ptr<at::Half>()),
-                         o0, o1, y + m0 * ldy, ldy);
+        ks.matmul_int4(xq, xd, xc, M, K, ws[i].data_ptr<uint8_t>(), int4_interleave_of(ws[i]),
+                       reinterpret_cast<const uint16_t*>(scales[i].data_ptr<at::Half>()), o0, o1, y, ldy);
       });
       break;
     }
@@ -264,13 +267,13 @@ std::vector<torch::Tensor> skinny(const torch::Tensor& x2, const std::vector<tor
 
 // An int4 W [O, K] as float32, rows on the kernels' threads.
 torch::Tensor int4_to_f32(const torch::Tensor& q, const torch::Tensor& scale, int64_t K) {
-  const int64_t O = q.size(0);
+  const int64_t O = weight_rows(q), il = int4_interleave_of(q);
   auto out = torch::empty({O, K}, torch::kFloat32);
   const auto& ks = active_set();
   const uint8_t* qp = q.data_ptr<uint8_t>();
   const auto* sp = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>());
   float* op = out.data_ptr<float>();
-  over_rows(O, [&](int64_t a, int64_t b) { ks.dequant_int4_f32(qp, sp, K, a, b, op); });
+  over_rows(O, [&](int64_t a, int64_t b) { ks.dequant_int4_f32(qp, il, sp, K, a, b, op); });
   return out;
 }
 
@@ -388,7 +391,21 @@ Int4Matrix quantize_int4(const torch::Tensor& w_in) {
   return {packed, d16.view({O, G}).contiguous()};
 }
 
-torch::Tensor dequantize_int4(const torch::Tensor& q, const torch::Tensor& scale, int64_t K, torch::ScalarType out) {
+torch::Tensor int4_interleave(const torch::Tensor& q, int64_t K) {
+  if (q.dim() != 2 || q.scalar_type() != torch::kUInt8) return q;
+  const int64_t O = q.size(0), G = int4_groups(K);
+  if (O % 4 != 0 || G % 2 != 0 || q.size(1) != int4_row_bytes(K)) return q;
+  return q.view({O / 4, 4, G / 2, kInt4Group}).permute({0, 2, 1, 3}).contiguous();
+}
+
+torch::Tensor int4_file_layout(const torch::Tensor& q) {
+  if (q.dim() != 4 || q.scalar_type() != torch::kUInt8) return q;
+  const int64_t O = q.size(0) * 4, rb = q.size(1) * kInt4Group;
+  return q.permute({0, 2, 1, 3}).reshape({O, rb}).contiguous();
+}
+
+torch::Tensor dequantize_int4(const torch::Tensor& q_in, const torch::Tensor& scale, int64_t K, torch::ScalarType out) {
+  const torch::Tensor q = int4_file_layout(q_in);
   const int64_t O = q.size(0), G = int4_groups(K);
   if (q.dim() != 2 || q.size(1) != int4_row_bytes(K) || scale.dim() != 2 || scale.size(0) != O || scale.size(1) != G)
     throw Error("dequantize_int4: packed [" + std::to_string(q.size(0)) + "," + std::to_string(q.size(-1)) +
@@ -430,7 +447,7 @@ namespace {
 // result inside the primitive.
 torch::Tensor gemm_bf16(const torch::Tensor& x2, const torch::Tensor& w, const torch::Tensor& scale,
                         const torch::Tensor& bias, onednn::Act act) {
-  const int64_t M = x2.size(0), K = x2.size(1), O = w.size(0);
+  const int64_t M = x2.size(0), K = x2.size(1), O = weight_rows(w);
   const auto xb = x2.to(torch::kBFloat16).contiguous();
   const auto wb = w.scalar_type() == torch::kInt8    ? int8_to_bf16(w, scale)
                   : w.scalar_type() == torch::kUInt8 ? int4_to_f32(w, scale, K).to(torch::kBFloat16)
@@ -452,7 +469,7 @@ torch::Tensor matmul_weight(const torch::Tensor& x, const torch::Tensor& w,
   auto x2 = x.reshape({-1, K});
   const int64_t M = x2.size(0);
   auto shape = x.sizes().vec();
-  shape.back() = w.size(0);
+  shape.back() = weight_rows(w);
   torch::Tensor y;
   if (M <= skinny_rows_limit()) {
     y = skinny(x2.to(torch::kFloat32).contiguous(), {w}, {scale})[0];
@@ -495,11 +512,11 @@ torch::Tensor matmul_weight_fused(const torch::Tensor& x, const torch::Tensor& w
     if (act == a.first) kind = &a.second;
   const int64_t K = x.size(-1);
   if (!kind || !takes_bf16_gemm(w, x.numel() / std::max<int64_t>(1, K)) ||
-      (bias.defined() && (bias.scalar_type() != torch::kFloat32 || bias.numel() != w.size(0))))
+      (bias.defined() && (bias.scalar_type() != torch::kFloat32 || bias.numel() != weight_rows(w))))
     return torch::Tensor();
   check_weight(w, scale, K);
   auto shape = x.sizes().vec();
-  shape.back() = w.size(0);
+  shape.back() = weight_rows(w);
   return gemm_bf16(x.reshape({-1, K}), w, scale, bias, *kind).reshape(shape);
 }
 
@@ -521,7 +538,7 @@ std::vector<torch::Tensor> matmul_weights(const torch::Tensor& x, const std::vec
   ys = skinny(x2.to(torch::kFloat32).contiguous(), ws, scales);
   for (size_t i = 0; i < ws.size(); ++i) {
     auto shape = x.sizes().vec();
-    shape.back() = ws[i].size(0);
+    shape.back() = weight_rows(ws[i]);
     ys[i] = ys[i].reshape(shape);
   }
   return ys;
@@ -571,7 +588,8 @@ torch::Tensor embedding_rows(const torch::Tensor& table, const torch::Tensor& sc
   if (table.scalar_type() == torch::kUInt8) {
     auto shape = ids.sizes().vec();
     shape.push_back(K);
-    return dequantize_int4(torch::index_select(table, 0, flat), torch::index_select(scale, 0, flat), K).view(shape);
+    return dequantize_int4(torch::index_select(int4_file_layout(table), 0, flat), torch::index_select(scale, 0, flat), K)
+        .view(shape);
   }
   auto rows = torch::index_select(table, 0, flat).to(torch::kFloat32);
   if (table.scalar_type() == torch::kInt8) rows.mul_(torch::index_select(scale, 0, flat).unsqueeze(1));

@@ -191,9 +191,12 @@ WeightDType stored_dtype(const torch::Tensor& w) {
 // A weight matrix of K columns converted to `to` (quantized, dequantized or cast) and placed in
 // huge-page memory. `scale` is its scale slot (defined exactly when the result is int8 or int4).
 // int8 <-> int4 goes through float32 (requantized from the stored values).
-void convert_matrix(torch::Tensor& w, torch::Tensor& scale, WeightDType to, int64_t K) {
+// An int4 result is interleaved for the decode products (kernels.h) unless it is `embedding`
+// (whose rows are looked up one by one).
+void convert_matrix(torch::Tensor& w, torch::Tensor& scale, WeightDType to, int64_t K, bool embedding) {
   const WeightDType from = stored_dtype(w);
   if (from == to && (from != WeightDType::F32 || w.scalar_type() == torch::kFloat32)) {
+    if (to == WeightDType::Int4 && !embedding) w = int4_interleave(w, K);
     w = in_huge_pages(w);
     return;
   }
@@ -215,12 +218,17 @@ void convert_matrix(torch::Tensor& w, torch::Tensor& scale, WeightDType to, int6
     }
     case WeightDType::Int4: {
       auto q = quantize_int4(quantized ? weight_as_float(w, scale, K) : w);
-      w = q.q;
+      w = embedding ? q.q : int4_interleave(q.q, K);
       scale = q.scale;
       break;
     }
   }
   w = in_huge_pages(w);
+}
+
+bool is_embedding(const ParamRef& p) {
+  const std::string suffix = "embed_tokens.weight";
+  return p.name.size() >= suffix.size() && p.name.compare(p.name.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
 // Gives the heap pages freed while building or converting the weights back to the system. A
@@ -247,7 +255,7 @@ Vlm Vlm::random(const ModelConfig& config, uint64_t seed, const WeightFormat& fo
   auto gen = at::detail::createCPUGenerator(seed);
   for (auto& p : m.params_) {
     init_param(p, gen);
-    if (p.is_matrix()) convert_matrix(*p.tensor, *p.scale, part_dtype(target, p.part), p.shape[1]);
+    if (p.is_matrix()) convert_matrix(*p.tensor, *p.scale, part_dtype(target, p.part), p.shape[1], is_embedding(p));
   }
   if (c.text.tie_word_embeddings) m.w_.llm.lm_head = m.w_.llm.embed_tokens;
   copy_weight_dtypes(m.config_, target);
@@ -355,7 +363,7 @@ Vlm Vlm::load(const std::string& dir, const WeightFormat& format, bool allow_inc
       used.insert(it->second + "_scale");
     }
     const void* mapped = w.data_ptr();
-    convert_matrix(w, scale, part_dtype(target, p.part), p.shape[1]);
+    convert_matrix(w, scale, part_dtype(target, p.part), p.shape[1], is_embedding(p));
     // The matrix now lives in its own (huge-page) copy: the file's pages it was read from would
     // otherwise stay resident beside it, and peak memory was twice the weights.
     if (w.data_ptr() != mapped) store.release_pages(it->second);
@@ -398,7 +406,7 @@ void Vlm::set_weight_format(const WeightFormat& format) {
   ModelConfig target = config_;
   target.set_weight_format(format);
   for (auto& p : params_)
-    if (p.is_matrix()) convert_matrix(*p.tensor, *p.scale, part_dtype(target, p.part), p.shape[1]);
+    if (p.is_matrix()) convert_matrix(*p.tensor, *p.scale, part_dtype(target, p.part), p.shape[1], is_embedding(p));
   if (config_.text.tie_word_embeddings) w_.llm.lm_head = w_.llm.embed_tokens;
   copy_weight_dtypes(config_, target);
   declare_params();
@@ -424,7 +432,8 @@ int64_t Vlm::parameter_count(int part_mask) const {
 void Vlm::save(const std::string& dir, size_t max_shard_bytes) const {
   ModelFolderWrite write(dir);  // a no-op inside a caller's write of the same folder
   std::vector<std::pair<std::string, torch::Tensor>> tensors;
-  for (auto& p : params_) tensors.emplace_back(p.name, *p.tensor);
+  // int4 matrices go to disk in the file layout (rows one after another), whatever their tiles in memory.
+  for (auto& p : params_) tensors.emplace_back(p.name, p.is_matrix() ? int4_file_layout(*p.tensor) : *p.tensor);
   save_checkpoint_tensors(dir, tensors, max_shard_bytes, SaveDtype::Native);
   save_config(config_, dir);
   write.commit();
@@ -454,7 +463,7 @@ void Vlm::set_reducer(const Reducer& r, uint64_t seed, bool replace_registers) {
   for (auto& p : params_) {
     if (p.part != Part::Registers || p.tensor->defined() || is_scale_of_matrix(p)) continue;
     init_param(p, gen);
-    if (p.is_matrix()) convert_matrix(*p.tensor, *p.scale, config_.weight_dtype, p.shape[1]);
+    if (p.is_matrix()) convert_matrix(*p.tensor, *p.scale, config_.weight_dtype, p.shape[1], is_embedding(p));
   }
 }
 
