@@ -4,7 +4,10 @@ for side-by-side benchmarks on the same weights (docs/benchmarks.md). Uses llama
 (PYTHONPATH=<llama.cpp>/gguf-py) and NumPy; the tokenizer is a placeholder vocabulary of the model's
 size (llama-bench times token ids, not text). Quantize the result with llama-quantize.
 
-  python3 scripts/victor_to_gguf.py MODEL_DIR OUT.gguf
+  python3 scripts/victor_to_gguf.py MODEL_DIR OUT.gguf [f32|f16]
+
+The folder may hold F32 or BF16 tensors; the GGUF's matrices are F32 (default) or F16 (half the
+file, for 7B shapes), its norms F32.
 """
 import json
 import os
@@ -29,12 +32,20 @@ def tensors(folder):
         for name, info in header.items():
             if name == "__metadata__":
                 continue
-            if info["dtype"] != "F32":
-                sys.exit(f"{path}: tensor {name} is {info['dtype']}; write the folder with --dtype f32")
+            if info["dtype"] not in ("F32", "BF16"):
+                sys.exit(f"{path}: tensor {name} is {info['dtype']}; write the folder with --dtype f32 or bf16")
             b, e = info["data_offsets"]
-            out[name] = np.memmap(path, dtype=np.float32, mode="r", offset=base + b,
-                                  shape=tuple(info["shape"]))
+            dt = np.float32 if info["dtype"] == "F32" else np.uint16
+            out[name] = (info["dtype"], np.memmap(path, dtype=dt, mode="r", offset=base + b,
+                                                  shape=tuple(info["shape"])))
     return out
+
+
+def as_f32(entry):
+    kind, a = entry
+    if kind == "F32":
+        return a
+    return (np.asarray(a).astype(np.uint32) << 16).view(np.float32)  # bfloat16 -> float32 exactly
 
 
 def permute(w, heads):
@@ -43,14 +54,19 @@ def permute(w, heads):
 
 
 def main():
-    if len(sys.argv) != 3:
+    if len(sys.argv) not in (3, 4) or (len(sys.argv) == 4 and sys.argv[3] not in ("f32", "f16")):
         sys.exit(__doc__)
     folder, out = sys.argv[1], sys.argv[2]
+    half = len(sys.argv) == 4 and sys.argv[3] == "f16"
     cfg = json.load(open(os.path.join(folder, "config.json")))
     t = cfg["text_config"]
     d, L, H = t["hidden_size"], t["num_hidden_layers"], t["num_attention_heads"]
     Hkv, V = t.get("num_key_value_heads", H), t["vocab_size"]
-    ts = tensors(folder)
+    raw = tensors(folder)
+
+    def t(name):  # float32 view, one tensor at a time
+        return as_f32(raw[name])
+
     p = "language_model.model."
     w = gguf.GGUFWriter(out, "llama")
     w.add_name("victor-random")
@@ -63,7 +79,7 @@ def main():
     w.add_rope_dimension_count(d // H)
     w.add_rope_freq_base(float(t.get("rope_theta", 10000.0)))
     w.add_layer_norm_rms_eps(float(t.get("rms_norm_eps", 1e-5)))
-    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if half else gguf.LlamaFileType.ALL_F32)
     w.add_vocab_size(V)
     w.add_tokenizer_model("llama")
     toks = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
@@ -77,23 +93,24 @@ def main():
     w.add_eos_token_id(2)
 
     def add(name, arr):
-        w.add_tensor(name, np.ascontiguousarray(arr, dtype=np.float32))
+        dtype = np.float16 if half and arr.ndim == 2 else np.float32
+        w.add_tensor(name, np.ascontiguousarray(arr, dtype=dtype))
 
-    add("token_embd.weight", ts[p + "embed_tokens.weight"])
-    add("output_norm.weight", ts[p + "norm.weight"])
-    head = ts.get("language_model.lm_head.weight", ts[p + "embed_tokens.weight"])
-    add("output.weight", head)
+    add("token_embd.weight", t(p + "embed_tokens.weight"))
+    add("output_norm.weight", t(p + "norm.weight"))
+    head = "language_model.lm_head.weight" if "language_model.lm_head.weight" in raw else p + "embed_tokens.weight"
+    add("output.weight", t(head))
     for i in range(L):
         q = f"{p}layers.{i}."
-        add(f"blk.{i}.attn_norm.weight", ts[q + "input_layernorm.weight"])
-        add(f"blk.{i}.attn_q.weight", permute(ts[q + "self_attn.q_proj.weight"], H))
-        add(f"blk.{i}.attn_k.weight", permute(ts[q + "self_attn.k_proj.weight"], Hkv))
-        add(f"blk.{i}.attn_v.weight", ts[q + "self_attn.v_proj.weight"])
-        add(f"blk.{i}.attn_output.weight", ts[q + "self_attn.o_proj.weight"])
-        add(f"blk.{i}.ffn_norm.weight", ts[q + "post_attention_layernorm.weight"])
-        add(f"blk.{i}.ffn_gate.weight", ts[q + "mlp.gate_proj.weight"])
-        add(f"blk.{i}.ffn_up.weight", ts[q + "mlp.up_proj.weight"])
-        add(f"blk.{i}.ffn_down.weight", ts[q + "mlp.down_proj.weight"])
+        add(f"blk.{i}.attn_norm.weight", t(q + "input_layernorm.weight"))
+        add(f"blk.{i}.attn_q.weight", permute(t(q + "self_attn.q_proj.weight"), H))
+        add(f"blk.{i}.attn_k.weight", permute(t(q + "self_attn.k_proj.weight"), Hkv))
+        add(f"blk.{i}.attn_v.weight", t(q + "self_attn.v_proj.weight"))
+        add(f"blk.{i}.attn_output.weight", t(q + "self_attn.o_proj.weight"))
+        add(f"blk.{i}.ffn_norm.weight", t(q + "post_attention_layernorm.weight"))
+        add(f"blk.{i}.ffn_gate.weight", t(q + "mlp.gate_proj.weight"))
+        add(f"blk.{i}.ffn_up.weight", t(q + "mlp.up_proj.weight"))
+        add(f"blk.{i}.ffn_down.weight", t(q + "mlp.down_proj.weight"))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file(progress=False)
