@@ -64,7 +64,7 @@ def main():
     Hkv, V = t.get("num_key_value_heads", H), t["vocab_size"]
     raw = tensors(folder)
 
-    def t(name):  # float32 view, one tensor at a time
+    def tensor(name):  # float32 view, one tensor at a time
         return as_f32(raw[name])
 
     p = "language_model.model."
@@ -96,21 +96,21 @@ def main():
         dtype = np.float16 if half and arr.ndim == 2 else np.float32
         w.add_tensor(name, np.ascontiguousarray(arr, dtype=dtype))
 
-    add("token_embd.weight", t(p + "embed_tokens.weight"))
-    add("output_norm.weight", t(p + "norm.weight"))
+    add("token_embd.weight", tensor(p + "embed_tokens.weight"))
+    add("output_norm.weight", tensor(p + "norm.weight"))
     head = "language_model.lm_head.weight" if "language_model.lm_head.weight" in raw else p + "embed_tokens.weight"
-    add("output.weight", t(head))
+    add("output.weight", tensor(head))
     for i in range(L):
         q = f"{p}layers.{i}."
-        add(f"blk.{i}.attn_norm.weight", t(q + "input_layernorm.weight"))
-        add(f"blk.{i}.attn_q.weight", permute(t(q + "self_attn.q_proj.weight"), H))
-        add(f"blk.{i}.attn_k.weight", permute(t(q + "self_attn.k_proj.weight"), Hkv))
-        add(f"blk.{i}.attn_v.weight", t(q + "self_attn.v_proj.weight"))
-        add(f"blk.{i}.attn_output.weight", t(q + "self_attn.o_proj.weight"))
-        add(f"blk.{i}.ffn_norm.weight", t(q + "post_attention_layernorm.weight"))
-        add(f"blk.{i}.ffn_gate.weight", t(q + "mlp.gate_proj.weight"))
-        add(f"blk.{i}.ffn_up.weight", t(q + "mlp.up_proj.weight"))
-        add(f"blk.{i}.ffn_down.weight", t(q + "mlp.down_proj.weight"))
+        add(f"blk.{i}.attn_norm.weight", tensor(q + "input_layernorm.weight"))
+        add(f"blk.{i}.attn_q.weight", permute(tensor(q + "self_attn.q_proj.weight"), H))
+        add(f"blk.{i}.attn_k.weight", permute(tensor(q + "self_attn.k_proj.weight"), Hkv))
+        add(f"blk.{i}.attn_v.weight", tensor(q + "self_attn.v_proj.weight"))
+        add(f"blk.{i}.attn_output.weight", tensor(q + "self_attn.o_proj.weight"))
+        add(f"blk.{i}.ffn_norm.weight", tensor(q + "post_attention_layernorm.weight"))
+        add(f"blk.{i}.ffn_gate.weight", tensor(q + "mlp.gate_proj.weight"))
+        add(f"blk.{i}.ffn_up.weight", tensor(q + "mlp.up_proj.weight"))
+        add(f"blk.{i}.ffn_down.weight", tensor(q + "mlp.down_proj.weight"))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file(progress=False)
