@@ -429,7 +429,7 @@ void dequant_int4_f32(const uint8_t* w, int64_t il, const uint16_t* scale, int64
       const __m256 s = _mm256_set1_ps(half_to_float(scale[o * G + g]));
       float buf[kInt4GroupK];
       const int64_t k0 = g * kInt4GroupK, cnt = K - k0 < kInt4GroupK ? K - k0 : kInt4GroupK;
-      float* dst = cnt == kInt4GroupK ? out + o * K + k0 : buf;
+      float* dst = cnt == kInt4GroupK ? out + (o - o0) * K + k0 : buf;
       alignas(32) uint8_t bytes[32];
       _mm256_store_si256(reinterpret_cast<__m256i*>(bytes), n);
       for (int i = 0; i < 4; ++i) {
@@ -437,7 +437,7 @@ void dequant_int4_f32(const uint8_t* w, int64_t il, const uint16_t* scale, int64
         _mm256_storeu_ps(dst + 8 * i, _mm256_mul_ps(_mm256_cvtepi32_ps(v), s));
       }
       if (dst == buf)
-        for (int64_t i = 0; i < cnt; ++i) out[o * K + k0 + i] = buf[i];
+        for (int64_t i = 0; i < cnt; ++i) out[(o - o0) * K + k0 + i] = buf[i];
     }
 }
 

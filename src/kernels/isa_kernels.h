@@ -60,7 +60,7 @@ struct KernelSet {
   // `il`: the weight's row interleave (1: the file layout; 4: int4_group's tiles).
   void (*matmul_int4)(const int8_t* xq, const float* xd, const float* xc, int64_t M, int64_t K, const uint8_t* w,
                       int64_t il, const uint16_t* scale, int64_t o0, int64_t o1, float* y, int64_t ldy) = nullptr;
-  // Rows [o0,o1) of an int4 W as float32: out[o*K + k] = (n - 8) * scale[o, k / 32].
+  // Rows [o0,o1) of an int4 W as float32: out[(o - o0)*K + k] = (n - 8) * scale[o, k / 32].
   void (*dequant_int4_f32)(const uint8_t* w, int64_t il, const uint16_t* scale, int64_t K, int64_t o0, int64_t o1,
                            float* out) = nullptr;
 };

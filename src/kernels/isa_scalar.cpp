@@ -88,7 +88,7 @@ void dequant_int4_f32(const uint8_t* w, int64_t il, const uint16_t* scale, int64
       const int64_t g = k / kInt4GroupK, j = k % kInt4GroupK;
       const uint8_t b = int4_group(w, K, il, o, g)[j % 16];
       const int n = j < 16 ? (b & 15) : (b >> 4);
-      out[o * K + k] = float(n - 8) * half_bits_to_float(scale[o * G + g]);
+      out[(o - o0) * K + k] = float(n - 8) * half_bits_to_float(scale[o * G + g]);
     }
 }
 

@@ -273,7 +273,7 @@ torch::Tensor int4_to_f32(const torch::Tensor& q, const torch::Tensor& scale, in
   const uint8_t* qp = q.data_ptr<uint8_t>();
   const auto* sp = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>());
   float* op = out.data_ptr<float>();
-  over_rows(O, [&](int64_t a, int64_t b) { ks.dequant_int4_f32(qp, il, sp, K, a, b, op); });
+  over_rows(O, [&](int64_t a, int64_t b) { ks.dequant_int4_f32(qp, il, sp, K, a, b, op + a * K); });
   return out;
 }
 
