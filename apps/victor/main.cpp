@@ -41,9 +41,6 @@ int default_threads() {
   return int(std::max(1u, std::thread::hardware_concurrency()));
 }
 
-// --dtype: one storage for every part, PART=DTYPE items, or "auto" (keep what the checkpoint stores).
-WeightFormat parse_dtype(const std::string& s) { return weight_format_from_string(s); }
-
 void add_kv_dtype_option(CLI::App* c, std::string& kv) {
   c->add_option("--kv-dtype", kv,
                 "KV-cache storage: f32 | bf16 (half the bytes; attention still computes in float32)")
@@ -292,7 +289,7 @@ void run_generate(const GenerateArgs& a) {
   std::vector<Image> images;
   for (auto& p : a.images) images.push_back(load_image(p));
   auto t_load = std::chrono::steady_clock::now();
-  Vlm model = Vlm::load(a.model, parse_dtype(a.dtype));
+  Vlm model = Vlm::load(a.model, weight_format_from_string(a.dtype));
   const double load_seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t_load).count();
   apply_reducer(model, a.reducer, a.register_init, a.calibration, a.sampling.seed);
@@ -348,7 +345,7 @@ void run_serve(ServeArgs a) {
   sigaddset(&stop_signals, SIGTERM);
   pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
   signal(SIGPIPE, SIG_IGN);  // a client that hangs up is noticed by a failed write, not a signal
-  Vlm model = Vlm::load(a.model, parse_dtype(a.dtype));
+  Vlm model = Vlm::load(a.model, weight_format_from_string(a.dtype));
   apply_reducer(model, a.reducer, "random", {}, 0);
   apply_cap(model, a.cap);
   Tokenizer tok(a.model);
@@ -468,7 +465,7 @@ void run_eval(EvalArgs a) {
   auto qs = load_questions_jsonl(a.questions);
   if (a.opt.image_folder.empty()) a.opt.image_folder = fs::path(a.questions).parent_path().string();
   if (!a.model.empty()) {
-    Vlm model = Vlm::load(a.model, parse_dtype(a.dtype));
+    Vlm model = Vlm::load(a.model, weight_format_from_string(a.dtype));
     apply_reducer(model, a.reducer, "random", {}, 0);
     apply_cap(model, a.cap);
     a.opt.kv_dtype = kv_dtype_from_string(a.kv_dtype);
@@ -515,10 +512,10 @@ void run_bench_cli(BenchArgs a) {
   ModelConfig cfg;
   std::unique_ptr<Vlm> model;
   if (!a.model.empty()) {
-    model = std::make_unique<Vlm>(Vlm::load(a.model, parse_dtype(a.dtype)));
+    model = std::make_unique<Vlm>(Vlm::load(a.model, weight_format_from_string(a.dtype)));
   } else {
     cfg = preset_config(a.preset);
-    model = std::make_unique<Vlm>(Vlm::random(cfg, a.seed, parse_dtype(a.dtype)));
+    model = std::make_unique<Vlm>(Vlm::random(cfg, a.seed, weight_format_from_string(a.dtype)));
     std::cerr << "bench: random " << a.preset << " weights (" << model->parameter_count() / 1e9
               << " B parameters)\n";
   }

@@ -240,16 +240,10 @@ void attend_regs_bf16(const float* q, int64_t G, int64_t hd, const uint16_t* k, 
 // and one FMA scales each half by its weight scale times its activation scale (taken from a vector
 // of 8 groups' products by one permute). The nibbles' +8 offset comes off at the end:
 // sum_g scale[o,g] * xc[m,g].
-inline __m128i nibbles_lo_hi(const uint8_t* p, __m128i* hi) {
+inline __m256i nibbles(const uint8_t* p) {  // one group's 32 values in order
   const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   const __m128i low = _mm_set1_epi8(0x0f);
-  *hi = _mm_and_si128(_mm_srli_epi16(b, 4), low);
-  return _mm_and_si128(b, low);
-}
-inline __m256i nibbles(const uint8_t* p) {  // one group's 32 values in order
-  __m128i hi;
-  const __m128i lo = nibbles_lo_hi(p, &hi);
-  return _mm256_set_m128i(hi, lo);
+  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), low), _mm_and_si128(b, low));
 }
 
 inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }

@@ -195,13 +195,9 @@ WeightDType stored_dtype(const torch::Tensor& w) {
 // (whose rows are looked up one by one).
 void convert_matrix(torch::Tensor& w, torch::Tensor& scale, WeightDType to, int64_t K, bool embedding) {
   const WeightDType from = stored_dtype(w);
-  if (from == to && (from != WeightDType::F32 || w.scalar_type() == torch::kFloat32)) {
-    if (to == WeightDType::Int4 && !embedding) w = int4_interleave(w, K);
-    w = in_huge_pages(w);
-    return;
-  }
+  const bool kept = from == to && (from != WeightDType::F32 || w.scalar_type() == torch::kFloat32);
   const bool quantized = from == WeightDType::Int8 || from == WeightDType::Int4;
-  switch (to) {
+  if (!kept) switch (to) {
     case WeightDType::F32:
       w = weight_as_float(w, scale, K);
       scale = torch::Tensor();
@@ -218,11 +214,12 @@ void convert_matrix(torch::Tensor& w, torch::Tensor& scale, WeightDType to, int6
     }
     case WeightDType::Int4: {
       auto q = quantize_int4(quantized ? weight_as_float(w, scale, K) : w);
-      w = embedding ? q.q : int4_interleave(q.q, K);
+      w = q.q;
       scale = q.scale;
       break;
     }
   }
+  if (to == WeightDType::Int4 && !embedding) w = int4_interleave(w, K);  // a no-op on tiles already
   w = in_huge_pages(w);
 }
 
