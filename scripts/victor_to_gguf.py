@@ -58,6 +58,8 @@ def main():
         sys.exit(__doc__)
     folder, out = sys.argv[1], sys.argv[2]
     half = len(sys.argv) == 4 and sys.argv[3] == "f16"
+    if os.path.exists(out):
+        sys.exit(f"{out} exists; remove it first (this script does not overwrite files)")
     cfg = json.load(open(os.path.join(folder, "config.json")))
     t = cfg["text_config"]
     d, L, H = t["hidden_size"], t["num_hidden_layers"], t["num_attention_heads"]
