@@ -5,7 +5,7 @@ set -euo pipefail
 
 packages=(
   build-essential cmake ninja-build pkg-config
-  libtorch-dev libgloo-dev libopenblas0-openmp libdnnl-dev
+  libtorch-dev libgloo-dev libgoogle-glog-dev libopenblas0-openmp libdnnl-dev
   libsentencepiece-dev sentencepiece
   nlohmann-json3-dev libstb-dev libjpeg62-turbo-dev libcli11-dev libcpp-httplib-dev
   libgtest-dev libgmock-dev libbenchmark-dev

@@ -10,9 +10,12 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstdlib>
+#include <cstdio>
 #include <cstring>
+#include <exception>
 #include <iostream>
 #include <condition_variable>
 #include <map>
@@ -20,6 +23,7 @@
 #include <thread>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#include <glog/logging.h>
 
 #include "victor/error.h"
 
@@ -96,9 +100,51 @@ class JoinWatchdog {
 };
 }  // namespace
 
+namespace {
+// What a c10d background thread's uncaught exception ends the process with (rather than
+// "terminate called ..." and SIGABRT): one line naming the rank, the master and c10d's reason.
+std::string g_terminate_context;
+std::atomic<bool> g_joining{false};
+[[noreturn]] void on_c10d_terminate() {
+  std::string what = "an unknown exception";
+  if (auto e = std::current_exception()) {
+    try {
+      std::rethrow_exception(e);
+    } catch (const std::exception& x) {
+      what = x.what();
+    } catch (...) {
+    }
+  }
+  what = what.substr(0, what.find('\n'));
+  std::fprintf(stderr, "victor: error: %s: the distributed runtime (c10d) failed%s: %s\n", g_terminate_context.c_str(),
+               g_joining ? " while joining (the master answered with bytes c10d cannot read: is it a victor or torch rank 0?)"
+                         : "",
+               what.c_str());
+  std::fflush(stderr);
+  std::_Exit(1);
+}
+
+// c10d writes its own warnings and errors through glog straight to stderr (a port in use, an
+// address that does not resolve, each retry); the error victor raises already carries c10d's
+// reason. VICTOR_C10D_LOG=1 shows them.
+void quiet_c10d_logs() {
+  const char* v = std::getenv("VICTOR_C10D_LOG");
+  if (v && *v && std::string(v) != "0") return;
+  FLAGS_minloglevel = google::GLOG_FATAL;
+}
+}  // namespace
+
 Communicator::Communicator(const DistEnv& env, std::chrono::milliseconds timeout)
     : env_(env), impl_(std::make_unique<Impl>()) {
   const std::string where = env.master_addr + ":" + std::to_string(env.master_port);
+  quiet_c10d_logs();
+  g_terminate_context = "rank " + std::to_string(env.rank) + " of " + std::to_string(env.world_size) +
+                        " (MASTER_ADDR:MASTER_PORT = " + where + ")";
+  std::set_terminate(on_c10d_terminate);
+  g_joining = true;
+  struct Joined {
+    ~Joined() { g_joining = false; }
+  } joined;
   JoinWatchdog watchdog(timeout, "rank " + std::to_string(env.rank) + " of " + std::to_string(env.world_size) +
                                      ": the training group at MASTER_ADDR:MASTER_PORT = " + where +
                                      " did not form within --dist-timeout " + std::to_string(timeout.count() / 1000) +
