@@ -16,7 +16,7 @@ while [ $# -gt 0 ]; do
     *) targets+=("$1"); shift ;;
   esac
 done
-[ ${#targets[@]} -eq 0 ] && targets=(chat_request reducer_spec config safetensors tokenizer tokenizer_json image llava)
+[ ${#targets[@]} -eq 0 ] && targets=(chat_request reducer_spec config safetensors tokenizer tokenizer_json image llava http_head)
 command -v clang++ >/dev/null || { echo "SKIP: clang++ is not installed (scripts/setup.sh installs clang)"; exit 77; }
 cmake -S . -B "$build" -G Ninja -DCMAKE_CXX_COMPILER=clang++ -DVICTOR_FUZZ=ON >/dev/null || { echo "FAIL: configure"; exit 1; }
 cmake --build "$build" -j2 >/dev/null || { echo "FAIL: build (cmake --build $build for the errors)"; exit 1; }

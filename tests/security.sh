@@ -145,6 +145,33 @@ expect_error "a master that never answers" "did not form within --dist-timeout 2
 kill $mute 2>/dev/null; wait $mute 2>/dev/null
 took=$(( $(date +%s) - start ))
 [ $took -le 30 ] && ok "both stalled joins ended in $took s with --dist-timeout 2" || bad "dist timeout" "the stalled joins took $took s"
+# A master that answers with junk: one line naming the rank and the master, exit 1 (was SIGABRT
+# from a c10d thread); a port in use and an address that does not resolve: victor's one line, no
+# c10d log lines (expect_error allows at most two lines of output).
+python3 -c '
+import socket, sys, time
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen(8)
+s.settimeout(1); conns = []; t = time.time()
+while time.time() - t < 30:
+    try:
+        c = s.accept()[0]; c.sendall(b"\xff" * 4096); conns.append(c)
+    except OSError: pass
+' "$port" &
+junk=$!
+sleep 0.5
+expect_error "a master that answers junk" "rank 1 of 2.*c10d.*failed|cannot join" env WORLD_SIZE=2 RANK=1 MASTER_ADDR=127.0.0.1 MASTER_PORT=$port "$VICTOR" "${targs[@]}"
+kill $junk 2>/dev/null; wait $junk 2>/dev/null
+busy_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+python3 -c '
+import socket, sys, time
+s = socket.socket(); s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen(1); time.sleep(15)
+' "$busy_port" &
+busy=$!
+sleep 0.5
+expect_error "the master port in use" "rank 0 of 2: cannot join.*Address already in use" env WORLD_SIZE=2 RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=$busy_port "$VICTOR" "${targs[@]}"
+kill $busy 2>/dev/null; wait $busy 2>/dev/null
+expect_error "an address that does not resolve" "rank 1 of 2: cannot join.*no.such.host.invalid" env WORLD_SIZE=2 RANK=1 MASTER_ADDR=no.such.host.invalid MASTER_PORT=$port "$VICTOR" "${targs[@]}"
+expect_error "--nproc under a launcher's RANK" "--nproc 2 starts its own ranks.*RANK=0" env RANK=0 WORLD_SIZE=2 "$VICTOR" "${targs[@]}" --nproc 2
 
 # --- kill -9 while writing over an existing model: the old model, the new one, or refused ---
 # The new model of each command is made once to completion; after every kill the folder must load
@@ -184,6 +211,52 @@ kill_test() {  # kill_test NAME OLD_SOURCE_DIR cmd... (writes into $work/k)
   ok "$name killed $kills times over an existing model (run ${max_ms} ms): $as_old old, $as_new new, $refused refused as incomplete, no mix"
   [ $refused -gt 0 ] || echo "note ($name): no kill landed inside the write this time"
 }
+# --- the server's memory after a burst of large images ---
+# 16 concurrent requests of two 4096 x 4096 PNGs (compressible: 48 MiB of pixels each, small
+# files): the server ends near where it started (each HTTP thread's malloc arena kept its share:
+# 831 MiB resident after such a burst, from 173) and /metrics shows the memory budget given back.
+"$VICTOR" serve --model "$m" --port 0 --threads 1 2> "$work/serve.log" &
+server=$!
+sport=""
+for _ in $(seq 1 300); do
+  sport=$(sed -n 's#.*http://127.0.0.1:\([0-9]*\)/.*#\1#p' "$work/serve.log" | head -1)
+  [ -n "$sport" ] && break
+  sleep 0.1
+done
+rss() { awk '/^VmRSS/{print int($2 / 1024)}' /proc/$server/status; }
+if [ -z "$sport" ]; then bad "serve burst" "the server did not start: $(cat "$work/serve.log")"; else
+  start_mib=$(rss)
+  python3 - "$sport" <<'PY' || bad "serve burst" "the client failed"
+import base64, json, struct, sys, threading, urllib.request, zlib
+def png(w, h, shade):
+    row = b"\0" + bytes([shade, 90, 200]) * w
+    def chunk(t, d): return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xffffffff)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)) + \
+        chunk(b"IDAT", zlib.compress(row * h, 6)) + chunk(b"IEND", b"")
+urls = ["data:image/png;base64," + base64.b64encode(png(4096, 4096, s)).decode() for s in (30, 160)]
+body = json.dumps({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}] +
+                   [{"type": "image_url", "image_url": {"url": u}} for u in urls]}], "max_tokens": 2}).encode()
+bad = []
+def one():
+    req = urllib.request.Request("http://127.0.0.1:%s/v1/chat/completions" % sys.argv[1], body, {"Content-Type": "application/json"})
+    try:
+        urllib.request.urlopen(req, timeout=300).read()
+    except Exception as e:
+        bad.append(str(e))
+ts = [threading.Thread(target=one) for _ in range(16)]
+[t.start() for t in ts]; [t.join() for t in ts]
+sys.exit(1 if bad else 0)
+PY
+  end_mib=$(rss)
+  peak_mib=$(awk '/^VmHWM/{print int($2 / 1024)}' /proc/$server/status)
+  metrics=$(python3 -c 'import sys, urllib.request; print(urllib.request.urlopen("http://127.0.0.1:%s/metrics" % sys.argv[1]).read().decode())' "$sport")
+  held=$(echo "$metrics" | awk '/^victor_memory_bytes_reserved\{/{s += $2} END {print s + 0}')
+  [ $((end_mib - start_mib)) -le 128 ] && ok "after 16 requests of two 4096^2 images the server holds $end_mib MiB (from $start_mib, peak $peak_mib)" ||
+    bad "serve burst" "the server holds $end_mib MiB after the burst, from $start_mib (peak $peak_mib)"
+  [ "$held" = 0 ] && ok "the memory budget is all given back" || bad "serve burst" "$held bytes still reserved"
+  kill $server; wait $server 2>/dev/null
+fi
+
 RANDOM=11
 kill_test "init" "$m" "$VICTOR" init --preset tiny --out "$work/k" --vocab-size 400 --seed 9 --overwrite
 kill_test "quantize" "$work/v" "$VICTOR" quantize --model "$m" --out "$work/k" --overwrite

@@ -330,7 +330,7 @@ struct ServeArgs {
   ImageCap cap;
   std::string model, dtype = "auto", kv_dtype = "f32", host = "127.0.0.1", name;
   int port = 8080, threads = default_threads(), http_threads = 0;
-  double kv_budget_mb = 2048, image_cache_mb = 256, max_body_mb = 64, max_image_mb = 20, image_memory_mb = 512;
+  double kv_budget_mb = 2048, image_cache_mb = 256, max_body_mb = 64, max_image_mb = 20, image_memory_mb = 512, memory_budget_mb = 4096;
   ReducerChoice reducer;
   ServeOptions opt;
 };
@@ -354,6 +354,7 @@ void run_serve(ServeArgs a) {
   o.kv_budget_bytes = int64_t(a.kv_budget_mb * 1048576.0);
   o.image_cache_bytes = int64_t(a.image_cache_mb * 1048576.0);
   o.image_memory_bytes = int64_t(a.image_memory_mb * 1048576.0);
+  o.memory_budget_bytes = int64_t(a.memory_budget_mb * 1048576.0);
   o.limits.max_body_bytes = int64_t(a.max_body_mb * 1048576.0);
   o.limits.max_image_bytes = int64_t(a.max_image_mb * 1048576.0);
   o.model_name = a.name.empty() ? fs::path(a.model).lexically_normal().filename().string() : a.name;
@@ -364,8 +365,8 @@ void run_serve(ServeArgs a) {
   Server server(engine, a.host, a.port, a.http_threads);
   const auto& cfg = model.config();
   std::cerr << "victor serve: " << o.model_name << " (" << cfg.weight_format() << " weights, "
-            << model.weight_bytes() / 1048576.0 << " MiB; reducer " << cfg.reducer.name() << "; KV budget "
-            << a.kv_budget_mb << " MiB) on http://" << a.host << ":" << server.port() << "/\n";
+            << model.weight_bytes() / 1048576.0 << " MiB; reducer " << cfg.reducer.name() << "; memory budget "
+            << a.memory_budget_mb << " MiB, KV at most " << a.kv_budget_mb << " MiB) on http://" << a.host << ":" << server.port() << "/\n";
   server.start();
   int sig = 0;
   sigwait(&stop_signals, &sig);
@@ -404,6 +405,16 @@ void run_gridvqa(const GridVqaOptions& o) {
   std::cout << "wrote GridVQA to " << o.out_dir << ": " << s.train_images << " train images ("
             << s.train_questions << " questions), " << s.test_images << " test images ("
             << s.test_questions << " questions), " << s.text_grids << " grids as text (text.json)\n";
+}
+
+// `--nproc N` starts its own ranks: under a launcher that already set RANK (torchrun, Slurm) it
+// would be ignored, so it is refused. Workers it starts run without --nproc.
+void refuse_nproc_under_launcher(int nproc) {
+  if (nproc <= 1) return;
+  for (const char* v : {"RANK", "WORLD_SIZE"})
+    if (const char* x = std::getenv(v); x && *x)
+      throw Error("--nproc " + std::to_string(nproc) + " starts its own ranks, but " + v + "=" + x +
+                  " is already set (a launcher's rank): unset RANK and WORLD_SIZE, or drop --nproc");
 }
 
 // `--nproc N` (train, repro): this process becomes the launcher of N workers, each the same
@@ -620,7 +631,15 @@ void run_train_vision(const VisionArgs& a) {
 
 int main(int argc, char** argv) {
   victor::ensure_fast_blas(argv);
-  tune_allocator();
+  // The subcommand is the first argument that is not an option (victor has no global options
+  // taking values).
+  const char* command = "";
+  for (int i = 1; i < argc; ++i)
+    if (argv[i][0] != '-') {
+      command = argv[i];
+      break;
+    }
+  tune_allocator(std::string(command) == "serve");
   CLI::App app{"victor: efficient vision-language models with Visual Compact Token Registers"};
   app.require_subcommand(1);
   app.set_help_all_flag("--help-all", "Show help for every subcommand");
@@ -709,6 +728,11 @@ int main(int argc, char** argv) {
                       "Memory that decoding and preprocessing the images of requests in flight may hold at once; a "
                       "request waits for its share (413 for an image that alone needs more)")
       ->check(CLI::Range(1.0, 1e7))->check(kFinite)->capture_default_str();
+  c_serve->add_option("--memory-budget-mb", sv.memory_budget_mb,
+                      "Memory that requests may hold besides the weights: images decoding and waiting, worst-case KV, "
+                      "prefill and decode activations, and the image cache's cap; a request is admitted when its "
+                      "KV and activations fit (400 for one that alone cannot)")
+      ->check(CLI::Range(1.0, 1e8))->check(kFinite)->capture_default_str();
   c_serve->add_option("--max-connections", sv.opt.gate.max_connections, "Open client connections at most (503 beyond)")
       ->check(CLI::Range(1, 1000000))->capture_default_str();
   c_serve->add_option("--max-connections-per-peer", sv.opt.gate.max_connections_per_peer,
@@ -996,6 +1020,7 @@ int main(int argc, char** argv) {
     else if (c_serve->parsed()) run_serve(sv);
     else if (c_bs->parsed()) run_bench_serve(bs, argv[0]);
     else if (c_repro->parsed()) {
+      refuse_nproc_under_launcher(rp_nproc);
       if (rp_nproc > 1 && !std::getenv("RANK"))
         return launch_workers(argc, argv, rp_nproc, c_repro->count("--threads") > 0);
       set_threads(rp_threads);
@@ -1005,6 +1030,7 @@ int main(int argc, char** argv) {
       std::string report = run_repro(o);
       if (!report.empty()) std::cout << "report: " << report << "\n";  // rank 0's
     } else if (c_train->parsed()) {
+      refuse_nproc_under_launcher(train_nproc);
       if (train_nproc > 1 && !std::getenv("RANK"))
         return launch_workers(argc, argv, train_nproc, c_train->count("--threads") > 0);
       run_train(tr, train_parts, train_threads, train_overwrite);

@@ -89,6 +89,13 @@ int64_t views_of(const PromptInput& in);
 int64_t kv_bytes_formula(const ModelConfig& c, int64_t text, const std::vector<int64_t>& visual, int64_t generated,
                          int64_t element_bytes);
 double prefill_flops(const ModelConfig& c, int64_t text, const std::vector<int64_t>& visual, int64_t views);
+// An upper bound on the bytes one request's prefill holds at once besides the weights and its KV
+// cache (kv_bytes_formula): the vision tower over the largest image's `views` (one image runs at a
+// time), then the decoder over every row (text + visual + inserted), its attention scores in
+// query blocks (attention_query_block). The serving engine admits requests by it.
+// ServeEngine.PrefillActivationFormulaBoundsTheMeasuredPeak holds it against VmHWM.
+int64_t prefill_activation_bytes(const ModelConfig& c, int64_t text, const std::vector<int64_t>& visual,
+                                 int64_t views_per_image);
 // Adds an image to a prompt input: its views (prepare_image) appended to the pixels, its layout
 // to the layouts.
 void add_image(PromptInput& in, const Image& img, const ModelConfig& c);

@@ -42,5 +42,9 @@ torch::Tensor apply_rope(const torch::Tensor& x, const RopeTables& t);
 // Returns [B,H,T,hd]; probs (optional out) [B,H,T,S].
 torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                         const torch::Tensor& allowed, torch::Tensor* probs = nullptr);
+// Without probs or autograd, a long prefill's queries run in blocks of this many rows, so its
+// scores ([H, block, S] floats, three copies: scores, masked, softmax) stay near 64 MiB instead of
+// growing with T x S (3.5 GB at 7B shapes and 3,000 rows). Rows are independent: same result.
+int64_t attention_query_block(int64_t heads, int64_t keys);
 
 }  // namespace victor

@@ -8,6 +8,7 @@
 #pragma once
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -64,6 +65,88 @@ struct Histogram {
   std::string prometheus(const std::string& name, const std::string& help) const;
 };
 
+// ---- One memory budget for everything requests hold besides the weights ----
+// Kinds: images being decoded and preprocessed, the prepared pixels of requests not yet
+// prefilled, the worst-case KV of admitted requests, the activations of their prefill (and of
+// their decode steps while they run). The encoded-image cache's cap is set aside from the total.
+// Two parts: images (decoding + pixels) within --image-memory-mb, and KV + activations within
+// the rest (the total minus the image part and the cache), so a request whose KV and activations
+// fit that rest is always admitted once running requests end, and images never wait for KV (no
+// wait cycle). Thread-safe; shared by the engine and each job's hold.
+class MemoryBudget {
+ public:
+  enum Kind { kDecoding, kPixels, kKv, kActivations, kKinds };
+  static const char* kind_name(Kind k);
+  MemoryBudget(int64_t total, int64_t set_aside, int64_t image_cap, int64_t kv_cap);
+  // Reserves `bytes` of `kind` when it fits (the total and the kind's cap); waits up to `wait`
+  // for room. False on time-out or stop().
+  bool reserve(Kind kind, int64_t bytes, std::chrono::milliseconds wait);
+  // Reserves KV and activations together without waiting (admission); false when they do not fit.
+  bool try_admit(int64_t kv, int64_t activations);  // activations: its prefill's and decode's
+  void release(Kind kind, int64_t bytes);
+  // Moves bytes reserved as one kind to another (never waits: the total does not change).
+  void move(Kind from, Kind to, int64_t bytes);
+  void stop();
+  // Room for requests (the total minus what is set aside) and what one request may ask at most.
+  int64_t room() const { return total_ - set_aside_; }
+  int64_t request_ceiling() const { return room() - image_cap_; }
+  int64_t total() const { return total_; }
+  struct Snapshot {
+    int64_t by_kind[kKinds] = {0, 0, 0, 0};
+    int64_t peak_by_kind[kKinds] = {0, 0, 0, 0};
+    int64_t images_peak = 0;  // decoding + pixels, at most
+    int64_t reserved = 0, peak = 0;
+  };
+  Snapshot snapshot() const;
+
+ private:
+  bool fits(Kind kind, int64_t bytes) const;  // with mu_ held
+  void add(Kind kind, int64_t bytes);         // with mu_ held
+  const int64_t total_, set_aside_, image_cap_, kv_cap_;
+  mutable std::mutex mu_;
+  std::condition_variable room_;
+  Snapshot s_;
+  bool stopped_ = false;
+};
+
+// A reservation that returns itself to the budget when destroyed (or reset).
+class MemoryHold {
+ public:
+  MemoryHold() = default;
+  MemoryHold(std::shared_ptr<MemoryBudget> b, MemoryBudget::Kind k, int64_t bytes)
+      : budget_(std::move(b)), kind_(k), bytes_(bytes) {}
+  MemoryHold(MemoryHold&& o) noexcept { *this = std::move(o); }
+  MemoryHold& operator=(MemoryHold&& o) noexcept {
+    if (this != &o) {
+      reset();
+      budget_ = std::move(o.budget_);
+      kind_ = o.kind_;
+      bytes_ = o.bytes_;
+      o.bytes_ = 0;
+    }
+    return *this;
+  }
+  ~MemoryHold() { reset(); }
+  void reset() {
+    if (budget_ && bytes_) budget_->release(kind_, bytes_);
+    budget_.reset();
+    bytes_ = 0;
+  }
+  int64_t bytes() const { return bytes_; }
+  // Splits `bytes` (at most bytes()) off as a hold of another kind.
+  MemoryHold split(MemoryBudget::Kind to, int64_t bytes) {
+    bytes = std::min(bytes, bytes_);
+    if (budget_ && bytes > 0) budget_->move(kind_, to, bytes);
+    bytes_ -= bytes;
+    return MemoryHold(budget_, to, bytes);
+  }
+
+ private:
+  std::shared_ptr<MemoryBudget> budget_;
+  MemoryBudget::Kind kind_ = MemoryBudget::kPixels;
+  int64_t bytes_ = 0;
+};
+
 // ---- The engine ----
 struct ServeOptions {
   ServeLimits limits;
@@ -79,6 +162,9 @@ struct ServeOptions {
   // Bytes that decoding and preprocessing the images of requests in flight may hold at once
   // (decoded pixels, the padded square, the resize's buffers); a request waits for its share.
   int64_t image_memory_bytes = 512ll << 20;
+  // Everything requests hold besides the weights: images decoding and waiting as pixels, KV,
+  // prefill and decode activations, with the image cache's cap set aside (MemoryBudget).
+  int64_t memory_budget_bytes = 4096ll << 20;
 };
 
 // One request's life: filled by the HTTP thread, advanced by the engine thread; the HTTP thread
@@ -92,7 +178,12 @@ struct Job {
   bool ignore_eos = false;
   int64_t prompt_rows = 0;            // rows entering the LLM (text + visual + registers)
   int64_t text_tokens = 0;
+  int64_t images = 0;                 // (its pixels are dropped after the prefill)
+  std::vector<int64_t> visual_rows, visual_rows_plain;  // per image, under the reducer and without
   int64_t kv_reserved = 0;            // bytes the KV budget holds for it (its worst case)
+  int64_t prefill_activations = 0;    // its prefill's activations at most (prefill_activation_bytes)
+  int64_t decode_activations = 0;     // its share of a decode step's activations
+  std::vector<MemoryHold> pixel_holds;  // its prepared images' pixels, until its prefill ends
   std::chrono::steady_clock::time_point created, deadline;
 
   // Progress (guarded by mu).
@@ -121,7 +212,6 @@ struct EngineCounters {
   uint64_t image_cache_hits = 0, image_cache_misses = 0;
   uint64_t decode_steps = 0;
   int64_t kv_bytes_in_use = 0, kv_bytes_reserved = 0, image_cache_bytes = 0;
-  int64_t image_bytes_in_flight = 0, image_bytes_peak = 0;  // under --image-memory-mb
   int64_t queue_length = 0, running = 0, max_running_seen = 0;
 };
 
@@ -138,6 +228,7 @@ class ServeEngine {
   // Queues a job; false when the queue is full (the caller answers 503).
   bool submit(const std::shared_ptr<Job>& job);
   EngineCounters counters() const;
+  MemoryBudget::Snapshot memory() const { return budget_->snapshot(); }
   std::string metrics_text() const;  // Prometheus exposition format
   const ServeOptions& options() const { return opt_; }
   const Vlm& model() const { return model_; }
@@ -155,11 +246,14 @@ class ServeEngine {
   };
   void loop();
   bool prefill(const std::shared_ptr<Job>& job);
+  // Gives back a job's KV and decode reservations (it left the batch or never entered it).
+  void release_running(Job& job);
   // Appends a sampled token; returns true when the job is finished.
   bool advance(Running& r, int64_t token);
   void finish(const std::shared_ptr<Job>& job, const std::string& reason, const std::string& error = "");
-  // Decodes and preprocesses one image within the image memory budget (waits for room).
-  PreparedImage decode_within_budget(const ChatImage& img, const ModelConfig& cfg) const;
+  // Decodes and preprocesses one image within the memory budget (waits for room); its pixels
+  // stay reserved in `pixels` until the job's prefill ends.
+  PreparedImage decode_within_budget(const ChatImage& img, const ModelConfig& cfg, MemoryHold* pixels) const;
   std::vector<torch::Tensor> image_embeds(const Job& job, bool* all_cached);
 
   const Vlm& model_;
@@ -173,7 +267,7 @@ class ServeEngine {
   Histogram ttft_{{0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60}};
   Histogram tps_{{1, 2, 5, 10, 20, 50, 100, 200, 500}};
   bool stop_ = false;
-  mutable std::condition_variable image_room_;  // with mu_: image_bytes_in_flight went down
+  std::shared_ptr<MemoryBudget> budget_;
   // The image cache: key -> encoded image [1,N,d]; LRU order in `lru_` (front = newest).
   std::list<uint64_t> lru_;
   std::unordered_map<uint64_t, std::pair<torch::Tensor, std::list<uint64_t>::iterator>> images_;

@@ -1,5 +1,6 @@
 #include "victor/ops.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "victor/error.h"
@@ -99,6 +100,10 @@ torch::Tensor apply_rope(const torch::Tensor& x, const torch::Tensor& pos, doubl
   return apply_rope(x, rope_tables(pos, x.size(-1), theta));
 }
 
+int64_t attention_query_block(int64_t heads, int64_t keys) {
+  return std::max<int64_t>(16, (int64_t(64) << 20) / std::max<int64_t>(1, heads * keys * 4));
+}
+
 torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                         const torch::Tensor& allowed, torch::Tensor* probs) {
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), hd = q.size(3);
@@ -125,6 +130,15 @@ torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k, const to
     for (int64_t b = 0; b < B; ++b)
       rows.push_back(attention(q.narrow(0, b, 1), k.narrow(0, b, 1), v.narrow(0, b, 1), allowed.narrow(0, b, 1), nullptr));
     return torch::cat(rows, 0);
+  }
+  const int64_t tb = attention_query_block(H, S);
+  if (B == 1 && !probs && !grad && T > tb) {
+    std::vector<torch::Tensor> blocks;
+    for (int64_t t0 = 0; t0 < T; t0 += tb) {
+      const int64_t n = std::min(tb, T - t0);
+      blocks.push_back(attention(q.narrow(2, t0, n), k, v, allowed.narrow(1, t0, n), nullptr));
+    }
+    return torch::cat(blocks, 2);
   }
   // Query head h uses key/value head h / G (Hugging Face's repeat_kv), without copying K/V.
   auto qg = q.reshape({B, Hkv, G, T, hd});

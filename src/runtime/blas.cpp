@@ -57,10 +57,12 @@ void ensure_fast_blas(char** argv) {
 // Measured (docs/benchmarks.md): 6 small-preset training steps 20.2 -> 13 s (577K -> 299K faults);
 // a 605-token bf16 prefill 18.7 -> 4.7 s (with a 32 MiB threshold 8-9 s, with only the trim
 // threshold 22 s). glibc 2.36 accepts a 256 MiB mmap threshold.
-void tune_allocator() {
+void tune_allocator(bool one_arena) {
   if (std::getenv("MALLOC_MMAP_THRESHOLD_") || std::getenv("MALLOC_TRIM_THRESHOLD_") ||
       std::getenv("MALLOC_TOP_PAD_") || std::getenv("VICTOR_DEFAULT_MALLOC"))
     return;
+  // Before any thread exists: glibc fixes its arena limit when it first needs a second arena.
+  if (one_arena && !std::getenv("MALLOC_ARENA_MAX")) mallopt(M_ARENA_MAX, 1);
   mallopt(M_MMAP_THRESHOLD, 256 << 20);
   mallopt(M_TRIM_THRESHOLD, 1 << 30);
   mallopt(M_TOP_PAD, 64 << 20);

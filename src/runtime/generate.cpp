@@ -1,4 +1,5 @@
 #include "victor/generate.h"
+#include "victor/ops.h"
 
 #include <ATen/CPUGeneratorImpl.h>
 
@@ -105,6 +106,35 @@ int64_t kv_bytes_formula(const ModelConfig& c, int64_t text, const std::vector<i
 
 double prefill_flops(const ModelConfig& c, int64_t text, const std::vector<int64_t>& visual, int64_t views) {
   return c.reducer.prefill_flops(c, text, visual, views);
+}
+
+int64_t prefill_activation_bytes(const ModelConfig& c, int64_t text, const std::vector<int64_t>& visual,
+                                 int64_t views_per_image) {
+  const int64_t f = 4;  // activations are float32
+  int64_t vision = 0;
+  if (!visual.empty() && views_per_image > 0) {
+    // Per view: the patches' rows through a layer (x, norm, q, k, v, attention out, projection,
+    // residual: 8 x D; the MLP's 2 x F), the kept feature layer, scores and softmax [H,T,T], the
+    // pixels; then the projector's rows (2 x its width + the LLM's).
+    const VisionConfig& v = c.vision;
+    const int64_t n = views_per_image, T = v.num_patches() + 1, D = v.hidden_size, F = v.intermediate_size;
+    const int64_t d = c.text.hidden_size;
+    vision = f * n * (T * (9 * D + 2 * F) + 2 * int64_t(v.num_attention_heads) * T * T +
+                      int64_t(v.num_channels) * v.image_size * v.image_size + T * 3 * d);
+  }
+  // The decoder: every row before any drop. Per row: d-wide x, norm, q, rotated q, attention out,
+  // its transposed copy, o, residual, norm, down, sum (11 d); K/V wide k, v, rotated k and float
+  // copies of a bf16 cache (5 dkv); the MLP's gate, up, silu, product (4 F). Scores: three copies
+  // of a query block [H, block, rows] and the bool masks [rows, rows] (two).
+  const TextConfig& t = c.text;
+  int64_t rows = text + int64_t(visual.size()) * c.reducer.inserted_rows();
+  for (int64_t r : visual) rows += r;
+  const int64_t d = t.hidden_size, H = t.num_attention_heads;
+  const int64_t dkv = int64_t(t.num_key_value_heads) * t.head_dim(), F = t.intermediate_size;
+  const int64_t block = std::min(rows, attention_query_block(H, rows));
+  const int64_t decoder = f * rows * (11 * d + 5 * dkv + 4 * F) + 3 * f * H * block * rows + 2 * rows * rows;
+  // The assembled embeddings stay through the decoder; the last row's logits.
+  return std::max(vision, decoder) + f * rows * d + f * t.vocab_size;
 }
 
 void add_image(PromptInput& in, const Image& img, const ModelConfig& c) {

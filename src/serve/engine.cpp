@@ -42,6 +42,82 @@ uint64_t hash_bytes(const std::string& bytes) {
   return z ^ (z >> 31);
 }
 
+const char* MemoryBudget::kind_name(Kind k) {
+  switch (k) {
+    case kDecoding: return "decoding";
+    case kPixels: return "pixels";
+    case kKv: return "kv";
+    case kActivations: return "activations";
+    default: return "?";
+  }
+}
+
+MemoryBudget::MemoryBudget(int64_t total, int64_t set_aside, int64_t image_cap, int64_t kv_cap)
+    : total_(total), set_aside_(set_aside), image_cap_(image_cap), kv_cap_(kv_cap) {
+  if (request_ceiling() <= 0)
+    throw Error("--memory-budget-mb (" + mib(total) + ") must exceed --image-cache-mb (" + mib(set_aside) +
+                ") + --image-memory-mb (" + mib(image_cap) + "): nothing would be left for a request's KV and activations");
+}
+
+bool MemoryBudget::fits(Kind kind, int64_t bytes) const {
+  // Two parts: images (decoding + pixels) within their cap, KV + activations within the rest.
+  if (kind == kDecoding || kind == kPixels) return s_.by_kind[kDecoding] + s_.by_kind[kPixels] + bytes <= image_cap_;
+  if (kind == kKv && s_.by_kind[kKv] + bytes > kv_cap_) return false;
+  return s_.by_kind[kKv] + s_.by_kind[kActivations] + bytes <= request_ceiling();
+}
+
+void MemoryBudget::add(Kind kind, int64_t bytes) {
+  s_.by_kind[kind] += bytes;
+  s_.reserved += bytes;
+  s_.peak = std::max(s_.peak, s_.reserved);
+  s_.peak_by_kind[kind] = std::max(s_.peak_by_kind[kind], s_.by_kind[kind]);
+  s_.images_peak = std::max(s_.images_peak, s_.by_kind[kDecoding] + s_.by_kind[kPixels]);
+}
+
+bool MemoryBudget::reserve(Kind kind, int64_t bytes, std::chrono::milliseconds wait) {
+  std::unique_lock<std::mutex> lk(mu_);
+  if (!room_.wait_for(lk, wait, [&] { return stopped_ || fits(kind, bytes); }) || stopped_) return false;
+  add(kind, bytes);
+  return true;
+}
+
+bool MemoryBudget::try_admit(int64_t kv, int64_t activations) {
+  std::lock_guard<std::mutex> lk(mu_);
+  if (stopped_ || !fits(kKv, kv) || !fits(kActivations, kv + activations)) return false;
+  add(kKv, kv);
+  add(kActivations, activations);
+  return true;
+}
+
+void MemoryBudget::release(Kind kind, int64_t bytes) {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    s_.by_kind[kind] -= bytes;
+    s_.reserved -= bytes;
+  }
+  room_.notify_all();
+}
+
+void MemoryBudget::move(Kind from, Kind to, int64_t bytes) {
+  std::lock_guard<std::mutex> lk(mu_);
+  s_.by_kind[from] -= bytes;
+  s_.reserved -= bytes;
+  add(to, bytes);
+}
+
+void MemoryBudget::stop() {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    stopped_ = true;
+  }
+  room_.notify_all();
+}
+
+MemoryBudget::Snapshot MemoryBudget::snapshot() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return s_;
+}
+
 std::string Job::take(std::chrono::milliseconds wait, bool* finished) {
   std::unique_lock<std::mutex> lk(mu);
   if (pending_text.empty() && !done) cv.wait_for(lk, wait, [&] { return !pending_text.empty() || done; });
@@ -56,6 +132,8 @@ ServeEngine::ServeEngine(const Vlm& model, const Tokenizer& tok, ServeOptions op
   if (opt_.kv_budget_bytes <= 0) throw Error("--kv-budget-mb must be > 0");
   if (opt_.max_batch < 1) throw Error("--max-batch must be >= 1");
   if (opt_.prefills_per_step < 1) throw Error("--prefills-per-step must be >= 1");
+  budget_ = std::make_shared<MemoryBudget>(opt_.memory_budget_bytes, opt_.image_cache_bytes, opt_.image_memory_bytes,
+                                           opt_.kv_budget_bytes);
   thread_ = std::thread([this] { loop(); });
 }
 
@@ -68,7 +146,7 @@ void ServeEngine::stop() {
     stop_ = true;
   }
   cv_.notify_all();
-  image_room_.notify_all();
+  budget_->stop();
   if (thread_.joinable()) thread_.join();
   for (auto& r : running_) finish(r.job, "cancelled", "the server is shutting down");
   running_.clear();
@@ -111,7 +189,7 @@ int64_t preprocess_bytes(int w, int h, const ModelConfig& c) {
 }
 }  // namespace
 
-PreparedImage ServeEngine::decode_within_budget(const ChatImage& img, const ModelConfig& cfg) const {
+PreparedImage ServeEngine::decode_within_budget(const ChatImage& img, const ModelConfig& cfg, MemoryHold* pixels) const {
   int w = 0, h = 0;
   if (!image_dimensions(img.bytes, &w, &h))
     throw ApiError(400, "invalid_request_error", img.field,
@@ -131,45 +209,37 @@ PreparedImage ServeEngine::decode_within_budget(const ChatImage& img, const Mode
                    img.field + ": image of " + std::to_string(w) + "x" + std::to_string(h) + " needs " +
                        std::to_string(need >> 20) + " MiB to decode and preprocess, more than the server's " +
                        std::to_string(opt_.image_memory_bytes >> 20) + " MiB (--image-memory-mb)");
-  {
-    std::unique_lock<std::mutex> lk(mu_);
-    const bool room = image_room_.wait_for(lk, std::chrono::seconds(30), [&] {
-      return stop_ || counters_.image_bytes_in_flight + need <= opt_.image_memory_bytes;
-    });
-    if (!room || stop_)
-      throw ApiError(503, "server_error", "", "the server is busy decoding other images; retry shortly");
-    auto& c = const_cast<EngineCounters&>(counters_);
-    c.image_bytes_in_flight += need;
-    c.image_bytes_peak = std::max(c.image_bytes_peak, c.image_bytes_in_flight);
-  }
+  if (!budget_->reserve(MemoryBudget::kDecoding, need, std::chrono::seconds(30)))
+    throw ApiError(503, "server_error", "", "the server is busy decoding other images; retry shortly");
   struct Release {
-    const ServeEngine* e;
-    int64_t n;
+    MemoryHold hold;
     ~Release() {
-      {
-        std::lock_guard<std::mutex> lk(e->mu_);
-        const_cast<EngineCounters&>(e->counters_).image_bytes_in_flight -= n;
-      }
-      e->image_room_.notify_all();
-      // A large decode leaves its freed pages in this HTTP thread's malloc arena, and every
-      // thread has its own: without handing them back the server's RSS grows to the sum of the
-      // threads' peaks and stays there (measured: 2.5 GB for 16 requests of 8 4096^2 images).
+      const int64_t n = hold.bytes();  // (what is left after the pixels' split: still large)
+      hold.reset();
+      // Hand a large decode's freed pages back to the kernel (`victor serve` allocates from one
+      // arena: tune_allocator; before both: 2.5 GB for 16 requests of 8 4096^2 images, staying).
 #ifdef __GLIBC__
       if (n >= (16 << 20)) malloc_trim(0);
 #endif
     }
-  } release{this, need};
+  } release{MemoryHold(budget_, MemoryBudget::kDecoding, need)};
   Image decoded;
   try {
     decoded = decode_image(img.bytes, img.field);
   } catch (const Error& e) {
     throw ApiError(400, "invalid_request_error", img.field, e.what());
   }
+  PreparedImage p;
   try {
-    return prepare_image(decoded, cfg);
+    p = prepare_image(decoded, cfg);
   } catch (const Error& e) {
     throw ApiError(413, "invalid_request_error", img.field, img.field + ": " + e.what());
   }
+  // The pixels stay until the prefill: their bytes move from decoding to pixels (they are part of
+  // `need`), before the rest of the decoding share goes back.
+  const int64_t px = p.pixels.numel() * int64_t(p.pixels.element_size());
+  *pixels = release.hold.split(MemoryBudget::kPixels, px);
+  return p;
 }
 
 std::shared_ptr<Job> ServeEngine::make_job(const ChatRequest& r) const {
@@ -196,7 +266,8 @@ std::shared_ptr<Job> ServeEngine::make_job(const ChatRequest& r) const {
   job->input.ids = encode_chat(tok_, r.turns).ids;
   std::vector<torch::Tensor> px;
   for (auto& img : r.images) {
-    PreparedImage p = decode_within_budget(img, cfg);
+    job->pixel_holds.emplace_back();
+    PreparedImage p = decode_within_budget(img, cfg, &job->pixel_holds.back());
     px.push_back(p.pixels);
     if (cfg.is_next()) job->input.layouts.push_back(p.layout);
     // The cache holds an image's packed rows: the same bytes under another cap are another entry.
@@ -207,7 +278,10 @@ std::shared_ptr<Job> ServeEngine::make_job(const ChatRequest& r) const {
   const int64_t n = int64_t(r.images.size());
   if (n > 0) job->input.pixels = torch::cat(px, 0);
   job->text_tokens = int64_t(job->input.ids.size()) - n;
+  job->images = n;
   const std::vector<int64_t> visual = visual_rows_of(cfg, job->input);
+  job->visual_rows = visual;
+  job->visual_rows_plain = visual_rows_of(without_reducer(cfg), job->input);
   job->prompt_rows = job->text_tokens + n * cfg.reducer.inserted_rows();
   for (int64_t v : visual) job->prompt_rows += v;
   const int64_t ctx = cfg.text.max_position_embeddings;
@@ -237,6 +311,25 @@ std::shared_ptr<Job> ServeEngine::make_job(const ChatRequest& r) const {
                    "max_tokens: this request needs " + mib(job->kv_reserved) +
                        " of KV cache at most, more than the server's whole budget (--kv-budget-mb " +
                        mib(opt_.kv_budget_bytes) + "); ask for fewer tokens or images");
+  // Activations: the prefill's (released when it ends) and a share of each decode step's (one
+  // row through a layer, its scores over the whole context, the logits), held while it runs.
+  int64_t views = 0;
+  for (auto& l : job->input.layouts) views = std::max<int64_t>(views, l.views());
+  if (n > 0 && views == 0) views = 1;
+  job->prefill_activations = prefill_activation_bytes(cfg, job->text_tokens, visual, views);
+  {
+    const TextConfig& t = cfg.text;
+    job->decode_activations = 4 * (11 * int64_t(t.hidden_size) + 4 * int64_t(t.intermediate_size) + t.vocab_size +
+                                   3 * int64_t(t.num_attention_heads) * (job->prompt_rows + max_new));
+  }
+  const int64_t want = job->kv_reserved + job->decode_activations + job->prefill_activations;
+  if (want > budget_->request_ceiling())
+    throw ApiError(400, "invalid_request_error", "messages",
+                   "messages: this request needs " + mib(job->kv_reserved) + " of KV cache and " +
+                       mib(job->prefill_activations + job->decode_activations) +
+                       " of activations at most, more than the server's memory budget leaves for one request (" +
+                       mib(budget_->request_ceiling()) +
+                       " = --memory-budget-mb - --image-cache-mb - --image-memory-mb); ask for fewer tokens or images");
   job->created = Clock::now();
   job->deadline = job->created + std::chrono::milliseconds(int64_t(opt_.limits.request_timeout_seconds * 1000));
   return job;
@@ -377,6 +470,13 @@ bool ServeEngine::advance(Running& r, int64_t token) {
   return false;
 }
 
+void ServeEngine::release_running(Job& job) {
+  budget_->release(MemoryBudget::kKv, job.kv_reserved);
+  budget_->release(MemoryBudget::kActivations, job.decode_activations);
+  std::lock_guard<std::mutex> lk(mu_);
+  counters_.kv_bytes_reserved -= job.kv_reserved;
+}
+
 bool ServeEngine::prefill(const std::shared_ptr<Job>& job) {
   Running r;
   r.job = job;
@@ -428,35 +528,42 @@ void ServeEngine::loop() {
           ++it;
         }
       }
-      // Admission: the oldest waiting request, when its worst-case KV fits beside the running
-      // ones' (a request alone always fits: make_job refused any larger than the budget).
+      // Admission: the oldest waiting request, when its worst-case KV and its activations fit
+      // the memory budget beside everything held now (a request alone always fits once the
+      // running ones end: make_job refused any larger than the budget's ceiling per request).
       while (!pending_.empty() && int(admitted.size()) < opt_.prefills_per_step &&
              int(running_.size() + admitted.size()) < opt_.max_batch &&
-             counters_.kv_bytes_reserved + pending_.front()->kv_reserved <= opt_.kv_budget_bytes) {
+             budget_->try_admit(pending_.front()->kv_reserved,
+                                pending_.front()->decode_activations + pending_.front()->prefill_activations)) {
         admitted.push_back(pending_.front());
         pending_.pop_front();
         counters_.kv_bytes_reserved += admitted.back()->kv_reserved;
       }
       counters_.queue_length = int64_t(pending_.size());
     }
-    for (auto& j : expired)
+    for (auto& j : expired) {
       finish(j, j->cancelled ? "cancelled" : "timeout", j->cancelled ? "" : "timed out in the queue");
+      j->pixel_holds.clear();
+    }
     for (auto& job : admitted) {
-      if (prefill(job)) continue;
-      std::lock_guard<std::mutex> lk(mu_);
-      counters_.kv_bytes_reserved -= job->kv_reserved;
+      const bool running = prefill(job);
+      // The prefill's activations and the prepared pixels are gone now.
+      budget_->release(MemoryBudget::kActivations, job->prefill_activations);
+      job->pixel_holds.clear();
+      job->input.pixels = torch::Tensor();
+      if (running) continue;
+      release_running(*job);
     }
     // Leaves the batch (freeing its cache and its reservation) every request for which `gone`.
     auto release_if = [&](const std::function<bool(size_t)>& gone) {
       std::vector<Running> keep;
-      int64_t freed = 0;
+      std::vector<std::shared_ptr<Job>> gone_jobs;
       for (size_t i = 0; i < running_.size(); ++i) {
-        if (gone(i)) freed += running_[i].job->kv_reserved;
+        if (gone(i)) gone_jobs.push_back(running_[i].job);
         else keep.push_back(std::move(running_[i]));
       }
       running_.swap(keep);
-      std::lock_guard<std::mutex> lk(mu_);
-      counters_.kv_bytes_reserved -= freed;
+      for (auto& j : gone_jobs) release_running(*j);
     };
     // Cancelled (client gone) or timed out.
     const auto now = Clock::now();
@@ -526,9 +633,19 @@ std::string ServeEngine::metrics_text() const {
   metric("victor_image_cache_hits_total", "counter", "Images served from the image cache.", c.image_cache_hits);
   metric("victor_image_cache_misses_total", "counter", "Images not in the image cache.", c.image_cache_misses);
   metric("victor_image_cache_bytes", "gauge", "Bytes of encoded images cached.", c.image_cache_bytes);
-  metric("victor_image_bytes_in_flight", "gauge", "Bytes held by images being decoded and preprocessed.", c.image_bytes_in_flight);
-  metric("victor_image_bytes_peak", "gauge", "Most bytes images in flight ever held at once.", c.image_bytes_peak);
-  metric("victor_image_memory_budget_bytes", "gauge", "Their budget (--image-memory-mb).", opt_.image_memory_bytes);
+  const MemoryBudget::Snapshot m = budget_->snapshot();
+  metric("victor_image_bytes_in_flight", "gauge", "Bytes held by images being decoded and preprocessed, and by prepared pixels waiting for their prefill.",
+         m.by_kind[MemoryBudget::kDecoding] + m.by_kind[MemoryBudget::kPixels]);
+  metric("victor_image_bytes_peak", "gauge", "Most bytes images in flight ever held at once.", m.images_peak);
+  metric("victor_image_memory_budget_bytes", "gauge", "Their cap within the memory budget (--image-memory-mb).", opt_.image_memory_bytes);
+  o << "# HELP victor_memory_bytes_reserved Bytes reserved in the memory budget, by kind.\n"
+    << "# TYPE victor_memory_bytes_reserved gauge\n";
+  for (int k = 0; k < MemoryBudget::kKinds; ++k)
+    o << "victor_memory_bytes_reserved{kind=\"" << MemoryBudget::kind_name(MemoryBudget::Kind(k)) << "\"} "
+      << m.by_kind[k] << "\n";
+  metric("victor_memory_bytes_reserved_peak", "gauge", "Most bytes ever reserved in the memory budget at once (all kinds).", m.peak);
+  metric("victor_memory_budget_bytes", "gauge", "The memory budget (--memory-budget-mb); the image cache's cap is set aside from it.",
+         budget_->total());
   metric("victor_decode_steps_total", "counter", "Batched decode steps run.", c.decode_steps);
   o << ttft_.prometheus("victor_time_to_first_token_seconds", "Arrival to first token, per request.");
   o << tps_.prometheus("victor_decode_tokens_per_second", "Decode speed per finished request.");

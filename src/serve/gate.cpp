@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "victor/error.h"
+#include "victor/http_head.h"
 #include "victor/serve_api.h"
 
 namespace victor {
@@ -48,92 +49,6 @@ std::string http_reply(int status, const char* reason, const std::string& messag
 
 void set_nonblocking(int fd) { ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) | O_NONBLOCK); }
 
-std::string lower(std::string s) {
-  for (auto& c : s) c = char(std::tolower(static_cast<unsigned char>(c)));
-  return s;
-}
-
-std::string trim(const std::string& s) {
-  const size_t a = s.find_first_not_of(" \t"), b = s.find_last_not_of(" \t");
-  return a == std::string::npos ? "" : s.substr(a, b - a + 1);
-}
-
-// A chunked body as it streams through: where it ends, and how many data bytes its chunk
-// headers declare (known before the data arrives, so an oversized body is refused at once).
-struct ChunkScanner {
-  enum State { Size, Ext, SizeLf, Data, DataCr, DataLf, Trailer, TrailerLf, Done } st = Size;
-  uint64_t chunk = 0, total = 0;
-  int digits = 0, line = 0;
-
-  // Consumes body bytes from p; returns false when malformed. *used: bytes that belong to it.
-  bool feed(const char* p, size_t n, size_t* used) {
-    size_t i = 0;
-    while (i < n && st != Done) {
-      const char c = p[i];
-      switch (st) {
-        case Size:
-          if (std::isxdigit(static_cast<unsigned char>(c))) {
-            if (++digits > 15) return false;  // over 2^60: no body is that large
-            chunk = chunk * 16 + uint64_t(std::isdigit(static_cast<unsigned char>(c)) ? c - '0' : std::tolower(c) - 'a' + 10);
-          } else if (digits > 0 && (c == ';' || c == ' ' || c == '\t')) {
-            st = Ext;
-          } else if (digits > 0 && c == '\r') {
-            st = SizeLf;
-          } else {
-            return false;
-          }
-          ++i;
-          break;
-        case Ext:
-          if (c == '\r') st = SizeLf;
-          else if (++line > 1024) return false;
-          ++i;
-          break;
-        case SizeLf:
-          if (c != '\n') return false;
-          total += chunk;
-          st = chunk == 0 ? Trailer : Data;
-          line = 0;
-          ++i;
-          break;
-        case Data: {
-          const size_t take = size_t(std::min<uint64_t>(chunk, n - i));
-          chunk -= take;
-          i += take;
-          if (chunk == 0) st = DataCr;
-          break;
-        }
-        case DataCr:
-          if (c != '\r') return false;
-          st = DataLf;
-          ++i;
-          break;
-        case DataLf:
-          if (c != '\n') return false;
-          st = Size;
-          digits = 0;
-          ++i;
-          break;
-        case Trailer:
-          if (c == '\r') st = TrailerLf;
-          else if (++line > 8192) return false;
-          ++i;
-          break;
-        case TrailerLf:
-          if (c != '\n') return false;
-          st = line == 0 ? Done : Trailer;
-          line = 0;
-          ++i;
-          break;
-        case Done:
-          break;
-      }
-    }
-    *used = i;
-    return true;
-  }
-};
-
 struct Conn {
   int fd = -1, up = -1;
   std::string peer;
@@ -149,6 +64,7 @@ struct Conn {
 
 struct Gate::Impl {
   GateOptions o;
+  HeadLimits limits() const { return {o.max_header_bytes, o.max_header_lines, o.max_body_bytes}; }
   int listen_fd = -1, port = 0, upstream_port = 0;
   int wake[2] = {-1, -1};
   std::atomic<bool> stopping{false};
@@ -235,53 +151,15 @@ struct Gate::Impl {
     const std::string head = c.in.substr(0, head_end);
     const std::string rest = c.in.substr(head_end + 4);
     c.in.clear();
-    std::vector<std::string> lines;
-    for (size_t at = 0; at <= head.size();) {
-      size_t e = head.find("\r\n", at);
-      if (e == std::string::npos) e = head.size();
-      lines.push_back(head.substr(at, e - at));
-      at = e + 2;
-    }
-    if (int(lines.size()) - 1 > o.max_header_lines)
-      return refuse(c, 431, "Request Header Fields Too Large",
-                    "more than " + std::to_string(o.max_header_lines) + " header lines", &GateCounters::header_too_large);
-    const std::string& request_line = lines[0];
-    const size_t sp1 = request_line.find(' '), sp2 = request_line.rfind(' ');
-    if (sp1 == std::string::npos || sp2 == sp1 || request_line.compare(sp2 + 1, 7, "HTTP/1.") != 0)
-      return refuse(c, 400, "Bad Request", "malformed request line", &GateCounters::bad_request);
-    std::string forwarded = request_line + "\r\n";
-    bool have_length = false;
-    uint64_t length = 0;
-    for (size_t i = 1; i < lines.size(); ++i) {
-      const std::string& l = lines[i];
-      const size_t colon = l.find(':');
-      if (l.empty() || l[0] == ' ' || l[0] == '\t' || colon == std::string::npos || colon == 0)
-        return refuse(c, 400, "Bad Request", "malformed header line", &GateCounters::bad_request);
-      const std::string name = lower(l.substr(0, colon)), value = trim(l.substr(colon + 1));
-      if (name == "content-length") {
-        if (have_length) return refuse(c, 400, "Bad Request", "more than one Content-Length", &GateCounters::bad_request);
-        if (value.empty() || value.size() > 19 || value.find_first_not_of("0123456789") != std::string::npos)
-          return refuse(c, 400, "Bad Request", "Content-Length '" + value.substr(0, 32) + "' is not a number of bytes",
-                        &GateCounters::bad_request);
-        have_length = true;
-        length = std::stoull(value);
-      } else if (name == "transfer-encoding") {
-        if (lower(value) != "chunked")
-          return refuse(c, 400, "Bad Request", "Transfer-Encoding '" + value.substr(0, 32) + "' is not supported",
-                        &GateCounters::bad_request);
-        c.chunked = true;
-      }
-      if (name == "connection" || name == "keep-alive" || name == "proxy-connection") continue;
-      forwarded += l + "\r\n";
-    }
-    if (have_length && c.chunked)
-      return refuse(c, 400, "Bad Request", "both Content-Length and Transfer-Encoding", &GateCounters::bad_request);
-    if (have_length && length > uint64_t(o.max_body_bytes))
-      return refuse(c, 413, "Payload Too Large",
-                    "request body of " + std::to_string(length) + " bytes is larger than the limit of " +
-                        std::to_string(o.max_body_bytes) + " bytes (--max-body-mb)",
-                    &GateCounters::body_too_large);
-    forwarded += "Connection: close\r\n\r\n";
+    HeadVerdict v = parse_request_head(head, limits());
+    if (v.refusal != HeadVerdict::None)
+      return refuse(c, v.status, v.reason, v.message,
+                    v.refusal == HeadVerdict::HeaderTooLarge ? &GateCounters::header_too_large
+                    : v.refusal == HeadVerdict::BodyTooLarge ? &GateCounters::body_too_large
+                                                             : &GateCounters::bad_request);
+    c.chunked = v.chunked;
+    const uint64_t length = v.content_length;
+    std::string forwarded = std::move(v.forwarded);
     c.body_left = int64_t(length);
     c.up = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
     sockaddr_in a{};
@@ -332,8 +210,9 @@ struct Gate::Impl {
     if (n < 0) return true;
     c.last_activity = Clock::now();
     if (c.phase == Conn::Head) {
+      const size_t searched = c.in.size();
       c.in.append(buf, size_t(n));
-      const size_t end = c.in.find("\r\n\r\n");
+      const size_t end = find_head_end(c.in, searched);
       if (end == std::string::npos) {
         if (c.in.size() > o.max_header_bytes)
           refuse(c, 431, "Request Header Fields Too Large",

@@ -39,11 +39,11 @@ void send_error(httplib::Response& res, const ApiError& e) {
 json victor_figures(const ServeEngine& engine, const Job& job) {
   const auto& cfg = engine.model().config();
   const ModelConfig plain = without_reducer(cfg);
-  const int64_t images = job.input.images();
+  const int64_t images = job.images;
   const int64_t generated = int64_t(job.tokens.size());
   const int64_t el = int64_t(c10::elementSize(engine.options().kv_dtype));
   const auto& r = cfg.reducer;
-  const std::vector<int64_t> visual = visual_rows_of(cfg, job.input), visual_plain = visual_rows_of(plain, job.input);
+  const std::vector<int64_t>& visual = job.visual_rows, &visual_plain = job.visual_rows_plain;
   int64_t in = 0, to_llm = 0, after = 0;
   for (int64_t v : visual_plain) in += v;
   for (int64_t v : visual) {
@@ -126,7 +126,8 @@ struct Server::Impl {
               {"kv_dtype", engine.options().kv_dtype == torch::kBFloat16 ? "bf16" : "f32"},
               {"visual_tokens_per_image", without_reducer(cfg).visual_tokens_per_image()},
               {"context", cfg.text.max_position_embeddings},
-              {"kv_budget_bytes", engine.options().kv_budget_bytes}}}};
+              {"kv_budget_bytes", engine.options().kv_budget_bytes},
+              {"memory_budget_bytes", engine.options().memory_budget_bytes}}}};
   }
 
   void completions(const httplib::Request& req, httplib::Response& res) {
