@@ -324,6 +324,37 @@ TEST(Tokenizer, MatchesSentencePieceReferenceForUnigramAndBpe) {
   EXPECT_EQ(ids[0], n);
 }
 
+TEST(Tokenizer, WordByWordEncodingEqualsSentencePieceOnLongAndOddTexts) {
+  // victor encodes word by word when no piece spans a word boundary (memory follows the longest
+  // word). Against spm_encode: a long paragraph, runs of unknown characters across words (merged
+  // into one unknown without byte fallback), and models whose pieces DO span words
+  // (--split_by_whitespace=false: the whole-text path).
+  std::string para;
+  const std::vector<std::string> corpus = gridvqa_corpus();
+  for (size_t i = 0; i < 400; ++i) para += corpus[(i * 7) % corpus.size()] + (i % 5 ? " " : "  ");
+  const std::vector<std::string> texts = {para, "\xea\x99\xae\xea\x99\xae \xea\x99\xae  \xea\x99\xae x",
+                                          " leading and trailing  ", "row2column3?? bag,bag;bag"};
+  auto bdir = temp_dir("tokwords");
+  std::string c;
+  for (auto& l : corpus) c += l + "\n";
+  write_bytes(bdir + "/c.txt", c);
+  struct Variant {
+    std::string name, flags;
+  };
+  for (const Variant& v : {Variant{"unigram_unk", "--model_type=unigram --byte_fallback=false"},
+                           Variant{"bpe_unk", "--model_type=bpe --byte_fallback=false"},
+                           Variant{"bpe_across", "--model_type=bpe --byte_fallback=true --split_by_whitespace=false"},
+                           Variant{"unigram_across", "--model_type=unigram --byte_fallback=true --split_by_whitespace=false"}}) {
+    const std::string dir = bdir + "/" + v.name;
+    std::filesystem::create_directories(dir);
+    const std::string cmd = "spm_train --input=" + bdir + "/c.txt --model_prefix=" + dir + "/tokenizer --vocab_size=600 --hard_vocab_limit=false " +
+                            v.flags + " --normalization_rule_name=identity --minloglevel=2 > " + dir + "/log.txt 2>&1";
+    ASSERT_EQ(std::system(cmd.c_str()), 0) << v.name;
+    Tokenizer tok(dir);
+    for (auto& t : texts) EXPECT_EQ(tok.encode(t), spm_encode(dir + "/tokenizer.model", t)) << v.name << ": " << t.substr(0, 60);
+  }
+}
+
 TEST(Tokenizer, CorruptModelIsAClearError) {
   auto dir = temp_dir("badtok");
   write_bytes(dir + "/tokenizer.model", "\x0a\xff\xff\xff");

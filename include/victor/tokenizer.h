@@ -61,6 +61,7 @@ class Tokenizer {
   bool add_dummy_prefix_ = true, remove_extra_whitespaces_ = true, escape_whitespaces_ = true;
   bool byte_fallback_ = false;
   size_t max_piece_bytes_ = 1;
+  bool words_independent_ = true;  // no piece holds "▁" after its first byte (encode by words)
   float min_score_ = 0;
   int64_t byte_ids_[256] = {};
   int64_t bos_ = 1, eos_ = 2, unk_ = 0;
