@@ -87,6 +87,9 @@ printf '{"question_id": 1, "image": "/dev/zero", "text": "hi", "answer": "x"}\n'
 expect_error "a question's image /dev/zero" "character device" "$VICTOR" eval --model "$m" --questions "$work/devq.jsonl"
 expect_error "corpus /dev/zero" "character device" "$VICTOR" init --preset tiny --out "$work/c" --corpus /dev/zero
 expect_error "training data /dev/zero" "character device" "$VICTOR" train --model "$m" --data /dev/zero --out "$work/t2"
+expect_error "answers /dev/zero" "character device" "$VICTOR" eval --questions "$work/g/test.jsonl" --answers /dev/zero
+mkdir -p "$work/gz" && cp -r "$work/g/images" "$work/gz/" && ln -s /dev/zero "$work/gz/grids.jsonl"
+expect_error "grids.jsonl /dev/zero" "character device" "$VICTOR" train-vision --model "$m" --data "$work/gz" --out "$work/tv" --steps 1
 for f in config.json tokenizer.model; do
   cp -r "$m" "$work/linked"
   rm "$work/linked/$f" && ln -s /dev/zero "$work/linked/$f"

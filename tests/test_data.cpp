@@ -7,6 +7,7 @@
 #include "helpers.h"
 #include "victor/data.h"
 #include "victor/error.h"
+#include "victor/files.h"
 #include "victor/repro.h"
 
 using namespace victor;

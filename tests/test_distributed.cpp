@@ -14,6 +14,7 @@
 #include "helpers.h"
 #include "victor/distributed.h"
 #include "victor/error.h"
+#include "victor/files.h"
 #include "victor/safetensors.h"
 
 using namespace victor;

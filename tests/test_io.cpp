@@ -9,6 +9,7 @@
 #include "helpers.h"
 #include "victor/data.h"
 #include "victor/error.h"
+#include "victor/files.h"
 #include "victor/image.h"
 #include "victor/model.h"
 #include "victor/npy.h"

@@ -19,6 +19,7 @@
 #include "victor/bench.h"
 #include "victor/data.h"
 #include "victor/error.h"
+#include "victor/files.h"
 #include "victor/generate.h"
 #include "victor/image.h"
 #include "victor/serve.h"

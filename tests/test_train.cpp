@@ -6,6 +6,7 @@
 
 #include "helpers.h"
 #include "victor/error.h"
+#include "victor/files.h"
 #include "victor/train.h"
 
 using namespace victor;

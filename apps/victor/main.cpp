@@ -16,6 +16,7 @@
 #include "victor/data.h"
 #include "victor/distributed.h"
 #include "victor/error.h"
+#include "victor/files.h"
 #include "victor/eval.h"
 #include "victor/generate.h"
 #include "victor/kernels.h"

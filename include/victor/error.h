@@ -3,9 +3,6 @@
 #include <stdexcept>
 #include <string>
 
-// The file helpers that used to live here (read_file, write_file_atomic) are in files.h.
-#include "victor/files.h"
-
 namespace victor {
 
 struct Error : std::runtime_error {

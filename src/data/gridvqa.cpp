@@ -6,6 +6,7 @@
 
 #include "victor/data.h"
 #include "victor/error.h"
+#include "victor/files.h"
 
 namespace fs = std::filesystem;
 using json = nlohmann::json;

@@ -2,6 +2,8 @@
 #include <sstream>
 
 #include "victor/error.h"
+#include "victor/files.h"
+#include "victor/jsonl.h"
 #include "victor/llava_format.h"
 
 using json = nlohmann::json;
@@ -133,23 +135,9 @@ std::vector<EvalQuestion> load_questions_jsonl(const std::string& path) {
 }
 
 std::vector<EvalQuestion> parse_questions_jsonl(const std::string& text, const std::string& path) {
-  std::istringstream in(text);
   std::vector<EvalQuestion> out;
-  std::string line;
-  int n = 0;
-  while (std::getline(in, line)) {
-    ++n;
-    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
-    json j;
-    try {
-      j = json::parse(line);
-    } catch (const json::exception& e) {
-      throw Error(path + ":" + std::to_string(n) + ": malformed JSON: " + e.what());
-    }
-    auto fail = [&](const std::string& why) {
-      throw Error(path + ":" + std::to_string(n) + ": " + why);
-    };
-    if (!j.is_object()) fail("expected an object");
+  for_each_jsonl(text, path, [&](const json& j, int n) {
+    auto fail = [&](const std::string& why) { throw Error(path + ":" + std::to_string(n) + ": " + why); };
     if (!j.contains("question_id")) fail("missing 'question_id'");
     if (!j.contains("text") || !j["text"].is_string()) fail("missing string 'text'");
     EvalQuestion q;
@@ -159,7 +147,8 @@ std::vector<EvalQuestion> parse_questions_jsonl(const std::string& text, const s
     if (j.contains("answer") && j["answer"].is_string()) q.answer = j["answer"].get<std::string>();
     if (j.contains("family") && j["family"].is_string()) q.family = j["family"].get<std::string>();
     out.push_back(std::move(q));
-  }
+    return true;
+  });
   return out;
 }
 

@@ -9,6 +9,8 @@
 #include <sstream>
 
 #include "victor/error.h"
+#include "victor/files.h"
+#include "victor/jsonl.h"
 #include "victor/generate.h"
 #include "victor/progress.h"
 
@@ -72,32 +74,21 @@ EvalReport score_files(const std::string& questions_jsonl, const std::string& an
   }
   std::map<std::string, const EvalQuestion*> by_id;
   for (auto& q : qs) by_id[q.question_id.dump()] = &q;
-  std::ifstream in(answers_jsonl);
-  if (!in) throw Error(answers_jsonl + ": cannot open answers file");
   std::vector<AnswerRecord> answers;
   std::set<std::string> answered;
-  std::string line;
-  int n = 0;
-  while (std::getline(in, line)) {
-    ++n;
-    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
-    json j;
-    try {
-      j = json::parse(line);
-    } catch (const json::exception& e) {
-      throw Error(answers_jsonl + ":" + std::to_string(n) + ": malformed JSON: " + e.what());
-    }
+  for_each_jsonl_file(answers_jsonl, FileKind::Dataset, [&](const json& j, int n) {
     if (!j.contains("question_id") || !j.contains("text") || !j["text"].is_string())
       throw Error(answers_jsonl + ":" + std::to_string(n) + ": needs 'question_id' and string 'text'");
     const std::string id = j["question_id"].dump();
     auto it = by_id.find(id);
-    if (it == by_id.end() && beyond.count(id)) continue;
+    if (it == by_id.end() && beyond.count(id)) return true;
     if (it == by_id.end())
       throw Error(answers_jsonl + ":" + std::to_string(n) + ": question_id " + id + " is not in " + questions_jsonl);
     if (!answered.insert(it->first).second)
       throw Error(answers_jsonl + ":" + std::to_string(n) + ": question_id " + id + " is answered twice");
     answers.push_back({j["question_id"], j["text"].get<std::string>(), it->second->answer, it->second->family});
-  }
+    return true;
+  });
   // Scoring only the answered questions would report a higher accuracy for a file that skips the
   // hard ones: every question must have its answer.
   if (answered.size() != by_id.size()) {

@@ -8,6 +8,7 @@
 #include <filesystem>
 
 #include "victor/error.h"
+#include "victor/files.h"
 
 namespace fs = std::filesystem;
 using json = nlohmann::json;

@@ -14,6 +14,7 @@
 #include "stb_image.h"
 #include "stb_image_write.h"
 #include "victor/error.h"
+#include "victor/files.h"
 #include "victor/image_io.h"
 
 namespace victor {

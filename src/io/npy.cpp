@@ -3,6 +3,7 @@
 #include <cstring>
 
 #include "victor/error.h"
+#include "victor/files.h"
 
 namespace victor {
 

@@ -15,6 +15,7 @@
 #include <sstream>
 
 #include "victor/error.h"
+#include "victor/files.h"
 
 namespace fs = std::filesystem;
 using json = nlohmann::json;

@@ -10,6 +10,7 @@
 #include <nlohmann/json.hpp>
 
 #include "victor/error.h"
+#include "victor/files.h"
 #include "victor/process.h"
 
 namespace fs = std::filesystem;

@@ -11,6 +11,7 @@
 
 #include "internal.h"
 #include "victor/error.h"
+#include "victor/files.h"
 #include "victor/image_io.h"
 #include "victor/kernels.h"
 #include "victor/ops.h"

@@ -9,6 +9,7 @@
 #include "repro/internal.h"
 #include "victor/blas.h"
 #include "victor/error.h"
+#include "victor/files.h"
 #include "victor/process.h"
 #include "victor/stats.h"
 

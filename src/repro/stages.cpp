@@ -8,6 +8,7 @@
 #include "repro/internal.h"
 #include "victor/distributed.h"
 #include "victor/error.h"
+#include "victor/files.h"
 
 namespace fs = std::filesystem;
 using json = nlohmann::json;

@@ -6,6 +6,7 @@
 #include <sstream>
 
 #include "victor/error.h"
+#include "victor/files.h"
 #include "victor/serve_api.h"
 
 namespace victor {

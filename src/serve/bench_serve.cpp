@@ -18,6 +18,7 @@
 #include "victor/bench_serve.h"
 #include "victor/data.h"
 #include "victor/error.h"
+#include "victor/files.h"
 #include "victor/image.h"
 #include "victor/progress.h"
 #include "victor/serve.h"

@@ -9,12 +9,14 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <sstream>
 #include <nlohmann/json.hpp>
 #include <unordered_map>
 
 #include "victor/data.h"
 #include "victor/distributed.h"
 #include "victor/error.h"
+#include "victor/files.h"
 #include "victor/progress.h"
 #include "victor/safetensors.h"
 
@@ -418,7 +420,8 @@ ResumePoint read_resume_point(const fs::path& sj) {
 // only the lines up to the resumed step (and drop a line cut short by the kill).
 void truncate_log(const std::string& path, int step) {
   if (!fs::exists(path)) return;
-  std::ifstream in(path);
+  // Lines kept byte for byte (a re-serialized object would reorder its keys).
+  std::istringstream in(read_file(path, FileKind::Dataset));
   std::string line, kept;
   while (std::getline(in, line)) {
     json j = json::parse(line, nullptr, /*allow_exceptions=*/false);

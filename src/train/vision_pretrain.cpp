@@ -5,6 +5,7 @@
 #include <nlohmann/json.hpp>
 
 #include "victor/error.h"
+#include "victor/jsonl.h"
 #include "victor/progress.h"
 #include "victor/train.h"
 
@@ -15,30 +16,24 @@ namespace victor {
 
 std::vector<GridImage> load_grid_images(const std::string& dir, const std::string& split,
                                         const ModelConfig& cfg, int limit) {
-  fs::path p = fs::path(dir) / "grids.jsonl";
-  std::ifstream in(p);
-  if (!in) throw Error(p.string() + ": cannot open (build the data with `victor data gridvqa`)");
+  const fs::path p = fs::path(dir) / "grids.jsonl";
+  if (!fs::exists(p)) throw Error(p.string() + ": cannot open (build the data with `victor data gridvqa`)");
   std::vector<GridImage> out;
-  std::string line;
-  int n = 0;
-  while (std::getline(in, line)) {
-    ++n;
-    if (line.empty()) continue;
-    json j;
-    try {
-      j = json::parse(line);
-    } catch (const json::exception& e) {
-      throw Error(p.string() + ":" + std::to_string(n) + ": malformed JSON: " + e.what());
-    }
-    if (j.value("split", "") != split) continue;
+  for_each_jsonl_file(p.string(), FileKind::Dataset, [&](const json& j, int n) {
+    if (j.value("split", "") != split) return true;
     GridImage g;
-    g.image = j.at("image").get<std::string>();
-    g.grid = j.at("grid").get<int>();
-    g.labels = j.at("labels").get<std::vector<int>>();
+    try {
+      g.image = j.at("image").get<std::string>();
+      g.grid = j.at("grid").get<int>();
+      g.labels = j.at("labels").get<std::vector<int>>();
+    } catch (const json::exception& e) {
+      throw Error(p.string() + ":" + std::to_string(n) + ": needs string 'image', integer 'grid' and integer 'labels' (" +
+                  e.what() + ")");
+    }
     g.pixels = preprocess_image(load_image((fs::path(dir) / g.image).string()), cfg.preprocess);
     out.push_back(std::move(g));
-    if (limit > 0 && int(out.size()) >= limit) break;
-  }
+    return !(limit > 0 && int(out.size()) >= limit);
+  });
   return out;
 }
 
