@@ -13,6 +13,8 @@
 #include "victor/config.h"
 #include "victor/error.h"
 #include "victor/model.h"
+#include "victor/safetensors.h"
+#include "victor/train.h"
 
 namespace victor::test {
 
@@ -69,6 +71,33 @@ struct TempDirs {
     for (const auto& p : paths) std::filesystem::remove_all(p, ec);
   }
 };
+
+// A saved folder's tensors under the 2025 hub key layout (model.language_model.*,
+// model.vision_tower.*, model.multi_modal_projector.*, model.image_newline, lm_head.weight), as
+// newer transformers save LLaVA and LLaVA-NeXT.
+inline std::vector<std::pair<std::string, torch::Tensor>> tensors_in_2025_layout(const std::string& dir) {
+  SafetensorsFile f(dir + "/model.safetensors");
+  std::vector<std::pair<std::string, torch::Tensor>> ts;
+  for (auto& [n, i] : f.tensors()) {
+    std::string r = n;
+    if (r.rfind("language_model.model.", 0) == 0) r = "model.language_model." + r.substr(21);
+    else if (r == "language_model.lm_head.weight") r = "lm_head.weight";
+    else if (r.rfind("vision_tower.", 0) == 0 || r.rfind("multi_modal_projector.", 0) == 0 || r == "image_newline")
+      r = "model." + r;
+    ts.emplace_back(r, f.load(n).clone());
+  }
+  return ts;
+}
+
+// The mean next-token loss of a model over samples' targets (no gradient).
+inline float mean_loss(const Vlm& m, const std::vector<TrainSample>& samples) {
+  torch::NoGradGuard ng;
+  std::vector<PromptInput> rows;
+  for (auto& s : samples) rows.push_back(s.input);
+  auto out = m.forward(m.assemble(rows, false));
+  auto sel = out.targets.ne(-100);
+  return torch::nn::functional::cross_entropy(m.logits(out.hidden.index({sel})), out.targets.index({sel})).item<float>();
+}
 
 inline std::string temp_dir(const std::string& name) {
   static TempDirs made;

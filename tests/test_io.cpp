@@ -156,15 +156,7 @@ TEST(Checkpoint, SaveLoadRoundTripAndNewerNamingScheme) {
   std::vector<PromptInput> rows{prompt(cfg, {5, 6}, {7, 8, 9}, px)};
   EXPECT_TRUE(torch::equal(last_logits(m, rows), last_logits(l, rows)));
   // Newer transformers: model.language_model.*, model.vision_tower.*, lm_head.weight.
-  SafetensorsFile f(dir + "/model.safetensors");
-  std::vector<std::pair<std::string, torch::Tensor>> ts;
-  for (auto& [n, i] : f.tensors()) {
-    std::string r = n;
-    if (r.rfind("language_model.model.", 0) == 0) r = "model.language_model." + r.substr(21);
-    else if (r == "language_model.lm_head.weight") r = "lm_head.weight";
-    else if (r.rfind("vision_tower.", 0) == 0 || r.rfind("multi_modal_projector.", 0) == 0) r = "model." + r;
-    ts.emplace_back(r, f.load(n).clone());
-  }
+  const auto ts = tensors_in_2025_layout(dir);
   auto dir2 = temp_dir("rt2");
   save_checkpoint_tensors(dir2, ts, 200000);  // sharded too
   fs::copy(dir + "/config.json", dir2 + "/config.json");

@@ -356,16 +356,7 @@ TEST(Next, LlavaHfFolderLoadsUnconvertedAndGenerates) {
   ModelConfig c = next_config();
   Vlm m = Vlm::random(c, 9);
   m.save(dir);
-  SafetensorsFile f(dir + "/model.safetensors");
-  std::vector<std::pair<std::string, torch::Tensor>> ts;
-  for (auto& [n, i] : f.tensors()) {
-    std::string r = n;
-    if (r.rfind("language_model.model.", 0) == 0) r = "model.language_model." + r.substr(21);
-    else if (r == "language_model.lm_head.weight") r = "lm_head.weight";
-    else if (r.rfind("vision_tower.", 0) == 0 || r.rfind("multi_modal_projector.", 0) == 0 || r == "image_newline")
-      r = "model." + r;
-    ts.emplace_back(r, f.load(n).clone());
-  }
+  const auto ts = tensors_in_2025_layout(dir);
   auto hf = temp_dir("next_hf2");
   save_checkpoint_tensors(hf, ts, 100000);
   fs::copy(dir + "/config.json", hf + "/config.json");
@@ -413,14 +404,7 @@ TEST(Next, TrainingOverfitsAFewPackedImages) {
       s.target_tokens = 2;
       samples.push_back(s);
     }
-    auto loss = [&] {
-      torch::NoGradGuard ng;
-      std::vector<PromptInput> rows;
-      for (auto& s : samples) rows.push_back(s.input);
-      auto out = m.forward(m.assemble(rows, false));
-      auto sel = out.targets.ne(-100);
-      return torch::nn::functional::cross_entropy(m.logits(out.hidden.index({sel})), out.targets.index({sel})).item<float>();
-    };
+    auto loss = [&] { return mean_loss(m, samples); };
     const float before = loss();
     TrainOptions o;
     o.parts = parse_parts("all");

@@ -64,15 +64,6 @@ TrainOptions overfit_options(int steps) {
   return o;
 }
 
-float mean_loss(Vlm& m, const std::vector<TrainSample>& samples) {
-  torch::NoGradGuard ng;
-  std::vector<PromptInput> rows;
-  for (auto& s : samples) rows.push_back(s.input);
-  auto out = m.forward(m.assemble(rows, false));
-  auto sel = out.targets.ne(-100);
-  return torch::nn::functional::cross_entropy(m.logits(out.hidden.index({sel})), out.targets.index({sel}))
-      .item<float>();
-}
 }  // namespace
 
 TEST(Train, TinyModelOverfitsAFewSamples) {

@@ -184,6 +184,7 @@ struct Job {
   int64_t prefill_activations = 0;    // its prefill's activations at most (prefill_activation_bytes)
   int64_t decode_activations = 0;     // its share of a decode step's activations
   std::vector<MemoryHold> pixel_holds;  // its prepared images' pixels, until its prefill ends
+  bool holds_kv = false, holds_prefill = false;  // engine thread: its admission's reservations
   std::chrono::steady_clock::time_point created, deadline;
 
   // Progress (guarded by mu).
@@ -246,8 +247,9 @@ class ServeEngine {
   };
   void loop();
   bool prefill(const std::shared_ptr<Job>& job);
-  // Gives back a job's KV and decode reservations (it left the batch or never entered it).
-  void release_running(Job& job);
+  // Gives back what a job still holds in the memory budget (before it is marked done, so a
+  // client that saw its answer sees the memory given back).
+  void release_memory(Job& job);
   // Appends a sampled token; returns true when the job is finished.
   bool advance(Running& r, int64_t token);
   void finish(const std::shared_ptr<Job>& job, const std::string& reason, const std::string& error = "");

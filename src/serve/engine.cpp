@@ -375,6 +375,7 @@ void ServeEngine::finish(const std::shared_ptr<Job>& job, const std::string& rea
     tokens = int64_t(job->tokens.size());
     decode_seconds = job->decode_seconds;
   }
+  release_memory(*job);
   {
     std::lock_guard<std::mutex> lk(mu_);
     if (reason == "stop" || reason == "length") ++counters_.requests_ok;
@@ -470,7 +471,12 @@ bool ServeEngine::advance(Running& r, int64_t token) {
   return false;
 }
 
-void ServeEngine::release_running(Job& job) {
+void ServeEngine::release_memory(Job& job) {
+  if (job.holds_prefill) budget_->release(MemoryBudget::kActivations, job.prefill_activations);
+  job.holds_prefill = false;
+  job.pixel_holds.clear();
+  if (!job.holds_kv) return;
+  job.holds_kv = false;
   budget_->release(MemoryBudget::kKv, job.kv_reserved);
   budget_->release(MemoryBudget::kActivations, job.decode_activations);
   std::lock_guard<std::mutex> lk(mu_);
@@ -537,22 +543,21 @@ void ServeEngine::loop() {
                                 pending_.front()->decode_activations + pending_.front()->prefill_activations)) {
         admitted.push_back(pending_.front());
         pending_.pop_front();
+        admitted.back()->holds_kv = admitted.back()->holds_prefill = true;
         counters_.kv_bytes_reserved += admitted.back()->kv_reserved;
       }
       counters_.queue_length = int64_t(pending_.size());
     }
-    for (auto& j : expired) {
-      finish(j, j->cancelled ? "cancelled" : "timeout", j->cancelled ? "" : "timed out in the queue");
-      j->pixel_holds.clear();
-    }
+    for (auto& j : expired) finish(j, j->cancelled ? "cancelled" : "timeout", j->cancelled ? "" : "timed out in the queue");
     for (auto& job : admitted) {
       const bool running = prefill(job);
-      // The prefill's activations and the prepared pixels are gone now.
-      budget_->release(MemoryBudget::kActivations, job->prefill_activations);
+      // The prefill's activations and the prepared pixels are gone now (a job that already
+      // finished gave back everything in finish()).
+      if (job->holds_prefill) budget_->release(MemoryBudget::kActivations, job->prefill_activations);
+      job->holds_prefill = false;
       job->pixel_holds.clear();
       job->input.pixels = torch::Tensor();
-      if (running) continue;
-      release_running(*job);
+      if (!running) release_memory(*job);
     }
     // Leaves the batch (freeing its cache and its reservation) every request for which `gone`.
     auto release_if = [&](const std::function<bool(size_t)>& gone) {
@@ -563,7 +568,7 @@ void ServeEngine::loop() {
         else keep.push_back(std::move(running_[i]));
       }
       running_.swap(keep);
-      for (auto& j : gone_jobs) release_running(*j);
+      for (auto& j : gone_jobs) release_memory(*j);
     };
     // Cancelled (client gone) or timed out.
     const auto now = Clock::now();
