@@ -254,6 +254,11 @@ class Vlm {
 
  private:
   void declare_params();
+  // Converting to a weight format, one way for random(), load() and set_weight_format(): each
+  // matrix to its part's dtype in `target` as it comes (so a float32 original is freed at once),
+  // then the model adopts the target's dtypes.
+  void convert_param(ParamRef& p, const ModelConfig& target);
+  void adopt_weight_format(const ModelConfig& target);
   torch::Tensor decoder_layer(int l, const torch::Tensor& x, const TokenMeta& meta,
                               LayerCache* cache, ForwardTrace* trace) const;
   ModelConfig config_;

@@ -253,13 +253,21 @@ Vlm Vlm::random(const ModelConfig& config, uint64_t seed, const WeightFormat& fo
   auto gen = at::detail::createCPUGenerator(seed);
   for (auto& p : m.params_) {
     init_param(p, gen);
-    if (p.is_matrix()) convert_matrix(*p.tensor, *p.scale, part_dtype(target, p.part), p.shape[1], is_embedding(p));
+    m.convert_param(p, target);
   }
-  if (c.text.tie_word_embeddings) m.w_.llm.lm_head = m.w_.llm.embed_tokens;
-  copy_weight_dtypes(m.config_, target);
-  m.declare_params();
-  release_freed_heap();  // the float32 originals of converted matrices
+  m.adopt_weight_format(target);
   return m;
+}
+
+void Vlm::convert_param(ParamRef& p, const ModelConfig& target) {
+  if (p.is_matrix()) convert_matrix(*p.tensor, *p.scale, part_dtype(target, p.part), p.shape[1], is_embedding(p));
+}
+
+void Vlm::adopt_weight_format(const ModelConfig& target) {
+  if (config_.text.tie_word_embeddings) w_.llm.lm_head = w_.llm.embed_tokens;
+  copy_weight_dtypes(config_, target);
+  declare_params();
+  release_freed_heap();  // the float32 originals of converted matrices
 }
 
 namespace {
@@ -368,9 +376,7 @@ Vlm Vlm::load(const std::string& dir, const WeightFormat& format, bool allow_inc
     *p.tensor = w;
     *p.scale = scale;
   }
-  if (config.text.tie_word_embeddings) m.w_.llm.lm_head = m.w_.llm.embed_tokens;
-  copy_weight_dtypes(m.config_, target);
-  m.declare_params();
+  m.adopt_weight_format(target);
   int ignored = 0;
   for (auto& n : store.names()) {
     if (used.count(n) || n.find("position_ids") != std::string::npos ||
@@ -396,19 +402,14 @@ Vlm Vlm::load(const std::string& dir, const WeightFormat& format, bool allow_inc
   if (ignored > 0)
     std::cerr << "victor: warning: " << dir << ": " << ignored
               << " tensor(s) in the checkpoint are not used by the model\n";
-  release_freed_heap();
   return m;
 }
 
 void Vlm::set_weight_format(const WeightFormat& format) {
   ModelConfig target = config_;
   target.set_weight_format(format);
-  for (auto& p : params_)
-    if (p.is_matrix()) convert_matrix(*p.tensor, *p.scale, part_dtype(target, p.part), p.shape[1], is_embedding(p));
-  if (config_.text.tie_word_embeddings) w_.llm.lm_head = w_.llm.embed_tokens;
-  copy_weight_dtypes(config_, target);
-  declare_params();
-  release_freed_heap();
+  for (auto& p : params_) convert_param(p, target);
+  adopt_weight_format(target);
 }
 
 int64_t Vlm::weight_bytes() const {
