@@ -89,7 +89,7 @@ expect_error "corpus /dev/zero" "character device" "$VICTOR" init --preset tiny 
 expect_error "training data /dev/zero" "character device" "$VICTOR" train --model "$m" --data /dev/zero --out "$work/t2"
 expect_error "answers /dev/zero" "character device" "$VICTOR" eval --questions "$work/g/test.jsonl" --answers /dev/zero
 mkdir -p "$work/gz" && cp -r "$work/g/images" "$work/gz/" && ln -s /dev/zero "$work/gz/grids.jsonl"
-expect_error "grids.jsonl /dev/zero" "character device" "$VICTOR" train-vision --model "$m" --data "$work/gz" --out "$work/tv" --steps 1
+expect_error "grids.jsonl /dev/zero" "character device" "$VICTOR" train-vision --model "$m" --data "$work/gz" --out "$work/tvz" --steps 1
 for f in config.json tokenizer.model; do
   cp -r "$m" "$work/linked"
   rm "$work/linked/$f" && ln -s /dev/zero "$work/linked/$f"
