@@ -244,17 +244,17 @@ TEST(Reducer, VisionZipKeepsTheClassTokensTopPatchesAndMergesTheRest) {
 
 TEST(Reducer, ChangingTheReducerNeverRedrawsTrainedRegisters) {
   Vlm v = Vlm::random(tiny_config(4, 2), 50);
-  auto regs = v.weights().registers.clone();
+  auto regs = v.weights().reducer.tensor("victor.registers").clone();
   Vlm same(v);
   same.set_reducer(Reducer::parse("victor:m=4,k=1"));
-  EXPECT_TRUE(torch::equal(same.weights().registers, regs)) << "same m keeps the trained registers";
+  EXPECT_TRUE(torch::equal(same.weights().reducer.tensor("victor.registers"), regs)) << "same m keeps the trained registers";
   Vlm other(v);
   EXPECT_NE(error_of([&] { other.set_reducer(Reducer::parse("victor:m=8,k=2")); }).find("4 trained registers"),
             std::string::npos);
-  EXPECT_TRUE(torch::equal(other.weights().registers, regs)) << "a refused change leaves the model as it was";
+  EXPECT_TRUE(torch::equal(other.weights().reducer.tensor("victor.registers"), regs)) << "a refused change leaves the model as it was";
   Vlm pooled(v);
   pooled.set_reducer(Reducer::parse("pool:2"));
-  EXPECT_FALSE(pooled.weights().registers.defined());
+  EXPECT_FALSE(pooled.weights().reducer.tensor("victor.registers").defined());
   EXPECT_EQ(pooled.config().reducer.spec(), "pool:2");
 }
 

@@ -96,8 +96,8 @@ TEST(Train, ResamplerLearnsAndItsLatentsGetGradients) {
   auto out = m.forward(b);
   auto sel = out.targets.ne(-100);
   torch::nn::functional::cross_entropy(m.logits(out.hidden.index({sel})), out.targets.index({sel})).backward();
-  EXPECT_GT(m.weights().resampler.latents.grad().abs().sum().item<float>(), 0);
-  EXPECT_GT(m.weights().resampler.k.weight.grad().abs().sum().item<float>(), 0);
+  EXPECT_GT(m.weights().reducer.tensor("resampler.latents").grad().abs().sum().item<float>(), 0);
+  EXPECT_GT(m.weights().reducer.matrix("resampler.attn.k_proj.weight").weight.grad().abs().sum().item<float>(), 0);
   // And the whole model with it overfits samples that differ only in their image.
   Vlm fresh = Vlm::random(cfg, 51);
   float before = mean_loss(fresh, samples);

@@ -23,10 +23,10 @@ TEST(Victor, OffReproducesThePlainModelExactly) {
   // registers and a drop, switched off, against one that never had them (same other weights:
   // the registers are declared last, so the seed draws the rest alike).
   Vlm had = Vlm::random(tiny_config(3, 2), 21);
-  ASSERT_TRUE(had.weights().registers.defined());
+  ASSERT_TRUE(had.weights().reducer.tensor("victor.registers").defined());
   EXPECT_FALSE(torch::equal(last_logits(plain, {p}), last_logits(had, {p})));
   had.set_reducer(Reducer::none(), 0, /*replace_registers=*/true);
-  EXPECT_FALSE(had.weights().registers.defined());
+  EXPECT_FALSE(had.weights().reducer.tensor("victor.registers").defined());
   EXPECT_TRUE(torch::equal(last_logits(plain, {p}), last_logits(had, {p})));
 }
 
@@ -43,7 +43,7 @@ TEST(Victor, RegistersWithoutDropEqualPlainModelOnInsertedSequence) {
   auto kinds = b.meta.kind[0];
   for (int64_t t = 0; t < kinds.size(0); ++t)
     if (kinds[t].item<int64_t>() == int64_t(TokenKind::Visual)) after_visual = t + 1;
-  auto regs = v.weights().registers.unsqueeze(0);
+  auto regs = v.weights().reducer.tensor("victor.registers").unsqueeze(0);
   auto e = torch::cat({b.embeds.narrow(1, 0, after_visual), regs,
                        b.embeds.narrow(1, after_visual, b.embeds.size(1) - after_visual)}, 1);
   SequenceBatch r;
@@ -194,7 +194,7 @@ TEST(Victor, GradientsReachRegistersAndEarlyLayersOnly) {
   auto sel = out.targets.ne(-100);
   auto loss = torch::nn::functional::cross_entropy(m.logits(out.hidden.index({sel})), out.targets.index({sel}));
   loss.backward();
-  EXPECT_GT(m.weights().registers.grad().abs().sum().item<float>(), 0);
+  EXPECT_GT(m.weights().reducer.tensor("victor.registers").grad().abs().sum().item<float>(), 0);
   EXPECT_GT(m.weights().llm.layers[0].q.weight.grad().abs().sum().item<float>(), 0);
   EXPECT_GT(m.weights().proj1.weight.grad().abs().sum().item<float>(), 0);
   // k = 0: the visual rows are dropped before any layer, so no gradient reaches the vision side.
@@ -205,7 +205,7 @@ TEST(Victor, GradientsReachRegistersAndEarlyLayersOnly) {
   torch::nn::functional::cross_entropy(z.logits(oz.hidden.index({sz})), oz.targets.index({sz})).backward();
   auto g = z.weights().proj1.weight.grad();
   EXPECT_TRUE(!g.defined() || g.abs().sum().item<float>() == 0.0f);
-  EXPECT_GT(z.weights().registers.grad().abs().sum().item<float>(), 0);
+  EXPECT_GT(z.weights().reducer.tensor("victor.registers").grad().abs().sum().item<float>(), 0);
 }
 
 TEST(Victor, EachImageHasItsOwnRegisters) {
@@ -255,7 +255,7 @@ TEST(Victor, MeanRegisterInitUsesVisualTokens) {
   auto px = random_pixels(3, 28, 10);
   m.init_registers_mean(px, 1);
   auto mean = m.encode_images(px).mean(std::vector<int64_t>{0, 1});
-  auto diff = (m.weights().registers - mean.unsqueeze(0)).abs();
+  auto diff = (m.weights().reducer.tensor("victor.registers") - mean.unsqueeze(0)).abs();
   EXPECT_LT(diff.max().item<float>(), 0.2f);  // mean plus N(0, 0.02) noise
   EXPECT_GT(diff.max().item<float>(), 0.0f);
 }

@@ -264,7 +264,7 @@ void apply_reducer(Vlm& model, const ReducerChoice& choice, const std::string& i
                    const std::vector<std::string>& calibration, uint64_t seed) {
   if (!choice.any()) return;
   const Reducer r = choice.resolve(model.config().reducer);
-  const auto& regs = model.weights().registers;
+  const auto& regs = model.weights().reducer.tensor("victor.registers");
   const int64_t have = regs.defined() ? regs.size(0) : 0, want = r.inserted_rows();
   if (have > 0 && want > 0 && have != want)
     std::cerr << "victor: " << r.spec() << " replaces the checkpoint's " << have << " trained registers with "

@@ -5,6 +5,7 @@
 #include <torch/torch.h>
 
 #include <functional>
+#include <map>
 #include <optional>
 #include <string>
 #include <vector>
@@ -54,20 +55,29 @@ struct LlamaW {
   torch::Tensor norm;
   std::vector<LlamaLayerW> layers;
 };
-// The Perceiver-style resampler: learned latents cross-attend (pre-norm, the text tower's heads)
-// to the projected visual tokens, then a 4x MLP; both with residuals on the latents.
-struct ResamplerW {
-  torch::Tensor latents;  // [n, d_text]
-  NormW ln_q, ln_kv, ln_ff;
-  LinearW q, k, v, o, fc1, fc2;  // fc1/fc2 with biases
+// The token reducer's own parameters (ReducerOps::params declares them): tensors by checkpoint
+// name, matrices (stored in the language model's weight format, with their biases) by the name of
+// their weight.
+struct ReducerWeights {
+  std::map<std::string, torch::Tensor> tensors;
+  std::map<std::string, LinearW> matrices;
+  // Undefined when the reducer has no such tensor.
+  const torch::Tensor& tensor(const std::string& name) const;
+  // Throws when the reducer has no such matrix.
+  const LinearW& matrix(const std::string& name) const;
 };
 struct VlmWeights {
   VisionW vision;
   LinearW proj1, proj2;
   torch::Tensor image_newline;  // [d_text]: LLaVA-NeXT's row separator (undefined on LLaVA-1.5)
   LlamaW llm;
-  torch::Tensor registers;  // [m, d_text]
-  ResamplerW resampler;
+  ReducerWeights reducer;
+};
+
+// What the last block of the vision tower reports when the reducer ranks patches (VisionZip).
+struct VisionLastBlock {
+  torch::Tensor cls_attention;  // [n,1+N]: the class token's attention, averaged over heads
+  torch::Tensor keys;           // [n,1+N,hd]: the block's keys, averaged over heads
 };
 
 enum class TokenKind : int64_t { Text = 0, Visual = 1, Register = 2, Pad = 3 };
@@ -273,9 +283,6 @@ std::string canonical_tensor_name(const std::string& name);
 // a sequence of length T+1 whose last row is padding.
 torch::Tensor compaction_index(const torch::Tensor& keep);
 
-// FastV's choice: keep every row that is neither visual nor padding, and of each image's visual
-// rows the reducer's kept_after_prune(n) with the highest `scores` [B,T]. Returns keep [B,T] bool.
-torch::Tensor fastv_keep(const TokenMeta& meta, const torch::Tensor& scores, const Reducer& r);
 
 // Attention permissions for queries (qm) over keys (km) -> [B,Tq,S] bool.
 torch::Tensor attention_allowed(const TokenMeta& qm, const TokenMeta& km, RegisterMask mode);

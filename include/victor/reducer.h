@@ -1,9 +1,11 @@
 // Token reducers: how many of an image's visual tokens the language model sees, and where.
 //
-// One value type, `Reducer`, holds the chosen kind and that kind's parameters. Everything that
-// depends on the kind asks it: the model's assembly (rows per image, inserted registers), its
-// forward (the layer where visual rows leave or are pruned), the cache and FLOP formulas, the
-// display names of bench and repro, and config.json. A spec string names one reducer:
+// A table, the way KernelSet dispatches kernels: each kind of reducer is one file under
+// src/reduce/ holding one `ReducerOps` row (its parameters, what it does to the sequence, its
+// formulas, its config.json keys and its compute hooks) and registering it by name. A `Reducer`
+// value points at one row with its parameters. The model, the formulas, bench, eval, serve and
+// repro ask the row; none of them branches on the kind, so a new reducer is one file (a test
+// registers a toy one from the test file alone). A spec string names one reducer:
 //
 //   none                          every visual token, every layer
 //   victor:m=8,k=2[,mask=causal|registers_only]
@@ -17,20 +19,132 @@
 //                                 similarity into `contextual` tokens
 //   resampler:latents=64          trained: a Perceiver-style block, `latents` learned queries
 //                                 cross-attending to the projected visual tokens, replaces them
+//
+// The compute hooks take LibTorch tensors; the fuzz build (no LibTorch) compiles the rows with
+// VICTOR_SPEC_ONLY, which leaves them out: parsing, formulas and config are all it fuzzes.
 #pragma once
 #include <nlohmann/json.hpp>
+
+#include <functional>
+#include <map>
+#include <memory>
 #include <optional>
 #include <string>
+#include <vector>
+
+namespace at {
+class Tensor;
+}
 
 namespace victor {
 
 struct ModelConfig;
+struct TokenMeta;
+struct ReducerWeights;
+struct VisionLastBlock;
+struct ImageLayout;
 
 enum class RegisterMask { Causal, RegistersOnly };
 std::string to_string(RegisterMask m);
 RegisterMask register_mask_from_string(const std::string& s);
 
-enum class ReducerKind { None, Victor, Pool, FastV, VisionZip, Resampler };
+// A parameter a reducer owns (declared in this order; trained with --train registers). A matrix
+// is stored in the language model's weight format; `bias_of` names the matrix a bias belongs to.
+struct ReducerParam {
+  std::string name;  // checkpoint name: "victor.registers", "resampler.attn.q_proj.weight"
+  std::vector<int64_t> shape;
+  bool matrix = false;
+  std::string bias_of;
+  std::string counted;  // what its rows are called when their count is the user's choice ("registers")
+};
+
+// One kind of reducer with its parameters: the table row.
+class ReducerOps {
+ public:
+  virtual ~ReducerOps() = default;
+  virtual std::string kind() const = 0;  // "victor", "fastv", ...
+  virtual std::string spec() const = 0;  // canonical: Reducer::parse(spec()) is this reducer
+  virtual std::string name() const = 0;  // display name for tables: "victor m=8 k=2"
+  // Trained with the model (Victor, pooling, the resampler), or applied to a trained plain model.
+  virtual bool trained() const { return false; }
+  // Refuses parameters that cannot apply to this model (one line naming the key).
+  virtual void validate(const ModelConfig& c) const;
+
+  // ---- The sequence ----
+  // Visual rows one image (one view on LLaVA-NeXT) contributes before the first decoder layer.
+  virtual int visual_rows(const ModelConfig& c) const;
+  // Rows inserted after each image's visual rows (Victor's registers).
+  virtual int inserted_rows() const { return 0; }
+  // The layer at whose input visual rows leave (keep_rows chooses which stay), if any.
+  virtual std::optional<int> reduce_layer(const ModelConfig&) const { return std::nullopt; }
+  // Visual rows of an image's `n` that stay past reduce_layer.
+  virtual int kept_visual(int n) const { return n; }
+  // Who sees whose keys (Victor's registers_only; causal otherwise).
+  virtual RegisterMask mask() const { return RegisterMask::Causal; }
+  // Visual tokens per side of the patch grid they sit on (LLaVA-NeXT's crop grid, grounding), or
+  // none when they are not on a grid (merged or learned tokens).
+  virtual std::optional<int> grid_side(const ModelConfig& c) const;
+  // FLOPs of the reducer's own compute before the language model, per image.
+  virtual double vision_flops(const ModelConfig&) const { return 0; }
+  // The reducer's own parameters.
+  virtual std::vector<ReducerParam> params(const ModelConfig&) const { return {}; }
+  // config.json: writes the reducer's keys (the default a `token_reducer` spec).
+  virtual void to_json(nlohmann::json& j) const { j["token_reducer"] = spec(); }
+
+#ifndef VICTOR_SPEC_ONLY
+  // ---- Compute (src/model asks these) ----
+  // keep_rows needs the attention scores of the layer before reduce_layer (FastV).
+  virtual bool needs_scores() const { return false; }
+  // At reduce_layer: which rows of [B,T] stay (bool). `scores` [B,T] is defined when asked for.
+  // The default keeps text and inserted rows (every visual row and the padding leave).
+  virtual at::Tensor keep_rows(const TokenMeta& meta, const at::Tensor& scores) const;
+  // The vision tower's selected features: `hidden` [n,1+N,D] (class token first) -> [n,rows,D].
+  // `last` is filled only when needs_last_block(); `index` may receive what the choice kept.
+  virtual bool needs_last_block() const { return false; }
+  virtual at::Tensor select_features(const ModelConfig& c, const at::Tensor& hidden, const VisionLastBlock& last,
+                                     at::Tensor* index) const;
+  // After the projector: [n,N,d] -> [n,visual_rows,d].
+  virtual at::Tensor after_projector(const ModelConfig& c, const ReducerWeights& w, const at::Tensor& x) const;
+  // The rows inserted after each image, [inserted_rows, d].
+  virtual at::Tensor inserted(const ReducerWeights& w) const;
+  // LLaVA-NeXT, when grid_side() is none: one image's views [views,rows,d] (and what
+  // select_features kept of each view) packed into its sequence of rows.
+  virtual at::Tensor pack_views(const ModelConfig& c, const at::Tensor& views, const ImageLayout& l,
+                                const at::Tensor& index) const;
+#endif
+};
+
+// Reads a spec's parameters ("k=2,keep=0.5"; a bare value is stored under ""), each refused with
+// the spec and the key when missing, malformed or out of range; done() refuses what is left over.
+class ReducerArgs {
+ public:
+  ReducerArgs(std::string spec, std::map<std::string, std::string> kv) : spec_(std::move(spec)), kv_(std::move(kv)) {}
+  bool has(const std::string& k) const { return kv_.count(k) > 0; }
+  bool empty() const { return kv_.empty(); }
+  std::string take(const std::string& k, const std::string& what);
+  int integer(const std::string& k, const std::string& what, int lo, int hi);
+  double real(const std::string& k, const std::string& what, double lo, double hi);  // in (lo, hi]
+  void done() const;
+  [[noreturn]] void fail(const std::string& why) const;
+  const std::string& spec() const { return spec_; }
+
+ private:
+  std::string spec_;
+  std::map<std::string, std::string> kv_;
+};
+
+class Reducer;
+
+// A table entry: the kind's name, its spec syntax (for errors and --help) and its parser.
+struct ReducerKindEntry {
+  std::string kind;
+  std::string usage;  // "victor:m=M,k=K[,mask=...]"
+  std::function<Reducer(ReducerArgs&)> parse;
+};
+// Adds a kind to the table (refused when the name is taken). Returns true, so a file can register
+// its row in a static initialiser.
+bool register_reducer(ReducerKindEntry entry);
+std::vector<std::string> reducer_usages();
 
 struct VictorParams {
   int registers = 8;                  // m, per image
@@ -54,54 +168,44 @@ struct ResamplerParams {
 
 class Reducer {
  public:
-  Reducer() = default;  // none
+  Reducer();  // none
+  explicit Reducer(std::shared_ptr<const ReducerOps> ops) : ops_(std::move(ops)) {}
   static Reducer none() { return {}; }
+  // The built-in kinds (each defined in its own file).
   static Reducer victor(VictorParams p);
   static Reducer pool(PoolParams p);
   static Reducer fastv(FastVParams p);
   static Reducer visionzip(VisionZipParams p);
   static Reducer resampler(ResamplerParams p);
-  // Parses a spec ("victor:m=8,k=2"); a bad one is refused with a one-line error naming it.
+  // Parses a spec ("victor:m=8,k=2") through the table; a bad one is refused with one line naming it.
   static Reducer parse(const std::string& spec);
 
-  ReducerKind kind() const { return kind_; }
-  bool is_none() const { return kind_ == ReducerKind::None; }
-  // Reducers a model is trained with (Victor, pooling, the resampler); the others are applied to
-  // a trained plain model as they are.
-  bool trained() const {
-    return kind_ == ReducerKind::Victor || kind_ == ReducerKind::Pool || kind_ == ReducerKind::Resampler;
-  }
-  // Parameters of the kind (throw when the reducer is of another kind).
-  const VictorParams& victor_params() const;
-  const PoolParams& pool_params() const;
-  const FastVParams& fastv_params() const;
-  const VisionZipParams& visionzip_params() const;
-  const ResamplerParams& resampler_params() const;
+  const ReducerOps& ops() const { return *ops_; }
+  std::string kind() const { return ops_->kind(); }
+  bool is_none() const { return kind() == "none"; }
+  bool trained() const { return ops_->trained(); }
+  // Victor's parameters, when this is Victor (the older --registers flags change them).
+  const VictorParams* victor_params() const;
 
-  std::string spec() const;  // canonical spec: parse(spec()) == *this
-  std::string name() const;  // display name for tables: "Victor m=8 k=2", "FastV k=2 keep=50%"
+  std::string spec() const { return ops_->spec(); }
+  std::string name() const { return ops_->name(); }
   bool operator==(const Reducer& o) const { return spec() == o.spec(); }
   bool operator!=(const Reducer& o) const { return !(*this == o); }
+  void validate(const ModelConfig& c) const { ops_->validate(c); }
 
-  // Refuses parameters that cannot apply to this model (k past the last layer, a pool factor that
-  // does not divide the patch grid, more tokens kept than the image has). Error names the key.
-  void validate(const ModelConfig& c) const;
-
-  // ---- The reducer's effect on the sequence (the model's forward asks these) ----
-  // Visual rows one image contributes before the first decoder layer.
-  int visual_rows(const ModelConfig& c) const;
-  // Rows inserted after each image's visual rows (Victor's registers).
-  int inserted_rows() const;
-  // The first decoder layer that no longer holds visual rows (L when they are never dropped).
+  // ---- The sequence (see ReducerOps) ----
+  int visual_rows(const ModelConfig& c) const { return ops_->visual_rows(c); }
+  int inserted_rows() const { return ops_->inserted_rows(); }
+  std::optional<int> reduce_layer(const ModelConfig& c) const { return ops_->reduce_layer(c); }
+  int kept_visual(int n) const { return ops_->kept_visual(n); }
+  RegisterMask mask() const { return ops_->mask(); }
+  std::optional<int> grid_side(const ModelConfig& c) const { return ops_->grid_side(c); }
+  // The first decoder layer that holds no visual rows (L when some stay to the end).
   int drop_layer(const ModelConfig& c) const;
-  // The layer whose input keeps only the top-attended visual rows (FastV), if any.
-  std::optional<int> prune_layer() const;
-  // Visual rows per image that survive the prune (FastV), of `n` rows before it.
-  int kept_after_prune(int n) const;
-  // Rows per image (visual + inserted) that the layers after the reduction still hold: FastV's kept
-  // rows, Victor's registers alone, or every row when nothing leaves. Stats and the server's figures.
-  int rows_past_reduction(const ModelConfig& c) const;
-  RegisterMask mask() const;  // attention permissions (Victor's registers_only; causal otherwise)
+  // Rows (visual + inserted) an image of `n` visual rows still holds after the reduction; of one
+  // image of visual_rows(c) for the second form. Stats and the server's figures.
+  int64_t rows_past_reduction(const ModelConfig& c, int64_t n) const;
+  int rows_past_reduction(const ModelConfig& c) const { return int(rows_past_reduction(c, visual_rows(c))); }
 
   // ---- Formulas, per request with `text` prompt tokens, `images` images, `generated` tokens ----
   // KV-cache rows summed over layers (bytes = rows * 2 * kv_heads * head_dim * element size).
@@ -115,28 +219,11 @@ class Reducer {
 
   // config.json: Victor keeps its historic top-level keys (num_registers, summary_layers,
   // register_mask), pooling its `visual_pool`; the others write a `token_reducer` spec.
-  void to_json(nlohmann::json& j) const;
+  void to_json(nlohmann::json& j) const { ops_->to_json(j); }
   static Reducer from_json(const nlohmann::json& j, const std::string& source);
 
  private:
-  // One kind with its parameters in `field` (the factories), and that field read back only when
-  // the reducer is of that kind (the *_params accessors).
-  template <class P>
-  static Reducer make(ReducerKind kind, P Reducer::*field, const P& p) {
-    Reducer r;
-    r.kind_ = kind;
-    r.*field = p;
-    return r;
-  }
-  template <class P>
-  const P& params_of(ReducerKind kind, P Reducer::*field, const char* name) const;
-
-  ReducerKind kind_ = ReducerKind::None;
-  VictorParams victor_;
-  PoolParams pool_;
-  FastVParams fastv_;
-  VisionZipParams visionzip_;
-  ResamplerParams resampler_;
+  std::shared_ptr<const ReducerOps> ops_;
 };
 
 // What the command line asks for: a `--reducer` spec, or Victor's and pooling's older flags
@@ -152,5 +239,10 @@ struct ReducerChoice {
   // The reducer to use on a model whose reducer is `current`; conflicting flags are refused.
   Reducer resolve(const Reducer& current) const;
 };
+
+// Shared by the rows: the tower's selected features per view (the class token with
+// vision_feature_select_strategy "full"), and a one-line refusal naming the spec.
+int full_visual_rows(const ModelConfig& c);
+void require_reducer(bool ok, const std::string& spec, const std::string& why);
 
 }  // namespace victor

@@ -415,13 +415,14 @@ int64_t next_packed_rows(const ImageLayout& l, int side) {
 int64_t image_rows(const ModelConfig& c, const ImageLayout& l) {
   if (!c.is_next()) return c.visual_tokens_per_image();
   // VisionZip packs each view's kept tokens without unpadding or newlines (its own NeXT packing).
-  if (c.reducer.kind() == ReducerKind::VisionZip) return int64_t(l.views()) * c.visual_tokens_per_image();
+  // A reducer whose tokens are off the patch grid (VisionZip) packs each view's tokens without
+  // unpadding or newlines.
+  if (!c.reducer.grid_side(c)) return int64_t(l.views()) * c.visual_tokens_per_image();
   return next_packed_rows(l, next_view_side(c));
 }
 
 int next_view_side(const ModelConfig& c) {
-  const int side = c.vision.image_size / c.vision.patch_size;
-  return c.reducer.kind() == ReducerKind::Pool ? side / c.reducer.pool_params().factor : side;
+  return c.reducer.grid_side(c).value_or(c.vision.image_size / c.vision.patch_size);
 }
 
 ImageLayout image_layout(int width, int height, const ModelConfig& c) {

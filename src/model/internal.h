@@ -5,22 +5,9 @@
 
 namespace victor {
 
-// What the last block of vision_forward reports for VisionZip.
-struct VisionLastBlock {
-  torch::Tensor cls_attention;  // [n,1+N]: the class token's attention, averaged over heads
-  torch::Tensor keys;           // [n,1+N,hd]: the block's keys, averaged over heads
-};
-
 // CLIP-style ViT up to `layers` blocks: [n,3,S,S] -> hidden_states[layers] ([n,1+N,D]).
 torch::Tensor vision_forward(const VisionW& w, const VisionConfig& c, const torch::Tensor& pixels,
                              int layers, VisionLastBlock* last = nullptr);
-
-// VisionZip on hidden states [n,1+N,D] (class token first): the `dominant` patches with the most
-// class-token attention (kept in patch order), then `contextual` tokens: uniformly spaced targets
-// among the other patches, each plus the mean of the patches whose normalised key is most similar
-// to its own. Returns [n,dominant+contextual,D]; `dominant_idx` gets the kept patch indices.
-torch::Tensor visionzip_select(const torch::Tensor& hidden, const VisionLastBlock& last, int dominant,
-                               int contextual, torch::Tensor* dominant_idx);
 
 // FastV's ranking: the attention row of one query token per batch row, averaged over heads.
 struct RankRequest {

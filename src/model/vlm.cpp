@@ -47,6 +47,18 @@ Vlm::Vlm(const ModelConfig& config) : config_(config) {
   declare_params();
 }
 
+const torch::Tensor& ReducerWeights::tensor(const std::string& name) const {
+  static const torch::Tensor undefined;
+  auto it = tensors.find(name);
+  return it == tensors.end() ? undefined : it->second;
+}
+
+const LinearW& ReducerWeights::matrix(const std::string& name) const {
+  auto it = matrices.find(name);
+  if (it == matrices.end()) throw Error("the token reducer's matrix '" + name + "' is missing");
+  return it->second;
+}
+
 Vlm::Vlm(const Vlm& o) : config_(o.config_), w_(o.w_) { declare_params(); }
 Vlm::Vlm(Vlm&& o) noexcept : config_(std::move(o.config_)), w_(std::move(o.w_)) { declare_params(); }
 
@@ -140,23 +152,12 @@ void Vlm::declare_params() {
   }
   add(lp + "norm.weight", {d}, Part::Llm, lw.norm);
   if (!t.tie_word_embeddings) matrix("language_model.lm_head.weight", V, d, Part::Llm, lw.lm_head);
-  if (const int m = config_.reducer.inserted_rows(); m > 0)
-    add("victor.registers", {m, d}, Part::Registers, w_.registers);
-  if (config_.reducer.kind() == ReducerKind::Resampler) {
-    auto& r = w_.resampler;
-    const std::string rp = "resampler.";
-    add(rp + "latents", {config_.reducer.resampler_params().latents, d}, Part::Registers, r.latents);
-    for (auto [n, w] : {std::pair{"ln_q", &r.ln_q}, {"ln_kv", &r.ln_kv}, {"ln_ff", &r.ln_ff}}) {
-      add(rp + n + ".weight", {d}, Part::Registers, w->weight);
-      add(rp + n + ".bias", {d}, Part::Registers, w->bias);
-    }
-    for (auto [n, w] : {std::pair{"attn.q_proj", &r.q}, {"attn.k_proj", &r.k}, {"attn.v_proj", &r.v},
-                        {"attn.o_proj", &r.o}})
-      matrix(rp + n + ".weight", d, d, Part::Registers, *w);
-    matrix(rp + "mlp.fc1.weight", 4 * d, d, Part::Registers, r.fc1);
-    add(rp + "mlp.fc1.bias", {4 * d}, Part::Registers, r.fc1.bias);
-    matrix(rp + "mlp.fc2.weight", d, 4 * d, Part::Registers, r.fc2);
-    add(rp + "mlp.fc2.bias", {d}, Part::Registers, r.fc2.bias);
+  // The token reducer's own parameters, as its row declares them.
+  auto& rw = w_.reducer;
+  for (const ReducerParam& p : config_.reducer.ops().params(config_)) {
+    if (p.matrix) matrix(p.name, p.shape.at(0), p.shape.at(1), Part::Registers, rw.matrices[p.name]);
+    else if (!p.bias_of.empty()) add(p.name, p.shape, Part::Registers, rw.matrices[p.bias_of].bias);
+    else add(p.name, p.shape, Part::Registers, rw.tensors[p.name]);
   }
 }
 
@@ -442,21 +443,36 @@ void Vlm::set_reducer(const Reducer& r, uint64_t seed, bool replace_registers) {
   ModelConfig c = config_;
   c.reducer = r;
   c.validate();
-  // The reducer's own parameters keep their trained values when their count matches; another
+  // The reducer's own parameters keep their trained values when their shape matches; another
   // count is refused unless asked for; parameters the new reducer lacks are dropped.
-  auto rows = [](const torch::Tensor& t) { return t.defined() ? t.size(0) : int64_t(0); };
-  const int64_t m = r.inserted_rows(), have_m = rows(w_.registers);
-  const int64_t n = r.kind() == ReducerKind::Resampler ? r.resampler_params().latents : 0;
-  const int64_t have_n = rows(w_.resampler.latents);
-  auto refuse = [&](int64_t have, const char* what) {
-    throw Error("token reducer '" + r.spec() + "': the model holds " + std::to_string(have) + " trained " + what +
-                "; keep that count or ask for new ones explicitly");
+  const auto wanted = r.ops().params(c);
+  auto held = [&](const ReducerParam& p) -> const torch::Tensor* {
+    if (p.matrix) {
+      auto it = w_.reducer.matrices.find(p.name);
+      return it == w_.reducer.matrices.end() || !it->second.weight.defined() ? nullptr : &it->second.weight;
+    }
+    if (!p.bias_of.empty()) {
+      auto it = w_.reducer.matrices.find(p.bias_of);
+      return it == w_.reducer.matrices.end() || !it->second.bias.defined() ? nullptr : &it->second.bias;
+    }
+    auto it = w_.reducer.tensors.find(p.name);
+    return it == w_.reducer.tensors.end() || !it->second.defined() ? nullptr : &it->second;
   };
-  if (m > 0 && have_m > 0 && have_m != m && !replace_registers) refuse(have_m, "registers");
-  if (n > 0 && have_n > 0 && have_n != n && !replace_registers) refuse(have_n, "resampler latents");
+  ReducerWeights kept;
+  for (const ReducerParam& p : wanted) {
+    const torch::Tensor* have = held(p);
+    if (!have) continue;
+    const bool same = p.matrix || have->sizes().vec() == p.shape;  // matrices are d-wide: same model, same shape
+    if (!same && !replace_registers)
+      throw Error("token reducer '" + r.spec() + "': the model holds " + std::to_string(have->size(0)) + " trained " +
+                  (p.counted.empty() ? p.name : p.counted) + "; keep that count or ask for new ones explicitly");
+    if (!same) continue;
+    if (p.matrix) kept.matrices[p.name] = w_.reducer.matrices.at(p.name);
+    else if (!p.bias_of.empty()) kept.matrices[p.bias_of].bias = *have;
+    else kept.tensors[p.name] = *have;
+  }
   config_ = c;
-  if (m != have_m) w_.registers = torch::Tensor();
-  if (n != have_n) w_.resampler = ResamplerW{};
+  w_.reducer = std::move(kept);
   declare_params();
   auto gen = at::detail::createCPUGenerator(seed);
   for (auto& p : params_) {
@@ -474,7 +490,7 @@ void Vlm::init_registers_mean(const torch::Tensor& pixels, uint64_t seed) {
   auto mean = encode_images(pixels).mean(std::vector<int64_t>{0, 1});  // [d]
   auto gen = at::detail::createCPUGenerator(seed);
   auto noise = torch::empty({m, config_.text.hidden_size}).normal_(0, 0.02, gen);
-  w_.registers = (mean.unsqueeze(0) + noise).contiguous();
+  w_.reducer.tensors["victor.registers"] = (mean.unsqueeze(0) + noise).contiguous();
 }
 
 void Vlm::set_trainable(const std::vector<Part>& parts) {
@@ -494,21 +510,13 @@ torch::Tensor Vlm::vision_features(const torch::Tensor& pixels, VisionTrace* tra
       pixels.size(3) != v.image_size)
     throw Error("vision tower: expected pixels [n,3," + std::to_string(v.image_size) + "," +
                 std::to_string(v.image_size) + "]");
-  const auto& r = config_.reducer;
-  if (r.kind() == ReducerKind::VisionZip) {
-    if (config_.vision_layers_needed() < 1)
-      throw Error("visionzip: vision_feature_layer selects the embeddings; no attention to rank by");
-    VisionLastBlock last;
-    auto h = vision_forward(w_.vision, v, pixels, config_.vision_layers_needed(), &last);
-    const auto& z = r.visionzip_params();
-    torch::Tensor idx;
-    auto out = visionzip_select(h, last, z.dominant, z.contextual, &idx);
-    if (trace) trace->dominant = idx;
-    return out;
-  }
-  auto h = vision_forward(w_.vision, v, pixels, config_.vision_layers_needed());
-  if (config_.vision_feature_select_strategy == "default") h = h.narrow(1, 1, h.size(1) - 1);
-  return h;
+  const ReducerOps& ops = config_.reducer.ops();
+  VisionLastBlock last;
+  auto h = vision_forward(w_.vision, v, pixels, config_.vision_layers_needed(), ops.needs_last_block() ? &last : nullptr);
+  torch::Tensor index;
+  auto out = ops.select_features(config_, h, last, &index);
+  if (trace) trace->dominant = index;
+  return out;
 }
 
 torch::Tensor Vlm::encode_images(const torch::Tensor& pixels) const {
@@ -520,23 +528,9 @@ torch::Tensor Vlm::pack_image(const torch::Tensor& views, const ImageLayout& l, 
   if (views.dim() != 3 || views.size(0) != l.views())
     throw Error("pack_image: expected the " + std::to_string(l.views()) + " views of a " +
                 std::to_string(l.grid_rows) + " x " + std::to_string(l.grid_cols) + " crop grid");
+  // Tokens off the patch grid (merged or learned) are packed by their reducer.
+  if (!config_.reducer.grid_side(config_)) return config_.reducer.ops().pack_views(config_, views, l, dominant);
   const int64_t n = views.size(1), d = views.size(2);
-  if (config_.reducer.kind() == ReducerKind::VisionZip) {
-    if (!dominant.defined() || dominant.size(0) != l.views())
-      throw Error("pack_image: VisionZip needs each view's dominant patch indices");
-    if (l.grid_rows == 0) return views[0];
-    const int64_t side = config_.vision.image_size / config_.vision.patch_size, nd = dominant.size(1);
-    const int64_t W = int64_t(l.grid_cols) * side;
-    // Each crop's dominant tokens at their place in the whole grid, read in raster order.
-    auto crops = dominant.narrow(0, 1, l.views() - 1).to(torch::kInt64);  // [c,nd]
-    auto crop = torch::arange(l.views() - 1, torch::kInt64).unsqueeze(1);
-    auto row = crop.div(l.grid_cols, "floor") * side + crops.div(side, "floor");
-    auto col = crop.remainder(l.grid_cols) * side + crops.remainder(side);
-    auto order = std::get<1>((row * W + col).flatten().sort());
-    auto dom = views.narrow(0, 1, l.views() - 1).narrow(1, 0, nd).reshape({-1, d}).index_select(0, order);
-    auto ctx = views.narrow(0, 1, l.views() - 1).narrow(1, nd, n - nd).reshape({-1, d});
-    return torch::cat({views[0], dom, ctx}, 0);
-  }
   const int64_t side = next_view_side(config_);
   if (side * side != n) throw Error("pack_image: " + std::to_string(n) + " features per view are not a square grid");
   const auto nl = w_.image_newline.to(views.scalar_type());
@@ -554,12 +548,9 @@ torch::Tensor Vlm::pack_image(const torch::Tensor& views, const ImageLayout& l, 
 }
 
 torch::Tensor Vlm::encode_image(const torch::Tensor& views, const ImageLayout& layout) const {
-  if (config_.is_next() && config_.reducer.kind() == ReducerKind::VisionZip) {
-    VisionTrace tr;
-    auto f = project(vision_features(views, &tr));
-    return pack_image(f, layout, tr.dominant);
-  }
-  return pack_image(encode_images(views), layout);
+  VisionTrace tr;
+  auto f = project(vision_features(views, &tr));
+  return pack_image(f, layout, tr.dominant);
 }
 
 std::vector<torch::Tensor> Vlm::encode_prompt_images(const std::vector<PromptInput>& rows) const {
@@ -587,45 +578,20 @@ std::vector<torch::Tensor> Vlm::encode_prompt_images(const std::vector<PromptInp
   if (!config_.is_next()) return encode_images(pixels).unbind(0);
   // Every view of every image through the tower in one batch, then packed image by image.
   VisionTrace tr;
-  const bool zip = config_.reducer.kind() == ReducerKind::VisionZip;
-  torch::Tensor all = zip ? project(vision_features(pixels, &tr)) : encode_images(pixels);  // [views,N,d]
+  torch::Tensor all = project(vision_features(pixels, &tr));  // [views,N,d]
   int64_t at = 0;
   for (auto& l : layouts) {
-    out.push_back(pack_image(all.narrow(0, at, l.views()), l, zip ? tr.dominant.narrow(0, at, l.views()) : torch::Tensor()));
+    out.push_back(pack_image(all.narrow(0, at, l.views()), l,
+                             tr.dominant.defined() ? tr.dominant.narrow(0, at, l.views()) : torch::Tensor()));
     at += l.views();
   }
   return out;
 }
 
-namespace {
-
-// The resampler block over projected visual tokens x [n,N,d] -> [n,latents,d].
-torch::Tensor resample(const ResamplerW& w, const torch::Tensor& x, int64_t heads) {
-  const int64_t n = x.size(0), N = x.size(1), d = x.size(2), Q = w.latents.size(0), hd = d / heads;
-  auto lat = w.latents.unsqueeze(0).expand({n, Q, d});
-  auto q_in = layer_norm(lat, w.ln_q.weight, w.ln_q.bias, 1e-5);
-  auto kv_in = layer_norm(x, w.ln_kv.weight, w.ln_kv.bias, 1e-5);
-  auto split = [&](const torch::Tensor& t, int64_t T) { return t.reshape({n, T, heads, hd}).transpose(1, 2); };
-  auto q = split(dense(q_in, w.q), Q), k = split(dense(kv_in, w.k), N), v = split(dense(kv_in, w.v), N);
-  auto p = torch::softmax(torch::matmul(q, k.transpose(-1, -2)) / std::sqrt(double(hd)), -1);
-  auto a = torch::matmul(p, v).transpose(1, 2).reshape({n, Q, d});
-  auto h = lat + dense(a, w.o);
-  return h + dense(torch::gelu(dense(layer_norm(h, w.ln_ff.weight, w.ln_ff.bias, 1e-5), w.fc1)), w.fc2);
-}
-
-}  // namespace
-
 torch::Tensor Vlm::project(const torch::Tensor& f) const {
   auto h = dense_act(f, w_.proj1, config_.projector_hidden_act);
   auto out = dense(h, w_.proj2);  // [n,N,d_text]
-  if (config_.reducer.kind() == ReducerKind::Resampler) return resample(w_.resampler, out, config_.text.num_attention_heads);
-  if (config_.reducer.kind() != ReducerKind::Pool) return out;
-  const int p = config_.reducer.pool_params().factor;
-  // Average-pooling baseline: p x p neighbourhoods of the patch grid become one token.
-  const int64_t n = out.size(0), d = out.size(2), side = config_.vision.image_size / config_.vision.patch_size;
-  auto grid = out.view({n, side, side, d}).permute({0, 3, 1, 2});
-  auto pooled = torch::avg_pool2d(grid, {p, p}, {p, p});  // [n,d,side/p,side/p]
-  return pooled.flatten(2).transpose(1, 2).contiguous();
+  return config_.reducer.ops().after_projector(config_, w_.reducer, out);
 }
 
 torch::Tensor Vlm::embed_tokens(const torch::Tensor& ids) const {
@@ -677,7 +643,7 @@ SequenceBatch Vlm::assemble(const std::vector<PromptInput>& rows, const std::vec
         out.group.insert(out.group.end(), N, group);
         out.target.insert(out.target.end(), N, -100);
         if (m > 0) {
-          out.pieces.push_back(w_.registers);
+          out.pieces.push_back(config_.reducer.ops().inserted(w_.reducer));
           out.kind.insert(out.kind.end(), m, int64_t(TokenKind::Register));
           out.group.insert(out.group.end(), m, group);
           out.target.insert(out.target.end(), m, -100);
@@ -761,34 +727,11 @@ std::pair<KvCache, torch::Tensor> Vlm::prefill(const SequenceBatch& batch, torch
   return {std::move(cache), logits};
 }
 
-torch::Tensor fastv_keep(const TokenMeta& meta, const torch::Tensor& scores, const Reducer& r) {
-  // Rows that are neither visual nor padding stay; of each image's visual rows (per batch row and
-  // image group) the kept_after_prune(n) with the highest scores stay, in their original order.
-  const auto visual = int64_t(TokenKind::Visual), pad = int64_t(TokenKind::Pad);
-  auto keep = meta.kind.ne(visual) & meta.kind.ne(pad);
-  auto kind = meta.kind.accessor<int64_t, 2>();
-  auto group = meta.group.accessor<int64_t, 2>();
-  auto sc = scores.to(torch::kFloat).contiguous();
-  auto s = sc.accessor<float, 2>();
-  auto kp = keep.accessor<bool, 2>();
-  const int64_t B = meta.rows(), T = meta.length();
-  for (int64_t b = 0; b < B; ++b) {
-    std::map<int64_t, std::vector<int64_t>> by_image;
-    for (int64_t t = 0; t < T; ++t)
-      if (kind[b][t] == visual) by_image[group[b][t]].push_back(t);
-    for (auto& [g, rows] : by_image) {
-      const size_t kept = size_t(r.kept_after_prune(int(rows.size())));
-      std::stable_sort(rows.begin(), rows.end(), [&](int64_t x, int64_t y) { return s[b][x] > s[b][y]; });
-      for (size_t i = 0; i < kept; ++i) kp[b][rows[i]] = true;
-    }
-  }
-  return keep;
-}
-
 ForwardOutput Vlm::forward(const SequenceBatch& batch, KvCache* cache, ForwardTrace* trace) const {
   const Reducer& reducer = config_.reducer;
+  const ReducerOps& ops = reducer.ops();
   const int L = config_.num_layers(), k = reducer.drop_layer(config_);
-  const std::optional<int> prune = reducer.prune_layer();
+  const std::optional<int> reduce_at = reducer.reduce_layer(config_);
   const auto mode = reducer.mask();
   torch::Tensor x = batch.embeds, targets = batch.targets;
   TokenMeta meta = batch.meta;
@@ -800,8 +743,9 @@ ForwardOutput Vlm::forward(const SequenceBatch& batch, KvCache* cache, ForwardTr
   }
   RopeTables rope = rope_tables(meta.pos, config_.text.head_dim(), config_.text.rope_theta);
   torch::Tensor allowed;  // computed by the first layer on each side of a drop or prune
-  // FastV ranks only when visual rows are present (a prefill or a full forward, never a decode).
-  const bool ranks = prune && meta.kind.eq(int64_t(TokenKind::Visual)).any().item<bool>();
+  // A reducer that ranks by attention (FastV) ranks only when visual rows are present (a prefill or
+  // a full forward, never a decode).
+  const bool ranks = reduce_at && ops.needs_scores() && meta.kind.eq(int64_t(TokenKind::Visual)).any().item<bool>();
   RankRequest rank;
   if (ranks)
     rank.query = batch.query.defined() ? batch.query : torch::full({x.size(0)}, x.size(1) - 1, torch::kInt64);
@@ -818,20 +762,18 @@ ForwardOutput Vlm::forward(const SequenceBatch& batch, KvCache* cache, ForwardTr
     rope = rope_tables(meta.pos, config_.text.head_dim(), config_.text.rope_theta);
   };
   for (int l = 0; l < L; ++l) {
-    if (prune && l == *prune) {
-      if (ranks) compact(fastv_keep(meta, rank.scores, reducer));
-      allowed = torch::Tensor();
-    }
-    if (l == k) {
-      // Victor's drop: the visual rows (and padding) leave the hidden states, the metadata and
-      // the targets; survivors keep their positions.
-      auto keep = meta.kind.eq(int64_t(TokenKind::Text)) | meta.kind.eq(int64_t(TokenKind::Register));
-      if (!keep.all().item<bool>()) compact(keep);
+    if (reduce_at && l == *reduce_at) {
+      // The reduction: the rows the reducer does not keep (visual rows, padding) leave the hidden
+      // states, the metadata and the targets; survivors keep their positions.
+      if (!ops.needs_scores() || ranks) {
+        auto keep = ops.keep_rows(meta, ranks ? rank.scores : torch::Tensor());
+        if (!keep.all().item<bool>()) compact(keep);
+      }
       allowed = torch::Tensor();
     }
     x = llama_layer(w_.llm.layers[l], config_.text, mode, l, x, meta, rope, allowed,
                     cache ? &cache->layers[l] : nullptr, trace,
-                    ranks && l + 1 == *prune ? &rank : nullptr);
+                    ranks && l + 1 == *reduce_at ? &rank : nullptr);
     if (trace) trace->tokens_per_layer.push_back(x.size(1));
   }
   if (prefill && mode == RegisterMask::RegistersOnly) {

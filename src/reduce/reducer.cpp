@@ -1,12 +1,21 @@
+// The reducer table and what every row shares: spec parsing, the table, the formulas written once
+// for every kind (each row supplies its rows, layer and parameters), config.json, the CLI's older
+// Victor flags, and the compute defaults.
 #include "victor/reducer.h"
 
+#include <cerrno>
 #include <cmath>
 #include <cstdlib>
-#include <map>
 #include <sstream>
 
+#include "reduce/kinds.h"
 #include "victor/config.h"
 #include "victor/error.h"
+
+#ifndef VICTOR_SPEC_ONLY
+#include "model/internal.h"
+#include "victor/model.h"
+#endif
 
 namespace victor {
 
@@ -20,280 +29,140 @@ RegisterMask register_mask_from_string(const std::string& s) {
   throw Error("register_mask: unknown value '" + s + "' (expected causal or registers_only)");
 }
 
-Reducer Reducer::victor(VictorParams p) { return make(ReducerKind::Victor, &Reducer::victor_, p); }
-Reducer Reducer::pool(PoolParams p) { return make(ReducerKind::Pool, &Reducer::pool_, p); }
-Reducer Reducer::fastv(FastVParams p) { return make(ReducerKind::FastV, &Reducer::fastv_, p); }
-Reducer Reducer::visionzip(VisionZipParams p) { return make(ReducerKind::VisionZip, &Reducer::visionzip_, p); }
-Reducer Reducer::resampler(ResamplerParams p) { return make(ReducerKind::Resampler, &Reducer::resampler_, p); }
+int full_visual_rows(const ModelConfig& c) {
+  return c.vision.num_patches() + (c.vision_feature_select_strategy == "full" ? 1 : 0);
+}
+
+void require_reducer(bool ok, const std::string& spec, const std::string& why) {
+  if (!ok) throw Error("token reducer '" + spec + "': " + why);
+}
+
+// ---- Spec arguments ----
+
+void ReducerArgs::fail(const std::string& why) const { throw Error("--reducer '" + spec_ + "': " + why); }
+
+std::string ReducerArgs::take(const std::string& k, const std::string& what) {
+  auto it = kv_.find(k);
+  if (it == kv_.end()) fail("missing " + what);
+  std::string v = it->second;
+  kv_.erase(it);
+  return v;
+}
+
+int ReducerArgs::integer(const std::string& k, const std::string& what, int lo, int hi) {
+  std::string v = take(k, what);
+  char* end = nullptr;
+  errno = 0;
+  long x = std::strtol(v.c_str(), &end, 10);
+  if (end == v.c_str() || *end || errno) fail(what + " '" + v + "' is not an integer");
+  if (x < lo || x > hi)
+    fail(what + " = " + v + " is out of range [" + std::to_string(lo) + ", " + std::to_string(hi) + "]");
+  return int(x);
+}
+
+double ReducerArgs::real(const std::string& k, const std::string& what, double lo, double hi) {
+  std::string v = take(k, what);
+  char* end = nullptr;
+  double x = std::strtod(v.c_str(), &end);
+  if (end == v.c_str() || *end || !std::isfinite(x)) fail(what + " '" + v + "' is not a number");
+  if (x <= lo || x > hi)
+    fail(what + " = " + v + " must be in (" + std::to_string(lo).substr(0, 3) + ", " + std::to_string(hi).substr(0, 3) +
+         "]");
+  return x;
+}
+
+void ReducerArgs::done() const {
+  if (!kv_.empty()) fail("unknown parameter '" + (kv_.begin()->first.empty() ? kv_.begin()->second : kv_.begin()->first) + "'");
+}
 
 namespace {
 
-[[noreturn]] void bad_spec(const std::string& spec, const std::string& why) {
-  throw Error("--reducer '" + spec + "': " + why);
-}
-
 // "k=2,keep=0.5" -> {k: "2", keep: "0.5"}; a bare value ("4") is stored under "".
 std::map<std::string, std::string> parse_params(const std::string& spec, const std::string& body) {
+  ReducerArgs a(spec, {});
   std::map<std::string, std::string> out;
-  if (!body.empty() && body.back() == ',') bad_spec(spec, "empty parameter (a trailing comma)");
+  if (!body.empty() && body.back() == ',') a.fail("empty parameter (a trailing comma)");
   std::stringstream ss(body);
   std::string item;
   while (std::getline(ss, item, ',')) {
-    if (item.empty()) bad_spec(spec, "empty parameter");
+    if (item.empty()) a.fail("empty parameter");
     auto eq = item.find('=');
     std::string key = eq == std::string::npos ? "" : item.substr(0, eq);
     std::string val = eq == std::string::npos ? item : item.substr(eq + 1);
-    if (val.empty()) bad_spec(spec, "parameter '" + key + "' has no value");
-    if (!out.emplace(key, val).second)
-      bad_spec(spec, key.empty() ? "more than one bare value" : "parameter '" + key + "' given twice");
+    if (val.empty()) a.fail("parameter '" + key + "' has no value");
+    if (!out.emplace(key, val).second) a.fail(key.empty() ? "more than one bare value" : "parameter '" + key + "' given twice");
   }
   return out;
 }
 
-struct Params {
-  std::string spec;
-  std::map<std::string, std::string> kv;
+// The table, built-in kinds first (constructed on first use, so a test's static registration
+// finds it whatever the order of initialisation).
+std::map<std::string, ReducerKindEntry>& table() {
+  static std::map<std::string, ReducerKindEntry> t = [] {
+    std::map<std::string, ReducerKindEntry> m;
+    for (auto& e : builtin_reducer_kinds()) m.emplace(e.kind, e);
+    return m;
+  }();
+  return t;
+}
 
-  bool has(const std::string& k) const { return kv.count(k) > 0; }
-  std::string take(const std::string& k, const std::string& what) {
-    auto it = kv.find(k);
-    if (it == kv.end()) bad_spec(spec, "missing " + what);
-    std::string v = it->second;
-    kv.erase(it);
-    return v;
-  }
-  int integer(const std::string& k, const std::string& what, int lo, int hi) {
-    std::string v = take(k, what);
-    char* end = nullptr;
-    errno = 0;
-    long x = std::strtol(v.c_str(), &end, 10);
-    if (end == v.c_str() || *end || errno) bad_spec(spec, what + " '" + v + "' is not an integer");
-    if (x < lo || x > hi)
-      bad_spec(spec, what + " = " + v + " is out of range [" + std::to_string(lo) + ", " +
-                         std::to_string(hi) + "]");
-    return int(x);
-  }
-  double real(const std::string& k, const std::string& what, double lo, double hi) {
-    std::string v = take(k, what);
-    char* end = nullptr;
-    double x = std::strtod(v.c_str(), &end);
-    if (end == v.c_str() || *end || !std::isfinite(x)) bad_spec(spec, what + " '" + v + "' is not a number");
-    if (x <= lo || x > hi)
-      bad_spec(spec, what + " = " + v + " must be in (" + std::to_string(lo).substr(0, 3) + ", " +
-                         std::to_string(hi).substr(0, 3) + "]");
-    return x;
-  }
-  void done() const {
-    if (!kv.empty())
-      bad_spec(spec, "unknown parameter '" + (kv.begin()->first.empty() ? kv.begin()->second : kv.begin()->first) + "'");
-  }
-};
-
-std::string num(double x) {
-  std::ostringstream o;
-  o << x;
-  return o.str();
+std::string usage_list() {
+  std::string s;
+  for (const auto& u : reducer_usages()) s += (s.empty() ? "" : ", ") + u;
+  return s;
 }
 
 }  // namespace
+
+bool register_reducer(ReducerKindEntry entry) {
+  if (entry.kind.empty() || !entry.parse) throw Error("register_reducer: a kind needs a name and a parser");
+  const std::string kind = entry.kind;
+  if (!table().emplace(kind, std::move(entry)).second)
+    throw Error("register_reducer: a token reducer named '" + kind + "' is already registered");
+  return true;
+}
+
+std::vector<std::string> reducer_usages() {
+  std::vector<std::string> out;
+  for (const auto& [k, e] : table()) out.push_back(e.usage);
+  return out;
+}
 
 Reducer Reducer::parse(const std::string& spec) {
-  if (spec.empty()) bad_spec(spec, "empty (give none, victor:m=M,k=K, pool:P, fastv:k=K,keep=R, visionzip:... or resampler:N)");
+  ReducerArgs none_args(spec, {});
+  if (spec.empty()) none_args.fail("empty (give one of: " + usage_list() + ")");
   auto colon = spec.find(':');
   std::string kind = spec.substr(0, colon);
-  Params p{spec, colon == std::string::npos ? std::map<std::string, std::string>{}
-                                            : parse_params(spec, spec.substr(colon + 1))};
-  if (colon != std::string::npos && p.kv.empty()) bad_spec(spec, "nothing after ':'");
-  constexpr int big = 1 << 20;
-  // Learned rows (registers, latents) are allocated as [count, hidden]: bounded as the
-  // --registers flag is, so a spec cannot ask for gigabytes before a shape check sees it.
-  constexpr int max_rows = 4096;
-  if (kind == "none" || kind == "plain") {
-    p.done();
-    return none();
-  }
-  if (kind == "victor") {
-    VictorParams v;
-    v.registers = p.integer("m", "m (registers per image)", 0, max_rows);
-    v.summary_layers = p.integer("k", "k (summary layers)", 0, big);
-    if (p.has("mask")) v.mask = [&] {
-      std::string m = p.take("mask", "mask");
-      if (m != "causal" && m != "registers_only")
-        bad_spec(spec, "mask '" + m + "' is not causal or registers_only");
-      return register_mask_from_string(m);
-    }();
-    p.done();
-    return victor(v);
-  }
-  if (kind == "pool") {
-    PoolParams q;
-    q.factor = p.integer(p.has("") ? "" : "p", "the pool factor p (pool:4)", 2, 64);
-    p.done();
-    return pool(q);
-  }
-  if (kind == "fastv") {
-    FastVParams f;
-    f.layer = p.integer("k", "k (the layer whose input is pruned, >= 1)", 1, big);
-    f.keep = p.real("keep", "keep (share of visual tokens kept)", 0.0, 1.0);
-    p.done();
-    return fastv(f);
-  }
-  if (kind == "visionzip") {
-    VisionZipParams z;
-    z.dominant = p.integer("dominant", "dominant (patches kept)", 1, big);
-    z.contextual = p.integer("contextual", "contextual (merged tokens)", 0, big);
-    p.done();
-    return visionzip(z);
-  }
-  if (kind == "resampler") {
-    ResamplerParams q;
-    q.latents = p.integer(p.has("") ? "" : "latents", "latents (learned queries)", 1, max_rows);
-    p.done();
-    return resampler(q);
-  }
-  bad_spec(spec, "unknown reducer '" + kind + "' (expected none, victor:m=M,k=K[,mask=...], pool:P, "
-                 "fastv:k=K,keep=S, visionzip:dominant=D,contextual=C or resampler:latents=N)");
+  if (kind == "plain") kind = "none";
+  auto it = table().find(kind);
+  if (it == table().end())
+    none_args.fail("unknown reducer '" + kind + "' (expected " + usage_list() + ")");
+  ReducerArgs args(spec, colon == std::string::npos ? std::map<std::string, std::string>{}
+                                                    : parse_params(spec, spec.substr(colon + 1)));
+  if (colon != std::string::npos && args.empty()) args.fail("nothing after ':'");
+  Reducer r = it->second.parse(args);
+  args.done();
+  return r;
 }
 
-template <class P>
-const P& Reducer::params_of(ReducerKind kind, P Reducer::*field, const char* name) const {
-  if (kind_ != kind) throw Error("reducer " + spec() + " is not " + name);
-  return this->*field;
-}
-const VictorParams& Reducer::victor_params() const { return params_of(ReducerKind::Victor, &Reducer::victor_, "victor"); }
-const PoolParams& Reducer::pool_params() const { return params_of(ReducerKind::Pool, &Reducer::pool_, "pool"); }
-const FastVParams& Reducer::fastv_params() const { return params_of(ReducerKind::FastV, &Reducer::fastv_, "fastv"); }
-const VisionZipParams& Reducer::visionzip_params() const {
-  return params_of(ReducerKind::VisionZip, &Reducer::visionzip_, "visionzip");
-}
-const ResamplerParams& Reducer::resampler_params() const {
-  return params_of(ReducerKind::Resampler, &Reducer::resampler_, "resampler");
-}
+// ---- Row defaults ----
 
-std::string Reducer::spec() const {
-  switch (kind_) {
-    case ReducerKind::None: return "none";
-    case ReducerKind::Victor: {
-      std::string s = "victor:m=" + std::to_string(victor_.registers);
-      if (victor_.summary_layers) s += ",k=" + std::to_string(*victor_.summary_layers);
-      if (victor_.mask != RegisterMask::Causal) s += ",mask=" + to_string(victor_.mask);
-      return s;
-    }
-    case ReducerKind::Pool: return "pool:" + std::to_string(pool_.factor);
-    case ReducerKind::FastV: return "fastv:k=" + std::to_string(fastv_.layer) + ",keep=" + num(fastv_.keep);
-    case ReducerKind::VisionZip:
-      return "visionzip:dominant=" + std::to_string(visionzip_.dominant) +
-             ",contextual=" + std::to_string(visionzip_.contextual);
-    case ReducerKind::Resampler: return "resampler:latents=" + std::to_string(resampler_.latents);
-  }
-  return "?";
-}
+void ReducerOps::validate(const ModelConfig&) const {}
+int ReducerOps::visual_rows(const ModelConfig& c) const { return full_visual_rows(c); }
+std::optional<int> ReducerOps::grid_side(const ModelConfig& c) const { return c.vision.image_size / c.vision.patch_size; }
 
-std::string Reducer::name() const {
-  switch (kind_) {
-    case ReducerKind::None: return "plain";
-    case ReducerKind::Victor: {
-      std::string s = "victor m=" + std::to_string(victor_.registers);
-      s += " k=" + (victor_.summary_layers ? std::to_string(*victor_.summary_layers) : std::string("L"));
-      if (victor_.mask != RegisterMask::Causal) s += " " + to_string(victor_.mask);
-      return s;
-    }
-    case ReducerKind::Pool: return "pool " + std::to_string(pool_.factor) + "x" + std::to_string(pool_.factor);
-    case ReducerKind::FastV: return "fastv k=" + std::to_string(fastv_.layer) + " keep=" + num(fastv_.keep);
-    case ReducerKind::VisionZip:
-      return "visionzip " + std::to_string(visionzip_.dominant) + "+" + std::to_string(visionzip_.contextual);
-    case ReducerKind::Resampler: return "resampler " + std::to_string(resampler_.latents);
-  }
-  return "?";
-}
-
-namespace {
-int full_visual_rows(const ModelConfig& c) {
-  return c.vision.num_patches() + (c.vision_feature_select_strategy == "full" ? 1 : 0);
-}
-void require(bool ok, const std::string& spec, const std::string& why) {
-  if (!ok) throw Error("token reducer '" + spec + "': " + why);
-}
-}  // namespace
-
-void Reducer::validate(const ModelConfig& c) const {
-  const int L = c.num_layers(), side = c.vision.image_size / c.vision.patch_size;
-  const std::string s = spec();
-  if (c.is_next())
-    require(kind_ != ReducerKind::Resampler, s,
-            "is not implemented on LLaVA-NeXT yet (none, victor, fastv, pool and visionzip are)");
-  switch (kind_) {
-    case ReducerKind::None: return;
-    case ReducerKind::Victor:
-      require(victor_.registers >= 0, s, "num_registers must be >= 0");
-      require(!victor_.summary_layers || (*victor_.summary_layers >= 0 && *victor_.summary_layers <= L), s,
-              "summary_layers k must be between 0 and the " + std::to_string(L) + " decoder layers");
-      return;
-    case ReducerKind::Pool:
-      require(pool_.factor >= 2 && side % pool_.factor == 0, s,
-              "visual_pool must be >= 2 and divide the " + std::to_string(side) + " patches per side");
-      require(c.vision_feature_select_strategy == "default", s,
-              "pooling needs vision_feature_select_strategy 'default' (no class token)");
-      return;
-    case ReducerKind::FastV:
-      require(fastv_.layer >= 1 && fastv_.layer < L, s,
-              "k must be between 1 and " + std::to_string(L - 1) + " (the model has " +
-                  std::to_string(L) + " decoder layers; layer k-1 ranks the tokens)");
-      require(fastv_.keep > 0 && fastv_.keep <= 1, s, "keep must be in (0, 1]");
-      return;
-    case ReducerKind::VisionZip:
-      require(c.vision_feature_select_strategy == "default", s,
-              "needs vision_feature_select_strategy 'default' (the class token ranks the patches)");
-      require(visionzip_.dominant >= 1 && visionzip_.contextual >= 0 &&
-                  visionzip_.dominant + visionzip_.contextual <= c.vision.num_patches(),
-              s, "dominant + contextual must be at most the " + std::to_string(c.vision.num_patches()) +
-                     " patches (and dominant >= 1)");
-      require(visionzip_.contextual == 0 || visionzip_.dominant + visionzip_.contextual < c.vision.num_patches(), s,
-              "contextual tokens need patches left to merge");
-      return;
-    case ReducerKind::Resampler:
-      require(resampler_.latents >= 1, s, "latents must be >= 1");
-      require(c.text.hidden_size % c.text.num_attention_heads == 0, s,
-              "needs text_config.hidden_size divisible by its attention heads");
-      return;
-  }
-}
-
-int Reducer::visual_rows(const ModelConfig& c) const {
-  switch (kind_) {
-    case ReducerKind::Pool: return c.vision.num_patches() / (pool_.factor * pool_.factor);
-    case ReducerKind::VisionZip: return visionzip_.dominant + visionzip_.contextual;
-    case ReducerKind::Resampler: return resampler_.latents;
-    default: return full_visual_rows(c);
-  }
-}
-
-int Reducer::inserted_rows() const { return kind_ == ReducerKind::Victor ? victor_.registers : 0; }
+// ---- What every kind shares ----
 
 int Reducer::drop_layer(const ModelConfig& c) const {
   const int L = c.num_layers();
-  if (kind_ != ReducerKind::Victor || !victor_.summary_layers) return L;
-  return std::min(*victor_.summary_layers, L);
+  const auto r = reduce_layer(c);
+  return r && kept_visual(visual_rows(c)) == 0 ? std::min(*r, L) : L;
 }
 
-std::optional<int> Reducer::prune_layer() const {
-  if (kind_ != ReducerKind::FastV) return std::nullopt;
-  return fastv_.layer;
-}
-
-int Reducer::kept_after_prune(int n) const {
-  if (kind_ != ReducerKind::FastV || n == 0) return n;
-  return std::max(1, std::min(n, int(std::lround(fastv_.keep * n))));
-}
-
-int Reducer::rows_past_reduction(const ModelConfig& c) const {
-  if (prune_layer()) return kept_after_prune(visual_rows(c)) + inserted_rows();
-  if (drop_layer(c) < c.num_layers()) return inserted_rows();
-  return visual_rows(c) + inserted_rows();
-}
-
-RegisterMask Reducer::mask() const {
-  return kind_ == ReducerKind::Victor ? victor_.mask : RegisterMask::Causal;
+int64_t Reducer::rows_past_reduction(const ModelConfig& c, int64_t n) const {
+  const auto r = reduce_layer(c);
+  const bool reduced = r && *r < c.num_layers();
+  return inserted_rows() + (reduced ? kept_visual(int(n)) : n);
 }
 
 int64_t Reducer::kv_rows(const ModelConfig& c, int64_t text, int64_t images, int64_t generated) const {
@@ -304,24 +173,18 @@ double Reducer::prefill_flops(const ModelConfig& c, int64_t text, int64_t images
   return prefill_flops(c, text, std::vector<int64_t>(size_t(std::max<int64_t>(images, 0)), visual_rows(c)), images);
 }
 
+// Layers before the reduction hold every visual row (the causal mask keeps their keys; Victor's
+// registers_only frees them after the prefill, as no later token may read them), the layers from
+// it on the kept ones; inserted rows and text are in every layer.
 int64_t Reducer::kv_rows(const ModelConfig& c, int64_t text, const std::vector<int64_t>& visual,
                          int64_t generated) const {
   const int64_t L = c.num_layers(), base = text + generated, images = int64_t(visual.size());
-  int64_t N = 0, kept = 0;  // visual rows of all images, and those past FastV's prune
-  for (int64_t n : visual) N += n, kept += kept_after_prune(int(n));
-  switch (kind_) {
-    case ReducerKind::Victor: {
-      const int64_t k = drop_layer(c), m = victor_.registers;
-      const int64_t late = base + images * m;
-      const int64_t early = victor_.mask == RegisterMask::Causal ? late + N : late;
-      return k * early + (L - k) * late;
-    }
-    case ReducerKind::FastV: {
-      const int64_t K = std::min<int64_t>(fastv_.layer, L);
-      return K * (base + N) + (L - K) * (base + kept);
-    }
-    default: return L * (base + N);
-  }
+  const int64_t r = std::min<int64_t>(reduce_layer(c).value_or(int(L)), L), m = inserted_rows();
+  int64_t N = 0, kept = 0;
+  for (int64_t n : visual) N += n, kept += kept_visual(int(n));
+  const int64_t late = base + images * m + kept;
+  const int64_t early = base + images * m + (mask() == RegisterMask::Causal ? N : 0);
+  return r * early + (L - r) * late;
 }
 
 double Reducer::prefill_flops(const ModelConfig& c, int64_t text, const std::vector<int64_t>& visual,
@@ -335,41 +198,15 @@ double Reducer::prefill_flops(const ModelConfig& c, int64_t text, const std::vec
   const auto& v = c.vision;
   const double Tv = v.num_patches() + 1, D = v.hidden_size, I = v.intermediate_size;
   const int64_t images = int64_t(visual.size());
-  // The tower runs on every patch of every view; the projector on every selected feature (pooling
-  // follows it).
+  // The tower runs on every patch of every view; the projector on every selected feature (a
+  // reducer's own compute after it, per image, on top).
   double vision = views * (c.vision_layers_needed() * (2 * Tv * (4 * D * D + 2 * D * I) + 4 * Tv * Tv * D) +
                            2.0 * full_visual_rows(c) * (D * d + d * d));
-  if (kind_ == ReducerKind::Resampler) {  // q, o and the 4d MLP on the latents; k, v on the tokens
-    const double Q = resampler_.latents, Nf = full_visual_rows(c);
-    vision += images * (2 * Q * (2 * d * d + 8 * d * d) + 2 * Nf * 2 * d * d + 4 * Q * Nf * d);
-  }
-  const int64_t L = c.num_layers();
+  if (const double own = ops().vision_flops(c); own != 0) vision += images * own;
+  const int64_t L = c.num_layers(), r = std::min<int64_t>(reduce_layer(c).value_or(int(L)), L), m = inserted_rows();
   int64_t N = 0, kept = 0;
-  for (int64_t n : visual) N += n, kept += kept_after_prune(int(n));
-  switch (kind_) {
-    case ReducerKind::Victor: {
-      const int64_t k = drop_layer(c), m = victor_.registers;
-      return vision + k * layer(double(text + N + images * m)) + (L - k) * layer(double(text + images * m));
-    }
-    case ReducerKind::FastV: {
-      const int64_t K = std::min<int64_t>(fastv_.layer, L);
-      return vision + K * layer(double(text + N)) + (L - K) * layer(double(text + kept));
-    }
-    default: return vision + L * layer(double(text + N));
-  }
-}
-
-void Reducer::to_json(nlohmann::json& j) const {
-  switch (kind_) {
-    case ReducerKind::None: return;
-    case ReducerKind::Victor:
-      j["num_registers"] = victor_.registers;
-      j["summary_layers"] = victor_.summary_layers ? *victor_.summary_layers : -1;
-      j["register_mask"] = to_string(victor_.mask);
-      return;
-    case ReducerKind::Pool: j["visual_pool"] = pool_.factor; return;
-    default: j["token_reducer"] = spec(); return;
-  }
+  for (int64_t n : visual) N += n, kept += kept_visual(int(n));
+  return vision + r * layer(double(text + N + images * m)) + (L - r) * layer(double(text + kept + images * m));
 }
 
 Reducer Reducer::from_json(const nlohmann::json& j, const std::string& src) {
@@ -428,7 +265,7 @@ Reducer ReducerChoice::resolve(const Reducer& current) const {
   }
   if (!victor_flags) return current;
   VictorParams v{0, std::nullopt, RegisterMask::Causal};
-  if (current.kind() == ReducerKind::Victor) v = current.victor_params();
+  if (const VictorParams* have = current.victor_params()) v = *have;
   if (registers >= 0) v.registers = registers;
   if (summary_layers == -1) v.summary_layers = std::nullopt;
   else if (summary_layers >= 0) v.summary_layers = summary_layers;
@@ -437,5 +274,31 @@ Reducer ReducerChoice::resolve(const Reducer& current) const {
   if (v.registers == 0 && !v.summary_layers) return Reducer::none();
   return Reducer::victor(v);
 }
+
+#ifndef VICTOR_SPEC_ONLY
+// ---- Compute defaults ----
+
+torch::Tensor ReducerOps::keep_rows(const TokenMeta& meta, const torch::Tensor&) const {
+  return meta.kind.eq(int64_t(TokenKind::Text)) | meta.kind.eq(int64_t(TokenKind::Register));
+}
+
+torch::Tensor ReducerOps::select_features(const ModelConfig& c, const torch::Tensor& hidden, const VisionLastBlock&,
+                                          torch::Tensor*) const {
+  return c.vision_feature_select_strategy == "default" ? hidden.narrow(1, 1, hidden.size(1) - 1) : hidden;
+}
+
+torch::Tensor ReducerOps::after_projector(const ModelConfig&, const ReducerWeights&, const torch::Tensor& x) const {
+  return x;
+}
+
+torch::Tensor ReducerOps::inserted(const ReducerWeights&) const {
+  throw Error("token reducer '" + spec() + "' inserts no rows");
+}
+
+torch::Tensor ReducerOps::pack_views(const ModelConfig&, const torch::Tensor&, const ImageLayout&,
+                                     const torch::Tensor&) const {
+  throw Error("token reducer '" + spec() + "': its tokens are not on the patch grid and it packs no LLaVA-NeXT views");
+}
+#endif
 
 }  // namespace victor

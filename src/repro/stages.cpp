@@ -313,7 +313,7 @@ Vlm start_model(const Context& c, Trained& r) {
   model.set_reducer(r.reducer, o.seed + 1);  // validates
   r.summary_layers = model.config().reducer.drop_layer(model.config());
   // Grounding needs visual tokens on the patch grid (not the resampler's latents) that reach its layer.
-  r.grounded = o.ground_weight > 0 && o.ground_layer < r.summary_layers && r.reducer.kind() != ReducerKind::Resampler;
+  r.grounded = o.ground_weight > 0 && o.ground_layer < r.summary_layers && r.reducer.grid_side(model.config());
   return model;
 }
 

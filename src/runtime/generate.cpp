@@ -169,7 +169,7 @@ GenerationResult generate_ids(const Vlm& model, const std::vector<PromptInput>& 
   st.batch = B;
   st.layers = cfg.num_layers();
   st.reducer = cfg.reducer.name();
-  st.reduce_layer = cfg.reducer.prune_layer() ? *cfg.reducer.prune_layer() : cfg.reducer.drop_layer(cfg);
+  st.reduce_layer = std::min(cfg.reducer.reduce_layer(cfg).value_or(cfg.num_layers()), cfg.num_layers());
   auto t0 = Clock::now();
 
   std::vector<torch::Tensor> image_embeds = model.encode_prompt_images(inputs);
@@ -188,12 +188,7 @@ GenerationResult generate_ids(const Vlm& model, const std::vector<PromptInput>& 
   // Rows each image still holds past the reduction: FastV's kept rows, Victor's registers alone,
   // or all of them.
   st.tokens_after_drop = st.prompt_tokens;
-  for (int64_t n : visual_rows_of(cfg, inputs[0])) {
-    const auto& r = cfg.reducer;
-    st.tokens_after_drop += r.inserted_rows() + (r.prune_layer()                          ? r.kept_after_prune(int(n))
-                                                 : r.drop_layer(cfg) < cfg.num_layers() ? 0
-                                                                                        : n);
-  }
+  for (int64_t n : visual_rows_of(cfg, inputs[0])) st.tokens_after_drop += cfg.reducer.rows_past_reduction(cfg, n);
 
   auto [cache, logits] = model.prefill(batch, opt.kv_dtype, opt.max_new_tokens);
 

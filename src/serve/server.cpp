@@ -48,7 +48,7 @@ json victor_figures(const ServeEngine& engine, const Job& job) {
   for (int64_t v : visual_plain) in += v;
   for (int64_t v : visual) {
     to_llm += v + r.inserted_rows();
-    after += r.prune_layer() ? r.kept_after_prune(int(v)) : r.drop_layer(cfg) < cfg.num_layers() ? 0 : v;
+    after += r.rows_past_reduction(cfg, v) - r.inserted_rows();
   }
   return {{"reducer", cfg.reducer.name()},
           {"images", images},

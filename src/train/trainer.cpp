@@ -160,9 +160,9 @@ torch::Tensor shuffle_tokens(const torch::Tensor& x, uint64_t seed, torch::Tenso
 }
 
 void check_grounding(const ModelConfig& cfg, int layer, int heads) {
-  if (cfg.reducer.kind() == ReducerKind::Resampler)
-    throw Error("grounded attention needs visual tokens on the patch grid; the resampler's latents are not "
-                "(train it with --ground-weight 0)");
+  if (!cfg.reducer.grid_side(cfg))
+    throw Error("grounded attention needs visual tokens on the patch grid; " + cfg.reducer.name() +
+                "'s are not (train it with --ground-weight 0)");
   const int seeing = cfg.reducer.drop_layer(cfg);  // layers 0 .. seeing-1 see the visual tokens
   if (layer < 0 || layer >= seeing)
     throw Error("--ground-layer " + std::to_string(layer) + " must be a layer that sees the visual tokens: 0 to " +
@@ -174,8 +174,8 @@ void check_grounding(const ModelConfig& cfg, int layer, int heads) {
 }
 
 torch::Tensor visual_token_centres(const ModelConfig& cfg) {
-  const int pool = cfg.reducer.kind() == ReducerKind::Pool ? cfg.reducer.pool_params().factor : 1;
-  const int side = cfg.vision.image_size / cfg.vision.patch_size / pool;
+  const int side = cfg.reducer.grid_side(cfg).value_or(0);
+  if (side == 0) throw Error("visual token centres: " + cfg.reducer.name() + "'s tokens are not on the patch grid");
   auto at = (torch::arange(side, torch::kFloat32) + 0.5f) / float(side);
   auto y = at.view({side, 1}).expand({side, side}), x = at.view({1, side}).expand({side, side});
   return torch::stack({x.reshape({-1}), y.reshape({-1})}, 1);  // [side*side, 2]
