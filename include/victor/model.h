@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "victor/config.h"
+#include "victor/kv_cache.h"
 #include "victor/ops.h"
 
 namespace victor {
@@ -78,45 +79,6 @@ struct VlmWeights {
 struct VisionLastBlock {
   torch::Tensor cls_attention;  // [n,1+N]: the class token's attention, averaged over heads
   torch::Tensor keys;           // [n,1+N,hd]: the block's keys, averaged over heads
-};
-
-enum class TokenKind : int64_t { Text = 0, Visual = 1, Register = 2, Pad = 3 };
-
-// Per-token bookkeeping that travels with the hidden states, through the drop and into the cache.
-struct TokenMeta {
-  torch::Tensor order;  // [B,T] int64: causal order (index in the full padded sequence)
-  torch::Tensor pos;    // [B,T] int64: RoPE position (kept through the drop)
-  torch::Tensor kind;   // [B,T] int64 TokenKind
-  torch::Tensor group;  // [B,T] int64: image index in the row for visual/registers, else -1
-  TokenMeta gather(const torch::Tensor& index) const;  // index [B,T']
-  TokenMeta cat(const TokenMeta& other) const;         // along T
-  TokenMeta narrow(int64_t start, int64_t len) const;
-  int64_t rows() const { return order.size(0); }
-  int64_t length() const { return order.size(1); }
-};
-
-// One layer's keys and values, with their own length: layers < k hold visual rows (causal),
-// layers >= k never do.
-struct LayerCache {
-  torch::Tensor k, v;  // [B,Hkv,capacity,hd], in `dtype`
-  torch::ScalarType dtype = torch::kFloat32;
-  TokenMeta meta;      // [B,capacity]
-  int64_t len = 0;
-  torch::Tensor keys() const { return k.narrow(2, 0, len); }
-  torch::Tensor values() const { return v.narrow(2, 0, len); }
-  TokenMeta key_meta() const { return meta.narrow(0, len); }
-  void append(const torch::Tensor& k_new, const torch::Tensor& v_new, const TokenMeta& m);
-  void keep_only(const torch::Tensor& keep);  // keep [B,len] bool; compacts rows
-  void grow(int64_t capacity);                // room for `capacity` rows (k defined), rows kept
-  int64_t bytes() const;                      // bytes of the len used rows (K and V)
-};
-
-struct KvCache {
-  std::vector<LayerCache> layers;
-  int64_t next_order = 0;
-  torch::Tensor next_pos;  // [B] int64
-  int64_t bytes() const;
-  void reserve(int64_t extra);  // grow capacity so `extra` more tokens append without copies
 };
 
 // A batch ready for the decoder: embeddings plus metadata (and training targets).
@@ -269,8 +231,6 @@ class Vlm {
   // then the model adopts the target's dtypes.
   void convert_param(ParamRef& p, const ModelConfig& target);
   void adopt_weight_format(const ModelConfig& target);
-  torch::Tensor decoder_layer(int l, const torch::Tensor& x, const TokenMeta& meta,
-                              LayerCache* cache, ForwardTrace* trace) const;
   ModelConfig config_;
   VlmWeights w_;
   std::vector<ParamRef> params_;
@@ -278,13 +238,5 @@ class Vlm {
 
 // Canonical name for a tensor name in either Hugging Face scheme (classic or newer).
 std::string canonical_tensor_name(const std::string& name);
-
-// Keeps rows where keep[b,t]; pads shorter rows on the right. Returns gather index [B,T'] into
-// a sequence of length T+1 whose last row is padding.
-torch::Tensor compaction_index(const torch::Tensor& keep);
-
-
-// Attention permissions for queries (qm) over keys (km) -> [B,Tq,S] bool.
-torch::Tensor attention_allowed(const TokenMeta& qm, const TokenMeta& km, RegisterMask mode);
 
 }  // namespace victor

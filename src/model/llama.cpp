@@ -1,4 +1,4 @@
-// The language tower: LLaMA decoder layer, attention permissions and the per-layer KV cache.
+// The language tower: the LLaMA decoder layer (prefill, rows over their own caches, the decode fast path).
 #include <algorithm>
 #include <cmath>
 
@@ -8,129 +8,6 @@
 #include "victor/ops.h"
 
 namespace victor {
-
-torch::Tensor attention_allowed(const TokenMeta& qm, const TokenMeta& km, RegisterMask mode) {
-  const auto pad = static_cast<int64_t>(TokenKind::Pad);
-  auto allowed = km.order.unsqueeze(1).le(qm.order.unsqueeze(2)) & km.kind.ne(pad).unsqueeze(1);
-  if (mode == RegisterMask::RegistersOnly) {
-    // Visual keys are visible only to their own image's visual tokens and registers.
-    auto key_visual = km.kind.eq(static_cast<int64_t>(TokenKind::Visual)).unsqueeze(1);
-    auto q_image = qm.kind.eq(static_cast<int64_t>(TokenKind::Visual)) |
-                   qm.kind.eq(static_cast<int64_t>(TokenKind::Register));
-    auto same_image = qm.group.unsqueeze(2).eq(km.group.unsqueeze(1));
-    allowed = allowed & (key_visual.logical_not() | (q_image.unsqueeze(2) & same_image));
-  }
-  return allowed;  // [B,Tq,S]
-}
-
-TokenMeta TokenMeta::gather(const torch::Tensor& index) const {
-  return {order.gather(1, index), pos.gather(1, index), kind.gather(1, index),
-          group.gather(1, index)};
-}
-
-TokenMeta TokenMeta::cat(const TokenMeta& o) const {
-  return {torch::cat({order, o.order}, 1), torch::cat({pos, o.pos}, 1),
-          torch::cat({kind, o.kind}, 1), torch::cat({group, o.group}, 1)};
-}
-
-TokenMeta TokenMeta::narrow(int64_t start, int64_t len) const {
-  return {order.narrow(1, start, len), pos.narrow(1, start, len), kind.narrow(1, start, len),
-          group.narrow(1, start, len)};
-}
-
-torch::Tensor compaction_index(const torch::Tensor& keep) {
-  const int64_t B = keep.size(0), T = keep.size(1);
-  auto ar = torch::arange(T, torch::kInt64).expand({B, T});
-  auto key = torch::where(keep, ar, ar + T);
-  auto sorted = std::get<0>(key.sort(1));
-  auto counts = keep.sum(1);
-  int64_t kept = B == 0 ? 0 : counts.max().item<int64_t>();
-  auto idx = sorted.narrow(1, 0, kept);
-  auto col = torch::arange(kept, torch::kInt64).expand({B, kept});
-  return torch::where(col.lt(counts.unsqueeze(1)), idx, torch::full_like(idx, T));
-}
-
-namespace {
-
-TokenMeta pad_meta(int64_t B, int64_t n) {
-  auto z = torch::zeros({B, n}, torch::kInt64);
-  return {z, z.clone(), torch::full({B, n}, static_cast<int64_t>(TokenKind::Pad)),
-          torch::full({B, n}, int64_t(-1))};
-}
-
-void copy_meta(TokenMeta& dst, int64_t at, const TokenMeta& src) {
-  const int64_t t = src.length();
-  dst.order.narrow(1, at, t).copy_(src.order);
-  dst.pos.narrow(1, at, t).copy_(src.pos);
-  dst.kind.narrow(1, at, t).copy_(src.kind);
-  dst.group.narrow(1, at, t).copy_(src.group);
-}
-
-}  // namespace
-
-void LayerCache::append(const torch::Tensor& k_new, const torch::Tensor& v_new,
-                        const TokenMeta& m) {
-  const int64_t t = k_new.size(2);
-  if (!k.defined()) {
-    auto shape = k_new.sizes().vec();
-    shape[2] = 0;
-    k = torch::zeros(shape, k_new.options().dtype(dtype));
-    v = torch::zeros(shape, v_new.options().dtype(dtype));
-    meta = pad_meta(k_new.size(0), 0);
-  }
-  if (len + t > k.size(2)) grow(std::max(len + t, 2 * k.size(2)));
-  k.narrow(2, len, t).copy_(k_new);
-  v.narrow(2, len, t).copy_(v_new);
-  copy_meta(meta, len, m);
-  len += t;
-}
-
-void LayerCache::keep_only(const torch::Tensor& keep) {
-  if (keep.all().item<bool>()) return;
-  auto idx = compaction_index(keep);  // [B,T'] into len+1 rows (last = padding)
-  const int64_t B = k.size(0), Hkv = k.size(1), hd = k.size(3), T2 = idx.size(1);
-  auto pad = torch::zeros({B, Hkv, 1, hd}, k.options());
-  auto gidx = idx.view({B, 1, T2, 1}).expand({B, Hkv, T2, hd});
-  auto k2 = torch::cat({keys(), pad}, 2).gather(2, gidx);
-  auto v2 = torch::cat({values(), pad}, 2).gather(2, gidx);
-  TokenMeta m2 = key_meta().cat(pad_meta(B, 1)).gather(idx);
-  k = k2;
-  v = v2;
-  meta = m2;
-  len = T2;
-}
-
-int64_t LayerCache::bytes() const {
-  if (!k.defined()) return 0;
-  return 2 * k.size(0) * k.size(1) * len * k.size(3) * int64_t(k.element_size());
-}
-
-int64_t KvCache::bytes() const {
-  int64_t b = 0;
-  for (auto& l : layers) b += l.bytes();
-  return b;
-}
-
-void LayerCache::grow(int64_t capacity) {
-  if (capacity <= k.size(2)) return;
-  auto shape = k.sizes().vec();
-  shape[2] = capacity;
-  auto k2 = torch::zeros(shape, k.options()), v2 = torch::zeros(shape, v.options());
-  TokenMeta m2 = pad_meta(k.size(0), capacity);
-  if (len > 0) {
-    k2.narrow(2, 0, len).copy_(keys());
-    v2.narrow(2, 0, len).copy_(values());
-    copy_meta(m2, 0, key_meta());
-  }
-  k = k2;
-  v = v2;
-  meta = m2;
-}
-
-void KvCache::reserve(int64_t extra) {
-  for (auto& l : layers)
-    if (l.k.defined()) l.grow(l.len + extra);
-}
 
 namespace {
 
@@ -337,7 +214,7 @@ torch::Tensor llama_layer_decode(const LlamaLayerW& w, const TextConfig& c, Regi
   }
   for (LayerCache* lc : caches) lc->len += 1;
 
-  // Which keys each new token may see: attention_allowed for a text query.
+  // Which keys each new token (a text query) may see: the one rule.
   std::vector<std::vector<uint8_t>> allowed(static_cast<size_t>(B));
   std::vector<DecodeKv> kv(static_cast<size_t>(B));
   for (int64_t b = 0; b < B; ++b) {
@@ -346,11 +223,11 @@ torch::Tensor llama_layer_decode(const LlamaLayerW& w, const TextConfig& c, Regi
     const int64_t cap = lc.k.size(2), S = lc.len;
     const int64_t* ord = lc.meta.order.data_ptr<int64_t>() + r.row * cap;
     const int64_t* kind = lc.meta.kind.data_ptr<int64_t>() + r.row * cap;
+    const int64_t* group = lc.meta.group.data_ptr<int64_t>() + r.row * cap;
     auto& al = allowed[size_t(b)];
     al.resize(size_t(S));
     for (int64_t s = 0; s < S; ++s)
-      al[size_t(s)] = ord[s] <= r.order && kind[s] != int64_t(TokenKind::Pad) &&
-                      !(mode == RegisterMask::RegistersOnly && kind[s] == int64_t(TokenKind::Visual));
+      al[size_t(s)] = key_visible(r.order, int64_t(TokenKind::Text), -1, ord[s], kind[s], group[s], mode);
     const int64_t base = r.row * Hkv * cap * hd * int64_t(lc.k.element_size());  // in bytes
     kv[size_t(b)] = {static_cast<const char*>(lc.k.data_ptr()) + base,
                      static_cast<const char*>(lc.v.data_ptr()) + base, cap * hd, S, al.data()};
