@@ -45,6 +45,25 @@ TEST(Ops, RopeMatchesRotateHalfFormula) {
   EXPECT_TRUE(torch::allclose(y.select(2, 0), x.select(2, 0)));
 }
 
+TEST(Ops, RawRowFormsOfRmsNormAndRopeEqualTheLibTorchOnes) {
+  // The decode fast path's rms_norm_rows and rope_rows against rms_norm and apply_rope.
+  torch::manual_seed(3);
+  const int64_t B = 3, H = 4, hd = 16, d = H * hd;
+  auto x = torch::randn({B, d}) * 3, w = torch::randn({d});
+  auto out = torch::empty_like(x);
+  rms_norm_rows(x.data_ptr<float>(), w.data_ptr<float>(), B, d, 1e-5, out.data_ptr<float>());
+  EXPECT_TRUE(torch::allclose(out, rms_norm(x, w, 1e-5), 1e-5, 1e-6));
+  auto pos = torch::tensor({0, 7, 1234}, torch::kInt64).view({B, 1});
+  auto q = torch::randn({B, H, 1, hd});
+  auto want = apply_rope(q, pos, 1e4);
+  RopeTables t = rope_tables(pos, hd, 1e4);
+  auto cos = t.cos.reshape({B, hd}).narrow(1, 0, hd / 2).contiguous(), sin = t.sin.reshape({B, hd}).narrow(1, 0, hd / 2).contiguous();
+  auto got = q.clone().contiguous();
+  rope_rows(got.data_ptr<float>(), B, H, hd, cos.data_ptr<float>(), sin.data_ptr<float>());
+  EXPECT_TRUE(torch::allclose(got, want, 1e-5, 1e-6)) << (got - want).abs().max().item<float>();
+  EXPECT_GT((got - q).abs().max().item<float>(), 0.1) << "positions 7 and 1234 rotate";
+}
+
 TEST(Ops, GroupedQueryAttentionMatchesExplicitSoftmax) {
   torch::manual_seed(3);
   const int B = 2, H = 4, Hkv = 2, T = 3, S = 5, hd = 4;

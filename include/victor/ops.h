@@ -27,6 +27,9 @@ std::vector<torch::Tensor> dense_many(const torch::Tensor& x, const std::vector<
 torch::Tensor dense(const torch::Tensor& x, const torch::Tensor& w,
                     const torch::Tensor& b = torch::Tensor());
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double eps);
+// The same RMSNorm on raw float32 rows (a decode step, without per-op dispatch): out = x *
+// rsqrt(mean(x^2) + eps) * w per row of d (tests hold it to rms_norm).
+void rms_norm_rows(const float* x, const float* w, int64_t rows, int64_t d, double eps, float* out);
 torch::Tensor layer_norm(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& b,
                          double eps);
 torch::Tensor activation(const torch::Tensor& x, const std::string& name);
@@ -38,6 +41,9 @@ struct RopeTables {
 };
 RopeTables rope_tables(const torch::Tensor& pos, int64_t head_dim, double theta);
 torch::Tensor apply_rope(const torch::Tensor& x, const RopeTables& t);
+// The same rotation in place on raw rows x [B,heads,hd] with row b's first-half tables cos/sin
+// [B,hd/2] (rope_tables' values; tests hold it to apply_rope).
+void rope_rows(float* x, int64_t B, int64_t heads, int64_t hd, const float* cos, const float* sin);
 // Grouped-query attention. q [B,H,T,hd], k/v [B,Hkv,S,hd], allowed [B,T,S] bool.
 // Returns [B,H,T,hd]; probs (optional out) [B,H,T,S].
 torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,

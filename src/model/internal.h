@@ -33,10 +33,10 @@ torch::Tensor llama_layer_rows(const LlamaLayerW& w, const TextConfig& c, Regist
 
 // The decode fast path: one new token per row of x [B,1,d] (float32, no autograd). Row b's keys
 // are batch row rows[b].row of rows[b].cache (a cache shared by several rows must have all of its
-// rows here: its length grows once). It computes what llama_layer computes for such a step (tests:
-// incremental decode equals a full recompute) on raw buffers, without LibTorch's per-op dispatch:
-// the norms, RoPE, the cache append, attention (kernels::attend_decode) and SwiGLU; the weight
-// products go through dense/dense_many as everywhere else.
+// rows here: its length grows once). llama_layer, llama_layer_rows and this run one decoder-layer
+// recipe (llama.cpp); this one takes its elementwise steps and the cache append on raw buffers
+// (rms_norm_rows, rope_rows) and attention through kernels::attend_decode (tests: incremental
+// decode equals a full recompute).
 struct DecodeRow {
   LayerCache* cache;
   int64_t row;    // batch row inside cache

@@ -11,20 +11,47 @@ namespace victor {
 
 namespace {
 
+// ---- One decoder-layer recipe ----
+// Pre-norm attention and a SwiGLU MLP, each with its residual. Prefill (and training), requests
+// decoding over their own caches, and the decode fast path all run this one function; they differ
+// only in their Steps: how attention reads and extends the cache (Steps::attend: RoPE, the cache
+// append, the key-visibility rule, attention -> [.., H*hd]), and whether the elementwise steps
+// run as LibTorch ops (autograd, any dtype) or on raw float rows (a decode step, without
+// LibTorch's per-op dispatch). The weight products are the same dense/dense_many everywhere.
+template <class Steps>
+torch::Tensor decoder_layer(const LlamaLayerW& w, const TextConfig& c, const torch::Tensor& x, Steps& s) {
+  auto h = s.norm(x, w.input_norm, c.rms_norm_eps);
+  auto qkv = dense_many(h, {&w.q, &w.k, &w.v});
+  auto a = s.attend(qkv[0], qkv[1], qkv[2]);
+  auto y = s.add(x, dense(a, w.o));
+  h = s.norm(y, w.post_norm, c.rms_norm_eps);
+  auto gate_up = dense_many(h, {&w.gate, &w.up});
+  return s.add(y, dense(s.swiglu(gate_up[0], gate_up[1]), w.down));
+}
+
+// The elementwise steps as LibTorch ops.
+struct TorchSteps {
+  torch::Tensor norm(const torch::Tensor& x, const torch::Tensor& w, double eps) const { return rms_norm(x, w, eps); }
+  torch::Tensor add(const torch::Tensor& x, const torch::Tensor& y) const { return x + y; }
+  torch::Tensor swiglu(const torch::Tensor& g, const torch::Tensor& u) const { return torch::silu(g) * u; }
+};
+
 struct Qkv {
   torch::Tensor q, k, v;  // [B,H,T,hd], [B,Hkv,T,hd] x2, RoPE applied to q and k
 };
 
-Qkv project_qkv(const LlamaLayerW& w, const TextConfig& c, const torch::Tensor& x,
+// Projections [B,T,*] -> heads, with RoPE on q and k.
+Qkv split_heads(const TextConfig& c, const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                 const RopeTables& rope) {
-  const int64_t B = x.size(0), T = x.size(1);
+  const int64_t B = q.size(0), T = q.size(1);
   const int64_t H = c.num_attention_heads, Hkv = c.num_key_value_heads, hd = c.head_dim();
-  auto h = rms_norm(x, w.input_norm, c.rms_norm_eps);
-  auto qkv = dense_many(h, {&w.q, &w.k, &w.v});
-  auto q = qkv[0].view({B, T, H, hd}).transpose(1, 2);
-  auto k = qkv[1].view({B, T, Hkv, hd}).transpose(1, 2);
-  auto v = qkv[2].view({B, T, Hkv, hd}).transpose(1, 2);
-  return {apply_rope(q, rope), apply_rope(k, rope), v};
+  return {apply_rope(q.view({B, T, H, hd}).transpose(1, 2), rope),
+          apply_rope(k.view({B, T, Hkv, hd}).transpose(1, 2), rope), v.view({B, T, Hkv, hd}).transpose(1, 2)};
+}
+
+// Heads [B,H,T,hd] -> [B,T,H*hd].
+torch::Tensor merge_heads(const torch::Tensor& a) {
+  return a.transpose(1, 2).reshape({a.size(0), a.size(2), -1});
 }
 
 // Appends to the cache and returns every key and value it holds, in the queries' dtype (a bf16
@@ -41,16 +68,169 @@ void cached_keys(LayerCache& cache, const Qkv& p, const TokenMeta& meta, torch::
   }
 }
 
-// Attention output a [B,H,T,hd] -> the layer's output: residual, post-norm, SwiGLU MLP.
-torch::Tensor finish_layer(const LlamaLayerW& w, const TextConfig& c, const torch::Tensor& x,
-                           const torch::Tensor& a) {
-  const int64_t B = x.size(0), T = x.size(1);
-  auto y = x + dense(a.transpose(1, 2).reshape({B, T, -1}), w.o);
-  auto h = rms_norm(y, w.post_norm, c.rms_norm_eps);
-  auto gate_up = dense_many(h, {&w.gate, &w.up});
-  h = dense(torch::silu(gate_up[0]) * gate_up[1], w.down);  // SwiGLU
-  return y + h;
-}
+// A batch of sequences (prefill, training, the LibTorch decode): every row's keys in one cache
+// (or none), the visibility mask shared by the layers on one side of a reduction, probes and
+// FastV's ranking.
+struct SequenceSteps : TorchSteps {
+  const LlamaLayerW& w;
+  const TextConfig& c;
+  RegisterMask mode;
+  int layer;
+  const TokenMeta& meta;
+  const RopeTables& rope;
+  torch::Tensor& allowed;
+  LayerCache* cache;
+  ForwardTrace* trace;
+  RankRequest* rank;
+
+  torch::Tensor attend(const torch::Tensor& q_in, const torch::Tensor& k_in, const torch::Tensor& v_in) {
+    const int64_t B = q_in.size(0);
+    const int64_t H = c.num_attention_heads, Hkv = c.num_key_value_heads, hd = c.head_dim();
+    Qkv p = split_heads(c, q_in, k_in, v_in, rope);
+    torch::Tensor keys = p.k, values = p.v;
+    TokenMeta key_meta = meta;
+    if (cache) cached_keys(*cache, p, meta, keys, values, key_meta);
+    if (!allowed.defined()) allowed = attention_allowed(meta, key_meta, mode);
+    const bool probe = trace && trace->probe;
+    torch::Tensor probs;
+    // A bf16 or int8 model's prefill multiplies in bf16 (as its GEMMs do); float32 models, decode
+    // and probes keep the float32 path.
+    const bool bf16 = !probe && takes_bf16_gemm(w.q.weight, p.q.size(2));
+    auto a = bf16 ? attention_bf16(p.q, keys, values, allowed)
+                  : attention(p.q, keys, values, allowed, probe ? &probs : nullptr);
+    if (probe) trace->probe(layer, probs, meta, key_meta);
+    if (rank) {
+      // FastV: only the query token's attention row, over every key, averaged over the H heads.
+      const int64_t S = keys.size(2), G = H / Hkv;
+      auto qi = rank->query.view({B, 1, 1, 1}).expand({B, H, 1, hd});
+      auto qq = p.q.gather(2, qi).reshape({B, Hkv, G, hd});
+      auto scores = torch::matmul(qq, keys.transpose(-1, -2)) / std::sqrt(double(hd));  // [B,Hkv,G,S]
+      auto row = allowed.gather(1, rank->query.view({B, 1, 1}).expand({B, 1, S}));     // [B,1,S]
+      scores = scores.masked_fill(row.view({B, 1, 1, S}).logical_not(), -1e30);
+      rank->scores = torch::softmax(scores, -1).mean(std::vector<int64_t>{1, 2});  // [B,S]
+    }
+    return merge_heads(a);
+  }
+};
+
+// One new token per row, each row with its own cache (requests of different lengths decoding
+// together): attention per row over its own keys.
+struct RowsSteps : TorchSteps {
+  const TextConfig& c;
+  RegisterMask mode;
+  const std::vector<TokenMeta>& metas;
+  const RopeTables& rope;
+  const std::vector<LayerCache*>& caches;
+
+  torch::Tensor attend(const torch::Tensor& q_in, const torch::Tensor& k_in, const torch::Tensor& v_in) {
+    Qkv p = split_heads(c, q_in, k_in, v_in, rope);
+    std::vector<torch::Tensor> out;
+    out.reserve(caches.size());
+    for (size_t b = 0; b < caches.size(); ++b) {
+      const auto r = int64_t(b);
+      Qkv row{p.q.narrow(0, r, 1), p.k.narrow(0, r, 1), p.v.narrow(0, r, 1)};
+      torch::Tensor keys, values;
+      TokenMeta key_meta;
+      cached_keys(*caches[b], row, metas[b], keys, values, key_meta);
+      out.push_back(attention(row.q, keys, values, attention_allowed(metas[b], key_meta, mode)));
+    }
+    return merge_heads(torch::cat(out, 0));
+  }
+};
+
+// The decode fast path: one new token per row as [B,d] float32 rows, the elementwise steps and
+// the cache append on raw buffers (rms_norm_rows, rope_rows), attention by kernels::attend_decode.
+struct DecodeSteps {
+  const TextConfig& c;
+  RegisterMask mode;
+  const DecodeRope& rope;
+  const std::vector<DecodeRow>& rows;
+
+  torch::Tensor norm(const torch::Tensor& x, const torch::Tensor& w, double eps) const {
+    auto out = torch::empty_like(x);
+    rms_norm_rows(x.data_ptr<float>(), w.data_ptr<float>(), x.size(0), x.size(1), eps, out.data_ptr<float>());
+    return out;
+  }
+  torch::Tensor add(const torch::Tensor& x, const torch::Tensor& y_in) const {
+    auto y = y_in.contiguous();
+    float* yp = y.data_ptr<float>();
+    const float* xp = x.data_ptr<float>();
+    for (int64_t i = 0; i < y.numel(); ++i) yp[i] = xp[i] + yp[i];
+    return y;
+  }
+  torch::Tensor swiglu(const torch::Tensor& g_in, const torch::Tensor& u_in) const {
+    auto g = g_in.contiguous(), u = u_in.contiguous();
+    float* gp = g.data_ptr<float>();
+    const float* up = u.data_ptr<float>();
+    for (int64_t i = 0; i < g.numel(); ++i) gp[i] = gp[i] / (1.f + std::exp(-gp[i])) * up[i];
+    return g;
+  }
+
+  torch::Tensor attend(const torch::Tensor& q_in, const torch::Tensor& k_in, const torch::Tensor& v_in) {
+    const int64_t B = q_in.size(0);
+    const int64_t H = c.num_attention_heads, Hkv = c.num_key_value_heads, hd = c.head_dim();
+    auto q = q_in.contiguous(), kn = k_in.contiguous(), vn = v_in.contiguous();
+    rope_rows(q.data_ptr<float>(), B, H, hd, rope.cos.data(), rope.sin.data());
+    rope_rows(kn.data_ptr<float>(), B, Hkv, hd, rope.cos.data(), rope.sin.data());
+
+    // Append the new keys and values at each cache's length (room made first).
+    std::vector<LayerCache*> caches;
+    for (const auto& r : rows)
+      if (std::find(caches.begin(), caches.end(), r.cache) == caches.end()) caches.push_back(r.cache);
+    for (LayerCache* lc : caches)
+      if (lc->len + 1 > lc->k.size(2)) lc->grow(std::max(lc->len + 1, 2 * lc->k.size(2)));
+    const bool bf16 = rows[0].cache->k.scalar_type() == torch::kBFloat16;
+    const float* kp = kn.data_ptr<float>();
+    const float* vp = vn.data_ptr<float>();
+    for (int64_t b = 0; b < B; ++b) {
+      const DecodeRow& r = rows[size_t(b)];
+      LayerCache& lc = *r.cache;
+      const int64_t cap = lc.k.size(2), at = lc.len;
+      for (int64_t kh = 0; kh < Hkv; ++kh) {
+        const int64_t dst = ((r.row * Hkv + kh) * cap + at) * hd, src = (b * Hkv + kh) * hd;
+        if (bf16) {
+          auto* kd = reinterpret_cast<uint16_t*>(lc.k.data_ptr<at::BFloat16>()) + dst;
+          auto* vd = reinterpret_cast<uint16_t*>(lc.v.data_ptr<at::BFloat16>()) + dst;
+          for (int64_t i = 0; i < hd; ++i) {
+            kd[i] = c10::BFloat16(kp[src + i]).x;  // round to nearest even, as Tensor::to
+            vd[i] = c10::BFloat16(vp[src + i]).x;
+          }
+        } else {
+          std::copy(kp + src, kp + src + hd, lc.k.data_ptr<float>() + dst);
+          std::copy(vp + src, vp + src + hd, lc.v.data_ptr<float>() + dst);
+        }
+      }
+      const int64_t m = r.row * cap + at;
+      lc.meta.order.data_ptr<int64_t>()[m] = r.order;
+      lc.meta.pos.data_ptr<int64_t>()[m] = r.pos;
+      lc.meta.kind.data_ptr<int64_t>()[m] = int64_t(TokenKind::Text);
+      lc.meta.group.data_ptr<int64_t>()[m] = -1;
+    }
+    for (LayerCache* lc : caches) lc->len += 1;
+
+    // Which keys each new token (a text query) may see: the one rule.
+    std::vector<std::vector<uint8_t>> allowed(static_cast<size_t>(B));
+    std::vector<DecodeKv> kv(static_cast<size_t>(B));
+    for (int64_t b = 0; b < B; ++b) {
+      const DecodeRow& r = rows[size_t(b)];
+      const LayerCache& lc = *r.cache;
+      const int64_t cap = lc.k.size(2), S = lc.len;
+      const int64_t* ord = lc.meta.order.data_ptr<int64_t>() + r.row * cap;
+      const int64_t* kind = lc.meta.kind.data_ptr<int64_t>() + r.row * cap;
+      const int64_t* group = lc.meta.group.data_ptr<int64_t>() + r.row * cap;
+      auto& al = allowed[size_t(b)];
+      al.resize(size_t(S));
+      for (int64_t s = 0; s < S; ++s)
+        al[size_t(s)] = key_visible(r.order, int64_t(TokenKind::Text), -1, ord[s], kind[s], group[s], mode);
+      const int64_t base = r.row * Hkv * cap * hd * int64_t(lc.k.element_size());  // in bytes
+      kv[size_t(b)] = {static_cast<const char*>(lc.k.data_ptr()) + base,
+                       static_cast<const char*>(lc.v.data_ptr()) + base, cap * hd, S, al.data()};
+    }
+    auto a = torch::empty({B, H * hd}, torch::kFloat32);
+    attend_decode(q.data_ptr<float>(), B, H, Hkv, hd, bf16, kv.data(), a.data_ptr<float>());
+    return a;
+  }
+};
 
 }  // namespace
 
@@ -58,65 +238,26 @@ torch::Tensor llama_layer(const LlamaLayerW& w, const TextConfig& c, RegisterMas
                           const torch::Tensor& x, const TokenMeta& meta, const RopeTables& rope,
                           torch::Tensor& allowed, LayerCache* cache, ForwardTrace* trace,
                           RankRequest* rank) {
-  const int64_t B = x.size(0);
-  const int64_t H = c.num_attention_heads, Hkv = c.num_key_value_heads, hd = c.head_dim();
-  Qkv p = project_qkv(w, c, x, rope);
-  torch::Tensor keys = p.k, values = p.v;
-  TokenMeta key_meta = meta;
-  if (cache) cached_keys(*cache, p, meta, keys, values, key_meta);
-  if (!allowed.defined()) allowed = attention_allowed(meta, key_meta, mode);
-  const bool probe = trace && trace->probe;
-  torch::Tensor probs;
-  // A bf16 or int8 model's prefill multiplies in bf16 (as its GEMMs do); float32 models, decode
-  // and probes keep the float32 path.
-  const bool bf16 = !probe && takes_bf16_gemm(w.q.weight, p.q.size(2));
-  auto a = bf16 ? attention_bf16(p.q, keys, values, allowed)
-                : attention(p.q, keys, values, allowed, probe ? &probs : nullptr);
-  if (probe) trace->probe(layer, probs, meta, key_meta);
-  if (rank) {
-    // FastV: only the query token's attention row, over every key, averaged over the H heads.
-    const int64_t S = keys.size(2), G = H / Hkv;
-    auto qi = rank->query.view({B, 1, 1, 1}).expand({B, H, 1, hd});
-    auto qq = p.q.gather(2, qi).reshape({B, Hkv, G, hd});
-    auto scores = torch::matmul(qq, keys.transpose(-1, -2)) / std::sqrt(double(hd));  // [B,Hkv,G,S]
-    auto row = allowed.gather(1, rank->query.view({B, 1, 1}).expand({B, 1, S}));     // [B,1,S]
-    scores = scores.masked_fill(row.view({B, 1, 1, S}).logical_not(), -1e30);
-    rank->scores = torch::softmax(scores, -1).mean(std::vector<int64_t>{1, 2});  // [B,S]
-  }
-  return finish_layer(w, c, x, a);
+  SequenceSteps s{{}, w, c, mode, layer, meta, rope, allowed, cache, trace, rank};
+  return decoder_layer(w, c, x, s);
 }
 
 torch::Tensor llama_layer_rows(const LlamaLayerW& w, const TextConfig& c, RegisterMask mode,
                                const torch::Tensor& x, const std::vector<TokenMeta>& metas,
                                const RopeTables& rope, const std::vector<LayerCache*>& caches) {
-  Qkv p = project_qkv(w, c, x, rope);
-  std::vector<torch::Tensor> out;
-  out.reserve(caches.size());
-  for (size_t b = 0; b < caches.size(); ++b) {
-    const auto r = int64_t(b);
-    Qkv row{p.q.narrow(0, r, 1), p.k.narrow(0, r, 1), p.v.narrow(0, r, 1)};
-    torch::Tensor keys, values;
-    TokenMeta key_meta;
-    cached_keys(*caches[b], row, metas[b], keys, values, key_meta);
-    out.push_back(attention(row.q, keys, values, attention_allowed(metas[b], key_meta, mode)));
-  }
-  return finish_layer(w, c, x, torch::cat(out, 0));
+  RowsSteps s{{}, c, mode, metas, rope, caches};
+  return decoder_layer(w, c, x, s);
 }
 
 DecodeRope decode_rope(const std::vector<int64_t>& pos, int64_t hd, double theta) {
-  // As rope_tables: inv_freq = 1 / theta^(2i/hd) and pos * inv_freq in float32, then cos and sin.
-  const int64_t half = hd / 2;
-  std::vector<float> inv(static_cast<size_t>(half));
-  for (int64_t i = 0; i < half; ++i) inv[size_t(i)] = 1.f / std::pow(float(theta), float(2 * i) / float(hd));
+  // rope_tables' own values (its cos/sin repeat over the two halves: the first half is kept).
+  const int64_t B = int64_t(pos.size()), half = hd / 2;
+  RopeTables t = rope_tables(torch::tensor(pos, torch::kInt64).view({B, 1}), hd, theta);  // [B,1,1,hd]
+  auto cos = t.cos.reshape({B, hd}).narrow(1, 0, half).contiguous();
+  auto sin = t.sin.reshape({B, hd}).narrow(1, 0, half).contiguous();
   DecodeRope r;
-  r.cos.resize(pos.size() * size_t(half));
-  r.sin.resize(r.cos.size());
-  for (size_t b = 0; b < pos.size(); ++b)
-    for (int64_t i = 0; i < half; ++i) {
-      const float f = float(pos[b]) * inv[size_t(i)];
-      r.cos[b * size_t(half) + size_t(i)] = std::cos(f);
-      r.sin[b * size_t(half) + size_t(i)] = std::sin(f);
-    }
+  r.cos.assign(cos.data_ptr<float>(), cos.data_ptr<float>() + B * half);
+  r.sin.assign(sin.data_ptr<float>(), sin.data_ptr<float>() + B * half);
   return r;
 }
 
@@ -131,125 +272,14 @@ bool decode_fast_path_ok(const LayerCache& c) {
          ok_meta(c.meta.order) && ok_meta(c.meta.pos) && ok_meta(c.meta.kind) && ok_meta(c.meta.group);
 }
 
-namespace {
-
-// out = x * rsqrt(mean(x^2) + eps) * w per row of d, as rms_norm.
-void rms_norm_rows(const float* x, const float* w, int64_t B, int64_t d, double eps, float* out) {
-  for (int64_t b = 0; b < B; ++b) {
-    const float* xb = x + b * d;
-    float* ob = out + b * d;
-    double ss = 0;
-    for (int64_t i = 0; i < d; ++i) ss += double(xb[i]) * xb[i];
-    const float r = 1.f / std::sqrt(float(ss / double(d)) + float(eps));
-    for (int64_t i = 0; i < d; ++i) ob[i] = xb[i] * r * w[i];
-  }
-}
-
-// Rotate-half RoPE in place on x [B,heads,hd] with row b's tables.
-void rope_rows(float* x, int64_t B, int64_t heads, int64_t hd, const DecodeRope& r) {
-  const int64_t half = hd / 2;
-  for (int64_t b = 0; b < B; ++b) {
-    const float* cs = r.cos.data() + b * half;
-    const float* sn = r.sin.data() + b * half;
-    for (int64_t h = 0; h < heads; ++h) {
-      float* xh = x + (b * heads + h) * hd;
-      for (int64_t i = 0; i < half; ++i) {
-        const float a = xh[i], c = xh[i + half];
-        xh[i] = a * cs[i] - c * sn[i];
-        xh[i + half] = c * cs[i] + a * sn[i];
-      }
-    }
-  }
-}
-
-}  // namespace
-
 torch::Tensor llama_layer_decode(const LlamaLayerW& w, const TextConfig& c, RegisterMask mode,
                                  const torch::Tensor& x_in, const DecodeRope& rope,
                                  const std::vector<DecodeRow>& rows) {
   const int64_t B = x_in.size(0), d = x_in.size(2);
-  const int64_t H = c.num_attention_heads, Hkv = c.num_key_value_heads, hd = c.head_dim();
   if (int64_t(rows.size()) != B || x_in.size(1) != 1)
     throw Error("decode: one new token and one cache row per batch row");
-  auto x = x_in.contiguous();
-  auto h = torch::empty({B, d}, torch::kFloat32);
-  rms_norm_rows(x.data_ptr<float>(), w.input_norm.data_ptr<float>(), B, d, c.rms_norm_eps, h.data_ptr<float>());
-  auto qkv = dense_many(h, {&w.q, &w.k, &w.v});
-  auto q = qkv[0].contiguous(), kn = qkv[1].contiguous(), vn = qkv[2].contiguous();
-  rope_rows(q.data_ptr<float>(), B, H, hd, rope);
-  rope_rows(kn.data_ptr<float>(), B, Hkv, hd, rope);
-
-  // Append the new keys and values at each cache's length (room made first).
-  std::vector<LayerCache*> caches;
-  for (const auto& r : rows)
-    if (std::find(caches.begin(), caches.end(), r.cache) == caches.end()) caches.push_back(r.cache);
-  for (LayerCache* lc : caches)
-    if (lc->len + 1 > lc->k.size(2)) lc->grow(std::max(lc->len + 1, 2 * lc->k.size(2)));
-  const bool bf16 = rows[0].cache->k.scalar_type() == torch::kBFloat16;
-  const float* kp = kn.data_ptr<float>();
-  const float* vp = vn.data_ptr<float>();
-  for (int64_t b = 0; b < B; ++b) {
-    const DecodeRow& r = rows[size_t(b)];
-    LayerCache& lc = *r.cache;
-    const int64_t cap = lc.k.size(2), at = lc.len;
-    for (int64_t kh = 0; kh < Hkv; ++kh) {
-      const int64_t dst = ((r.row * Hkv + kh) * cap + at) * hd, src = (b * Hkv + kh) * hd;
-      if (bf16) {
-        auto* kd = reinterpret_cast<uint16_t*>(lc.k.data_ptr<at::BFloat16>()) + dst;
-        auto* vd = reinterpret_cast<uint16_t*>(lc.v.data_ptr<at::BFloat16>()) + dst;
-        for (int64_t i = 0; i < hd; ++i) {
-          kd[i] = c10::BFloat16(kp[src + i]).x;  // round to nearest even, as Tensor::to
-          vd[i] = c10::BFloat16(vp[src + i]).x;
-        }
-      } else {
-        std::copy(kp + src, kp + src + hd, lc.k.data_ptr<float>() + dst);
-        std::copy(vp + src, vp + src + hd, lc.v.data_ptr<float>() + dst);
-      }
-    }
-    const int64_t m = r.row * cap + at;
-    lc.meta.order.data_ptr<int64_t>()[m] = r.order;
-    lc.meta.pos.data_ptr<int64_t>()[m] = r.pos;
-    lc.meta.kind.data_ptr<int64_t>()[m] = int64_t(TokenKind::Text);
-    lc.meta.group.data_ptr<int64_t>()[m] = -1;
-  }
-  for (LayerCache* lc : caches) lc->len += 1;
-
-  // Which keys each new token (a text query) may see: the one rule.
-  std::vector<std::vector<uint8_t>> allowed(static_cast<size_t>(B));
-  std::vector<DecodeKv> kv(static_cast<size_t>(B));
-  for (int64_t b = 0; b < B; ++b) {
-    const DecodeRow& r = rows[size_t(b)];
-    const LayerCache& lc = *r.cache;
-    const int64_t cap = lc.k.size(2), S = lc.len;
-    const int64_t* ord = lc.meta.order.data_ptr<int64_t>() + r.row * cap;
-    const int64_t* kind = lc.meta.kind.data_ptr<int64_t>() + r.row * cap;
-    const int64_t* group = lc.meta.group.data_ptr<int64_t>() + r.row * cap;
-    auto& al = allowed[size_t(b)];
-    al.resize(size_t(S));
-    for (int64_t s = 0; s < S; ++s)
-      al[size_t(s)] = key_visible(r.order, int64_t(TokenKind::Text), -1, ord[s], kind[s], group[s], mode);
-    const int64_t base = r.row * Hkv * cap * hd * int64_t(lc.k.element_size());  // in bytes
-    kv[size_t(b)] = {static_cast<const char*>(lc.k.data_ptr()) + base,
-                     static_cast<const char*>(lc.v.data_ptr()) + base, cap * hd, S, al.data()};
-  }
-  auto a = torch::empty({B, H * hd}, torch::kFloat32);
-  attend_decode(q.data_ptr<float>(), B, H, Hkv, hd, bf16, kv.data(), a.data_ptr<float>());
-
-  // Residual, post-norm, SwiGLU MLP, residual: finish_layer on raw buffers.
-  auto y = dense(a, w.o).contiguous();
-  float* yp = y.data_ptr<float>();
-  const float* xp = x.data_ptr<float>();
-  for (int64_t i = 0; i < B * d; ++i) yp[i] = xp[i] + yp[i];
-  rms_norm_rows(yp, w.post_norm.data_ptr<float>(), B, d, c.rms_norm_eps, h.data_ptr<float>());
-  auto gate_up = dense_many(h, {&w.gate, &w.up});
-  auto g = gate_up[0].contiguous(), u = gate_up[1].contiguous();
-  float* gp = g.data_ptr<float>();
-  const float* up = u.data_ptr<float>();
-  for (int64_t i = 0; i < g.numel(); ++i) gp[i] = gp[i] / (1.f + std::exp(-gp[i])) * up[i];
-  auto out = dense(g, w.down).contiguous();
-  float* op = out.data_ptr<float>();
-  for (int64_t i = 0; i < B * d; ++i) op[i] = yp[i] + op[i];
-  return out.view({B, 1, d});
+  DecodeSteps s{c, mode, rope, rows};
+  return decoder_layer(w, c, x_in.contiguous().view({B, d}), s).view({B, 1, d});
 }
 
 }  // namespace victor

@@ -68,6 +68,17 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double ep
   return x * torch::rsqrt(var + eps) * w;
 }
 
+void rms_norm_rows(const float* x, const float* w, int64_t rows, int64_t d, double eps, float* out) {
+  for (int64_t b = 0; b < rows; ++b) {
+    const float* xb = x + b * d;
+    float* ob = out + b * d;
+    double ss = 0;
+    for (int64_t i = 0; i < d; ++i) ss += double(xb[i]) * xb[i];
+    const float r = 1.f / std::sqrt(float(ss / double(d)) + float(eps));
+    for (int64_t i = 0; i < d; ++i) ob[i] = xb[i] * r * w[i];
+  }
+}
+
 torch::Tensor layer_norm(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& b,
                          double eps) {
   return torch::layer_norm(x, {x.size(-1)}, w, b, eps);
@@ -94,6 +105,22 @@ torch::Tensor apply_rope(const torch::Tensor& x, const RopeTables& t) {
   const int64_t hd = x.size(-1);
   auto x1 = x.narrow(-1, 0, hd / 2), x2 = x.narrow(-1, hd / 2, hd / 2);
   return x * t.cos + torch::cat({-x2, x1}, -1) * t.sin;  // rotate-half
+}
+
+void rope_rows(float* x, int64_t B, int64_t heads, int64_t hd, const float* cos, const float* sin) {
+  const int64_t half = hd / 2;
+  for (int64_t b = 0; b < B; ++b) {
+    const float* cs = cos + b * half;
+    const float* sn = sin + b * half;
+    for (int64_t h = 0; h < heads; ++h) {
+      float* xh = x + (b * heads + h) * hd;
+      for (int64_t i = 0; i < half; ++i) {
+        const float a = xh[i], c = xh[i + half];
+        xh[i] = a * cs[i] - c * sn[i];
+        xh[i + half] = c * cs[i] + a * sn[i];
+      }
+    }
+  }
 }
 
 torch::Tensor apply_rope(const torch::Tensor& x, const torch::Tensor& pos, double theta) {
