@@ -7,6 +7,7 @@
 #include "helpers.h"
 #include "victor/error.h"
 #include "victor/files.h"
+#include "victor/optim.h"
 #include "victor/train.h"
 
 using namespace victor;
@@ -326,6 +327,39 @@ TEST(Train, WarmupThenCosineSchedule) {
   EXPECT_NEAR(lr_at(o, 110, 110), 0.0, 1e-12);
   EXPECT_THROW(parse_parts("vision,brain"), Error);
   EXPECT_EQ(parse_parts("pretrain").size(), 2u);
+}
+
+TEST(Train, AdamWEqualsLibTorchsAdamWWithClippingAndDecay) {
+  // Both trainers' optimizer against torch::optim::AdamW (decay on every tensor there, so the
+  // reference decays the matrix only by giving the vector its own group without decay).
+  torch::manual_seed(5);
+  auto w = torch::randn({4, 3}), b = torch::randn({4});
+  auto rw = w.clone().requires_grad_(true), rb = b.clone().requires_grad_(true);
+  AdamWOptions ao;
+  ao.weight_decay = 0.1;
+  AdamW ours({w, b}, ao);
+  std::vector<torch::optim::OptimizerParamGroup> groups;
+  groups.emplace_back(std::vector<torch::Tensor>{rw}, std::make_unique<torch::optim::AdamWOptions>(
+                                                          torch::optim::AdamWOptions(0.01).weight_decay(0.1)));
+  groups.emplace_back(std::vector<torch::Tensor>{rb}, std::make_unique<torch::optim::AdamWOptions>(
+                                                          torch::optim::AdamWOptions(0.01).weight_decay(0.0)));
+  torch::optim::AdamW ref(groups);
+  for (int step = 0; step < 6; ++step) {
+    auto gw = torch::randn({4, 3}) * (step + 1), gb = torch::randn({4});
+    std::vector<torch::Tensor> grads = {gw, gb};
+    double norm = 0;
+    const double scale = clip_scale(grads, 2.0, &norm, step);
+    EXPECT_NEAR(norm, std::sqrt(gw.pow(2).sum().item<double>() + gb.pow(2).sum().item<double>()), 1e-4);
+    ours.step(grads, 0.01, scale, step);
+    rw.mutable_grad() = gw.clone();
+    rb.mutable_grad() = gb.clone();
+    torch::nn::utils::clip_grad_norm_(std::vector<torch::Tensor>{rw, rb}, 2.0);
+    ref.step();
+    EXPECT_TRUE(torch::allclose(w, rw.detach(), 1e-5, 1e-6)) << step << " " << (w - rw).abs().max().item<float>();
+    EXPECT_TRUE(torch::allclose(b, rb.detach(), 1e-5, 1e-6)) << step;
+  }
+  EXPECT_NEAR(warmup_cosine_lr(2.0, 0, 4, 20, 0.1), 0.5, 1e-12);
+  EXPECT_NEAR(warmup_cosine_lr(2.0, 20, 4, 20, 0.1), 0.2, 1e-12) << "the floor";
 }
 
 TEST(Train, VisionPretrainingLearnsCellClasses) {

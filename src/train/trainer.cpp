@@ -17,6 +17,7 @@
 #include "victor/distributed.h"
 #include "victor/error.h"
 #include "victor/files.h"
+#include "victor/optim.h"
 #include "victor/progress.h"
 #include "victor/safetensors.h"
 
@@ -136,11 +137,8 @@ int total_steps(const TrainOptions& o, size_t n) {
 }
 
 double lr_at(const TrainOptions& o, int step, int total) {
-  int warm = o.warmup_steps >= 0 ? o.warmup_steps : std::max(1, total * 3 / 100);
-  if (step < warm) return o.lr * double(step + 1) / double(warm);
-  double progress = double(step - warm) / double(std::max(1, total - warm));
-  double floor = o.lr * o.min_lr_ratio;
-  return floor + 0.5 * (o.lr - floor) * (1.0 + std::cos(M_PI * std::min(1.0, progress)));
+  const int warm = o.warmup_steps >= 0 ? o.warmup_steps : std::max(1, total * 3 / 100);
+  return warmup_cosine_lr(o.lr, step, warm, total, o.min_lr_ratio);
 }
 
 torch::Tensor shuffle_tokens(const torch::Tensor& x, uint64_t seed, torch::Tensor* order, int64_t first_row) {
@@ -349,13 +347,9 @@ GroundingLoss grounding_loss(const torch::Tensor& probs, const SequenceBatch& ba
   return r;
 }
 
-struct AdamState {
-  std::vector<torch::Tensor> m, v;
-};
-
 // Model files, then the full trainer state under a step-tagged name, then trainer_state.json
 // (atomic) pointing at it: a crash at any point leaves a consistent resumable state.
-void save_checkpoint(const Vlm& model, const std::vector<ParamRef*>& trainable, const AdamState& adam,
+void save_checkpoint(const Vlm& model, const std::vector<ParamRef*>& trainable, const AdamW& adam,
                      const TrainOptions& o, int step, int total, const std::string& tok_dir) {
   ModelFolderWrite write(o.out);
   model.save(o.out);
@@ -363,8 +357,8 @@ void save_checkpoint(const Vlm& model, const std::vector<ParamRef*>& trainable, 
   std::vector<std::pair<std::string, torch::Tensor>> state;
   for (auto& p : model.params()) state.emplace_back("param." + p.name, *p.tensor);
   for (size_t i = 0; i < trainable.size(); ++i) {
-    state.emplace_back("exp_avg." + trainable[i]->name, adam.m[i]);
-    state.emplace_back("exp_avg_sq." + trainable[i]->name, adam.v[i]);
+    state.emplace_back("exp_avg." + trainable[i]->name, adam.exp_avg()[i]);
+    state.emplace_back("exp_avg_sq." + trainable[i]->name, adam.exp_avg_sq()[i]);
   }
   std::string name = "trainer_state-" + std::to_string(step) + ".safetensors";
   save_safetensors((fs::path(o.out) / name).string(), state);
@@ -509,11 +503,12 @@ TrainReport train_model(Vlm& model, const std::vector<TrainSample>& samples, con
     for (auto* p : trainable) ts.push_back(*p->tensor);
     overlapped = std::make_unique<OverlappedGradients>(*comm, ts);
   }
-  AdamState adam;
-  for (auto* p : trainable) {
-    adam.m.push_back(torch::zeros_like(*p->tensor).detach());
-    adam.v.push_back(torch::zeros_like(*p->tensor).detach());
-  }
+  std::vector<torch::Tensor> trained_tensors;
+  for (auto* p : trainable) trained_tensors.push_back(*p->tensor);
+  AdamWOptions adam_options;
+  adam_options.beta1 = o.beta1, adam_options.beta2 = o.beta2, adam_options.eps = o.eps;
+  adam_options.weight_decay = o.weight_decay;
+  AdamW adam(trained_tensors, adam_options);
   const int total = total_steps(global_o, samples.size());
   int step = 0;
   fs::path sj = fs::path(o.out) / "trainer_state.json";
@@ -532,8 +527,8 @@ TrainReport train_model(Vlm& model, const std::vector<TrainSample>& samples, con
     torch::NoGradGuard ng;
     for (auto& p : model.params()) p.tensor->copy_(st.load("param." + p.name));
     for (size_t i = 0; i < trainable.size(); ++i) {
-      adam.m[i].copy_(st.load("exp_avg." + trainable[i]->name));
-      adam.v[i].copy_(st.load("exp_avg_sq." + trainable[i]->name));
+      adam.exp_avg()[i].copy_(st.load("exp_avg." + trainable[i]->name));
+      adam.exp_avg_sq()[i].copy_(st.load("exp_avg_sq." + trainable[i]->name));
     }
   }
 
@@ -665,24 +660,12 @@ TrainReport train_model(Vlm& model, const std::vector<TrainSample>& samples, con
       grounded = int64_t(std::llround(figures[5].item<float>()));
     }
     double norm = 0;
-    for (auto& g : grads) norm += g.pow(2).sum().item<double>();
-    norm = std::sqrt(norm);
-    if (!std::isfinite(norm)) throw Error("train: gradient is not finite at step " + std::to_string(step));
-    const double scale = o.clip > 0 && norm > o.clip ? o.clip / (norm + 1e-6) : 1.0;
+    const double scale = clip_scale(grads, o.clip, &norm, step);
     const double lr = lr_at(o, step, total);
+    adam.step(grads, lr, scale, step);
     {
       torch::NoGradGuard ng;
-      const double bc1 = 1 - std::pow(o.beta1, step + 1), bc2 = 1 - std::pow(o.beta2, step + 1);
-      for (size_t i = 0; i < trainable.size(); ++i) {
-        auto& p = *trainable[i]->tensor;
-        auto g = grads[i] * scale;
-        adam.m[i].mul_(o.beta1).add_(g, 1 - o.beta1);
-        adam.v[i].mul_(o.beta2).addcmul_(g, g, 1 - o.beta2);
-        auto denom = (adam.v[i] / bc2).sqrt_().add_(o.eps);
-        if (o.weight_decay > 0 && p.dim() >= 2) p.mul_(1 - lr * o.weight_decay);
-        p.addcdiv_(adam.m[i], denom, -lr / bc1);
-        grads[i].zero_();
-      }
+      for (auto& g : grads) g.zero_();
     }
     double dt = std::chrono::duration<double>(Clock::now() - t0).count();
     double loss_mean = loss_sum / o.grad_accum;

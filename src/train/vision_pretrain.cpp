@@ -6,6 +6,7 @@
 
 #include "victor/error.h"
 #include "victor/jsonl.h"
+#include "victor/optim.h"
 #include "victor/progress.h"
 #include "victor/train.h"
 
@@ -103,7 +104,7 @@ VisionPretrainReport pretrain_vision(Vlm& model, const std::vector<GridImage>& t
   };
   for (auto& p : model.params())
     if (p.part == Part::Vision) params.push_back(*p.tensor);
-  torch::optim::AdamW opt(params, torch::optim::AdamWOptions(o.lr).weight_decay(0.0));
+  AdamW opt(params, AdamWOptions{});  // the trainer's optimizer, no weight decay
   auto batch_of = [&](const std::vector<GridImage>& set, size_t start, size_t count) {
     std::vector<torch::Tensor> px, lab;
     for (size_t i = 0; i < count; ++i) {
@@ -123,11 +124,8 @@ VisionPretrainReport pretrain_vision(Vlm& model, const std::vector<GridImage>& t
   Progress bar("vision", o.steps, o.progress && isatty(2));
   VisionPretrainReport rep;
   for (int step = 0; step < o.steps; ++step) {
-    // Linear warm-up over 5% then cosine.
-    int warm = std::max(1, o.steps / 20);
-    double lr = step < warm ? o.lr * (step + 1) / warm
-                            : 0.5 * o.lr * (1 + std::cos(M_PI * double(step - warm) / std::max(1, o.steps - warm)));
-    for (auto& g : opt.param_groups()) static_cast<torch::optim::AdamWOptions&>(g.options()).lr(lr);
+    // Linear warm-up over 5% then cosine to zero: the trainer's schedule.
+    const double lr = warmup_cosine_lr(o.lr, step, std::max(1, o.steps / 20), o.steps, 0.0);
     auto [px, lab] = batch_of(shuffled, size_t(step) * o.batch_size, size_t(o.batch_size));
     auto feats = model.vision_features(px);  // [n,N,D]
     // Per cell: the mean of its patches. Per patch: every patch names its own cell's class and
@@ -151,10 +149,16 @@ VisionPretrainReport pretrain_vision(Vlm& model, const std::vector<GridImage>& t
       rep.final_count_loss = count_loss.item<double>();
       loss = loss + count_loss;
     }
-    opt.zero_grad();
+    for (auto& p : params)
+      if (p.grad().defined()) p.mutable_grad().zero_();
     loss.backward();
-    torch::nn::utils::clip_grad_norm_(params, 1.0);
-    opt.step();
+    std::vector<torch::Tensor> grads;
+    for (auto& p : params) {
+      auto& g = p.mutable_grad();
+      if (!g.defined()) g = torch::zeros_like(p);
+      grads.push_back(g);
+    }
+    opt.step(grads, lr, clip_scale(grads, 1.0, nullptr, step), step);
     rep.final_class_loss = class_loss.item<double>();
     rep.final_place_loss = place_loss.item<double>();
     rep.final_loss = rep.final_class_loss + rep.final_place_loss + rep.final_count_loss;
