@@ -5,7 +5,7 @@
 #include <zlib.h>
 
 #include "helpers.h"
-#include "victor/data.h"
+#include "victor/gridvqa.h"
 #include "victor/error.h"
 #include "victor/files.h"
 #include "victor/repro.h"

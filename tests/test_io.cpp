@@ -7,7 +7,7 @@
 #include <nlohmann/json.hpp>
 
 #include "helpers.h"
-#include "victor/data.h"
+#include "victor/gridvqa.h"
 #include "victor/error.h"
 #include "victor/files.h"
 #include "victor/image.h"

@@ -17,7 +17,7 @@
 
 #include "helpers.h"
 #include "victor/bench.h"
-#include "victor/data.h"
+#include "victor/gridvqa.h"
 #include "victor/error.h"
 #include "victor/files.h"
 #include "victor/generate.h"

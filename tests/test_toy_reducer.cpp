@@ -9,7 +9,7 @@
 
 #include "helpers.h"
 #include "victor/bench.h"
-#include "victor/data.h"
+#include "victor/gridvqa.h"
 #include "victor/eval.h"
 #include "victor/generate.h"
 #include "victor/image_io.h"

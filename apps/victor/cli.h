@@ -15,7 +15,7 @@
 #include "victor/bench.h"
 #include "victor/bench_serve.h"
 #include "victor/blas.h"
-#include "victor/data.h"
+#include "victor/gridvqa.h"
 #include "victor/distributed.h"
 #include "victor/error.h"
 #include "victor/files.h"

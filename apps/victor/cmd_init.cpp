@@ -22,14 +22,9 @@ void run_init(const InitArgs& a) {
   std::vector<std::string> corpus = a.corpus.empty() ? gridvqa_corpus() : read_lines(a.corpus);
   ModelFolderWrite write(a.out);
   int n = train_tokenizer(corpus, a.out, a.vocab, a.tokenizer_type);
-  // The real-model presets keep their vocabulary (32064 rows, padded beyond the tokenizer as
-  // llava-hf pads 32000 to 32064) so the embedding and LM head cost what they cost there; the
-  // training presets shrink it to the tokenizer, padded to a multiple of 64 the same way.
-  const int padded = ((n + 2 + 63) / 64) * 64;
-  const bool real_shape = a.preset == "clip-l-1b" || a.preset == "llava-7b" || a.preset == "llava-next-7b";
-  cfg.text.vocab_size = real_shape ? std::max(cfg.text.vocab_size, padded) : padded;
-  cfg.image_token_index = n;
-  cfg.pad_token_id = n + 1;
+  // The real-model presets keep their vocabulary (32064 rows); the training presets shrink it to
+  // the tokenizer.
+  fit_vocabulary(cfg, n, a.preset == "clip-l-1b" || a.preset == "llava-7b" || a.preset == "llava-next-7b");
   cfg.reducer = a.reducer.resolve(Reducer::none());
   Vlm model = Vlm::random(cfg, a.seed, weight_format_from_string(a.dtype));
   model.save(a.out);

@@ -159,5 +159,10 @@ WeightDType weight_dtype_from_string(const std::string& s, const std::string& wh
 // "llava-next-tiny" (tests) and "llava-next-7b" (llava-v1.6-vicuna-7b: llava-7b with AnyRes and
 // llava-v1.6's pinpoints).
 ModelConfig preset_config(const std::string& name);
+// Fits a config's vocabulary to a new SentencePiece tokenizer of `pieces` pieces: <image> = pieces,
+// <pad> = pieces + 1, rows padded to a multiple of 64 (as llava-hf pads 32000 to 32064). With
+// `keep_larger` a larger vocabulary stays (the real-model presets: the embedding and LM head cost
+// what they cost there).
+void fit_vocabulary(ModelConfig& c, int pieces, bool keep_larger);
 
 }  // namespace victor

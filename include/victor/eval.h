@@ -4,7 +4,7 @@
 #include <string>
 #include <vector>
 
-#include "victor/data.h"
+#include "victor/gridvqa.h"
 #include "victor/model.h"
 #include "victor/stats.h"
 #include "victor/tokenizer.h"

@@ -4,7 +4,7 @@
 #include <algorithm>
 #include <filesystem>
 
-#include "victor/data.h"
+#include "victor/gridvqa.h"
 #include "victor/error.h"
 #include "victor/files.h"
 

@@ -634,6 +634,13 @@ void save_config(const ModelConfig& c, const std::string& dir) {
                     preprocess_to_json(c).dump(2) + "\n");
 }
 
+void fit_vocabulary(ModelConfig& c, int pieces, bool keep_larger) {
+  const int padded = ((pieces + 2 + 63) / 64) * 64;
+  c.text.vocab_size = keep_larger ? std::max(c.text.vocab_size, padded) : padded;
+  c.image_token_index = pieces;
+  c.pad_token_id = pieces + 1;
+}
+
 ModelConfig preset_config(const std::string& name) {
   // CLIP ViT-L/14-336, LLaVA-1.5's tower: VisionConfig's own defaults.
   const VisionConfig clip_l_336;

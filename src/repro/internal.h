@@ -6,7 +6,7 @@
 #include <vector>
 
 #include "victor/bench.h"
-#include "victor/data.h"
+#include "victor/gridvqa.h"
 #include "victor/eval.h"
 #include "victor/reducer.h"
 #include "victor/repro.h"

@@ -72,9 +72,7 @@ void make_initial_model(const Context& c) {
   if (c.lead) {
     ModelConfig cfg = preset_config(o.preset);
     int n = train_tokenizer(gridvqa_corpus(), init_dir, 512);
-    cfg.text.vocab_size = ((n + 2 + 63) / 64) * 64;
-    cfg.image_token_index = n;
-    cfg.pad_token_id = n + 1;
+    fit_vocabulary(cfg, n, false);
     Vlm::random(cfg, o.seed).save(init_dir);
   }
   c.sync();

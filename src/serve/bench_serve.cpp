@@ -16,7 +16,7 @@
 #include <thread>
 
 #include "victor/bench_serve.h"
-#include "victor/data.h"
+#include "victor/gridvqa.h"
 #include "victor/error.h"
 #include "victor/files.h"
 #include "victor/image.h"

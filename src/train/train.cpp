@@ -13,7 +13,7 @@
 #include <nlohmann/json.hpp>
 #include <unordered_map>
 
-#include "victor/data.h"
+#include "victor/gridvqa.h"
 #include "victor/distributed.h"
 #include "victor/error.h"
 #include "victor/files.h"
