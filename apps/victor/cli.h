@@ -64,6 +64,20 @@ extern const CLI::Validator kUint64;    // a seed within 64 bits
 void check_all_options(CLI::App* app);
 void refuse_empty_list_items(CLI::App* app, int argc, char** argv);
 
+// What the command line asks for: a `--reducer` spec, or Victor's and pooling's older flags
+// (--registers, --summary-layers, --register-mask, --visual-pool/--pool) as a change to the model's
+// own reducer. Unset values keep the current settings.
+struct ReducerChoice {
+  std::string spec;             // --reducer
+  int registers = -1;           // --registers (-1 = keep)
+  int summary_layers = -2;      // --summary-layers (-2 = keep, -1 = never drop)
+  std::string mask;             // --register-mask ("" = keep)
+  int pool = 0;                 // --visual-pool (0 = not given)
+  bool any() const { return !spec.empty() || registers >= 0 || summary_layers != -2 || !mask.empty() || pool > 0; }
+  // The reducer to use on a model whose reducer is `current`; conflicting flags are refused.
+  Reducer resolve(const Reducer& current) const;
+};
+
 void add_kv_dtype_option(CLI::App* c, std::string& kv);
 void add_dtype_option(CLI::App* c, std::string& dtype, bool with_auto = true);
 void add_overwrite_flag(CLI::App* c, bool& overwrite);

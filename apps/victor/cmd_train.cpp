@@ -80,7 +80,8 @@ Command train_command(CLI::App& app, int argc, char** argv) {
                       "faster when the ranks share one machine's cores)")
       ->capture_default_str();
   c_train->add_flag("--skip-bad", tr.skip_bad, "Skip (and count) bad samples instead of stopping");
-  add_reducer_options(c_train, tr.reducer);
+  auto choice_h = std::make_shared<ReducerChoice>();
+  add_reducer_options(c_train, *choice_h);
   c_train->add_flag("--autocast-bf16", tr.autocast_bf16,
                     "Mixed precision: the forward pass's matrix products (and their gradients) in bf16, master weights and "
                     "optimizer in float32 (2.4x faster per step on the repro's model, 40 steps on an AVX-512 BF16 CPU, docs/benchmarks.md item 11; off keeps runs "
@@ -99,7 +100,10 @@ Command train_command(CLI::App& app, int argc, char** argv) {
     refuse_nproc_under_launcher(*train_nproc_h);
     if (*train_nproc_h > 1 && !std::getenv("RANK"))
       return launch_workers(argc, argv, *train_nproc_h, c_train->count("--threads") > 0);
-    run_train(*tr_h, *train_parts_h, *train_threads_h, *train_overwrite_h);
+    TrainOptions o = *tr_h;
+    // The reducer flags resolved against the starting checkpoint's own reducer.
+    if (!o.resume && choice_h->any()) o.reducer = choice_h->resolve(load_config(o.model_dir).reducer);
+    run_train(o, *train_parts_h, *train_threads_h, *train_overwrite_h);
     return 0;
   }};
 }

@@ -226,20 +226,6 @@ class Reducer {
   std::shared_ptr<const ReducerOps> ops_;
 };
 
-// What the command line asks for: a `--reducer` spec, or Victor's and pooling's older flags
-// (--registers, --summary-layers, --register-mask, --visual-pool/--pool) as a change to the model's
-// own reducer. Unset values keep the current settings.
-struct ReducerChoice {
-  std::string spec;             // --reducer
-  int registers = -1;           // --registers (-1 = keep)
-  int summary_layers = -2;      // --summary-layers (-2 = keep, -1 = never drop)
-  std::string mask;             // --register-mask ("" = keep)
-  int pool = 0;                 // --visual-pool (0 = not given)
-  bool any() const { return !spec.empty() || registers >= 0 || summary_layers != -2 || !mask.empty() || pool > 0; }
-  // The reducer to use on a model whose reducer is `current`; conflicting flags are refused.
-  Reducer resolve(const Reducer& current) const;
-};
-
 // Shared by the rows: the tower's selected features per view (the class token with
 // vision_feature_select_strategy "full"), and a one-line refusal naming the spec.
 int full_visual_rows(const ModelConfig& c);

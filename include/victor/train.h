@@ -29,7 +29,7 @@ struct TrainOptions {
   std::string log;  // metrics JSON lines (default out/metrics.jsonl)
   // The token reducer for the starting model (unset: the checkpoint's own). Trained registers
   // are kept when the count matches and never silently redrawn.
-  ReducerChoice reducer;
+  std::optional<Reducer> reducer;
   // Augmentation: each image's visual tokens in a fresh random order every step, so a lookup must
   // go by what a token says (its cell's place, from stage 0), not by its sequence position; such a
   // lookup survives a change of pooling or resolution. Seeded by (seed, step): resume stays exact.

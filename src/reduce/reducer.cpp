@@ -251,30 +251,6 @@ Reducer Reducer::from_json(const nlohmann::json& j, const std::string& src) {
   return found.empty() ? none() : found[0];
 }
 
-Reducer ReducerChoice::resolve(const Reducer& current) const {
-  const bool victor_flags = registers >= 0 || summary_layers != -2 || !mask.empty();
-  if (!spec.empty()) {
-    if (victor_flags || pool > 0)
-      throw Error("--reducer '" + spec + "' and --registers/--summary-layers/--register-mask/--visual-pool: "
-                  "give one or the other");
-    return Reducer::parse(spec);
-  }
-  if (pool > 0) {
-    if (victor_flags) throw Error("--visual-pool and --registers/--summary-layers: a model has one token reducer");
-    return pool > 1 ? Reducer::pool({pool}) : Reducer::none();
-  }
-  if (!victor_flags) return current;
-  VictorParams v{0, std::nullopt, RegisterMask::Causal};
-  if (const VictorParams* have = current.victor_params()) v = *have;
-  if (registers >= 0) v.registers = registers;
-  if (summary_layers == -1) v.summary_layers = std::nullopt;
-  else if (summary_layers >= 0) v.summary_layers = summary_layers;
-  else if (summary_layers != -2) throw Error("--summary-layers must be >= 0 (or -1: never drop)");
-  if (!mask.empty()) v.mask = register_mask_from_string(mask);
-  if (v.registers == 0 && !v.summary_layers) return Reducer::none();
-  return Reducer::victor(v);
-}
-
 #ifndef VICTOR_SPEC_ONLY
 // ---- Compute defaults ----
 

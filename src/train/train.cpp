@@ -738,7 +738,7 @@ TrainReport train(const TrainOptions& opts) {
   // A run killed mid-checkpoint resumes: the trainer state trainer_state.json names holds every
   // parameter, so the folder's half-replaced model files are not what it continues from.
   Vlm model = Vlm::load(start, std::nullopt, /*allow_incomplete=*/o.resume);
-  if (!o.resume && o.reducer.any()) model.set_reducer(o.reducer.resolve(model.config().reducer), o.seed);
+  if (!o.resume && o.reducer) model.set_reducer(*o.reducer, o.seed);
   Tokenizer tok(start, /*allow_incomplete=*/o.resume);
   std::string folder = o.image_folder.empty() ? fs::path(o.data).parent_path().string() : o.image_folder;
   auto samples = prepare_samples(convs, tok, model.config(), folder, o.skip_bad, &bad);
