@@ -12,6 +12,7 @@
 
 #include "victor/config.h"
 #include "victor/error.h"
+#include "victor/image_io.h"
 #include "victor/model.h"
 #include "victor/safetensors.h"
 #include "victor/train.h"
@@ -40,6 +41,33 @@ std::string error_of(F&& f) {
     return e.what();
   }
   return "";
+}
+
+// An image of w x h random RGB bytes drawn from LibTorch's generator seeded with `seed` (the
+// pinned logits in fixtures/reducer_pins.json depend on these exact bytes).
+inline Image random_image(int w, int h, uint64_t seed) {
+  Image img;
+  img.width = w;
+  img.height = h;
+  torch::manual_seed(seed);
+  auto t = torch::randint(0, 256, {int64_t(w) * h * 3}, torch::kUInt8);
+  img.rgb.assign(t.data_ptr<uint8_t>(), t.data_ptr<uint8_t>() + t.numel());
+  return img;
+}
+
+// The same from a 64-bit LCG, leaving LibTorch's global generator alone (the serve and
+// toy-reducer tests' images).
+inline Image lcg_image(int w, int h, uint64_t seed) {
+  Image img;
+  img.width = w;
+  img.height = h;
+  img.rgb.resize(size_t(w) * h * 3);
+  uint64_t s = seed * 2654435761u + 1;
+  for (auto& b : img.rgb) {
+    s = s * 6364136223846793005ull + 1442695040888963407ull;
+    b = uint8_t(s >> 56);
+  }
+  return img;
 }
 
 inline torch::Tensor random_pixels(int n, int size, uint64_t seed) {

@@ -31,15 +31,6 @@ ModelConfig next_config(int registers = 0, int summary_layers = -1) {
   return c;
 }
 
-Image random_image(int w, int h, uint64_t seed) {
-  Image img;
-  img.width = w;
-  img.height = h;
-  torch::manual_seed(seed);
-  auto t = torch::randint(0, 256, {int64_t(w) * h * 3}, torch::kUInt8);
-  img.rgb.assign(t.data_ptr<uint8_t>(), t.data_ptr<uint8_t>() + t.numel());
-  return img;
-}
 
 PromptInput next_prompt(const ModelConfig& c, const std::vector<Image>& images) {
   PromptInput p;

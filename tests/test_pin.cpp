@@ -2,9 +2,14 @@
 // shapes: logits of a full forward, a batched prefill with decode steps on one cache, and prefills
 // of single rows decoded together over their own caches (the server's path), plus the KV-row and
 // FLOP formulas. tests/fixtures/reducer_pins.json was written before the reducer table replaced
-// the per-kind switches (VICTOR_WRITE_PINS=1 rewrites it); a move of code that changes the math
-// fails here. Floats are compared within a bound that allows another ISA's summation order, the
-// formulas exactly.
+// the per-kind switches; a move of code that changes the math fails here. The formulas are
+// compared exactly, float32 logits within a bound that allows another ISA's summation order.
+// int8 logits depend on the machine class: its int8 products (ours and oneDNN's) quantize
+// activations differently on AVX2 and AVX-512 VNNI CPUs, by a few percent of a logit on these tiny
+// models (enough to flip FastV's and VisionZip's choice of tokens). So the file holds one set of
+// pins per machine class (the CPU's most capable victor ISA); VICTOR_WRITE_PINS=1 writes this
+// class's set (and leaves the others). On a class with no set, float32 and the formulas are
+// checked against the avx2 set and int8 logits are not.
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -14,6 +19,7 @@
 #include "helpers.h"
 #include "victor/generate.h"
 #include "victor/image.h"
+#include "victor/kernels.h"
 
 using namespace victor;
 using namespace victor::test;
@@ -22,15 +28,6 @@ using nlohmann::json;
 
 namespace {
 
-Image pin_image(int w, int h, uint64_t seed) {
-  Image img;
-  img.width = w;
-  img.height = h;
-  torch::manual_seed(seed);
-  auto t = torch::randint(0, 256, {int64_t(w) * h * 3}, torch::kUInt8);
-  img.rgb.assign(t.data_ptr<uint8_t>(), t.data_ptr<uint8_t>() + t.numel());
-  return img;
-}
 
 PromptInput pin_prompt(const ModelConfig& c, const std::vector<Image>& images, std::vector<int64_t> text) {
   PromptInput p;
@@ -57,8 +54,8 @@ std::vector<double> values(const torch::Tensor& t) {
 json outputs(const Vlm& m) {
   torch::NoGradGuard ng;
   const ModelConfig& c = m.config();
-  const auto a = pin_prompt(c, {pin_image(37, 23, 3)}, {7, 8, 9, 10});
-  const auto b = pin_prompt(c, {pin_image(20, 31, 4), pin_image(28, 28, 5)}, {11, 12});
+  const auto a = pin_prompt(c, {random_image(37, 23, 3)}, {7, 8, 9, 10});
+  const auto b = pin_prompt(c, {random_image(20, 31, 4), random_image(28, 28, 5)}, {11, 12});
   json j;
   // A full forward (training's path), the last row of each prompt.
   auto batch = m.assemble({a, b}, false);
@@ -132,24 +129,30 @@ void expect_close(const json& got, const json& want, double tol, const std::stri
 
 TEST(Pins, EveryReducerAndWeightFormatComputesWhatWasPinned) {
   const fs::path file = fs::path(VICTOR_SOURCE_DIR) / "tests/fixtures/reducer_pins.json";
+  const std::string machine = kernels::isa_name(kernels::supported_isas().back());
   json got;
   for (const auto& c : cases()) got[c.name] = outputs(Vlm::random(c.config, 11, WeightFormat::all(c.dtype)));
+  json all = json::object();
+  if (std::ifstream in(file); in) all = json::parse(in);
   if (std::getenv("VICTOR_WRITE_PINS")) {
-    std::ofstream(file) << got.dump(1) << "\n";
-    GTEST_SKIP() << "wrote " << file;
+    all[machine] = got;
+    std::ofstream(file) << all.dump(1) << "\n";
+    GTEST_SKIP() << "wrote the " << machine << " pins into " << file;
   }
-  std::ifstream in(file);
-  ASSERT_TRUE(in) << file << " is missing";
-  const json want = json::parse(in);
-  ASSERT_EQ(want.size(), got.size()) << "the pinned cases and the cases run differ";
-  for (auto& [name, w] : want.items()) {
-    SCOPED_TRACE(name);
+  ASSERT_TRUE(all.contains("avx2")) << file << " is missing or has no avx2 pins";
+  const bool own = all.contains(machine);
+  const json& want_all = own ? all[machine] : all["avx2"];
+  if (!own) std::printf("[ note     ] no %s pins: int8 logits unchecked on this machine class\n", machine.c_str());
+  ASSERT_EQ(want_all.size(), got.size()) << "the pinned cases and the cases run differ";
+  for (auto& [name, w] : want_all.items()) {
+    SCOPED_TRACE(name + " (" + (own ? machine : "avx2") + " pins)");
     ASSERT_TRUE(got.contains(name)) << name << " is pinned but not run";
     const bool int8 = name.find("int8") != std::string::npos;
     for (const char* key : {"kv_rows", "kv_rows_next", "rows_past", "visual_rows"}) EXPECT_EQ(got[name][key], w[key]) << key;
     for (const char* key : {"flops", "flops_next"}) expect_close(got[name][key], w[key], 1e-12, key);
-    // float32: another ISA sums in another order (~1e-6); int8 quantizes activations, where such a
-    // difference can move one element across a rounding step.
+    if (int8 && !own) continue;
+    // float32: another ISA sums in another order (~1e-6); int8 on its own machine class: another
+    // thread count can still move one element across a rounding step.
     for (const char* key : {"forward", "batch", "rows"}) expect_close(got[name][key], w[key], int8 ? 1e-2 : 1e-4, key);
   }
 }

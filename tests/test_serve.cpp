@@ -50,18 +50,6 @@ struct ServeFixture {
   }
 };
 
-Image random_image(int w, int h, uint64_t seed) {
-  Image img;
-  img.width = w;
-  img.height = h;
-  img.rgb.resize(size_t(w) * h * 3);
-  uint64_t s = seed * 2654435761u + 1;
-  for (auto& b : img.rgb) {
-    s = s * 6364136223846793005ull + 1442695040888963407ull;
-    b = uint8_t(s >> 56);
-  }
-  return img;
-}
 
 std::string data_url(const Image& img) { return "data:image/png;base64," + base64_encode(encode_png(img)); }
 
@@ -138,7 +126,7 @@ bool eventually(F f, int ms = 20000) {
 
 TEST(ServeApi, ParsesMessagesPartsAndOptions) {
   ServeLimits lim;
-  const std::string url = data_url(random_image(28, 28, 1));
+  const std::string url = data_url(lcg_image(28, 28, 1));
   json body = {{"model", "m"},
                {"messages",
                 {{{"role", "system"}, {"content", "Be brief."}},
@@ -160,7 +148,7 @@ TEST(ServeApi, ParsesMessagesPartsAndOptions) {
   EXPECT_EQ(r.turns[1].assistant, "");
   ASSERT_EQ(r.images.size(), 1u);
   EXPECT_EQ(r.images[0].field, "messages[1].content[0].image_url.url");
-  EXPECT_EQ(r.images[0].bytes, encode_png(random_image(28, 28, 1)));
+  EXPECT_EQ(r.images[0].bytes, encode_png(lcg_image(28, 28, 1)));
   EXPECT_EQ(*r.max_tokens, 7);
   EXPECT_EQ(r.temperature, 0.5);
   EXPECT_EQ(r.top_p, 0.9);
@@ -218,7 +206,7 @@ TEST(ServeApi, BadRequestsNameTheirField) {
   // Limits: images per request, bytes per image.
   ServeLimits few = lim;
   few.max_images = 1;
-  const std::string url = data_url(random_image(28, 28, 2));
+  const std::string url = data_url(lcg_image(28, 28, 2));
   EXPECT_EQ(expect_api_error([&] { parse_chat_request(json{{"messages", {user_message("x", {url, url})}}}.dump(), few); },
                              "messages[0].content[1]"),
             400);
@@ -232,8 +220,8 @@ TEST(ServeApi, BadRequestsNameTheirField) {
 TEST(ServeApi, LocalFilesOnlyInsideTheAllowedFolder) {
   auto root = temp_dir("serve_files");
   std::filesystem::create_directories(root + "/imgs");
-  save_png(random_image(28, 28, 4), root + "/imgs/a.png");
-  save_png(random_image(28, 28, 5), root + "/secret.png");
+  save_png(lcg_image(28, 28, 4), root + "/imgs/a.png");
+  save_png(lcg_image(28, 28, 5), root + "/secret.png");
   ServeLimits lim;
   lim.allow_files = root + "/imgs";
   auto body = [](const std::string& path) { return json{{"messages", {user_message("x", {path})}}}.dump(); };
@@ -246,7 +234,7 @@ TEST(ServeApi, LocalFilesOnlyInsideTheAllowedFolder) {
   EXPECT_EQ(expect_api_error([&] { parse_chat_request(body("../secret.png"), lim); }, field), 403);
   EXPECT_EQ(expect_api_error([&] { parse_chat_request(body(root + "/imgs/none.png"), lim); }, field), 400);
   // A name that only starts with two dots is inside the folder.
-  save_png(random_image(28, 28, 6), root + "/imgs/..dots.png");
+  save_png(lcg_image(28, 28, 6), root + "/imgs/..dots.png");
   EXPECT_EQ(parse_chat_request(body("..dots.png"), lim).images.size(), 1u);
   EXPECT_EQ(parse_chat_request(body(root + "/imgs/..dots.png"), lim).images.size(), 1u);
 }
@@ -318,7 +306,7 @@ TEST(ServeEngine, ContinuousBatchingEqualsGenerateAloneAndCachesImages) {
   ServeOptions o;
   o.max_batch = 8;
   ServeEngine engine(*f.model, *f.tok, o);
-  std::vector<Image> imgs = {random_image(28, 28, 10), random_image(40, 20, 11), random_image(28, 28, 12)};
+  std::vector<Image> imgs = {lcg_image(28, 28, 10), lcg_image(40, 20, 11), lcg_image(28, 28, 12)};
   std::vector<std::string> questions = {"How many bags are there?", "Where is the dress?", "What is in row 2?"};
   std::vector<std::shared_ptr<Job>> jobs;
   for (int i = 0; i < 6; ++i) {  // images repeat: the last three hit the image cache
@@ -357,7 +345,7 @@ TEST(ServeEngine, LlavaNextRequestsEqualGenerateAndTheirCapStaysUnderTheServers)
   ServeOptions o;
   o.max_batch = 4;
   ServeEngine engine(*f.model, *f.tok, o);
-  std::vector<Image> imgs = {random_image(56, 56, 20), random_image(50, 18, 21)};
+  std::vector<Image> imgs = {lcg_image(56, 56, 20), lcg_image(50, 18, 21)};
   std::vector<std::shared_ptr<Job>> jobs;
   for (int i = 0; i < 3; ++i) {
     ChatRequest r = parse_chat_request(request({user_message("How many bags are there?", {data_url(imgs[i % 2])})}, 5).dump(), o.limits);
@@ -405,7 +393,7 @@ TEST(ServeEngine, ImageCacheEvictsTheLeastRecentlyUsed) {
     ServeOptions o;
     o.image_cache_bytes = room;
     ServeEngine engine(*f.model, *f.tok, o);
-    const std::string a = data_url(random_image(28, 28, 61)), b = data_url(random_image(28, 28, 62));
+    const std::string a = data_url(lcg_image(28, 28, 61)), b = data_url(lcg_image(28, 28, 62));
     for (const auto& url : {a, b, a}) {
       auto job = engine.make_job(parse_chat_request(request({user_message("Is there a bag?", {url})}, 2).dump(), o.limits));
       ASSERT_TRUE(engine.submit(job));
@@ -426,7 +414,7 @@ TEST(ServeEngine, KvBudgetAdmitsAsManyAsFitAndVictorAdmitsMore) {
   for (const Reducer& r : {Reducer::none(), Reducer::parse("victor:m=2,k=1")}) {
     ServeFixture f("budget", r);
     ServeOptions o;
-    const std::string url = data_url(random_image(28, 28, 3));
+    const std::string url = data_url(lcg_image(28, 28, 3));
     ChatRequest cr = parse_chat_request(request({user_message("How many bags are there?", {url})}, 24).dump(), o.limits);
     const int64_t plain_need =
         kv_bytes_formula(without_reducer(f.model->config()), int64_t(encode_chat(*f.tok, cr.turns).ids.size()) - 1, 1, 24);
@@ -472,7 +460,7 @@ struct LiveServer {
 
 TEST(ServeHttp, CompletionsMatchGenerateStreamingAndNot) {
   LiveServer s("http", ServeOptions{}, Reducer::parse("victor:m=2,k=2"));
-  const Image img = random_image(28, 28, 21);
+  const Image img = lcg_image(28, 28, 21);
   const std::string q = "How many bags are there?";
   for (double temperature : {0.0, 0.9}) {
     auto ref = reference(s.f, q, {img}, 9, temperature, 5);
@@ -535,7 +523,7 @@ TEST(ServeHttp, SecondTurnUsesTheImageCacheAndAnswersAsAFreshServer) {
   ServeOptions cached_opt, uncached_opt;
   uncached_opt.image_cache_bytes = 0;
   LiveServer s("turns", cached_opt), fresh("turns_fresh", uncached_opt);
-  const std::string url = data_url(random_image(28, 28, 31));
+  const std::string url = data_url(lcg_image(28, 28, 31));
   auto r1 = s.post(request({user_message("How many bags are there?", {url})}, 5));
   ASSERT_TRUE(r1);
   ASSERT_EQ(r1->status, 200) << r1->body;
@@ -572,13 +560,13 @@ TEST(ServeHttp, EveryLimitAnswersItsStatusAndTheServerStaysUp) {
     }
     return r->status;
   };
-  const std::string url = data_url(random_image(28, 28, 1));
+  const std::string url = data_url(lcg_image(28, 28, 1));
   EXPECT_EQ(status_of("{\"messages\": ["), 400);
   EXPECT_EQ(status_of(request({user_message("x", {"data:image/png;base64,!!"})}, 4).dump()), 400);
   EXPECT_EQ(status_of(request({user_message("x", {"data:image/png;base64," + base64_encode("not an image at all")})}, 4).dump()), 400);
   EXPECT_EQ(status_of(request({user_message("x", {"/etc/hostname"})}, 4).dump()), 400);
   EXPECT_EQ(status_of(request({user_message("x", {url, url, url})}, 4).dump()), 400);
-  EXPECT_EQ(status_of(request({user_message("x", {data_url(random_image(60, 60, 2))})}, 4).dump()), 413);  // pixels
+  EXPECT_EQ(status_of(request({user_message("x", {data_url(lcg_image(60, 60, 2))})}, 4).dump()), 413);  // pixels
   EXPECT_EQ(status_of(std::string(70 * 1024, ' ')), 413);                                               // body
   json unknown = request({user_message("x", {})}, 4);
   unknown["model"] = "gpt-4o";
@@ -638,7 +626,7 @@ TEST(ServeHttp, FullQueueAnswers503WithRetryAfterAndTimeoutsAnswer504) {
 TEST(ServeHttp, ClientThatDisconnectsMidStreamFreesItsCache) {
   ServeOptions o;
   LiveServer s("disconnect", o);
-  json body = request({user_message("How many bags are there?", {data_url(random_image(28, 28, 41))})}, 900);
+  json body = request({user_message("How many bags are there?", {data_url(lcg_image(28, 28, 41))})}, 900);
   body["stream"] = true;
   const std::string payload = body.dump();
   const int fd = connect_local(s.server->port());
@@ -806,7 +794,7 @@ TEST(ServeGate, ConnectionCapsAnswer503WithRetryAfter) {
 TEST(ServeGate, ANonStreamingClientThatLeavesCancelsItsRequest) {
   ServeOptions o;
   LiveServer s("gone", o);
-  json body = request({user_message("How many bags are there?", {data_url(random_image(28, 28, 43))})}, 900);
+  json body = request({user_message("How many bags are there?", {data_url(lcg_image(28, 28, 43))})}, 900);
   body["ignore_eos"] = true;
   const std::string payload = body.dump();
   const int fd = connect_local(s.server->port());
@@ -836,7 +824,7 @@ TEST(ServeEngine, ImagesInFlightStayWithinTheirMemoryBudget) {
     probe.image_memory_bytes = 1;
     ServeEngine e(*f.model, *f.tok, probe);
     ChatRequest r = parse_chat_request(
-        json{{"messages", {user_message("hi", {data_url(random_image(300, 300, 1))})}}}.dump(), probe.limits);
+        json{{"messages", {user_message("hi", {data_url(lcg_image(300, 300, 1))})}}}.dump(), probe.limits);
     int status = 0;
     std::string msg;
     try {
@@ -857,7 +845,7 @@ TEST(ServeEngine, ImagesInFlightStayWithinTheirMemoryBudget) {
   for (int i = 0; i < 8; ++i)
     ts.emplace_back([&, i] {
       ChatRequest r = parse_chat_request(
-          json{{"messages", {user_message("hi", {data_url(random_image(300, 300, uint32_t(i + 2)))})}}}.dump(), o.limits);
+          json{{"messages", {user_message("hi", {data_url(lcg_image(300, 300, uint32_t(i + 2)))})}}}.dump(), o.limits);
       if (engine.make_job(r)) ++ok;
     });
   for (auto& t : ts) t.join();
@@ -875,7 +863,7 @@ TEST(ServeEngine, MemoryBudgetAdmitsByTheSumOfKvAndActivations) {
   // The budget leaves room for one request's KV and activations and half of another's KV: the
   // requests run one at a time, each answers as alone, and every byte goes back at the end.
   ServeFixture f("membudget", Reducer::none());
-  const std::string url = data_url(random_image(28, 28, 5));
+  const std::string url = data_url(lcg_image(28, 28, 5));
   ServeOptions o;
   ChatRequest cr = parse_chat_request(request({user_message("How many bags are there?", {url})}, 12).dump(), o.limits);
   int64_t held = 0, need = 0;

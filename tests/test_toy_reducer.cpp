@@ -55,18 +55,6 @@ const bool registered = register_reducer({"first", "first:n=N,k=K", [](ReducerAr
                                             return Reducer(std::make_shared<const FirstRowsOps>(n, k));
                                           }});
 
-Image random_image(int w, int h, uint64_t seed) {
-  Image img;
-  img.width = w;
-  img.height = h;
-  img.rgb.resize(size_t(w) * h * 3);
-  uint64_t s = seed * 2654435761u + 1;
-  for (auto& b : img.rgb) {
-    s = s * 6364136223846793005ull + 1442695040888963407ull;
-    b = uint8_t(s >> 56);
-  }
-  return img;
-}
 
 struct ToyFixture {
   std::string dir;
@@ -114,7 +102,7 @@ TEST(ToyReducer, GenerateKeepsTheFirstRowsAndDecodesAsAFullRecompute) {
     SamplingOptions o;
     o.max_new_tokens = 5;
     o.ignore_eos = true;
-    const std::vector<Image> imgs = {random_image(40, 24, 1), random_image(28, 28, 2)};
+    const std::vector<Image> imgs = {lcg_image(40, 24, 1), lcg_image(28, 28, 2)};
     auto res = generate(*f.model, *f.tok, {Request{"<image> <image> How many bags are there?", imgs}}, o);
     ASSERT_EQ(res.tokens[0].size(), 5u);
     EXPECT_EQ(res.stats.reduce_layer, 2);
@@ -149,7 +137,7 @@ TEST(ToyReducer, RunsThroughEvalBenchAndServeUntouched) {
   std::filesystem::create_directories(dir);
   std::vector<EvalQuestion> qs;
   for (int i = 0; i < 3; ++i) {
-    std::ofstream(dir + "/" + std::to_string(i) + ".png", std::ios::binary) << encode_png(random_image(30 + i, 28, 5 + i));
+    std::ofstream(dir + "/" + std::to_string(i) + ".png", std::ios::binary) << encode_png(lcg_image(30 + i, 28, 5 + i));
     qs.push_back({i, std::to_string(i) + ".png", "How many bags are there?", "2", "count"});
   }
   EvalOptions eo;
@@ -178,7 +166,7 @@ TEST(ToyReducer, RunsThroughEvalBenchAndServeUntouched) {
   // serve: a chat request answers what generate answers.
   ServeOptions so;
   ServeEngine engine(*f.model, *f.tok, so);
-  const Image img = random_image(36, 28, 9);
+  const Image img = lcg_image(36, 28, 9);
   nlohmann::json content = nlohmann::json::array(
       {{{"type", "image_url"}, {"image_url", {{"url", "data:image/png;base64," + base64_encode(encode_png(img))}}}},
        {{"type", "text"}, {"text", "Where is the dress?"}}});
