@@ -350,97 +350,112 @@ void forward_lines(std::string& buf, int rank, std::ostream& to, std::string* la
   }
 }
 
+// Starts rank r of nproc: this program again with `args`, the torchrun variables set, its output
+// on two pipes this process reads.
+Worker start_worker(int r, int nproc, int port, const std::vector<std::string>& args) {
+  int po[2], pe[2];
+  if (pipe(po) != 0 || pipe(pe) != 0) throw Error(std::string("--nproc: pipe failed: ") + std::strerror(errno));
+  pid_t pid = fork();
+  if (pid < 0) throw Error(std::string("--nproc: fork failed: ") + std::strerror(errno));
+  if (pid == 0) {
+    setenv("RANK", std::to_string(r).c_str(), 1);
+    setenv("LOCAL_RANK", std::to_string(r).c_str(), 1);
+    setenv("WORLD_SIZE", std::to_string(nproc).c_str(), 1);
+    setenv("MASTER_ADDR", "127.0.0.1", 1);
+    setenv("MASTER_PORT", std::to_string(port).c_str(), 1);
+    setenv("VICTOR_RANK_LOGS", "1", 1);
+    dup2(po[1], 1);
+    dup2(pe[1], 2);
+    for (int fd : {po[0], po[1], pe[0], pe[1]}) close(fd);
+    std::vector<char*> argv;
+    for (auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
+    argv.push_back(nullptr);
+    execv("/proc/self/exe", argv.data());
+    std::fprintf(stderr, "victor: error: cannot start worker: %s\n", std::strerror(errno));
+    _exit(127);
+  }
+  close(po[1]);
+  close(pe[1]);
+  Worker w;
+  w.pid = pid;
+  w.out = po[0];
+  w.err = pe[0];
+  return w;
+}
+
+// Waits up to 200 ms for output of any worker and forwards its complete lines, each tagged with
+// its rank (stdout to stdout, stderr to stderr); a closed pipe flushes what is left.
+void forward_output(std::vector<Worker>& w) {
+  std::vector<pollfd> fds;
+  std::vector<std::pair<int, bool>> who;  // rank, is stderr
+  for (int r = 0; r < int(w.size()); ++r) {
+    if (w[size_t(r)].out >= 0) fds.push_back({w[size_t(r)].out, POLLIN, 0}), who.push_back({r, false});
+    if (w[size_t(r)].err >= 0) fds.push_back({w[size_t(r)].err, POLLIN, 0}), who.push_back({r, true});
+  }
+  if (fds.empty()) {
+    ::usleep(50000);
+    return;
+  }
+  ::poll(fds.data(), fds.size(), 200);
+  for (size_t i = 0; i < fds.size(); ++i) {
+    if (!(fds[i].revents & (POLLIN | POLLHUP | POLLERR))) continue;
+    auto [r, is_err] = who[i];
+    Worker& x = w[size_t(r)];
+    char buf[4096];
+    const ssize_t n = ::read(fds[i].fd, buf, sizeof buf);
+    std::string& b = is_err ? x.err_buf : x.out_buf;
+    if (n > 0) {
+      b.append(buf, size_t(n));
+      forward_lines(b, r, is_err ? std::cerr : std::cout, is_err ? &x.last_error : nullptr);
+    } else {
+      if (!b.empty()) b += "\n", forward_lines(b, r, is_err ? std::cerr : std::cout, is_err ? &x.last_error : nullptr);
+      ::close(fds[i].fd);
+      (is_err ? x.err : x.out) = -1;
+    }
+  }
+}
+
+// Reaps the workers that ended; returns the rank that caused a failure found in this sweep, or
+// -1. When several ranks are found dead in one sweep, the cause is the one a signal killed (the
+// others then fail on its closed connections), else the lowest rank.
+int reap(std::vector<Worker>& w, int& running) {
+  int first_failed = -1;
+  for (int r = 0; r < int(w.size()); ++r) {
+    Worker& x = w[size_t(r)];
+    if (x.done || waitpid(x.pid, &x.status, WNOHANG) != x.pid) continue;
+    x.done = true;
+    --running;
+    const bool ok = WIFEXITED(x.status) && WEXITSTATUS(x.status) == 0;
+    if (!ok && (first_failed < 0 || (WIFSIGNALED(x.status) && !WIFSIGNALED(w[size_t(first_failed)].status))))
+      first_failed = r;
+  }
+  return first_failed;
+}
+
 }  // namespace
 
 int launch_local_workers(int nproc, const std::vector<std::string>& args) {
   if (nproc < 2) throw Error("--nproc must be >= 2 to launch workers");
   const int port = free_port();
-  std::vector<Worker> w(static_cast<size_t>(nproc));
   struct sigaction sa {};
   sa.sa_handler = on_stop;
   sigaction(SIGINT, &sa, nullptr);
   sigaction(SIGTERM, &sa, nullptr);
-  for (int r = 0; r < nproc; ++r) {
-    int po[2], pe[2];
-    if (pipe(po) != 0 || pipe(pe) != 0) throw Error(std::string("--nproc: pipe failed: ") + std::strerror(errno));
-    pid_t pid = fork();
-    if (pid < 0) throw Error(std::string("--nproc: fork failed: ") + std::strerror(errno));
-    if (pid == 0) {
-      setenv("RANK", std::to_string(r).c_str(), 1);
-      setenv("LOCAL_RANK", std::to_string(r).c_str(), 1);
-      setenv("WORLD_SIZE", std::to_string(nproc).c_str(), 1);
-      setenv("MASTER_ADDR", "127.0.0.1", 1);
-      setenv("MASTER_PORT", std::to_string(port).c_str(), 1);
-      setenv("VICTOR_RANK_LOGS", "1", 1);
-      dup2(po[1], 1);
-      dup2(pe[1], 2);
-      for (int fd : {po[0], po[1], pe[0], pe[1]}) close(fd);
-      std::vector<char*> argv;
-      for (auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
-      argv.push_back(nullptr);
-      execv("/proc/self/exe", argv.data());
-      std::fprintf(stderr, "victor: error: cannot start worker: %s\n", std::strerror(errno));
-      _exit(127);
-    }
-    close(po[1]);
-    close(pe[1]);
-    w[size_t(r)].pid = pid;
-    w[size_t(r)].out = po[0];
-    w[size_t(r)].err = pe[0];
-  }
+  std::vector<Worker> w;
+  for (int r = 0; r < nproc; ++r) w.push_back(start_worker(r, nproc, port, args));
+  // A failed rank or a stop signal stops every worker: SIGTERM, then SIGKILL after 10 s.
   int failed = -1, running = nproc;
   bool stopping = false;
+  auto stop_deadline = std::chrono::steady_clock::now();
   auto stop_all = [&](int sig) {
     for (auto& x : w)
       if (!x.done) kill(x.pid, sig);
   };
-  auto stop_deadline = std::chrono::steady_clock::now();
   while (running > 0) {
-    std::vector<pollfd> fds;
-    std::vector<std::pair<int, bool>> who;  // rank, is stderr
-    for (int r = 0; r < nproc; ++r) {
-      if (w[size_t(r)].out >= 0) fds.push_back({w[size_t(r)].out, POLLIN, 0}), who.push_back({r, false});
-      if (w[size_t(r)].err >= 0) fds.push_back({w[size_t(r)].err, POLLIN, 0}), who.push_back({r, true});
-    }
-    if (!fds.empty()) ::poll(fds.data(), fds.size(), 200);
-    else ::usleep(50000);
-    for (size_t i = 0; i < fds.size(); ++i) {
-      if (!(fds[i].revents & (POLLIN | POLLHUP | POLLERR))) continue;
-      auto [r, is_err] = who[i];
-      Worker& x = w[size_t(r)];
-      char buf[4096];
-      const ssize_t n = ::read(fds[i].fd, buf, sizeof buf);
-      std::string& b = is_err ? x.err_buf : x.out_buf;
-      if (n > 0) {
-        b.append(buf, size_t(n));
-        forward_lines(b, r, is_err ? std::cerr : std::cout, is_err ? &x.last_error : nullptr);
-      } else {
-        if (!b.empty()) b += "\n", forward_lines(b, r, is_err ? std::cerr : std::cout, is_err ? &x.last_error : nullptr);
-        ::close(fds[i].fd);
-        (is_err ? x.err : x.out) = -1;
-      }
-    }
-    // Reap; when several ranks are found dead in one sweep, the cause is the one a signal killed
-    // (the others then fail on its closed connections), else the lowest rank.
-    int first_failed = -1;
-    for (int r = 0; r < nproc; ++r) {
-      Worker& x = w[size_t(r)];
-      if (x.done) continue;
-      if (waitpid(x.pid, &x.status, WNOHANG) == x.pid) {
-        x.done = true;
-        --running;
-        const bool ok = WIFEXITED(x.status) && WEXITSTATUS(x.status) == 0;
-        if (!ok && (first_failed < 0 || (WIFSIGNALED(x.status) && !WIFSIGNALED(w[size_t(first_failed)].status))))
-          first_failed = r;
-      }
-    }
-    if (first_failed >= 0 && failed < 0 && !stopping) {
-      failed = first_failed;
-      stopping = true;
-      stop_deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
-      stop_all(SIGTERM);
-    }
-    if (g_stop_signal && !stopping) {
+    forward_output(w);
+    const int first_failed = reap(w, running);
+    if (first_failed >= 0 && failed < 0 && !stopping) failed = first_failed;
+    if ((failed >= 0 || g_stop_signal) && !stopping) {
       stopping = true;
       stop_deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
       stop_all(SIGTERM);

@@ -425,240 +425,335 @@ void truncate_log(const std::string& path, int step) {
   write_file_atomic(path, kept);
 }
 
-}  // namespace
+// ---- The training loop's named steps --------------------------------------------------------
 
-TrainReport train_model(Vlm& model, const std::vector<TrainSample>& samples, const TrainOptions& o,
-                        const std::string& tok_dir) {
+// What the run refuses before it starts: an empty or malformed batch, a reducer that has nothing
+// to train, grounding without its prerequisites.
+void check_run(const Vlm& model, const std::vector<TrainSample>& samples, const TrainOptions& o) {
   if (samples.empty()) throw Error("train: no usable samples");
   if (o.batch_size < 1 || o.grad_accum < 1) throw Error("train: batch size and accumulation must be >= 1");
   const auto& cfg = model.config();
   if (!cfg.reducer.is_none() && !cfg.reducer.trained())
     throw Error("train: " + cfg.reducer.spec() + " is a training-free reducer; train the plain model and "
                 "evaluate it with --reducer " + cfg.reducer.spec());
-  model.set_trainable(o.parts);
+  if (o.ground_weight <= 0) return;
+  if (cfg.is_next())
+    throw Error("--ground-weight: grounded attention is not implemented on LLaVA-NeXT (its boxes would have to be "
+                "mapped onto the crops and the base view)");
+  try {
+    check_grounding(cfg, o.ground_layer, o.ground_heads);
+  } catch (const Error& e) {
+    throw Error(std::string("train: ") + e.what());
+  }
+  if (std::none_of(samples.begin(), samples.end(), [](const TrainSample& s) { return !s.grounding.empty(); }))
+    throw Error("train: --ground-weight needs answers with \"boxes\" (none of the " + std::to_string(samples.size()) +
+                " samples has any; GridVQA writes them)");
+}
+
+// Marks the chosen parts trainable and returns their parameters, in the model's order.
+std::vector<ParamRef*> select_trainable(Vlm& model, const std::vector<Part>& parts) {
+  model.set_trainable(parts);
   std::vector<ParamRef*> trainable;
   for (auto& p : const_cast<std::vector<ParamRef>&>(model.params()))
     if (p.tensor->requires_grad()) trainable.push_back(&p);
   if (trainable.empty()) throw Error("train: the selected parts have no parameters (no registers?)");
-  const bool vision_trained =
-      std::find(o.parts.begin(), o.parts.end(), Part::Vision) != o.parts.end();
-  FeatureCache features(vision_trained ? 0 : o.feature_cache_mb);
-  const bool grounding = o.ground_weight > 0;
-  if (grounding && model.config().is_next())
-    throw Error("--ground-weight: grounded attention is not implemented on LLaVA-NeXT (its boxes would have to be "
-                "mapped onto the crops and the base view)");
-  torch::Tensor centres;
-  if (grounding) {
-    try {
-      check_grounding(cfg, o.ground_layer, o.ground_heads);
-    } catch (const Error& e) {
-      throw Error(std::string("train: ") + e.what());
+  return trainable;
+}
+
+// Ranks that load different checkpoints, data or options would silently train different models
+// and average their gradients: a hash of all three must agree.
+void check_ranks_agree(const Vlm& model, const std::vector<TrainSample>& samples, const TrainOptions& o,
+                       Communicator& comm) {
+  uint64_t h = 1469598103934665603ull;
+  auto mix = [&](uint64_t v) { h = (h ^ v) * 1099511628211ull; };
+  for (auto& p : model.params()) {
+    const double sum = p.tensor->to(torch::kFloat64).sum().item<double>();
+    uint64_t bits;
+    std::memcpy(&bits, &sum, sizeof bits);
+    mix(bits);
+    mix(std::hash<std::string>{}(p.name));
+  }
+  for (auto& smp : samples) {
+    mix(std::hash<std::string>{}(smp.id));
+    mix(uint64_t(smp.target_tokens));
+    for (int64_t id : smp.input.ids) mix(uint64_t(id));
+  }
+  for (uint64_t v : {uint64_t(o.batch_size), uint64_t(o.grad_accum), uint64_t(o.max_steps), uint64_t(o.epochs),
+                     o.seed, uint64_t(o.lr * 1e12), uint64_t(o.parts.size())})
+    mix(v);
+  const auto [lo, hi] = comm.min_max(int64_t(h));
+  if (lo != hi)
+    throw Error("train: rank " + std::to_string(comm.rank()) + ": the ranks disagree on the model, data or options "
+                "(their hashes differ): every rank must load the same checkpoint and data with the same options");
+}
+
+// Loads the parameters and optimizer moments trainer_state.json names in the output folder and
+// returns the step to continue from; the run's total steps and global batch must match.
+int resume(Vlm& model, const std::vector<ParamRef*>& trainable, AdamW& adam, const TrainOptions& o, int total,
+           int world) {
+  const fs::path sj = fs::path(o.out) / "trainer_state.json";
+  const ResumePoint rp = read_resume_point(sj);
+  if (rp.total != total)
+    throw Error(sj.string() + ": total_steps " + std::to_string(rp.total) + " differs from this run's " +
+                std::to_string(total) + " (same options needed)");
+  const int64_t global_batch = int64_t(o.batch_size) * o.grad_accum * world;
+  if (rp.global_batch > 0 && rp.global_batch != global_batch)
+    throw Error(sj.string() + ": the checkpoint's global batch is " + std::to_string(rp.global_batch) +
+                " samples per step, this run's " + std::to_string(global_batch) +
+                " (--batch-size x --grad-accum x ranks must stay the same to resume)");
+  SafetensorsFile st((fs::path(o.out) / rp.state_file).string());
+  torch::NoGradGuard ng;
+  for (auto& p : model.params()) p.tensor->copy_(st.load("param." + p.name));
+  for (size_t i = 0; i < trainable.size(); ++i) {
+    adam.exp_avg()[i].copy_(st.load("exp_avg." + trainable[i]->name));
+    adam.exp_avg_sq()[i].copy_(st.load("exp_avg_sq." + trainable[i]->name));
+  }
+  return rp.step;
+}
+
+// metrics.jsonl (or --log), rank 0 only; on resume cut back to the resumed step and appended to.
+std::ofstream open_metrics_log(const TrainOptions& o, int step, bool writer) {
+  std::ofstream log;
+  const std::string path = !o.log.empty() ? o.log : o.out.empty() ? "" : (fs::path(o.out) / "metrics.jsonl").string();
+  if (path.empty() || !writer) return log;
+  if (fs::path(path).has_parent_path()) fs::create_directories(fs::path(path).parent_path());
+  if (o.resume) truncate_log(path, step);
+  log.open(path, o.resume ? std::ios::app : std::ios::trunc);
+  return log;
+}
+
+// What one optimizer step sums over its micro-batches (and, data-parallel, over the ranks).
+struct StepFigures {
+  double loss_sum = 0, ground_kl = 0, ground_mass = 0;
+  int64_t tokens = 0, rows = 0, grounded = 0;
+};
+
+// The run's fixed context for its micro-batches.
+struct Run {
+  const TrainOptions& o;
+  Communicator* comm;
+  int rank, world;
+  bool vision_trained;
+  FeatureCache& features;
+  torch::Tensor centres;  // grounding: each visual token's centre; undefined without grounding
+};
+
+// The samples of micro-batch `a` of `step` on this rank: rank r takes the r-th slice of each
+// global micro-batch, in the seeded per-epoch order (one rank: the whole micro-batch).
+class SampleOrder {
+ public:
+  SampleOrder(const std::vector<TrainSample>& samples, uint64_t seed) : samples_(samples), seed_(seed) {}
+  std::vector<const TrainSample*> micro_batch(const Run& run, int step, int a) {
+    const auto& o = run.o;
+    const size_t per_step = size_t(o.batch_size) * o.grad_accum * size_t(run.world);
+    std::vector<const TrainSample*> out;
+    for (int b = 0; b < o.batch_size; ++b) {
+      const size_t global = size_t(step) * per_step + size_t(a) * o.batch_size * run.world +
+                            size_t(run.rank) * o.batch_size + size_t(b);
+      const int epoch = int(global / samples_.size());
+      if (epoch != epoch_) {
+        order_ = epoch_order(samples_.size(), seed_, epoch);
+        epoch_ = epoch;
+      }
+      out.push_back(&samples_[order_[global % samples_.size()]]);
     }
-    if (std::none_of(samples.begin(), samples.end(), [](const TrainSample& s) { return !s.grounding.empty(); }))
-      throw Error("train: --ground-weight needs answers with \"boxes\" (none of the " + std::to_string(samples.size()) +
-                  " samples has any; GridVQA writes them)");
-    centres = visual_token_centres(cfg);
+    return out;
   }
 
+ private:
+  const std::vector<TrainSample>& samples_;
+  uint64_t seed_;
+  std::vector<size_t> order_;
+  int epoch_ = -1;
+};
+
+// The sequence batch of one micro-batch: images encoded (frozen tower: through the feature cache),
+// projected, optionally shuffled, and assembled right-padded with the answer targets.
+SequenceBatch micro_batch_inputs(Vlm& model, const Run& run, const std::vector<PromptInput>& rows, int step, int a,
+                                 torch::Tensor* visual_order) {
+  const auto& o = run.o;
+  if (model.config().is_next()) {  // each image's packed rows (no feature cache)
+    if (o.shuffle_visual) throw Error("--shuffle-visual is not implemented on LLaVA-NeXT (its rows are a packed grid)");
+    return model.assemble(rows, model.encode_prompt_images(rows), /*pad_left=*/false);
+  }
+  std::vector<torch::Tensor> px;
+  for (auto& r : rows)
+    if (r.pixels.defined()) px.push_back(r.pixels);
+  torch::Tensor embeds;
+  if (!px.empty()) {
+    embeds = run.vision_trained ? model.encode_images(torch::cat(px, 0)) : model.project(run.features.get(model, px));
+    if (o.shuffle_visual)  // a distinct permutation for every micro-batch of the run
+      embeds = shuffle_tokens(embeds, o.seed * 1000003ull + uint64_t(step) * uint64_t(o.grad_accum) + uint64_t(a),
+                              visual_order, int64_t(run.rank) * o.batch_size);
+  }
+  return model.assemble(rows, embeds, /*pad_left=*/false);
+}
+
+// Forward of one micro-batch and its loss: cross-entropy over the answer tokens (data-parallel:
+// this rank's share of the global mean), plus the weighted grounding loss. Adds to `fig`.
+torch::Tensor micro_batch_loss(Vlm& model, const Run& run, const std::vector<const TrainSample*>& sources,
+                               int step, int a, StepFigures& fig) {
+  const auto& o = run.o;
+  std::vector<PromptInput> rows;
+  for (auto* s : sources) rows.push_back(s->input);
+  torch::Tensor visual_order;
+  SequenceBatch batch = micro_batch_inputs(model, run, rows, step, a, &visual_order);
+  const bool grounding = run.centres.defined();
+  ForwardTrace trace;
+  torch::Tensor probs;
+  if (grounding)
+    trace.probe = [&](int layer, const torch::Tensor& p, const TokenMeta&, const TokenMeta&) {
+      if (layer == o.ground_layer) probs = p;
+    };
+  ForwardOutput out;
+  torch::Tensor sel, logits;
+  {
+    BfloatAutocast mixed(o.autocast_bf16);
+    out = model.forward(batch, nullptr, grounding ? &trace : nullptr);
+    sel = out.targets.ne(-100);
+    logits = model.logits(out.hidden.index({sel}));
+  }
+  logits = logits.to(torch::kFloat32);  // the loss in float32
+  if (probs.defined()) probs = probs.to(torch::kFloat32);
+  auto targets = out.targets.index({sel});
+  GroundingLoss g;
+  if (grounding) g = grounding_loss(probs, batch, sources, run.centres, visual_order, o.ground_heads);
+  torch::Tensor loss;
+  if (!run.comm) {
+    loss = torch::nn::functional::cross_entropy(logits, targets);
+  } else {
+    // The loss the single process takes over the whole global micro-batch (a mean over all its
+    // target tokens, and over all grounded answers): each rank's share, weighted by its counts
+    // out of the global ones, so that summed gradients equal the single process's.
+    torch::Tensor counts =
+        torch::tensor({double(targets.size(0)), double(g.loss.defined() ? g.answers : 0)}, torch::kFloat32);
+    run.comm->allreduce_sum({counts});
+    const double n_all = std::max(1.0, double(counts[0].item<float>()));
+    loss = torch::nn::functional::cross_entropy(
+               logits, targets, torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum)) / n_all;
+    if (g.loss.defined()) g.loss = g.loss * (double(g.answers) / std::max(1.0, double(counts[1].item<float>())));
+  }
+  fig.loss_sum += loss.item<double>();  // data-parallel: summed over the ranks after the step
+  if (g.loss.defined()) {
+    loss = loss + o.ground_weight * g.loss;
+    fig.ground_kl += g.kl * g.answers;
+    fig.ground_mass += g.mass * g.answers;
+    fig.grounded += g.answers;
+  }
+  fig.tokens += batch.meta.kind.ne(int64_t(TokenKind::Pad)).sum().item<int64_t>();
+  fig.rows += int64_t(rows.size());
+  return loss;
+}
+
+// Every trainable parameter's gradient (zeros where the step left none).
+std::vector<torch::Tensor> gradients(const std::vector<ParamRef*>& trainable) {
+  std::vector<torch::Tensor> grads;
+  for (auto* p : trainable) {
+    auto& g = p->tensor->mutable_grad();
+    if (!g.defined()) g = torch::zeros_like(*p->tensor);
+    grads.push_back(g);
+  }
+  return grads;
+}
+
+// The distributed reduction: one all-reduce per step, in buckets, of the gradients (unless the
+// backward pass already summed them, `summed`) and then the step's figures, which come back as
+// the global ones.
+void reduce_step(Communicator& comm, const std::vector<torch::Tensor>& grads, bool summed, StepFigures& fig) {
+  torch::Tensor figures = torch::tensor({fig.loss_sum, double(fig.tokens), double(fig.rows), fig.ground_kl,
+                                         fig.ground_mass, double(fig.grounded)}, torch::kFloat64).to(torch::kFloat32);
+  std::vector<torch::Tensor> all;
+  if (!summed) all = grads;
+  all.push_back(figures);
+  comm.allreduce_sum(all);
+  fig.loss_sum = figures[0].item<float>();
+  fig.tokens = int64_t(std::llround(figures[1].item<float>()));
+  fig.rows = int64_t(std::llround(figures[2].item<float>()));
+  fig.ground_kl = figures[3].item<float>();
+  fig.ground_mass = figures[4].item<float>();
+  fig.grounded = int64_t(std::llround(figures[5].item<float>()));
+}
+
+// One line of metrics.jsonl (step is 1-based, as the checkpoints count) and the progress bar's text.
+void log_step(std::ofstream& log, Progress& bar, int step, const StepFigures& fig, double loss_mean, double loss_ema,
+              double lr, double norm, double dt, double epoch) {
+  const bool grounded = fig.grounded > 0;
+  if (log.is_open()) {
+    json j = {{"step", step},   {"loss", loss_mean}, {"lr", lr}, {"grad_norm", norm}, {"tokens", fig.tokens},
+              {"samples", fig.rows}, {"step_seconds", dt}, {"tokens_per_second", fig.tokens / dt}, {"epoch", epoch}};
+    if (grounded) {
+      j["ground_kl"] = fig.ground_kl / double(fig.grounded);
+      j["ground_mass"] = fig.ground_mass / double(fig.grounded);
+    }
+    log << j.dump() << "\n";
+    log.flush();
+  }
+  char extra[128];
+  if (grounded)
+    std::snprintf(extra, sizeof extra, "loss %.4f  ground %.2f  %.0f tok/s", loss_ema,
+                  fig.ground_mass / double(fig.grounded), fig.tokens / dt);
+  else
+    std::snprintf(extra, sizeof extra, "loss %.4f  %.0f tok/s", loss_ema, fig.tokens / dt);
+  bar.update(step, extra);
+}
+
+}  // namespace
+
+TrainReport train_model(Vlm& model, const std::vector<TrainSample>& samples, const TrainOptions& o,
+                        const std::string& tok_dir) {
+  check_run(model, samples, o);
+  std::vector<ParamRef*> trainable = select_trainable(model, o.parts);
+  const bool vision_trained = std::find(o.parts.begin(), o.parts.end(), Part::Vision) != o.parts.end();
+  FeatureCache features(vision_trained ? 0 : o.feature_cache_mb);
   Communicator* comm = o.comm;
   const int world = comm ? comm->world_size() : 1, rank = comm ? comm->rank() : 0;
   const bool writer = rank == 0;  // rank 0 alone writes checkpoints and metrics
   if (size_t(world) > samples.size())
     throw Error("train: world size " + std::to_string(world) + " is larger than the " + std::to_string(samples.size()) +
                 " samples: every rank needs data");
-  // Every step's global batch: batch_size x grad_accum on each of the ranks.
-  TrainOptions global_o = o;
-  global_o.batch_size = o.batch_size * world;
-  if (comm) {
-    // Ranks that load different checkpoints, data or options would silently train different
-    // models and average their gradients: a hash of all three must agree.
-    uint64_t h = 1469598103934665603ull;
-    auto mix = [&](uint64_t v) { h = (h ^ v) * 1099511628211ull; };
-    for (auto& p : model.params()) {
-      const double sum = p.tensor->to(torch::kFloat64).sum().item<double>();
-      uint64_t bits;
-      std::memcpy(&bits, &sum, sizeof bits);
-      mix(bits);
-      mix(std::hash<std::string>{}(p.name));
-    }
-    for (auto& smp : samples) {
-      mix(std::hash<std::string>{}(smp.id));
-      mix(uint64_t(smp.target_tokens));
-      for (int64_t id : smp.input.ids) mix(uint64_t(id));
-    }
-    for (uint64_t v : {uint64_t(o.batch_size), uint64_t(o.grad_accum), uint64_t(o.max_steps), uint64_t(o.epochs),
-                       o.seed, uint64_t(o.lr * 1e12), uint64_t(o.parts.size())})
-      mix(v);
-    const auto [lo, hi] = comm->min_max(int64_t(h));
-    if (lo != hi)
-      throw Error("train: rank " + std::to_string(rank) + ": the ranks disagree on the model, data or options "
-                  "(their hashes differ): every rank must load the same checkpoint and data with the same options");
-  }
+  if (comm) check_ranks_agree(model, samples, o, *comm);
+  const Run run{o, comm, rank, world, vision_trained, features,
+                o.ground_weight > 0 ? visual_token_centres(model.config()) : torch::Tensor()};
 
-  double reduce_seconds = 0;  // in the step's all-reduce (sending, summing, and waiting for the slowest rank)
-  int reduced_steps = 0;
   std::unique_ptr<OverlappedGradients> overlapped;  // the last backward of a step starts the sums
-  if (comm && o.overlap_allreduce) {
-    std::vector<torch::Tensor> ts;
-    for (auto* p : trainable) ts.push_back(*p->tensor);
-    overlapped = std::make_unique<OverlappedGradients>(*comm, ts);
-  }
   std::vector<torch::Tensor> trained_tensors;
   for (auto* p : trainable) trained_tensors.push_back(*p->tensor);
+  if (comm && o.overlap_allreduce) overlapped = std::make_unique<OverlappedGradients>(*comm, trained_tensors);
   AdamWOptions adam_options;
   adam_options.beta1 = o.beta1, adam_options.beta2 = o.beta2, adam_options.eps = o.eps;
   adam_options.weight_decay = o.weight_decay;
   AdamW adam(trained_tensors, adam_options);
-  const int total = total_steps(global_o, samples.size());
-  int step = 0;
-  fs::path sj = fs::path(o.out) / "trainer_state.json";
-  if (o.resume) {
-    const ResumePoint rp = read_resume_point(sj);
-    step = rp.step;
-    if (rp.total != total)
-      throw Error(sj.string() + ": total_steps " + std::to_string(rp.total) +
-                  " differs from this run's " + std::to_string(total) + " (same options needed)");
-    const int64_t global_batch = int64_t(o.batch_size) * o.grad_accum * world;
-    if (rp.global_batch > 0 && rp.global_batch != global_batch)
-      throw Error(sj.string() + ": the checkpoint's global batch is " + std::to_string(rp.global_batch) +
-                  " samples per step, this run's " + std::to_string(global_batch) +
-                  " (--batch-size x --grad-accum x ranks must stay the same to resume)");
-    SafetensorsFile st((fs::path(o.out) / rp.state_file).string());
-    torch::NoGradGuard ng;
-    for (auto& p : model.params()) p.tensor->copy_(st.load("param." + p.name));
-    for (size_t i = 0; i < trainable.size(); ++i) {
-      adam.exp_avg()[i].copy_(st.load("exp_avg." + trainable[i]->name));
-      adam.exp_avg_sq()[i].copy_(st.load("exp_avg_sq." + trainable[i]->name));
-    }
-  }
 
-  std::ofstream log;
-  std::string log_path = !o.log.empty() ? o.log : o.out.empty() ? "" : (fs::path(o.out) / "metrics.jsonl").string();
-  if (!log_path.empty() && writer) {
-    if (fs::path(log_path).has_parent_path()) fs::create_directories(fs::path(log_path).parent_path());
-    if (o.resume) truncate_log(log_path, step);
-    log.open(log_path, o.resume ? std::ios::app : std::ios::trunc);
-  }
+  TrainOptions global_o = o;  // every step's global batch: batch_size x grad_accum on each rank
+  global_o.batch_size = o.batch_size * world;
+  const int total = total_steps(global_o, samples.size());
+  int step = o.resume ? resume(model, trainable, adam, o, total, world) : 0;
+  std::ofstream log = open_metrics_log(o, step, writer);
   const size_t per_step = size_t(o.batch_size) * o.grad_accum * size_t(world);  // global samples per step
   const int end = o.stop_after > 0 ? std::min(total, step + o.stop_after) : total;
   Progress bar("train", total, o.progress && writer && isatty(2));
   TrainReport rep;
-  double loss_ema = 0, step_time_sum = 0;
-  auto t_start = Clock::now();
-  std::vector<size_t> order;
-  int order_epoch = -1;
+  double loss_ema = 0, step_time_sum = 0, reduce_seconds = 0;
+  const auto t_start = Clock::now();
+  SampleOrder order(samples, o.seed);
   for (; step < end; ++step) {
-    auto t0 = Clock::now();
+    const auto t0 = Clock::now();
     const uint64_t bytes_before = comm ? comm->bytes_reduced() : 0;
-    double loss_sum = 0, ground_kl = 0, ground_mass = 0;
-    int64_t tokens = 0, rows_seen = 0, grounded = 0;
+    StepFigures fig;
     for (int a = 0; a < o.grad_accum; ++a) {
-      std::vector<PromptInput> rows;
-      std::vector<const TrainSample*> sources;
-      for (int b = 0; b < o.batch_size; ++b) {
-        // Rank r takes the r-th slice of each global micro-batch: with one rank, as before.
-        size_t global = size_t(step) * per_step + size_t(a) * o.batch_size * world + size_t(rank) * o.batch_size + size_t(b);
-        int epoch = int(global / samples.size());
-        if (epoch != order_epoch) {
-          order = epoch_order(samples.size(), o.seed, epoch);
-          order_epoch = epoch;
-        }
-        sources.push_back(&samples[order[global % samples.size()]]);
-        rows.push_back(sources.back()->input);
-      }
-      std::vector<torch::Tensor> px;
-      for (auto& r : rows)
-        if (r.pixels.defined()) px.push_back(r.pixels);
-      torch::Tensor embeds, visual_order;
-      std::vector<torch::Tensor> packed;  // LLaVA-NeXT: each image's packed rows (no feature cache)
-      if (model.config().is_next()) {
-        if (o.shuffle_visual) throw Error("--shuffle-visual is not implemented on LLaVA-NeXT (its rows are a packed grid)");
-        packed = model.encode_prompt_images(rows);
-      } else if (!px.empty()) {
-        if (vision_trained) {
-          embeds = model.encode_images(torch::cat(px, 0));
-        } else {
-          embeds = model.project(features.get(model, px));
-        }
-        if (o.shuffle_visual)  // a distinct permutation for every micro-batch of the run
-          embeds = shuffle_tokens(embeds, o.seed * 1000003ull + uint64_t(step) * uint64_t(o.grad_accum) + uint64_t(a),
-                                  &visual_order, int64_t(rank) * o.batch_size);
-      }
-      SequenceBatch batch = model.config().is_next() ? model.assemble(rows, packed, /*pad_left=*/false)
-                                                     : model.assemble(rows, embeds, /*pad_left=*/false);
-      ForwardTrace trace;
-      torch::Tensor probs;
-      if (grounding)
-        trace.probe = [&](int layer, const torch::Tensor& p, const TokenMeta&, const TokenMeta&) {
-          if (layer == o.ground_layer) probs = p;
-        };
-      ForwardOutput out;
-      torch::Tensor sel, logits;
-      {
-        BfloatAutocast mixed(o.autocast_bf16);
-        out = model.forward(batch, nullptr, grounding ? &trace : nullptr);
-        sel = out.targets.ne(-100);
-        logits = model.logits(out.hidden.index({sel}));
-      }
-      logits = logits.to(torch::kFloat32);  // the loss in float32
-      if (probs.defined()) probs = probs.to(torch::kFloat32);
-      auto targets = out.targets.index({sel});
-      GroundingLoss g;
-      if (grounding) g = grounding_loss(probs, batch, sources, centres, visual_order, o.ground_heads);
-      torch::Tensor loss;
-      if (!comm) {
-        loss = torch::nn::functional::cross_entropy(logits, targets);
-        loss_sum += loss.item<double>();
-      } else {
-        // The loss the single process takes over the whole global micro-batch (a mean over all
-        // its target tokens, and over all grounded answers): each rank's share, weighted by its
-        // counts out of the global ones, so that summed gradients equal the single process's.
-        torch::Tensor counts = torch::tensor({double(targets.size(0)), double(g.loss.defined() ? g.answers : 0)},
-                                             torch::kFloat32);
-        comm->allreduce_sum({counts});
-        const double n_all = std::max(1.0, double(counts[0].item<float>()));
-        loss = torch::nn::functional::cross_entropy(logits, targets, torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum)) / n_all;
-        loss_sum += loss.item<double>();  // summed over ranks below: the global mean
-        if (g.loss.defined()) g.loss = g.loss * (double(g.answers) / std::max(1.0, double(counts[1].item<float>())));
-      }
-      if (g.loss.defined()) {
-        loss = loss + o.ground_weight * g.loss;
-        ground_kl += g.kl * g.answers;
-        ground_mass += g.mass * g.answers;
-        grounded += g.answers;
-      }
+      torch::Tensor loss = micro_batch_loss(model, run, order.micro_batch(run, step, a), step, a, fig);
       if (overlapped && a == o.grad_accum - 1) overlapped->arm();
       (loss / double(o.grad_accum)).backward();
-      tokens += batch.meta.kind.ne(int64_t(TokenKind::Pad)).sum().item<int64_t>();
-      rows_seen += int64_t(rows.size());
     }
     const auto t_reduce = Clock::now();
     if (overlapped) overlapped->finish();  // waits for the sums the backward pass started
-    // Clip, then AdamW with decoupled weight decay.
-    std::vector<torch::Tensor> grads;
-    for (auto* p : trainable) {
-      auto& g = p->tensor->mutable_grad();
-      if (!g.defined()) g = torch::zeros_like(*p->tensor);
-      grads.push_back(g);
-    }
+    std::vector<torch::Tensor> grads = gradients(trainable);
     if (comm) {
-      // One all-reduce per step, in buckets: the gradients, then this step's figures.
-      torch::Tensor figures = torch::tensor({loss_sum, double(tokens), double(rows_seen), ground_kl, ground_mass,
-                                             double(grounded)}, torch::kFloat64).to(torch::kFloat32);
-      std::vector<torch::Tensor> all;
-      if (!overlapped) all = grads;
-      all.push_back(figures);
-      comm->allreduce_sum(all);
+      reduce_step(*comm, grads, /*summed=*/overlapped != nullptr, fig);
       reduce_seconds += std::chrono::duration<double>(Clock::now() - t_reduce).count();
-      ++reduced_steps;
       rep.bytes_reduced_per_step = comm->bytes_reduced() - bytes_before;  // gradients, figures, token counts
-      loss_sum = figures[0].item<float>();
-      tokens = int64_t(std::llround(figures[1].item<float>()));
-      rows_seen = int64_t(std::llround(figures[2].item<float>()));
-      ground_kl = figures[3].item<float>();
-      ground_mass = figures[4].item<float>();
-      grounded = int64_t(std::llround(figures[5].item<float>()));
     }
+    // Clip, then AdamW with decoupled weight decay.
     double norm = 0;
     const double scale = clip_scale(grads, o.clip, &norm, step);
     const double lr = lr_at(o, step, total);
@@ -667,38 +762,22 @@ TrainReport train_model(Vlm& model, const std::vector<TrainSample>& samples, con
       torch::NoGradGuard ng;
       for (auto& g : grads) g.zero_();
     }
-    double dt = std::chrono::duration<double>(Clock::now() - t0).count();
-    double loss_mean = loss_sum / o.grad_accum;
+    const double dt = std::chrono::duration<double>(Clock::now() - t0).count();
+    const double loss_mean = fig.loss_sum / o.grad_accum;
     loss_ema = rep.steps == 0 ? loss_mean : 0.95 * loss_ema + 0.05 * loss_mean;
     rep.steps++;
-    rep.samples += int(rows_seen);
-    rep.tokens += tokens;
+    rep.samples += int(fig.rows);
+    rep.tokens += fig.tokens;
     rep.final_loss = loss_mean;
     step_time_sum += dt;
     rep.step_seconds.push_back(dt);
-    if (grounded > 0) {
-      rep.grounded_answers += grounded;
-      rep.final_ground_loss = ground_kl / double(grounded);
-      rep.final_ground_mass = ground_mass / double(grounded);
+    if (fig.grounded > 0) {
+      rep.grounded_answers += fig.grounded;
+      rep.final_ground_loss = fig.ground_kl / double(fig.grounded);
+      rep.final_ground_mass = fig.ground_mass / double(fig.grounded);
     }
-    if (log.is_open()) {
-      json j = {{"step", step + 1}, {"loss", loss_mean}, {"lr", lr}, {"grad_norm", norm},
-                {"tokens", tokens}, {"samples", rows_seen}, {"step_seconds", dt},
-                {"tokens_per_second", tokens / dt}, {"epoch", double(size_t(step + 1) * per_step) / samples.size()}};
-      if (grounded > 0) {
-        j["ground_kl"] = ground_kl / double(grounded);
-        j["ground_mass"] = ground_mass / double(grounded);
-      }
-      log << j.dump() << "\n";
-      log.flush();
-    }
-    char extra[128];
-    if (grounded > 0)
-      std::snprintf(extra, sizeof extra, "loss %.4f  ground %.2f  %.0f tok/s", loss_ema,
-                    ground_mass / double(grounded), tokens / dt);
-    else
-      std::snprintf(extra, sizeof extra, "loss %.4f  %.0f tok/s", loss_ema, tokens / dt);
-    bar.update(step + 1, extra);
+    log_step(log, bar, step + 1, fig, loss_mean, loss_ema, lr, norm, dt,
+             double(size_t(step + 1) * per_step) / samples.size());
     if (writer && !o.out.empty() && o.save_every > 0 && (step + 1) % o.save_every == 0 && step + 1 < end)
       save_checkpoint(model, trainable, adam, o, step + 1, total, tok_dir);
   }
@@ -706,13 +785,12 @@ TrainReport train_model(Vlm& model, const std::vector<TrainSample>& samples, con
   if (writer && !o.out.empty()) save_checkpoint(model, trainable, adam, o, step, total, tok_dir);
   if (comm) comm->barrier();  // the other ranks return once the final checkpoint is complete
   rep.world_size = world;
-  rep.reduce_seconds_per_step = reduced_steps ? reduce_seconds / reduced_steps : 0;
+  rep.reduce_seconds_per_step = comm && rep.steps ? reduce_seconds / rep.steps : 0;
   model.set_trainable({});
   rep.seconds = std::chrono::duration<double>(Clock::now() - t_start).count();
   rep.mean_step_seconds = rep.steps ? step_time_sum / rep.steps : 0;
   rep.tokens_per_second = step_time_sum > 0 ? rep.tokens / step_time_sum : 0;
   rep.feature_cache_hits = features.hits();
-  (void)cfg;
   return rep;
 }
 

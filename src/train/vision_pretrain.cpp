@@ -66,6 +66,95 @@ torch::Tensor patch_cells(int grid, int patches_per_side) {
   return torch::tensor(idx);
 }
 
+namespace {
+
+// The probe heads stage 0 trains on the tower's tokens: each unit's class (11: empty + 10), its
+// cell's place in the grid, and optionally every class's count (0..cells) in the image.
+struct VisionHeads {
+  static constexpr int64_t kClasses = 10;
+  int64_t cells = 0, bins = 0;
+  torch::Tensor class_w, class_b, where_w, where_b, count_w, count_b;  // count_*: only with counts
+
+  VisionHeads(int grid, int64_t hidden, bool counts, uint64_t seed) : cells(int64_t(grid) * grid), bins(cells + 1) {
+    torch::manual_seed(seed);
+    class_w = (torch::randn({kClasses + 1, hidden}) * 0.02).requires_grad_(true);
+    class_b = torch::zeros({kClasses + 1}).requires_grad_(true);
+    // A second head names each cell's place in the grid, so the visual tokens carry where they
+    // are (the language model must find "row 2, column 3" by content, not only by RoPE distance).
+    where_w = (torch::randn({cells, hidden}) * 0.02).requires_grad_(true);
+    where_b = torch::zeros({cells}).requires_grad_(true);
+    // Drawn only when used, so the random stream (and every result) without counts is unchanged.
+    if (counts) {
+      count_w = (torch::randn({kClasses * bins, hidden}) * 0.02).requires_grad_(true);
+      count_b = torch::zeros({kClasses * bins}).requires_grad_(true);
+    }
+  }
+  bool counts() const { return count_w.defined(); }
+  std::vector<torch::Tensor> params() const {
+    std::vector<torch::Tensor> p{class_w, class_b, where_w, where_b};
+    if (counts()) p.insert(p.end(), {count_w, count_b});
+    return p;
+  }
+  torch::Tensor classes(const torch::Tensor& units) const { return torch::matmul(units, class_w.t()) + class_b; }
+  torch::Tensor places(const torch::Tensor& units) const { return torch::matmul(units, where_w.t()) + where_b; }
+  // [n,U,D] -> count logits [n,U,10,bins]
+  torch::Tensor count_logits(const torch::Tensor& units) const {
+    return (torch::matmul(units, count_w.t()) + count_b).view({units.size(0), units.size(1), kClasses, bins});
+  }
+};
+
+// `count` grids from `set` starting at `start` (wrapping): pixels [n,3,S,S] and cell labels
+// [n,cells] with 0 = empty, 1 + class otherwise.
+std::pair<torch::Tensor, torch::Tensor> grid_batch(const std::vector<GridImage>& set, size_t start, size_t count) {
+  std::vector<torch::Tensor> px, lab;
+  for (size_t i = 0; i < count; ++i) {
+    const GridImage& g = set[(start + i) % set.size()];
+    px.push_back(g.pixels);
+    std::vector<int64_t> l(g.labels.begin(), g.labels.end());
+    lab.push_back(torch::tensor(l) + 1);
+  }
+  return {torch::stack(px), torch::stack(lab)};
+}
+
+// The probes' test accuracies: per cell mean, per patch, the place, and the counts.
+void evaluate_heads(const Vlm& model, const VisionHeads& h, const std::vector<GridImage>& test, int grid, int side,
+                    VisionPretrainReport& rep) {
+  torch::NoGradGuard ng;
+  const auto patch_of = patch_cells(grid, side);
+  const auto where_target = torch::arange(h.cells, torch::kInt64);
+  int64_t correct = 0, total = 0, where_ok = 0, patch_ok = 0, patches = 0;
+  int64_t count_patch_ok = 0, count_mean_ok = 0, count_pairs = 0, count_patch_pairs = 0;
+  for (size_t s = 0; s < test.size(); s += 64) {
+    auto [px, lab] = grid_batch(test, s, std::min<size_t>(64, test.size() - s));
+    auto feats = model.vision_features(px);
+    auto patch_pred = h.classes(feats).argmax(-1);  // [n,N]
+    patch_ok += patch_pred.eq(lab.index_select(1, patch_of)).sum().item<int64_t>();
+    patches += patch_pred.numel();
+    auto cells = cell_features(feats, grid, side);
+    correct += h.classes(cells).argmax(-1).eq(lab).sum().item<int64_t>();
+    where_ok += h.places(cells).argmax(-1).eq(where_target.unsqueeze(0)).sum().item<int64_t>();
+    total += lab.numel();
+    if (h.counts()) {
+      auto target = class_counts(lab - 1);                                       // [n,10]
+      auto per_patch = h.count_logits(feats).argmax(-1);                         // [n,N,10]
+      count_patch_ok += per_patch.eq(target.unsqueeze(1)).sum().item<int64_t>();
+      count_patch_pairs += per_patch.numel();
+      auto mean = h.count_logits(feats.mean(1, true)).argmax(-1).squeeze(1);     // [n,10]
+      count_mean_ok += mean.eq(target).sum().item<int64_t>();
+      count_pairs += target.numel();
+    }
+  }
+  if (count_pairs) {
+    rep.test_count_patch_accuracy = double(count_patch_ok) / double(count_patch_pairs);
+    rep.test_count_mean_accuracy = double(count_mean_ok) / double(count_pairs);
+  }
+  rep.test_cell_accuracy = double(correct) / double(total);
+  rep.test_position_accuracy = double(where_ok) / double(total);
+  rep.test_patch_accuracy = double(patch_ok) / double(patches);
+}
+
+}  // namespace
+
 VisionPretrainReport pretrain_vision(Vlm& model, const std::vector<GridImage>& train,
                                      const std::vector<GridImage>& test, const VisionPretrainOptions& o) {
   if (train.empty()) throw Error("vision pretraining: no training grids");
@@ -78,43 +167,13 @@ VisionPretrainReport pretrain_vision(Vlm& model, const std::vector<GridImage>& t
                 std::to_string(grid) + "x" + std::to_string(grid) + " grid");
   auto t0 = std::chrono::steady_clock::now();
   model.set_trainable({Part::Vision});
-  torch::manual_seed(o.seed);
-  auto head_w = (torch::randn({11, cfg.vision.hidden_size}) * 0.02).requires_grad_(true);
-  auto head_b = torch::zeros({11}).requires_grad_(true);
-  // A second head names each cell's place in the grid, so the visual tokens carry where they are
-  // (the language model must find "row 2, column 3" by content, not only by RoPE distance).
-  const int cells = grid * grid;
-  auto where_w = (torch::randn({cells, cfg.vision.hidden_size}) * 0.02).requires_grad_(true);
-  auto where_b = torch::zeros({cells}).requires_grad_(true);
-  auto where_target = torch::arange(cells, torch::kInt64);
-  auto patch_of = patch_cells(grid, side);
-  // Optional third head: for each class, how many cells hold it (0..cells), the image's summary.
-  const int64_t classes = 10, bins = cells + 1;
-  // Drawn only when used, so the random stream (and every result) without counts is unchanged.
-  torch::Tensor count_w, count_b;
-  if (o.counts) {
-    count_w = (torch::randn({classes * bins, cfg.vision.hidden_size}) * 0.02).requires_grad_(true);
-    count_b = torch::zeros({classes * bins}).requires_grad_(true);
-  }
-  std::vector<torch::Tensor> params{head_w, head_b, where_w, where_b};
-  if (o.counts) params.insert(params.end(), {count_w, count_b});
-  // [n,U,D] -> count logits [n,U,10,bins]
-  auto count_logits = [&](const torch::Tensor& units) {
-    return (torch::matmul(units, count_w.t()) + count_b).view({units.size(0), units.size(1), classes, bins});
-  };
+  const VisionHeads heads(grid, cfg.vision.hidden_size, o.counts, o.seed);
+  const auto where_target = torch::arange(heads.cells, torch::kInt64);
+  const auto patch_of = patch_cells(grid, side);
+  std::vector<torch::Tensor> params = heads.params();
   for (auto& p : model.params())
     if (p.part == Part::Vision) params.push_back(*p.tensor);
   AdamW opt(params, AdamWOptions{});  // the trainer's optimizer, no weight decay
-  auto batch_of = [&](const std::vector<GridImage>& set, size_t start, size_t count) {
-    std::vector<torch::Tensor> px, lab;
-    for (size_t i = 0; i < count; ++i) {
-      const GridImage& g = set[(start + i) % set.size()];
-      px.push_back(g.pixels);
-      std::vector<int64_t> l(g.labels.begin(), g.labels.end());
-      lab.push_back(torch::tensor(l) + 1);  // 0 = empty
-    }
-    return std::make_pair(torch::stack(px), torch::stack(lab));
-  };
   std::vector<size_t> order(train.size());
   for (size_t i = 0; i < order.size(); ++i) order[i] = i;
   Rng rng(o.seed + 99);
@@ -126,26 +185,25 @@ VisionPretrainReport pretrain_vision(Vlm& model, const std::vector<GridImage>& t
   for (int step = 0; step < o.steps; ++step) {
     // Linear warm-up over 5% then cosine to zero: the trainer's schedule.
     const double lr = warmup_cosine_lr(o.lr, step, std::max(1, o.steps / 20), o.steps, 0.0);
-    auto [px, lab] = batch_of(shuffled, size_t(step) * o.batch_size, size_t(o.batch_size));
+    auto [px, lab] = grid_batch(shuffled, size_t(step) * o.batch_size, size_t(o.batch_size));
     auto feats = model.vision_features(px);  // [n,N,D]
     // Per cell: the mean of its patches. Per patch: every patch names its own cell's class and
     // place, so any visual token of a cell carries what the cell holds (what full resolution needs).
     auto units = o.per_patch ? feats : cell_features(feats, grid, side);
     auto unit_labels = o.per_patch ? lab.index_select(1, patch_of) : lab;          // [n,U]
     auto unit_places = o.per_patch ? patch_of : where_target;                      // [U]
-    auto logits = torch::matmul(units, head_w.t()) + head_b;
-    auto where = torch::matmul(units, where_w.t()) + where_b;  // [n,U,G*G]
-    auto class_loss = torch::nn::functional::cross_entropy(logits.reshape({-1, 11}), unit_labels.reshape({-1}));
-    auto place_loss = torch::nn::functional::cross_entropy(where.reshape({-1, cells}),
+    auto class_loss = torch::nn::functional::cross_entropy(heads.classes(units).reshape({-1, VisionHeads::kClasses + 1}),
+                                                           unit_labels.reshape({-1}));
+    auto place_loss = torch::nn::functional::cross_entropy(heads.places(units).reshape({-1, heads.cells}),
                                                            unit_places.repeat({px.size(0)}));
     auto loss = class_loss + place_loss;
-    if (o.counts) {
+    if (heads.counts()) {
       // every patch (or the image mean) names every class's count: lab holds classes + 1, 0 = empty
       auto target = class_counts(lab - 1);                                        // [n,10]
       auto units_c = o.per_patch ? feats : feats.mean(1, /*keepdim=*/true);        // [n,U,D]
-      auto cl = count_logits(units_c);                                            // [n,U,10,bins]
+      auto cl = heads.count_logits(units_c);                                      // [n,U,10,bins]
       auto tgt = target.unsqueeze(1).expand({-1, cl.size(1), -1});
-      auto count_loss = torch::nn::functional::cross_entropy(cl.reshape({-1, bins}), tgt.reshape({-1}));
+      auto count_loss = torch::nn::functional::cross_entropy(cl.reshape({-1, heads.bins}), tgt.reshape({-1}));
       rep.final_count_loss = count_loss.item<double>();
       loss = loss + count_loss;
     }
@@ -163,7 +221,7 @@ VisionPretrainReport pretrain_vision(Vlm& model, const std::vector<GridImage>& t
     rep.final_place_loss = place_loss.item<double>();
     rep.final_loss = rep.final_class_loss + rep.final_place_loss + rep.final_count_loss;
     char extra[96];
-    if (o.counts)
+    if (heads.counts())
       std::snprintf(extra, sizeof extra, "loss %.4f (class %.4f, place %.4f, count %.4f)", rep.final_loss,
                     rep.final_class_loss, rep.final_place_loss, rep.final_count_loss);
     else
@@ -174,40 +232,7 @@ VisionPretrainReport pretrain_vision(Vlm& model, const std::vector<GridImage>& t
   }
   bar.finish();
   model.set_trainable({});
-  if (!test.empty()) {
-    torch::NoGradGuard ng;
-    int64_t correct = 0, total = 0, where_ok = 0, patch_ok = 0, patches = 0;
-    int64_t count_patch_ok = 0, count_mean_ok = 0, count_pairs = 0, count_patch_pairs = 0;
-    for (size_t s = 0; s < test.size(); s += 64) {
-      auto [px, lab] = batch_of(test, s, std::min<size_t>(64, test.size() - s));
-      auto feats = model.vision_features(px);
-      auto patch_pred = (torch::matmul(feats, head_w.t()) + head_b).argmax(-1);  // [n,N]
-      patch_ok += patch_pred.eq(lab.index_select(1, patch_of)).sum().item<int64_t>();
-      patches += patch_pred.numel();
-      auto cells = cell_features(feats, grid, side);
-      auto pred = (torch::matmul(cells, head_w.t()) + head_b).argmax(-1);
-      correct += pred.eq(lab).sum().item<int64_t>();
-      auto wpred = (torch::matmul(cells, where_w.t()) + where_b).argmax(-1);
-      where_ok += wpred.eq(where_target.unsqueeze(0)).sum().item<int64_t>();
-      total += lab.numel();
-      if (o.counts) {
-        auto target = class_counts(lab - 1);                                       // [n,10]
-        auto per_patch = count_logits(feats).argmax(-1);                           // [n,N,10]
-        count_patch_ok += per_patch.eq(target.unsqueeze(1)).sum().item<int64_t>();
-        count_patch_pairs += per_patch.numel();
-        auto mean = count_logits(feats.mean(1, true)).argmax(-1).squeeze(1);       // [n,10]
-        count_mean_ok += mean.eq(target).sum().item<int64_t>();
-        count_pairs += target.numel();
-      }
-    }
-    if (count_pairs) {
-      rep.test_count_patch_accuracy = double(count_patch_ok) / double(count_patch_pairs);
-      rep.test_count_mean_accuracy = double(count_mean_ok) / double(count_pairs);
-    }
-    rep.test_cell_accuracy = double(correct) / double(total);
-    rep.test_position_accuracy = double(where_ok) / double(total);
-    rep.test_patch_accuracy = double(patch_ok) / double(patches);
-  }
+  if (!test.empty()) evaluate_heads(model, heads, test, grid, side, rep);
   rep.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return rep;
 }
