@@ -183,7 +183,7 @@ void apply_cap(Vlm& model, const ImageCap& cap) {
   model.config().validate();
 }
 // would be ignored, so it is refused. Workers it starts run without --nproc.
-void refuse_nproc_under_launcher(int nproc) {
+static void refuse_nproc_under_launcher(int nproc) {
   if (nproc <= 1) return;
   for (const char* v : {"RANK", "WORLD_SIZE"})
     if (const char* x = std::getenv(v); x && *x)
@@ -194,7 +194,9 @@ void refuse_nproc_under_launcher(int nproc) {
 // `--nproc N` (train, repro): this process becomes the launcher of N workers, each the same
 // command line without --nproc and with the torchrun variables set; the cores are shared out
 // unless --threads says otherwise.
-int launch_workers(int argc, char** argv, int nproc, bool threads_given) {
+std::optional<int> launch_workers_if_asked(int argc, char** argv, int nproc, bool threads_given) {
+  refuse_nproc_under_launcher(nproc);
+  if (nproc <= 1 || std::getenv("RANK")) return std::nullopt;
   std::vector<std::string> args;
   for (int i = 0; i < argc; ++i) {
     const std::string a = argv[i];

@@ -9,6 +9,7 @@
 #include <chrono>
 #include <filesystem>
 #include <iostream>
+#include <optional>
 #include <set>
 #include <thread>
 
@@ -103,9 +104,9 @@ Vlm load_model(const std::string& dir, const std::string& dtype, const ReducerCh
                const std::string& register_init = "random", const std::vector<std::string>& calibration = {},
                uint64_t seed = 0);
 
-// `--nproc N` under a launcher that already set RANK is refused; launch_workers makes this process
-// the launcher of N workers (train, repro).
-void refuse_nproc_under_launcher(int nproc);
-int launch_workers(int argc, char** argv, int nproc, bool threads_given);
+// `--nproc N` (train, repro): refused under a launcher that already set RANK; otherwise, for N > 1
+// with no RANK set, this process becomes the launcher of N workers and returns their exit code.
+// nullopt: this process is the (only or a launched) worker and runs the command itself.
+std::optional<int> launch_workers_if_asked(int argc, char** argv, int nproc, bool threads_given);
 
 }  // namespace victor::cli

@@ -97,9 +97,7 @@ Command train_command(CLI::App& app, int argc, char** argv) {
   c_train->add_option("--ground-heads", tr.ground_heads, "Grounded attention: how many heads (the first ones) are taught")
       ->check(CLI::Range(1, 1024))->capture_default_str();
   return {c_train, [=]() -> int {
-    refuse_nproc_under_launcher(*train_nproc_h);
-    if (*train_nproc_h > 1 && !std::getenv("RANK"))
-      return launch_workers(argc, argv, *train_nproc_h, c_train->count("--threads") > 0);
+    if (auto launched = launch_workers_if_asked(argc, argv, *train_nproc_h, c_train->count("--threads") > 0)) return *launched;
     TrainOptions o = *tr_h;
     // The reducer flags resolved against the starting checkpoint's own reducer.
     if (!o.resume && choice_h->any()) o.reducer = choice_h->resolve(load_config(o.model_dir).reducer);
