@@ -391,3 +391,49 @@ TEST(LlavaData, MalformedBoxesAreNamed) {
     EXPECT_NE(e.find("'boxes'"), std::string::npos) << bad << ": " << e;
   }
 }
+
+TEST(Repro, OptionTableDeclaresEveryFlagOnceAndItsQuickPreset) {
+  // The quick preset the table writes: the values `--quick` has run with since it existed.
+  const ReproOptions q = ReproOptions::quick(), d;
+  EXPECT_EQ(q.out, "runs/repro-quick");
+  EXPECT_EQ(q.train_images, 400);
+  EXPECT_EQ(q.test_images, 50);
+  EXPECT_EQ(q.steps, 60);
+  EXPECT_EQ(q.vision_steps, 40);
+  EXPECT_EQ(q.vision_images, 0);
+  EXPECT_EQ(q.bench_repeats, 1);
+  EXPECT_EQ(q.timing_rounds, 2);
+  EXPECT_EQ(q.timing_steps, 4);
+  EXPECT_EQ(q.bench_gen, (std::vector<int>{2, 32}));
+  EXPECT_EQ(q.registers, std::vector<int>{8});
+  EXPECT_EQ(q.summary_layers, std::vector<int>{2});
+  EXPECT_EQ(format_curriculum(q.curriculum), "4:identify:4:150");
+  EXPECT_EQ(q.curriculum_images, 600);
+  EXPECT_DOUBLE_EQ(q.lr, 1e-3);
+  EXPECT_EQ(q.batch_size, d.batch_size);  // what the preset does not name keeps its default
+  EXPECT_EQ(q.pools, d.pools);
+  // Each flag once; every row's quick value passes its own check.
+  std::set<std::string> flags;
+  for (const auto& row : repro_options()) {
+    EXPECT_TRUE(flags.insert(row.flag).second) << row.flag << " twice";
+    EXPECT_EQ(row.flag.rfind("--", 0), 0u) << row.flag;
+    EXPECT_FALSE(row.help.empty()) << row.flag;
+  }
+  EXPECT_GE(flags.size(), 37u);  // every option repro had when the table replaced its three lists
+  // The checks the table declares, refused by flag name.
+  auto row = [](const std::string& flag) {
+    for (const auto& r : repro_options())
+      if (r.flag == flag) return r;
+    throw Error("no row " + flag);
+  };
+  ReproOptions o;
+  EXPECT_NE(error_of([&] { set_repro_option(o, row("--steps"), "0"); }).find("--steps 0"), std::string::npos);
+  EXPECT_NE(error_of([&] { set_repro_option(o, row("--lr"), "-1"); }).find("positive"), std::string::npos);
+  EXPECT_NE(error_of([&] { set_repro_option(o, row("--register-mask"), "x"); }).find("--register-mask"), std::string::npos);
+  EXPECT_NE(error_of([&] { set_repro_option(o, row("--registers"), "2,x"); }).find("--registers"), std::string::npos);
+  EXPECT_NE(error_of([&] { set_repro_option(o, row("--batch-size"), "2.5"); }).find("integer"), std::string::npos);
+  set_repro_option(o, row("--registers"), "1,4,16");
+  EXPECT_EQ(o.registers, (std::vector<int>{1, 4, 16}));
+  set_repro_option(o, row("--vision-counts"), "true");
+  EXPECT_TRUE(o.vision_counts);
+}

@@ -2,7 +2,9 @@
 // benchmark -> a Markdown report with the paper's table and plots. The implementation is in
 // src/repro/ (options, stages, report, and run_repro, the orchestrator).
 #pragma once
+#include <cstdint>
 #include <string>
+#include <variant>
 #include <vector>
 
 namespace victor {
@@ -103,6 +105,25 @@ struct ReproOptions {
   int dist_timeout_seconds = 300;
   static ReproOptions quick();
 };
+
+// One option of `victor repro`, declared once: the CLI turns every row into a flag (its name, help
+// and check), and ReproOptions::quick() sets every row's `quick` value. Integer lists are typed
+// comma-separated, string lists by repeating the flag.
+struct ReproOption {
+  using Field = std::variant<int ReproOptions::*, double ReproOptions::*, bool ReproOptions::*, uint64_t ReproOptions::*,
+                             std::string ReproOptions::*, std::vector<int> ReproOptions::*,
+                             std::vector<std::string> ReproOptions::*, std::vector<CurriculumStage> ReproOptions::*>;
+  std::string flag;
+  Field field;
+  std::string help;
+  double lo = 0, hi = 0;              // numbers (each element of a list) must lie in [lo, hi]; lo == hi: any
+  bool positive = false;              // a real number > 0
+  std::vector<std::string> choices;   // a string must be one of these (empty: any)
+  std::string quick;                  // the value under --quick, as typed on the command line ("": the default)
+};
+const std::vector<ReproOption>& repro_options();
+// Sets a row's field from its command-line text (checked as the CLI checks it); throws Error naming the flag.
+void set_repro_option(ReproOptions& o, const ReproOption& row, const std::string& text);
 
 // Runs everything and returns the report's path.
 std::string run_repro(const ReproOptions& o);

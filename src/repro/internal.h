@@ -31,7 +31,7 @@ struct Trained {
   Reducer reducer;
   bool training_free = false;  // the plain model's weights with a training-free reducer
   int64_t reducer_params = 0;  // the reducer's own parameters (registers, the resampler's block)
-  int registers = 0, summary_layers = 0, pool = 1;
+  int drop_layer = 0;  // the first decoder layer without visual rows (set when the model is built)
   bool grounded = false;  // stage 2 with grounded attention
   double train_seconds = 0, step_seconds = 0, final_loss = 0;
   std::vector<double> timing_step_seconds;  // mean stage-2 step of each interleaved timing round

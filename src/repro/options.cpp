@@ -1,31 +1,141 @@
-// `victor repro`'s options: the quick preset, the curriculum spec, and every check made before
-// any work is done.
+// `victor repro`'s options: their table (flags and the quick preset), the curriculum spec, and
+// every check made before any work is done.
 #include <algorithm>
 #include <cmath>
 #include <sstream>
+#include <type_traits>
 
 #include "repro/internal.h"
 #include "victor/error.h"
 
 namespace victor {
 
+const std::vector<ReproOption>& repro_options() {
+  using O = ReproOptions;
+  static const std::vector<ReproOption> rows = {
+      {"--out", &O::out, "Output folder (default runs/repro, or runs/repro-quick)", 0, 0, false, {}, "runs/repro-quick"},
+      {"--preset", &O::preset, "Model shape trained from scratch", 0, 0, false, {"tiny", "small"}},
+      {"--registers", &O::registers, "Victor register counts to train (comma list)", 0, 1024, false, {}, "8"},
+      {"--summary-layers", &O::summary_layers, "Victor k values to train (comma list; every m with every k)", 0, 64,
+       false, {}, "2"},
+      {"--training-free", &O::training_free,
+       "Training-free reducers run on the trained plain model (repeat; 'none' for none; default: FastV k=2 and "
+       "VisionZip at the pooling baseline's visual-token budget)"},
+      {"--register-mask", &O::register_mask, "causal | registers_only", 0, 0, false, {"causal", "registers_only"}},
+      {"--train-images", &O::train_images, "GridVQA training images", 1, 1000000, false, {}, "400"},
+      {"--test-images", &O::test_images, "GridVQA test images", 1, 100000, false, {}, "50"},
+      {"--steps", &O::steps, "Stage 2 steps per model: questions (identical budgets)", 1, 10000000, false, {}, "60"},
+      {"--pretrain-steps", &O::pretrain_steps, "Stage 1 steps: row-by-row descriptions (0 = skip)", 0, 10000000},
+      {"--pool", &O::pools, "Average-pooling baselines to train (e.g. 4; 1 = none)", 1, 64},
+      {"--resampler", &O::resamplers, "Perceiver-style resamplers to train, by latent count (e.g. 16; 0 = none)", 0,
+       4096},
+      {"--vision-steps", &O::vision_steps, "Stage 0 steps: vision tower on cell classes (0 = skip)", 0, 10000000, false,
+       {}, "40"},
+      {"--vision-images", &O::vision_images, "Stage 0's own GridVQA training images (0 = the main training set)", 0,
+       1000000, false, {}, "0"},
+      {"--vision-targets", &O::vision_targets,
+       "Stage 0 targets: cell (each cell's mean patch names its class and place) or patch (every patch does)", 0, 0,
+       false, {"cell", "patch"}},
+      {"--vision-counts", &O::vision_counts,
+       "Stage 0 also teaches how many cells hold each class, the image's summary (true/false)"},
+      {"--text-steps", &O::text_steps,
+       "Stage L steps: the language model on grids written as text, shared (0 = skip)", 0, 10000000},
+      {"--text-lr", &O::text_lr, "Stage L peak learning rate", 0, 0, true},
+      {"--curriculum", &O::curriculum,
+       "Stage C, shared: GRID:FAMILIES:POOL:STEPS[xREPEATS][@TARGET][:EMPTY] stages, comma-separated (FAMILIES = "
+       "all or e.g. count+exist; POOL pools the visual tokens; xREPEATS@TARGET repeats the STEPS schedule up to "
+       "REPEATS times until the stage's test accuracy reaches TARGET percent; EMPTY = percent of empty cells, "
+       "default 30; a family written NAME/EMPTY, e.g. identify+exist/75, is asked on its own grids with that share "
+       "of empty cells, its own GridVQA set mixed into the stage's); none = skip",
+       0, 0, false, {}, "4:identify:4:150"},
+      {"--curriculum-images", &O::curriculum_images, "Stage C training images per stage", 1, 1000000, false, {}, "600"},
+      {"--curriculum-lr", &O::curriculum_lr, "Stage C peak learning rate", 0, 0, true},
+      {"--curriculum-shuffle", &O::curriculum_shuffle,
+       "Stage C: each image's visual tokens in a random order every step (true/false)"},
+      {"--curriculum-single-turn", &O::curriculum_single_turn,
+       "Stage C: pooled stages train one question per sample, the same answers per step (true/false)"},
+      {"--ground-weight", &O::ground_weight,
+       "Grounded attention in stages C and 2: weight of the loss that teaches heads of --ground-layer to look at "
+       "the cells each answer rests on (0 = off); stage 2 grounds only models whose k > layer", 0, 1e3},
+      {"--ground-layer", &O::ground_layer, "Grounded attention: the decoder layer (0-based)", 0, 1024},
+      {"--ground-heads", &O::ground_heads, "Grounded attention: how many heads (the first ones)", 1, 1024},
+      {"--curriculum-summary-layers", &O::curriculum_summary_layers,
+       "Stage C: drop the visual tokens after this layer (no registers), so lookups are learned where Victor "
+       "twins with k >= K still see them; -1 = every layer", -1, 1024},
+      {"--train", &O::train_parts,
+       "Parts trained in stages 1-2 (finetune = projector + registers + llm, vision frozen)"},
+      {"--batch-size", &O::batch_size, "Conversations per step", 1, 1024},
+      {"--lr", &O::lr, "Peak learning rate", 0, 0, true, {}, "1e-3"},
+      {"--bench-repeats", &O::bench_repeats, "Benchmark repeats", 1, 100, false, {}, "1"},
+      {"--timing-rounds", &O::timing_rounds,
+       "Training time measured again: rounds of interleaved stage-2 segments, every trained model in each, giving "
+       "each time reduction a range (0 = off)", 0, 100, false, {}, "2"},
+      {"--timing-steps", &O::timing_steps, "Stage-2 steps per model in each timing round (at most --steps)", 2,
+       10000000, false, {}, "4"},
+      {"--bench-batch", &O::bench_batch, "Large batch for throughput (paper: 16)", 1, 256},
+      {"--bench-gen", &O::bench_gen, "Generated tokens (paper: 2,128)", 1, 4096, false, {}, "2,32"},
+      {"--eval-limit", &O::eval_limit, "Evaluate only the first N test questions", 0, 10000000},
+      {"--seed", &O::seed, "Seed"},
+  };
+  return rows;
+}
+
+void set_repro_option(ReproOptions& o, const ReproOption& row, const std::string& text) {
+  auto fail = [&](const std::string& why) -> Error { return Error(row.flag + " " + text + ": " + why); };
+  auto number = [&](const std::string& t) {
+    size_t used = 0;
+    double v = 0;
+    try {
+      v = std::stod(t, &used);
+    } catch (const std::exception&) {
+      throw fail("not a number");
+    }
+    if (used != t.size() || !std::isfinite(v)) throw fail("not a finite number");
+    if (row.lo < row.hi && (v < row.lo || v > row.hi))
+      throw fail("must lie between " + std::to_string(row.lo) + " and " + std::to_string(row.hi));
+    if (row.positive && !(v > 0)) throw fail("must be positive");
+    return v;
+  };
+  auto integer = [&](const std::string& t) {
+    const double v = number(t);
+    if (v != std::floor(v)) throw fail("not an integer");
+    return v;
+  };
+  std::visit(
+      [&](auto field) {
+        using T = std::decay_t<decltype(o.*field)>;
+        if constexpr (std::is_same_v<T, int>) {
+          o.*field = int(integer(text));
+        } else if constexpr (std::is_same_v<T, uint64_t>) {
+          o.*field = uint64_t(integer(text));
+        } else if constexpr (std::is_same_v<T, double>) {
+          o.*field = number(text);
+        } else if constexpr (std::is_same_v<T, bool>) {
+          if (text != "true" && text != "false") throw fail("must be true or false");
+          o.*field = text == "true";
+        } else if constexpr (std::is_same_v<T, std::string>) {
+          if (!row.choices.empty() && std::find(row.choices.begin(), row.choices.end(), text) == row.choices.end())
+            throw fail("not one of the choices");
+          o.*field = text;
+        } else if constexpr (std::is_same_v<T, std::vector<int>>) {
+          std::vector<int> v;
+          std::stringstream ss(text);
+          for (std::string x; std::getline(ss, x, ',');) v.push_back(int(integer(x)));
+          o.*field = v;
+        } else if constexpr (std::is_same_v<T, std::vector<std::string>>) {
+          o.*field = {text};
+        } else {
+          o.*field = parse_curriculum(text);
+        }
+      },
+      row.field);
+}
+
+// The quick preset: every row's `quick` value over the defaults.
 ReproOptions ReproOptions::quick() {
   ReproOptions o;
-  o.out = "runs/repro-quick";
-  o.train_images = 400;
-  o.test_images = 50;
-  o.steps = 60;
-  o.vision_steps = 40;
-  o.vision_images = 0;
-  o.bench_repeats = 1;
-  o.timing_rounds = 2;
-  o.timing_steps = 4;
-  o.bench_gen = {2, 32};
-  o.registers = {8};
-  o.summary_layers = {2};
-  o.curriculum = {{4, {"identify"}, 4, 150}};
-  o.curriculum_images = 600;
-  o.lr = 1e-3;
+  for (const auto& row : repro_options())
+    if (!row.quick.empty()) set_repro_option(o, row, row.quick);
   return o;
 }
 

@@ -307,11 +307,12 @@ std::string write_report(const ReproOptions& o, const Results& res) {
      << o.timing_rounds << " interleaved timing rounds (below); a throughput ratio the range of the benchmark's "
      << o.bench_repeats << " alternated repeats (each repeat's ratio measured side by side).\n\n";
   for (size_t i = 1; i < runs.size(); ++i) {
-    if (runs[i].training_free || runs[i].registers != 8) continue;
+    const VictorParams* v = runs[i].reducer.victor_params();
+    if (runs[i].training_free || !v || v->registers != 8) continue;
     const double plain_acc = plain.eval.overall.accuracy();
     double saved = 1.0 - runs[i].train_seconds / plain.train_seconds;
     double thr = bench[i].requests_per_second.at(key_short) / bp.requests_per_second.at(key_short);
-    if (o.summary_layers.size() > 1) md << runs[i].name << " (k = " << runs[i].summary_layers << "):\n\n";
+    if (o.summary_layers.size() > 1) md << runs[i].name << " (k = " << runs[i].drop_layer << "):\n\n";
     // < 4% relative = a drop of at most 0.04 x the plain accuracy, in points.
     const Interval& d = drops[i];
     md << "- relative accuracy drop < 4% (a drop of at most " << num(4 * plain_acc, "%.2f") << " points): measured "
@@ -356,9 +357,10 @@ std::string write_report(const ReproOptions& o, const Results& res) {
     acc_pts.push_back({"Victor k = " + std::to_string(k), {}});
     thr_pts.push_back({"Victor k = " + std::to_string(k), {}});
     for (size_t i = 1; i < runs.size(); ++i) {
-      if (runs[i].training_free || runs[i].pool > 1 || runs[i].summary_layers != k) continue;
-      acc_pts.back().second.emplace_back(runs[i].registers, 100 * runs[i].eval.overall.accuracy());
-      thr_pts.back().second.emplace_back(runs[i].registers, bench[i].requests_per_second.at(key_short));
+      const VictorParams* v = runs[i].reducer.victor_params();
+      if (runs[i].training_free || !v || v->summary_layers != k) continue;
+      acc_pts.back().second.emplace_back(v->registers, 100 * runs[i].eval.overall.accuracy());
+      thr_pts.back().second.emplace_back(v->registers, bench[i].requests_per_second.at(key_short));
     }
   }
   bool p1 = plot(o.out, "accuracy_vs_registers", "GridVQA accuracy", "accuracy (%)", acc_pts,
@@ -389,8 +391,8 @@ std::string write_report(const ReproOptions& o, const Results& res) {
                        {"training_free", runs[i].training_free},
                        {"accuracy_interval", {runs[i].eval.interval().lo, runs[i].eval.interval().hi}},
                        {"drop_points_interval", {drops[i].estimate, drops[i].lo, drops[i].hi}},
-                       {"registers", runs[i].registers},
-                       {"summary_layers", runs[i].summary_layers}, {"accuracy", runs[i].eval.overall.accuracy()},
+                       {"registers", runs[i].reducer.victor_params() ? runs[i].reducer.victor_params()->registers : 0},
+                       {"summary_layers", runs[i].drop_layer}, {"accuracy", runs[i].eval.overall.accuracy()},
                        {"grounded", runs[i].grounded},
                        {"train_seconds", runs[i].train_seconds},
                        {"timing_step_seconds", runs[i].timing_step_seconds},

@@ -268,29 +268,22 @@ std::vector<CurriculumResult> stage_c_curriculum(const Context& c_, const Tokeni
 // resamplers, then the training-free reducers on the plain model's weights.
 std::vector<Trained> plan_runs(const ReproOptions& o) {
   std::vector<Trained> runs;
-  auto add_run = [&runs, &o](const std::string& name, int registers, int summary_layers, int pool) {
+  auto add_run = [&runs](const std::string& name, Reducer reducer) {
     Trained t;
     t.name = name;
-    t.registers = registers;
-    t.summary_layers = summary_layers;
-    t.pool = pool;
-    t.reducer = pool > 1 ? Reducer::pool({pool})
-                : name.rfind("victor", 0) == 0
-                    ? Reducer::victor({registers, summary_layers, register_mask_from_string(o.register_mask)})
-                    : Reducer::none();
+    t.reducer = std::move(reducer);
     runs.push_back(t);
   };
-  add_run("plain", 0, -1, 1);
+  add_run("plain", Reducer::none());
+  const RegisterMask mask = register_mask_from_string(o.register_mask);
   for (int k : o.summary_layers)  // the name carries k only when the run compares several
     for (int m : o.registers)
-      add_run("victor-m" + std::to_string(m) + (o.summary_layers.size() > 1 ? "-k" + std::to_string(k) : ""), m, k, 1);
+      add_run("victor-m" + std::to_string(m) + (o.summary_layers.size() > 1 ? "-k" + std::to_string(k) : ""),
+              Reducer::victor({m, k, mask}));
   for (int p : o.pools)
-    if (p > 1) add_run("pool-" + std::to_string(p) + "x" + std::to_string(p), 0, -1, p);
+    if (p > 1) add_run("pool-" + std::to_string(p) + "x" + std::to_string(p), Reducer::pool({p}));
   for (int n : o.resamplers)
-    if (n > 0) {
-      add_run("resampler-" + std::to_string(n), 0, -1, 1);
-      runs.back().reducer = Reducer::resampler({n});
-    }
+    if (n > 0) add_run("resampler-" + std::to_string(n), Reducer::resampler({n}));
   for (auto& r : training_free_reducers(o, preset_config(o.preset))) {
     Trained t;
     t.name = slug(r.name());
@@ -304,14 +297,14 @@ std::vector<Trained> plan_runs(const ReproOptions& o) {
 namespace {
 
 // A trained run's starting model: the shared start with the run's reducer (validated; fresh
-// registers or latents drawn from the run's seed). Fills r.summary_layers and r.grounded.
+// registers or latents drawn from the run's seed). Fills r.drop_layer and r.grounded.
 Vlm start_model(const Context& c, Trained& r) {
   const ReproOptions& o = c.o;
   Vlm model = Vlm::load(c.init_dir);
   model.set_reducer(r.reducer, o.seed + 1);  // validates
-  r.summary_layers = model.config().reducer.drop_layer(model.config());
+  r.drop_layer = model.config().reducer.drop_layer(model.config());
   // Grounding needs visual tokens on the patch grid (not the resampler's latents) that reach its layer.
-  r.grounded = o.ground_weight > 0 && o.ground_layer < r.summary_layers && r.reducer.grid_side(model.config());
+  r.grounded = o.ground_weight > 0 && o.ground_layer < r.drop_layer && r.reducer.grid_side(model.config());
   return model;
 }
 
@@ -350,7 +343,7 @@ void train_and_evaluate(const Context& c, const Tokenizer& tok, const MainData& 
       r.dir = runs.front().dir;
       Vlm model = Vlm::load(r.dir);
       model.set_reducer(r.reducer);
-      r.summary_layers = model.config().reducer.drop_layer(model.config());
+      r.drop_layer = model.config().reducer.drop_layer(model.config());
       EvalOptions e;
       e.image_folder = data;
       e.answers_out = (fs::path(o.out) / ("answers-" + r.name + ".jsonl")).string();
