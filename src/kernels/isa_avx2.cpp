@@ -3,35 +3,13 @@
 // would be compiled with this file's flags.
 #include <immintrin.h>
 
-#include "attend_impl.h"
 #include "isa_kernels.h"
+#include "simd_loops.h"
 
 namespace victor::kernels {
 namespace {
 
 inline int rows_left(int64_t M, int64_t m0) { return M - m0 < 2 ? int(M - m0) : 2; }
-
-struct F32Load {
-  using T = float;
-  static __m256 full(const float* p) { return _mm256_loadu_ps(p); }
-  static float one(float v) { return v; }
-};
-struct Bf16Load {
-  using T = uint16_t;
-  static __m256 full(const uint16_t* p) {
-    const __m128i r = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(r), 16));
-  }
-  static float one(uint16_t v) { return bf16_bits_to_float(v); }
-};
-struct Int8Load {
-  using T = int8_t;
-  static __m256 full(const int8_t* p) {
-    const __m128i r = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(r));
-  }
-  static float one(int8_t v) { return float(v); }
-};
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -40,62 +18,76 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// RW weight rows against MX input rows (RW*MX <= 8 accumulators of the 16 registers).
-template <int RW, int MX, class L>
-inline void tile(const float* x, int64_t K, const typename L::T* w, const float* scale, int64_t o,
-                 float* y, int64_t ldy) {
-  __m256 acc[RW][MX];
-  for (int r = 0; r < RW; ++r)
-    for (int m = 0; m < MX; ++m) acc[r][m] = _mm256_setzero_ps();
-  const typename L::T* rows[RW];
-  for (int r = 0; r < RW; ++r) rows[r] = w + (o + r) * K;
-  int64_t k = 0;
-  for (; k + 8 <= K; k += 8) {
-    __m256 wv[RW];
-    for (int r = 0; r < RW; ++r) wv[r] = L::full(rows[r] + k);
-    for (int m = 0; m < MX; ++m) {
-      const __m256 xv = _mm256_loadu_ps(x + m * K + k);
-      for (int r = 0; r < RW; ++r) acc[r][m] = _mm256_fmadd_ps(wv[r], xv, acc[r][m]);
-    }
+// simd_loops.h's vector traits: 8 floats a vector; product tiles of up to 4 x 2 accumulators (8
+// of the 16 registers); no software prefetch of weights (measured no faster here).
+struct Avx2 {
+  using vec = __m256;
+  static constexpr int lanes = 8, max_rows = 2;
+  static constexpr int64_t weight_ahead = 0;
+  static __m256i first(int n) { return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)); }
+  static vec zero() { return _mm256_setzero_ps(); }
+  static vec set1(float f) { return _mm256_set1_ps(f); }
+  static vec load(const float* p) { return _mm256_loadu_ps(p); }
+  static vec part(const float* p, int n) { return _mm256_maskload_ps(p, first(n)); }
+  using Mask = int;  // a count: AVX2 has no mask registers
+  static constexpr bool mask_registers = false;
+  static Mask mask(int n) { return n; }
+  static void store_masked(float* p, Mask n, vec v) {
+    if (n == lanes) _mm256_storeu_ps(p, v);
+    else _mm256_maskstore_ps(p, first(n), v);
   }
-  for (int r = 0; r < RW; ++r)
-    for (int m = 0; m < MX; ++m) {
-      float s = hsum(acc[r][m]);
-      for (int64_t t = k; t < K; ++t) s += x[m * K + t] * L::one(rows[r][t]);
-      y[m * ldy + o + r] = scale ? s * scale[o + r] : s;
-    }
-}
+  static vec fmadd(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+  static vec add(vec a, vec b) { return _mm256_add_ps(a, b); }
+  static float sum(vec v) { return hsum(v); }
+  static void prefetch_l1(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
+  static void prefetch_l2(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1); }
+};
 
-template <int RW, class L>
-inline void tile_rows(int mx, const float* x, int64_t K, const typename L::T* w,
-                      const float* scale, int64_t o, float* y, int64_t ldy) {
-  if (mx == 1) tile<RW, 1, L>(x, K, w, scale, o, y, ldy);
-  else tile<RW, 2, L>(x, K, w, scale, o, y, ldy);
-}
-
-template <class L>
-void matmul(const float* x, int64_t M, int64_t K, const typename L::T* w, const float* scale,
-            int64_t o0, int64_t o1, float* y, int64_t ldy) {
-  int64_t o = o0;
-  for (; o + 4 <= o1; o += 4)
-    for (int64_t m0 = 0; m0 < M; m0 += 2)
-      tile_rows<4, L>(rows_left(M, m0), x + m0 * K, K, w, scale, o, y + m0 * ldy, ldy);
-  for (; o < o1; ++o)
-    for (int64_t m0 = 0; m0 < M; m0 += 2)
-      tile_rows<1, L>(rows_left(M, m0), x + m0 * K, K, w, scale, o, y + m0 * ldy, ldy);
-}
+// Loaders (simd_loops.h's L): 8 weights or cache values widened to floats, whole or the first n.
+struct F32Load {
+  using T = float;
+  static __m256 full(const float* p) { return _mm256_loadu_ps(p); }
+  static __m256 part(const float* p, int n) { return Avx2::part(p, n); }
+  static __m256 masked(const float* p, int n) { return n == 8 ? full(p) : part(p, n); }
+};
+struct Bf16Load {
+  using T = uint16_t;
+  static __m256 full(const uint16_t* p) {
+    const __m128i r = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(r), 16));
+  }
+  static __m256 part(const uint16_t* p, int n) {
+    uint16_t t[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int i = 0; i < n; ++i) t[i] = p[i];
+    return full(t);
+  }
+  static __m256 masked(const uint16_t* p, int n) { return n == 8 ? full(p) : part(p, n); }
+};
+struct Int8Load {
+  using T = int8_t;
+  static __m256 full(const int8_t* p) {
+    const __m128i r = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(r));
+  }
+  static __m256 part(const int8_t* p, int n) {
+    int8_t t[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int i = 0; i < n; ++i) t[i] = p[i];
+    return full(t);
+  }
+  static __m256 masked(const int8_t* p, int n) { return n == 8 ? full(p) : part(p, n); }
+};
 
 void f32(const float* x, int64_t M, int64_t K, const float* w, int64_t o0, int64_t o1, float* y,
          int64_t ldy) {
-  matmul<F32Load>(x, M, K, w, nullptr, o0, o1, y, ldy);
+  matmul<Avx2, F32Load>(x, M, K, w, nullptr, o0, o1, y, ldy);
 }
 void bf16(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t o0, int64_t o1,
           float* y, int64_t ldy) {
-  matmul<Bf16Load>(x, M, K, w, nullptr, o0, o1, y, ldy);
+  matmul<Avx2, Bf16Load>(x, M, K, w, nullptr, o0, o1, y, ldy);
 }
 void int8(const float* x, int64_t M, int64_t K, const int8_t* w, const float* scale, int64_t o0,
           int64_t o1, float* y, int64_t ldy) {
-  matmul<Int8Load>(x, M, K, w, scale, o0, o1, y, ldy);
+  matmul<Avx2, Int8Load>(x, M, K, w, scale, o0, o1, y, ldy);
 }
 
 inline __m128i to_bf16(__m256 f) {
@@ -119,117 +111,13 @@ void dequant(const int8_t* w, const float* scale, int64_t K, int64_t o0, int64_t
   }
 }
 
-// Decode attention (attend_impl.h's contract) as isa_avx512.cpp's attend_regs, 8 lanes a vector:
-// cache rows loaded straight into registers, two dot-product chains per key, the weighted values
-// of up to 64 dims in registers across all keys, key and value rows prefetched 16 rows ahead.
-struct KvF32 {
-  static __m256 load(const float* p) { return _mm256_loadu_ps(p); }
-  static __m256 part(const float* p, int n) {
-    const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    return _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(n), idx));
-  }
-};
-struct KvBf16 {
-  static __m256 load(const uint16_t* p) { return Bf16Load::full(p); }
-  static __m256 part(const uint16_t* p, int n) {
-    uint16_t t[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    for (int i = 0; i < n; ++i) t[i] = p[i];
-    return Bf16Load::full(t);
-  }
-};
-inline __m256 part_f32(const float* p, int n) { return KvF32::part(p, n); }
-
-// out[i0, i0 + 8 N) (clipped at hd) = sum over allowed keys of p[s] * v[s, i0 + ...].
-template <int N, class L, class KV>
-inline void weigh_values(const float* p, const KV* v, int64_t S, int64_t hd, int64_t i0,
-                         const uint8_t* allowed, float* out) {
-  const int64_t n = hd - i0 < 8 * N ? hd - i0 : 8 * N;  // dims of this pass
-  const int whole = int(n / 8), rest = int(n % 8);
-  __m256 acc[N];
-  for (int j = 0; j < N; ++j) acc[j] = _mm256_setzero_ps();
-  for (int64_t s = 0; s < S; ++s) {
-    if (!allowed[s]) continue;
-    const __m256 w = _mm256_set1_ps(p[s]);
-    const KV* vs = v + s * hd + i0;
-    for (int j = 0; j < N; ++j) {
-      if (j < whole) acc[j] = _mm256_fmadd_ps(w, L::load(vs + 8 * j), acc[j]);
-      else if (j == whole && rest) acc[j] = _mm256_fmadd_ps(w, L::part(vs + 8 * j, rest), acc[j]);
-    }
-  }
-  float tail[8];
-  for (int j = 0; j < N; ++j) {
-    if (j < whole) {
-      _mm256_storeu_ps(out + i0 + 8 * j, acc[j]);
-    } else if (j == whole && rest) {
-      _mm256_storeu_ps(tail, acc[j]);
-      for (int i = 0; i < rest; ++i) out[i0 + 8 * j + i] = tail[i];
-    }
-  }
-}
-
-constexpr int64_t kKvAhead = 16;  // rows; as isa_avx512.cpp
-template <class KV>
-inline void prefetch_kv_row(const KV* r, int64_t hd) {
-  const char* c = reinterpret_cast<const char*>(r);
-  for (int64_t i = 0; i < hd * int64_t(sizeof(KV)); i += 64) _mm_prefetch(c + i, _MM_HINT_T0);
-}
-
-template <class L, class KV>
-void attend_regs(const float* q, int64_t G, int64_t hd, const KV* k, const KV* v, int64_t S,
-                 const uint8_t* allowed, float scale, float* scratch, float* out) {
-  float* p = scratch;  // [G,S]
-  for (int64_t s = 0; s < kKvAhead && s < S; ++s) {
-    prefetch_kv_row(k + s * hd, hd);
-    prefetch_kv_row(v + s * hd, hd);
-  }
-  for (int64_t s = 0; s < S; ++s) {
-    if (s + kKvAhead < S) {
-      prefetch_kv_row(k + (s + kKvAhead) * hd, hd);
-      prefetch_kv_row(v + (s + kKvAhead) * hd, hd);
-    }
-    if (!allowed[s]) {
-      for (int64_t g = 0; g < G; ++g) p[g * S + s] = -1e30f;
-      continue;
-    }
-    const KV* ks = k + s * hd;
-    for (int64_t g = 0; g < G; ++g) {
-      const float* qg = q + g * hd;
-      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-      int64_t i = 0;
-      for (; i + 16 <= hd; i += 16) {
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + i), L::load(ks + i), a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + i + 8), L::load(ks + i + 8), a1);
-      }
-      for (; i + 8 <= hd; i += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qg + i), L::load(ks + i), a0);
-      if (i < hd) a1 = _mm256_fmadd_ps(part_f32(qg + i, int(hd - i)), L::part(ks + i, int(hd - i)), a1);
-      p[g * S + s] = hsum(_mm256_add_ps(a0, a1)) * scale;
-    }
-  }
-  softmax_scores(p, G, S, allowed);
-  for (int64_t g = 0; g < G; ++g)
-    for (int64_t i0 = 0; i0 < hd; i0 += 64) {
-      const float* pg = p + g * S;
-      float* og = out + g * hd;
-      switch ((hd - i0 + 7) / 8) {
-        case 1: weigh_values<1, L>(pg, v, S, hd, i0, allowed, og); break;
-        case 2: weigh_values<2, L>(pg, v, S, hd, i0, allowed, og); break;
-        case 3: weigh_values<3, L>(pg, v, S, hd, i0, allowed, og); break;
-        case 4: weigh_values<4, L>(pg, v, S, hd, i0, allowed, og); break;
-        case 5: weigh_values<5, L>(pg, v, S, hd, i0, allowed, og); break;
-        case 6: weigh_values<6, L>(pg, v, S, hd, i0, allowed, og); break;
-        case 7: weigh_values<7, L>(pg, v, S, hd, i0, allowed, og); break;
-        default: weigh_values<8, L>(pg, v, S, hd, i0, allowed, og); break;
-      }
-    }
-}
-
 void attend_regs_f32(const float* q, int64_t G, int64_t hd, const float* k, const float* v, int64_t S,
                      const uint8_t* allowed, float scale, float* scratch, float* out) {
-  attend_regs<KvF32>(q, G, hd, k, v, S, allowed, scale, scratch, out);
+  attend_regs<Avx2, F32Load>(q, G, hd, k, v, S, allowed, scale, scratch, out);
 }
 void attend_regs_bf16(const float* q, int64_t G, int64_t hd, const uint16_t* k, const uint16_t* v, int64_t S,
                       const uint8_t* allowed, float scale, float* scratch, float* out) {
-  attend_regs<KvBf16>(q, G, hd, k, v, S, allowed, scale, scratch, out);
+  attend_regs<Avx2, Bf16Load>(q, G, hd, k, v, S, allowed, scale, scratch, out);
 }
 
 // int4 weights (isa_kernels.h's layout) against 32-block int8 activations, two groups at a time:

@@ -2,97 +2,61 @@
 // through avx512_kernels() after a CPU check (kernels.cpp).
 #include <immintrin.h>
 
-#include "attend_impl.h"
 #include "isa_kernels.h"
+#include "simd_loops.h"
 
 namespace victor::kernels {
 namespace {
 
 // No standard headers here: their inline code would be compiled with this file's flags.
+
 inline int rows_left(int64_t M, int64_t m0) { return M - m0 < 4 ? int(M - m0) : 4; }
+inline __mmask16 lanes_mask(int n) { return n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1); }
 
-// A weight row is one or two 4 KiB pages, where hardware prefetchers stop: every load also
-// prefetches the same place this many rows further on, so the weights keep streaming from memory.
-constexpr int64_t kPrefetchRows = 8;
+// simd_loops.h's vector traits: 16 floats a vector (masked loads for the first n); product tiles of
+// up to 4 x 4 accumulators. A weight row is one or two 4 KiB pages, where hardware prefetchers
+// stop: every load also prefetches the same place 8 rows further on, so the weights keep
+// streaming from memory.
+struct Avx512 {
+  using vec = __m512;
+  static constexpr int lanes = 16, max_rows = 4;
+  static constexpr int64_t weight_ahead = 8;
+  static vec zero() { return _mm512_setzero_ps(); }
+  static vec set1(float f) { return _mm512_set1_ps(f); }
+  static vec load(const float* p) { return _mm512_loadu_ps(p); }
+  static vec part(const float* p, int n) { return _mm512_maskz_loadu_ps(lanes_mask(n), p); }
+  using Mask = __mmask16;
+  static constexpr bool mask_registers = true;
+  static Mask mask(int n) { return lanes_mask(n); }
+  static void store_masked(float* p, Mask m, vec v) { _mm512_mask_storeu_ps(p, m, v); }
+  static vec fmadd(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+  static vec add(vec a, vec b) { return _mm512_add_ps(a, b); }
+  static float sum(vec v) { return _mm512_reduce_add_ps(v); }
+  static void prefetch_l1(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
+  static void prefetch_l2(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1); }
+};
 
-// Loading 16 weights as floats, whole or the first n of them (masked).
+// Loaders (simd_loops.h's L): 16 weights or cache values widened to floats, whole or the first n.
 struct F32Load {
   using T = float;
   static __m512 full(const float* p) { return _mm512_loadu_ps(p); }
-  static __m512 part(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+  static __m512 part(const float* p, int n) { return Avx512::part(p, n); }
+  static __m512 masked(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+};
+struct Bf16Load {
+  using T = uint16_t;
+  static __m512 widen(__m256i r) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(r), 16)); }
+  static __m512 full(const uint16_t* p) { return widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+  static __m512 part(const uint16_t* p, int n) { return masked(p, lanes_mask(n)); }
+  static __m512 masked(const uint16_t* p, __mmask16 m) { return widen(_mm256_maskz_loadu_epi16(m, p)); }
 };
 struct Int8Load {
   using T = int8_t;
   static __m512 widen(__m128i r) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(r)); }
-  static __m512 full(const int8_t* p) {
-    return widen(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  }
-  static __m512 part(const int8_t* p, __mmask16 m) { return widen(_mm_maskz_loadu_epi8(m, p)); }
+  static __m512 full(const int8_t* p) { return widen(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static __m512 part(const int8_t* p, int n) { return masked(p, lanes_mask(n)); }
+  static __m512 masked(const int8_t* p, __mmask16 m) { return widen(_mm_maskz_loadu_epi8(m, p)); }
 };
-
-// RW weight rows against MX input rows: RW*MX accumulators stay in registers while the weight
-// rows stream once.
-template <int RW, int MX, class L>
-inline void tile(const float* x, int64_t K, const typename L::T* w, const float* scale, int64_t o,
-                 float* y, int64_t ldy) {
-  __m512 acc[RW][MX];
-  for (int r = 0; r < RW; ++r)
-    for (int m = 0; m < MX; ++m) acc[r][m] = _mm512_setzero_ps();
-  const typename L::T* rows[RW];
-  for (int r = 0; r < RW; ++r) rows[r] = w + (o + r) * K;
-  const int64_t ahead = kPrefetchRows * K;
-  int64_t k = 0;
-  for (; k + 16 <= K; k += 16) {
-    __m512 wv[RW];
-    for (int r = 0; r < RW; ++r) {
-      _mm_prefetch(reinterpret_cast<const char*>(rows[r] + ahead + k), _MM_HINT_T1);
-      wv[r] = L::full(rows[r] + k);
-    }
-    for (int m = 0; m < MX; ++m) {
-      const __m512 xv = _mm512_loadu_ps(x + m * K + k);
-      for (int r = 0; r < RW; ++r) acc[r][m] = _mm512_fmadd_ps(wv[r], xv, acc[r][m]);
-    }
-  }
-  if (k < K) {
-    const __mmask16 mask = __mmask16((1u << (K - k)) - 1);
-    __m512 wv[RW];
-    for (int r = 0; r < RW; ++r) wv[r] = L::part(rows[r] + k, mask);
-    for (int m = 0; m < MX; ++m) {
-      const __m512 xv = _mm512_maskz_loadu_ps(mask, x + m * K + k);
-      for (int r = 0; r < RW; ++r) acc[r][m] = _mm512_fmadd_ps(wv[r], xv, acc[r][m]);
-    }
-  }
-  for (int r = 0; r < RW; ++r)
-    for (int m = 0; m < MX; ++m) {
-      const float s = _mm512_reduce_add_ps(acc[r][m]);
-      y[m * ldy + o + r] = scale ? s * scale[o + r] : s;
-    }
-}
-
-template <int RW, class L>
-inline void tile_rows(int mx, const float* x, int64_t K, const typename L::T* w,
-                      const float* scale, int64_t o, float* y, int64_t ldy) {
-  switch (mx) {
-    case 1: tile<RW, 1, L>(x, K, w, scale, o, y, ldy); break;
-    case 2: tile<RW, 2, L>(x, K, w, scale, o, y, ldy); break;
-    case 3: tile<RW, 3, L>(x, K, w, scale, o, y, ldy); break;
-    default: tile<RW, 4, L>(x, K, w, scale, o, y, ldy); break;
-  }
-}
-
-// Output rows in tiles of 4; for each tile, every group of up to 4 input rows reuses the tile's
-// weights from L1, so the weights leave memory once whatever M is.
-template <class L>
-void matmul(const float* x, int64_t M, int64_t K, const typename L::T* w, const float* scale,
-            int64_t o0, int64_t o1, float* y, int64_t ldy) {
-  int64_t o = o0;
-  for (; o + 4 <= o1; o += 4)
-    for (int64_t m0 = 0; m0 < M; m0 += 4)
-      tile_rows<4, L>(rows_left(M, m0), x + m0 * K, K, w, scale, o, y + m0 * ldy, ldy);
-  for (; o < o1; ++o)
-    for (int64_t m0 = 0; m0 < M; m0 += 4)
-      tile_rows<1, L>(rows_left(M, m0), x + m0 * K, K, w, scale, o, y + m0 * ldy, ldy);
-}
 
 // bf16 weights against pair-split x: 32 weights a load; even elements are the low halves of each
 // 32-bit pair (shift left), odd ones the high halves (mask), matched by x's two halves.
@@ -106,7 +70,7 @@ inline void tile_bf16_pairs(const float* xs, int64_t K, const uint16_t* w, int64
   const uint16_t* rows[RW];
   for (int r = 0; r < RW; ++r) rows[r] = w + (o + r) * K;
   const __m512i high = _mm512_set1_epi32(int(0xffff0000u));
-  const int64_t ahead = kPrefetchRows * K;
+  const int64_t ahead = Avx512::weight_ahead * K;
   int64_t k = 0;
   for (; k + 32 <= K; k += 32) {
     __m512 lo[RW], hi[RW];
@@ -159,11 +123,11 @@ void bf16_pairs(const float* xs, int64_t M, int64_t K, const uint16_t* w, int64_
 
 void f32(const float* x, int64_t M, int64_t K, const float* w, int64_t o0, int64_t o1, float* y,
          int64_t ldy) {
-  matmul<F32Load>(x, M, K, w, nullptr, o0, o1, y, ldy);
+  matmul<Avx512, F32Load>(x, M, K, w, nullptr, o0, o1, y, ldy);
 }
 void int8(const float* x, int64_t M, int64_t K, const int8_t* w, const float* scale, int64_t o0,
           int64_t o1, float* y, int64_t ldy) {
-  matmul<Int8Load>(x, M, K, w, scale, o0, o1, y, ldy);
+  matmul<Avx512, Int8Load>(x, M, K, w, scale, o0, o1, y, ldy);
 }
 
 // float -> bf16 with round-to-nearest-even (inputs here are finite).
@@ -185,118 +149,18 @@ void dequant(const int8_t* w, const float* scale, int64_t K, int64_t o0, int64_t
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k),
                           to_bf16(_mm512_mul_ps(Int8Load::full(src + k), s)));
     if (k < K) {
-      const __mmask16 mask = __mmask16((1u << (K - k)) - 1);
-      _mm256_mask_storeu_epi16(dst + k, mask, to_bf16(_mm512_mul_ps(Int8Load::part(src + k, mask), s)));
+      _mm256_mask_storeu_epi16(dst + k, lanes_mask(int(K - k)), to_bf16(_mm512_mul_ps(Int8Load::part(src + k, int(K - k)), s)));
     }
   }
-}
-
-// Decode attention (attend_impl.h's contract) with the cache rows loaded straight into registers
-// and software prefetch. BM_AttendDecode7b (16 rows, 32 heads of 128, one query head per KV head,
-// bf16 cache): the generic loops read the cache at ~27 GB/s, with or without prefetching, spending
-// their time copying each row to a float buffer and on one FMA chain per key; these loops without
-// prefetch ~22 GB/s (waiting on memory: a (row, head) slab is only S x 256 bytes, read once); with
-// both ~45 GB/s. Every 16 values are loaded and widened in one step, each key's dot product runs
-// in two chains, the weighted values (up to 128 dims) stay in registers across all keys, and the
-// value rows are prefetched during the pass over the keys.
-struct KvF32 {
-  static __m512 load(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-};
-struct KvBf16 {
-  static __m512 load(const uint16_t* p, __mmask16 m) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
-  }
-};
-
-inline __mmask16 lanes(int64_t n) { return n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1); }
-
-// out[i0, i0 + 16 N) (clipped at hd) = sum over allowed keys of p[s] * v[s, i0 + ...]: N vectors
-// held in registers for the whole walk over the keys.
-template <int N, class L, class KV>
-inline void weigh_values(const float* p, const KV* v, int64_t S, int64_t hd, int64_t i0,
-                         const uint8_t* allowed, float* out) {
-  __m512 acc[N];
-  __mmask16 m[N];
-  for (int j = 0; j < N; ++j) {
-    acc[j] = _mm512_setzero_ps();
-    m[j] = lanes(hd - i0 - 16 * j);
-  }
-  for (int64_t s = 0; s < S; ++s) {
-    if (!allowed[s]) continue;
-    const __m512 w = _mm512_set1_ps(p[s]);
-    const KV* vs = v + s * hd + i0;
-    for (int j = 0; j < N; ++j) acc[j] = _mm512_fmadd_ps(w, L::load(vs + 16 * j, m[j]), acc[j]);
-  }
-  for (int j = 0; j < N; ++j) _mm512_mask_storeu_ps(out + i0 + 16 * j, m[j], acc[j]);
-}
-
-// A (row, head) slab of the cache is S * hd values, read row after row; hardware prefetchers stop
-// at each 4 KiB page, so each row's lines are asked for this many rows ahead.
-constexpr int64_t kKvAhead = 16;
-template <class KV>
-inline void prefetch_kv_row(const KV* r, int64_t hd) {
-  const char* c = reinterpret_cast<const char*>(r);
-  for (int64_t i = 0; i < hd * int64_t(sizeof(KV)); i += 64) _mm_prefetch(c + i, _MM_HINT_T0);
-}
-
-template <class L, class KV>
-void attend_regs(const float* q, int64_t G, int64_t hd, const KV* k, const KV* v, int64_t S,
-                 const uint8_t* allowed, float scale, float* scratch, float* out) {
-  float* p = scratch;  // [G,S]
-  for (int64_t s = 0; s < kKvAhead && s < S; ++s) {
-    prefetch_kv_row(k + s * hd, hd);
-    prefetch_kv_row(v + s * hd, hd);
-  }
-  for (int64_t s = 0; s < S; ++s) {
-    if (s + kKvAhead < S) {
-      prefetch_kv_row(k + (s + kKvAhead) * hd, hd);
-      prefetch_kv_row(v + (s + kKvAhead) * hd, hd);
-    }
-    if (!allowed[s]) {
-      for (int64_t g = 0; g < G; ++g) p[g * S + s] = -1e30f;
-      continue;
-    }
-    const KV* ks = k + s * hd;
-    for (int64_t g = 0; g < G; ++g) {
-      const float* qg = q + g * hd;
-      __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-      int64_t i = 0;
-      for (; i + 32 <= hd; i += 32) {
-        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qg + i), L::load(ks + i, 0xffff), a0);
-        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(qg + i + 16), L::load(ks + i + 16, 0xffff), a1);
-      }
-      for (; i < hd; i += 16) {
-        const __mmask16 m = lanes(hd - i);
-        a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, qg + i), L::load(ks + i, m), a0);
-      }
-      p[g * S + s] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) * scale;
-    }
-  }
-  softmax_scores(p, G, S, allowed);
-  for (int64_t g = 0; g < G; ++g)
-    for (int64_t i0 = 0; i0 < hd; i0 += 128) {
-      const float* pg = p + g * S;
-      float* og = out + g * hd;
-      switch ((hd - i0 + 15) / 16) {
-        case 1: weigh_values<1, L>(pg, v, S, hd, i0, allowed, og); break;
-        case 2: weigh_values<2, L>(pg, v, S, hd, i0, allowed, og); break;
-        case 3: weigh_values<3, L>(pg, v, S, hd, i0, allowed, og); break;
-        case 4: weigh_values<4, L>(pg, v, S, hd, i0, allowed, og); break;
-        case 5: weigh_values<5, L>(pg, v, S, hd, i0, allowed, og); break;
-        case 6: weigh_values<6, L>(pg, v, S, hd, i0, allowed, og); break;
-        case 7: weigh_values<7, L>(pg, v, S, hd, i0, allowed, og); break;
-        default: weigh_values<8, L>(pg, v, S, hd, i0, allowed, og); break;
-      }
-    }
 }
 
 void attend_regs_f32(const float* q, int64_t G, int64_t hd, const float* k, const float* v, int64_t S,
                      const uint8_t* allowed, float scale, float* scratch, float* out) {
-  attend_regs<KvF32>(q, G, hd, k, v, S, allowed, scale, scratch, out);
+  attend_regs<Avx512, F32Load>(q, G, hd, k, v, S, allowed, scale, scratch, out);
 }
 void attend_regs_bf16(const float* q, int64_t G, int64_t hd, const uint16_t* k, const uint16_t* v, int64_t S,
                       const uint8_t* allowed, float scale, float* scratch, float* out) {
-  attend_regs<KvBf16>(q, G, hd, k, v, S, allowed, scale, scratch, out);
+  attend_regs<Avx512, Bf16Load>(q, G, hd, k, v, S, allowed, scale, scratch, out);
 }
 
 }  // namespace
