@@ -15,7 +15,7 @@ Command repro_command(CLI::App& app, int argc, char** argv) {
   auto rp_threads_h = std::make_shared<int>(default_threads());
   int& rp_threads = *rp_threads_h;
   auto* c_repro = app.add_subcommand("repro", "GridVQA -> train plain + Victor -> eval -> bench -> report");
-  c_repro->add_flag("--quick", rp_quick, "About 8 minutes on 2 cores (smaller data, fewer steps)");
+  c_repro->add_flag("--quick", rp_quick, "About 10 minutes on 2 cores (smaller data, fewer steps)");
   // Every ReproOptions field a flag, from the one table (src/repro/options.cpp).
   auto curriculum_h = std::make_shared<std::optional<std::string>>();
   for (const ReproOption& row : repro_options()) {
