@@ -1,7 +1,8 @@
 // Text released to a streaming client as tokens arrive, and the metrics' histograms.
 #include <sstream>
 
-#include "victor/serve.h"
+#include "victor/serve_stream.h"
+#include "victor/serve_api.h"
 
 namespace victor {
 
