@@ -127,22 +127,38 @@ bool plot(const std::string& dir, const std::string& name, const std::string& ti
 
 }  // namespace
 
-std::string write_report(const ReproOptions& o, const Results& res) {
+namespace {
+
+// What every section of the report reads: the options, the results, the two throughput keys, the
+// paired drops against the plain model, and whether the plain model is at the answer prior.
+struct Report {
+  const ReproOptions& o;
+  const Results& res;
+  std::string key_short, key_long;  // "b16_g2", "b16_g128"
+  std::vector<Interval> drops;      // per run: plain minus it, paired (runs[0]: none)
+  bool plain_at_prior = false;
+};
+
+Report make_report(const ReproOptions& o, const Results& res) {
+  Report x{o, res, "b" + std::to_string(o.bench_batch) + "_g" + std::to_string(o.bench_gen.front()),
+           "b" + std::to_string(o.bench_batch) + "_g" + std::to_string(o.bench_gen.back()), {}, false};
   const auto& runs = res.runs;
-  const auto& bench = res.bench;
-  const auto& cur = res.curriculum;
+  x.drops.resize(runs.size());
+  for (size_t i = 1; i < runs.size(); ++i) x.drops[i] = compare_reports(runs.front().eval, runs[i].eval).difference;
+  x.plain_at_prior = runs.front().eval.overall.accuracy() - res.prior.overall.accuracy() < 0.05;
+  return x;
+}
+
+// The run's setting and the shared stages 0 and L.
+void write_setup(std::ostringstream& md, const Report& x) {
+  const ReproOptions& o = x.o;
+  const Results& res = x.res;
   const auto& vrep = res.vision;
   const auto& lrep = res.text;
-  const auto& prior = res.prior;
   const int world = res.world;
-  const Trained& plain = runs.front();
-  const BenchResult& bp = bench.front();
-  std::string key_short = "b" + std::to_string(o.bench_batch) + "_g" + std::to_string(o.bench_gen.front());
-  std::string key_long = "b" + std::to_string(o.bench_batch) + "_g" + std::to_string(o.bench_gen.back());
   const auto parts = parse_parts(o.train_parts);
   const bool vision_frozen = std::find(parts.begin(), parts.end(), Part::Vision) == parts.end();
   const std::string blas_kernels = blas_core_name().empty() ? "not OpenBLAS" : blas_core_name();
-  std::ostringstream md;
   md << "# Victor on GridVQA: reproduction report\n\n";
   md << "Preset `" << o.preset << "` trained from random weights (" << o.steps << " steps of " << o.batch_size
      << " conversations, lr " << o.lr << ", trained: `" << o.train_parts << "`"
@@ -175,6 +191,13 @@ std::string write_report(const ReproOptions& o, const Results& res) {
        << o.text_batch << " GridVQA conversations about grids written as text (`text.json`, lr " << num(o.text_lr, "%g")
        << ", " << num(lrep.seconds, "%.0f") << " s, final loss " << num(lrep.final_loss, "%.3f")
        << "), like LLaVA starting from a pretrained Vicuna; not counted in the training times.\n\n";
+}
+
+// Stage C: its stages, their schedules and accuracies.
+void write_curriculum(std::ostringstream& md, const Report& x) {
+  const ReproOptions& o = x.o;
+  const Results& res = x.res;
+  const auto& cur = res.curriculum;
   if (!cur.empty()) {
     md << "Stage C, shared by every model: a curriculum (projector + language model, lr " << num(o.curriculum_lr, "%g")
        << ", " << o.curriculum_batch << " conversations per step"
@@ -217,6 +240,14 @@ std::string write_report(const ReproOptions& o, const Results& res) {
         families += "- C" + std::to_string(i + 1) + " per family, after its last schedule: " + line + "\n";
     if (!families.empty()) md << families << "\n";
   }
+}
+
+// Which models trained with grounded attention.
+void write_grounding(std::ostringstream& md, const Report& x) {
+  const ReproOptions& o = x.o;
+  const Results& res = x.res;
+  const auto& runs = res.runs;
+  const auto& cur = res.curriculum;
   if (o.ground_weight > 0) {
     std::vector<std::string> grounded, not_grounded;
     for (auto& r : runs)
@@ -233,6 +264,19 @@ std::string write_report(const ReproOptions& o, const Results& res) {
                                       " (their visual tokens leave before that layer, or are not on the patch grid)")
        << ". Evaluation sees no boxes.\n\n";
   }
+}
+
+// The comparison: accuracy, paired drop, training time, throughput and KV per model.
+void write_main_table(std::ostringstream& md, const Report& x) {
+  const Results& res = x.res;
+  const auto& runs = res.runs;
+  const auto& bench = res.bench;
+  const auto& prior = res.prior;
+  const Trained& plain = runs.front();
+  const BenchResult& bp = bench.front();
+  const std::string& key_short = x.key_short;
+  const std::string& key_long = x.key_long;
+  const std::vector<Interval>& drops = x.drops;
   md << "Accuracies with 95% bootstrap intervals over the " << res.questions
      << " questions; each drop is the plain model's accuracy minus the configuration's, in points, with a paired "
         "95% bootstrap interval over the same questions (what both get right or wrong cancels). Training-free "
@@ -240,16 +284,11 @@ std::string write_report(const ReproOptions& o, const Results& res) {
   md << "| model | reducer | visual tokens | accuracy [95%] | drop, points [paired 95%] | relative drop | training time | time reduction | throughput " << key_short
      << " | ratio | throughput " << key_long << " | ratio | KV bytes ratio |\n";
   md << "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
-  std::vector<Interval> drops(runs.size());
   for (size_t i = 0; i < runs.size(); ++i) {
     const Trained& r = runs[i];
     const BenchResult& br = bench[i];
     double drop = plain.eval.overall.accuracy() > 0
                       ? 1.0 - r.eval.overall.accuracy() / plain.eval.overall.accuracy() : 0.0;
-    if (i) {
-      auto c = compare_reports(plain.eval, r.eval);
-      drops[i] = c.difference;
-    }
     auto ci = r.eval.interval();
     md << "| " << r.name << " | `" << r.reducer.spec() << "` | " << br.visual_tokens
        << (r.reducer.inserted_rows() ? " + " + std::to_string(r.reducer.inserted_rows()) : std::string("")) << " | "
@@ -275,6 +314,14 @@ std::string write_report(const ReproOptions& o, const Results& res) {
   }
   md << "\nAnswer-prior baseline (most frequent training answer per question): **"
      << pct(prior.overall.accuracy()) << "**.\n\n";
+}
+
+// Accuracy per question family.
+void write_families(std::ostringstream& md, const Report& x) {
+  const Results& res = x.res;
+  const auto& runs = res.runs;
+  const auto& prior = res.prior;
+  const Trained& plain = runs.front();
   md << "## Accuracy per question family\n\n| model |";
   for (auto& [f, s] : plain.eval.per_family) md << " " << f << " |";
   md << "\n|---|";
@@ -290,9 +337,22 @@ std::string write_report(const ReproOptions& o, const Results& res) {
   };
   for (auto& r : runs) family_row(r.name, r.eval);
   family_row("answer prior", prior);
+}
+
+// The paper's targets for the 8-register models, each a verdict on its interval or range.
+void write_verdicts(std::ostringstream& md, const Report& x) {
+  const ReproOptions& o = x.o;
+  const Results& res = x.res;
+  const auto& runs = res.runs;
+  const auto& bench = res.bench;
+  const auto& prior = res.prior;
+  const Trained& plain = runs.front();
+  const BenchResult& bp = bench.front();
+  const std::string& key_short = x.key_short;
+  const std::vector<Interval>& drops = x.drops;
+  const bool plain_at_prior = x.plain_at_prior;
   md << "\n## Paper targets (8 registers)\n\n";
   const double prior_margin = plain.eval.overall.accuracy() - prior.overall.accuracy();
-  const bool plain_at_prior = prior_margin < 0.05;
   if (plain_at_prior)
     md << "**Caution:** the plain model is " << (prior_margin < 0 ? pct(-prior_margin) + " below" : "only " + pct(prior_margin) + " above")
        << " the answer prior, so it has not "
@@ -328,6 +388,15 @@ std::string write_report(const ReproOptions& o, const Results& res) {
        << "x, " << num(thr_range.hi) << "x] — " << verdict_at_least(thr_range, 3.3) << "\n"
        << (o.summary_layers.size() > 1 ? "\n" : "");
   }
+}
+
+// The benchmark table, the training steps and the interleaved timing rounds.
+void write_training(std::ostringstream& md, const Report& x) {
+  const ReproOptions& o = x.o;
+  const Results& res = x.res;
+  const auto& runs = res.runs;
+  const auto& bench = res.bench;
+  const Trained& plain = runs.front();
   md << "\n## Benchmark (same weights, configurations alternated, medians of " << o.bench_repeats << ")\n\n```\n"
      << bench_table(bench) << "```\n\n";
   md << "## Training\n\n| model | mean step | final loss |\n|---|---|---|\n";
@@ -352,6 +421,17 @@ std::string write_report(const ReproOptions& o, const Results& res) {
       md << " |\n";
     }
   }
+}
+
+// The plots (gnuplot), and their links.
+void write_plots(std::ostringstream& md, const Report& x) {
+  const ReproOptions& o = x.o;
+  const Results& res = x.res;
+  const auto& runs = res.runs;
+  const auto& bench = res.bench;
+  const Trained& plain = runs.front();
+  const BenchResult& bp = bench.front();
+  const std::string& key_short = x.key_short;
   std::vector<Series> acc_pts, thr_pts;  // one line per k
   for (int k : o.summary_layers) {
     acc_pts.push_back({"Victor k = " + std::to_string(k), {}});
@@ -380,11 +460,18 @@ std::string write_report(const ReproOptions& o, const Results& res) {
   if (p2) md << "![throughput](throughput_vs_registers.png)\n";
   if (p3) md << "![frontier](accuracy_vs_throughput.png)\n";
   if (!p1 || !p2) md << "(gnuplot not found: plots skipped)\n";
-  const double total = res.seconds;
-  md << "\nFiles: `gridvqa/` (data), `models/` (checkpoints, metrics.jsonl), `answers-*.jsonl`, `bench.json`. "
-     << "Whole run: " << num(total / 60, "%.1f") << " min.\n";
-  std::string report = (fs::path(o.out) / "report.md").string();
-  write_file_atomic(report, md.str());
+}
+
+// summary.json: every run's figures, machine-readable.
+void write_summary(const Report& x) {
+  const ReproOptions& o = x.o;
+  const Results& res = x.res;
+  const auto& runs = res.runs;
+  const auto& bench = res.bench;
+  const auto& prior = res.prior;
+  const BenchResult& bp = bench.front();
+  const std::string& key_short = x.key_short;
+  const std::vector<Interval>& drops = x.drops;
   json summary = json::array();
   for (size_t i = 0; i < runs.size(); ++i)
     summary.push_back({{"name", runs[i].name}, {"reducer", runs[i].reducer.spec()},
@@ -401,6 +488,27 @@ std::string write_report(const ReproOptions& o, const Results& res) {
                        {"throughput_ratio_repeats", throughput_ratios(bp, bench[i], key_short)}});
   write_file_atomic((fs::path(o.out) / "summary.json").string(),
                     json({{"runs", summary}, {"answer_prior", prior.overall.accuracy()}}).dump(2) + "\n");
+}
+
+}  // namespace
+
+std::string write_report(const ReproOptions& o, const Results& res) {
+  const Report x = make_report(o, res);
+  std::ostringstream md;
+  write_setup(md, x);
+  write_curriculum(md, x);
+  write_grounding(md, x);
+  write_main_table(md, x);
+  write_families(md, x);
+  write_verdicts(md, x);
+  write_training(md, x);
+  write_plots(md, x);
+  const double total = res.seconds;
+  md << "\nFiles: `gridvqa/` (data), `models/` (checkpoints, metrics.jsonl), `answers-*.jsonl`, `bench.json`. "
+     << "Whole run: " << num(total / 60, "%.1f") << " min.\n";
+  std::string report = (fs::path(o.out) / "report.md").string();
+  write_file_atomic(report, md.str());
+  write_summary(x);
   return report;
 }
 
