@@ -74,11 +74,118 @@ PromptInput synthetic_prompt(const ModelConfig& c, int text, uint64_t seed, cons
 
 }  // namespace
 
+namespace {
+
+// The image and prompts every configuration is timed on: one random image (LLaVA-NeXT: of the
+// asked size, preprocessed as the checkpoint's processor does; 672 x 672 takes four crops and the
+// base view, 2,928 rows) and synthetic prompts of `prompt_tokens` text tokens around it.
+struct BenchInputs {
+  const ModelConfig& cfg;
+  int prompt_tokens;
+  torch::Tensor pixels;
+  std::vector<ImageLayout> layouts;  // LLaVA-NeXT: the image's AnyRes layout
+
+  BenchInputs(const ModelConfig& c, const BenchOptions& opt) : cfg(c), prompt_tokens(opt.prompt_tokens) {
+    torch::manual_seed(opt.seed);
+    const int S = c.vision.image_size;
+    pixels = torch::randn({1, 3, S, S});
+    if (!c.is_next()) return;
+    Image img;
+    img.width = opt.image_width;
+    img.height = opt.image_height;
+    img.rgb.resize(size_t(img.width) * img.height * 3);
+    auto bytes = torch::randint(0, 256, {int64_t(img.rgb.size())}, torch::kUInt8);
+    std::memcpy(img.rgb.data(), bytes.data_ptr<uint8_t>(), img.rgb.size());
+    PreparedImage prepared = prepare_image(img, c);
+    pixels = prepared.pixels;
+    layouts = {prepared.layout};
+  }
+  PromptInput prompt(uint64_t seed) const { return synthetic_prompt(cfg, prompt_tokens, seed, pixels, layouts); }
+  std::vector<PromptInput> rows(int b) const {  // the timed batches' requests (seeds 100, 101, ...)
+    std::vector<PromptInput> out;
+    for (int i = 0; i < b; ++i) out.push_back(prompt(100 + uint64_t(i)));
+    return out;
+  }
+};
+
+// One configuration's measurements over the repeats.
+struct Samples {
+  std::vector<double> vision, ttft, decode;
+  std::map<std::string, std::vector<double>> rps;
+  int64_t kv = 0, peak = 0;
+  double gflops = 0;
+};
+
+// Warm-up: one short pass per configuration at batch 1 and at the largest batch (allocator, thread
+// pool, the heap grown to the batch's buffers). Without the second, the first repeat's batched
+// figure of the first configuration measured was about half its later ones (the full repro of
+// 2026-12-03: every ratio ~2x in repeat 1, within 3% in repeats 2 and 3).
+void warm_up(const std::vector<Vlm>& models, const BenchInputs& in, const BenchOptions& opt) {
+  SamplingOptions warm{2};
+  warm.kv_dtype = opt.kv_dtype;
+  const int max_batch = opt.batches.empty() ? 1 : *std::max_element(opt.batches.begin(), opt.batches.end());
+  for (auto& m : models) {
+    generate_ids(m, {in.prompt(1)}, -1, warm);
+    if (max_batch > 1) generate_ids(m, in.rows(max_batch), -1, warm);
+  }
+}
+
+// One repeat of one configuration: the vision tower, a batch-1 request (TTFT, decode, KV) and
+// every batch x generation length's requests/s.
+void measure(const Vlm& m, const BenchInputs& in, const BenchOptions& opt, int max_gen, Samples& s) {
+  reset_peak_rss();
+  auto t0 = Clock::now();
+  m.encode_images(in.pixels);
+  s.vision.push_back(since(t0));
+  SamplingOptions so;
+  so.max_new_tokens = max_gen;
+  so.kv_dtype = opt.kv_dtype;
+  auto one = generate_ids(m, {in.prompt(2)}, -1, so);
+  s.ttft.push_back(one.stats.ttft_seconds);
+  s.decode.push_back(one.stats.decode_tokens_per_second);
+  s.kv = one.stats.kv_bytes;
+  s.gflops = one.stats.prefill_gflops;
+  for (int b : opt.batches)
+    for (int g : opt.gen_tokens) {
+      auto rows = in.rows(b);
+      SamplingOptions sg;
+      sg.max_new_tokens = g;
+      sg.kv_dtype = opt.kv_dtype;
+      auto t1 = Clock::now();
+      generate_ids(m, rows, -1, sg);
+      s.rps["b" + std::to_string(b) + "_g" + std::to_string(g)].push_back(b / since(t1));
+    }
+  s.peak = std::max(s.peak, peak_rss_bytes());
+}
+
+// Medians of a configuration's samples, with the KV formula beside the measured cache.
+BenchResult summarize(const BenchConfig& config, const ModelConfig& mc, const Samples& s, const BenchInputs& in,
+                      const BenchOptions& opt, int max_gen) {
+  BenchResult r;
+  r.name = config.name();
+  r.reducer = mc.reducer.spec();
+  const PromptInput probe = synthetic_prompt(mc, opt.prompt_tokens, 2, in.pixels, in.layouts);
+  r.visual_tokens = int(visual_rows_of(mc, probe)[0]);
+  r.inserted_tokens = mc.reducer.inserted_rows();
+  r.vision_seconds = median(s.vision);
+  r.ttft_seconds = median(s.ttft);
+  r.decode_tokens_per_second = median(s.decode);
+  for (auto& [k, v] : s.rps) r.requests_per_second[k] = median(v);
+  r.requests_per_second_runs = s.rps;
+  r.kv_bytes = s.kv;
+  r.kv_bytes_formula = kv_bytes_formula(mc, opt.prompt_tokens, visual_rows_of(mc, probe), max_gen - 1,
+                                        int64_t(c10::elementSize(opt.kv_dtype)));
+  r.peak_rss_bytes = s.peak;
+  r.prefill_gflops = s.gflops;
+  return r;
+}
+
+}  // namespace
+
 std::vector<BenchResult> run_bench(const Vlm& base, const std::vector<BenchConfig>& configs,
                                    const BenchOptions& opt) {
   if (opt.repeats < 1) throw Error("bench: --repeats must be >= 1");
   torch::NoGradGuard ng;
-  const auto& bc = base.config();
   std::vector<Vlm> models;
   for (auto& c : configs) {
     Vlm m(base);
@@ -87,102 +194,21 @@ std::vector<BenchResult> run_bench(const Vlm& base, const std::vector<BenchConfi
     m.set_reducer(c.reducer, opt.seed + 17, /*replace_registers=*/!c.keep_registers);
     models.push_back(std::move(m));
   }
-  torch::manual_seed(opt.seed);
-  const int S = bc.vision.image_size;
-  torch::Tensor pixels = torch::randn({1, 3, S, S});
-  std::vector<ImageLayout> layouts;  // LLaVA-NeXT: the image's AnyRes layout
-  if (bc.is_next()) {
-    // A random image of the asked size, preprocessed as the checkpoint's processor does (its
-    // crops depend on the size: 672 x 672 takes four crops and the base view, 2,928 rows).
-    Image img;
-    img.width = opt.image_width;
-    img.height = opt.image_height;
-    img.rgb.resize(size_t(img.width) * img.height * 3);
-    auto bytes = torch::randint(0, 256, {int64_t(img.rgb.size())}, torch::kUInt8);
-    std::memcpy(img.rgb.data(), bytes.data_ptr<uint8_t>(), img.rgb.size());
-    PreparedImage prepared = prepare_image(img, bc);
-    pixels = prepared.pixels;
-    layouts = {prepared.layout};
-  }
+  const BenchInputs in(base.config(), opt);
   const int max_gen = *std::max_element(opt.gen_tokens.begin(), opt.gen_tokens.end());
-  struct Samples {
-    std::vector<double> vision, ttft, decode;
-    std::map<std::string, std::vector<double>> rps;
-    int64_t kv = 0, peak = 0;
-    double gflops = 0;
-  };
   std::vector<Samples> samples(configs.size());
-  const int64_t total = int64_t(opt.repeats) * int64_t(configs.size());
-  Progress bar("bench", total, opt.progress && isatty(2));
+  Progress bar("bench", int64_t(opt.repeats) * int64_t(configs.size()), opt.progress && isatty(2));
   int64_t done = 0;
-  // Warm-up: one short pass per configuration at batch 1 and at the largest batch (allocator,
-  // thread pool, the heap grown to the batch's buffers). Without the second, the first repeat's
-  // batched figure of the first configuration measured was about half its later ones (the full
-  // repro of 2026-12-03: every ratio ~2x in repeat 1, within 3% in repeats 2 and 3).
-  SamplingOptions warm{2};
-  warm.kv_dtype = opt.kv_dtype;
-  auto batch_rows = [&](int b) {  // the timed batches' requests (seeds 100, 101, ...)
-    std::vector<PromptInput> rows;
-    for (int i = 0; i < b; ++i) rows.push_back(synthetic_prompt(bc, opt.prompt_tokens, 100 + i, pixels, layouts));
-    return rows;
-  };
-  const int max_batch = opt.batches.empty() ? 1 : *std::max_element(opt.batches.begin(), opt.batches.end());
-  for (auto& m : models) {
-    generate_ids(m, {synthetic_prompt(bc, opt.prompt_tokens, 1, pixels, layouts)}, -1, warm);
-    if (max_batch > 1) generate_ids(m, batch_rows(max_batch), -1, warm);
-  }
-  for (int r = 0; r < opt.repeats; ++r) {
+  warm_up(models, in, opt);
+  for (int r = 0; r < opt.repeats; ++r)
     for (size_t ci = 0; ci < configs.size(); ++ci) {  // ABAB...: configurations interleaved
-      const Vlm& m = models[ci];
-      Samples& s = samples[ci];
-      reset_peak_rss();
-      auto t0 = Clock::now();
-      m.encode_images(pixels);
-      s.vision.push_back(since(t0));
-      SamplingOptions so;
-      so.max_new_tokens = max_gen;
-      so.kv_dtype = opt.kv_dtype;
-      auto one = generate_ids(m, {synthetic_prompt(bc, opt.prompt_tokens, 2, pixels, layouts)}, -1, so);
-      s.ttft.push_back(one.stats.ttft_seconds);
-      s.decode.push_back(one.stats.decode_tokens_per_second);
-      s.kv = one.stats.kv_bytes;
-      s.gflops = one.stats.prefill_gflops;
-      for (int b : opt.batches)
-        for (int g : opt.gen_tokens) {
-          auto rows = batch_rows(b);
-          SamplingOptions sg;
-          sg.max_new_tokens = g;
-          sg.kv_dtype = opt.kv_dtype;
-          auto t1 = Clock::now();
-          generate_ids(m, rows, -1, sg);
-          s.rps["b" + std::to_string(b) + "_g" + std::to_string(g)].push_back(b / since(t1));
-        }
-      s.peak = std::max(s.peak, peak_rss_bytes());
+      measure(models[ci], in, opt, max_gen, samples[ci]);
       bar.update(++done);
     }
-  }
   bar.finish();
   std::vector<BenchResult> out;
-  for (size_t ci = 0; ci < configs.size(); ++ci) {
-    const auto& mc = models[ci].config();
-    BenchResult r;
-    r.name = configs[ci].name();
-    r.reducer = mc.reducer.spec();
-    const PromptInput probe = synthetic_prompt(mc, opt.prompt_tokens, 2, pixels, layouts);
-    r.visual_tokens = int(visual_rows_of(mc, probe)[0]);
-    r.inserted_tokens = mc.reducer.inserted_rows();
-    r.vision_seconds = median(samples[ci].vision);
-    r.ttft_seconds = median(samples[ci].ttft);
-    r.decode_tokens_per_second = median(samples[ci].decode);
-    for (auto& [k, v] : samples[ci].rps) r.requests_per_second[k] = median(v);
-    r.requests_per_second_runs = samples[ci].rps;
-    r.kv_bytes = samples[ci].kv;
-    r.kv_bytes_formula = kv_bytes_formula(mc, opt.prompt_tokens, visual_rows_of(mc, probe), max_gen - 1,
-                                          int64_t(c10::elementSize(opt.kv_dtype)));
-    r.peak_rss_bytes = samples[ci].peak;
-    r.prefill_gflops = samples[ci].gflops;
-    out.push_back(r);
-  }
+  for (size_t ci = 0; ci < configs.size(); ++ci)
+    out.push_back(summarize(configs[ci], models[ci].config(), samples[ci], in, opt, max_gen));
   return out;
 }
 
