@@ -117,60 +117,155 @@ std::string BenchServeReport::table() const {
   return o.str();
 }
 
+namespace {
+
+// `victor serve` started from this binary on a free port, its log in a temporary file; stopped
+// (SIGTERM, waited for) and its log removed when this goes.
+class ServerProcess {
+ public:
+  explicit ServerProcess(const BenchServeOptions& o) {
+    char log_template[] = "/tmp/victor-bench-serve-XXXXXX";
+    int log_fd = mkstemp(log_template);
+    if (log_fd < 0) throw Error("bench-serve: cannot create a log file in /tmp");
+    log_path_ = log_template;
+    args_ = {o.victor_binary, "serve", "--model", o.model, "--port", "0"};
+    args_.insert(args_.end(), o.serve_args.begin(), o.serve_args.end());
+    std::vector<char*> argv;
+    for (auto& a : args_) argv.push_back(const_cast<char*>(a.c_str()));
+    argv.push_back(nullptr);
+    posix_spawn_file_actions_t fa;
+    posix_spawn_file_actions_init(&fa);
+    posix_spawn_file_actions_adddup2(&fa, log_fd, 2);
+    int rc = posix_spawn(&pid_, o.victor_binary.c_str(), &fa, nullptr, argv.data(), environ);
+    posix_spawn_file_actions_destroy(&fa);
+    close(log_fd);
+    if (rc != 0) {
+      pid_ = 0;
+      std::remove(log_path_.c_str());
+      throw Error("bench-serve: cannot start " + o.victor_binary + ": " + std::strerror(rc));
+    }
+    wait_for_port();
+  }
+  ~ServerProcess() { stop(); }
+  ServerProcess(const ServerProcess&) = delete;
+  ServerProcess& operator=(const ServerProcess&) = delete;
+
+  int port() const { return port_; }
+  pid_t pid() const { return pid_; }
+  const std::vector<std::string>& args() const { return args_; }
+  void stop() {
+    if (pid_ > 0) {
+      kill(pid_, SIGTERM);
+      int st = 0;
+      waitpid(pid_, &st, 0);
+      pid_ = 0;
+    }
+    if (!log_path_.empty()) std::remove(log_path_.c_str());
+    log_path_.clear();
+  }
+
+ private:
+  // The port the server's log announces ("on http://HOST:PORT"), within 120 s; a server that
+  // exits first is an error with the end of its log.
+  void wait_for_port() {
+    for (int i = 0; i < 1200 && port_ == 0; ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      const std::string log = read_file(log_path_, FileKind::Log);
+      const size_t at = log.find("on http://");
+      if (at != std::string::npos) {
+        const size_t colon = log.find(':', at + 10);
+        port_ = std::atoi(log.c_str() + colon + 1);
+      }
+      int st = 0;
+      if (waitpid(pid_, &st, WNOHANG) == pid_) {
+        pid_ = 0;
+        const std::string tail = log.substr(log.size() > 400 ? log.size() - 400 : 0);
+        stop();
+        throw Error("bench-serve: the server exited: " + tail);
+      }
+    }
+    if (port_ == 0) {
+      stop();
+      throw Error("bench-serve: the server did not start within 120 s");
+    }
+  }
+  pid_t pid_ = 0;
+  int port_ = 0;
+  std::string log_path_;
+  std::vector<std::string> args_;
+};
+
+// One streamed request's outcome: an empty status when it completed.
+struct Outcome {
+  std::string status;
+  double ttft = -1, latency = 0;
+  int64_t completion_tokens = 0, kv_bytes = 0, kv_bytes_plain = 0;
+};
+
+// Sends one chat request (an image and a question, streamed, `max_tokens` tokens without EOS) and
+// reads its stream: the first text chunk's time, the usage and victor's figures, or what failed.
+Outcome one_request(httplib::Client& cli, const std::string& png, const std::string& question, int max_tokens) {
+  json body = {{"messages",
+                json::array({{{"role", "user"},
+                              {"content",
+                               json::array({{{"type", "image_url"},
+                                             {"image_url", {{"url", "data:image/png;base64," + base64_encode(png)}}}},
+                                            {{"type", "text"}, {"text", question}}})}}})},
+               {"max_tokens", max_tokens},
+               {"temperature", 0},
+               {"ignore_eos", true},
+               {"stream", true},
+               {"stream_options", {{"include_usage", true}}}};
+  httplib::Request req;
+  req.method = "POST";
+  req.path = "/v1/chat/completions";
+  req.body = body.dump();
+  req.set_header("Content-Type", "application/json");
+  std::string got;
+  Outcome out;
+  const auto ts = Clock::now();
+  req.content_receiver = [&](const char* d, size_t n, uint64_t, uint64_t) {
+    got.append(d, n);
+    // The first chunk with text (the first one only names the role).
+    if (out.ttft < 0 && got.find("\"delta\":{\"content\":\"", got.find("\"role\":\"assistant\"") + 1) != std::string::npos)
+      out.ttft = std::chrono::duration<double>(Clock::now() - ts).count();
+    return true;
+  };
+  auto res = cli.send(req);
+  out.latency = std::chrono::duration<double>(Clock::now() - ts).count();
+  out.status = !res ? "connection: " + httplib::to_string(res.error()) + " (after " + std::to_string(int(out.latency)) +
+                          " s, " + std::to_string(got.size()) + " bytes)"
+               : res->status != 200 ? std::to_string(res->status)
+                                    : "";
+  if (!out.status.empty()) return out;
+  json usage, fig;
+  if (got.find("data: [DONE]") == std::string::npos) out.status = "incomplete stream";
+  for (size_t p = got.find("data: {"); p != std::string::npos; p = got.find("data: {", p + 1)) {
+    auto e = json::parse(got.substr(p + 6, got.find("\n\n", p) - p - 6), nullptr, false);
+    if (e.is_discarded()) continue;
+    if (e.contains("usage")) usage = e["usage"];
+    if (e.contains("victor")) fig = e["victor"];
+    if (e.contains("error")) out.status = "error event";
+  }
+  if (usage.is_null() && out.status.empty()) out.status = "no usage";
+  if (!out.status.empty()) return out;
+  out.completion_tokens = usage["completion_tokens"].get<int64_t>();
+  out.kv_bytes = fig.value("kv_bytes", int64_t(0));
+  out.kv_bytes_plain = fig.value("kv_bytes_plain", int64_t(0));
+  return out;
+}
+
+}  // namespace
+
 BenchServeReport bench_serve(const BenchServeOptions& o) {
   if (o.clients < 1 || o.requests < 1) throw Error("bench-serve: --clients and --requests must be >= 1");
   auto workload = make_workload(o.images, o.seed);
-  // The server: this binary's `serve` on a free port, its log in a temporary file.
-  char log_template[] = "/tmp/victor-bench-serve-XXXXXX";
-  int log_fd = mkstemp(log_template);
-  if (log_fd < 0) throw Error("bench-serve: cannot create a log file in /tmp");
-  const std::string log_path = log_template;
-  std::vector<std::string> args = {o.victor_binary, "serve", "--model", o.model, "--port", "0"};
-  args.insert(args.end(), o.serve_args.begin(), o.serve_args.end());
-  std::vector<char*> argv;
-  for (auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
-  argv.push_back(nullptr);
-  posix_spawn_file_actions_t fa;
-  posix_spawn_file_actions_init(&fa);
-  posix_spawn_file_actions_adddup2(&fa, log_fd, 2);
-  pid_t pid = 0;
-  int rc = posix_spawn(&pid, o.victor_binary.c_str(), &fa, nullptr, argv.data(), environ);
-  posix_spawn_file_actions_destroy(&fa);
-  close(log_fd);
-  if (rc != 0) throw Error("bench-serve: cannot start " + o.victor_binary + ": " + std::strerror(rc));
-  auto stop_server = [&] {
-    if (pid > 0) {
-      kill(pid, SIGTERM);
-      int st = 0;
-      waitpid(pid, &st, 0);
-      pid = 0;
-    }
-    std::remove(log_path.c_str());
-  };
-  int port = 0;
-  for (int i = 0; i < 1200 && port == 0; ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(100));
-    const std::string log = read_file(log_path, FileKind::Log);
-    const size_t at = log.find("on http://");
-    if (at != std::string::npos) {
-      const size_t colon = log.find(':', at + 10);
-      port = std::atoi(log.c_str() + colon + 1);
-    }
-    int st = 0;
-    if (waitpid(pid, &st, WNOHANG) == pid) {
-      pid = 0;
-      std::string tail = log.substr(log.size() > 400 ? log.size() - 400 : 0);
-      std::remove(log_path.c_str());
-      throw Error("bench-serve: the server exited: " + tail);
-    }
-  }
-  if (port == 0) {
-    stop_server();
-    throw Error("bench-serve: the server did not start within 120 s");
-  }
+  ServerProcess server(o);
+  const int port = server.port();
+  const pid_t pid = server.pid();
 
   BenchServeReport rep;
-  rep.serve_args = args;
+  rep.serve_args = server.args();
   rep.clients = o.clients;
   rep.requests = o.requests;
   rep.max_tokens = o.max_tokens;
@@ -192,69 +287,27 @@ BenchServeReport bench_serve(const BenchServeOptions& o) {
   const auto t0 = Clock::now();
   std::vector<std::thread> clients;
   for (int c = 0; c < o.clients; ++c) {
-    clients.emplace_back([&, c] {
+    clients.emplace_back([&] {
       httplib::Client cli("127.0.0.1", port);
       cli.set_read_timeout(3600);
       cli.set_connection_timeout(60);
       cli.set_keep_alive(true);
       for (int i = next++; i < o.requests; i = next++) {
         const auto& [png, question] = workload[size_t(i) % workload.size()];
-        json body = {{"messages",
-                      json::array({{{"role", "user"},
-                                    {"content",
-                                     json::array({{{"type", "image_url"},
-                                                   {"image_url", {{"url", "data:image/png;base64," + base64_encode(png)}}}},
-                                                  {{"type", "text"}, {"text", question}}})}}})},
-                     {"max_tokens", o.max_tokens},
-                     {"temperature", 0},
-                     {"ignore_eos", true},
-                     {"stream", true},
-                     {"stream_options", {{"include_usage", true}}}};
-        httplib::Request req;
-        req.method = "POST";
-        req.path = "/v1/chat/completions";
-        req.body = body.dump();
-        req.set_header("Content-Type", "application/json");
-        std::string got;
-        double ttft = -1;
-        const auto ts = Clock::now();
-        req.content_receiver = [&](const char* d, size_t n, uint64_t, uint64_t) {
-          got.append(d, n);
-          // The first chunk with text (the first one only names the role).
-          if (ttft < 0 && got.find("\"delta\":{\"content\":\"", got.find("\"role\":\"assistant\"") + 1) != std::string::npos)
-            ttft = std::chrono::duration<double>(Clock::now() - ts).count();
-          return true;
-        };
-        auto res = cli.send(req);
-        const double latency = std::chrono::duration<double>(Clock::now() - ts).count();
-        std::string status = !res ? "connection: " + httplib::to_string(res.error()) + " (after " + std::to_string(int(latency)) + " s, " + std::to_string(got.size()) + " bytes)"
-                                  : res->status != 200 ? std::to_string(res->status) : "";
-        json usage, fig;
-        if (status.empty()) {
-          if (got.find("data: [DONE]") == std::string::npos) status = "incomplete stream";
-          for (size_t p = got.find("data: {"); p != std::string::npos; p = got.find("data: {", p + 1)) {
-            auto e = json::parse(got.substr(p + 6, got.find("\n\n", p) - p - 6), nullptr, false);
-            if (e.is_discarded()) continue;
-            if (e.contains("usage")) usage = e["usage"];
-            if (e.contains("victor")) fig = e["victor"];
-            if (e.contains("error")) status = "error event";
-          }
-          if (usage.is_null() && status.empty()) status = "no usage";
-        }
+        const Outcome r = one_request(cli, png, question, o.max_tokens);
         std::lock_guard<std::mutex> lk(mu);
-        if (!status.empty()) {
+        if (!r.status.empty()) {
           ++rep.errors;
-          ++rep.errors_by_status[status];
+          ++rep.errors_by_status[r.status];
         } else {
-          tokens += usage["completion_tokens"].get<int64_t>();
-          ttfts.push_back(ttft >= 0 ? ttft : latency);
-          latencies.push_back(latency);
-          kv.push_back(fig.value("kv_bytes", int64_t(0)));
-          kv_plain.push_back(fig.value("kv_bytes_plain", int64_t(0)));
+          tokens += r.completion_tokens;
+          ttfts.push_back(r.ttft >= 0 ? r.ttft : r.latency);
+          latencies.push_back(r.latency);
+          kv.push_back(r.kv_bytes);
+          kv_plain.push_back(r.kv_bytes_plain);
         }
         bar.update(++finished, "errors " + std::to_string(rep.errors));
       }
-      (void)c;
     });
   }
   for (auto& t : clients) t.join();
@@ -273,7 +326,7 @@ BenchServeReport bench_serve(const BenchServeOptions& o) {
       rep.image_cache_hits = std::atoll(metric_value(m->body, "victor_image_cache_hits_total").c_str());
     }
   }
-  stop_server();
+  server.stop();
   rep.completion_tokens = tokens;
   const int ok = rep.requests - rep.errors;
   rep.requests_per_second = ok / rep.wall_seconds;
