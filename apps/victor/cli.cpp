@@ -172,17 +172,11 @@ void add_cap_options(CLI::App* c, ImageCap& cap) {
       ->check(CLI::Range(0, 1 << 20));
 }
 
-void apply_cap(Vlm& model, const ImageCap& cap) {
-  if (cap.max_crops == 0 && cap.max_image_tokens == 0) return;
-  if (!model.config().is_next())
-    throw Error("--max-crops / --max-image-tokens: this model is LLaVA-1.5 (one view per image); the cap applies to "
-                "LLaVA-NeXT's AnyRes crops");
-  auto& p = model.mutable_config().preprocess;
-  p.max_crops = cap.max_crops;
-  p.max_image_tokens = cap.max_image_tokens;
-  model.config().validate();
-}
-// would be ignored, so it is refused. Workers it starts run without --nproc.
+void apply_cap(Vlm& model, const ImageCap& cap) { model.set_image_cap(cap.max_crops, cap.max_image_tokens); }
+
+// `--nproc N` under a launcher that already set RANK and WORLD_SIZE (torchrun, Slurm, an outer
+// --nproc): the ranks it would start would be ignored, so it is refused. Workers it starts run
+// without --nproc.
 static void refuse_nproc_under_launcher(int nproc) {
   if (nproc <= 1) return;
   for (const char* v : {"RANK", "WORLD_SIZE"})

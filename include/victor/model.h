@@ -172,6 +172,9 @@ class Vlm {
   // new reducer has as many; a different count is refused unless `replace_registers`; a reducer
   // without registers drops them; registers the model lacks start random (std 0.02, `seed`).
   void set_reducer(const Reducer& r, uint64_t seed = 0, bool replace_registers = false);
+  // LLaVA-NeXT's cap on an image's bill (--max-crops, --max-image-tokens; 0 = no cap), validated;
+  // refused on a LLaVA-1.5 model (one view per image: nothing to cap).
+  void set_image_cap(int max_crops, int max_image_tokens);
   // Registers from the mean of the projected visual tokens of `pixels` [n,3,S,S] plus noise.
   void init_registers_mean(const torch::Tensor& pixels, uint64_t seed);
   void set_trainable(const std::vector<Part>& parts);

@@ -439,6 +439,18 @@ void Vlm::save(const std::string& dir, size_t max_shard_bytes) const {
   write.commit();
 }
 
+void Vlm::set_image_cap(int max_crops, int max_image_tokens) {
+  if (max_crops == 0 && max_image_tokens == 0) return;
+  if (!config_.is_next())
+    throw Error("--max-crops / --max-image-tokens: this model is LLaVA-1.5 (one view per image); the cap applies to "
+                "LLaVA-NeXT's AnyRes crops");
+  ModelConfig c = config_;
+  c.preprocess.max_crops = max_crops;
+  c.preprocess.max_image_tokens = max_image_tokens;
+  c.validate();
+  config_ = c;
+}
+
 void Vlm::set_reducer(const Reducer& r, uint64_t seed, bool replace_registers) {
   ModelConfig c = config_;
   c.reducer = r;
