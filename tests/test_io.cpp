@@ -1,4 +1,5 @@
 // Checkpoint I/O, config, images, tokenizer, npy.
+#include <signal.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -760,6 +761,45 @@ TEST(Files, AModelWriteMarksTheFolderFromItsFirstReplacedFileUntilCommit) {
   EXPECT_TRUE(fs::exists(marker));
   EXPECT_NE(error_of([&] { Vlm::load(dir); }).find("incomplete"), std::string::npos);
   EXPECT_NE(error_of([&] { Tokenizer t(dir); }).find("incomplete"), std::string::npos);
+}
+
+namespace {
+volatile sig_atomic_t g_terms_seen = 0;
+void count_term(int) { g_terms_seen = g_terms_seen + 1; }
+}  // namespace
+
+// The launcher stops the other ranks with SIGTERM when one fails: a rank inside its checkpoint
+// must finish it first (CI once found the last checkpoint marked incomplete that way).
+TEST(Files, AStopSignalWaitsForAnOpenModelWriteAndThenActs) {
+  auto dir = temp_dir("mfw_signal");
+  struct sigaction counting {}, old {};
+  counting.sa_handler = count_term;
+  sigemptyset(&counting.sa_mask);
+  ASSERT_EQ(sigaction(SIGTERM, &counting, &old), 0);
+  g_terms_seen = 0;
+  {
+    ModelFolderWrite w(dir);
+    write_file_atomic(dir + "/config.json", "{}");
+    raise(SIGTERM);
+    {
+      ModelFolderWrite inner(dir);  // nested: the outer write still holds the signal
+      inner.commit();
+    }
+    raise(SIGTERM);
+    EXPECT_EQ(g_terms_seen, 0);
+    w.commit();
+    EXPECT_EQ(g_terms_seen, 1);  // once, to the handler that was there before
+  }
+  {
+    ModelFolderWrite w(dir);
+    write_file_atomic(dir + "/config.json", "{}");
+    raise(SIGTERM);
+    EXPECT_EQ(g_terms_seen, 1);
+  }  // destroyed without commit (an exception): the signal acts all the same
+  EXPECT_EQ(g_terms_seen, 2);
+  raise(SIGTERM);  // no write open: at once
+  EXPECT_EQ(g_terms_seen, 3);
+  sigaction(SIGTERM, &old, nullptr);
 }
 
 TEST(Files, OutputsNeverLandOnInputsOrInsideAModelFolder) {

@@ -51,7 +51,9 @@ void refuse_existing_model(const std::string& dir, bool overwrite, const std::st
 // until commit(), and loading a marked folder is refused. A kill at any instant leaves the old
 // model, the new one, or a folder that says it is incomplete: never a mix that loads. A write
 // that fails before replacing anything leaves no marker. Nested writes of the same folder
-// (Vlm::save inside a training checkpoint) share the outer one's.
+// (Vlm::save inside a training checkpoint) share the outer one's. While a write is open, SIGINT,
+// SIGTERM and SIGHUP wait for it to end (commit or destruction) and then act as they would have:
+// a stopped run keeps its last checkpoint whole (only SIGKILL can still cut a write).
 class ModelFolderWrite {
  public:
   explicit ModelFolderWrite(const std::string& dir);

@@ -269,11 +269,42 @@ void note_folder_change(const std::string& dir) {
   if (it != g_open_writes.end()) mark_locked(key, it->second);
 }
 
+namespace {
+// Stop signals (Ctrl-C, the launcher's SIGTERM when another rank failed, a closed terminal)
+// wait while a model write is open: the write ends whole, then the signal acts as it would have.
+// A handler, not a signal mask: LibTorch's pool threads would take a masked signal's default.
+constexpr int kStopSignals[] = {SIGINT, SIGTERM, SIGHUP};
+std::mutex g_defer_mutex;
+int g_defer_depth = 0;
+struct sigaction g_old_actions[3];
+volatile sig_atomic_t g_deferred_signal = 0;
+void on_deferred_signal(int sig) { g_deferred_signal = sig; }
+
+void defer_stop_signals() {
+  std::lock_guard<std::mutex> lock(g_defer_mutex);
+  if (g_defer_depth++ > 0) return;
+  struct sigaction sa {};
+  sa.sa_handler = on_deferred_signal;
+  sigemptyset(&sa.sa_mask);
+  for (int i = 0; i < 3; ++i) sigaction(kStopSignals[i], &sa, &g_old_actions[i]);
+}
+
+void release_stop_signals() {
+  std::lock_guard<std::mutex> lock(g_defer_mutex);
+  if (--g_defer_depth > 0) return;
+  for (int i = 0; i < 3; ++i) sigaction(kStopSignals[i], &g_old_actions[i], nullptr);
+  const int sig = g_deferred_signal;
+  g_deferred_signal = 0;
+  if (sig) raise(sig);  // to the handler that was there before (by default: the process ends)
+}
+}  // namespace
+
 ModelFolderWrite::ModelFolderWrite(const std::string& dir) : dir_(folder_key(dir)) {
   std::lock_guard<std::mutex> lock(g_open_mutex);
   if (g_open_writes.count(dir_)) return;  // an outer write of the same folder owns the marker
   g_open_writes.emplace(dir_, false);
   owner_ = true;
+  defer_stop_signals();
 }
 
 void ModelFolderWrite::commit() {
@@ -287,12 +318,16 @@ void ModelFolderWrite::commit() {
   }
   g_open_writes.erase(dir_);
   committed_ = true;
+  release_stop_signals();
 }
 
 ModelFolderWrite::~ModelFolderWrite() {
   if (!owner_ || committed_) return;
-  std::lock_guard<std::mutex> lock(g_open_mutex);
-  g_open_writes.erase(dir_);  // the marker, if down, stays: some files were replaced
+  {
+    std::lock_guard<std::mutex> lock(g_open_mutex);
+    g_open_writes.erase(dir_);  // the marker, if down, stays: some files were replaced
+  }
+  release_stop_signals();
 }
 
 void check_model_folder_complete(const std::string& dir) {
