@@ -163,6 +163,186 @@ void int8_q8(const uint8_t* xq, const float* xs, int64_t M, int64_t K, const int
         tile_rows<1, kQ8Inputs>(rows_left(M, m0), xq + m0 * Kp, xs + m0 * ns, K, Kp, w, scale, o, y + m0 * ldy, ldy, b0, b1);
   }
 }
+
+// --- int4 weights (isa_kernels.h's layout) against 32-block int8 activations (quantize_q8_32) ---
+// The stored nibbles (0..15) are exactly VPDPBUSD's unsigned operand and the activations its
+// signed one. One 64-byte vector holds a pair of groups of two weight rows a and b (32 bytes each);
+// its low nibbles meet the pair's activations [g0 0..15][g1 0..15] (the same 32 bytes in both
+// halves), its high nibbles [g0 16..31][g1 16..31]. Two VPDPBUSD leave row a's group 2p in lanes
+// 0-3 and 2p+1 in 4-7, row b's in 8-11 and 12-15, exact integers; one convert and one FMA by the
+// lanes' weight scale times activation scale. Per 128 weights and activation row: 2 VPDPBUSD, a
+// convert and an FMA, where AVX2 spends 2 VPMADDUBSW, an add, a VPMADDWD, a convert and an FMA per
+// 64. The nibbles' +8 offset comes off at the end: sum_g scale[o,g] * xc[m,g]. Each row's lanes
+// and its final sum are computed alike in either half: a row's result does not depend on its
+// partner, so the file layout and the 4-row tiles give the same bits.
+constexpr int kI4Inputs = 4;  // activation rows per tile (2 x 4 accumulators, 2 x 4 activation vectors)
+constexpr int64_t kI4Ahead = 1024;  // bytes of each weight stream prefetched ahead
+
+inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
+
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// sum_g half(s[g]) * c[g] over G groups.
+inline float scale_dot(const uint16_t* s, const float* c, int64_t G) {
+  __m512 a = _mm512_setzero_ps();
+  int64_t g = 0;
+  for (; g + 16 <= G; g += 16)
+    a = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + g))),
+                        _mm512_loadu_ps(c + g), a);
+  float r = _mm512_reduce_add_ps(a);
+  for (; g < G; ++g) r += half_to_float(s[g]) * c[g];
+  return r;
+}
+
+inline __m512i join(const uint8_t* a, const uint8_t* b) {
+  return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a))),
+                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)), 1);
+}
+
+inline __m512i broadcast32(const int8_t* p) {
+  return _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+inline __m256i nibbles_in_order(const uint8_t* p) {  // one group's 32 values
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i low = _mm_set1_epi8(0x0f);
+  return _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_and_si128(b, low)),
+                                 _mm_and_si128(_mm_srli_epi16(b, 4), low), 1);
+}
+
+// Weight rows o .. o + n - 1 (n <= 2 RP) in RP pairs, times MX activation rows. `Joined`: each
+// pair's bytes lie side by side (the 4-row tiles, the pair starting at an even row): one load.
+// A pair with one row (n odd) pairs the row with itself and writes it once.
+template <int RP, int MX, bool Joined>
+void tile_int4(const int8_t* xq, const float* xd, const float* xc, int64_t Kp, int64_t G, const uint8_t* w,
+               int64_t K, int64_t il, const uint16_t* scale, int64_t o, int64_t n, float* y, int64_t ldy) {
+  const int64_t ps = il == 1 ? kInt4GroupK : 4 * kInt4GroupK;  // bytes from a row's pair of groups to its next
+  const uint8_t *pa[RP], *pb[RP];
+  const uint16_t *sa[RP], *sb[RP];
+  int64_t ra[RP], rb[RP];
+  for (int i = 0; i < RP; ++i) {
+    ra[i] = o + 2 * i;
+    rb[i] = 2 * i + 1 < n ? ra[i] + 1 : ra[i];
+    pa[i] = int4_group(w, K, il, ra[i], 0);
+    pb[i] = int4_group(w, K, il, rb[i], 0);
+    sa[i] = scale + ra[i] * G;
+    sb[i] = scale + rb[i] * G;
+  }
+  __m512 acc[RP][MX];
+  for (int i = 0; i < RP; ++i)
+    for (int m = 0; m < MX; ++m) acc[i][m] = _mm512_setzero_ps();
+  const __m512i low = _mm512_set1_epi8(0x0f);
+  auto pair = [&](int64_t pp, const __m512* sd) {
+    __m512i xa[MX], xb[MX];
+    for (int m = 0; m < MX; ++m) {
+      xa[m] = broadcast32(xq + m * Kp + pp * 64);
+      xb[m] = broadcast32(xq + m * Kp + pp * 64 + 32);
+    }
+    for (int i = 0; i < RP; ++i) {
+      const uint8_t* a = pa[i] + pp * ps;
+      _mm_prefetch(reinterpret_cast<const char*>(a) + kI4Ahead, _MM_HINT_T0);
+      if (!Joined) _mm_prefetch(reinterpret_cast<const char*>(pb[i] + pp * ps) + kI4Ahead, _MM_HINT_T0);
+      const __m512i b = Joined ? _mm512_loadu_si512(a) : join(a, pb[i] + pp * ps);
+      const __m512i lo = _mm512_and_si512(b, low), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), low);
+      for (int m = 0; m < MX; ++m) {
+        const __m512i p = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xa[m]), hi, xb[m]);
+        acc[i][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), sd[i * MX + m], acc[i][m]);
+      }
+    }
+  };
+  const int64_t pairs = G / 2, blocks = pairs / 4;
+  for (int64_t bk = 0; bk < blocks; ++bk) {  // 8 groups: their scale products once
+    const int64_t g8 = bk * 8;
+    __m512 s16[RP * MX];
+    for (int i = 0; i < RP; ++i) {
+      const __m512 ws = _mm512_cvtph_ps(
+          _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sa[i] + g8))),
+                                  _mm_loadu_si128(reinterpret_cast<const __m128i*>(sb[i] + g8)), 1));
+      for (int m = 0; m < MX; ++m)
+        s16[i * MX + m] =
+            _mm512_mul_ps(ws, _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_castps_pd(_mm256_loadu_ps(xd + m * G + g8)))));
+    }
+    for (int k = 0; k < 4; ++k) {
+      const __m512i idx = _mm512_setr_epi32(2 * k, 2 * k, 2 * k, 2 * k, 2 * k + 1, 2 * k + 1, 2 * k + 1, 2 * k + 1,
+                                            8 + 2 * k, 8 + 2 * k, 8 + 2 * k, 8 + 2 * k, 9 + 2 * k, 9 + 2 * k, 9 + 2 * k,
+                                            9 + 2 * k);
+      __m512 sd[RP * MX];
+      for (int j = 0; j < RP * MX; ++j) sd[j] = _mm512_permutexvar_ps(idx, s16[j]);
+      pair(bk * 4 + k, sd);
+    }
+  }
+  for (int64_t pp = blocks * 4; pp < pairs; ++pp) {  // the last pairs, scales from scalars
+    __m512 sd[RP * MX];
+    for (int i = 0; i < RP; ++i)
+      for (int m = 0; m < MX; ++m) {
+        const float x0 = xd[m * G + 2 * pp], x1 = xd[m * G + 2 * pp + 1];
+        const float a0 = half_to_float(sa[i][2 * pp]) * x0, a1 = half_to_float(sa[i][2 * pp + 1]) * x1;
+        const float b0 = half_to_float(sb[i][2 * pp]) * x0, b1 = half_to_float(sb[i][2 * pp + 1]) * x1;
+        sd[i * MX + m] = _mm512_setr_ps(a0, a0, a0, a0, a1, a1, a1, a1, b0, b0, b0, b0, b1, b1, b1, b1);
+      }
+    pair(pp, sd);
+  }
+  if (G % 2) {  // an odd last group (the file layout only), its activations in order
+    const int64_t g = G - 1;
+    for (int i = 0; i < RP; ++i) {
+      const __m512i nv = _mm512_inserti64x4(_mm512_castsi256_si512(nibbles_in_order(int4_group(w, K, il, ra[i], g))),
+                                            nibbles_in_order(int4_group(w, K, il, rb[i], g)), 1);
+      for (int m = 0; m < MX; ++m) {
+        const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), nv, broadcast32(xq + m * Kp + g * kInt4GroupK));
+        const float x0 = xd[m * G + g];
+        const __m512 sd = _mm512_castps256_ps512(_mm256_set1_ps(half_to_float(sa[i][g]) * x0));
+        acc[i][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p),
+                                    _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(sd), _mm256_castps_pd(_mm256_set1_ps(half_to_float(sb[i][g]) * x0)), 1)), acc[i][m]);
+      }
+    }
+  }
+  for (int i = 0; i < RP; ++i)
+    for (int m = 0; m < MX; ++m) {
+      y[m * ldy + ra[i]] = hsum8(_mm512_castps512_ps256(acc[i][m])) - scale_dot(sa[i], xc + m * G, G);
+      if (rb[i] != ra[i])
+        y[m * ldy + rb[i]] = hsum8(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[i][m]), 1))) - scale_dot(sb[i], xc + m * G, G);
+    }
+}
+
+template <int RP, int MX>
+void tile_int4_rows(const int8_t* xq, const float* xd, const float* xc, int64_t Kp, int64_t G, const uint8_t* w,
+                    int64_t K, int64_t il, const uint16_t* scale, int64_t o, int64_t n, float* y, int64_t ldy) {
+  if (il == 4 && o % 2 == 0 && n % 2 == 0) tile_int4<RP, MX, true>(xq, xd, xc, Kp, G, w, K, il, scale, o, n, y, ldy);
+  else tile_int4<RP, MX, false>(xq, xd, xc, Kp, G, w, K, il, scale, o, n, y, ldy);
+}
+
+template <int RP>
+void tile_int4_inputs(int mx, const int8_t* xq, const float* xd, const float* xc, int64_t Kp, int64_t G,
+                      const uint8_t* w, int64_t K, int64_t il, const uint16_t* scale, int64_t o, int64_t n, float* y,
+                      int64_t ldy) {
+  switch (mx) {
+    case 1: tile_int4_rows<RP, 1>(xq, xd, xc, Kp, G, w, K, il, scale, o, n, y, ldy); break;
+    case 2: tile_int4_rows<RP, 2>(xq, xd, xc, Kp, G, w, K, il, scale, o, n, y, ldy); break;
+    case 3: tile_int4_rows<RP, 3>(xq, xd, xc, Kp, G, w, K, il, scale, o, n, y, ldy); break;
+    default: tile_int4_rows<RP, 4>(xq, xd, xc, Kp, G, w, K, il, scale, o, n, y, ldy); break;
+  }
+}
+
+void int4(const int8_t* xq, const float* xd, const float* xc, int64_t M, int64_t K, const uint8_t* w, int64_t il,
+          const uint16_t* scale, int64_t o0, int64_t o1, float* y, int64_t ldy) {
+  const int64_t G = int4_groups(K), Kp = int4_padded(K);
+  for (int64_t o = o0; o < o1; o += 4) {
+    const int64_t n = o1 - o < 4 ? o1 - o : 4;
+    for (int64_t m0 = 0; m0 < M; m0 += kI4Inputs) {
+      const int mx = M - m0 < kI4Inputs ? int(M - m0) : kI4Inputs;
+      const int8_t* xm = xq + m0 * Kp;
+      const float *dm = xd + m0 * G, *cm = xc + m0 * G;
+      float* ym = y + m0 * ldy;
+      if (n > 2) tile_int4_inputs<2>(mx, xm, dm, cm, Kp, G, w, K, il, scale, o, n, ym, ldy);
+      else tile_int4_inputs<1>(mx, xm, dm, cm, Kp, G, w, K, il, scale, o, n, ym, ldy);
+    }
+  }
+}
 }  // namespace
 
 const KernelSet& avx512vnni_kernels() {
@@ -170,6 +350,7 @@ const KernelSet& avx512vnni_kernels() {
     KernelSet s = avx512_kernels();
     s.quantize_q8 = quantize;
     s.matmul_int8_q8 = int8_q8;
+    s.matmul_int4 = int4;
     return s;
   }();
   return set;
