@@ -198,6 +198,12 @@ TEST(Kernels, Int4LongProductsWidenTheStoredValuesExactly) {
     EXPECT_TRUE(torch::equal(matmul_weight(x64, tiled, q44.scale), at::mm(x64, dequantize_int4(q44.q, q44.scale, 64).t())));
     force_bf16_gemm_off(false);
     EXPECT_LT(max_rel_err(matmul_weight(x, qm.q, qm.scale), reference(x, deq)), 2e-2);
+    if (bf16_gemm_available()) {  // widened to exactly the bf16 of dequantize_int4's values
+      const auto deq16 = dequantize_int4(qm.q, qm.scale, 70, torch::kBFloat16);
+      EXPECT_TRUE(torch::equal(matmul_weight(x, qm.q, qm.scale), matmul_weight(x, deq16, torch::Tensor())));
+      EXPECT_TRUE(torch::equal(matmul_weight(x64, tiled, q44.scale),
+                               matmul_weight(x64, dequantize_int4(q44.q, q44.scale, 64, torch::kBFloat16), torch::Tensor())));
+    }
   }
 }
 

@@ -154,6 +154,27 @@ void dequant(const int8_t* w, const float* scale, int64_t K, int64_t o0, int64_t
   }
 }
 
+// Rows [o0,o1) of an int4 W as bf16 bits, each group's 32 values widened, scaled (exact in float:
+// a 4-bit value times a float16) and rounded as LibTorch rounds float32 to bfloat16.
+void dequant_int4(const uint8_t* w, int64_t il, const uint16_t* scale, int64_t K, int64_t o0, int64_t o1,
+                  uint16_t* out) {
+  const int64_t G = int4_groups(K);
+  const __m128i low = _mm_set1_epi8(0x0f);
+  const __m512i eight = _mm512_set1_epi32(8);
+  for (int64_t o = o0; o < o1; ++o)
+    for (int64_t g = 0; g < G; ++g) {
+      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(int4_group(w, K, il, o, g)));
+      const __m512 s = _mm512_set1_ps(_cvtsh_ss(scale[o * G + g]));
+      const __m128i halves[2] = {_mm_and_si128(b, low), _mm_and_si128(_mm_srli_epi16(b, 4), low)};
+      for (int h = 0; h < 2; ++h) {
+        const int64_t k = g * kInt4GroupK + 16 * h;
+        if (k >= K) break;
+        const __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(halves[h]), eight));
+        _mm256_mask_storeu_epi16(out + o * K + k, lanes_mask(int(K - k)), to_bf16(_mm512_mul_ps(v, s)));
+      }
+    }
+}
+
 void attend_regs_f32(const float* q, int64_t G, int64_t hd, const float* k, const float* v, int64_t S,
                      const uint8_t* allowed, float scale, float* scratch, float* out) {
   attend_regs<Avx512, F32Load>(q, G, hd, k, v, S, allowed, scale, scratch, out);
@@ -175,6 +196,7 @@ const KernelSet& avx512_kernels() {
     s.quantize_q8_32 = avx2_kernels().quantize_q8_32;
     s.matmul_int4 = avx2_kernels().matmul_int4;
     s.dequant_int4_f32 = avx2_kernels().dequant_int4_f32;
+    s.dequant_int4_bf16 = dequant_int4;
     return s;
   }();
   return set;

@@ -63,6 +63,10 @@ struct KernelSet {
   // Rows [o0,o1) of an int4 W as float32: out[(o - o0)*K + k] = (n - 8) * scale[o, k / 32].
   void (*dequant_int4_f32)(const uint8_t* w, int64_t il, const uint16_t* scale, int64_t K, int64_t o0, int64_t o1,
                            float* out) = nullptr;
+  // Rows [o0,o1) of an int4 W as bf16 bits (the AVX-512 sets; null elsewhere): out[o*K + k] =
+  // bf16((n - 8) * scale[o, k / 32]), rounded to nearest even.
+  void (*dequant_int4_bf16)(const uint8_t* w, int64_t il, const uint16_t* scale, int64_t K, int64_t o0, int64_t o1,
+                            uint16_t* out) = nullptr;
 };
 
 // int4 layout (kernels::kInt4Group in victor/kernels.h): groups of 32 values along K, each stored

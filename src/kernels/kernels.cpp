@@ -277,6 +277,20 @@ torch::Tensor int4_to_f32(const torch::Tensor& q, const torch::Tensor& scale, in
   return out;
 }
 
+// An int4 W [O, K] as bf16, rows on the kernels' threads: in one pass where the kernels have one
+// (BM_MatmulWeight int4 at 64 rows: 5.4 ms through float32, 2.8 ms this way, as int8 does).
+torch::Tensor int4_to_bf16(const torch::Tensor& q, const torch::Tensor& scale, int64_t K) {
+  const auto& ks = active_set();
+  if (!ks.dequant_int4_bf16) return int4_to_f32(q, scale, K).to(torch::kBFloat16);
+  const int64_t O = weight_rows(q), il = int4_interleave_of(q);
+  auto out = torch::empty({O, K}, torch::kBFloat16);
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  const auto* sp = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>());
+  auto* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  over_rows(O, [&](int64_t a, int64_t b) { ks.dequant_int4_bf16(qp, il, sp, K, a, b, op); });
+  return out;
+}
+
 torch::Tensor int8_to_bf16(const torch::Tensor& q, const torch::Tensor& scale) {
   const int64_t O = q.size(0), K = q.size(1);
   auto out = torch::empty({O, K}, torch::kBFloat16);
@@ -450,7 +464,7 @@ torch::Tensor gemm_bf16(const torch::Tensor& x2, const torch::Tensor& w, const t
   const int64_t M = x2.size(0), K = x2.size(1), O = weight_rows(w);
   const auto xb = x2.to(torch::kBFloat16).contiguous();
   const auto wb = w.scalar_type() == torch::kInt8    ? int8_to_bf16(w, scale)
-                  : w.scalar_type() == torch::kUInt8 ? int4_to_f32(w, scale, K).to(torch::kBFloat16)
+                  : w.scalar_type() == torch::kUInt8 ? int4_to_bf16(w, scale, K)
                                                      : w.contiguous();
   const auto b = bias.defined() ? bias.contiguous() : bias;
   auto y = torch::empty({M, O}, torch::kFloat32);
