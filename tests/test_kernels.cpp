@@ -839,7 +839,7 @@ TEST(Dtype, PerPartFormatsConvertOnlyTheirPartsAndRoundTrip) {
 TEST(Dtype, DriftOfEachPartCombination) {
   // Each storage combination against float32 on one random model: the first step's logits
   // (largest |difference| over the logit spread) and greedy agreement over 300 teacher-forced
-  // steps. The table is printed (docs/notebook.md quotes it); the assertions hold what must be
+  // steps. The table is printed (notebook@f64a969 quotes it); the assertions hold what must be
   // true whatever the model: a part left float32 adds no drift of its own, and converting only
   // the vision tower and projector moves the logits less than converting everything.
   torch::NoGradGuard ng;

@@ -84,7 +84,7 @@ Command train_command(CLI::App& app, int argc, char** argv) {
   add_reducer_options(c_train, *choice_h);
   c_train->add_flag("--autocast-bf16", tr.autocast_bf16,
                     "Mixed precision: the forward pass's matrix products (and their gradients) in bf16, master weights and "
-                    "optimizer in float32 (2.4x faster per step on the repro's model, 40 steps on an AVX-512 BF16 CPU, docs/notebook.md item 11; off keeps runs "
+                    "optimizer in float32 (2.4x faster per step on the repro's model, 40 steps on an AVX-512 BF16 CPU; off keeps runs "
                     "bit-comparable with float32 ones)");
   c_train->add_flag("--shuffle-visual", tr.shuffle_visual,
                     "Augment: each image's visual tokens in a random order every step (lookups by content, not position)");

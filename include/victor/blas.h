@@ -21,7 +21,7 @@ void ensure_fast_blas(char** argv);
 
 // glibc returns large freed buffers to the kernel and maps them again on the next allocation, so
 // every training step and prefill paid page faults for all its activations. Keeps buffers up to
-// 256 MiB in the heap, and freed memory there (docs/notebook.md, item 6). Call at start-up,
+// 256 MiB in the heap, and freed memory there (notebook@f64a969, item 6). Call at start-up,
 // before any large allocation; a user's own MALLOC_* tunables (or VICTOR_DEFAULT_MALLOC) win.
 // `one_arena` (the server): every thread allocates from the one heap, so what an HTTP thread
 // frees after decoding a large image is reused by the next request or trimmed, instead of staying

@@ -55,7 +55,7 @@ enum class WeightDType { F32, BF16, Int8, Int4 };
 // (and the token reducer's own matrices), `vision` the vision tower, `projector` the multimodal
 // projector. An unset part keeps what it is (the checkpoint's storage on load; f32 for new random
 // weights). llama.cpp keeps the projector in F16 beside a 4-bit language model; victor lets each
-// part choose (docs/notebook.md measures the drift of each combination).
+// part choose (notebook@f64a969 measures the drift of each combination).
 struct WeightFormat {
   std::optional<WeightDType> llm, vision, projector;
   static WeightFormat all(WeightDType d) { return {d, d, d}; }

@@ -99,7 +99,7 @@ std::vector<torch::Tensor> matmul_weights(const torch::Tensor& x, const std::vec
                                           const std::vector<torch::Tensor>& scales);
 // A copy of `t` in 2 MiB-aligned memory advised for transparent huge pages. Streaming gigabytes
 // of weights through 4 KiB pages costs a TLB miss every page: decode ran 1.6-2.5x slower from a
-// memory-mapped file or plain malloc'd memory (docs/notebook.md). Small tensors come back as is.
+// memory-mapped file or plain malloc'd memory (notebook@f64a969). Small tensors come back as is.
 torch::Tensor in_huge_pages(const torch::Tensor& t);
 
 // Decode attention: one new query token per row b of q [B,H,hd] (float32, contiguous), with

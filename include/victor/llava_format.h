@@ -24,7 +24,7 @@ std::vector<Conversation> parse_llava_json(const std::string& text, const std::s
 // Each turn of a multi-turn conversation as its own sample (id "ID#k", the image placeholder at
 // the start of every one). In a conversation about one image the later questions can lean on the
 // earlier answers: on GridVQA's 2x2 identify, a model that knows only the asked row answers the
-// row's second question by elimination, and that half-solution holds (docs/notebook.md, item 12).
+// row's second question by elimination, and that half-solution holds (notebook@f64a969, item 12).
 std::vector<Conversation> split_turns(const std::vector<Conversation>& convs);
 
 struct EvalQuestion {

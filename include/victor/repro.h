@@ -18,7 +18,7 @@ class Communicator;
 // answer, so its gradient signal is ~1/N); later stages carry it to more cells and tokens.
 // A stage runs up to `repeats` schedules of `steps` (each a fresh warm-up and cosine decay, a warm
 // restart, with its own data order) and stops early once its held-out accuracy reaches `target`:
-// where a from-scratch model leaves the lookup's plateau moves with rounding (docs/notebook.md,
+// where a from-scratch model leaves the lookup's plateau moves with rounding (notebook@f64a969,
 // item 10), so a fixed step count breaks it on one machine and not on another.
 struct CurriculumStage {
   int grid = 4;
@@ -30,7 +30,7 @@ struct CurriculumStage {
   double empty_rate = -1;  // the stage's share of empty cells (< 0 = the GridVQA default, 0.3)
   // Per family (parallel to `families`, or empty): that family's own share of empty cells
   // (< 0 = the stage's). Families with different shares are asked on different GridVQA sets,
-  // trained together in one stage (docs/notebook.md, item 20: exist learns on sparse grids,
+  // trained together in one stage (notebook@f64a969, item 20: exist learns on sparse grids,
   // identify on dense ones).
   std::vector<double> family_empty{};
   // families[j]'s own share of empty cells, or < 0 when it has none.
@@ -47,12 +47,12 @@ std::vector<CurriculumStage> parse_curriculum(const std::string& spec);
 std::string format_curriculum(const std::vector<CurriculumStage>& stages);
 
 // Every option of `victor repro`; the defaults are the README's main job. Why each default is what
-// it is was measured and is recorded in docs/notebook.md (the items named below), not here.
+// it is was measured and is recorded in notebook@f64a969 (the items named below), not here.
 struct ReproOptions {
   std::string out = "runs/repro";
   std::string preset = "small";
   // Every (m, k) pair is a Victor model. k = 1 of 6 layers stays at the answer prior on GridVQA
-  // (every run up to 2026-12-02, docs/notebook.md); `--summary-layers 1,2` runs it again.
+  // (every run up to 2026-12-02, notebook@f64a969); `--summary-layers 1,2` runs it again.
   std::vector<int> registers{2, 8};
   std::vector<int> summary_layers{2};
   std::string register_mask = "causal";

@@ -37,7 +37,7 @@ struct TrainOptions {
   bool single_turn = false;  // every turn its own sample (split_turns): no answers to lean on
   // Mixed precision: the forward pass's matrix products (and so their backward) in bf16 through
   // LibTorch's CPU autocast; master weights, optimizer state and the loss stay float32. About
-  // 1.9x faster per step on an AVX-512 BF16 CPU (docs/notebook.md); off by default so runs
+  // 1.9x faster per step on an AVX-512 BF16 CPU (notebook@f64a969); off by default so runs
   // stay bit-comparable with float32 ones.
   bool autocast_bf16 = false;
   int max_samples = 0;  // use only the first N samples (0 = all)
@@ -47,7 +47,7 @@ struct TrainOptions {
   // tokens, are trained toward the answer's regions: one share of attention on the row's first token (the
   // sink, "nothing here") and one share on each box's visual tokens. Weighted by ground_weight
   // (0 = off) and added to the loss. A lookup keyed by the question is a two-hop circuit a model
-  // trained from scratch finds only after a long plateau (docs/notebook.md); this says where to look.
+  // trained from scratch finds only after a long plateau (notebook@f64a969); this says where to look.
   double ground_weight = 0;
   int ground_layer = 1, ground_heads = 1;
   // Data parallelism (docs/distributed.md): set by train() from the torchrun environment, or by
@@ -160,7 +160,7 @@ struct VisionPretrainOptions {
   // CLIP's features carry what an image holds, not only what each patch shows; a language model
   // reads "is there a dress?" or "how many bags?" off such a summary with any attention pattern,
   // where per-cell features alone need a lookup keyed by the class in every cell, then a comparison
-  // (docs/notebook.md, items 6, 8 and 15).
+  // (notebook@f64a969, items 6, 8 and 15).
   bool counts = false;
 };
 struct VisionPretrainReport {

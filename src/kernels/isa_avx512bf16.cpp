@@ -4,7 +4,7 @@
 //
 // VDPBF16PS multiplies 32 bf16 pairs and adds them to 16 float sums in one instruction, where the
 // plain AVX-512 path widens 32 weights to float (a shift and a mask) and needs two dependent FMAs:
-// the single-stream decode product ran about 1.25x faster with it (docs/notebook.md). bf16
+// the single-stream decode product ran about 1.25x faster with it (notebook@f64a969). bf16
 // activations alone would round x to 8 significant bits; instead each activation is split into
 // hi = bf16(x) and lo = bf16(x - hi), and each weight vector is multiplied by both: 16 significant
 // bits (x is off by at most 2^-16 of itself, 256 times finer than the weights' own bf16 rounding;

@@ -21,14 +21,14 @@ namespace {
 constexpr int64_t kPrefetchRows = 8;
 // Tiles of 4 weight rows x 3 input rows, walked chunk by chunk: 12 independent integer sums in
 // flight and 12 float accumulators, 29 vector registers (2 x 8 with the weights held for the whole
-// block, 2 x 6 and 3 x 4 measured slower; docs/notebook.md item 17).
+// block, 2 x 6 and 3 x 4 measured slower; notebook@f64a969 item 17).
 constexpr int kQ8Rows = 4;  // weight rows per tile
 constexpr int kChunks = int(kQ8BlockK / 64);  // 64-byte chunks per block
 constexpr int kQ8Inputs = 3;  // input rows per tile
 // K is walked in panels of this many blocks (4096 values), each over all of a call's weight rows,
 // so a tile's 3 activation rows of a panel (12 KB) stay in L1 while the weights stream past; each
 // panel's sums are added to y. K = 11008 (the 7B down projection) ran 1.06x faster in panels of 4096
-// than whole, 2048 and 1024 slower (docs/notebook.md item 17).
+// than whole, 2048 and 1024 slower (notebook@f64a969 item 17).
 constexpr int64_t kPanelBlocks = 4096 / kQ8BlockK;
 inline int rows_left(int64_t M, int64_t m0) { return M - m0 < kQ8Inputs ? int(M - m0) : kQ8Inputs; }
 

@@ -47,8 +47,9 @@ struct KernelSet {
   // One row of prefill attention's softmax (attend_impl.h): scores s [S] (overwritten) over the
   // entries with allowed[i] != 0 (allowed null: all) -> probabilities as bf16 bits.
   void (*softmax_bf16)(float* s, const uint8_t* allowed, int64_t S, uint16_t* out) = nullptr;
-  // int4 weights (every set has them; the AVX-512 sets take AVX2's). W [O,K] is stored as
-  // int4_row_bytes(K) bytes a row and int4_groups(K) float16 scales a row (int4 layout below).
+  // int4 weights (every set has them; AVX-512 VNNI has its own matmul_int4, the other AVX-512
+  // sets take AVX2's). W [O,K] is stored as int4_row_bytes(K) bytes a row and int4_groups(K)
+  // float16 scales a row (int4 layout below).
   // quantize_q8_32: x [M,K] -> xq [M, int4_padded(K)] int8 in 32-blocks along K (q = round(x / d),
   // d = max|x| / 127, 0 beyond K; value j of block g at xq_pos(G, g, j), so a 32-byte load of two
   // groups' packed weights meets its activations), xd [M, G] the blocks' d and xc [M, G] =

@@ -57,7 +57,7 @@ Isa initial_isa() {
   // The best the CPU has. Where that is Avx512Vnni, batched int8 products (kQ8MinRows to
   // skinny_rows_limit() rows: batched decode) quantize their activations in 256-blocks, as
   // products of more rows already round theirs to bf16 (oneDNN); VICTOR_ISA=avx512bf16 keeps
-  // them float32 at 1.5-2.7x the cost per 16-row product (docs/notebook.md, item 15).
+  // them float32 at 1.5-2.7x the cost per 16-row product (notebook@f64a969, item 15).
   return all.back();
 }
 
@@ -225,11 +225,11 @@ std::vector<torch::Tensor> skinny(const torch::Tensor& x2, const std::vector<tor
     case torch::kInt8: {
       // int8 x int8 (VNNI) from kernels::kQ8MinRows rows: there it computes 1.25-2.7x faster than
       // widening the weights; below, a row is bound by streaming the weights and the activations'
-      // quantization only adds (1 row 48 vs 58 GB/s, 4 rows 33 vs 39; docs/notebook.md item 15).
+      // quantization only adds (1 row 48 vs 58 GB/s, 4 rows 33 vs 39; notebook@f64a969 item 15).
       if (ks.matmul_int8_q8 && M >= kernels::kQ8MinRows) {  // the activations quantized once, here
         // 64-byte aligned (LibTorch's allocator) with rows of a multiple of 64 bytes: no activation
         // load straddles two cache lines. A std::vector's 16-byte alignment let loads split, which
-        // cost up to 1.6x (docs/notebook.md item 17).
+        // cost up to 1.6x (notebook@f64a969 item 17).
         const int64_t Kp = kernels::q8_padded(K);
         auto xq_t = torch::empty({M * Kp}, torch::kUInt8);
         uint8_t* xq = xq_t.data_ptr<uint8_t>();

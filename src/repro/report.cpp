@@ -357,7 +357,7 @@ void write_verdicts(std::ostringstream& md, const Report& x) {
     md << "**Caution:** the plain model is " << (prior_margin < 0 ? pct(-prior_margin) + " below" : "only " + pct(prior_margin) + " above")
        << " the answer prior, so it has not "
        << "learned to read the images in this budget and the accuracy comparison below says little about Victor; "
-       << "the training-time and throughput figures do not depend on it. docs/notebook.md shows why: a language "
+       << "the training-time and throughput figures do not depend on it. The lab notes (`git show f64a969:docs/notebook.md`) show why: a language "
        << "model trained from scratch learns a lookup keyed by the question only after a long plateau; with few "
        << "visual tokens (stage C) it does, at 256 visual tokens and all four families within this budget it has not "
        << "yet, so the limit is the language model's training budget, not the images or Victor.\n\n";

@@ -54,7 +54,7 @@ void ensure_fast_blas(char** argv) {
             << " failed (" << std::strerror(errno) << "); set it yourself for about 5x faster matrix products\n";
 }
 
-// Measured (docs/notebook.md): 6 small-preset training steps 20.2 -> 13 s (577K -> 299K faults);
+// Measured (notebook@f64a969): 6 small-preset training steps 20.2 -> 13 s (577K -> 299K faults);
 // a 605-token bf16 prefill 18.7 -> 4.7 s (with a 32 MiB threshold 8-9 s, with only the trim
 // threshold 22 s). glibc 2.36 accepts a 256 MiB mmap threshold.
 void tune_allocator(bool one_arena) {
