@@ -932,3 +932,30 @@ TEST(Dtype, Bf16KvCacheHalvesTheBytesAndStaysCloseToFloat32) {
   }
   EXPECT_THROW(kv_dtype_from_string("f16"), Error);
 }
+
+// Weights copied into huge-page memory are packed one after another (a 2 MiB round-up per matrix
+// kept ~1 MiB a matrix resident for nothing), hold the same values, and a chunk whose tensors are
+// all gone is filled again from its start.
+TEST(Kernels, HugePageCopiesArePackedAndReused) {
+  auto a = torch::randn({3, 100000});  // 1.2 MB
+  auto b = torch::randint(-100, 100, {1500000}, torch::kInt8);
+  auto small = torch::randn({16});
+  HugePageArena arena;
+  EXPECT_EQ(arena.copy(small).data_ptr(), small.data_ptr());  // small tensors come back as is
+  auto ha = arena.copy(a), hb = arena.copy(b);
+  EXPECT_TRUE(torch::equal(ha, a));
+  EXPECT_TRUE(torch::equal(hb, b));
+  EXPECT_NE(ha.data_ptr(), a.data_ptr());
+  const auto pa = reinterpret_cast<uintptr_t>(ha.data_ptr()), pb = reinterpret_cast<uintptr_t>(hb.data_ptr());
+  EXPECT_EQ(pa % (2 << 20), 0u);  // a fresh chunk starts on a huge page
+  EXPECT_EQ(pb - pa, 1200000u);  // packed: b right after a (1,200,000 bytes, whole cache lines)
+  ha = torch::Tensor();
+  hb = torch::Tensor();
+  auto hc = arena.copy(a);
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(hc.data_ptr()), pa);  // both gone: the chunk again from its start
+  EXPECT_TRUE(torch::equal(hc, a));
+  auto odd = torch::randint(-100, 100, {1048577}, torch::kInt8);  // 1 MiB + 1 byte
+  auto ho = arena.copy(odd);
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(arena.copy(odd).data_ptr()) - reinterpret_cast<uintptr_t>(ho.data_ptr()),
+            1048640u);  // the next cache line after odd's bytes
+}

@@ -4,6 +4,8 @@
 #pragma once
 #include <torch/torch.h>
 
+#include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -97,10 +99,21 @@ torch::Tensor matmul_weight_fused(const torch::Tensor& x, const torch::Tensor& w
 // matmul_weight each. Every W has x's K and one storage; `scales` as matmul_weight's (int8 only).
 std::vector<torch::Tensor> matmul_weights(const torch::Tensor& x, const std::vector<torch::Tensor>& ws,
                                           const std::vector<torch::Tensor>& scales);
-// A copy of `t` in 2 MiB-aligned memory advised for transparent huge pages. Streaming gigabytes
-// of weights through 4 KiB pages costs a TLB miss every page: decode ran 1.6-2.5x slower from a
-// memory-mapped file or plain malloc'd memory (notebook@f64a969). Small tensors come back as is.
+// A copy of `t` in memory advised for transparent huge pages (2 MiB-aligned chunks shared by the
+// tensors copied one after another). Streaming gigabytes of weights through 4 KiB pages costs a
+// TLB miss every page: decode ran 1.6-2.5x slower from a memory-mapped file or plain malloc'd
+// memory (notebook@f64a969). Small tensors come back as is.
 torch::Tensor in_huge_pages(const torch::Tensor& t);
+// The packing behind in_huge_pages (one process-wide arena); an arena of its own for tests.
+class HugePageArena {
+ public:
+  torch::Tensor copy(const torch::Tensor& t);
+
+ private:
+  struct Chunk;
+  std::mutex mutex_;
+  std::shared_ptr<Chunk> current_;  // the chunk being filled
+};
 
 // Decode attention: one new query token per row b of q [B,H,hd] (float32, contiguous), with
 // H / Hkv query heads per KV head (Hugging Face's repeat_kv). rows[b] says where that row's keys

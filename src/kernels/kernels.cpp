@@ -7,6 +7,8 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
+#include <mutex>
 #include <vector>
 
 #include "isa_kernels.h"
@@ -558,16 +560,46 @@ std::vector<torch::Tensor> matmul_weights(const torch::Tensor& x, const std::vec
   return ys;
 }
 
-torch::Tensor in_huge_pages(const torch::Tensor& t) {
-  constexpr size_t kHuge = size_t(2) << 20;
+// Weights are packed one after another into shared chunks of 2 MiB-aligned memory advised for
+// huge pages. A chunk of its own per matrix, rounded up to whole 2 MiB pages, left on average
+// 1 MiB a matrix resident for nothing: clip-l-1b in int8 held ~155 MiB more than its weights
+// (peak RSS 1.22x llama.cpp's Q8_0). A chunk is freed with the last tensor in it.
+struct HugePageArena::Chunk {
+  char* base = nullptr;
+  size_t size = 0, used = 0;
+  ~Chunk() { std::free(base); }
+};
+
+torch::Tensor HugePageArena::copy(const torch::Tensor& t) {
+  constexpr size_t kHuge = size_t(2) << 20, kChunk = size_t(64) << 20;
   const size_t bytes = size_t(t.numel()) * t.element_size();
   if (bytes < kHuge / 2 || !t.is_contiguous()) return t;
-  const size_t rounded = (bytes + kHuge - 1) / kHuge * kHuge;
-  void* p = nullptr;
-  if (posix_memalign(&p, kHuge, rounded) != 0) return t;
-  madvise(p, rounded, MADV_HUGEPAGE);  // advisory: without THP the copy still works
+  const size_t need = (bytes + 63) / 64 * 64;  // the next tensor starts on a cache line
+  std::shared_ptr<Chunk> chunk;
+  char* p = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (current_ && current_.use_count() == 1) current_->used = 0;  // its tensors are gone
+    if (!current_ || current_->size - current_->used < need) {
+      auto c = std::make_shared<Chunk>();
+      c->size = std::max(kChunk, (need + kHuge - 1) / kHuge * kHuge);
+      void* m = nullptr;
+      if (posix_memalign(&m, kHuge, c->size) != 0) return t;
+      c->base = static_cast<char*>(m);
+      madvise(m, c->size, MADV_HUGEPAGE);  // advisory: without THP the copy still works
+      current_ = c;
+    }
+    chunk = current_;
+    p = chunk->base + chunk->used;
+    chunk->used += need;
+  }
   std::memcpy(p, t.data_ptr(), bytes);
-  return torch::from_blob(p, t.sizes(), [](void* q) { std::free(q); }, t.options());
+  return torch::from_blob(p, t.sizes(), [chunk](void*) mutable { chunk.reset(); }, t.options());
+}
+
+torch::Tensor in_huge_pages(const torch::Tensor& t) {
+  static HugePageArena* arena = new HugePageArena;  // never destroyed: tensors may outlive main
+  return arena->copy(t);
 }
 
 void attend_decode(const float* q, int64_t B, int64_t H, int64_t Hkv, int64_t hd, bool bf16_kv,
