@@ -4,6 +4,8 @@
 #include "helpers.h"
 #include "victor/error.h"
 #include "victor/eval.h"
+#include "victor/files.h"
+#include "repro/internal.h"
 
 using namespace victor;
 using namespace victor::test;
@@ -101,10 +103,10 @@ TEST(Bench, JsonHasEveryFieldAndKvBytesMatchFormula) {
                      "peak_rss_bytes", "prefill_gflops", "ratio_to_plain"})
       EXPECT_TRUE(c.contains(key)) << key;
     for (auto key : {"b1_g2", "b1_g5", "b2_g2", "b2_g5"}) {
-      EXPECT_GT(c["requests_per_second"][key].get<double>(), 0) << key;
+      EXPECT_GT(c["requests_per_second"][key].template get<double>(), 0) << key;
       EXPECT_TRUE(c["ratio_to_plain"]["requests_per_second"].contains(key));
     }
-    EXPECT_GT(c["ttft_seconds"].get<double>(), 0);
+    EXPECT_GT(c["ttft_seconds"].template get<double>(), 0);
     EXPECT_GT(c["peak_rss_bytes"].get<int64_t>(), 0);
     EXPECT_EQ(c["kv_bytes"].get<int64_t>(), c["kv_bytes_formula"].get<int64_t>()) << c["name"];
   }
@@ -114,4 +116,97 @@ TEST(Bench, JsonHasEveryFieldAndKvBytesMatchFormula) {
   EXPECT_EQ(j["configs"][1]["kv_bytes"].get<int64_t>(), row * (2 * (T + 8 + 16) + 2 * (T + 8)));
   EXPECT_EQ(j["configs"][0]["kv_bytes"].get<int64_t>(), row * 4 * (T + 16));
   EXPECT_EQ(j["configs"][2]["kv_bytes"].get<int64_t>(), row * 4 * (T + 4));  // registers_only
+}
+
+// The repro's report formats what the stages measured: a hand-made Results whose figures are
+// known gives known rows, drops, ratios and verdicts in report.md and summary.json.
+namespace {
+EvalReport scored(const std::vector<uint8_t>& correct) {
+  EvalReport e;
+  for (size_t i = 0; i < correct.size(); ++i) {
+    e.ids.push_back(std::to_string(i));
+    e.answers.push_back(correct[i] ? "yes" : "no");
+    e.correct.push_back(correct[i]);
+    e.overall.total++;
+    e.overall.correct += correct[i];
+  }
+  e.per_family["exist"] = e.overall;
+  return e;
+}
+BenchResult benched(const std::string& name, double short_rps, std::vector<double> short_runs, double long_rps,
+                    int64_t kv_bytes) {
+  BenchResult b;
+  b.name = name;
+  b.visual_tokens = 16;
+  b.requests_per_second = {{"b16_g2", short_rps}, {"b16_g128", long_rps}};
+  b.requests_per_second_runs = {{"b16_g2", std::move(short_runs)}, {"b16_g128", {long_rps}}};
+  b.kv_bytes = kv_bytes;
+  return b;
+}
+}  // namespace
+
+TEST(Repro, ReportShowsTheMeasuredDropsRatiosAndVerdicts) {
+  ReproOptions o;
+  o.out = temp_dir("report");
+  o.registers = {8};
+  repro::Results res;
+  // 100 questions: plain right on 80, its Victor twin on 70 of those (a paired drop of 10 points),
+  // FastV on all 80 and 5 more (-5). The answer prior is right on 30.
+  std::vector<uint8_t> plain(100, 0), victor(100, 0), fastv(100, 0), prior(100, 0);
+  for (int i = 0; i < 80; ++i) plain[i] = 1;
+  for (int i = 0; i < 70; ++i) victor[i] = 1;
+  for (int i = 0; i < 85; ++i) fastv[i] = 1;
+  for (int i = 0; i < 30; ++i) prior[i] = 1;
+  res.prior = scored(prior);
+  repro::Trained p{"plain", "", Reducer::none()};
+  p.train_seconds = 100;
+  p.step_seconds = 1.0;
+  p.timing_step_seconds = {1.0, 1.0, 1.0};
+  p.eval = scored(plain);
+  repro::Trained v{"victor-m8", "", Reducer::victor({8, 2})};
+  v.train_seconds = 50;
+  v.step_seconds = 0.5;
+  v.drop_layer = 2;
+  v.timing_step_seconds = {0.5, 0.6, 0.4};  // 50%, 40%, 60% less
+  v.eval = scored(victor);
+  repro::Trained f{"fastv", "", Reducer::fastv({})};
+  f.training_free = true;
+  f.eval = scored(fastv);
+  res.runs = {p, v, f};
+  res.bench = {benched("plain", 1.0, {1.0, 1.0, 1.0}, 2.0, 1000), benched("victor", 4.0, {3.5, 4.0, 4.5}, 7.0, 100),
+               benched("fastv", 1.5, {1.5, 1.5, 1.5}, 3.0, 500)};
+  res.questions = 100;
+  res.seconds = 600;
+  const std::string path = repro::write_report(o, res);
+  EXPECT_EQ(path, o.out + "/report.md");
+  const std::string md = read_file(path, FileKind::Dataset);
+  // The main table's Victor row: accuracy, the paired drop (plain minus Victor, so positive),
+  // relative drop, time reduction, both throughputs and ratios, the KV ratio.
+  EXPECT_NE(md.find("| victor-m8 | `victor:m=8,k=2` | 16 + 8 | 70.0% ["), std::string::npos) << md;
+  EXPECT_NE(md.find("| +10.0 ["), std::string::npos) << md;
+  EXPECT_NE(md.find("| 12.5% | 50 s | 50.0% | 4.00 req/s | 4.00x | 7.00 req/s | 3.50x | 10.00x |"), std::string::npos)
+      << md;
+  EXPECT_NE(md.find("| fastv | `fastv"), std::string::npos) << md;
+  EXPECT_NE(md.find("| -5.0 ["), std::string::npos) << md;
+  EXPECT_NE(md.find("| -6.2% | training-free | - | 1.50 req/s | 1.50x | 3.00 req/s | 1.50x | 2.00x |"),
+            std::string::npos) << md;
+  EXPECT_NE(md.find("Answer-prior baseline (most frequent training answer per question): **30.0%**"), std::string::npos);
+  // Verdicts: a 10-point drop against at most 3.2 points is missed; the time reductions' range
+  // [40%, 60%] straddles 43%; the throughput ratios' range [3.5x, 4.5x] clears 3.3x.
+  EXPECT_NE(md.find("a drop of at most 3.20 points): measured +10.0 points ["), std::string::npos) << md;
+  EXPECT_NE(md.find("] — missed\n"), std::string::npos) << md;
+  EXPECT_NE(md.find("training time at least 43% lower: measured 50.0% [40.0%, 60.0%] — not resolved"),
+            std::string::npos) << md;
+  EXPECT_NE(md.find("throughput at least 3.3x (b16_g2): measured 4.00x [3.50x, 4.50x] — met"), std::string::npos)
+      << md;
+  EXPECT_NE(md.find("| victor-m8 | 0.500 s, 50.0% | 0.500 s (50.0%), 0.600 s (40.0%), 0.400 s (60.0%) |"),
+            std::string::npos) << md;
+  EXPECT_EQ(md.find("Caution"), std::string::npos);  // plain is 50 points above the prior
+  EXPECT_NE(md.find("Whole run: 10.0 min."), std::string::npos);
+  const auto summary = nlohmann::json::parse(read_file(o.out + "/summary.json", FileKind::Dataset));
+  ASSERT_EQ(summary["runs"].size(), 3u);
+  EXPECT_NEAR(summary["runs"][1]["drop_points_interval"][0].template get<double>(), 0.10, 1e-12);
+  EXPECT_DOUBLE_EQ(summary["runs"][1]["throughput_ratio"].template get<double>(), 4.0);
+  EXPECT_EQ(summary["runs"][1]["time_reduction_rounds"].size(), 3u);
+  EXPECT_NEAR(summary["answer_prior"].template get<double>(), 0.30, 1e-12);
 }

@@ -129,30 +129,47 @@ bool plot(const std::string& dir, const std::string& name, const std::string& ti
 
 namespace {
 
-// What every section of the report reads: the options, the results, the two throughput keys, the
-// paired drops against the plain model, and whether the plain model is at the answer prior.
-struct Report {
+// The report's sections. Each writer is a member, so every section reads the same named views
+// (the options, the results, the plain model and its benchmark, the two throughput keys, the
+// paired drops against the plain model) without restating them.
+class Report {
+ public:
+  Report(const ReproOptions& options, const Results& results);
+  void setup(std::ostringstream& md) const;         // the setting; shared stages 0 and L
+  void curriculum(std::ostringstream& md) const;    // stage C
+  void grounding(std::ostringstream& md) const;     // which models trained with grounded attention
+  void main_table(std::ostringstream& md) const;    // accuracy, drop, time, throughput, KV per model
+  void families(std::ostringstream& md) const;      // accuracy per question family
+  void verdicts(std::ostringstream& md) const;      // the paper's targets for the 8-register models
+  void training(std::ostringstream& md) const;      // benchmark table, training steps, timing rounds
+  void plots(std::ostringstream& md) const;         // gnuplot's plots and their links
+  void summary() const;                             // summary.json
+
+ private:
   const ReproOptions& o;
   const Results& res;
-  std::string key_short, key_long;  // "b16_g2", "b16_g128"
-  std::vector<Interval> drops;      // per run: plain minus it, paired (runs[0]: none)
+  const std::vector<Trained>& runs;      // runs[0] is the plain model
+  const std::vector<BenchResult>& bench; // one per run, same order
+  const EvalReport& prior;               // the answer prior
+  const Trained& plain;
+  const BenchResult& bp;                 // the plain model's benchmark
+  std::string key_short, key_long;       // "b16_g2", "b16_g128"
+  std::vector<Interval> drops;           // per run: plain minus it, paired (runs[0]: none)
   bool plain_at_prior = false;
 };
 
-Report make_report(const ReproOptions& o, const Results& res) {
-  Report x{o, res, "b" + std::to_string(o.bench_batch) + "_g" + std::to_string(o.bench_gen.front()),
-           "b" + std::to_string(o.bench_batch) + "_g" + std::to_string(o.bench_gen.back()), {}, false};
-  const auto& runs = res.runs;
-  x.drops.resize(runs.size());
-  for (size_t i = 1; i < runs.size(); ++i) x.drops[i] = compare_reports(runs.front().eval, runs[i].eval).difference;
-  x.plain_at_prior = runs.front().eval.overall.accuracy() - res.prior.overall.accuracy() < 0.05;
-  return x;
+Report::Report(const ReproOptions& options, const Results& results)
+    : o(options), res(results), runs(results.runs), bench(results.bench), prior(results.prior),
+      plain(results.runs.front()), bp(results.bench.front()),
+      key_short("b" + std::to_string(options.bench_batch) + "_g" + std::to_string(options.bench_gen.front())),
+      key_long("b" + std::to_string(options.bench_batch) + "_g" + std::to_string(options.bench_gen.back())) {
+  drops.resize(runs.size());
+  for (size_t i = 1; i < runs.size(); ++i) drops[i] = compare_reports(plain.eval, runs[i].eval).difference;
+  plain_at_prior = plain.eval.overall.accuracy() - prior.overall.accuracy() < 0.05;
 }
 
 // The run's setting and the shared stages 0 and L.
-void write_setup(std::ostringstream& md, const Report& x) {
-  const ReproOptions& o = x.o;
-  const Results& res = x.res;
+void Report::setup(std::ostringstream& md) const {
   const auto& vrep = res.vision;
   const auto& lrep = res.text;
   const int world = res.world;
@@ -194,9 +211,7 @@ void write_setup(std::ostringstream& md, const Report& x) {
 }
 
 // Stage C: its stages, their schedules and accuracies.
-void write_curriculum(std::ostringstream& md, const Report& x) {
-  const ReproOptions& o = x.o;
-  const Results& res = x.res;
+void Report::curriculum(std::ostringstream& md) const {
   const auto& cur = res.curriculum;
   if (!cur.empty()) {
     md << "Stage C, shared by every model: a curriculum (projector + language model, lr " << num(o.curriculum_lr, "%g")
@@ -243,10 +258,7 @@ void write_curriculum(std::ostringstream& md, const Report& x) {
 }
 
 // Which models trained with grounded attention.
-void write_grounding(std::ostringstream& md, const Report& x) {
-  const ReproOptions& o = x.o;
-  const Results& res = x.res;
-  const auto& runs = res.runs;
+void Report::grounding(std::ostringstream& md) const {
   const auto& cur = res.curriculum;
   if (o.ground_weight > 0) {
     std::vector<std::string> grounded, not_grounded;
@@ -267,16 +279,7 @@ void write_grounding(std::ostringstream& md, const Report& x) {
 }
 
 // The comparison: accuracy, paired drop, training time, throughput and KV per model.
-void write_main_table(std::ostringstream& md, const Report& x) {
-  const Results& res = x.res;
-  const auto& runs = res.runs;
-  const auto& bench = res.bench;
-  const auto& prior = res.prior;
-  const Trained& plain = runs.front();
-  const BenchResult& bp = bench.front();
-  const std::string& key_short = x.key_short;
-  const std::string& key_long = x.key_long;
-  const std::vector<Interval>& drops = x.drops;
+void Report::main_table(std::ostringstream& md) const {
   md << "Accuracies with 95% bootstrap intervals over the " << res.questions
      << " questions; each drop is the plain model's accuracy minus the configuration's, in points, with a paired "
         "95% bootstrap interval over the same questions (what both get right or wrong cancels). Training-free "
@@ -317,11 +320,7 @@ void write_main_table(std::ostringstream& md, const Report& x) {
 }
 
 // Accuracy per question family.
-void write_families(std::ostringstream& md, const Report& x) {
-  const Results& res = x.res;
-  const auto& runs = res.runs;
-  const auto& prior = res.prior;
-  const Trained& plain = runs.front();
+void Report::families(std::ostringstream& md) const {
   md << "## Accuracy per question family\n\n| model |";
   for (auto& [f, s] : plain.eval.per_family) md << " " << f << " |";
   md << "\n|---|";
@@ -340,17 +339,7 @@ void write_families(std::ostringstream& md, const Report& x) {
 }
 
 // The paper's targets for the 8-register models, each a verdict on its interval or range.
-void write_verdicts(std::ostringstream& md, const Report& x) {
-  const ReproOptions& o = x.o;
-  const Results& res = x.res;
-  const auto& runs = res.runs;
-  const auto& bench = res.bench;
-  const auto& prior = res.prior;
-  const Trained& plain = runs.front();
-  const BenchResult& bp = bench.front();
-  const std::string& key_short = x.key_short;
-  const std::vector<Interval>& drops = x.drops;
-  const bool plain_at_prior = x.plain_at_prior;
+void Report::verdicts(std::ostringstream& md) const {
   md << "\n## Paper targets (8 registers)\n\n";
   const double prior_margin = plain.eval.overall.accuracy() - prior.overall.accuracy();
   if (plain_at_prior)
@@ -391,12 +380,7 @@ void write_verdicts(std::ostringstream& md, const Report& x) {
 }
 
 // The benchmark table, the training steps and the interleaved timing rounds.
-void write_training(std::ostringstream& md, const Report& x) {
-  const ReproOptions& o = x.o;
-  const Results& res = x.res;
-  const auto& runs = res.runs;
-  const auto& bench = res.bench;
-  const Trained& plain = runs.front();
+void Report::training(std::ostringstream& md) const {
   md << "\n## Benchmark (same weights, configurations alternated, medians of " << o.bench_repeats << ")\n\n```\n"
      << bench_table(bench) << "```\n\n";
   md << "## Training\n\n| model | mean step | final loss |\n|---|---|---|\n";
@@ -424,14 +408,7 @@ void write_training(std::ostringstream& md, const Report& x) {
 }
 
 // The plots (gnuplot), and their links.
-void write_plots(std::ostringstream& md, const Report& x) {
-  const ReproOptions& o = x.o;
-  const Results& res = x.res;
-  const auto& runs = res.runs;
-  const auto& bench = res.bench;
-  const Trained& plain = runs.front();
-  const BenchResult& bp = bench.front();
-  const std::string& key_short = x.key_short;
+void Report::plots(std::ostringstream& md) const {
   std::vector<Series> acc_pts, thr_pts;  // one line per k
   for (int k : o.summary_layers) {
     acc_pts.push_back({"Victor k = " + std::to_string(k), {}});
@@ -463,15 +440,7 @@ void write_plots(std::ostringstream& md, const Report& x) {
 }
 
 // summary.json: every run's figures, machine-readable.
-void write_summary(const Report& x) {
-  const ReproOptions& o = x.o;
-  const Results& res = x.res;
-  const auto& runs = res.runs;
-  const auto& bench = res.bench;
-  const auto& prior = res.prior;
-  const BenchResult& bp = bench.front();
-  const std::string& key_short = x.key_short;
-  const std::vector<Interval>& drops = x.drops;
+void Report::summary() const {
   json summary = json::array();
   for (size_t i = 0; i < runs.size(); ++i)
     summary.push_back({{"name", runs[i].name}, {"reducer", runs[i].reducer.spec()},
@@ -493,23 +462,22 @@ void write_summary(const Report& x) {
 }  // namespace
 
 std::string write_report(const ReproOptions& o, const Results& res) {
-  const Report x = make_report(o, res);
+  const Report report(o, res);
   std::ostringstream md;
-  write_setup(md, x);
-  write_curriculum(md, x);
-  write_grounding(md, x);
-  write_main_table(md, x);
-  write_families(md, x);
-  write_verdicts(md, x);
-  write_training(md, x);
-  write_plots(md, x);
-  const double total = res.seconds;
+  report.setup(md);
+  report.curriculum(md);
+  report.grounding(md);
+  report.main_table(md);
+  report.families(md);
+  report.verdicts(md);
+  report.training(md);
+  report.plots(md);
   md << "\nFiles: `gridvqa/` (data), `models/` (checkpoints, metrics.jsonl), `answers-*.jsonl`, `bench.json`. "
-     << "Whole run: " << num(total / 60, "%.1f") << " min.\n";
-  std::string report = (fs::path(o.out) / "report.md").string();
-  write_file_atomic(report, md.str());
-  write_summary(x);
-  return report;
+     << "Whole run: " << num(res.seconds / 60, "%.1f") << " min.\n";
+  const std::string path = (fs::path(o.out) / "report.md").string();
+  write_file_atomic(path, md.str());
+  report.summary();
+  return path;
 }
 
 }  // namespace victor::repro
