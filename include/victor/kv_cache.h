@@ -1,15 +1,13 @@
 // The KV cache and the bookkeeping every token carries into it: its order, RoPE position, kind and
-// image; one rule for which keys a query may see, used by every attention path.
+// image; the rule for which keys a query may see (attention_rule.h) applied to whole tensors.
 #pragma once
 #include <torch/torch.h>
 
 #include <vector>
 
-#include "victor/reducer.h"
+#include "victor/attention_rule.h"
 
 namespace victor {
-
-enum class TokenKind : int64_t { Text = 0, Visual = 1, Register = 2, Pad = 3 };
 
 // Per-token bookkeeping that travels with the hidden states, through the drop and into the cache.
 struct TokenMeta {
@@ -51,17 +49,6 @@ struct KvCache {
 // Keeps rows where keep[b,t]; pads shorter rows on the right. Returns gather index [B,T'] into
 // a sequence of length T+1 whose last row is padding.
 torch::Tensor compaction_index(const torch::Tensor& keep);
-
-// The key-visibility rule, the one place it is written: a query sees keys at or before its causal
-// order, never padding; under Victor's registers_only a visual key only from its own image's
-// visual rows and registers (text never reads the image but through the registers).
-inline bool key_visible(int64_t q_order, int64_t q_kind, int64_t q_group, int64_t k_order, int64_t k_kind,
-                        int64_t k_group, RegisterMask mode) {
-  if (k_order > q_order || k_kind == int64_t(TokenKind::Pad)) return false;
-  if (mode == RegisterMask::RegistersOnly && k_kind == int64_t(TokenKind::Visual))
-    return (q_kind == int64_t(TokenKind::Visual) || q_kind == int64_t(TokenKind::Register)) && q_group == k_group;
-  return true;
-}
 
 // key_visible for queries (qm) over keys (km) -> [B,Tq,S] bool.
 torch::Tensor attention_allowed(const TokenMeta& qm, const TokenMeta& km, RegisterMask mode);

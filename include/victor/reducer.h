@@ -32,6 +32,8 @@
 #include <string>
 #include <vector>
 
+#include "victor/attention_rule.h"
+
 namespace at {
 class Tensor;
 }
@@ -44,7 +46,6 @@ struct ReducerWeights;
 struct VisionLastBlock;
 struct ImageLayout;
 
-enum class RegisterMask { Causal, RegistersOnly };
 std::string to_string(RegisterMask m);
 RegisterMask register_mask_from_string(const std::string& s);
 
