@@ -22,7 +22,7 @@
 #include "victor/files.h"
 #include "victor/generate.h"
 #include "victor/image.h"
-#include "victor/serve.h"
+#include "victor/serve/server.h"
 #include "victor/tokenizer.h"
 
 using namespace victor;

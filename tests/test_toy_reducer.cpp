@@ -13,8 +13,8 @@
 #include "victor/eval.h"
 #include "victor/generate.h"
 #include "victor/image_io.h"
-#include "victor/serve.h"
-#include "victor/serve_api.h"
+#include "victor/serve/server.h"
+#include "victor/serve/api.h"
 #include "victor/tokenizer.h"
 
 using namespace victor;

@@ -14,7 +14,7 @@
 #include <thread>
 
 #include "victor/bench.h"
-#include "victor/bench_serve.h"
+#include "victor/serve/bench_serve.h"
 #include "victor/blas.h"
 #include "victor/gridvqa.h"
 #include "victor/distributed.h"
@@ -27,7 +27,7 @@
 #include "victor/progress.h"
 #include "victor/repro.h"
 #include "victor/safetensors.h"
-#include "victor/serve.h"
+#include "victor/serve/server.h"
 #include "victor/tokenizer.h"
 #include "victor/train.h"
 

@@ -7,7 +7,7 @@
 #include <vector>
 
 #include "victor/image.h"
-#include "victor/llava_format.h"
+#include "victor/llava_data.h"
 #include "victor/tokenizer.h"
 
 namespace victor {

@@ -4,7 +4,7 @@
 #include "victor/error.h"
 #include "victor/files.h"
 #include "victor/jsonl.h"
-#include "victor/llava_format.h"
+#include "victor/llava_data.h"
 
 using json = nlohmann::json;
 

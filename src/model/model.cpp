@@ -1,5 +1,7 @@
 // The assembly: tensor list, loading/saving, Victor's registers, the sequence layout and the
 // decoder loop with the drop after layer k.
+#include "victor/model.h"
+
 #include <ATen/CPUGeneratorImpl.h>
 #ifdef __GLIBC__
 #include <malloc.h>

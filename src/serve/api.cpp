@@ -7,7 +7,7 @@
 
 #include "victor/error.h"
 #include "victor/files.h"
-#include "victor/serve_api.h"
+#include "victor/serve/api.h"
 
 namespace victor {
 

@@ -15,13 +15,13 @@
 #include <sstream>
 #include <thread>
 
-#include "victor/bench_serve.h"
+#include "victor/serve/bench_serve.h"
 #include "victor/gridvqa.h"
 #include "victor/error.h"
 #include "victor/files.h"
 #include "victor/image.h"
 #include "victor/progress.h"
-#include "victor/serve.h"
+#include "victor/serve/server.h"
 
 extern char** environ;
 

@@ -15,7 +15,7 @@
 
 #include "victor/error.h"
 #include "victor/image.h"
-#include "victor/serve_engine.h"
+#include "victor/serve/engine.h"
 
 namespace victor {
 

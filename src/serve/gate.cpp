@@ -1,9 +1,9 @@
-// The gate: victor serve's own accept loop in front of cpp-httplib (serve_gate.h says why).
+// The gate: victor serve's own accept loop in front of cpp-httplib (serve/gate.h says why).
 // One thread, poll(): each client is held here until its request head is complete and valid
 // (deadline, size, line count, Content-Length / chunked sizes), then relayed to the library on
 // loopback with `Connection: close` (one request per connection: a pipelined second request is
 // not answered, the connection closes after the first response).
-#include "victor/serve_gate.h"
+#include "victor/serve/gate.h"
 
 #include <arpa/inet.h>
 #include <fcntl.h>
@@ -27,8 +27,8 @@
 #include <vector>
 
 #include "victor/error.h"
-#include "victor/http_head.h"
-#include "victor/serve_api.h"
+#include "victor/serve/http_head.h"
+#include "victor/serve/api.h"
 
 namespace victor {
 

@@ -1,5 +1,5 @@
 // The gate's request-head and chunked-body parsing (http_head.h).
-#include "victor/http_head.h"
+#include "victor/serve/http_head.h"
 
 #include <algorithm>
 #include <cctype>

@@ -11,7 +11,7 @@
 #include <random>
 
 #include "victor/error.h"
-#include "victor/serve.h"
+#include "victor/serve/server.h"
 
 namespace victor {
 
@@ -299,7 +299,7 @@ Server::Server(ServeEngine& engine, const std::string& host, int port, int http_
                                           : "bad request (" + std::to_string(res.status) + ")";
     res.set_content(error_body(ApiError(res.status, "invalid_request_error", "", msg)), "application/json");
   });
-  // cpp-httplib listens on loopback only; clients reach it through the gate (serve_gate.h), which
+  // cpp-httplib listens on loopback only; clients reach it through the gate (serve/gate.h), which
   // holds slow and malformed clients itself and bounds heads, bodies and connections.
   const int http_port = http.bind_to_any_port("127.0.0.1");
   if (http_port <= 0) throw Error("serve: cannot listen on 127.0.0.1 (any port) for the HTTP library");

@@ -1,8 +1,8 @@
 // Text released to a streaming client as tokens arrive, and the metrics' histograms.
 #include <sstream>
 
-#include "victor/serve_stream.h"
-#include "victor/serve_api.h"
+#include "victor/serve/stream.h"
+#include "victor/serve/api.h"
 
 namespace victor {
 

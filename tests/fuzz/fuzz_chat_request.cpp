@@ -4,7 +4,7 @@
 #include <cstdlib>
 #include <string>
 
-#include "victor/serve_api.h"
+#include "victor/serve/api.h"
 
 using namespace victor;
 

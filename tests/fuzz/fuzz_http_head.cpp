@@ -10,7 +10,7 @@
 #include <cstdlib>
 #include <string>
 
-#include "victor/http_head.h"
+#include "victor/serve/http_head.h"
 
 using namespace victor;
 

@@ -6,7 +6,7 @@
 #include <vector>
 
 #include "victor/error.h"
-#include "victor/llava_format.h"
+#include "victor/llava_data.h"
 
 using namespace victor;
 

@@ -21,11 +21,11 @@
 #include <vector>
 
 #include "victor/generate.h"
-#include "victor/serve_api.h"
-#include "victor/serve_gate.h"
+#include "victor/serve/api.h"
+#include "victor/serve/gate.h"
 #include "victor/model.h"
 #include "victor/tokenizer.h"
-#include "victor/serve_stream.h"
+#include "victor/serve/stream.h"
 
 namespace victor {
 

@@ -1,4 +1,4 @@
-// The HTTP/1.1 request-head and chunked-body parsing of `victor serve`'s gate (serve_gate.h),
+// The HTTP/1.1 request-head and chunked-body parsing of `victor serve`'s gate (serve/gate.h),
 // apart from its sockets so it can be fuzzed (tests/fuzz/fuzz_http_head.cpp) and unit-tested.
 #pragma once
 #include <cstddef>

@@ -6,14 +6,14 @@
 //   Server               cpp-httplib routes: /v1/chat/completions (+ SSE), /v1/models, /health,
 //                        /metrics (Prometheus), / (the web page)
 //
-// This header is the HTTP layer (src/serve/server.cpp); the engine is in serve_engine.h
-// (engine.cpp), the text and metrics pieces in serve_stream.h (stream.cpp), the request parser in
-// serve_api.h (api.cpp), the connection gate in serve_gate.h (gate.cpp).
+// This header is the HTTP layer (src/serve/server.cpp); the engine is in serve/engine.h
+// (engine.cpp), the text and metrics pieces in serve/stream.h (stream.cpp), the request parser in
+// serve/api.h (api.cpp), the connection gate in serve/gate.h (gate.cpp).
 #pragma once
 #include <memory>
 #include <string>
 
-#include "victor/serve_engine.h"
+#include "victor/serve/engine.h"
 
 namespace victor {
 
