@@ -113,6 +113,27 @@ expect_error "bench-serve: no model" "config.json" "$VICTOR" bench-serve --model
 grep -q '"victor_int4"' "$work/q4/config.json" || { echo "FAIL: int4 config.json"; fail=1; }
 out=$("$VICTOR" generate --model "$work/q4" --image "$img" --prompt "Is there a bag?" --max-new-tokens 2 --stats 2>&1)
 echo "$out" | grep -q "weights: int4" || { echo "FAIL: int4 generate: $out"; fail=1; }
+# scripts/int4_format_drift.py's q4_0 is victor's int4 rounding: its float32 folder gives the
+# logits of the int4 folder widened to float32, bit for bit.
+py=/usr/bin/python3  # Debian's, where setup.sh installs NumPy
+if "$py" -c "import numpy" 2>/dev/null; then
+  "$py" "$(dirname "$0")/../scripts/int4_format_drift.py" "$work/m" "$work/q4" "$work/f4" q4_0 >/dev/null \
+    || { echo "FAIL: int4_format_drift.py q4_0"; fail=1; }
+  "$VICTOR" generate --model "$work/q4" --dtype f32 --image "$img" --prompt "Is there a bag?" --max-new-tokens 2 \
+    --dump-logits "$work/l4.npy" >/dev/null 2>&1 || { echo "FAIL: int4 folder as f32"; fail=1; }
+  "$VICTOR" generate --model "$work/f4" --image "$img" --prompt "Is there a bag?" --max-new-tokens 2 \
+    --dump-logits "$work/lf4.npy" >/dev/null 2>&1 || { echo "FAIL: q4_0-rounded folder"; fail=1; }
+  cmp -s "$work/l4.npy" "$work/lf4.npy" || { echo "FAIL: int4_format_drift.py q4_0 differs from victor's int4"; fail=1; }
+  "$py" "$(dirname "$0")/../scripts/int4_format_drift.py" "$work/m" "$work/q4" "$work/f4" q4_1 >/dev/null 2>&1 \
+    && { echo "FAIL: int4_format_drift.py wrote over an existing folder"; fail=1; }
+  "$py" "$(dirname "$0")/../scripts/int4_format_drift.py" "$work/m" "$work/q4" "$work/f41" q4_1 >/dev/null \
+    || { echo "FAIL: int4_format_drift.py q4_1"; fail=1; }
+  "$VICTOR" generate --model "$work/f41" --image "$img" --prompt "Is there a bag?" --max-new-tokens 2 \
+    --dump-logits "$work/lf41.npy" >/dev/null 2>&1 || { echo "FAIL: q4_1-rounded folder"; fail=1; }
+  cmp -s "$work/l4.npy" "$work/lf41.npy" && { echo "FAIL: q4_1 rounded as q4_0"; fail=1; }
+else
+  echo "SKIP: python3 with NumPy not installed (int4_format_drift.py not checked)"
+fi
 "$VICTOR" quantize --model "$work/m" --out "$work/qp" --dtype llm=int4,vision=bf16,projector=bf16 >/dev/null 2>&1 \
   || { echo "FAIL: per-part quantize"; fail=1; }
 out=$("$VICTOR" generate --model "$work/qp" --image "$img" --prompt "Is there a bag?" --max-new-tokens 2 --stats 2>&1)
