@@ -114,7 +114,7 @@ BENCHMARK(BM_PeakGemmF32)->Unit(benchmark::kMillisecond)->UseRealTime();
 // y = x W^T on 1B-class MLP matrices (5632 x 2048) for each weight storage and row count:
 // 1-16 rows use victor's streaming kernels (GB/s of weights), more the bf16 GEMM (GFLOP/s).
 // Eight distinct matrices in turn (>= 92 MiB, beyond the caches), as a model's layers stream.
-// Arg 0: storage (0 f32, 1 bf16, 2 int8, 3 int4), arg 1: rows. GB/s counts the stored bytes (int4:
+// Arg 0: storage (0 f32, 1 bf16, 2 int8, 3 int4 as a model holds it, 4 int4 in 4-row tiles), arg 1: rows. GB/s counts the stored bytes (int4:
 // the packed values and their float16 scales).
 void BM_MatmulWeight(benchmark::State& st) {
   torch::NoGradGuard ng;
@@ -129,7 +129,13 @@ void BM_MatmulWeight(benchmark::State& st) {
       w = q.q;
       s = q.scale;
     }
-    if (st.range(0) == 3) {  // in the 4-row tiles a loaded model holds
+    if (st.range(0) == 3) {  // in the tiles a loaded model holds (16 rows on AVX-512 VNNI, else 4)
+      auto q = quantize_int4(w);
+      w = q.q;
+      s = q.scale;
+      int4_tile_for_kernels(w, s, K);
+    }
+    if (st.range(0) == 4) {  // in 4-row tiles (what a model held before the 16-row tiles)
       auto q = quantize_int4(w);
       w = int4_interleave(q.q, K);
       s = q.scale;
@@ -144,13 +150,13 @@ void BM_MatmulWeight(benchmark::State& st) {
     i = (i + 1) % copies;
   }
   const double bytes = double(stored[0].numel()) * stored[0].element_size() +
-                       (st.range(0) == 3 ? double(scales[0].numel()) * 2 : 0.0);
+                       (st.range(0) >= 3 ? double(scales[0].numel()) * 2 : 0.0);
   st.counters["GB/s"] = benchmark::Counter(bytes, benchmark::Counter::kIsIterationInvariantRate, benchmark::Counter::kIs1000);
   st.counters["GFLOP/s"] = benchmark::Counter(2.0 * M * O * K, benchmark::Counter::kIsIterationInvariantRate, benchmark::Counter::kIs1000);
-  static const char* names[] = {"f32", "bf16", "int8", "int4"};
+  static const char* names[] = {"f32", "bf16", "int8", "int4", "int4-tiles4"};
   st.SetLabel(std::string(names[st.range(0)]) + " " + kernels::isa_name(kernels::active_isa()));
 }
-BENCHMARK(BM_MatmulWeight)->ArgsProduct({{0, 1, 2, 3}, {1, 4, 16, 64, 640}})->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_MatmulWeight)->ArgsProduct({{0, 1, 2, 3, 4}, {1, 4, 16, 64, 640}})->Unit(benchmark::kMillisecond)->UseRealTime();
 
 // Times x [M,K] times int8 weights [O,K] on the active kernel path, cycling through `copies`
 // quantized matrices so the weights stream from memory; GB/s of int8 weights, labelled by path.

@@ -147,7 +147,7 @@ TEST(Kernels, Int4EveryPathMatchesReferenceOnOddShapes) {
     IsaScope scope(isa);
     for (int64_t M : {1, 2, 3, 5, 16})
       for (int64_t K : {1, 7, 31, 32, 33, 64, 100, 600, 4200})
-        for (int64_t O : {1, 3, 5, 8, 37, 40}) {
+        for (int64_t O : {1, 3, 5, 8, 16, 37, 40, 48}) {
           SCOPED_TRACE(std::string(kernels::isa_name(isa)) + " M=" + std::to_string(M) + " K=" + std::to_string(K) +
                        " O=" + std::to_string(O));
           auto x = torch::randn({M, K});
@@ -172,8 +172,55 @@ TEST(Kernels, Int4EveryPathMatchesReferenceOnOddShapes) {
             EXPECT_TRUE(torch::equal(matmul_weight(x, tiled, qm.scale), y));
             EXPECT_TRUE(torch::equal(dequantize_int4(tiled, qm.scale, K), deq));
           }
+          // The 16-row tiles (O a multiple of 16): the same bytes and scales in another order; the
+          // VNNI kernel sums in another order (within the bound above), every other set reads the
+          // tiles untiled, the same sums in the same order.
+          auto q16 = qm.q.clone(), s16 = qm.scale.clone();
+          ASSERT_EQ(int4_tile16(q16, s16, K), O % 16 == 0);
+          if (O % 16 == 0) {
+            EXPECT_TRUE(torch::equal(int4_file_layout(q16), qm.q));
+            EXPECT_TRUE(torch::equal(int4_scale_file_layout(s16), qm.scale));
+            EXPECT_TRUE(torch::equal(dequantize_int4(q16, s16, K), deq));
+            auto y16 = matmul_weight(x, q16, s16);
+            EXPECT_LT(max_sum_err(y16, reference(xq, deq), x, deq), 1e-5);
+            if (isa != kernels::Isa::Avx512Vnni) EXPECT_TRUE(torch::equal(y16, y));  // untiled for the others
+            // A row's result does not depend on the other rows of the product.
+            EXPECT_TRUE(torch::equal(matmul_weight(x.narrow(0, M - 1, 1), q16, s16), y16.narrow(0, M - 1, 1)));
+          }
         }
   }
+}
+
+TEST(Kernels, Int4TilesOf16RowsGiveEachRowTheSameBitsWhereverThreadsCutThem) {
+  // Several matrices in one pass share a row counter whose chunks (multiples of 16 of the summed
+  // rows) cut a tiled matrix mid-tile when a matrix of 40 rows comes first.
+  torch::manual_seed(23);
+  const int64_t K = 96;
+  std::vector<torch::Tensor> ws, ss;
+  for (int64_t O : {40, 48, 96, 32}) {
+    auto qm = quantize_int4(torch::randn({O, K}));
+    int4_tile16(qm.q, qm.scale, K);
+    ws.push_back(qm.q);
+    ss.push_back(qm.scale);
+  }
+  const int threads_before = at::get_num_threads();
+  for (auto isa : kernels::supported_isas()) {
+    SCOPED_TRACE(kernels::isa_name(isa));
+    IsaScope scope(isa);
+    for (int threads : {1, 2, 3}) {
+      at::set_num_threads(threads);
+      for (int64_t M : {1, 5, 9}) {
+        auto x = torch::randn({M, K});
+        auto ys = matmul_weights(x, ws, ss);
+        for (size_t i = 0; i < ws.size(); ++i) {
+          EXPECT_TRUE(torch::equal(ys[i], matmul_weight(x, ws[i], ss[i]))) << "matrix " << i << ", " << threads << " threads";
+          auto deq = dequantize_int4(ws[i], ss[i], K);
+          EXPECT_LT(max_rel_err(ys[i], reference(x, deq)), 2e-2);
+        }
+      }
+    }
+  }
+  at::set_num_threads(threads_before);
 }
 
 TEST(Kernels, Int4LongProductsWidenTheStoredValuesExactly) {
@@ -751,7 +798,7 @@ TEST(Dtype, CorruptOrMismatchedInt4ScalesAreRefusedByName) {
     dirs.push_back(dir);
     m.save(dir);
     std::map<std::string, torch::Tensor> ts;
-    for (auto& p : m.params()) ts[p.name] = int4_file_layout(*p.tensor);  // as written to disk
+    for (auto& p : m.params()) ts[p.name] = int4_scale_file_layout(int4_file_layout(*p.tensor));  // as on disk
     edit(ts);
     save_safetensors(dir + "/model.safetensors", {ts.begin(), ts.end()}, SaveDtype::Native);
     return error_of([&] { Vlm::load(dir); });

@@ -64,7 +64,16 @@ Int4Matrix quantize_int4(const torch::Tensor& w);
 // a decode product reads one stream instead of four (the file layout stays [O, G * 16]; every
 // function here takes either). int4_interleave returns other shapes as they are.
 torch::Tensor int4_interleave(const torch::Tensor& q, int64_t K);
+// On AVX-512 VNNI a model's int4 matrices whose rows are a multiple of 16 are tiled by 16 rows
+// instead (q [O/16, G, 4, 64], scale [O/16, G, 16]: 16 rows times 4 values per VPDPBUSD; see
+// isa_kernels.h). int4_tile16 tiles a file-layout matrix so (false, unchanged, for other shapes);
+// int4_tile_for_kernels picks the tiles the active kernels read fastest (16, else 4, else none).
+bool int4_tile16(torch::Tensor& q, torch::Tensor& scale, int64_t K);
+void int4_tile_for_kernels(torch::Tensor& q, torch::Tensor& scale, int64_t K);
+// Back to the file layout: q [O, G * 16] (from tiles of 4 or 16) and scale [O, G] (from tiles of
+// 16); anything else is returned as is.
 torch::Tensor int4_file_layout(const torch::Tensor& q);
+torch::Tensor int4_scale_file_layout(const torch::Tensor& scale);
 // The stored values as [O,K] `out` (exactly q * float(scale) in float32 before any cast).
 torch::Tensor dequantize_int4(const torch::Tensor& q, const torch::Tensor& scale, int64_t K,
                               torch::ScalarType out = torch::kFloat32);

@@ -12,6 +12,9 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
+#include <cstring>
+
 #include "isa_kernels.h"
 
 namespace victor::kernels {
@@ -328,8 +331,96 @@ void tile_int4_inputs(int mx, const int8_t* xq, const float* xd, const float* xc
   }
 }
 
+// --- int4 in 16-row tiles (il = 16, isa_kernels.h) ---
+// Per group and activation row: 8 VPDPBUSD (16 rows x 4 values each, the 4 activations broadcast),
+// a convert, and (dot * xd - xc) * scale as one FMSUB and one FMA into the row's 16 outputs: the
+// +8 offset comes off per group and no lane is ever summed across. The tile's 256 bytes of a group
+// are unpacked once for up to 8 activation rows. A row's result depends on neither the other rows
+// nor where its tile sits in [o0, o1).
+constexpr int kT16Inputs = 8;
+constexpr int64_t kT16Ahead = 1024;  // bytes of the tile stream prefetched ahead
+
+inline __m512i bcast4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm512_set1_epi32(v);
+}
+
+template <int MX>
+void tile16_int4(const int8_t* xq, const float* xd, const float* xc, int64_t Kp, int64_t G, const uint8_t* t,
+                 const uint16_t* st, float* y, int64_t ldy) {
+  __m512 acc[MX];
+  for (int m = 0; m < MX; ++m) acc[m] = _mm512_setzero_ps();
+  const __m512i low = _mm512_set1_epi8(0x0f);
+  for (int64_t g = 0; g < G; ++g) {
+    const uint8_t* p = t + g * 256;
+    for (int c = 0; c < 4; ++c) _mm_prefetch(reinterpret_cast<const char*>(p) + kT16Ahead + 64 * c, _MM_HINT_T0);
+    __m512i lo[4], hi[4];
+    for (int j = 0; j < 4; ++j) {
+      const __m512i b = _mm512_loadu_si512(p + 64 * j);
+      lo[j] = _mm512_and_si512(b, low);
+      hi[j] = _mm512_and_si512(_mm512_srli_epi16(b, 4), low);
+    }
+    const __m512 ws = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(st + g * 16)));
+    const int64_t pl = xq_pos(G, g, 0), ph = xq_pos(G, g, 16);
+    for (int m = 0; m < MX; ++m) {
+      const int8_t* xl = xq + m * Kp + pl;
+      const int8_t* xh = xq + m * Kp + ph;
+      __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[0], bcast4(xl));
+      d = _mm512_dpbusd_epi32(d, hi[0], bcast4(xh));
+      for (int j = 1; j < 4; ++j) {
+        d = _mm512_dpbusd_epi32(d, lo[j], bcast4(xl + 4 * j));
+        d = _mm512_dpbusd_epi32(d, hi[j], bcast4(xh + 4 * j));
+      }
+      const __m512 v = _mm512_fmsub_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(xd[m * G + g]), _mm512_set1_ps(xc[m * G + g]));
+      acc[m] = _mm512_fmadd_ps(ws, v, acc[m]);
+    }
+  }
+  for (int m = 0; m < MX; ++m) _mm512_storeu_ps(y + m * ldy, acc[m]);
+}
+
+void tile16_int4_inputs(int mx, const int8_t* xq, const float* xd, const float* xc, int64_t Kp, int64_t G,
+                        const uint8_t* t, const uint16_t* st, float* y, int64_t ldy) {
+  switch (mx) {
+    case 1: tile16_int4<1>(xq, xd, xc, Kp, G, t, st, y, ldy); break;
+    case 2: tile16_int4<2>(xq, xd, xc, Kp, G, t, st, y, ldy); break;
+    case 3: tile16_int4<3>(xq, xd, xc, Kp, G, t, st, y, ldy); break;
+    case 4: tile16_int4<4>(xq, xd, xc, Kp, G, t, st, y, ldy); break;
+    case 5: tile16_int4<5>(xq, xd, xc, Kp, G, t, st, y, ldy); break;
+    case 6: tile16_int4<6>(xq, xd, xc, Kp, G, t, st, y, ldy); break;
+    case 7: tile16_int4<7>(xq, xd, xc, Kp, G, t, st, y, ldy); break;
+    default: tile16_int4<8>(xq, xd, xc, Kp, G, t, st, y, ldy); break;
+  }
+}
+
+// Rows [o0, o1) of a 16-row-tiled int4 W; a tile only partly inside the range is computed whole
+// into a scratch and its rows in range copied.
+void int4_tiles16(const int8_t* xq, const float* xd, const float* xc, int64_t M, int64_t K, const uint8_t* w,
+                  const uint16_t* scale, int64_t o0, int64_t o1, float* y, int64_t ldy) {
+  const int64_t G = int4_groups(K), Kp = int4_padded(K), rb = int4_row_bytes(K);
+  for (int64_t ob = o0 / 16; ob * 16 < o1; ++ob) {
+    const uint8_t* t = w + ob * 16 * rb;
+    const uint16_t* st = scale + ob * 16 * G;
+    const int64_t lo = std::max(o0, ob * 16), hi = std::min(o1, ob * 16 + 16);
+    for (int64_t m0 = 0; m0 < M; m0 += kT16Inputs) {
+      const int mx = M - m0 < kT16Inputs ? int(M - m0) : kT16Inputs;
+      const int8_t* xm = xq + m0 * Kp;
+      const float *dm = xd + m0 * G, *cm = xc + m0 * G;
+      if (hi - lo == 16) {
+        tile16_int4_inputs(mx, xm, dm, cm, Kp, G, t, st, y + m0 * ldy + ob * 16, ldy);
+      } else {
+        alignas(64) float part[kT16Inputs * 16];
+        tile16_int4_inputs(mx, xm, dm, cm, Kp, G, t, st, part, 16);
+        for (int m = 0; m < mx; ++m)
+          for (int64_t o = lo; o < hi; ++o) y[(m0 + m) * ldy + o] = part[m * 16 + (o - ob * 16)];
+      }
+    }
+  }
+}
+
 void int4(const int8_t* xq, const float* xd, const float* xc, int64_t M, int64_t K, const uint8_t* w, int64_t il,
           const uint16_t* scale, int64_t o0, int64_t o1, float* y, int64_t ldy) {
+  if (il == 16) return int4_tiles16(xq, xd, xc, M, K, w, scale, o0, o1, y, ldy);
   const int64_t G = int4_groups(K), Kp = int4_padded(K);
   for (int64_t o = o0; o < o1; o += 4) {
     const int64_t n = o1 - o < 4 ? o1 - o : 4;
@@ -351,6 +442,7 @@ const KernelSet& avx512vnni_kernels() {
     s.quantize_q8 = quantize;
     s.matmul_int8_q8 = int8_q8;
     s.matmul_int4 = int4;
+    s.int4_tiles16 = true;
     return s;
   }();
   return set;

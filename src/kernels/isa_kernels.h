@@ -58,7 +58,8 @@ struct KernelSet {
   // minus sum_g scale[o,g] * xc[m,g], n the stored nibbles (0..15): the quantized activations
   // times the int4 weights, exactly in integers within a group.
   void (*quantize_q8_32)(const float* x, int64_t M, int64_t K, int8_t* xq, float* xd, float* xc) = nullptr;
-  // `il`: the weight's row interleave (1: the file layout; 4: int4_group's tiles).
+  // `il`: the weight's row interleave (1: the file layout; 4: int4_group's tiles; 16: the 16-row
+  // tiles below, only where int4_tiles16 is set; kernels.cpp hands other sets those rows untiled).
   void (*matmul_int4)(const int8_t* xq, const float* xd, const float* xc, int64_t M, int64_t K, const uint8_t* w,
                       int64_t il, const uint16_t* scale, int64_t o0, int64_t o1, float* y, int64_t ldy) = nullptr;
   // Rows [o0,o1) of an int4 W as float32: out[(o - o0)*K + k] = (n - 8) * scale[o, k / 32].
@@ -68,6 +69,9 @@ struct KernelSet {
   // bf16((n - 8) * scale[o, k / 32]), rounded to nearest even.
   void (*dequant_int4_bf16)(const uint8_t* w, int64_t il, const uint16_t* scale, int64_t K, int64_t o0, int64_t o1,
                             uint16_t* out) = nullptr;
+  // matmul_int4 reads il = 16 itself (AVX-512 VNNI): models loaded on this set keep their int4
+  // matrices in 16-row tiles (int4_tile16_offset).
+  bool int4_tiles16 = false;
 };
 
 // int4 layout (kernels::kInt4Group in victor/kernels.h): groups of 32 values along K, each stored
@@ -86,6 +90,16 @@ inline const uint8_t* int4_group(const uint8_t* w, int64_t K, int64_t il, int64_
   const int64_t rb = int4_row_bytes(K);
   if (il == 1) return w + o * rb + g * (kInt4GroupK / 2);
   return w + (o / 4) * 4 * rb + (g / 2) * 4 * kInt4GroupK + (o % 4) * kInt4GroupK + (g % 2) * (kInt4GroupK / 2);
+}
+
+// il = 16 (where O is a multiple of 16 and the set has int4_tiles16): [O/16][G][4][16][4] bytes and
+// scales [O/16][G][16]. For each tile of 16 rows and each group, chunk j (of 4) holds bytes
+// 4j..4j+3 of the 16 rows' 16 group bytes, row by row: its low nibbles are values 4j..4j+3 of the
+// rows, its high ones 16+4j..19+4j, the four bytes a VPDPBUSD lane sums, so one instruction
+// multiplies 16 rows by 4 activations with no horizontal sums; the 16 rows' scales of the group
+// lie side by side, one float16 vector. Byte b of row o's group g:
+inline int64_t int4_tile16_offset(int64_t K, int64_t o, int64_t g, int64_t b) {
+  return (o / 16) * 16 * int4_row_bytes(K) + g * 256 + (b / 4) * 64 + (o % 16) * 4 + b % 4;
 }
 
 // Where quantize_q8_32 puts value j of activation block g (of G): blocks go in pairs of 64 bytes,

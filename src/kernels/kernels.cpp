@@ -109,26 +109,33 @@ namespace {
 
 using kernels::active_set;
 
-// Rows of a stored weight (an interleaved int4 one is [O/4, G/2, 4, 32]) and its int4 interleave.
-int64_t weight_rows(const torch::Tensor& w) {
-  return w.dim() == 4 && w.scalar_type() == torch::kUInt8 ? w.size(0) * 4 : w.size(0);
+// Rows of a stored weight and its int4 interleave: an int4 one tiled by 4 rows is [O/4, G/2, 4, 32],
+// by 16 rows [O/16, G, 4, 64] (isa_kernels.h).
+int64_t int4_interleave_of(const torch::Tensor& w) {
+  return w.dim() != 4 ? 1 : w.size(3) == 4 * 16 ? 16 : 4;
 }
-int64_t int4_interleave_of(const torch::Tensor& w) { return w.dim() == 4 ? 4 : 1; }
+int64_t weight_rows(const torch::Tensor& w) {
+  return w.dim() == 4 && w.scalar_type() == torch::kUInt8 ? w.size(0) * int4_interleave_of(w) : w.size(0);
+}
 
 void check_weight(const torch::Tensor& w, const torch::Tensor& scale, int64_t K) {
   if ((w.dim() != 2 && !(w.dim() == 4 && w.scalar_type() == torch::kUInt8)) || !w.is_contiguous())
     throw Error("matmul_weight: weight must be a contiguous [out,in] matrix");
   if (w.scalar_type() == torch::kUInt8) {
     const int64_t O = weight_rows(w);
-    const bool packed = w.dim() == 4 ? w.size(1) * 2 == int4_groups(K) && w.size(2) == 4 && w.size(3) == kInt4Group
-                                     : w.size(1) == int4_row_bytes(K);
+    const int64_t il = int4_interleave_of(w), G = int4_groups(K);
+    const bool packed = il == 1    ? w.size(1) == int4_row_bytes(K)
+                        : il == 4  ? w.size(1) * 2 == G && w.size(2) == 4 && w.size(3) == kInt4Group
+                                   : w.size(1) == G && w.size(2) == 4;
     if (!packed)
       throw Error("matmul_weight: input has " + std::to_string(K) + " features, an int4 weight for it has " +
-                  std::to_string(int4_row_bytes(K)) + " bytes a row (in rows or in tiles of 4), not " +
+                  std::to_string(int4_row_bytes(K)) + " bytes a row (in rows or in tiles of 4 or 16), not " +
                   std::to_string(w.size(1)));
-    if (!scale.defined() || scale.scalar_type() != torch::kFloat16 || scale.dim() != 2 || scale.size(0) != O ||
-        scale.size(1) != int4_groups(K) || !scale.is_contiguous())
-      throw Error("matmul_weight: an int4 weight needs a float16 scale [rows, groups]");
+    const bool scale_ok = il == 16 ? scale.dim() == 3 && scale.size(0) * 16 == O && scale.size(1) == G && scale.size(2) == 16
+                                   : scale.dim() == 2 && scale.size(0) == O && scale.size(1) == G;
+    if (!scale.defined() || scale.scalar_type() != torch::kFloat16 || !scale_ok || !scale.is_contiguous())
+      throw Error("matmul_weight: an int4 weight needs a float16 scale [rows, groups] (tiles of 16 rows: "
+                  "[rows / 16, groups, 16])");
     return;
   }
   if (w.size(1) != K)
@@ -155,6 +162,26 @@ void over_chunks(int64_t n, int64_t chunk, const F& f) {
     for (int64_t c = next.fetch_add(1); c < chunks; c = next.fetch_add(1))
       f(c * chunk, std::min(n, (c + 1) * chunk));
   });
+}
+
+// Rows [o0, o1) of a 16-row-tiled int4 W (il = 16) for kernels that read rows: each tile they
+// touch copied into the file layout (il = 1) with its scales [16, G], then f(rows, scales, lo, hi,
+// base) with the tile's first row at `base` and the range [lo, hi) counted from it.
+template <class F>
+void int4_untiled(const uint8_t* w, const uint16_t* scale, int64_t K, int64_t o0, int64_t o1, const F& f) {
+  const int64_t G = kernels::int4_groups(K), rb = kernels::int4_row_bytes(K);
+  std::vector<uint8_t> rows(size_t(16 * rb));
+  std::vector<uint16_t> sc(size_t(16 * G));
+  for (int64_t ob = o0 / 16; ob * 16 < o1; ++ob) {
+    const int64_t base = ob * 16;
+    for (int64_t r = 0; r < 16; ++r)
+      for (int64_t g = 0; g < G; ++g) {
+        for (int64_t j = 0; j < 4; ++j)
+          std::memcpy(&rows[size_t(r * rb + g * 16 + 4 * j)], w + kernels::int4_tile16_offset(K, base + r, g, 4 * j), 4);
+        sc[size_t(r * G + g)] = scale[base * G + g * 16 + r];
+      }
+    f(rows.data(), sc.data(), std::max(o0, base) - base, std::min(o1, base + 16) - base, base);
+  }
 }
 
 // Threads over output rows: about 8 chunks per thread, whole multiples of 16 rows.
@@ -257,8 +284,13 @@ std::vector<torch::Tensor> skinny(const torch::Tensor& x2, const std::vector<tor
       float* xc = xd + M * G;
       ks.quantize_q8_32(xp, M, K, xq, xd, xc);
       run([&](size_t i, int64_t o0, int64_t o1, float* y, int64_t ldy) {
-        ks.matmul_int4(xq, xd, xc, M, K, ws[i].data_ptr<uint8_t>(), int4_interleave_of(ws[i]),
-                       reinterpret_cast<const uint16_t*>(scales[i].data_ptr<at::Half>()), o0, o1, y, ldy);
+        const uint8_t* w = ws[i].data_ptr<uint8_t>();
+        const auto* sc = reinterpret_cast<const uint16_t*>(scales[i].data_ptr<at::Half>());
+        const int64_t il = int4_interleave_of(ws[i]);
+        if (il != 16 || ks.int4_tiles16) return ks.matmul_int4(xq, xd, xc, M, K, w, il, sc, o0, o1, y, ldy);
+        int4_untiled(w, sc, K, o0, o1, [&](const uint8_t* bw, const uint16_t* bs, int64_t lo, int64_t hi, int64_t base) {
+          ks.matmul_int4(xq, xd, xc, M, K, bw, 1, bs, lo, hi, y + base, ldy);
+        });
       });
       break;
     }
@@ -275,7 +307,12 @@ torch::Tensor int4_to_f32(const torch::Tensor& q, const torch::Tensor& scale, in
   const uint8_t* qp = q.data_ptr<uint8_t>();
   const auto* sp = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>());
   float* op = out.data_ptr<float>();
-  over_rows(O, [&](int64_t a, int64_t b) { ks.dequant_int4_f32(qp, il, sp, K, a, b, op + a * K); });
+  over_rows(O, [&](int64_t a, int64_t b) {
+    if (il != 16) return ks.dequant_int4_f32(qp, il, sp, K, a, b, op + a * K);
+    int4_untiled(qp, sp, K, a, b, [&](const uint8_t* bw, const uint16_t* bs, int64_t lo, int64_t hi, int64_t base) {
+      ks.dequant_int4_f32(bw, 1, bs, K, lo, hi, op + (base + lo) * K);
+    });
+  });
   return out;
 }
 
@@ -289,7 +326,12 @@ torch::Tensor int4_to_bf16(const torch::Tensor& q, const torch::Tensor& scale, i
   const uint8_t* qp = q.data_ptr<uint8_t>();
   const auto* sp = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>());
   auto* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
-  over_rows(O, [&](int64_t a, int64_t b) { ks.dequant_int4_bf16(qp, il, sp, K, a, b, op); });
+  over_rows(O, [&](int64_t a, int64_t b) {
+    if (il != 16) return ks.dequant_int4_bf16(qp, il, sp, K, a, b, op);
+    int4_untiled(qp, sp, K, a, b, [&](const uint8_t* bw, const uint16_t* bs, int64_t lo, int64_t hi, int64_t base) {
+      ks.dequant_int4_bf16(bw, 1, bs, K, lo, hi, op + base * K);
+    });
+  });
   return out;
 }
 
@@ -414,14 +456,40 @@ torch::Tensor int4_interleave(const torch::Tensor& q, int64_t K) {
   return q.view({O / 4, 4, G / 2, kInt4Group}).permute({0, 2, 1, 3}).contiguous();
 }
 
+bool int4_tile16(torch::Tensor& q, torch::Tensor& scale, int64_t K) {
+  if (q.dim() != 2 || q.scalar_type() != torch::kUInt8 || scale.dim() != 2) return false;
+  const int64_t O = q.size(0), G = int4_groups(K);
+  if (O % 16 != 0 || q.size(1) != int4_row_bytes(K) || scale.size(0) != O || scale.size(1) != G) return false;
+  // [O/16, 16 rows, G, 4 chunks, 4 bytes] -> [O/16, G, 4 chunks, 16 rows, 4 bytes]
+  q = q.view({O / 16, 16, G, 4, 4}).permute({0, 2, 3, 1, 4}).contiguous().view({O / 16, G, 4, 64});
+  scale = scale.view({O / 16, 16, G}).permute({0, 2, 1}).contiguous();
+  return true;
+}
+
+void int4_tile_for_kernels(torch::Tensor& q, torch::Tensor& scale, int64_t K) {
+  if (q.dim() != 2 || q.scalar_type() != torch::kUInt8) return;
+  if (active_set().int4_tiles16 && int4_tile16(q, scale, K)) return;
+  q = int4_interleave(q, K);
+}
+
 torch::Tensor int4_file_layout(const torch::Tensor& q) {
   if (q.dim() != 4 || q.scalar_type() != torch::kUInt8) return q;
+  if (int4_interleave_of(q) == 16) {  // [O/16, G, 4 chunks, 16 rows, 4 bytes] -> rows
+    const int64_t T = q.size(0), G = q.size(1);
+    return q.view({T, G, 4, 16, 4}).permute({0, 3, 1, 2, 4}).reshape({T * 16, G * 16}).contiguous();
+  }
   const int64_t O = q.size(0) * 4, rb = q.size(1) * kInt4Group;
   return q.permute({0, 2, 1, 3}).reshape({O, rb}).contiguous();
 }
 
-torch::Tensor dequantize_int4(const torch::Tensor& q_in, const torch::Tensor& scale, int64_t K, torch::ScalarType out) {
+torch::Tensor int4_scale_file_layout(const torch::Tensor& scale) {
+  if (scale.dim() != 3 || scale.scalar_type() != torch::kFloat16) return scale;
+  return scale.permute({0, 2, 1}).reshape({scale.size(0) * scale.size(2), scale.size(1)}).contiguous();
+}
+
+torch::Tensor dequantize_int4(const torch::Tensor& q_in, const torch::Tensor& scale_in, int64_t K, torch::ScalarType out) {
   const torch::Tensor q = int4_file_layout(q_in);
+  const torch::Tensor scale = int4_scale_file_layout(scale_in);
   const int64_t O = q.size(0), G = int4_groups(K);
   if (q.dim() != 2 || q.size(1) != int4_row_bytes(K) || scale.dim() != 2 || scale.size(0) != O || scale.size(1) != G)
     throw Error("dequantize_int4: packed [" + std::to_string(q.size(0)) + "," + std::to_string(q.size(-1)) +

@@ -223,7 +223,7 @@ void convert_matrix(torch::Tensor& w, torch::Tensor& scale, WeightDType to, int6
       break;
     }
   }
-  if (to == WeightDType::Int4 && !embedding) w = int4_interleave(w, K);  // a no-op on tiles already
+  if (to == WeightDType::Int4 && !embedding) int4_tile_for_kernels(w, scale, K);  // a no-op on tiles already
   w = in_huge_pages(w);
 }
 
@@ -434,8 +434,12 @@ int64_t Vlm::parameter_count(int part_mask) const {
 void Vlm::save(const std::string& dir, size_t max_shard_bytes) const {
   ModelFolderWrite write(dir);  // a no-op inside a caller's write of the same folder
   std::vector<std::pair<std::string, torch::Tensor>> tensors;
-  // int4 matrices go to disk in the file layout (rows one after another), whatever their tiles in memory.
-  for (auto& p : params_) tensors.emplace_back(p.name, p.is_matrix() ? int4_file_layout(*p.tensor) : *p.tensor);
+  // int4 matrices and their scales go to disk in the file layout (rows one after another), whatever
+  // their tiles in memory.
+  for (auto& p : params_)
+    tensors.emplace_back(p.name, p.is_matrix()           ? int4_file_layout(*p.tensor)
+                                 : is_scale_of_matrix(p) ? int4_scale_file_layout(*p.tensor)
+                                                         : *p.tensor);
   save_checkpoint_tensors(dir, tensors, max_shard_bytes, SaveDtype::Native);
   save_config(config_, dir);
   write.commit();
