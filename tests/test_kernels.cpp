@@ -243,6 +243,11 @@ TEST(Kernels, Int4LongProductsWidenTheStoredValuesExactly) {
     ASSERT_EQ(tiled.dim(), 4);
     auto x64 = x.narrow(1, 0, 64).contiguous();
     EXPECT_TRUE(torch::equal(matmul_weight(x64, tiled, q44.scale), at::mm(x64, dequantize_int4(q44.q, q44.scale, 64).t())));
+    auto q32 = quantize_int4(w.narrow(0, 0, 32).narrow(1, 0, 64));  // and the 16-row tiles
+    auto t16 = q32.q.clone(), s16 = q32.scale.clone();
+    ASSERT_TRUE(int4_tile16(t16, s16, 64));
+    const auto deq32 = dequantize_int4(q32.q, q32.scale, 64);
+    EXPECT_TRUE(torch::equal(matmul_weight(x64, t16, s16), at::mm(x64, deq32.t())));
     force_bf16_gemm_off(false);
     EXPECT_LT(max_rel_err(matmul_weight(x, qm.q, qm.scale), reference(x, deq)), 2e-2);
     if (bf16_gemm_available()) {  // widened to exactly the bf16 of dequantize_int4's values
@@ -250,6 +255,8 @@ TEST(Kernels, Int4LongProductsWidenTheStoredValuesExactly) {
       EXPECT_TRUE(torch::equal(matmul_weight(x, qm.q, qm.scale), matmul_weight(x, deq16, torch::Tensor())));
       EXPECT_TRUE(torch::equal(matmul_weight(x64, tiled, q44.scale),
                                matmul_weight(x64, dequantize_int4(q44.q, q44.scale, 64, torch::kBFloat16), torch::Tensor())));
+      EXPECT_TRUE(torch::equal(matmul_weight(x64, t16, s16),
+                               matmul_weight(x64, dequantize_int4(q32.q, q32.scale, 64, torch::kBFloat16), torch::Tensor())));
     }
   }
 }

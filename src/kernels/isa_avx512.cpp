@@ -2,6 +2,8 @@
 // through avx512_kernels() after a CPU check (kernels.cpp).
 #include <immintrin.h>
 
+#include <cstring>
+
 #include "isa_kernels.h"
 #include "simd_loops.h"
 
@@ -155,7 +157,8 @@ void dequant(const int8_t* w, const float* scale, int64_t K, int64_t o0, int64_t
 }
 
 // Rows [o0,o1) of an int4 W as bf16 bits, each group's 32 values widened, scaled (exact in float:
-// a 4-bit value times a float16) and rounded as LibTorch rounds float32 to bfloat16.
+// a 4-bit value times a float16) and rounded as LibTorch rounds float32 to bfloat16. Reads every
+// layout, the 16-row tiles too (the prefill of a model loaded on AVX-512 VNNI).
 void dequant_int4(const uint8_t* w, int64_t il, const uint16_t* scale, int64_t K, int64_t o0, int64_t o1,
                   uint16_t* out) {
   const int64_t G = int4_groups(K);
@@ -163,8 +166,19 @@ void dequant_int4(const uint8_t* w, int64_t il, const uint16_t* scale, int64_t K
   const __m512i eight = _mm512_set1_epi32(8);
   for (int64_t o = o0; o < o1; ++o)
     for (int64_t g = 0; g < G; ++g) {
-      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(int4_group(w, K, il, o, g)));
-      const __m512 s = _mm512_set1_ps(_cvtsh_ss(scale[o * G + g]));
+      __m128i b;
+      uint16_t sh;
+      if (il == 16) {  // the row's 4 chunks of 4 bytes, 64 apart; scales [O/16][G][16]
+        const uint8_t* p = w + int4_tile16_offset(K, o, g, 0);
+        int32_t c[4];
+        for (int j = 0; j < 4; ++j) std::memcpy(&c[j], p + 64 * j, 4);
+        b = _mm_setr_epi32(c[0], c[1], c[2], c[3]);
+        sh = scale[(o / 16) * 16 * G + g * 16 + o % 16];
+      } else {
+        b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(int4_group(w, K, il, o, g)));
+        sh = scale[o * G + g];
+      }
+      const __m512 s = _mm512_set1_ps(_cvtsh_ss(sh));
       const __m128i halves[2] = {_mm_and_si128(b, low), _mm_and_si128(_mm_srli_epi16(b, 4), low)};
       for (int h = 0; h < 2; ++h) {
         const int64_t k = g * kInt4GroupK + 16 * h;

@@ -66,7 +66,7 @@ struct KernelSet {
   void (*dequant_int4_f32)(const uint8_t* w, int64_t il, const uint16_t* scale, int64_t K, int64_t o0, int64_t o1,
                            float* out) = nullptr;
   // Rows [o0,o1) of an int4 W as bf16 bits (the AVX-512 sets; null elsewhere): out[o*K + k] =
-  // bf16((n - 8) * scale[o, k / 32]), rounded to nearest even.
+  // bf16((n - 8) * scale[o, k / 32]), rounded to nearest even. Reads il = 16 as well.
   void (*dequant_int4_bf16)(const uint8_t* w, int64_t il, const uint16_t* scale, int64_t K, int64_t o0, int64_t o1,
                             uint16_t* out) = nullptr;
   // matmul_int4 reads il = 16 itself (AVX-512 VNNI): models loaded on this set keep their int4

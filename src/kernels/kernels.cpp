@@ -326,12 +326,7 @@ torch::Tensor int4_to_bf16(const torch::Tensor& q, const torch::Tensor& scale, i
   const uint8_t* qp = q.data_ptr<uint8_t>();
   const auto* sp = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>());
   auto* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
-  over_rows(O, [&](int64_t a, int64_t b) {
-    if (il != 16) return ks.dequant_int4_bf16(qp, il, sp, K, a, b, op);
-    int4_untiled(qp, sp, K, a, b, [&](const uint8_t* bw, const uint16_t* bs, int64_t lo, int64_t hi, int64_t base) {
-      ks.dequant_int4_bf16(bw, 1, bs, K, lo, hi, op + base * K);
-    });
-  });
+  over_rows(O, [&](int64_t a, int64_t b) { ks.dequant_int4_bf16(qp, il, sp, K, a, b, op); });
   return out;
 }
 
