@@ -1,13 +1,18 @@
 #!/usr/bin/env python3
-"""Writes the language model of a float32 victor (llava-hf layout) folder as a llama.cpp GGUF file,
-for side-by-side benchmarks on the same weights (docs/benchmarks.md). Uses llama.cpp's own gguf-py
-(PYTHONPATH=<llama.cpp>/gguf-py) and NumPy; the tokenizer is a placeholder vocabulary of the model's
-size (llama-bench times token ids, not text). Quantize the result with llama-quantize.
+"""Writes a float32 victor (llava-hf layout) folder as llama.cpp GGUF files, for side-by-side
+benchmarks on the same weights (docs/benchmarks.md). Uses llama.cpp's own gguf-py
+(PYTHONPATH=<llama.cpp>/gguf-py) and NumPy.
 
   python3 scripts/victor_to_gguf.py MODEL_DIR OUT.gguf [f32|f16]
+      the language model; its tokenizer is a placeholder vocabulary of the model's size
+      (llama-bench times token ids, not text). Quantize the result with llama-quantize.
+  python3 scripts/victor_to_gguf.py --mmproj MODEL_DIR OUT.gguf [f32|f16]
+      the vision tower up to the layer LLaVA reads and the projector, as llama-mtmd-cli's
+      `--mmproj` (projector_type mlp; a LLaVA-NeXT folder adds its image_grid_pinpoints,
+      spatial_unpad and image_newline, as llava-v1.6's mmproj files hold them).
 
 The folder may hold F32 or BF16 tensors; the GGUF's matrices are F32 (default) or F16 (half the
-file, for 7B shapes), its norms F32.
+file, for 7B shapes), its norms F32; the patch embedding is always F16 (as llama.cpp writes it).
 """
 import json
 import os
@@ -53,13 +58,91 @@ def permute(w, heads):
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def write_mmproj(folder, out, half):
+    cfg = json.load(open(os.path.join(folder, "config.json")))
+    pre = json.load(open(os.path.join(folder, "preprocessor_config.json")))
+    v = cfg["vision_config"]
+    raw = tensors(folder)
+    root = "model." if "model.image_newline" in raw or "model.multi_modal_projector.linear_1.weight" in raw else ""
+    vt = root + "vision_tower.vision_model."
+    mm = root + "multi_modal_projector."
+    n_layers = v["num_hidden_layers"]
+    select = cfg.get("vision_feature_layer", -2)
+    if not isinstance(select, int):
+        sys.exit(f"{folder}: vision_feature_layer {select!r}: only one layer is written")
+    # llama.cpp counts feature layers from the embeddings' output (0) on, and keeps that many blocks.
+    feature = select if select >= 0 else n_layers + select + 1
+    if cfg.get("vision_feature_select_strategy", "default") != "default":
+        sys.exit(f"{folder}: vision_feature_select_strategy other than 'default' is not written")
+    if v.get("hidden_act", "quick_gelu") not in ("quick_gelu", "gelu"):
+        sys.exit(f"{folder}: vision hidden_act {v.get('hidden_act')!r} is not written")
+    w = gguf.GGUFWriter(out, "clip")
+    w.add_name("victor-random-mmproj")
+    w.add_file_type(1 if half else 0)
+    w.add_bool("clip.has_vision_encoder", True)
+    w.add_bool("clip.has_llava_projector", True)
+    w.add_string("clip.projector_type", "mlp")
+    w.add_uint32("clip.vision.image_size", v["image_size"])
+    w.add_uint32("clip.vision.patch_size", v["patch_size"])
+    w.add_uint32("clip.vision.embedding_length", v["hidden_size"])
+    w.add_uint32("clip.vision.feed_forward_length", v["intermediate_size"])
+    w.add_uint32("clip.vision.projection_dim", cfg["text_config"]["hidden_size"])
+    w.add_uint32("clip.vision.attention.head_count", v["num_attention_heads"])
+    w.add_float32("clip.vision.attention.layer_norm_epsilon", float(v.get("layer_norm_eps", 1e-5)))
+    w.add_uint32("clip.vision.block_count", feature)
+    w.add_array("clip.vision.feature_layer", [feature])
+    w.add_bool("clip.use_gelu", v.get("hidden_act") == "gelu")
+    w.add_array("clip.vision.image_mean", [float(x) for x in pre["image_mean"]])
+    w.add_array("clip.vision.image_std", [float(x) for x in pre["image_std"]])
+    if "image_grid_pinpoints" in cfg:
+        w.add_array("clip.vision.image_grid_pinpoints", [int(x) for hw in cfg["image_grid_pinpoints"] for x in hw])
+        w.add_string("clip.vision.mm_patch_merge_type", "spatial_unpad")
+
+    def add(name, arr, matrix=False):
+        dtype = np.float16 if half and matrix else np.float32
+        w.add_tensor(name, np.ascontiguousarray(arr, dtype=dtype))
+
+    add("v.class_embd", as_f32(raw[vt + "embeddings.class_embedding"]))
+    w.add_tensor("v.patch_embd.weight", np.ascontiguousarray(as_f32(raw[vt + "embeddings.patch_embedding.weight"]),
+                                                             dtype=np.float16))
+    add("v.position_embd.weight", as_f32(raw[vt + "embeddings.position_embedding.weight"]))
+    add("v.pre_ln.weight", as_f32(raw[vt + "pre_layrnorm.weight"]))
+    add("v.pre_ln.bias", as_f32(raw[vt + "pre_layrnorm.bias"]))
+    parts = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.out_proj": "attn_out", "layer_norm1": "ln1", "layer_norm2": "ln2",
+             "mlp.fc1": "ffn_up", "mlp.fc2": "ffn_down"}
+    for i in range(feature):
+        for src, dst in parts.items():
+            for kind in ("weight", "bias"):
+                arr = as_f32(raw[f"{vt}encoder.layers.{i}.{src}.{kind}"])
+                add(f"v.blk.{i}.{dst}.{kind}", arr, matrix=arr.ndim == 2)
+    for src, dst in (("linear_1", "mm.0"), ("linear_2", "mm.2")):
+        add(dst + ".weight", as_f32(raw[f"{mm}{src}.weight"]), matrix=True)
+        add(dst + ".bias", as_f32(raw[f"{mm}{src}.bias"]))
+    if root + "image_newline" in raw:
+        add("v.image_newline", as_f32(raw[root + "image_newline"]))
+    elif "image_grid_pinpoints" in cfg:
+        sys.exit(f"{folder}: a LLaVA-NeXT folder without image_newline")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file(progress=False)
+    w.close()
+    print(f"wrote {out}: {feature} vision blocks and the projector")
+
+
 def main():
-    if len(sys.argv) not in (3, 4) or (len(sys.argv) == 4 and sys.argv[3] not in ("f32", "f16")):
+    args = sys.argv[1:]
+    mmproj = bool(args) and args[0] == "--mmproj"
+    if mmproj:
+        args = args[1:]
+    if len(args) not in (2, 3) or (len(args) == 3 and args[2] not in ("f32", "f16")):
         sys.exit(__doc__)
-    folder, out = sys.argv[1], sys.argv[2]
-    half = len(sys.argv) == 4 and sys.argv[3] == "f16"
+    folder, out = args[0], args[1]
+    half = len(args) == 3 and args[2] == "f16"
     if os.path.exists(out):
         sys.exit(f"{out} exists; remove it first (this script does not overwrite files)")
+    if mmproj:
+        return write_mmproj(folder, out, half)
     cfg = json.load(open(os.path.join(folder, "config.json")))
     t = cfg["text_config"]
     d, L, H = t["hidden_size"], t["num_hidden_layers"], t["num_attention_heads"]

@@ -410,3 +410,27 @@ TEST(Next, TrainingOverfitsAFewPackedImages) {
     EXPECT_TRUE(m.weights().image_newline.defined());
   }
 }
+
+TEST(Next, EveryPresetBuildsAndTheAnyResTwinOfClipL1bKeepsItsLanguageModel) {
+  for (const auto& name : preset_names()) {
+    SCOPED_TRACE(name);
+    ModelConfig c = preset_config(name);
+    EXPECT_NO_THROW(c.validate());
+    EXPECT_EQ(c.is_next(), name.find("next") != std::string::npos);
+  }
+  const ModelConfig twin = preset_config("clip-l-1b-next"), base = preset_config("clip-l-1b");
+  const ModelConfig next7 = preset_config("llava-next-7b");
+  EXPECT_EQ(twin.text.hidden_size, base.text.hidden_size);
+  EXPECT_EQ(twin.text.num_hidden_layers, base.text.num_hidden_layers);
+  EXPECT_EQ(twin.text.num_key_value_heads, base.text.num_key_value_heads);
+  EXPECT_EQ(twin.image_grid_pinpoints, next7.image_grid_pinpoints);
+  EXPECT_EQ(twin.vision.image_size, next7.vision.image_size);
+  EXPECT_TRUE(preset_keeps_vocabulary("clip-l-1b-next"));
+  EXPECT_FALSE(preset_keeps_vocabulary("llava-next-tiny"));
+  try {
+    preset_config("llava-9000");
+    ADD_FAILURE() << "an unknown preset was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("clip-l-1b-next"), std::string::npos) << e.what();
+  }
+}

@@ -81,8 +81,8 @@ Command bench_command(CLI::App& app, int, char**) {
   BenchArgs& bn = *bn_h;
   auto* c_bench = app.add_subcommand("bench", "Measure plain vs Victor (vision, TTFT, decode, requests/s, KV, memory)");
   c_bench->add_option("--model", bn.model, "Checkpoint folder (its own m and k are one configuration)");
-  c_bench->add_option("--preset", bn.preset, "Random weights of a preset shape: tiny | small | clip-l-1b | llava-7b | llava-next-tiny | llava-next-7b")
-      ->check(CLI::IsMember({"tiny", "small", "clip-l-1b", "llava-7b", "llava-next-tiny", "llava-next-7b"}));
+  c_bench->add_option("--preset", bn.preset, "Random weights of a preset shape (as victor init makes them)")
+      ->check(CLI::IsMember(preset_names()));
   add_dtype_option(c_bench, bn.dtype);
   add_kv_dtype_option(c_bench, bn.kv_dtype);
   add_cap_options(c_bench, bn.cap);

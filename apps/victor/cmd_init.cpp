@@ -24,7 +24,7 @@ void run_init(const InitArgs& a) {
   int n = train_tokenizer(corpus, a.out, a.vocab, a.tokenizer_type);
   // The real-model presets keep their vocabulary (32064 rows); the training presets shrink it to
   // the tokenizer.
-  fit_vocabulary(cfg, n, a.preset == "clip-l-1b" || a.preset == "llava-7b" || a.preset == "llava-next-7b");
+  fit_vocabulary(cfg, n, preset_keeps_vocabulary(a.preset));
   cfg.reducer = a.reducer.resolve(Reducer::none());
   Vlm model = Vlm::random(cfg, a.seed, weight_format_from_string(a.dtype));
   model.save(a.out);
@@ -44,8 +44,8 @@ Command init_command(CLI::App& app, int, char**) {
   auto init_h = std::make_shared<InitArgs>();
   InitArgs& init = *init_h;
   auto* c_init = app.add_subcommand("init", "Write a randomly initialised checkpoint (HF LLaVA layout)");
-  c_init->add_option("--preset", init.preset, "Model shape: tiny | small | clip-l-1b | llava-7b | llava-next-tiny | llava-next-7b")
-      ->check(CLI::IsMember({"tiny", "small", "clip-l-1b", "llava-7b", "llava-next-tiny", "llava-next-7b"}));
+  c_init->add_option("--preset", init.preset, "Model shape: tiny and llava-next-tiny (tests), small (GridVQA), clip-l-1b, clip-l-1b-next (its AnyRes twin), llava-7b, llava-next-7b")
+      ->check(CLI::IsMember(preset_names()));
   c_init->add_option("--out", init.out, "Output folder")->required();
   c_init->add_option("--corpus", init.corpus, "Text file to train the tokenizer on (default: GridVQA's vocabulary)")
       ->check(CLI::ExistingFile);

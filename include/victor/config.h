@@ -156,9 +156,12 @@ WeightDType weight_dtype_from_string(const std::string& s, const std::string& wh
 
 // Ready-made shapes: "tiny" (tests), "small" (GridVQA), "clip-l-1b" (CLIP ViT-L/14-336 + a
 // TinyLlama-1.1B-shaped LLaMA), "llava-7b" (the paper's own: CLIP ViT-L/14-336 + Vicuna-7B shape),
-// "llava-next-tiny" (tests) and "llava-next-7b" (llava-v1.6-vicuna-7b: llava-7b with AnyRes and
-// llava-v1.6's pinpoints).
+// "llava-next-tiny" (tests), "llava-next-7b" (llava-v1.6-vicuna-7b: llava-7b with AnyRes and
+// llava-v1.6's pinpoints) and "clip-l-1b-next" (clip-l-1b with the same AnyRes).
 ModelConfig preset_config(const std::string& name);
+const std::vector<std::string>& preset_names();  // every name preset_config knows, in size order
+// The presets of real models' shapes keep their 32064-row vocabulary beyond a smaller tokenizer.
+bool preset_keeps_vocabulary(const std::string& name);
 // Fits a config's vocabulary to a new SentencePiece tokenizer of `pieces` pieces: <image> = pieces,
 // <pad> = pieces + 1, rows padded to a multiple of 64 (as llava-hf pads 32000 to 32064). With
 // `keep_larger` a larger vocabulary stays (the real-model presets: the embedding and LM head cost

@@ -641,6 +641,16 @@ void fit_vocabulary(ModelConfig& c, int pieces, bool keep_larger) {
   c.pad_token_id = pieces + 1;
 }
 
+const std::vector<std::string>& preset_names() {
+  static const std::vector<std::string> names{"tiny",          "small",           "clip-l-1b",     "llava-7b",
+                                              "llava-next-tiny", "clip-l-1b-next", "llava-next-7b"};
+  return names;
+}
+
+bool preset_keeps_vocabulary(const std::string& name) {
+  return name == "clip-l-1b" || name == "clip-l-1b-next" || name == "llava-7b" || name == "llava-next-7b";
+}
+
 ModelConfig preset_config(const std::string& name) {
   // CLIP ViT-L/14-336, LLaVA-1.5's tower: VisionConfig's own defaults.
   const VisionConfig clip_l_336;
@@ -697,13 +707,16 @@ ModelConfig preset_config(const std::string& name) {
     // The tiny shape with AnyRes: llava-v1.6's pinpoints scaled from 336 to its 28-pixel views.
     c = preset_config("tiny");
     c.image_grid_pinpoints = {{28, 56}, {56, 28}, {56, 56}, {84, 28}, {28, 84}};
-  } else if (name == "llava-next-7b") {
+  } else if (name == "llava-next-7b" || name == "clip-l-1b-next") {
     // llava-v1.6-vicuna-7b: LLaVA-1.5-7B's shapes, AnyRes over llava-v1.6's five pinpoints (up to
-    // four 336-pixel crops plus the base view: 2,880 patches, 2,928 rows with the newlines).
-    c = preset_config("llava-7b");
+    // four 336-pixel crops plus the base view: 2,880 patches, 2,928 rows with the newlines);
+    // clip-l-1b-next: the same AnyRes on clip-l-1b (side-by-side runs on a 1B language model).
+    c = preset_config(name == "llava-next-7b" ? "llava-7b" : "clip-l-1b");
     c.image_grid_pinpoints = {{336, 672}, {672, 336}, {672, 672}, {1008, 336}, {336, 1008}};
   } else {
-    throw Error("unknown preset '" + name + "' (tiny, small, clip-l-1b, llava-7b, llava-next-tiny, llava-next-7b)");
+    std::string names;
+    for (const auto& n : preset_names()) names += (names.empty() ? "" : ", ") + n;
+    throw Error("unknown preset '" + name + "' (" + names + ")");
   }
   if (c.is_next()) c.preprocess.pad_to_square = false;
   c.preprocess.crop_size = c.vision.image_size;
