@@ -30,7 +30,12 @@ GridVqaOptions small_options(const std::string& out, uint64_t seed) {
 
 Grid grid_from(const json& j) {
   Grid g;
-  g.size = j["grid"].get<int>();
+  g.rows = j["rows"].get<int>();
+  g.cols = j["cols"].get<int>();
+  if (j.contains("places")) {
+    g.cell_pixels = j["cell_pixels"].get<int>();
+    for (const auto& p : j["places"]) g.places.push_back({p[0].get<int>(), p[1].get<int>(), p[2].get<int>()});
+  }
   g.labels = j["labels"].get<std::vector<int>>();
   g.items = j["items"].get<std::vector<int>>();
   return g;
@@ -112,6 +117,131 @@ TEST(GridVqa, SplitsAreDisjointAndFilesDeterministic) {
   EXPECT_NE(read_file(a + "/test.jsonl", FileKind::Dataset), read_file(c + "/test.jsonl", FileKind::Dataset));
 }
 
+// GridVQA-HR: every item drawn where grids.jsonl places it (inside the canvas, its centre in its
+// cell, its side in range), nothing drawn elsewhere, items off the 7-pixel patch grid and some
+// across the 112-pixel crop boundary, non-square canvases, answers and boxes from the grid.
+TEST(GridVqa, ScatteredLayoutPlacesItemsOffTheGridInsideTheirCells) {
+  auto a = temp_dir("gq_hr"), b = temp_dir("gq_hr2");
+  GridVqaOptions o = small_options(a, 7);
+  o.scattered = true;
+  o.train_images = 30;
+  build_gridvqa(o);
+  o.out_dir = b;
+  build_gridvqa(o);
+  for (auto f : {"train.json", "test.jsonl", "grids.jsonl", "images/train_000003.png"})
+    EXPECT_EQ(read_file(a + "/" + f, FileKind::Dataset), read_file(b + "/" + f, FileKind::Dataset)) << f;
+  auto train_items = read_idx_images(kSource + "/train-images-idx3-ubyte.gz");
+  auto test_items = read_idx_images(kSource + "/t10k-images-idx3-ubyte.gz");
+  std::map<std::string, Grid> grids;
+  std::set<std::pair<int, int>> shapes;
+  int off_grid = 0, across_crops = 0, items = 0;
+  std::istringstream in(read_file(a + "/grids.jsonl", FileKind::Dataset));
+  std::string line;
+  while (std::getline(in, line)) {
+    json j = json::parse(line);
+    Grid g = grid_from(j);
+    ASSERT_EQ(g.places.size(), size_t(g.cells()));
+    shapes.insert({g.rows, g.cols});
+    Image img = load_image(a + "/" + j["image"].get<std::string>());
+    ASSERT_EQ(img.width, g.cols * 56);
+    ASSERT_EQ(img.height, g.rows * 56);
+    EXPECT_EQ(img.rgb, render_grid(g, j["split"] == "t10k" ? test_items : train_items).rgb);
+    std::vector<bool> covered(size_t(img.width) * img.height, false);
+    for (int cell = 0; cell < g.cells(); ++cell) {
+      const Placement& p = g.places[cell];
+      if (g.items[cell] < 0) {
+        EXPECT_EQ(p.side, 0);
+        continue;
+      }
+      ++items;
+      EXPECT_GE(p.side, 14);
+      EXPECT_LE(p.side, 40);
+      ASSERT_GE(p.x, 0);
+      ASSERT_GE(p.y, 0);
+      ASSERT_LE(p.x + p.side, img.width);
+      ASSERT_LE(p.y + p.side, img.height);
+      const int cx = p.x + p.side / 2, cy = p.y + p.side / 2;
+      EXPECT_EQ(cx / 56, cell % g.cols) << cell;
+      EXPECT_EQ(cy / 56, cell / g.cols) << cell;
+      off_grid += p.x % 7 != 0 || p.y % 7 != 0;
+      across_crops += (p.x < 112 && p.x + p.side > 112) || (p.y < 112 && p.y + p.side > 112);
+      for (int y = p.y; y < p.y + p.side; ++y)
+        for (int x = p.x; x < p.x + p.side; ++x) covered[size_t(y) * img.width + x] = true;
+    }
+    for (size_t i = 0; i < covered.size(); ++i)
+      if (!covered[i]) ASSERT_EQ(img.rgb[i * 3], 0) << "pixel " << i << " of " << j["image"];
+    grids[j["image"]] = g;
+  }
+  EXPECT_GT(items, 200);
+  EXPECT_GT(off_grid, items / 2);
+  EXPECT_GT(across_crops, 10);
+  EXPECT_GE(shapes.size(), 4u);
+  for (auto& q : load_questions_jsonl(a + "/test.jsonl"))
+    EXPECT_EQ(answer_from_grid(grids.at(q.image), QA{q.family, q.text, q.answer}), q.answer) << q.text;
+  // Boxes are the items' own squares (an empty cell's: the cell).
+  for (auto& c : load_llava_json(a + "/train.json")) {
+    const Grid& g = grids.at(c.image);
+    for (auto& t : c.turns)
+      for (auto& box : t.boxes) {
+        bool found = false;
+        for (int cell = 0; cell < g.cells() && !found; ++cell) {
+          auto e = item_box(g, cell);
+          if (g.items[cell] < 0)  // an empty cell's box is the cell
+            EXPECT_EQ(e, (std::array<double, 4>{double(cell % g.cols) / g.cols, double(cell / g.cols) / g.rows,
+                                                double(cell % g.cols + 1) / g.cols, double(cell / g.cols + 1) / g.rows}));
+          found = true;
+          for (int k = 0; k < 4; ++k) found = found && std::abs(box[k] - e[k]) < 1e-6;
+        }
+        EXPECT_TRUE(found) << c.id;
+      }
+  }
+  json meta = json::parse(read_file(a + "/meta.json", FileKind::Dataset));
+  EXPECT_EQ(meta["layout"], "scattered");
+  EXPECT_EQ(meta["item_pixels"], json({14, 40}));
+}
+
+// The resampling, by hand: at half size every output pixel is the mean of its 2x2 source block;
+// at double size pixel (2y+1, 2x+1) is 3/4 of source (y, x) along each axis, 1/4 of the next.
+TEST(GridVqa, ScatteredItemsAreResampledBilinearly) {
+  IdxImages items;
+  items.count = 1;
+  items.rows = items.cols = 28;
+  for (int i = 0; i < 784; ++i) items.pixels.push_back(uint8_t((i * 37 + (i / 28) * 11) % 256));
+  const auto src = [&](int y, int x) { return double(items.pixels[size_t(y) * 28 + x]); };
+  Grid g;
+  g.rows = g.cols = 1;
+  g.cell_pixels = 64;
+  g.labels = {0};
+  g.items = {0};
+  g.places = {{3, 5, 14}};
+  Image half = render_grid(g, items);
+  for (int y = 0; y < 14; ++y)
+    for (int x = 0; x < 14; ++x) {
+      double m = (src(2 * y, 2 * x) + src(2 * y, 2 * x + 1) + src(2 * y + 1, 2 * x) + src(2 * y + 1, 2 * x + 1)) / 4;
+      ASSERT_EQ(half.rgb[(size_t(5 + y) * 64 + 3 + x) * 3 + 1], uint8_t(std::lround(m))) << y << "," << x;
+    }
+  g.places = {{0, 0, 56}};
+  Image twice = render_grid(g, items);
+  for (int y = 0; y < 27; ++y)
+    for (int x = 0; x < 27; ++x) {
+      double v = 0.75 * (0.75 * src(y, x) + 0.25 * src(y, x + 1)) + 0.25 * (0.75 * src(y + 1, x) + 0.25 * src(y + 1, x + 1));
+      ASSERT_EQ(twice.rgb[(size_t(2 * y + 1) * 64 + 2 * x + 1) * 3], uint8_t(std::lround(v))) << y << "," << x;
+    }
+}
+
+TEST(GridVqa, ScatteredOptionsAreCheckedByName) {
+  auto a = temp_dir("gq_hr_bad");
+  GridVqaOptions o = small_options(a, 1);
+  o.scattered = true;
+  o.item_max = 60;
+  EXPECT_NE(error_of([&] { build_gridvqa(o); }).find("--item-pixels"), std::string::npos);
+  o.item_max = 40;
+  o.canvases = {{0, 3}};
+  EXPECT_NE(error_of([&] { build_gridvqa(o); }).find("--canvases: 0x3"), std::string::npos);
+  o.canvases = {};
+  EXPECT_NE(error_of([&] { build_gridvqa(o); }).find("--canvases is empty"), std::string::npos);
+}
+
 // --families restricts every file's questions to those families; bad lists are refused by name.
 TEST(GridVqa, FamiliesOptionAsksOnlyThoseFamilies) {
   auto a = temp_dir("gq_fam");
@@ -190,7 +320,7 @@ TEST(GridVqa, TextCorpusAnswersAgreeWithItsDescriptions) {
     // Parse "row 1: a, b, c, d. row 2: ..." back into a grid.
     std::string desc = first.substr(0, first.find('\n'));
     Grid g;
-    g.size = 4;
+    g.rows = g.cols = 4;
     std::istringstream rows(desc);
     std::string row;
     while (std::getline(rows, row, '.')) {

@@ -41,12 +41,33 @@ struct GridVqaOptions {
   // model's own pretraining corpus, as LLaVA starts from a pretrained Vicuna. Labels only, so
   // cheap; drawn from the train split with its own random stream (the other files do not change).
   int text_grids = 20000;
+  // The scattered layout (GridVQA-HR, for LLaVA-NeXT): each image is a canvas of rows x cols cells
+  // of cell_pixels, its shape drawn from `canvases` (non-square ones included); every item is
+  // scaled to a random side in [item_min, item_max] pixels and centred at a random point of its
+  // cell, so items sit off the patch grid, some across patch and crop boundaries, and the
+  // downscaled base view blurs them. Questions name the cell an item's centre lies in. `grid` is
+  // not used.
+  bool scattered = false;
+  std::vector<std::pair<int, int>> canvases{{4, 4}, {2, 4}, {4, 2}, {2, 6}, {6, 2}};
+  int cell_pixels = 56, item_min = 14, item_max = 40;
+};
+
+// Where an item is drawn: a side x side square at (x, y) pixels of the canvas.
+struct Placement {
+  int x = 0, y = 0, side = 0;
 };
 
 struct Grid {
-  int size = 0;
+  int rows = 0, cols = 0;
   std::vector<int> labels;  // row-major, -1 = empty
   std::vector<int> items;   // index into the split's images, -1 = empty
+  // Scattered layout: one placement per cell (side 0 where empty) on a canvas of rows x cols cells
+  // of cell_pixels; empty = the aligned layout (each item fills its 28-pixel cell).
+  std::vector<Placement> places{};
+  int cell_pixels = 28;
+  int cells() const { return rows * cols; }
+  int width() const { return cols * cell_pixels; }
+  int height() const { return rows * cell_pixels; }
 };
 
 struct QA {
@@ -65,7 +86,14 @@ class Rng {
   uint64_t s_;
 };
 
+// A size x size grid in the aligned layout.
 Grid random_grid(int size, double empty_rate, const std::vector<uint8_t>& labels, Rng& rng);
+// A rows x cols canvas in the scattered layout (GridVqaOptions::scattered).
+Grid random_scattered_grid(int rows, int cols, const GridVqaOptions& opt, const std::vector<uint8_t>& labels,
+                           Rng& rng);
+// The image: aligned items copied into their cells; scattered items resampled to their side
+// (bilinear at half-pixel centres, torch's align_corners=false without antialiasing) and drawn by maximum, so
+// an overlapping neighbour never erases an item.
 Image render_grid(const Grid& g, const IdxImages& items);
 // One question of `family` about the grid ("identify", "count", "exist", "locate"); empty
 // answer when the family has no valid question (locate with no unique item).
@@ -76,6 +104,9 @@ std::vector<QA> ask_balanced(const Grid& g, int n, Rng& rng,
 // Cell `cell` of a size x size grid as a normalized box (x0, y0, x1, y1); doubles, so that
 // train.json writes 1/3 as 0.3333333333333333.
 std::array<double, 4> cell_box(int size, int cell);
+// The normalized box of the item in `cell`: its cell (aligned layout, or an empty cell) or its
+// placement (scattered).
+std::array<double, 4> item_box(const Grid& g, int cell);
 // "row 1: sneaker, nothing, bag, coat. row 2: ..." (the pretraining caption).
 std::string describe_grid(const Grid& g);
 // Recomputes the answer from the grid: the invariant the tests check.

@@ -87,10 +87,10 @@ std::vector<uint8_t> read_idx_labels(const std::string& path) {
   return out;
 }
 
-Grid random_grid(int size, double empty_rate, const std::vector<uint8_t>& labels, Rng& rng) {
-  Grid g;
-  g.size = size;
-  for (int i = 0; i < size * size; ++i) {
+namespace {
+// Each of the grid's cells empty with probability empty_rate, else a random item of the split.
+void draw_cells(Grid& g, double empty_rate, const std::vector<uint8_t>& labels, Rng& rng) {
+  for (int i = 0; i < g.cells(); ++i) {
     if (rng.unit() < empty_rate) {
       g.labels.push_back(-1);
       g.items.push_back(-1);
@@ -100,21 +100,73 @@ Grid random_grid(int size, double empty_rate, const std::vector<uint8_t>& labels
       g.labels.push_back(labels[item]);
     }
   }
+}
+}  // namespace
+
+Grid random_grid(int size, double empty_rate, const std::vector<uint8_t>& labels, Rng& rng) {
+  Grid g;
+  g.rows = g.cols = size;
+  draw_cells(g, empty_rate, labels, rng);
+  return g;
+}
+
+Grid random_scattered_grid(int rows, int cols, const GridVqaOptions& opt, const std::vector<uint8_t>& labels,
+                           Rng& rng) {
+  Grid g;
+  g.rows = rows;
+  g.cols = cols;
+  g.cell_pixels = opt.cell_pixels;
+  draw_cells(g, opt.empty_rate, labels, rng);
+  const int C = opt.cell_pixels;
+  for (int cell = 0; cell < rows * cols; ++cell) {
+    if (g.items[cell] < 0) {
+      g.places.push_back({});
+      continue;
+    }
+    Placement p;
+    p.side = opt.item_min + rng.uniform(opt.item_max - opt.item_min + 1);
+    // The centre anywhere in the cell; the square kept inside the canvas (its centre stays in the
+    // cell: side <= cell_pixels).
+    const int cx = (cell % cols) * C + rng.uniform(C), cy = (cell / cols) * C + rng.uniform(C);
+    p.x = std::clamp(cx - p.side / 2, 0, g.width() - p.side);
+    p.y = std::clamp(cy - p.side / 2, 0, g.height() - p.side);
+    g.places.push_back(p);
+  }
   return g;
 }
 
 Image render_grid(const Grid& g, const IdxImages& items) {
   Image img;
-  img.width = img.height = g.size * 28;
+  img.width = g.width();
+  img.height = g.height();
   img.rgb.assign(size_t(img.width) * img.height * 3, 0);
-  for (int cell = 0; cell < g.size * g.size; ++cell) {
+  for (int cell = 0; cell < g.cells(); ++cell) {
     if (g.items[cell] < 0) continue;
     const uint8_t* src = items.pixels.data() + size_t(g.items[cell]) * 784;
-    int oy = (cell / g.size) * 28, ox = (cell % g.size) * 28;
-    for (int y = 0; y < 28; ++y)
-      for (int x = 0; x < 28; ++x)
-        for (int c = 0; c < 3; ++c)
-          img.rgb[(size_t(oy + y) * img.width + ox + x) * 3 + c] = src[y * 28 + x];
+    if (g.places.empty()) {
+      int oy = (cell / g.cols) * 28, ox = (cell % g.cols) * 28;
+      for (int y = 0; y < 28; ++y)
+        for (int x = 0; x < 28; ++x)
+          for (int c = 0; c < 3; ++c) img.rgb[(size_t(oy + y) * img.width + ox + x) * 3 + c] = src[y * 28 + x];
+      continue;
+    }
+    const Placement& p = g.places[cell];
+    const double step = 28.0 / p.side;
+    for (int y = 0; y < p.side; ++y) {
+      const double sy = std::clamp((y + 0.5) * step - 0.5, 0.0, 27.0);
+      const int y0 = std::min(int(sy), 26);
+      const double fy = sy - y0;
+      for (int x = 0; x < p.side; ++x) {
+        const double sx = std::clamp((x + 0.5) * step - 0.5, 0.0, 27.0);
+        const int x0 = std::min(int(sx), 26);
+        const double fx = sx - x0;
+        const double v = (1 - fy) * ((1 - fx) * src[y0 * 28 + x0] + fx * src[y0 * 28 + x0 + 1]) +
+                         fy * ((1 - fx) * src[(y0 + 1) * 28 + x0] + fx * src[(y0 + 1) * 28 + x0 + 1]);
+        const uint8_t u = uint8_t(std::lround(std::clamp(v, 0.0, 255.0)));
+        uint8_t* px = &img.rgb[(size_t(p.y + y) * img.width + p.x + x) * 3];
+        for (int c = 0; c < 3; ++c) px[c] = std::max(px[c], u);
+      }
+    }
   }
   return img;
 }
@@ -133,7 +185,7 @@ std::vector<int> cells_of(const Grid& g, int cls) {
 }
 
 std::string cell_name(const Grid& g, int cell) {
-  return "row " + std::to_string(cell / g.size + 1) + ", column " + std::to_string(cell % g.size + 1);
+  return "row " + std::to_string(cell / g.cols + 1) + ", column " + std::to_string(cell % g.cols + 1);
 }
 
 int find_class(const std::string& text, const std::vector<std::string>& names) {
@@ -157,11 +209,21 @@ std::array<double, 4> cell_box(int size, int cell) {
   return {c / s, r / s, (c + 1) / s, (r + 1) / s};
 }
 
+std::array<double, 4> item_box(const Grid& g, int cell) {
+  if (g.places.empty() || g.places[cell].side == 0) {  // an empty cell: the cell itself
+    const double r = cell / g.cols, c = cell % g.cols;
+    return {c / g.cols, r / g.rows, (c + 1) / g.cols, (r + 1) / g.rows};
+  }
+  const Placement& p = g.places[cell];
+  const double W = g.width(), H = g.height();
+  return {p.x / W, p.y / H, (p.x + p.side) / W, (p.y + p.side) / H};
+}
+
 QA ask(const Grid& g, const std::string& family, Rng& rng) {
   QA q;
   q.family = family;
   if (family == "identify") {
-    int cell = rng.uniform(g.size * g.size);
+    int cell = rng.uniform(g.cells());
     q.question = "What is in " + cell_name(g, cell) + "?";
     q.answer = g.labels[cell] < 0 ? "nothing" : kFashionClasses[g.labels[cell]];
     q.cells = {cell};
@@ -202,10 +264,10 @@ QA ask(const Grid& g, const std::string& family, Rng& rng) {
 
 std::string describe_grid(const Grid& g) {
   std::string s;
-  for (int r = 0; r < g.size; ++r) {
+  for (int r = 0; r < g.rows; ++r) {
     s += (r ? " row " : "row ") + std::to_string(r + 1) + ":";
-    for (int c = 0; c < g.size; ++c) {
-      int lab = g.labels[r * g.size + c];
+    for (int c = 0; c < g.cols; ++c) {
+      int lab = g.labels[r * g.cols + c];
       s += (c ? ", " : " ") + (lab < 0 ? std::string("nothing") : kFashionClasses[lab]);
     }
     s += ".";
@@ -239,7 +301,13 @@ struct AskedGrid {
 
 AskedGrid draw_asked_grid(const GridVqaOptions& opt, const std::vector<uint8_t>& labels, Rng& rng) {
   for (int attempt = 0; attempt < 1000; ++attempt) {
-    AskedGrid a{random_grid(opt.grid, opt.empty_rate, labels, rng), {}};
+    AskedGrid a;
+    if (opt.scattered) {
+      const auto [rows, cols] = opt.canvases[size_t(rng.uniform(int(opt.canvases.size())))];
+      a.grid = random_scattered_grid(rows, cols, opt, labels, rng);
+    } else {
+      a.grid = random_grid(opt.grid, opt.empty_rate, labels, rng);
+    }
     a.qas = ask_balanced(a.grid, opt.questions_per_image, rng, opt.families);
     if (!a.qas.empty()) return a;
   }
@@ -252,7 +320,8 @@ std::string answer_from_grid(const Grid& g, const QA& qa) {
   if (qa.family == "identify") {
     int r = 0, c = 0;
     if (std::sscanf(q.c_str(), "What is in row %d, column %d?", &r, &c) != 2) return "";
-    int lab = g.labels[(r - 1) * g.size + (c - 1)];
+    if (r < 1 || r > g.rows || c < 1 || c > g.cols) return "";
+    int lab = g.labels[(r - 1) * g.cols + (c - 1)];
     return lab < 0 ? "nothing" : kFashionClasses[lab];
   }
   if (qa.family == "count") return std::to_string(count_of(g, find_class(q, kFashionPlurals)));
@@ -272,6 +341,18 @@ GridVqaSummary build_gridvqa(const GridVqaOptions& opt, const std::function<void
   if (opt.questions_per_image < 1) throw Error("gridvqa: --questions must be >= 1");
   if (opt.empty_rate < 0 || opt.empty_rate >= 1) throw Error("gridvqa: --empty-rate must be in [0, 1)");
   if (opt.families.empty()) throw Error("gridvqa: --families is empty");
+  if (opt.scattered) {
+    if (opt.canvases.empty()) throw Error("gridvqa: --canvases is empty");
+    for (auto [r, c] : opt.canvases)
+      if (r < 1 || c < 1 || r * c > 64)
+        throw Error("gridvqa: --canvases: " + std::to_string(r) + "x" + std::to_string(c) +
+                    " (rows and columns >= 1, at most 64 cells)");
+    if (opt.cell_pixels < 8 || opt.cell_pixels > 448) throw Error("gridvqa: --cell-pixels must be between 8 and 448");
+    if (opt.item_min < 4 || opt.item_min > opt.item_max || opt.item_max > opt.cell_pixels)
+      throw Error("gridvqa: --item-pixels MIN-MAX must satisfy 4 <= MIN <= MAX <= --cell-pixels (" +
+                  std::to_string(opt.item_min) + "-" + std::to_string(opt.item_max) + ", cells of " +
+                  std::to_string(opt.cell_pixels) + ")");
+  }
   for (size_t i = 0; i < opt.families.size(); ++i) {
     const auto& f = opt.families[i];
     if (std::find(kQuestionFamilies.begin(), kQuestionFamilies.end(), f) == kQuestionFamilies.end())
@@ -294,8 +375,16 @@ GridVqaSummary build_gridvqa(const GridVqaOptions& opt, const std::function<void
   json pretrain = json::array();  // LLaVA stage-1 style: one dense description per image
   std::string grids;  // grids.jsonl: each image's cells (labels and source items), for audits
   auto grid_line = [&](const std::string& image, const char* split, const Grid& g) {
-    grids += json({{"image", image}, {"split", split}, {"grid", g.size}, {"labels", g.labels},
-                   {"items", g.items}}).dump() + "\n";
+    json line = {{"image", image}, {"split", split}, {"rows", g.rows}, {"cols", g.cols},
+                 {"labels", g.labels}, {"items", g.items}};
+    if (g.places.empty() && g.rows == g.cols) line["grid"] = g.rows;
+    if (!g.places.empty()) {
+      line["cell_pixels"] = g.cell_pixels;
+      json places = json::array();  // [x, y, side] per cell, in pixels
+      for (const auto& p : g.places) places.push_back({p.x, p.y, p.side});
+      line["places"] = places;
+    }
+    grids += line.dump() + "\n";
   };
   const int total = opt.train_images + opt.test_images;
   char name[64];
@@ -308,7 +397,7 @@ GridVqaSummary build_gridvqa(const GridVqaOptions& opt, const std::function<void
     for (size_t t = 0; t < qas.size(); ++t) {
       conv.push_back({{"from", "human"}, {"value", (t == 0 ? "<image>\n" : "") + qas[t].question}});
       json boxes = json::array();
-      for (int cell : qas[t].cells) boxes.push_back(cell_box(g.size, cell));
+      for (int cell : qas[t].cells) boxes.push_back(item_box(g, cell));
       conv.push_back({{"from", "gpt"}, {"value", qas[t].answer}, {"boxes", boxes}});
     }
     char id[32];
@@ -363,6 +452,7 @@ GridVqaSummary build_gridvqa(const GridVqaOptions& opt, const std::function<void
   write_file_atomic((fs::path(opt.out_dir) / "grids.jsonl").string(), grids);
   json meta = {{"dataset", "GridVQA"},
                {"seed", opt.seed},
+               {"layout", opt.scattered ? "scattered" : "aligned"},
                {"grid", opt.grid},
                {"empty_rate", opt.empty_rate},
                {"questions_per_image", opt.questions_per_image},
@@ -380,6 +470,14 @@ GridVqaSummary build_gridvqa(const GridVqaOptions& opt, const std::function<void
                 {src("train-images-idx3-ubyte.gz"), src("train-labels-idx1-ubyte.gz"),
                  src("t10k-images-idx3-ubyte.gz"), src("t10k-labels-idx1-ubyte.gz")}},
                {"source_split", {{"train", "train"}, {"test", "t10k"}}}};
+  if (opt.scattered) {
+    meta.erase("grid");
+    json canv = json::array();
+    for (auto [r, c] : opt.canvases) canv.push_back({r, c});
+    meta["canvases"] = canv;  // [rows, cols] cells
+    meta["cell_pixels"] = opt.cell_pixels;
+    meta["item_pixels"] = {opt.item_min, opt.item_max};
+  }
   write_file_atomic((fs::path(opt.out_dir) / "meta.json").string(), meta.dump(2) + "\n");
   return sum;
 }
