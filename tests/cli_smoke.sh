@@ -80,6 +80,29 @@ echo "$out" | grep -q "^victor m=4 k=1 " || { echo "FAIL: NeXT bench table: $out
 "$VICTOR" generate --model "$work/nt" --image "$wide" --prompt "Is there a bag?" --max-new-tokens 2 >/dev/null 2>&1 || { echo "FAIL: trained NeXT model"; fail=1; }
 "$VICTOR" quantize --model "$work/n" --out "$work/nq" --dtype int8 >/dev/null 2>&1 || { echo "FAIL: NeXT quantize"; fail=1; }
 "$VICTOR" generate --model "$work/nq" --image "$wide" --prompt "Is there a bag?" --max-new-tokens 2 >/dev/null 2>&1 || { echo "FAIL: quantized NeXT model"; fail=1; }
+# init --from: a LLaVA-1.5 checkpoint becomes a NeXT one (LLaVA-NeXT's start): every source tensor
+# copied bit for bit, image_newline new, the tokenizer the source's; mismatches refused by name.
+"$VICTOR" init --preset llava-next-tiny --from "$work/v" --out "$work/nf" >/dev/null || { echo "FAIL: init --from"; fail=1; }
+python3 - "$work/v/model.safetensors" "$work/nf/model.safetensors" <<'PY' || { echo "FAIL: init --from did not copy the weights"; fail=1; }
+import json, struct, sys
+def read(p):
+    b = open(p, "rb").read()
+    n = struct.unpack("<Q", b[:8])[0]
+    h = json.loads(b[8:8 + n]); h.pop("__metadata__", None)
+    return {k: (v["dtype"], v["shape"], b[8 + n + v["data_offsets"][0]:8 + n + v["data_offsets"][1]]) for k, v in h.items()}
+src, dst = read(sys.argv[1]), read(sys.argv[2])
+bad = [k for k in src if src[k] != dst.get(k)]
+extra = sorted(set(dst) - set(src))
+if bad or not any("image_newline" in k for k in extra) or len(extra) != 1:
+    sys.exit("differ: %s, new: %s" % (bad[:3], extra))
+PY
+cmp -s "$work/v/tokenizer.model" "$work/nf/tokenizer.model" || { echo "FAIL: init --from: tokenizer not the source's"; fail=1; }
+grep -q '"LlavaNextForConditionalGeneration"' "$work/nf/config.json" || { echo "FAIL: init --from: not a NeXT config"; fail=1; }
+"$VICTOR" generate --model "$work/nf" --image "$wide" --prompt "Is there a bag?" --max-new-tokens 2 >/dev/null 2>&1 || { echo "FAIL: generate on init --from"; fail=1; }
+expect_error "init --from other shapes" "vision_config.hidden_size is 32, preset small has 192" "$VICTOR" init --preset small --from "$work/v" --out "$work/x"
+expect_error "init --from drops registers" "victor.registers has no place.*--reducer" "$VICTOR" init --preset llava-next-tiny --from "$work/v" --reducer none --out "$work/x"
+expect_error "init --from with a corpus" "own tokenizer" "$VICTOR" init --preset llava-next-tiny --from "$work/v" --vocab-size 400 --out "$work/x"
+[ ! -e "$work/x" ] || { echo "FAIL: a refused init --from left $work/x"; fail=1; }
 expect_error "NeXT resampler" "not implemented on LLaVA-NeXT" "$VICTOR" generate --model "$work/n" --image "$wide" --prompt "hi" --reducer resampler:latents=4
 expect_error "cap below a base view" "max-image-tokens 5 is below" "$VICTOR" generate --model "$work/n" --image "$wide" --prompt "hi" --max-image-tokens 5
 expect_error "cap on LLaVA-1.5" "LLaVA-1.5" "$VICTOR" generate --model "$work/m" --image "$img" --prompt "hi" --max-crops 1

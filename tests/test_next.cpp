@@ -427,6 +427,15 @@ TEST(Next, EveryPresetBuildsAndTheAnyResTwinOfClipL1bKeepsItsLanguageModel) {
   EXPECT_EQ(twin.vision.image_size, next7.vision.image_size);
   EXPECT_TRUE(preset_keeps_vocabulary("clip-l-1b-next"));
   EXPECT_FALSE(preset_keeps_vocabulary("llava-next-tiny"));
+  // small-next: small's shapes, llava-v1.6's pinpoints scaled from 336 to 112 pixels.
+  const ModelConfig small = preset_config("small"), small_next = preset_config("small-next");
+  EXPECT_EQ(small_next.text.hidden_size, small.text.hidden_size);
+  EXPECT_EQ(small_next.vision.hidden_size, small.vision.hidden_size);
+  ASSERT_EQ(small_next.image_grid_pinpoints.size(), next7.image_grid_pinpoints.size());
+  for (size_t i = 0; i < next7.image_grid_pinpoints.size(); ++i) {
+    EXPECT_EQ(small_next.image_grid_pinpoints[i][0] * 3, next7.image_grid_pinpoints[i][0]);
+    EXPECT_EQ(small_next.image_grid_pinpoints[i][1] * 3, next7.image_grid_pinpoints[i][1]);
+  }
   try {
     preset_config("llava-9000");
     ADD_FAILURE() << "an unknown preset was accepted";

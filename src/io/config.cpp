@@ -643,7 +643,7 @@ void fit_vocabulary(ModelConfig& c, int pieces, bool keep_larger) {
 
 const std::vector<std::string>& preset_names() {
   static const std::vector<std::string> names{"tiny",          "small",           "clip-l-1b",     "llava-7b",
-                                              "llava-next-tiny", "clip-l-1b-next", "llava-next-7b"};
+                                              "llava-next-tiny", "small-next",      "clip-l-1b-next", "llava-next-7b"};
   return names;
 }
 
@@ -707,6 +707,12 @@ ModelConfig preset_config(const std::string& name) {
     // The tiny shape with AnyRes: llava-v1.6's pinpoints scaled from 336 to its 28-pixel views.
     c = preset_config("tiny");
     c.image_grid_pinpoints = {{28, 56}, {56, 28}, {56, 56}, {84, 28}, {28, 84}};
+  } else if (name == "small-next") {
+    // GridVQA-HR (victor data gridvqa --scattered): the small shape with AnyRes over llava-v1.6's
+    // pinpoints scaled from 336 to its 112-pixel views (up to four crops + the base view, 1,280
+    // patches; 1,312 rows with the newlines on a 224x224 canvas).
+    c = preset_config("small");
+    c.image_grid_pinpoints = {{112, 224}, {224, 112}, {224, 224}, {336, 112}, {112, 336}};
   } else if (name == "llava-next-7b" || name == "clip-l-1b-next") {
     // llava-v1.6-vicuna-7b: LLaVA-1.5-7B's shapes, AnyRes over llava-v1.6's five pinpoints (up to
     // four 336-pixel crops plus the base view: 2,880 patches, 2,928 rows with the newlines);
