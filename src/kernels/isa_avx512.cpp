@@ -173,7 +173,7 @@ void dequant_int4(const uint8_t* w, int64_t il, const uint16_t* scale, int64_t K
         int32_t c[4];
         for (int j = 0; j < 4; ++j) std::memcpy(&c[j], p + 64 * j, 4);
         b = _mm_setr_epi32(c[0], c[1], c[2], c[3]);
-        sh = scale[(o / 16) * 16 * G + g * 16 + o % 16];
+        sh = scale[int4_tile16_scale_index(G, o, g)];
       } else {
         b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(int4_group(w, K, il, o, g)));
         sh = scale[o * G + g];

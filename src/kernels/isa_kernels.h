@@ -101,6 +101,8 @@ inline const uint8_t* int4_group(const uint8_t* w, int64_t K, int64_t il, int64_
 inline int64_t int4_tile16_offset(int64_t K, int64_t o, int64_t g, int64_t b) {
   return (o / 16) * 16 * int4_row_bytes(K) + g * 256 + (b / 4) * 64 + (o % 16) * 4 + b % 4;
 }
+// Row o's scale of group g (of G) beside such tiles: [O/16][G][16].
+inline int64_t int4_tile16_scale_index(int64_t G, int64_t o, int64_t g) { return (o / 16) * 16 * G + g * 16 + o % 16; }
 
 // Where quantize_q8_32 puts value j of activation block g (of G): blocks go in pairs of 64 bytes,
 // [g0 0..15][g1 0..15][g0 16..31][g1 16..31], matching the low nibbles then the high ones of the

@@ -178,7 +178,7 @@ void int4_untiled(const uint8_t* w, const uint16_t* scale, int64_t K, int64_t o0
       for (int64_t g = 0; g < G; ++g) {
         for (int64_t j = 0; j < 4; ++j)
           std::memcpy(&rows[size_t(r * rb + g * 16 + 4 * j)], w + kernels::int4_tile16_offset(K, base + r, g, 4 * j), 4);
-        sc[size_t(r * G + g)] = scale[base * G + g * 16 + r];
+        sc[size_t(r * G + g)] = scale[kernels::int4_tile16_scale_index(G, base + r, g)];
       }
     f(rows.data(), sc.data(), std::max(o0, base) - base, std::min(o1, base + 16) - base, base);
   }
