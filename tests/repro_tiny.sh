@@ -87,4 +87,17 @@ if "$VICTOR" repro --preset tiny --out "$work/bad3" --curriculum-summary-layers 
 fi
 grep -q "ground-layer 2" "$work/bad3.txt" || { echo "grounding layer error unclear:"; cat "$work/bad3.txt"; exit 1; }
 [ ! -e "$work/bad3" ] || { echo "repro wrote $work/bad3 before refusing"; exit 1; }
+# scripts/gridvqa_hr.sh on this run's models (carried to llava-next-tiny, GridVQA-HR at 14-pixel cells): a
+# table row per configuration with its interval and, past plain, the paired difference; OUT is never reused.
+hr="$work/hr"
+PRESET=llava-next-tiny STEPS=2 TRAIN_IMAGES=4 TEST_IMAGES=2 CELL=14 ITEMS=4-10 BASE_ROWS=17 MODELS="plain victor-m8-k2 pool-2x2" \
+  FASTV=fastv:k=2,keep=0.25 VISIONZIP=visionzip:dominant=4,contextual=2 \
+  bash "$(dirname "$0")/../scripts/gridvqa_hr.sh" "$rd" "$hr" "$VICTOR" > "$work/hr.txt" 2> "$work/hr.err" \
+  || { echo "gridvqa_hr.sh failed:"; tail -5 "$work/hr.err"; exit 1; }
+[ "$(grep -cE '^\| [^|]+ \| [0-9.]+% \[[0-9.]+, [0-9.]+\] \| ' "$hr/results.md")" -eq 6 ] || { echo "gridvqa_hr.sh table:"; cat "$hr/results.md"; exit 1; }
+[ "$(grep -cE '\| [-+][0-9.]+ \[[-+][0-9.]+, [-+][0-9.]+\] \|' "$hr/results.md")" -eq 5 ] || { echo "gridvqa_hr.sh: paired differences missing"; exit 1; }
+grep -q '"layout": "scattered"' "$hr/data/meta.json" || { echo "gridvqa_hr.sh: data not scattered"; exit 1; }
+grep -q '"LlavaNextForConditionalGeneration"' "$hr/models/victor-m8-k2/config.json" || { echo "gridvqa_hr.sh: model not NeXT"; exit 1; }
+if bash "$(dirname "$0")/../scripts/gridvqa_hr.sh" "$rd" "$hr" "$VICTOR" 2> "$work/hr2.err"; then echo "gridvqa_hr.sh reused $hr"; exit 1; fi
+grep -q "exists" "$work/hr2.err" || { echo "gridvqa_hr.sh: reuse refused unclearly"; cat "$work/hr2.err"; exit 1; }
 echo "repro tiny: ok"
