@@ -110,6 +110,43 @@ TEST(Next, UnpaddingOnHandWorkedCases) {
   EXPECT_EQ(next_packed_rows({100, 100, 0, 0}, 24), 577);           // base view alone + one newline
 }
 
+// Grounding on NeXT: each packed row's centre in the image, in pack_image's order. A 56 x 28 image on
+// the tiny shape: base view 4 x 4, then the 1 x 2 crop grid (4 x 8 features, nothing to unpad) with a
+// newline after each of its 4 rows: 16 + 4 x 9 = 52 rows.
+TEST(Next, RowCentresFollowThePackingAndBoxesPickTheirRows) {
+  ModelConfig c = next_config();
+  ImageLayout l = image_layout(56, 28, c);
+  ASSERT_EQ(l.grid_rows, 1);
+  ASSERT_EQ(l.grid_cols, 2);
+  torch::Tensor xy = next_row_centres(c, l);
+  ASSERT_EQ(xy.size(0), 52);
+  auto at = [&](int i) { return std::pair{xy[i][0].item<float>(), xy[i][1].item<float>()}; };
+  EXPECT_EQ(at(0), std::pair(0.125f, 0.125f));      // base view, patch (0, 0) of 4 x 4
+  EXPECT_EQ(at(6), std::pair(0.625f, 0.375f));      // base view, patch (1, 2)
+  EXPECT_EQ(at(16), std::pair(0.0625f, 0.125f));    // crop grid row 0, column 0 of 8
+  EXPECT_EQ(at(23), std::pair(0.9375f, 0.125f));    // row 0, column 7
+  EXPECT_EQ(at(24), std::pair(-1.0f, -1.0f));       // its newline
+  EXPECT_EQ(at(25), std::pair(0.0625f, 0.375f));    // row 1, column 0
+  // Unpadded: a wide 90 x 20 image keeps only the crop rows that show it; every layout's centres
+  // match its packed rows.
+  for (auto [w, h] : {std::pair{90, 20}, {20, 90}, {28, 28}, {50, 30}, {7, 61}}) {
+    ImageLayout li = image_layout(w, h, c);
+    EXPECT_EQ(next_row_centres(c, li).size(0), next_packed_rows(li, 4)) << w << "x" << h;
+  }
+  // A box over the image's left half: its weight lies on the base rows and the crop rows left of
+  // x = 0.5 (8 + 16 of them, one unit spread over them), none on the right or on a newline.
+  torch::Tensor wts = box_token_weights({Box{0.f, 0.f, 0.5f, 1.f}}, xy);
+  int on = 0;
+  for (int i = 0; i < 52; ++i) {
+    const auto [x, y] = at(i);
+    const bool inside = x >= 0 && x < 0.5f;
+    EXPECT_EQ(wts[i].item<float>() > 0, inside) << i;
+    on += inside;
+  }
+  EXPECT_EQ(on, 8 + 16);
+  EXPECT_NEAR(wts.sum().item<float>(), 1.f, 1e-6);
+}
+
 TEST(Next, PackedLengthEqualsTheProcessorsImageTokenCount) {
   // For many sizes (llava-v1.6's geometry: 336-pixel views of 24 x 24 patches), the rows the packing
   // gives equal the <image> tokens LlavaNextProcessor expands to.

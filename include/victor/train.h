@@ -79,6 +79,11 @@ void check_grounding(const ModelConfig& cfg, int layer, int heads);
 // Each visual token's centre (x, y), normalized to the model's input image, in the order the
 // projector emits them (row-major patches, average-pooled by config.visual_pool): [N,2].
 torch::Tensor visual_token_centres(const ModelConfig& cfg);
+// LLaVA-NeXT: each of one image's packed rows (pack_image's order: the base view, then the
+// unpadded crop grid with a newline after each row) as its centre in the image, normalized; the
+// newlines (-1, -1), inside no box. The base view is the whole image squeezed to a square, the
+// unpadded grid the image itself. For reducers whose rows stay on the patch grid (none, Victor).
+torch::Tensor next_row_centres(const ModelConfig& cfg, const ImageLayout& layout);
 // Per visual token, its share of the boxes: each box that holds at least one token centre gives
 // one unit, spread evenly over those tokens. centres [N,2] -> [N] (sums to the boxes that hold a token).
 torch::Tensor box_token_weights(const std::vector<Box>& boxes, const torch::Tensor& centres);
@@ -98,6 +103,9 @@ struct TrainSample {
   PromptInput input;
   int64_t target_tokens = 0;
   std::vector<TurnGrounding> grounding;  // one per assistant turn (empty: none grounded)
+  // LLaVA-NeXT with boxes: the centre of each of the image's packed rows (next_row_centres); the
+  // boxes stay in the image's coordinates.
+  torch::Tensor centres{};
 };
 
 // Tokenizes conversations (chat template, targets on assistant tokens only) and loads images.

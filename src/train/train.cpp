@@ -106,19 +106,23 @@ std::vector<TrainSample> prepare_samples(const std::vector<Conversation>& convs,
                         " rows exceed the context (max_position_embeddings " +
                         std::to_string(cfg.text.max_position_embeddings) + ")");
         }
-        // Boxes are mapped through LLaVA-1.5's single view; on LLaVA-NeXT's crops they are not
-        // (yet): kept out of the samples, and --ground-weight refused by train_model.
+        // Boxes are mapped through LLaVA-1.5's single view into its input; on LLaVA-NeXT they stay
+        // in the image's coordinates and each packed row carries its centre there.
         const bool grounded = std::any_of(c.turns.begin(), c.turns.end(), [](const Turn& t) { return t.grounded; });
-        if (grounded && !cfg.is_next())
+        if (grounded) {
           for (const Turn& t : c.turns) {
             TurnGrounding g{t.grounded, {}};
             for (const Box& b : t.boxes) {
               Box in;
-              if (box_in_input(b, seen->second.width, seen->second.height, cfg.preprocess, &in))
+              if (cfg.is_next())
+                g.boxes.push_back(b);
+              else if (box_in_input(b, seen->second.width, seen->second.height, cfg.preprocess, &in))
                 g.boxes.push_back(in);
             }
             s.grounding.push_back(std::move(g));
           }
+          if (cfg.is_next() && cfg.reducer.grid_side(cfg)) s.centres = next_row_centres(cfg, seen->second.layout);
+        }
       }
       out.push_back(std::move(s));
     } catch (const Error& e) {
@@ -177,6 +181,28 @@ torch::Tensor visual_token_centres(const ModelConfig& cfg) {
   auto at = (torch::arange(side, torch::kFloat32) + 0.5f) / float(side);
   auto y = at.view({side, 1}).expand({side, side}), x = at.view({1, side}).expand({side, side});
   return torch::stack({x.reshape({-1}), y.reshape({-1})}, 1);  // [side*side, 2]
+}
+
+torch::Tensor next_row_centres(const ModelConfig& cfg, const ImageLayout& l) {
+  const int side = next_view_side(cfg);
+  auto at = [](int i, int n) { return (float(i) + 0.5f) / float(n); };
+  std::vector<float> xy;
+  for (int r = 0; r < side; ++r)
+    for (int c = 0; c < side; ++c) xy.insert(xy.end(), {at(c, side), at(r, side)});
+  if (l.grid_rows == 0) {
+    xy.insert(xy.end(), {-1.f, -1.f});
+  } else {
+    const GridRegion g = unpad_region(l.grid_rows * side, l.grid_cols * side, l.height, l.width);
+    for (int r = 0; r < g.height; ++r) {
+      for (int c = 0; c < g.width; ++c) xy.insert(xy.end(), {at(c, g.width), at(r, g.height)});
+      xy.insert(xy.end(), {-1.f, -1.f});
+    }
+  }
+  const int64_t n = int64_t(xy.size() / 2);
+  if (n != next_packed_rows(l, side))
+    throw Error("next_row_centres: " + std::to_string(n) + " centres for " + std::to_string(next_packed_rows(l, side)) +
+                " packed rows");
+  return torch::from_blob(xy.data(), {n, 2}, torch::kFloat32).clone();
 }
 
 torch::Tensor box_token_weights(const std::vector<Box>& boxes, const torch::Tensor& centres) {
@@ -307,11 +333,12 @@ GroundingLoss grounding_loss(const torch::Tensor& probs, const SequenceBatch& ba
     std::vector<int64_t> visual;
     for (int64_t t = 0; t < T; ++t)
       if (kd[b * T + t] == int64_t(TokenKind::Visual)) visual.push_back(t);
-    if (int64_t(visual.size()) != centres.size(0))
+    const torch::Tensor& own = s.centres.defined() ? s.centres : centres;  // LLaVA-NeXT: the sample's own
+    if (int64_t(visual.size()) != own.size(0))
       throw Error("sample '" + s.id + "': grounding needs exactly one image (" + std::to_string(visual.size()) +
-                  " visual tokens, " + std::to_string(centres.size(0)) + " per image)");
+                  " visual tokens, " + std::to_string(own.size(0)) + " per image)");
     const auto visual_index = torch::tensor(visual);
-    auto centres_here = order.defined() ? centres.index_select(0, order[img]) : centres;
+    auto centres_here = order.defined() ? own.index_select(0, order[img]) : own;
     // Each assistant answer is one run of targets; every position in it predicts one of the
     // answer's tokens ("row 2, column 3" names the place in its later tokens), so every one is taught.
     size_t turn = 0;
@@ -437,9 +464,11 @@ void check_run(const Vlm& model, const std::vector<TrainSample>& samples, const 
     throw Error("train: " + cfg.reducer.spec() + " is a training-free reducer; train the plain model and "
                 "evaluate it with --reducer " + cfg.reducer.spec());
   if (o.ground_weight <= 0) return;
-  if (cfg.is_next())
-    throw Error("--ground-weight: grounded attention is not implemented on LLaVA-NeXT (its boxes would have to be "
-                "mapped onto the crops and the base view)");
+  if (cfg.is_next() && !cfg.reducer.grid_side(cfg))
+    throw Error("--ground-weight on LLaVA-NeXT: " + cfg.reducer.name() +
+                " moves the rows off the packed patch grid (grounding runs with none or victor)");
+  if (cfg.is_next() && cfg.reducer.kind() == "pool")
+    throw Error("--ground-weight on LLaVA-NeXT: pooling's rows have no centres yet (grounding runs with none or victor)");
   try {
     check_grounding(cfg, o.ground_layer, o.ground_heads);
   } catch (const Error& e) {
