@@ -15,7 +15,9 @@
 # TRAIN_IMAGES (2000), TEST_IMAGES (250: 1,000 questions), CANVASES (4x4,2x4,4x2), CELL (56),
 # ITEMS (14-40), LR (3e-4), SEED (40), BASE_ROWS (257: the base view and its newline on small-next;
 # 17 on llava-next-tiny), FASTV (fastv:k=2,keep=0.0625), VISIONZIP (visionzip:dominant=13,contextual=3),
-# MODELS (plain victor-m8 pool-4x4: the repro models carried over, plain first).
+# MODELS (plain victor-m8 pool-4x4: the repro models carried over, plain first), GROUND (1: grounded
+# attention with this weight on decoder layer 1, one head, as the repro's default, for every model but
+# pooling, whose NeXT rows have no centres; 0: none).
 set -euo pipefail
 [ $# -ge 2 ] || { sed -n 2,20p "$0"; exit 2; }
 repro="$1"
@@ -24,7 +26,7 @@ victor="${3:-$(dirname "$0")/../build/victor}"
 PRESET="${PRESET:-small-next}" STEPS="${STEPS:-200}" TRAIN_IMAGES="${TRAIN_IMAGES:-2000}" TEST_IMAGES="${TEST_IMAGES:-250}"
 CANVASES="${CANVASES:-4x4,2x4,4x2}" CELL="${CELL:-56}" ITEMS="${ITEMS:-14-40}" LR="${LR:-3e-4}" SEED="${SEED:-40}"
 BASE_ROWS="${BASE_ROWS:-257}" FASTV="${FASTV:-fastv:k=2,keep=0.0625}" VISIONZIP="${VISIONZIP:-visionzip:dominant=13,contextual=3}"
-MODELS="${MODELS:-plain victor-m8 pool-4x4}"
+MODELS="${MODELS:-plain victor-m8 pool-4x4}" GROUND="${GROUND:-1}"
 [ -x "$victor" ] || { echo "gridvqa_hr.sh: $victor is not an executable victor" >&2; exit 2; }
 [ -d "$repro/models" ] || { echo "gridvqa_hr.sh: $repro/models not found (the output folder of victor repro)" >&2; exit 2; }
 [ ! -e "$out" ] || { echo "gridvqa_hr.sh: $out exists; choose a new folder (nothing is overwritten)" >&2; exit 2; }
@@ -41,11 +43,13 @@ say "building GridVQA-HR ($TRAIN_IMAGES train / $TEST_IMAGES test images, canvas
   --out "$out/data" --train-images "$TRAIN_IMAGES" --test-images "$TEST_IMAGES" --text-grids 0 --seed "$SEED" >&2
 
 for m in $MODELS; do
-  say "$m: carried to $PRESET, then $STEPS steps on GridVQA-HR"
+  ground=()
+  case "$m" in pool*) ;; *) [ "$GROUND" = 0 ] || ground=(--ground-weight "$GROUND" --ground-layer 1 --ground-heads 1) ;; esac
+  say "$m: carried to $PRESET, then $STEPS steps on GridVQA-HR${ground:+ (grounded)}"
   "$victor" init --preset "$PRESET" --from "$repro/models/$m" --out "$out/models/$m-start" >&2
   start=$(date +%s)
   "$victor" train --model "$out/models/$m-start" --data "$out/data/train.json" --out "$out/models/$m" --train finetune \
-    --lr "$LR" --batch-size 8 --max-steps "$STEPS" --autocast-bf16 --seed 0 > "$out/logs/train-$m.log" 2>&1 \
+    --lr "$LR" --batch-size 8 --max-steps "$STEPS" --autocast-bf16 --seed 0 "${ground[@]}" > "$out/logs/train-$m.log" 2>&1 \
     || { tail -5 "$out/logs/train-$m.log" >&2; exit 1; }
   echo $(( $(date +%s) - start )) > "$out/logs/train-$m.seconds"
 done
