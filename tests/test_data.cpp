@@ -491,7 +491,7 @@ TEST(GridVqa, BoxesAreTheCellsEachAnswerRestsOn) {
       EXPECT_EQ(qa.cells, expect) << qa.question;
     }
   }
-  EXPECT_EQ(cell_box(4, 6), (std::array<double, 4>{0.5, 0.25, 0.75, 0.5}));  // row 2, column 3
+  EXPECT_EQ(cell_box(4, 4, 6), (std::array<double, 4>{0.5, 0.25, 0.75, 0.5}));  // row 2, column 3
   auto dir = temp_dir("gq_boxes");
   build_gridvqa(small_options(dir, 3));
   int grounded = 0;

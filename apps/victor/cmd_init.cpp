@@ -79,7 +79,8 @@ Started init_from(const InitArgs& a) {
 void run_init(const InitArgs& a) {
   refuse_existing_model(a.out, a.overwrite, "--out");
   if (!a.from.empty()) {
-    if (!a.corpus.empty() || a.vocab != 512 || a.tokenizer_type != "bpe")
+    const InitArgs defaults;
+    if (a.corpus != defaults.corpus || a.vocab != defaults.vocab || a.tokenizer_type != defaults.tokenizer_type)
       throw Error("--from takes the checkpoint's own tokenizer: --corpus, --vocab-size and --tokenizer-type do not apply");
     namespace fs = std::filesystem;
     if (fs::absolute(a.from).lexically_normal() == fs::absolute(a.out).lexically_normal())

@@ -101,9 +101,9 @@ QA ask(const Grid& g, const std::string& family, Rng& rng);
 // Up to n distinct questions, the families taken in turn from a random start.
 std::vector<QA> ask_balanced(const Grid& g, int n, Rng& rng,
                              const std::vector<std::string>& families = kQuestionFamilies);
-// Cell `cell` of a size x size grid as a normalized box (x0, y0, x1, y1); doubles, so that
+// Cell `cell` of a rows x cols grid as a normalized box (x0, y0, x1, y1); doubles, so that
 // train.json writes 1/3 as 0.3333333333333333.
-std::array<double, 4> cell_box(int size, int cell);
+std::array<double, 4> cell_box(int rows, int cols, int cell);
 // The normalized box of the item in `cell`: its cell (aligned layout, or an empty cell) or its
 // placement (scattered).
 std::array<double, 4> item_box(const Grid& g, int cell);

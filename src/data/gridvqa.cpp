@@ -135,6 +135,14 @@ Grid random_scattered_grid(int rows, int cols, const GridVqaOptions& opt, const 
   return g;
 }
 
+namespace {
+// Where cell `cell`'s item is drawn: its placement, or in the aligned layout the whole 28-pixel cell.
+Placement placement(const Grid& g, int cell) {
+  if (!g.places.empty()) return g.places[size_t(cell)];
+  return {(cell % g.cols) * 28, (cell / g.cols) * 28, 28};
+}
+}  // namespace
+
 Image render_grid(const Grid& g, const IdxImages& items) {
   Image img;
   img.width = g.width();
@@ -143,14 +151,8 @@ Image render_grid(const Grid& g, const IdxImages& items) {
   for (int cell = 0; cell < g.cells(); ++cell) {
     if (g.items[cell] < 0) continue;
     const uint8_t* src = items.pixels.data() + size_t(g.items[cell]) * 784;
-    if (g.places.empty()) {
-      int oy = (cell / g.cols) * 28, ox = (cell % g.cols) * 28;
-      for (int y = 0; y < 28; ++y)
-        for (int x = 0; x < 28; ++x)
-          for (int c = 0; c < 3; ++c) img.rgb[(size_t(oy + y) * img.width + ox + x) * 3 + c] = src[y * 28 + x];
-      continue;
-    }
-    const Placement& p = g.places[cell];
+    // At side 28 (the aligned layout) every weight is 0 or 1: the item's own pixels, exactly.
+    const Placement p = placement(g, cell);
     const double step = 28.0 / p.side;
     for (int y = 0; y < p.side; ++y) {
       const double sy = std::clamp((y + 0.5) * step - 0.5, 0.0, 27.0);
@@ -204,17 +206,15 @@ int find_class(const std::string& text, const std::vector<std::string>& names) {
 
 }  // namespace
 
-std::array<double, 4> cell_box(int size, int cell) {
-  const double s = size, r = cell / size, c = cell % size;
-  return {c / s, r / s, (c + 1) / s, (r + 1) / s};
+std::array<double, 4> cell_box(int rows, int cols, int cell) {
+  const double r = cell / cols, c = cell % cols;
+  return {c / cols, r / rows, (c + 1) / cols, (r + 1) / rows};
 }
 
 std::array<double, 4> item_box(const Grid& g, int cell) {
-  if (g.places.empty() || g.places[cell].side == 0) {  // an empty cell: the cell itself
-    const double r = cell / g.cols, c = cell % g.cols;
-    return {c / g.cols, r / g.rows, (c + 1) / g.cols, (r + 1) / g.rows};
-  }
-  const Placement& p = g.places[cell];
+  if (g.items[cell] < 0) return cell_box(g.rows, g.cols, cell);  // an empty cell: the cell itself
+  // Pixels over pixels: the aligned layout's 28c / 28n is c / n to the last bit (both correctly rounded).
+  const Placement p = placement(g, cell);
   const double W = g.width(), H = g.height();
   return {p.x / W, p.y / H, (p.x + p.side) / W, (p.y + p.side) / H};
 }
