@@ -118,6 +118,73 @@ TEST(Bench, JsonHasEveryFieldAndKvBytesMatchFormula) {
   EXPECT_EQ(j["configs"][2]["kv_bytes"].get<int64_t>(), row * 4 * (T + 4));  // registers_only
 }
 
+TEST(Bench, BatchesThatDoNotFitArePrefilledOneAtATimeOrLeftOutWithTheReason) {
+  // By hand: KV 100 and activations 30 per request, batch 4 -> joint 520, one at a time 430.
+  EXPECT_FALSE(plan_batch(100, 30, 4, 600).one_at_a_time);
+  EXPECT_TRUE(plan_batch(100, 30, 4, 600).run);
+  EXPECT_TRUE(plan_batch(100, 30, 4, 0).run);  // no budget known: as asked
+  BatchPlan one = plan_batch(100, 30, 4, 450);
+  EXPECT_TRUE(one.run && one.one_at_a_time);
+  EXPECT_EQ(one.joint_bytes, 520);
+  EXPECT_EQ(one.single_bytes, 430);
+  EXPECT_NE(one.why.find("one request at a time"), std::string::npos) << one.why;
+  BatchPlan none = plan_batch(100, 30, 4, 429);
+  EXPECT_FALSE(none.run);
+  EXPECT_NE(none.why.find("not run"), std::string::npos) << none.why;
+  EXPECT_FALSE(plan_batch(100, 30, 1, 129).run);  // alone: nothing to split
+
+  // A budget the plain model's batch of 4 cannot fit however it is prefilled, Victor's (m = 4,
+  // k = 1, registers only: far fewer KV rows) can: plain has no batch-4 figures, Victor has.
+  auto cfg = tiny_config();
+  Vlm m = Vlm::random(cfg, 61);
+  BenchOptions o;
+  o.batches = {1, 4};
+  o.gen_tokens = {3};
+  o.prompt_tokens = 20;
+  o.repeats = 1;
+  o.progress = false;
+  auto configs = bench_configs(cfg, {Reducer::victor({4, 1, RegisterMask::RegistersOnly})});
+  ASSERT_EQ(configs.size(), 2u);
+  PromptInput probe;  // the bench's prompt: 20 text rows and one image
+  const std::vector<int64_t> visual{cfg.visual_tokens_per_image()};
+  auto need = [&](const ModelConfig& c, int b) {
+    return plan_batch(kv_bytes_formula(c, 20, visual, 3, 4), prefill_activation_bytes(c, 20, visual, 1), b, 0);
+  };
+  ModelConfig vc = cfg;
+  vc.reducer = configs[1].reducer;
+  const BatchPlan plain4 = need(cfg, 4), victor4 = need(vc, 4);
+  ASSERT_LT(victor4.single_bytes, plain4.single_bytes);
+  o.memory_budget_bytes = plain4.single_bytes - 1;
+  ASSERT_GT(o.memory_budget_bytes, need(cfg, 1).single_bytes);  // plain alone still runs
+  auto results = run_bench(m, configs, o);
+  ASSERT_EQ(results.size(), 2u);
+  EXPECT_FALSE(results[0].plans.at(4).run);
+  EXPECT_EQ(results[0].requests_per_second.count("b4_g3"), 0u);
+  EXPECT_GT(results[0].requests_per_second.at("b1_g3"), 0);
+  EXPECT_TRUE(results[1].plans.at(4).run);
+  EXPECT_EQ(results[1].plans.at(4).one_at_a_time, victor4.joint_bytes > o.memory_budget_bytes);
+  EXPECT_GT(results[1].requests_per_second.at("b4_g3"), 0);
+  const std::string table = bench_table(results);
+  EXPECT_NE(table.find("plain at batch 4: not run"), std::string::npos) << table;
+  auto j = bench_json(results, cfg, o);
+  EXPECT_FALSE(j["configs"][0]["batches"]["b4"]["run"].get<bool>());
+  EXPECT_TRUE(j["configs"][1]["batches"]["b4"]["run"].get<bool>());
+  EXPECT_FALSE(j["configs"][1]["ratio_to_plain"]["requests_per_second"].contains("b4_g3"));
+  EXPECT_EQ(j["memory_budget_bytes"].get<int64_t>(), o.memory_budget_bytes);
+
+  // A budget the plain model's joint prefill of 4 does not fit but one request's does: it runs
+  // one request at a time.
+  o.memory_budget_bytes = plain4.joint_bytes - 1;
+  ASSERT_LE(plain4.single_bytes, o.memory_budget_bytes);
+  auto again = run_bench(m, {configs[0]}, o);
+  EXPECT_TRUE(again[0].plans.at(4).one_at_a_time);
+  EXPECT_GT(again[0].requests_per_second.at("b4_g3"), 0);
+  // Not even one request fits: refused by name.
+  o.memory_budget_bytes = need(cfg, 1).single_bytes - 1;
+  EXPECT_NE(error_of([&] { run_bench(m, {configs[0]}, o); }).find("does not fit in memory even alone"),
+            std::string::npos);
+}
+
 // The repro's report formats what the stages measured: a hand-made Results whose figures are
 // known gives known rows, drops, ratios and verdicts in report.md and summary.json.
 namespace {

@@ -16,6 +16,7 @@ struct BenchArgs {
   bool json = false, llm_only = false;
   int threads = default_threads();
   uint64_t seed = 0;
+  double memory_budget_mb = 0;
 };
 
 void run_bench_cli(BenchArgs a) {
@@ -37,6 +38,7 @@ void run_bench_cli(BenchArgs a) {
             << model->weight_bytes() / 1048576.0 << " MiB\n";
   a.opt.seed = a.seed;
   a.opt.kv_dtype = kv_dtype_from_string(a.kv_dtype);
+  a.opt.memory_budget_bytes = int64_t(a.memory_budget_mb * 1048576.0);
   {
     int w = 0, h = 0;
     char x = 0, extra = 0;
@@ -98,6 +100,12 @@ Command bench_command(CLI::App& app, int, char**) {
   c_bench->add_option("--gen", bn.opt.gen_tokens, "Generated tokens per request")->delimiter(',')->check(CLI::Range(1, 8192));
   c_bench->add_option("--prompt-tokens", bn.opt.prompt_tokens, "Text tokens per prompt (one image each)")->check(CLI::Range(2, 100000))->capture_default_str();
   c_bench->add_option("--repeats", bn.opt.repeats, "Repeats per configuration (medians)")->check(CLI::Range(1, 1000))->capture_default_str();
+  c_bench->add_option("--memory-budget-mb", bn.memory_budget_mb,
+                      "Memory a batch may hold besides the weights (KV cache + prefill activations, by their "
+                      "formulas; default: what the kernel reports available once the model is built). A batch "
+                      "whose joint prefill does not fit is prefilled one request at a time, then decoded "
+                      "together (as serve does); one that does not fit even so is not run, and the table says why")
+      ->check(CLI::Range(1.0, 1e9));
   c_bench->add_option("--threads", bn.threads, "CPU threads")->check(CLI::Range(1, 1024));
   c_bench->add_option("--seed", bn.seed, "Seed for random weights and inputs");
   c_bench->add_flag("--json", bn.json, "Print JSON instead of the table");

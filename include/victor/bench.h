@@ -28,7 +28,26 @@ struct BenchOptions {
   uint64_t seed = 0;
   torch::ScalarType kv_dtype = torch::kFloat32;  // KV-cache storage for every configuration
   bool progress = true;
+  // What a batch may hold besides the weights: its KV cache (kv_bytes_formula) and its prefill's
+  // activations (prefill_activation_bytes). A batch whose joint prefill does not fit is prefilled
+  // one request at a time (SamplingOptions::prefill_one_at_a_time); one whose KV alone, with one
+  // request's prefill, does not fit is not run, and the result says why. 0 = the memory the
+  // kernel reports available (MemAvailable) once the models are built.
+  int64_t memory_budget_bytes = 0;
 };
+
+// How a configuration runs one batch size within a memory budget.
+struct BatchPlan {
+  bool run = true;
+  bool one_at_a_time = false;  // prefill one request at a time (the joint prefill does not fit)
+  int64_t kv_bytes = 0;        // the batch's KV cache (formula)
+  int64_t joint_bytes = 0;     // KV + the whole batch's prefill activations
+  int64_t single_bytes = 0;    // KV + one request's prefill activations
+  std::string why;             // when not run, or prefilled one at a time
+};
+BatchPlan plan_batch(int64_t kv_per_request, int64_t activations_per_request, int batch, int64_t budget);
+// MemAvailable from /proc/meminfo, bytes (0 when unreadable).
+int64_t available_memory_bytes();
 
 struct BenchResult {
   std::string name, reducer;  // display name, spec
@@ -41,6 +60,7 @@ struct BenchResult {
   std::map<std::string, std::vector<double>> requests_per_second_runs;
   int64_t kv_bytes = 0, kv_bytes_formula = 0, peak_rss_bytes = 0;
   double prefill_gflops = 0;
+  std::map<int, BatchPlan> plans;  // batch size -> how it ran (or why not)
 };
 
 // The standard set: plain, the checkpoint's own reducer (if any), then `extra` in order (the

@@ -22,6 +22,10 @@ struct SamplingOptions {
   // KV-cache storage: float32, or bfloat16 (half the bytes; attention still computes in float32
   // on a per-layer float copy of the keys and values).
   torch::ScalarType kv_dtype = torch::kFloat32;
+  // Prefill the batch's requests one at a time, each into a cache of its own, then decode them
+  // together (as the server does): the prefill holds one request's activations instead of the
+  // whole batch's. The tokens are the same either way.
+  bool prefill_one_at_a_time = false;
 };
 
 // "f32" / "bf16" -> the cache's element type; the error names `what` (the option).

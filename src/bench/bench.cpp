@@ -5,6 +5,8 @@
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <iostream>
+#include <set>
 #include <sstream>
 
 #include "victor/blas.h"
@@ -28,6 +30,42 @@ int64_t peak_rss_bytes() {
   while (std::getline(f, line))
     if (line.rfind("VmHWM:", 0) == 0) return std::stoll(line.substr(6)) * 1024;
   return 0;
+}
+
+int64_t available_memory_bytes() {
+  std::ifstream f("/proc/meminfo");
+  std::string line;
+  while (std::getline(f, line))
+    if (line.rfind("MemAvailable:", 0) == 0) return std::stoll(line.substr(13)) * 1024;
+  return 0;
+}
+
+namespace {
+std::string gib(int64_t bytes) {  // GiB, or MiB below one GiB
+  char buf[32];
+  if (bytes >= (int64_t(1) << 30)) std::snprintf(buf, sizeof buf, "%.2f GiB", double(bytes) / (1024.0 * 1024.0 * 1024.0));
+  else std::snprintf(buf, sizeof buf, "%.2f MiB", double(bytes) / (1024.0 * 1024.0));
+  return buf;
+}
+}  // namespace
+
+BatchPlan plan_batch(int64_t kv_per_request, int64_t activations_per_request, int batch, int64_t budget) {
+  BatchPlan p;
+  p.kv_bytes = kv_per_request * batch;
+  p.joint_bytes = p.kv_bytes + activations_per_request * batch;
+  p.single_bytes = p.kv_bytes + activations_per_request;
+  if (budget <= 0 || p.joint_bytes <= budget) return p;
+  if (batch > 1 && p.single_bytes <= budget) {
+    p.one_at_a_time = true;
+    p.why = "prefilled one request at a time: the joint prefill needs " + gib(p.joint_bytes) + " (KV " +
+            gib(p.kv_bytes) + " + activations " + gib(p.joint_bytes - p.kv_bytes) + ") > the budget " + gib(budget);
+    return p;
+  }
+  p.run = false;
+  p.why = "not run: needs " + gib(p.single_bytes) + " (KV " + gib(p.kv_bytes) + " for " + std::to_string(batch) +
+          " request" + (batch > 1 ? "s" : "") + " + one prefill's activations " + gib(activations_per_request) +
+          ") > the budget " + gib(budget);
+  return p;
 }
 
 std::vector<BenchConfig> bench_configs(const ModelConfig& cfg, const std::vector<Reducer>& extra) {
@@ -120,19 +158,25 @@ struct Samples {
 // pool, the heap grown to the batch's buffers). Without the second, the first repeat's batched
 // figure of the first configuration measured was about half its later ones (the full repro of
 // 2026-12-03: every ratio ~2x in repeat 1, within 3% in repeats 2 and 3).
-void warm_up(const std::vector<Vlm>& models, const BenchInputs& in, const BenchOptions& opt) {
-  SamplingOptions warm{2};
-  warm.kv_dtype = opt.kv_dtype;
-  const int max_batch = opt.batches.empty() ? 1 : *std::max_element(opt.batches.begin(), opt.batches.end());
-  for (auto& m : models) {
-    generate_ids(m, {in.prompt(1)}, -1, warm);
-    if (max_batch > 1) generate_ids(m, in.rows(max_batch), -1, warm);
+void warm_up(const std::vector<Vlm>& models, const std::vector<std::map<int, BatchPlan>>& plans,
+             const BenchInputs& in, const BenchOptions& opt) {
+  for (size_t ci = 0; ci < models.size(); ++ci) {
+    SamplingOptions warm{2};
+    warm.kv_dtype = opt.kv_dtype;
+    generate_ids(models[ci], {in.prompt(1)}, -1, warm);
+    int largest = 1;  // the largest batch this configuration runs
+    for (auto& [b, plan] : plans[ci])
+      if (plan.run && b > largest) largest = b;
+    if (largest == 1) continue;
+    warm.prefill_one_at_a_time = plans[ci].at(largest).one_at_a_time;
+    generate_ids(models[ci], in.rows(largest), -1, warm);
   }
 }
 
 // One repeat of one configuration: the vision tower, a batch-1 request (TTFT, decode, KV) and
 // every batch x generation length's requests/s.
-void measure(const Vlm& m, const BenchInputs& in, const BenchOptions& opt, int max_gen, Samples& s) {
+void measure(const Vlm& m, const std::map<int, BatchPlan>& plans, const BenchInputs& in, const BenchOptions& opt,
+             int max_gen, Samples& s) {
   reset_peak_rss();
   auto t0 = Clock::now();
   m.encode_images(in.pixels);
@@ -147,10 +191,13 @@ void measure(const Vlm& m, const BenchInputs& in, const BenchOptions& opt, int m
   s.gflops = one.stats.prefill_gflops;
   for (int b : opt.batches)
     for (int g : opt.gen_tokens) {
+      const BatchPlan& plan = plans.at(b);
+      if (!plan.run) continue;
       auto rows = in.rows(b);
       SamplingOptions sg;
       sg.max_new_tokens = g;
       sg.kv_dtype = opt.kv_dtype;
+      sg.prefill_one_at_a_time = plan.one_at_a_time;
       auto t1 = Clock::now();
       generate_ids(m, rows, -1, sg);
       s.rps["b" + std::to_string(b) + "_g" + std::to_string(g)].push_back(b / since(t1));
@@ -160,8 +207,9 @@ void measure(const Vlm& m, const BenchInputs& in, const BenchOptions& opt, int m
 
 // Medians of a configuration's samples, with the KV formula beside the measured cache.
 BenchResult summarize(const BenchConfig& config, const ModelConfig& mc, const Samples& s, const BenchInputs& in,
-                      const BenchOptions& opt, int max_gen) {
+                      const BenchOptions& opt, int max_gen, const std::map<int, BatchPlan>& plans) {
   BenchResult r;
+  r.plans = plans;
   r.name = config.name();
   r.reducer = mc.reducer.spec();
   const PromptInput probe = synthetic_prompt(mc, opt.prompt_tokens, 2, in.pixels, in.layouts);
@@ -196,19 +244,41 @@ std::vector<BenchResult> run_bench(const Vlm& base, const std::vector<BenchConfi
   }
   const BenchInputs in(base.config(), opt);
   const int max_gen = *std::max_element(opt.gen_tokens.begin(), opt.gen_tokens.end());
+  // Each configuration's batches within the memory budget (the weights are resident by now).
+  const int64_t budget = opt.memory_budget_bytes > 0 ? opt.memory_budget_bytes : available_memory_bytes();
+  std::vector<std::map<int, BatchPlan>> plans(configs.size());
+  const PromptInput probe = in.prompt(2);
+  for (size_t ci = 0; ci < configs.size(); ++ci) {
+    const ModelConfig& mc = models[ci].config();
+    const std::vector<int64_t> visual = visual_rows_of(mc, probe);
+    const int64_t kv = kv_bytes_formula(mc, opt.prompt_tokens, visual, max_gen,
+                                        int64_t(c10::elementSize(opt.kv_dtype)));
+    const int64_t act = prefill_activation_bytes(mc, opt.prompt_tokens, visual, views_of(probe));
+    std::vector<int> sizes = opt.batches;
+    sizes.push_back(1);  // the batch-1 request every repeat times
+    for (int b : sizes) {
+      BatchPlan plan = plan_batch(kv, act, b, budget);
+      if (b == 1 && !plan.run)
+        throw Error("bench: " + configs[ci].name() + " does not fit in memory even alone (" + plan.why +
+                    "); try --kv-dtype bf16, a smaller --image-size or --max-image-tokens");
+      if (!plan.why.empty() && !plans[ci].count(b))
+        std::cerr << "bench: " << configs[ci].name() << " at batch " << b << ": " << plan.why << "\n";
+      plans[ci][b] = plan;
+    }
+  }
   std::vector<Samples> samples(configs.size());
   Progress bar("bench", int64_t(opt.repeats) * int64_t(configs.size()), opt.progress && isatty(2));
   int64_t done = 0;
-  warm_up(models, in, opt);
+  warm_up(models, plans, in, opt);
   for (int r = 0; r < opt.repeats; ++r)
     for (size_t ci = 0; ci < configs.size(); ++ci) {  // ABAB...: configurations interleaved
-      measure(models[ci], in, opt, max_gen, samples[ci]);
+      measure(models[ci], plans[ci], in, opt, max_gen, samples[ci]);
       bar.update(++done);
     }
   bar.finish();
   std::vector<BenchResult> out;
   for (size_t ci = 0; ci < configs.size(); ++ci)
-    out.push_back(summarize(configs[ci], models[ci].config(), samples[ci], in, opt, max_gen));
+    out.push_back(summarize(configs[ci], models[ci].config(), samples[ci], in, opt, max_gen, plans[ci]));
   return out;
 }
 
@@ -244,13 +314,16 @@ LlmBenchResult run_llm_bench(const Vlm& model, int prompt, int gen, int repeats,
 std::string bench_table(const std::vector<BenchResult>& rs) {
   if (rs.empty()) return "";
   const BenchResult& p = rs.front();
+  // Every batch x generation column any configuration measured (one that did not fit shows "-").
+  std::set<std::string> keys;
+  for (auto& r : rs)
+    for (auto& [k, v] : r.requests_per_second) keys.insert(k);
   std::ostringstream o;
   char buf[512];
   std::snprintf(buf, sizeof buf, "%-24s %10s %10s %12s %10s %10s", "config", "vision ms", "TTFT ms",
                 "decode tok/s", "KV KiB", "peak MiB");
   o << buf;
-  for (auto& [k, v] : p.requests_per_second) {
-    (void)v;
+  for (auto& k : keys) {
     std::snprintf(buf, sizeof buf, " %14s", (k + " req/s").c_str());
     o << buf;
   }
@@ -261,8 +334,10 @@ std::string bench_table(const std::vector<BenchResult>& rs) {
                   1e3 * r.vision_seconds, 1e3 * r.ttft_seconds, r.decode_tokens_per_second,
                   r.kv_bytes / 1024.0, r.peak_rss_bytes / 1048576.0);
     o << buf;
-    for (auto& [k, v] : r.requests_per_second) {
-      std::snprintf(buf, sizeof buf, " %14.2f", v);
+    for (auto& k : keys) {
+      auto it = r.requests_per_second.find(k);
+      if (it == r.requests_per_second.end()) std::snprintf(buf, sizeof buf, " %14s", "-");
+      else std::snprintf(buf, sizeof buf, " %14.2f", it->second);
       o << buf;
     }
     o << "\n";
@@ -271,13 +346,20 @@ std::string bench_table(const std::vector<BenchResult>& rs) {
                   ratio(p.ttft_seconds, r.ttft_seconds), ratio(r.decode_tokens_per_second, p.decode_tokens_per_second),
                   ratio(p.kv_bytes, r.kv_bytes), ratio(p.peak_rss_bytes, r.peak_rss_bytes));
     o << buf;
-    for (auto& [k, v] : r.requests_per_second) {
-      std::snprintf(buf, sizeof buf, " %13.2fx", ratio(v, p.requests_per_second.at(k)));
+    for (auto& k : keys) {
+      auto a = r.requests_per_second.find(k), b = p.requests_per_second.find(k);
+      if (a == r.requests_per_second.end() || b == p.requests_per_second.end())
+        std::snprintf(buf, sizeof buf, " %14s", "-");
+      else
+        std::snprintf(buf, sizeof buf, " %13.2fx", ratio(a->second, b->second));
       o << buf;
     }
     o << "\n";
   }
   o << "(ratios: TTFT, KV and peak memory as plain/config — higher is better; throughput as config/plain)\n";
+  for (auto& r : rs)
+    for (auto& [b, plan] : r.plans)
+      if (!plan.why.empty()) o << r.name << " at batch " << b << ": " << plan.why << "\n";
   return o.str();
 }
 
@@ -293,15 +375,24 @@ json bench_json(const std::vector<BenchResult>& rs, const ModelConfig& cfg, cons
               {"kernels", kernels::isa_name(kernels::active_isa())},
               {"weight_dtype", cfg.weight_format()},
               {"kv_dtype", opt.kv_dtype == torch::kBFloat16 ? "bf16" : "f32"},
+              {"memory_budget_bytes", opt.memory_budget_bytes > 0 ? opt.memory_budget_bytes : available_memory_bytes()},
               {"configs", json::array()}};
   const BenchResult& p = rs.front();
   auto ratio = [](double a, double b) { return b > 0 ? a / b : 0.0; };
   for (auto& r : rs) {
-    json rps = json::object(), rps_ratio = json::object();
+    json rps = json::object(), rps_ratio = json::object(), batches = json::object();
     for (auto& [k, v] : r.requests_per_second) {
       rps[k] = v;
-      rps_ratio[k] = ratio(v, p.requests_per_second.at(k));
+      auto b = p.requests_per_second.find(k);
+      if (b != p.requests_per_second.end()) rps_ratio[k] = ratio(v, b->second);
     }
+    for (auto& [b, plan] : r.plans)
+      batches["b" + std::to_string(b)] = {{"run", plan.run},
+                                          {"prefill", plan.one_at_a_time ? "one_at_a_time" : "joint"},
+                                          {"kv_bytes", plan.kv_bytes},
+                                          {"joint_bytes", plan.joint_bytes},
+                                          {"one_at_a_time_bytes", plan.single_bytes},
+                                          {"why", plan.why}};
     out["configs"].push_back({{"name", r.name},
                               {"reducer", r.reducer},
                               {"visual_tokens", r.visual_tokens},
@@ -315,6 +406,7 @@ json bench_json(const std::vector<BenchResult>& rs, const ModelConfig& cfg, cons
                               {"kv_bytes_formula", r.kv_bytes_formula},
                               {"peak_rss_bytes", r.peak_rss_bytes},
                               {"prefill_gflops", r.prefill_gflops},
+                              {"batches", batches},
                               {"ratio_to_plain",
                                {{"vision_speedup", ratio(p.vision_seconds, r.vision_seconds)},
                                 {"ttft_speedup", ratio(p.ttft_seconds, r.ttft_seconds)},

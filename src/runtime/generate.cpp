@@ -171,26 +171,54 @@ GenerationResult generate_ids(const Vlm& model, const std::vector<PromptInput>& 
   st.reducer = cfg.reducer.name();
   st.reduce_layer = std::min(cfg.reducer.reduce_layer(cfg).value_or(cfg.num_layers()), cfg.num_layers());
   auto t0 = Clock::now();
-
-  std::vector<torch::Tensor> image_embeds = model.encode_prompt_images(inputs);
-  st.vision_seconds = seconds_since(t0);
-  SequenceBatch batch = model.assemble(inputs, image_embeds, /*pad_left=*/true);
   const int64_t max_pos = cfg.text.max_position_embeddings;
-  if (batch.embeds.size(1) + opt.max_new_tokens > max_pos)
-    throw Error("request too long: " + std::to_string(batch.embeds.size(1)) + " prompt rows + " +
-                std::to_string(opt.max_new_tokens) + " new tokens exceed max_position_embeddings " +
-                std::to_string(max_pos));
+  // Each request's prompt rows by kind, and what its own first new token's logits come from.
+  std::vector<int64_t> text_rows(size_t(B), 0);
+  auto prepare = [&](const std::vector<PromptInput>& rows, int64_t first) {
+    auto tv = Clock::now();
+    std::vector<torch::Tensor> image_embeds = model.encode_prompt_images(rows);
+    st.vision_seconds += seconds_since(tv);
+    SequenceBatch batch = model.assemble(rows, image_embeds, /*pad_left=*/true);
+    if (batch.embeds.size(1) + opt.max_new_tokens > max_pos)
+      throw Error("request too long: " + std::to_string(batch.embeds.size(1)) + " prompt rows + " +
+                  std::to_string(opt.max_new_tokens) + " new tokens exceed max_position_embeddings " +
+                  std::to_string(max_pos));
+    for (size_t r = 0; r < rows.size(); ++r)
+      text_rows[size_t(first) + r] = count_kind(batch.meta, int64_t(r), TokenKind::Text);
+    if (first == 0) {
+      st.prompt_tokens = count_kind(batch.meta, 0, TokenKind::Text);
+      st.visual_tokens = count_kind(batch.meta, 0, TokenKind::Visual);
+      st.register_tokens = count_kind(batch.meta, 0, TokenKind::Register);
+    }
+    return batch;
+  };
 
-  st.prompt_tokens = count_kind(batch.meta, 0, TokenKind::Text);
-  st.visual_tokens = count_kind(batch.meta, 0, TokenKind::Visual);
-  st.register_tokens = count_kind(batch.meta, 0, TokenKind::Register);
+  // Prefill: the whole batch at once (one padded cache), or one request at a time into caches
+  // of their own that then decode together, as the server does: a batch whose joint prefill
+  // would not fit in memory (LLaVA-NeXT at batch 16) still runs.
+  KvCache cache;
+  std::vector<KvCache> own;
+  torch::Tensor logits;
+  if (!opt.prefill_one_at_a_time || B == 1) {
+    SequenceBatch batch = prepare(inputs, 0);
+    std::tie(cache, logits) = model.prefill(batch, opt.kv_dtype, opt.max_new_tokens);
+  } else {
+    std::vector<torch::Tensor> first;
+    for (int64_t b = 0; b < B; ++b) {
+      SequenceBatch batch = prepare({inputs[size_t(b)]}, b);
+      auto [c, l] = model.prefill(batch, opt.kv_dtype, opt.max_new_tokens);
+      own.push_back(std::move(c));
+      first.push_back(l);
+    }
+    logits = torch::cat(first, 0);
+  }
+  std::vector<KvCache*> own_ptrs;
+  for (auto& c : own) own_ptrs.push_back(&c);
   st.tokens_before_drop = st.prompt_tokens + st.visual_tokens + st.register_tokens;
   // Rows each image still holds past the reduction: FastV's kept rows, Victor's registers alone,
   // or all of them.
   st.tokens_after_drop = st.prompt_tokens;
   for (int64_t n : visual_rows_of(cfg, inputs[0])) st.tokens_after_drop += cfg.reducer.rows_past_reduction(cfg, n);
-
-  auto [cache, logits] = model.prefill(batch, opt.kv_dtype, opt.max_new_tokens);
 
   auto gen = at::detail::createCPUGenerator(opt.seed);
   std::vector<torch::Tensor> kept_logits;
@@ -200,7 +228,7 @@ GenerationResult generate_ids(const Vlm& model, const std::vector<PromptInput>& 
   auto td = Clock::now();
   for (int step = 0; step < opt.max_new_tokens; ++step) {
     if (step > 0) {
-      logits = model.decode_step(next, cache);
+      logits = own.empty() ? model.decode_step(next, cache) : model.decode_step(next, own_ptrs);
       ++fed;
     }
     if (opt.keep_logits) kept_logits.push_back(logits.clone());
@@ -224,9 +252,10 @@ GenerationResult generate_ids(const Vlm& model, const std::vector<PromptInput>& 
   for (auto& t : res.tokens) st.generated_tokens += t.size();
   st.decode_tokens_per_second = fed > 0 && st.decode_seconds > 0 ? fed * B / st.decode_seconds : 0;
   st.kv_bytes = cache.bytes();
+  for (auto& c : own) st.kv_bytes += c.bytes();
+  const ModelConfig plain = without_reducer(cfg);
   for (int64_t b = 0; b < B; ++b) {
-    int64_t text = count_kind(batch.meta, b, TokenKind::Text);
-    const ModelConfig plain = without_reducer(cfg);
+    const int64_t text = text_rows[size_t(b)];
     st.kv_bytes_plain += kv_bytes_formula(plain, text, visual_rows_of(plain, inputs[b]), fed,
                                           int64_t(c10::elementSize(opt.kv_dtype)));
     if (b == 0) {
