@@ -145,6 +145,34 @@ TEST(Next, RowCentresFollowThePackingAndBoxesPickTheirRows) {
   }
   EXPECT_EQ(on, 8 + 16);
   EXPECT_NEAR(wts.sum().item<float>(), 1.f, 1e-6);
+
+  // Pooled 2 x 2 (each view's 4 x 4 grid becomes 2 x 2, packed and unpadded at that resolution):
+  // every pooled row's centre is the mean of the centres of the patches it averages, and the
+  // centres count the model's own rows for every layout.
+  ModelConfig cp = next_config();
+  cp.reducer = Reducer::pool({2});
+  cp.validate();
+  ImageLayout lp = image_layout(56, 28, cp);
+  torch::Tensor pooled = next_row_centres(cp, lp);
+  ASSERT_EQ(pooled.size(0), 4 + 2 * 5);  // base 2 x 2; crop grid 2 x 4 and a newline per row
+  for (int r = 0; r < 2; ++r)
+    for (int col = 0; col < 2; ++col) {  // base view: patches (2r..2r+1, 2col..2col+1) of xy
+      auto mean = (xy[(2 * r) * 4 + 2 * col] + xy[(2 * r) * 4 + 2 * col + 1] + xy[(2 * r + 1) * 4 + 2 * col] +
+                   xy[(2 * r + 1) * 4 + 2 * col + 1]) / 4;
+      EXPECT_TRUE(torch::allclose(pooled[r * 2 + col], mean)) << r << "," << col;
+    }
+  for (int r = 0; r < 2; ++r) {
+    for (int col = 0; col < 4; ++col) {  // crop grid: pooled (r, col) averages rows 2r..2r+1, columns 2col..2col+1
+      const int up = 16 + (2 * r) * 9 + 2 * col, down = up + 9;
+      auto mean = (xy[up] + xy[up + 1] + xy[down] + xy[down + 1]) / 4;
+      EXPECT_TRUE(torch::allclose(pooled[4 + r * 5 + col], mean)) << r << "," << col;
+    }
+    EXPECT_EQ(pooled[4 + r * 5 + 4][0].item<float>(), -1.f);  // the newline
+  }
+  for (auto [w, h] : {std::pair{90, 20}, {20, 90}, {28, 28}, {50, 30}, {7, 61}}) {
+    ImageLayout li = image_layout(w, h, cp);
+    EXPECT_EQ(next_row_centres(cp, li).size(0), image_rows(cp, li)) << w << "x" << h;
+  }
 }
 
 TEST(Next, PackedLengthEqualsTheProcessorsImageTokenCount) {
@@ -257,6 +285,32 @@ TEST(Next, IncrementalDecodeEqualsFullRecomputeForEveryReducer) {
     EXPECT_EQ(p.layouts[2].views(), 5);
     SCOPED_TRACE(r.spec());
     check_incremental_equals_full(m, p, 5);
+  }
+}
+
+TEST(Next, OneAtATimePrefillEqualsTheJointBatch) {
+  // Images of three sizes (so the joint batch pads rows on the left), prefilled together or one
+  // request at a time into caches of their own: the same tokens and logits at every step.
+  for (const std::string spec : {"none", "victor:m=2,k=2", "fastv:k=2,keep=0.5", "visionzip:dominant=5,contextual=3"}) {
+    SCOPED_TRACE(spec);
+    ModelConfig c = next_config();
+    c.reducer = Reducer::parse(spec);
+    c.validate();
+    Vlm m = Vlm::random(c, 7);
+    std::vector<PromptInput> rows = {next_prompt(c, {random_image(18, 50, 3)}), next_prompt(c, {random_image(60, 31, 5)}),
+                                     next_prompt(c, {random_image(50, 18, 4)})};
+    rows[1].ids.insert(rows[1].ids.begin() + 1, {11, 12, 13});
+    SamplingOptions so;
+    so.max_new_tokens = 6;
+    so.keep_logits = true;
+    auto joint = generate_ids(m, rows, -1, so);
+    so.prefill_one_at_a_time = true;
+    auto apart = generate_ids(m, rows, -1, so);
+    EXPECT_EQ(joint.tokens, apart.tokens);
+    EXPECT_TRUE(torch::allclose(joint.step_logits, apart.step_logits, 1e-4, 1e-4))
+        << (joint.step_logits - apart.step_logits).abs().max().item<float>();
+    EXPECT_EQ(joint.stats.kv_bytes_plain, apart.stats.kv_bytes_plain);
+    EXPECT_EQ(joint.stats.visual_tokens, apart.stats.visual_tokens);
   }
 }
 
