@@ -16,8 +16,8 @@
 # ITEMS (14-40), LR (3e-4), SEED (40), BASE_ROWS (257: the base view and its newline on small-next;
 # 17 on llava-next-tiny), FASTV (fastv:k=2,keep=0.0625), VISIONZIP (visionzip:dominant=13,contextual=3),
 # MODELS (plain victor-m8 pool-4x4: the repro models carried over, plain first), GROUND (1: grounded
-# attention with this weight on decoder layer 1, one head, as the repro's default, for every model but
-# pooling, whose NeXT rows have no centres; 0: none).
+# attention with this weight on decoder layer 1, one head, as the repro's default, for every model;
+# 0: none).
 set -euo pipefail
 [ $# -ge 2 ] || { sed -n 2,20p "$0"; exit 2; }
 repro="$1"
@@ -44,7 +44,7 @@ say "building GridVQA-HR ($TRAIN_IMAGES train / $TEST_IMAGES test images, canvas
 
 for m in $MODELS; do
   ground=()
-  case "$m" in pool*) ;; *) [ "$GROUND" = 0 ] || ground=(--ground-weight "$GROUND" --ground-layer 1 --ground-heads 1) ;; esac
+  [ "$GROUND" = 0 ] || ground=(--ground-weight "$GROUND" --ground-layer 1 --ground-heads 1)
   say "$m: carried to $PRESET, then $STEPS steps on GridVQA-HR${ground:+ (grounded)}"
   "$victor" init --preset "$PRESET" --from "$repro/models/$m" --out "$out/models/$m-start" >&2
   start=$(date +%s)

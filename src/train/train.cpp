@@ -54,6 +54,7 @@ std::vector<TrainSample> prepare_samples(const std::vector<Conversation>& convs,
     torch::Tensor pixels;
     int width = 0, height = 0;
     ImageLayout layout;
+    torch::Tensor centres;  // LLaVA-NeXT grounding: each packed row's centre (once per image)
   };
   std::unordered_map<std::string, Loaded> loaded;  // image path -> pixels
   Progress bar("loading", int64_t(convs.size()), isatty(2) && convs.size() > 200);
@@ -121,7 +122,11 @@ std::vector<TrainSample> prepare_samples(const std::vector<Conversation>& convs,
             }
             s.grounding.push_back(std::move(g));
           }
-          if (cfg.is_next() && cfg.reducer.grid_side(cfg)) s.centres = next_row_centres(cfg, seen->second.layout);
+          if (cfg.is_next() && cfg.reducer.grid_side(cfg)) {
+            Loaded& l = seen->second;
+            if (!l.centres.defined()) l.centres = next_row_centres(cfg, l.layout);
+            s.centres = l.centres;  // shared by the image's samples
+          }
         }
       }
       out.push_back(std::move(s));
@@ -334,6 +339,7 @@ GroundingLoss grounding_loss(const torch::Tensor& probs, const SequenceBatch& ba
     for (int64_t t = 0; t < T; ++t)
       if (kd[b * T + t] == int64_t(TokenKind::Visual)) visual.push_back(t);
     const torch::Tensor& own = s.centres.defined() ? s.centres : centres;  // LLaVA-NeXT: the sample's own
+    if (!own.defined()) throw Error("sample '" + s.id + "': grounding without its rows' centres");
     if (int64_t(visual.size()) != own.size(0))
       throw Error("sample '" + s.id + "': grounding needs exactly one image (" + std::to_string(visual.size()) +
                   " visual tokens, " + std::to_string(own.size(0)) + " per image)");
@@ -466,9 +472,7 @@ void check_run(const Vlm& model, const std::vector<TrainSample>& samples, const 
   if (o.ground_weight <= 0) return;
   if (cfg.is_next() && !cfg.reducer.grid_side(cfg))
     throw Error("--ground-weight on LLaVA-NeXT: " + cfg.reducer.name() +
-                " moves the rows off the packed patch grid (grounding runs with none or victor)");
-  if (cfg.is_next() && cfg.reducer.kind() == "pool")
-    throw Error("--ground-weight on LLaVA-NeXT: pooling's rows have no centres yet (grounding runs with none or victor)");
+                " moves the rows off the packed patch grid (grounding runs with none, victor or pool)");
   try {
     check_grounding(cfg, o.ground_layer, o.ground_heads);
   } catch (const Error& e) {
@@ -564,7 +568,8 @@ struct Run {
   int rank, world;
   bool vision_trained;
   FeatureCache& features;
-  torch::Tensor centres;  // grounding: each visual token's centre; undefined without grounding
+  bool grounding;         // --ground-weight > 0
+  torch::Tensor centres;  // LLaVA-1.5 grounding: each visual token's centre (LLaVA-NeXT: per sample)
 };
 
 // The samples of micro-batch `a` of `step` on this rank: rank r takes the r-th slice of each
@@ -627,7 +632,7 @@ torch::Tensor micro_batch_loss(Vlm& model, const Run& run, const std::vector<con
   for (auto* s : sources) rows.push_back(s->input);
   torch::Tensor visual_order;
   SequenceBatch batch = micro_batch_inputs(model, run, rows, step, a, &visual_order);
-  const bool grounding = run.centres.defined();
+  const bool grounding = run.grounding;
   ForwardTrace trace;
   torch::Tensor probs;
   if (grounding)
@@ -741,8 +746,9 @@ TrainReport train_model(Vlm& model, const std::vector<TrainSample>& samples, con
     throw Error("train: world size " + std::to_string(world) + " is larger than the " + std::to_string(samples.size()) +
                 " samples: every rank needs data");
   if (comm) check_ranks_agree(model, samples, o, *comm);
-  const Run run{o, comm, rank, world, vision_trained, features,
-                o.ground_weight > 0 ? visual_token_centres(model.config()) : torch::Tensor()};
+  const bool grounding = o.ground_weight > 0;
+  const Run run{o, comm, rank, world, vision_trained, features, grounding,
+                grounding && !model.config().is_next() ? visual_token_centres(model.config()) : torch::Tensor()};
 
   std::unique_ptr<OverlappedGradients> overlapped;  // the last backward of a step starts the sums
   std::vector<torch::Tensor> trained_tensors;
