@@ -197,7 +197,15 @@ WeightDType stored_dtype(const torch::Tensor& w) {
 // int8 <-> int4 goes through float32 (requantized from the stored values).
 // An int4 result is interleaved for the decode products (kernels.h) unless it is `embedding`
 // (whose rows are looked up one by one).
+void release_freed_heap();
+
 void convert_matrix(torch::Tensor& w, torch::Tensor& scale, WeightDType to, int64_t K, bool embedding) {
+  // The heap is trimmed every 512 MiB of converted originals, not only once at the end: a freed
+  // float32 matrix below the mmap threshold stays resident in glibc's heap, and when the next
+  // (larger) one cannot reuse the hole, the heap grows by it. Building llava-7b in int8 grew
+  // past 24 GiB this way (machine A, 2026-12-08: killed by the kernel) instead of ~7 GiB.
+  thread_local int64_t converted_since_trim = 0;
+  const int64_t original = int64_t(w.nbytes());
   const WeightDType from = stored_dtype(w);
   const bool kept = from == to && (from != WeightDType::F32 || w.scalar_type() == torch::kFloat32);
   const bool quantized = from == WeightDType::Int8 || from == WeightDType::Int4;
@@ -225,6 +233,10 @@ void convert_matrix(torch::Tensor& w, torch::Tensor& scale, WeightDType to, int6
   }
   if (to == WeightDType::Int4 && !embedding) int4_tile_for_kernels(w, scale, K);  // a no-op on tiles already
   w = in_huge_pages(w);
+  if (!kept && (converted_since_trim += original) >= (int64_t(512) << 20)) {
+    release_freed_heap();
+    converted_since_trim = 0;
+  }
 }
 
 bool is_embedding(const ParamRef& p) {
