@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "victor/bench.h"
 #include "victor/config.h"
 #include "victor/error.h"
 #include "victor/image_io.h"
@@ -29,6 +30,17 @@ inline ModelConfig tiny_config(int registers = 0, int summary_layers = -1,
   if (registers > 0 || (summary_layers >= 0 && summary_layers < c.num_layers()))
     c.reducer = Reducer::victor({registers, summary_layers < 0 ? std::nullopt : std::optional<int>(summary_layers), mask});
   return c;
+}
+
+// A one-repeat benchmark of `batches` x `gen` with `prompt` text tokens, quiet.
+inline BenchOptions quick_bench(std::vector<int> batches, std::vector<int> gen, int prompt) {
+  BenchOptions o;
+  o.batches = std::move(batches);
+  o.gen_tokens = std::move(gen);
+  o.prompt_tokens = prompt;
+  o.repeats = 1;
+  o.progress = false;
+  return o;
 }
 
 // The message of the victor::Error f throws, or "" when it throws none (so a test that looks for

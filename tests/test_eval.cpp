@@ -86,17 +86,13 @@ TEST(Eval, AnswerPriorPicksMostFrequentTrainingAnswer) {
 TEST(Bench, JsonHasEveryFieldAndKvBytesMatchFormula) {
   auto cfg = tiny_config(8, 2);
   Vlm m = Vlm::random(cfg, 60);
-  BenchOptions o;
-  o.batches = {1, 2};
-  o.gen_tokens = {2, 5};
-  o.prompt_tokens = 20;
-  o.repeats = 1;
-  o.progress = false;
+  BenchOptions o = quick_bench({1, 2}, {2, 5}, 20);
   auto configs = bench_configs(cfg, {Reducer::victor({4, 1, RegisterMask::RegistersOnly})});
   ASSERT_EQ(configs.size(), 3u);  // plain, the checkpoint's own, the sweep
   auto results = run_bench(m, configs, o);
   auto j = bench_json(results, cfg, o);
   ASSERT_EQ(j["configs"].size(), 3u);
+  EXPECT_GT(j["memory_budget_bytes"].get<int64_t>(), 0);  // MemAvailable when no budget is given
   for (auto& c : j["configs"]) {
     for (auto key : {"name", "reducer", "visual_tokens", "inserted_tokens", "vision_seconds", "ttft_seconds",
                      "decode_tokens_per_second", "requests_per_second", "kv_bytes", "kv_bytes_formula",
@@ -137,15 +133,9 @@ TEST(Bench, BatchesThatDoNotFitArePrefilledOneAtATimeOrLeftOutWithTheReason) {
   // k = 1, registers only: far fewer KV rows) can: plain has no batch-4 figures, Victor has.
   auto cfg = tiny_config();
   Vlm m = Vlm::random(cfg, 61);
-  BenchOptions o;
-  o.batches = {1, 4};
-  o.gen_tokens = {3};
-  o.prompt_tokens = 20;
-  o.repeats = 1;
-  o.progress = false;
+  BenchOptions o = quick_bench({1, 4}, {3}, 20);
   auto configs = bench_configs(cfg, {Reducer::victor({4, 1, RegisterMask::RegistersOnly})});
   ASSERT_EQ(configs.size(), 2u);
-  PromptInput probe;  // the bench's prompt: 20 text rows and one image
   const std::vector<int64_t> visual{cfg.visual_tokens_per_image()};
   auto need = [&](const ModelConfig& c, int b) {
     return plan_batch(kv_bytes_formula(c, 20, visual, 3, 4), prefill_activation_bytes(c, 20, visual, 1), b, 0);

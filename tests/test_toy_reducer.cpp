@@ -149,12 +149,7 @@ TEST(ToyReducer, RunsThroughEvalBenchAndServeUntouched) {
   auto report = evaluate(*f.model, *f.tok, qs, eo, &answers);
   EXPECT_EQ(answers.size(), 3u);
   // bench: the toy beside plain, its measured cache equal to the formula.
-  BenchOptions bo;
-  bo.batches = {1, 2};
-  bo.gen_tokens = {2};
-  bo.prompt_tokens = 12;
-  bo.repeats = 1;
-  bo.progress = false;
+  BenchOptions bo = quick_bench({1, 2}, {2}, 12);
   auto results = run_bench(*f.model, bench_configs(f.model->config(), {}), bo);
   auto j = bench_json(results, f.model->config(), bo);
   bool seen = false;

@@ -61,6 +61,7 @@ struct BenchResult {
   int64_t kv_bytes = 0, kv_bytes_formula = 0, peak_rss_bytes = 0;
   double prefill_gflops = 0;
   std::map<int, BatchPlan> plans;  // batch size -> how it ran (or why not)
+  int64_t memory_budget_bytes = 0;  // what the plans were made against (0: unknown, none)
 };
 
 // The standard set: plain, the checkpoint's own reducer (if any), then `extra` in order (the

@@ -24,21 +24,20 @@ void reset_peak_rss() {
   if (f) f << "5";  // resets VmHWM to the current RSS
 }
 
-int64_t peak_rss_bytes() {
-  std::ifstream f("/proc/self/status");
+namespace {
+// A "Key:   N kB" line of a /proc file, in bytes (0 when absent or unreadable).
+int64_t proc_kib_field(const char* path, const std::string& key) {
+  std::ifstream f(path);
   std::string line;
   while (std::getline(f, line))
-    if (line.rfind("VmHWM:", 0) == 0) return std::stoll(line.substr(6)) * 1024;
+    if (line.rfind(key + ":", 0) == 0) return std::stoll(line.substr(key.size() + 1)) * 1024;
   return 0;
 }
+}  // namespace
 
-int64_t available_memory_bytes() {
-  std::ifstream f("/proc/meminfo");
-  std::string line;
-  while (std::getline(f, line))
-    if (line.rfind("MemAvailable:", 0) == 0) return std::stoll(line.substr(13)) * 1024;
-  return 0;
-}
+int64_t peak_rss_bytes() { return proc_kib_field("/proc/self/status", "VmHWM"); }
+
+int64_t available_memory_bytes() { return proc_kib_field("/proc/meminfo", "MemAvailable"); }
 
 namespace {
 std::string gib(int64_t bytes) {  // GiB, or MiB below one GiB
@@ -207,9 +206,10 @@ void measure(const Vlm& m, const std::map<int, BatchPlan>& plans, const BenchInp
 
 // Medians of a configuration's samples, with the KV formula beside the measured cache.
 BenchResult summarize(const BenchConfig& config, const ModelConfig& mc, const Samples& s, const BenchInputs& in,
-                      const BenchOptions& opt, int max_gen, const std::map<int, BatchPlan>& plans) {
+                      const BenchOptions& opt, int max_gen, const std::map<int, BatchPlan>& plans, int64_t budget) {
   BenchResult r;
   r.plans = plans;
+  r.memory_budget_bytes = budget;
   r.name = config.name();
   r.reducer = mc.reducer.spec();
   const PromptInput probe = synthetic_prompt(mc, opt.prompt_tokens, 2, in.pixels, in.layouts);
@@ -278,7 +278,7 @@ std::vector<BenchResult> run_bench(const Vlm& base, const std::vector<BenchConfi
   bar.finish();
   std::vector<BenchResult> out;
   for (size_t ci = 0; ci < configs.size(); ++ci)
-    out.push_back(summarize(configs[ci], models[ci].config(), samples[ci], in, opt, max_gen, plans[ci]));
+    out.push_back(summarize(configs[ci], models[ci].config(), samples[ci], in, opt, max_gen, plans[ci], budget));
   return out;
 }
 
@@ -337,7 +337,7 @@ std::string bench_table(const std::vector<BenchResult>& rs) {
     for (auto& k : keys) {
       auto it = r.requests_per_second.find(k);
       if (it == r.requests_per_second.end()) std::snprintf(buf, sizeof buf, " %14s", "-");
-      else std::snprintf(buf, sizeof buf, " %14.2f", it->second);
+      else std::snprintf(buf, sizeof buf, " %14.4g", it->second);  // 4 digits: a 7B model serves ~0.01/s
       o << buf;
     }
     o << "\n";
@@ -375,7 +375,7 @@ json bench_json(const std::vector<BenchResult>& rs, const ModelConfig& cfg, cons
               {"kernels", kernels::isa_name(kernels::active_isa())},
               {"weight_dtype", cfg.weight_format()},
               {"kv_dtype", opt.kv_dtype == torch::kBFloat16 ? "bf16" : "f32"},
-              {"memory_budget_bytes", opt.memory_budget_bytes > 0 ? opt.memory_budget_bytes : available_memory_bytes()},
+              {"memory_budget_bytes", rs.empty() ? opt.memory_budget_bytes : rs.front().memory_budget_bytes},
               {"configs", json::array()}};
   const BenchResult& p = rs.front();
   auto ratio = [](double a, double b) { return b > 0 ? a / b : 0.0; };
