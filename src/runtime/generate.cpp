@@ -172,7 +172,7 @@ GenerationResult generate_ids(const Vlm& model, const std::vector<PromptInput>& 
   st.reduce_layer = std::min(cfg.reducer.reduce_layer(cfg).value_or(cfg.num_layers()), cfg.num_layers());
   auto t0 = Clock::now();
   const int64_t max_pos = cfg.text.max_position_embeddings;
-  // Each request's prompt rows by kind, and what its own first new token's logits come from.
+  // Each request's text rows (for the plain model's KV figure); row 0's counts go to the stats.
   std::vector<int64_t> text_rows(size_t(B), 0);
   auto prepare = [&](const std::vector<PromptInput>& rows, int64_t first) {
     auto tv = Clock::now();
